@@ -1,0 +1,37 @@
+"""``python -m dtp_search [overrides]`` — run (or resume) a pruning-policy search."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from dtp_search.config import ConfigError, register_resolvers
+
+register_resolvers()
+log = logging.getLogger("dtp_search")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def _app(cfg: DictConfig) -> None:
+    from dtp_search.data import DatasetError
+    from dtp_search.study import run_study
+
+    try:
+        run_study(cfg)
+    except (ConfigError, DatasetError) as exc:
+        if os.environ.get("DTP_SEARCH_DEBUG"):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    _app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Config helpers: OmegaConf resolvers, the error type for bad input, and checks that
+run before any data is loaded or any trial starts."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """Bad user input; the message names the key, the value and what is allowed."""
+
+
+def register_resolvers() -> None:
+    """``${abspath:dtp_runs}`` → absolute path against the launch directory."""
+    if not OmegaConf.has_resolver("abspath"):
+        OmegaConf.register_new_resolver("abspath", lambda p: os.path.abspath(os.path.expanduser(p)))
+
+
+def policy_params(policy_cfg: DictConfig) -> dict[str, Any]:
+    """Constructor arguments of the policy: every key of ``policy`` except its metadata."""
+    meta = {"name", "criterion", "space"}
+    return {k: v for k, v in OmegaConf.to_container(policy_cfg, resolve=True).items() if k not in meta}
+
+
+def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a.b.c": value}`` for every leaf (lists are kept as values)."""
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    out: dict[str, Any] = {}
+    for k, v in container.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

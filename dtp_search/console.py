@@ -1,0 +1,74 @@
+"""Console output: progress bars for trials and epochs, and the final Pareto table (rich)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from rich.console import Console as RichConsole
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+class Console:
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.out = RichConsole(stderr=False, highlight=False)
+        self._progress: Progress | None = None
+
+    def header(self, cfg: Any, study: Any, done: int, target: int, device: Any) -> None:
+        verb = "resuming" if done or study.trials else "starting"
+        self.out.print(f"[bold]dtp_search[/] {verb} study [cyan]{cfg.study.name}[/] "
+                       f"({done}/{target} complete) · policy={cfg.policy.name} "
+                       f"model={cfg.model.name} dataset={cfg.dataset.name} "
+                       f"folds={cfg.cv.folds} device={device}")
+        self.out.print(f"  optuna storage: {cfg.study.storage}")
+        self.out.print(f"  mlflow store:   {cfg.tracking.uri}")
+
+    @contextlib.contextmanager
+    def trials(self, target: int, done: int) -> Iterator[Callable[[Any], None]]:
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
+                            console=self.out, disable=not self.enabled, transient=False)
+        self._progress = progress
+        task = progress.add_task("trials", total=target, completed=done, info="")
+        with progress:
+            def advance(frozen: Any) -> None:
+                values = "" if frozen.values is None else " ".join(f"{v:.4f}" for v in frozen.values)
+                progress.update(task, completed=min(progress.tasks[task].completed
+                                                    + (frozen.state.name == "COMPLETE"), target),
+                                info=f"last: #{frozen.number} {frozen.state.name} {values}")
+            yield advance
+        self._progress = None
+
+    @contextlib.contextmanager
+    def folds(self, n_folds: int, n_epochs: int, trial: int) -> Iterator[Callable[[int, Any], None]]:
+        progress = self._progress
+        if progress is None:
+            yield lambda fold, rec: None
+            return
+        task = progress.add_task(f"  trial {trial} epochs", total=n_folds * n_epochs, info="")
+
+        def update(fold: int, rec: Any) -> None:
+            progress.update(task, advance=1, info=f"fold {fold} ep {rec.epoch} loss {rec.loss:.3f} "
+                            f"acc {rec.val_accuracy:.3f} sp {rec.sparsity:.3f}")
+        try:
+            yield update
+        finally:
+            progress.remove_task(task)
+
+    def summary(self, study: Any, cfg: Any, ui_command: str) -> None:
+        from dtp_search.study import pareto_rows
+
+        rows = pareto_rows(study)
+        table = Table(title=f"Pareto-optimal trials — {cfg.study.name}", show_lines=False)
+        for col in ("trial", "policy", "sampled values", "CV accuracy", "sparsity"):
+            table.add_column(col, justify="right" if col in ("trial", "CV accuracy", "sparsity")
+                             else "left")
+        for r in rows:
+            table.add_row(str(r["trial"]), r["policy"], r["params"],
+                          f"{r['accuracy']:.4f} ± {r['accuracy_std']:.4f}",
+                          f"{r['sparsity']:.4f} ± {r['sparsity_std']:.4f}")
+        self.out.print(table)
+        self.out.print(f"Browse the study in MLflow:\n  {ui_command}")

@@ -1,0 +1,350 @@
+"""Datasets as whole uint8 tensors, and batches cut from them on the training device.
+
+Every split is decoded once into ``images: uint8[N, C, H, W]`` and ``labels: int64[N]``
+and cached on disk (keyed by the source path and its modification time). Training then
+never touches PIL or a ``DataLoader``: :class:`TensorBatches` indexes the split tensor
+with a permutation, applies random-crop/flip to the whole batch at once, and normalises
+it with one fused multiply-add. For data that fits in memory this removes the
+per-sample Python work that dominates small-model training on CPU.
+
+Sources:
+* ``digits`` — scikit-learn's bundled 8×8 digits (no download); a fixed stratified
+  train/test split.
+* ``cifar10`` — ``torchvision.datasets.CIFAR10(download=...)``, or, with ``path``, an
+  ImageFolder tree with ``train/`` and ``test/``.
+* ``imagefolder`` — any ImageFolder tree with ``train/`` and ``test/`` (RGB or grayscale).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+_CACHE_VERSION = 1
+KINDS = ("digits", "cifar10", "imagefolder")
+
+
+@dataclass
+class Split:
+    """One split as tensors: ``images`` uint8 [N, C, H, W], ``labels`` int64 [N]."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class ImageDataset:
+    name: str
+    train: Split
+    test: Split
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: bool  # random crop with padding + horizontal flip (natural images)
+    crop_padding: int = 4
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be loaded as configured (message says what to do)."""
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_dataset(cfg: Any, cache_dir: str | os.PathLike | None = None) -> ImageDataset:
+    """Load the dataset described by the ``dataset`` config node.
+
+    Keys: ``kind`` (one of :data:`KINDS`), ``name``, ``path`` (ImageFolder root),
+    ``root`` (torchvision download folder), ``download``, ``channels``, ``image_size``,
+    ``train_limit``/``test_limit`` (stratified subsets), ``mean``/``std`` (``null`` =
+    computed on the training split), ``augment``, ``crop_padding``.
+    """
+    kind = cfg.kind
+    if kind not in KINDS:
+        raise DatasetError(f"dataset.kind={kind!r} is not supported; allowed: {list(KINDS)}")
+    path = cfg.get("path")
+    if kind == "digits":
+        train, test, classes = _load_digits(cfg)
+    elif path:
+        train, test, classes = _load_imagefolder_splits(cfg, Path(path), cache_dir)
+    elif kind == "cifar10":
+        train, test, classes = _load_torchvision_cifar10(cfg, cache_dir)
+    else:
+        raise DatasetError("dataset.path is required for dataset=imagefolder "
+                           "(a folder with train/<class>/* and test/<class>/*)")
+    mean, std = cfg.get("mean"), cfg.get("std")
+    if mean is None or std is None:
+        mean, std = channel_stats(train.images)
+    return ImageDataset(
+        name=cfg.name, train=train, test=test, classes=list(classes),
+        mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
+        augment=bool(cfg.get("augment", False)), crop_padding=int(cfg.get("crop_padding", 4)),
+    )
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 images, in [0, 1] units."""
+    x = images.float().div_(255).transpose(0, 1).reshape(images.shape[1], -1)
+    std = x.std(dim=1).clamp_min(1e-6)
+    return tuple(x.mean(dim=1).tolist()), tuple(std.tolist())
+
+
+def stratified_subset(labels: np.ndarray, limit: int | None, seed: int = 0) -> np.ndarray:
+    """Indices of a class-stratified subset of at most ``limit`` samples (all when None)."""
+    n = len(labels)
+    if not limit or limit >= n:
+        return np.arange(n)
+    from sklearn.model_selection import train_test_split
+
+    idx, _ = train_test_split(np.arange(n), train_size=int(limit), stratify=labels,
+                              random_state=seed)
+    return np.sort(idx)
+
+
+def _load_digits(cfg: Any) -> tuple[Split, Split, list[str]]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    # Pixel values are 0..16; scale to 0..255 so every dataset is uint8 in the same units.
+    images = np.clip(np.rint(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)[:, None]
+    labels = bunch.target.astype(np.int64)
+    # A fixed split (its own seed, not the study's) so the test set never changes.
+    tr, te = train_test_split(np.arange(len(labels)), test_size=float(cfg.get("test_fraction", 0.2)),
+                              stratify=labels, random_state=int(cfg.get("split_seed", 0)))
+    tr = tr[stratified_subset(labels[tr], cfg.get("train_limit"))]
+    te = te[stratified_subset(labels[te], cfg.get("test_limit"))]
+    classes = [str(c) for c in bunch.target_names]
+    return (Split(torch.from_numpy(images[tr]), torch.from_numpy(labels[tr])),
+            Split(torch.from_numpy(images[te]), torch.from_numpy(labels[te])), classes)
+
+
+def _load_torchvision_cifar10(cfg: Any, cache_dir: Any) -> tuple[Split, Split, list[str]]:
+    """torchvision's CIFAR-10 (downloaded into ``dataset.root`` when ``dataset.download``)."""
+    from torchvision.datasets import CIFAR10
+
+    root = Path(cfg.root).expanduser()
+    splits = []
+    classes: list[str] = []
+    for train in (True, False):
+        try:
+            ds = CIFAR10(root=str(root), train=train, download=bool(cfg.get("download", True)))
+        except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted."
+            raise DatasetError(
+                f"CIFAR-10 not found under dataset.root={str(root)!r} ({exc}). Either allow the "
+                "download (dataset.download=true, needs network) or point dataset.path at an "
+                "ImageFolder copy with train/ and test/ folders.") from exc
+        images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
+        labels = np.asarray(ds.targets, dtype=np.int64)
+        keep = stratified_subset(labels, cfg.get("train_limit" if train else "test_limit"))
+        splits.append(Split(images[keep].contiguous(), torch.from_numpy(labels[keep])))
+        classes = list(ds.classes)
+    return splits[0], splits[1], classes
+
+
+# ------------------------------------------------------------------ ImageFolder + cache
+
+
+def _tree_stamp(root: Path) -> list[tuple[str, int]]:
+    """(path, mtime_ns) of the split folder and its class folders: changes when files come or go."""
+    entries = [(str(root), root.stat().st_mtime_ns)]
+    for child in sorted(root.iterdir()):
+        if child.is_dir():
+            entries.append((child.name, child.stat().st_mtime_ns))
+    return entries
+
+
+def _load_imagefolder_splits(cfg: Any, root: Path, cache_dir: Any) -> tuple[Split, Split, list[str]]:
+    root = root.expanduser().resolve()
+    if not root.is_dir():
+        raise DatasetError(f"dataset.path={str(root)!r} does not exist. Give a folder with "
+                           "train/<class>/* and test/<class>/* images"
+                           + (", or drop dataset.path to download CIFAR-10 with torchvision"
+                              if cfg.kind == "cifar10" else ""))
+    out, classes = [], None
+    for split in ("train", "test"):
+        split_root = root / split
+        if not split_root.is_dir():
+            raise DatasetError(f"dataset.path={str(root)!r} has no {split}/ folder; an ImageFolder "
+                               "tree needs train/<class>/* and test/<class>/*")
+        s, split_classes = load_imagefolder(
+            split_root, channels=cfg.get("channels"), image_size=cfg.get("image_size"),
+            limit=cfg.get(f"{split}_limit"), cache_dir=cache_dir)
+        if classes is not None and split_classes != classes:
+            raise DatasetError(f"train/ and test/ under {root} have different class folders")
+        classes = split_classes
+        out.append(s)
+    return out[0], out[1], classes or []
+
+
+def load_imagefolder(root: str | os.PathLike, *, channels: int | None = None,
+                     image_size: int | Sequence[int] | None = None, limit: int | None = None,
+                     cache_dir: str | os.PathLike | None = None) -> tuple[Split, list[str]]:
+    """Decode an ImageFolder split into tensors, through the on-disk cache.
+
+    ``torchvision.datasets.ImageFolder`` finds the files and classes; decoding uses
+    ``torchvision.io.decode_image`` (libjpeg/libpng, no PIL) on a few threads.
+    """
+    from torchvision.datasets import ImageFolder
+
+    root = Path(root).resolve()
+    key = json.dumps({"v": _CACHE_VERSION, "root": str(root), "stamp": _tree_stamp(root),
+                      "channels": channels, "size": image_size, "limit": limit})
+    cache_file = None
+    if cache_dir is not None:
+        digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+        cache_file = Path(cache_dir) / f"imagefolder-{root.parent.name}-{root.name}-{digest}.pt"
+        if cache_file.exists():
+            blob = torch.load(cache_file, weights_only=True)
+            return Split(blob["images"], blob["labels"]), list(blob["classes"])
+
+    folder = ImageFolder(str(root))
+    if not folder.samples:
+        raise DatasetError(f"no images found under {root}")
+    labels = np.asarray(folder.targets, dtype=np.int64)
+    keep = stratified_subset(labels, limit)
+    paths = [folder.samples[i][0] for i in keep]
+    images = _decode_all(paths, channels, image_size)
+    split = Split(images, torch.from_numpy(labels[keep]))
+    if cache_file is not None:
+        _atomic_save({"images": split.images, "labels": split.labels,
+                      "classes": list(folder.classes)}, cache_file)
+        log.info("cached %d decoded images from %s in %s", len(split), root, cache_file)
+    return split, list(folder.classes)
+
+
+def _decode_all(paths: list[str], channels: int | None, image_size: Any) -> torch.Tensor:
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms.v2.functional import resize
+
+    if channels is None:  # infer from the first image: 1-2 channels = grayscale
+        channels = 1 if decode_image(paths[0], mode=ImageReadMode.UNCHANGED).shape[0] < 3 else 3
+    if channels not in (1, 3):
+        raise DatasetError(f"dataset.channels={channels} is not supported; allowed: 1, 3, null")
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    size = None if image_size is None else (
+        [int(image_size)] * 2 if isinstance(image_size, int) else [int(s) for s in image_size])
+
+    def decode(p: str) -> torch.Tensor:
+        img = decode_image(p, mode=mode)
+        if size is not None and list(img.shape[1:]) != size:
+            img = resize(img, size, antialias=True)
+        return img
+
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        decoded = list(pool.map(decode, paths, chunksize=256))
+    shapes = {tuple(t.shape) for t in decoded}
+    if len(shapes) > 1:
+        raise DatasetError(f"images have different sizes {sorted(shapes)[:3]}...; "
+                           "set dataset.image_size to resize them")
+    return torch.stack(decoded)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ------------------------------------------------------------------------ batching
+
+
+def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Per-sample random crop (zero padding) and horizontal flip of a uint8 batch, in one gather.
+
+    ``torchvision.transforms.v2`` applied to a batch tensor draws *one* crop for the
+    whole batch; augmentation needs one per sample, so the crop offsets and flips are
+    drawn per sample and folded into a single advanced-indexing gather.
+    """
+    b, c, h, w = images.shape
+    dev = images.device
+    padded = F.pad(images, (padding,) * 4) if padding else images
+    oy = torch.randint(0, 2 * padding + 1, (b, 1), generator=generator, device=dev)
+    ox = torch.randint(0, 2 * padding + 1, (b, 1), generator=generator, device=dev)
+    rows = oy + torch.arange(h, device=dev)
+    cols = ox + torch.arange(w, device=dev)
+    flip = torch.rand(b, 1, generator=generator, device=dev) < 0.5
+    cols = torch.where(flip, cols.flip(1), cols)
+    return padded[torch.arange(b, device=dev)[:, None, None, None],
+                  torch.arange(c, device=dev)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
+
+
+class TensorBatches:
+    """Iterates ``(x, y)`` batches over ``indices`` of a split that lives on ``device``.
+
+    ``x`` is float32, normalised ``(u8 / 255 − mean) / std``; with ``augment`` each
+    sample is randomly cropped (after zero padding) and flipped first.
+    """
+
+    def __init__(self, split: Split, indices: torch.Tensor | np.ndarray | None, *,
+                 batch_size: int, mean: Sequence[float], std: Sequence[float],
+                 device: torch.device | str = "cpu", shuffle: bool = False,
+                 augment: bool = False, crop_padding: int = 4, seed: int = 0,
+                 drop_last: bool = False) -> None:
+        self.device = torch.device(device)
+        self.images = split.images.to(self.device)
+        self.labels = split.labels.to(self.device)
+        if indices is None:
+            indices = torch.arange(len(split))
+        self.indices = torch.as_tensor(np.asarray(indices), dtype=torch.long, device=self.device)
+        self.batch_size = int(batch_size)
+        self.shuffle, self.augment, self.crop_padding = shuffle, augment, crop_padding
+        self.drop_last = drop_last
+        std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self._scale = 1.0 / (255.0 * std_t)
+        self._shift = mean_t / std_t
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+
+    def __len__(self) -> int:
+        n = len(self.indices)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self.indices
+        if self.shuffle:
+            perm = torch.randperm(len(order), generator=self.generator, device=self.device)
+            order = order[perm]
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            x = self.images[idx]
+            if self.augment:
+                x = random_crop_flip(x, self.crop_padding, self.generator)
+            yield torch.addcmul(-self._shift, x.float(), self._scale), self.labels[idx]

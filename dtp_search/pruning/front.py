@@ -1,0 +1,93 @@
+"""Accuracy-versus-sparsity fronts.
+
+A fold records one :class:`FrontPoint` per mask update during training, one for the
+final (fine-tuned) model, and a one-shot *sweep*: global magnitude thresholds above
+the final one, applied without retraining, that trace how accuracy falls as more
+weights go — up to ≥ 99 % sparsity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from dtp_search.pruning.masks import masked_layers, restore_masks, snapshot_masks, sparsity
+from dtp_search.pruning.policies import quantile_threshold
+
+
+@dataclass(frozen=True)
+class FrontPoint:
+    sparsity: float
+    accuracy: float
+    threshold: float
+    epoch: float
+    source: str  # "update" (during training), "final", or "sweep" (one-shot)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def sweep_targets(start: float, n_points: int = 10, max_sparsity: float = 0.995) -> list[float]:
+    """``n_points`` sparsity levels above ``start`` up to ``max_sparsity``.
+
+    Spaced geometrically in density d = 1 − s, so that points crowd where accuracy
+    changes fastest (high sparsity).
+    """
+    if n_points < 1:
+        return []
+    d0 = max(1.0 - start, 1e-12)
+    d1 = 1.0 - max(max_sparsity, start + (1.0 - start) * 0.5)
+    densities = d0 * (d1 / d0) ** (np.arange(1, n_points + 1) / n_points)
+    return [float(1.0 - d) for d in densities]
+
+
+@torch.no_grad()
+def one_shot_sweep(model: nn.Module, evaluate: Callable[[nn.Module], float], *,
+                   n_points: int = 10, max_sparsity: float = 0.995,
+                   epoch: float = float("nan")) -> list[FrontPoint]:
+    """Accuracy at increasing one-shot global magnitude thresholds; masks are restored after.
+
+    For each target sparsity s the threshold θ is the global quantile of |W ⊙ M| over all
+    masked layers that prunes a fraction s, and the masks become ``M ∧ 1[|W ⊙ M| ≥ θ]``.
+    """
+    layers = masked_layers(model)
+    if not layers:
+        return []
+    saved = snapshot_masks(model)
+    start = sparsity(model)
+    points = []
+    try:
+        for target in sweep_targets(start, n_points, max_sparsity):
+            scores = {name: (mod.parametrizations.weight.original * m.mask).abs()
+                      for name, (mod, m) in layers.items()}
+            theta = quantile_threshold(torch.cat([s.reshape(-1) for s in scores.values()]), target)
+            for name, (_, m) in layers.items():
+                m.set_(m.bool_mask & (scores[name] >= theta))
+            points.append(FrontPoint(sparsity(model), float(evaluate(model)), theta, epoch, "sweep"))
+    finally:
+        restore_masks(model, saved)
+    return points
+
+
+def pareto_mask(values: np.ndarray) -> np.ndarray:
+    """Boolean mask of the rows of ``values`` (n × d, all maximised) that no other row dominates."""
+    values = np.asarray(values, dtype=float)
+    n = len(values)
+    keep = np.ones(n, dtype=bool)
+    for i in range(n):
+        dominated = np.all(values >= values[i], axis=1) & np.any(values > values[i], axis=1)
+        keep[i] = not dominated.any()
+    return keep
+
+
+def pareto_points(points: Sequence[FrontPoint]) -> list[FrontPoint]:
+    """The non-dominated (sparsity ↑, accuracy ↑) points, sorted by sparsity."""
+    if not points:
+        return []
+    arr = np.array([[p.sparsity, p.accuracy] for p in points])
+    keep = pareto_mask(arr)
+    return sorted((p for p, k in zip(points, keep, strict=True) if k), key=lambda p: p.sparsity)

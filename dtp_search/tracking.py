@@ -1,0 +1,238 @@
+"""MLflow tracking: one parent run per study, one nested child run per Optuna trial.
+
+Uses ``MlflowClient`` with explicit run ids instead of the fluent ``mlflow.start_run``
+stack, so that the parent run can be re-opened on resume, and so that several worker
+processes can log to the same study without sharing any global "active run".
+
+Layout in MLflow (experiment = ``tracking.experiment``):
+
+* parent run ``<study name>`` — tags ``dtp_search.role=study``, ``dtp_search.study``;
+  artifacts ``pareto_front.json`` (table), ``pareto_front.png``; metrics
+  ``n_complete``, ``pareto_size``, ``pareto_hypervolume`` (step = complete trials).
+* child run ``trial-<n>`` — tag ``mlflow.parentRunId``, ``optuna.trial_number``,
+  ``optuna.trial_state``; params = the flattened trial config; per-epoch metrics
+  ``fold_<k>/{loss,val_accuracy,sparsity,threshold,lr}`` and fold means
+  ``{loss,val_accuracy,sparsity,threshold}`` (step = epoch); the trial's
+  accuracy-versus-sparsity front as ``front.json`` (``log_table``) and ``front.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pandas as pd
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+
+from dtp_search.pruning.front import FrontPoint
+
+log = logging.getLogger(__name__)
+
+ROLE_TAG, STUDY_TAG = "dtp_search.role", "dtp_search.study"
+TRIAL_TAG, STATE_TAG = "optuna.trial_number", "optuna.trial_state"
+_MAX_PARAM_LEN = 6000
+
+
+def _chunks(items: Sequence[Any], n: int) -> Iterable[Sequence[Any]]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+class StudyTracker:
+    """Create-or-reuse the study's parent run and open child runs for trials."""
+
+    def __init__(self, tracking_uri: str, experiment: str, study_name: str,
+                 artifact_location: str | None = None) -> None:
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.tracking_uri = tracking_uri
+        self.study_name = study_name
+        self.experiment_id = self._experiment(experiment, artifact_location)
+        self.parent_run_id = self._parent_run()
+
+    def _experiment(self, name: str, artifact_location: str | None) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        location = Path(artifact_location).resolve().as_uri() if artifact_location else None
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except Exception:  # another worker created it first
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def _find_runs(self, filter_string: str) -> list:
+        return self.client.search_runs([self.experiment_id], filter_string=filter_string,
+                                       order_by=["attributes.start_time ASC"], max_results=1000)
+
+    def _parent_run(self) -> str:
+        existing = self._find_runs(f"tags.`{ROLE_TAG}` = 'study' and "
+                                   f"tags.`{STUDY_TAG}` = '{self.study_name}'")
+        if existing:
+            run_id = existing[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id
+        run = self.client.create_run(self.experiment_id, run_name=self.study_name,
+                                     tags={ROLE_TAG: "study", STUDY_TAG: self.study_name})
+        return run.info.run_id
+
+    # ------------------------------------------------------------------ trials
+
+    def start_trial(self, trial_number: int, params: dict[str, Any],
+                    sampled: dict[str, Any]) -> TrialRun:
+        run = self.client.create_run(
+            self.experiment_id, run_name=f"trial-{trial_number}",
+            tags={"mlflow.parentRunId": self.parent_run_id, ROLE_TAG: "trial",
+                  STUDY_TAG: self.study_name, TRIAL_TAG: str(trial_number),
+                  STATE_TAG: "RUNNING"})
+        trial_run = TrialRun(self.client, run.info.run_id)
+        trial_run.log_params(params, sampled)
+        return trial_run
+
+    def trial_runs(self) -> list:
+        return self._find_runs(f"tags.`{ROLE_TAG}` = 'trial' and "
+                               f"tags.`{STUDY_TAG}` = '{self.study_name}'")
+
+    def close_orphans(self, live_states: dict[int, str]) -> int:
+        """Mark child runs left RUNNING by a dead process as FAILED; returns how many."""
+        n = 0
+        for run in self.trial_runs():
+            if run.info.status != "RUNNING":
+                continue
+            number = int(run.data.tags.get(TRIAL_TAG, -1))
+            state = live_states.get(number)
+            if state != "RUNNING":
+                self.client.set_tag(run.info.run_id, STATE_TAG, state or "FAIL")
+                self.client.set_terminated(run.info.run_id, "FAILED")
+                n += 1
+        return n
+
+    # ------------------------------------------------------------------ parent
+
+    def log_pareto(self, rows: list[dict[str, Any]], n_complete: int, hypervolume: float,
+                   trial_fronts: dict[int, list[tuple[float, float]]] | None = None) -> None:
+        """Refresh the study's Pareto table and plot (overwritten, not appended)."""
+        df = pd.DataFrame(rows)
+        # log_table appends to an existing file; the parent's table must be replaced on
+        # every refresh, so it is written in log_table's JSON layout with log_dict.
+        self.client.log_dict(self.parent_run_id, df.to_dict(orient="split", index=False),
+                             "pareto_front.json")
+        fig = plot_pareto(rows, trial_fronts or {}, title=self.study_name)
+        self.client.log_figure(self.parent_run_id, fig, "pareto_front.png")
+        plt.close(fig)
+        ts = int(time.time() * 1000)
+        self.client.log_batch(self.parent_run_id, metrics=[
+            Metric("n_complete", n_complete, ts, n_complete),
+            Metric("pareto_size", len(rows), ts, n_complete),
+            Metric("pareto_hypervolume", hypervolume, ts, n_complete)])
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.parent_run_id, status)
+
+    def ui_command(self) -> str:
+        return f"mlflow ui --backend-store-uri {self.tracking_uri} --host 127.0.0.1 --port 5000"
+
+
+class TrialRun:
+    """One child run; every call logs immediately so the UI shows progress live."""
+
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+
+    def log_params(self, params: dict[str, Any], sampled: dict[str, Any]) -> None:
+        merged = {**params, **{f"sampled.{k}": v for k, v in sampled.items()}}
+        items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in sorted(merged.items())]
+        for chunk in _chunks(items, 100):
+            self.client.log_batch(self.run_id, params=list(chunk))
+
+    def log_metrics(self, values: dict[str, float], step: int = 0) -> None:
+        ts = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), ts, int(step)) for k, v in values.items()]
+        for chunk in _chunks(metrics, 1000):
+            self.client.log_batch(self.run_id, metrics=list(chunk))
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(self.run_id, k, str(v))
+
+    def log_front(self, fronts: dict[int, list[FrontPoint]], title: str) -> None:
+        rows = [{"fold": k, **p.as_dict()} for k, pts in fronts.items() for p in pts]
+        self.client.log_table(self.run_id, data=pd.DataFrame(rows), artifact_file="front.json")
+        fig = plot_trial_front(fronts, title)
+        self.client.log_figure(self.run_id, fig, "front.png")
+        plt.close(fig)
+
+    def finish(self, state: str, status: str | None = None) -> None:
+        """``state``: the Optuna trial state; ``status``: MLflow's (FINISHED/FAILED/KILLED)."""
+        self.client.set_tag(self.run_id, STATE_TAG, state)
+        if status is None:
+            status = "FINISHED" if state in ("COMPLETE", "PRUNED") else "FAILED"
+        RunStatus.from_string(status)  # validates
+        self.client.set_terminated(self.run_id, status)
+
+
+# ----------------------------------------------------------------------- plots
+
+
+def plot_trial_front(fronts: dict[int, list[FrontPoint]], title: str):
+    """Accuracy versus sparsity for each fold: updates during training, final model, sweep."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, pts in sorted(fronts.items()):
+        c = colors[k % len(colors)]
+        upd = [p for p in pts if p.source == "update"]
+        tail = sorted((p for p in pts if p.source in ("final", "sweep")), key=lambda p: p.sparsity)
+        if upd:
+            ax.scatter([p.sparsity for p in upd], [p.accuracy for p in upd], s=10, color=c,
+                       alpha=0.35, label=f"fold {k}: mask updates")
+        if tail:
+            ax.plot([p.sparsity for p in tail], [p.accuracy for p in tail], "-o", ms=3, color=c,
+                    label=f"fold {k}: final + one-shot sweep")
+            final = [p for p in tail if p.source == "final"]
+            if final:
+                ax.scatter([final[0].sparsity], [final[0].accuracy], marker="*", s=120,
+                           color=c, edgecolor="k", zorder=5)
+    ax.set_xlabel("sparsity (fraction of prunable weights = 0)")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(title, fontsize=10)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def plot_pareto(rows: list[dict[str, Any]], trial_fronts: dict[int, list[tuple[float, float]]],
+                title: str):
+    """The study's Pareto-optimal trials over every trial's (CV sparsity, CV accuracy)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for number, pts in trial_fronts.items():
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=12, color="0.6", alpha=0.6,
+                   label="all trials" if number == next(iter(trial_fronts)) else None)
+    pareto = sorted(rows, key=lambda r: r["sparsity"])
+    if pareto:
+        ax.step([r["sparsity"] for r in pareto], [r["accuracy"] for r in pareto], "-",
+                where="post", color="C3", alpha=0.6)
+        ax.errorbar([r["sparsity"] for r in pareto], [r["accuracy"] for r in pareto],
+                    yerr=[r.get("accuracy_std", 0.0) for r in pareto], fmt="o", color="C3",
+                    capsize=3, label="Pareto-optimal trials")
+        for r in pareto:
+            ax.annotate(str(r["trial"]), (r["sparsity"], r["accuracy"]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("CV sparsity")
+    ax.set_ylabel("CV accuracy")
+    ax.set_title(f"Pareto front — {title}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig

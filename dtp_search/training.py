@@ -1,0 +1,230 @@
+"""Training one fold: ``prune_and_train`` and ``cross_validate``.
+
+Neither function knows about Optuna or MLflow: callers observe progress through the
+``on_epoch`` callback and get plain dataclasses back.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dtp_search.data import ImageDataset, TensorBatches
+from dtp_search.pruning import DynamicPruner, FrontPoint, layer_sparsity, one_shot_sweep
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation settings of one fold (the ``train`` config node)."""
+
+    epochs: int = 10  # pruning phase: the policy moves θ
+    finetune_epochs: int = 2  # post-pruning phase: final θ, masks frozen
+    batch_size: int = 64
+    eval_batch_size: int = 1024
+    optimizer: str = "sgd"  # sgd | adam
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    finetune_lr_scale: float = 0.1  # fine-tuning starts at lr · scale, cosine to 0
+    label_smoothing: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> TrainSettings:
+        known = cls.__dataclass_fields__
+        return cls(**{k: cfg[k] for k in cfg if k in known})
+
+
+@dataclass
+class EpochRecord:
+    epoch: int  # 1-based, counted across both phases
+    phase: str  # "prune" or "finetune"
+    loss: float
+    val_accuracy: float
+    sparsity: float
+    threshold: float
+    lr: float
+
+
+@dataclass
+class FoldResult:
+    accuracy: float  # validation accuracy of the final, fine-tuned model
+    sparsity: float
+    history: list[EpochRecord] = field(default_factory=list)
+    front: list[FrontPoint] = field(default_factory=list)
+    layer_sparsity: dict[str, float] = field(default_factory=dict)
+
+
+class DivergedError(FloatingPointError):
+    """Training produced a NaN or infinite loss."""
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: TensorBatches) -> float:
+    """Top-1 accuracy of ``model`` over ``batches``."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=batches.device)
+    for x, y in batches:
+        correct += (model(x).argmax(dim=1) == y).sum()
+    model.train(was_training)
+    return float(correct) / max(batches.num_samples, 1)
+
+
+def _make_optimizer(model: nn.Module, s: TrainSettings, lr: float) -> torch.optim.Optimizer:
+    # Weight decay on weights only: decaying biases and batch-norm affine parameters
+    # hurts accuracy and has nothing to do with sparsity.
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": s.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=s.momentum,
+                               nesterov=s.nesterov and s.momentum > 0)
+    if s.optimizer == "adam":
+        return torch.optim.AdamW(groups, lr=lr)
+    raise ValueError(f"train.optimizer={s.optimizer!r} is not supported; allowed: ['sgd', 'adam']")
+
+
+def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatches,
+                    val: TensorBatches, settings: TrainSettings, *,
+                    front_points: int = 10, front_max_sparsity: float = 0.995,
+                    on_epoch: Callable[[EpochRecord], None] | None = None) -> FoldResult:
+    """Train ``model`` while ``pruner`` moves its masks, fine-tune, and measure its front.
+
+    1. *Pruning phase* (``settings.epochs``): SGD/AdamW with a cosine learning rate;
+       after every optimizer step the pruner may update the masks.
+    2. *Post-pruning phase* (``settings.finetune_epochs``): the policy's final
+       threshold is applied once, then the masks are frozen while the surviving
+       weights are fine-tuned.
+    3. *Front*: (sparsity, validation accuracy) at every mask update, for the final
+       model, and for a one-shot sweep of higher global thresholds (see
+       :func:`dtp_search.pruning.one_shot_sweep`).
+    """
+    steps_per_epoch = len(train)
+    if steps_per_epoch == 0:
+        raise ValueError("the training fold is smaller than one batch; lower train.batch_size")
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
+    history: list[EpochRecord] = []
+    front: list[FrontPoint] = []
+    model.train()
+
+    def run_phase(phase: str, epochs: int, lr: float, first_epoch: int, update_masks: bool) -> None:
+        if epochs <= 0:
+            return
+        opt = _make_optimizer(model, settings, lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
+        step = (first_epoch - 1) * steps_per_epoch
+        for e in range(first_epoch, first_epoch + epochs):
+            loss_sum = torch.zeros((), device=train.device)
+            for x, y in train:
+                loss = loss_fn(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                loss_sum += loss.detach()
+                step += 1
+                if update_masks:
+                    epoch_f = step / steps_per_epoch
+                    if pruner.step(step, epoch_f) is not None:
+                        front.append(FrontPoint(pruner.sparsity(), evaluate(model, val),
+                                                pruner.mean_threshold(), epoch_f, "update"))
+            mean_loss = float(loss_sum) / steps_per_epoch
+            if not math.isfinite(mean_loss):
+                raise DivergedError(f"loss became {mean_loss} in epoch {e} ({phase} phase)")
+            record = EpochRecord(e, phase, mean_loss, evaluate(model, val), pruner.sparsity(),
+                                 pruner.mean_threshold(), opt.param_groups[0]["lr"])
+            history.append(record)
+            if on_epoch is not None:
+                on_epoch(record)
+
+    run_phase("prune", settings.epochs, settings.lr, 1, update_masks=True)
+    pruner.finalize()
+    run_phase("finetune", settings.finetune_epochs, settings.lr * settings.finetune_lr_scale,
+              settings.epochs + 1, update_masks=False)
+
+    total_epochs = float(settings.epochs + settings.finetune_epochs)
+    accuracy = evaluate(model, val)
+    final_sparsity = pruner.sparsity()
+    front.append(FrontPoint(final_sparsity, accuracy, pruner.mean_threshold(), total_epochs, "final"))
+    front += one_shot_sweep(model, lambda m: evaluate(m, val), n_points=front_points,
+                            max_sparsity=front_max_sparsity, epoch=total_epochs)
+    return FoldResult(accuracy, final_sparsity, history, front, layer_sparsity(model))
+
+
+@dataclass
+class CVResult:
+    folds: list[FoldResult]
+
+    @property
+    def accuracy(self) -> float:
+        return statistics.fmean(f.accuracy for f in self.folds)
+
+    @property
+    def accuracy_std(self) -> float:
+        return statistics.pstdev(f.accuracy for f in self.folds)
+
+    @property
+    def sparsity(self) -> float:
+        return statistics.fmean(f.sparsity for f in self.folds)
+
+    @property
+    def sparsity_std(self) -> float:
+        return statistics.pstdev(f.sparsity for f in self.folds)
+
+
+def cross_validate(dataset: ImageDataset, folds: int, seed: int,
+                   make_model: Callable[[], nn.Module],
+                   make_pruner: Callable[[nn.Module], DynamicPruner],
+                   settings: TrainSettings, *, device: torch.device | str = "cpu",
+                   front_points: int = 10, front_max_sparsity: float = 0.995,
+                   on_fold_start: Callable[[int], None] | None = None,
+                   on_fold_end: Callable[[int, FoldResult], None] | None = None,
+                   on_epoch: Callable[[int, EpochRecord], None] | None = None) -> CVResult:
+    """k-fold cross-validation of one pruning configuration on the *training* split.
+
+    Folds come from ``sklearn.model_selection.StratifiedKFold(folds, shuffle=True,
+    random_state=seed)``; each fold trains a fresh model (seeded with ``seed + fold``)
+    on k−1 parts and validates on the held-out part. The test split is not read.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    labels = dataset.train.labels.numpy()
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    results: list[FoldResult] = []
+    for k, (tr_idx, va_idx) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
+        if on_fold_start is not None:
+            on_fold_start(k)
+        torch.manual_seed(seed + k)
+        model = make_model().to(device)
+        pruner = make_pruner(model)
+        train = TensorBatches(dataset.train, tr_idx, batch_size=settings.batch_size,
+                              mean=dataset.mean, std=dataset.std, device=device, shuffle=True,
+                              augment=dataset.augment, crop_padding=dataset.crop_padding,
+                              seed=seed + k, drop_last=len(tr_idx) > settings.batch_size)
+        val = TensorBatches(dataset.train, va_idx, batch_size=settings.eval_batch_size,
+                            mean=dataset.mean, std=dataset.std, device=device)
+        result = prune_and_train(
+            model, pruner, train, val, settings, front_points=front_points,
+            front_max_sparsity=front_max_sparsity,
+            on_epoch=None if on_epoch is None else (lambda r, k=k: on_epoch(k, r)))
+        results.append(result)
+        if on_fold_end is not None:
+            on_fold_end(k, result)
+    return CVResult(results)
