@@ -6,7 +6,10 @@ import logging
 import os
 import sys
 
+import warnings
+
 import hydra
+import optuna
 from omegaconf import DictConfig
 
 from dtp_search.config import ConfigError, register_resolvers
@@ -20,6 +23,10 @@ def _app(cfg: DictConfig) -> None:
     from dtp_search.data import DatasetError
     from dtp_search.study import run_study
 
+    # Heartbeats and metric names are marked experimental in Optuna but are the
+    # supported way to retry dead trials and label objectives; the warning is noise here.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar reports trials
     try:
         run_study(cfg)
     except (ConfigError, DatasetError) as exc:

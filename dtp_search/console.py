@@ -23,8 +23,8 @@ class Console:
                        f"({done}/{target} complete) · policy={cfg.policy.name} "
                        f"model={cfg.model.name} dataset={cfg.dataset.name} "
                        f"folds={cfg.cv.folds} device={device}")
-        self.out.print(f"  optuna storage: {cfg.study.storage}")
-        self.out.print(f"  mlflow store:   {cfg.tracking.uri}")
+        self.out.print(f"  optuna storage: {cfg.study.storage}", soft_wrap=True)
+        self.out.print(f"  mlflow store:   {cfg.tracking.uri}", soft_wrap=True)
 
     @contextlib.contextmanager
     def trials(self, target: int, done: int) -> Iterator[Callable[[Any], None]]:
@@ -71,4 +71,5 @@ class Console:
                           f"{r['accuracy']:.4f} ± {r['accuracy_std']:.4f}",
                           f"{r['sparsity']:.4f} ± {r['sparsity_std']:.4f}")
         self.out.print(table)
-        self.out.print(f"Browse the study in MLflow:\n  {ui_command}")
+        self.out.print("Browse the study in MLflow:")
+        self.out.print(f"  {ui_command}", soft_wrap=True)

@@ -1,0 +1,44 @@
+# `make run` and `make test` each set up everything on a fresh machine first
+# (virtual env + editable install), then run.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# pip on the development machines warns about every package missing from a local
+# mirror; those lines are noise, errors still fail the build (pipefail).
+PIP_FILTER := grep -v -e "is ignored: it is neither a file nor a directory" || true
+
+.PHONY: install run test lint format ui clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]' 2>&1 | { $(PIP_FILTER); }
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## A real study on the embedded default (scikit-learn digits, no download). ARGS= adds overrides.
+run: $(STAMP)
+	$(PY) -m dtp_search $(ARGS)
+
+## Lint, then the whole test suite.
+test: $(STAMP)
+	$(VENV)/bin/ruff check dtp_search tests scripts
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check dtp_search tests scripts
+	$(VENV)/bin/ruff format --check dtp_search tests scripts
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format dtp_search tests scripts
+	$(VENV)/bin/ruff check --fix dtp_search tests scripts
+
+## The MLflow UI on this folder's default store, on 127.0.0.1 only.
+ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/dtp_runs/mlflow.db --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,66 @@
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from dtp_search.data import TensorBatches, load_dataset
+from dtp_search.models import build_model
+from dtp_search.pruning import AGPThreshold, DynamicPruner, attach_masks, pareto_mask, sparsity
+from dtp_search.pruning.front import one_shot_sweep, sweep_targets
+from dtp_search.training import TrainSettings, cross_validate, prune_and_train
+
+
+def test_sweep_targets_rise_to_the_cap():
+    t = sweep_targets(0.5, 10, 0.995)
+    assert len(t) == 10 and all(b > a for a, b in zip(t, t[1:], strict=False))
+    assert t[0] > 0.5 and abs(t[-1] - 0.995) < 1e-9
+
+
+def test_one_shot_sweep_restores_masks_and_reaches_99_percent():
+    net = nn.Sequential(nn.Linear(30, 40), nn.ReLU(), nn.Linear(40, 5))
+    attach_masks(net)
+    calls = []
+    points = one_shot_sweep(net, lambda m: calls.append(sparsity(m)) or 0.5, n_points=8)
+    assert len(points) == 8 and points[-1].sparsity >= 0.99
+    assert [p.sparsity for p in points] == sorted(p.sparsity for p in points)
+    assert sparsity(net) == 0.0  # restored
+
+
+def test_pareto_mask():
+    v = np.array([[0.9, 0.5], [0.8, 0.6], [0.7, 0.4], [0.9, 0.5]])
+    assert pareto_mask(v).tolist() == [True, True, False, True]
+
+
+def _digits():
+    return load_dataset(OmegaConf.create({"kind": "digits", "name": "digits"}))
+
+
+def test_prune_and_train_records_a_front_and_meets_the_target():
+    ds = _digits()
+    model = build_model(OmegaConf.create({"arch": "mlp", "hidden": [64]}), ds.input_shape, 10)
+    pruner = DynamicPruner(model, AGPThreshold(0.8, start_epoch=1, end_epoch=3, update_every=5))
+    idx = np.arange(len(ds.train))
+    train = TensorBatches(ds.train, idx[:1000], batch_size=64, mean=ds.mean, std=ds.std, shuffle=True)
+    val = TensorBatches(ds.train, idx[1000:], batch_size=512, mean=ds.mean, std=ds.std)
+    res = prune_and_train(model, pruner, train, val, TrainSettings(epochs=4, finetune_epochs=1, lr=0.1))
+    sources = [p.source for p in res.front]
+    assert sources.count("update") >= 3 and sources.count("final") == 1 and sources.count("sweep") >= 8
+    assert max(p.sparsity for p in res.front) >= 0.99
+    assert abs(res.sparsity - 0.8) < 0.01 and res.accuracy > 0.8
+    assert [r.epoch for r in res.history] == [1, 2, 3, 4, 5]
+    assert res.history[-1].phase == "finetune"
+    first = next(m for m in model.modules() if isinstance(m, nn.Linear))
+    assert torch.all(first.weight[first.parametrizations.weight[0].mask == 0] == 0)
+
+
+def test_cross_validate_uses_stratified_folds_of_the_training_split_only():
+    ds = _digits()
+    seen = []
+    res = cross_validate(
+        ds, folds=3, seed=0,
+        make_model=lambda: build_model(OmegaConf.create({"arch": "mlp", "hidden": [32]}), ds.input_shape, 10),
+        make_pruner=lambda m: DynamicPruner(m, AGPThreshold(0.5, start_epoch=0, end_epoch=1)),
+        settings=TrainSettings(epochs=1, finetune_epochs=0), front_points=8,
+        on_fold_end=lambda k, r: seen.append(k))
+    assert seen == [0, 1, 2] and len(res.folds) == 3
+    assert 0 <= res.accuracy_std < 0.2 and abs(res.sparsity - 0.5) < 0.01
