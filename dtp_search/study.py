@@ -88,8 +88,13 @@ def make_storage(cfg: DictConfig) -> RDBStorage:
     )
 
 
+# Trials that count toward ``search.n_trials``: finished with a result. FAIL does not
+# count — failed trials are retried (heartbeat) or replaced by new ones.
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
 def _n_complete(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
 def make_sampler(cfg: DictConfig, n_existing: int) -> optuna.samplers.BaseSampler:
@@ -163,7 +168,7 @@ def run_study(cfg: DictConfig) -> optuna.Study:
                 study.optimize(
                     lambda trial: objective(trial, ctx), n_trials=target - done,
                     catch=(DivergedError,),
-                    callbacks=[optuna.study.MaxTrialsCallback(target, states=(TrialState.COMPLETE,)),
+                    callbacks=[optuna.study.MaxTrialsCallback(target, states=FINISHED),
                                after_trial, lambda s, t: advance(t)],
                     gc_after_trial=False)
                 done = _n_complete(study)
@@ -190,10 +195,6 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
     tcfg = search_space.apply(cfg, sampled)
     policy_name = str(tcfg.policy.name)
     params = policy_params(tcfg.policy)
-    try:
-        build_policy(policy_name, params)  # sampled combinations can still be invalid
-    except ValueError as exc:
-        raise optuna.TrialPruned(f"invalid sampled policy: {exc}") from exc
     settings = TrainSettings.from_config(tcfg.train)
     criterion_name = str(tcfg.policy.get("criterion", "magnitude"))
 
@@ -203,6 +204,13 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
     fronts: dict[int, list] = {}
     n_epochs = settings.epochs + settings.finetune_epochs
     try:
+        try:
+            build_policy(policy_name, params)  # sampled combinations can still be invalid
+        except ValueError as exc:
+            reason = f"invalid sampled policy: {exc}"
+            trial.set_user_attr("prune_reason", reason)
+            run.set_tags({"prune_reason": reason})
+            raise optuna.TrialPruned(reason) from exc
         with ctx.console.folds(int(tcfg.cv.folds), n_epochs, trial.number) as progress:
             def on_epoch(fold: int, rec) -> None:
                 run.log_metrics({f"fold_{fold}/loss": rec.loss,

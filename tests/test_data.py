@@ -94,7 +94,7 @@ def test_imagefolder_dataset_detects_grayscale(tmp_path):
 
 def test_missing_imagefolder_path_says_what_to_do(tmp_path):
     cfg = OmegaConf.create({"kind": "cifar10", "name": "c", "path": str(tmp_path / "nope")})
-    with pytest.raises(DatasetError, match="dataset.path"):
+    with pytest.raises(DatasetError, match=r"dataset\.path"):
         load_dataset(cfg)
 
 

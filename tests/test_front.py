@@ -1,3 +1,5 @@
+import itertools
+
 import numpy as np
 import torch
 from omegaconf import OmegaConf
@@ -12,7 +14,7 @@ from dtp_search.training import TrainSettings, cross_validate, prune_and_train
 
 def test_sweep_targets_rise_to_the_cap():
     t = sweep_targets(0.5, 10, 0.995)
-    assert len(t) == 10 and all(b > a for a, b in zip(t, t[1:], strict=False))
+    assert len(t) == 10 and all(b > a for a, b in itertools.pairwise(t))
     assert t[0] > 0.5 and abs(t[-1] - 0.995) < 1e-9
 
 

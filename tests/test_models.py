@@ -28,7 +28,7 @@ def test_resnet20_has_the_papers_parameter_count():
 
 def test_small_inputs_get_a_clear_error_or_padding():
     cfg = OmegaConf.load(CONF / "simple_cnn.yaml")
-    with pytest.raises(ValueError, match="model.padding"):
+    with pytest.raises(ValueError, match=r"model\.padding"):
         build_model(cfg, (1, 8, 8), 10)
     cfg.padding = [2, 2]
     assert build_model(cfg, (1, 8, 8), 10)(torch.randn(1, 1, 8, 8)).shape == (1, 10)

@@ -1,0 +1,126 @@
+"""End-to-end runs of ``python -m dtp_search`` on tiny budgets."""
+
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["cv.folds=2", "train.epochs=2", "train.finetune_epochs=1", "front.points=8",
+        "policy.update_every=5", "console.progress=false"]
+
+
+def run_cli(root: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dtp_search", f"paths.root={root}", *overrides],
+                          cwd=root.parent, capture_output=True, text=True, timeout=600)
+
+
+def _runs(root: Path, experiment: str):
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("dtp_search.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("dtp_search.role") == "trial"]
+    return client, parents, children
+
+
+@pytest.mark.slow
+def test_study_runs_then_resumes_to_the_requested_total(tmp_path):
+    root = tmp_path / "runs"
+    first = run_cli(root, "study.name=s", "search.n_trials=2", *TINY)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "Pareto-optimal trials" in first.stdout and "mlflow ui --backend-store-uri" in first.stdout
+    _, parents, _ = _runs(root, "s")
+    parent_id = parents[0].info.run_id
+
+    second = run_cli(root, "study.name=s", "search.n_trials=3", *TINY)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming" in second.stdout
+
+    study = optuna.load_study(study_name="s", storage=f"sqlite:///{root}/optuna.db")
+    finished = study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+    assert len(study.trials) == 3 and len(finished) == 3
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(complete) == 3  # the default space fits this budget: nothing pruned
+    assert len({tuple(sorted(t.params.items())) for t in complete}) == 3  # no replayed samples
+
+    client, parents, children = _runs(root, "s")
+    assert len(parents) == 1 and parents[0].info.run_id == parent_id  # reused, not duplicated
+    assert len(children) == 3
+    assert sorted(int(c.data.tags["optuna.trial_number"]) for c in children) == [0, 1, 2]
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent_id
+        assert child.data.tags["optuna.trial_state"] == "COMPLETE"
+        assert child.info.status == "FINISHED"
+        arts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"front.json", "front.png"} <= arts
+        assert child.data.params["policy.name"] == "agp"
+        assert child.data.params["sampled.policy.final_sparsity"] == child.data.params["policy.final_sparsity"]
+        history = client.get_metric_history(child.info.run_id, "fold_0/val_accuracy")
+        assert [m.step for m in history] == [1, 2, 3]
+        for key in ("loss", "sparsity", "threshold"):
+            assert client.get_metric_history(child.info.run_id, f"fold_1/{key}")
+        assert 0 < child.data.metrics["cv_accuracy"] <= 1 and child.data.metrics["cv_sparsity"] > 0.4
+    # (client.load_table would search the *global* tracking URI, so read the file itself)
+    assert '"type": "table"' in children[0].data.tags["mlflow.loggedArtifacts"]
+    front = pd.read_json(client.download_artifacts(children[0].info.run_id, "front.json", str(tmp_path)),
+                         orient="split")
+    assert len(front[front.source == "sweep"]) >= 8 * 2 and front.sparsity.max() >= 0.99
+    parent_arts = {a.path for a in client.list_artifacts(parent_id)}
+    assert {"pareto_front.json", "pareto_front.png"} <= parent_arts
+
+    third = run_cli(root, "study.name=s", "search.n_trials=3", *TINY)  # already complete
+    assert third.returncode == 0
+    assert len(optuna.load_study(study_name="s", storage=f"sqlite:///{root}/optuna.db").trials) == 3
+    assert len(_runs(root, "s")[2]) == 3
+
+
+def _digest(root: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.glob("*.db"))}
+
+
+@pytest.fixture(scope="module")
+def recorded_study(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("recorded") / "runs"
+    ok = run_cli(root, "study.name=s", "search.n_trials=1", *TINY)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("override", "fragment"), [
+    ("cv.folds=1", "cv.folds=1"),
+    ("search.n_trials=0", "search.n_trials=0"),
+    ("cv.folds=500", "cv.folds=500"),
+    ("policy.final_sparsity=1.5", "final_sparsity"),
+    ("study.storage=redis://localhost", "study.storage"),
+    ("search.objectives=[accuracy,speed]", "search.objectives"),
+])
+def test_bad_input_is_a_one_line_error_and_leaves_the_stores_alone(
+        tmp_path, recorded_study, override, fragment):
+    root = tmp_path / "runs"
+    shutil.copytree(recorded_study, root)
+    before = _digest(root)
+    bad = run_cli(root, "study.name=s", "search.n_trials=1", *TINY, override)
+    assert bad.returncode == 2, (bad.stdout[-1000:], bad.stderr[-2000:])
+    assert fragment in bad.stderr and "Traceback" not in bad.stderr
+    assert _digest(root) == before
+
+
+@pytest.mark.slow
+@pytest.mark.cifar
+def test_cifar_experiment_runs_offline_on_the_local_copy(tmp_path, cifar10_dir):
+    root = tmp_path / "runs"
+    res = run_cli(root, "+experiment=cifar", f"dataset.path={cifar10_dir}", "search.n_trials=1",
+                  "dataset.train_limit=600", "dataset.test_limit=100", "train.batch_size=64",
+                  "policy.update_every=4", *TINY)
+    assert res.returncode == 0, res.stderr[-3000:]
+    study = optuna.load_study(study_name="cifar10-simple_cnn-agp", storage=f"sqlite:///{root}/optuna.db")
+    (trial,) = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert trial.values[1] > 0.4  # sparsity reached
