@@ -119,7 +119,7 @@ def test_cifar_experiment_runs_offline_on_the_local_copy(tmp_path, cifar10_dir):
     root = tmp_path / "runs"
     res = run_cli(root, "+experiment=cifar", f"dataset.path={cifar10_dir}", "search.n_trials=1",
                   "dataset.train_limit=600", "dataset.test_limit=100", "train.batch_size=64",
-                  "policy.update_every=4", *TINY)
+                  "policy.update_every=4", "train.epochs=2", *TINY)
     assert res.returncode == 0, res.stderr[-3000:]
     study = optuna.load_study(study_name="cifar10-simple_cnn-agp", storage=f"sqlite:///{root}/optuna.db")
     (trial,) = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
