@@ -5,7 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+
+# MLflow 3 reports usage telemetry by default; a tool that runs on clusters and offline
+# machines should not phone home unless the user asks (set it to "false" to allow).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import warnings
+from pathlib import Path
 
 import hydra
 import optuna
@@ -15,9 +20,12 @@ from dtp_search.config import ConfigError, register_resolvers
 
 register_resolvers()
 log = logging.getLogger("dtp_search")
+# An absolute path: a relative one would be read as a package path when this module is
+# imported (the `dtp-search` console script) rather than run with `python -m`.
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def _app(cfg: DictConfig) -> None:
     from dtp_search.data import DatasetError
     from dtp_search.study import run_study
