@@ -37,7 +37,7 @@ class Console:
             def advance(frozen: Any) -> None:
                 values = "" if frozen.values is None else " ".join(f"{v:.4f}" for v in frozen.values)
                 progress.update(task, completed=min(progress.tasks[task].completed
-                                                    + (frozen.state.name == "COMPLETE"), target),
+                                                    + (frozen.state.name in ("COMPLETE", "PRUNED")), target),
                                 info=f"last: #{frozen.number} {frozen.state.name} {values}")
             yield advance
         self._progress = None

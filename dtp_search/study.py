@@ -246,7 +246,6 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
         run.log_front(fronts, f"{cfg.study.name} · trial {trial.number} · {policy_name}")
         for k, v in summary.items():
             trial.set_user_attr(k, v)
-        trial.set_user_attr("front", [[p.sparsity, p.accuracy] for p in result.folds[0].front])
         values = {"accuracy": result.accuracy, "sparsity": result.sparsity}
         run.finish("COMPLETE")
         return tuple(values[o] for o in cfg.search.objectives)

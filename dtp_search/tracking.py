@@ -221,8 +221,10 @@ def plot_pareto(rows: list[dict[str, Any]], trial_fronts: dict[int, list[tuple[f
                    label="all trials" if number == next(iter(trial_fronts)) else None)
     pareto = sorted(rows, key=lambda r: r["sparsity"])
     if pareto:
+        # Attainment boundary: between two Pareto points the best reachable accuracy is
+        # that of the sparser one, so each step takes the value on its right ("pre").
         ax.step([r["sparsity"] for r in pareto], [r["accuracy"] for r in pareto], "-",
-                where="post", color="C3", alpha=0.6)
+                where="pre", color="C3", alpha=0.6)
         ax.errorbar([r["sparsity"] for r in pareto], [r["accuracy"] for r in pareto],
                     yerr=[r.get("accuracy_std", 0.0) for r in pareto], fmt="o", color="C3",
                     capsize=3, label="Pareto-optimal trials")
