@@ -160,6 +160,9 @@ def run_study(cfg: DictConfig) -> optuna.Study:
         failures += t.state == TrialState.FAIL
         if failures >= int(cfg.search.max_failures):
             s.stop()
+        # A trial that the heartbeat failed while this process ran (its worker died)
+        # must not stay RUNNING in MLflow.
+        tracker.close_orphans({ft.number: ft.state.name for ft in s.get_trials(deepcopy=False)})
         refresh_pareto(s, tracker)
 
     try:

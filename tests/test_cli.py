@@ -1,5 +1,6 @@
 """End-to-end runs of ``python -m dtp_search`` on tiny budgets."""
 
+import contextlib
 import hashlib
 import shutil
 import subprocess
@@ -124,3 +125,44 @@ def test_cifar_experiment_runs_offline_on_the_local_copy(tmp_path, cifar10_dir):
     study = optuna.load_study(study_name="cifar10-simple_cnn-agp", storage=f"sqlite:///{root}/optuna.db")
     (trial,) = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert trial.values[1] > 0.4  # sparsity reached
+
+
+@pytest.mark.slow
+def test_a_killed_run_is_resumed_and_its_trial_retried(tmp_path):
+    """SIGKILL mid-trial, rerun the same command: the stale trial is failed by Optuna's
+    heartbeat and retried with the same parameters; its MLflow run ends FAILED."""
+    import signal
+    import sqlite3
+    import time
+
+    root = tmp_path / "runs"
+    args = ["study.name=k", "search.n_trials=2", "cv.folds=2", "train.epochs=60",
+            "train.finetune_epochs=1", "search.heartbeat_interval=1", "search.grace_period=2",
+            "console.progress=false"]
+    proc = subprocess.Popen([sys.executable, "-m", "dtp_search", f"paths.root={root}", *args],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    running = 0
+    while time.time() < deadline and not running:
+        time.sleep(0.5)
+        if (root / "optuna.db").exists():
+            with sqlite3.connect(root / "optuna.db") as db, contextlib.suppress(sqlite3.OperationalError):
+                running = db.execute("select count(*) from trials where state='RUNNING'").fetchone()[0]
+    assert running, "no trial started"
+    time.sleep(2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(3)  # past the grace period
+
+    rerun = run_cli(root, *args[:3], "train.epochs=2", *args[4:])
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    study = optuna.load_study(study_name="k", storage=f"sqlite:///{root}/optuna.db")
+    states = [t.state.name for t in study.trials]
+    assert states.count("COMPLETE") == 2 and "RUNNING" not in states
+    (failed,) = [t for t in study.trials if t.state.name == "FAIL"]
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == failed.number]
+    assert retried and retried[0].params == failed.params
+    _, _, children = _runs(root, "k")
+    by_number = {int(c.data.tags["optuna.trial_number"]): c for c in children}
+    assert by_number[failed.number].info.status == "FAILED"
+    assert all(c.info.status != "RUNNING" for c in children)

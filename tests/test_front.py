@@ -66,3 +66,31 @@ def test_cross_validate_uses_stratified_folds_of_the_training_split_only():
         on_fold_end=lambda k, r: seen.append(k))
     assert seen == [0, 1, 2] and len(res.folds) == 3
     assert 0 <= res.accuracy_std < 0.2 and abs(res.sparsity - 0.5) < 0.01
+
+
+class _Untouchable:
+    def __getattr__(self, name):
+        raise AssertionError(f"the test split was read during cross-validation ({name})")
+
+    def __len__(self):
+        raise AssertionError("the test split was read during cross-validation (len)")
+
+
+def test_cross_validation_never_reads_the_test_split():
+    ds = _digits()
+    ds.test = _Untouchable()
+    res = cross_validate(
+        ds, folds=2, seed=0,
+        make_model=lambda: build_model(OmegaConf.create({"arch": "mlp", "hidden": [16]}), ds.input_shape, 10),
+        make_pruner=lambda m: DynamicPruner(m, AGPThreshold(0.5, start_epoch=0, end_epoch=1)),
+        settings=TrainSettings(epochs=1, finetune_epochs=0), front_points=8)
+    assert len(res.folds) == 2
+
+
+def test_pruning_core_imports_neither_optuna_nor_mlflow():
+    import subprocess
+    import sys
+
+    code = ("import sys, dtp_search.pruning, dtp_search.training, dtp_search.data, dtp_search.models; "
+            "bad = [m for m in ('optuna', 'mlflow') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
