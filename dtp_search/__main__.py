@@ -5,10 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-
-# MLflow 3 reports usage telemetry by default; a tool that runs on clusters and offline
-# machines should not phone home unless the user asks (set it to "false" to allow).
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import warnings
 from pathlib import Path
 
@@ -18,6 +14,10 @@ from omegaconf import DictConfig
 
 from dtp_search.config import ConfigError, register_resolvers
 
+# MLflow 3 reports usage telemetry by default; a tool that runs on clusters and offline
+# machines should not phone home unless the user asks (set it to "false" to allow).
+# Set before run_study imports mlflow.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 register_resolvers()
 log = logging.getLogger("dtp_search")
 # An absolute path: a relative one would be read as a package path when this module is

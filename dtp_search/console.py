@@ -27,17 +27,17 @@ class Console:
         self.out.print(f"  mlflow store:   {cfg.tracking.uri}", soft_wrap=True)
 
     @contextlib.contextmanager
-    def trials(self, target: int, done: int) -> Iterator[Callable[[Any], None]]:
+    def trials(self, target: int, done: int) -> Iterator[Callable[[Any, int], None]]:
         progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
                             console=self.out, disable=not self.enabled, transient=False)
         self._progress = progress
         task = progress.add_task("trials", total=target, completed=done, info="")
         with progress:
-            def advance(frozen: Any) -> None:
+            def advance(frozen: Any, finished: int) -> None:
+                """Show the last trial; ``finished``: trials that count toward the target."""
                 values = "" if frozen.values is None else " ".join(f"{v:.4f}" for v in frozen.values)
-                progress.update(task, completed=min(progress.tasks[task].completed
-                                                    + (frozen.state.name in ("COMPLETE", "PRUNED")), target),
+                progress.update(task, completed=min(finished, target),
                                 info=f"last: #{frozen.number} {frozen.state.name} {values}")
             yield advance
         self._progress = None

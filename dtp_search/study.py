@@ -93,7 +93,7 @@ def make_storage(cfg: DictConfig) -> RDBStorage:
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-def _n_complete(study: optuna.Study) -> int:
+def _n_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
@@ -128,18 +128,15 @@ def run_study(cfg: DictConfig) -> optuna.Study:
     except ValueError as exc:
         raise ConfigError(f"model={cfg.model.name}: {exc}") from exc
 
-    storage = make_storage(cfg)
     directions = list(cfg.search.directions)
-    study = optuna.load_study(study_name=cfg.study.name, storage=storage) if _study_exists(
-        storage, cfg.study.name) else None
-    if study is not None and [d.name.lower() for d in study.directions] != directions:
+    # An existing study keeps its stored directions; a mismatch is caught before any write.
+    study = optuna.create_study(study_name=cfg.study.name, storage=make_storage(cfg),
+                                directions=directions, load_if_exists=True)
+    stored = [d.name.lower() for d in study.directions]
+    if stored != directions:
         raise ConfigError(f"study.name={cfg.study.name!r} already exists with directions "
-                          f"{[d.name.lower() for d in study.directions]}, not {directions}; "
-                          "pick another study.name")
-    n_existing = len(study.trials) if study is not None else 0
-    study = optuna.create_study(study_name=cfg.study.name, storage=storage,
-                                directions=directions, sampler=make_sampler(cfg, n_existing),
-                                load_if_exists=True)
+                          f"{stored}, not {directions}; pick another study.name")
+    study.sampler = make_sampler(cfg, len(study.trials))
     study.set_metric_names(list(cfg.search.objectives))
     study.set_user_attr("objectives", list(cfg.search.objectives))
 
@@ -150,31 +147,33 @@ def run_study(cfg: DictConfig) -> optuna.Study:
     ctx = SearchContext(cfg, dataset, dims, tracker, console, device)
 
     target = int(cfg.search.n_trials)
-    done = _n_complete(study)
+    done = _n_finished(study)
     console.header(cfg, study, done, target, device)
     failures = 0
     status = "FINISHED"
 
-    def after_trial(s: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
-        nonlocal failures
-        failures += t.state == TrialState.FAIL
-        if failures >= int(cfg.search.max_failures):
-            s.stop()
-        # A trial that the heartbeat failed while this process ran (its worker died)
-        # must not stay RUNNING in MLflow.
-        tracker.close_orphans({ft.number: ft.state.name for ft in s.get_trials(deepcopy=False)})
-        refresh_pareto(s, tracker)
-
     try:
         with console.trials(target, done) as advance:
+            def after_trial(s: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
+                nonlocal failures
+                failures += t.state == TrialState.FAIL
+                if failures >= int(cfg.search.max_failures):
+                    s.stop()
+                trials = s.get_trials(deepcopy=False)
+                advance(t, sum(ft.state in FINISHED for ft in trials))
+                # A trial that the heartbeat failed while this process ran (its worker
+                # died) must not stay RUNNING in MLflow.
+                tracker.close_orphans({ft.number: ft.state.name for ft in trials})
+                refresh_pareto(s, tracker)
+
             while done < target and failures < int(cfg.search.max_failures):
                 study.optimize(
                     lambda trial: objective(trial, ctx), n_trials=target - done,
                     catch=(DivergedError,),
                     callbacks=[optuna.study.MaxTrialsCallback(target, states=FINISHED),
-                               after_trial, lambda s, t: advance(t)],
+                               after_trial],
                     gc_after_trial=False)
-                done = _n_complete(study)
+                done = _n_finished(study)
     except BaseException:
         status = "KILLED"
         raise
@@ -185,10 +184,6 @@ def run_study(cfg: DictConfig) -> optuna.Study:
         log.warning("stopped after %d failed trials with %d/%d complete", failures, done, target)
     console.summary(study, cfg, tracker.ui_command())
     return study
-
-
-def _study_exists(storage: RDBStorage, name: str) -> bool:
-    return any(s.study_name == name for s in storage.get_all_studies())
 
 
 def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:

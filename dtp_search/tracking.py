@@ -98,16 +98,12 @@ class StudyTracker:
         trial_run.log_params(params, sampled)
         return trial_run
 
-    def trial_runs(self) -> list:
-        return self._find_runs(f"tags.`{ROLE_TAG}` = 'trial' and "
-                               f"tags.`{STUDY_TAG}` = '{self.study_name}'")
-
     def close_orphans(self, live_states: dict[int, str]) -> int:
         """Mark child runs left RUNNING by a dead process as FAILED; returns how many."""
         n = 0
-        for run in self.trial_runs():
-            if run.info.status != "RUNNING":
-                continue
+        for run in self._find_runs(f"tags.`{ROLE_TAG}` = 'trial' and "
+                                   f"tags.`{STUDY_TAG}` = '{self.study_name}' and "
+                                   "attributes.status = 'RUNNING'"):
             number = int(run.data.tags.get(TRIAL_TAG, -1))
             state = live_states.get(number)
             if state != "RUNNING":
