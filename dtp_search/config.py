@@ -19,9 +19,13 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("abspath", lambda p: os.path.abspath(os.path.expanduser(p)))
 
 
+# Keys of a policy node that configure the pruner around the policy, not the policy.
+PRUNER_KEYS = ("criterion", "granularity", "min_keep")
+
+
 def policy_params(policy_cfg: DictConfig) -> dict[str, Any]:
     """Constructor arguments of the policy: every key of ``policy`` except its metadata."""
-    meta = {"name", "criterion", "space"}
+    meta = {"name", "space", *PRUNER_KEYS}
     return {k: v for k, v in OmegaConf.to_container(policy_cfg, resolve=True).items() if k not in meta}
 
 

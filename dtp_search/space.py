@@ -9,6 +9,12 @@ and ``search.space`` keys are absolute (``train.lr``). Specs:
 
 The Optuna parameter name is the absolute key, and the sampled value replaces that
 key in the trial's copy of the config.
+
+Searching across policies (``policy=choice``): every trial first samples the Optuna
+parameter ``policy`` from ``policy.choices``, the trial's ``policy`` node becomes
+``policy.options.<name>``, and only that policy's space is sampled — a conditional
+space whose parameters are named ``<name>.<key>`` (``agp.final_sparsity``), so that
+samplers model each policy's parameters separately.
 """
 
 from __future__ import annotations
@@ -27,25 +33,30 @@ TYPES = ("float", "int", "categorical")
 
 @dataclass(frozen=True)
 class Dimension:
-    key: str
+    key: str  # config key the sampled value is written to
     type: str
     low: float | None = None
     high: float | None = None
     log: bool = False
     step: float | None = None
     choices: tuple[Any, ...] = ()
+    name: str = ""  # Optuna parameter name; the key when empty
+
+    @property
+    def param(self) -> str:
+        return self.name or self.key
 
     def suggest(self, trial: optuna.Trial) -> Any:
         if self.type == "float":
-            return trial.suggest_float(self.key, self.low, self.high, log=self.log, step=self.step)
+            return trial.suggest_float(self.param, self.low, self.high, log=self.log, step=self.step)
         if self.type == "int":
-            return trial.suggest_int(self.key, int(self.low), int(self.high), log=self.log,
+            return trial.suggest_int(self.param, int(self.low), int(self.high), log=self.log,
                                      step=int(self.step or 1))
-        return trial.suggest_categorical(self.key, list(self.choices))
+        return trial.suggest_categorical(self.param, list(self.choices))
 
 
-def _dimension(key: str, spec: Mapping[str, Any]) -> Dimension:
-    where = f"search space key {key!r}"
+def _dimension(key: str, spec: Mapping[str, Any], name: str = "") -> Dimension:
+    where = f"search space key {name or key!r}"
     if not isinstance(spec, Mapping):
         raise ConfigError(f"{where}: expected a mapping with 'type', got {spec!r}")
     kind = spec.get("type")
@@ -59,7 +70,7 @@ def _dimension(key: str, spec: Mapping[str, Any]) -> Dimension:
         choices = spec.get("choices")
         if not choices:
             raise ConfigError(f"{where}: categorical needs a non-empty 'choices' list")
-        return Dimension(key, kind, choices=tuple(choices))
+        return Dimension(key, kind, choices=tuple(choices), name=name)
     low, high = spec.get("low"), spec.get("high")
     if low is None or high is None:
         raise ConfigError(f"{where}: {kind} needs 'low' and 'high'")
@@ -71,20 +82,60 @@ def _dimension(key: str, spec: Mapping[str, Any]) -> Dimension:
     step = spec.get("step")
     if step is not None and log:
         raise ConfigError(f"{where}: 'step' and log=true cannot be combined")
-    return Dimension(key, kind, float(low), float(high), log, None if step is None else float(step))
+    return Dimension(key, kind, float(low), float(high), log,
+                     None if step is None else float(step), name=name)
 
 
-def parse_space(cfg: DictConfig) -> list[Dimension]:
+CHOICE = "choice"
+
+
+@dataclass
+class SearchSpace:
+    """The dimensions of a study: shared ones, and one conditional sub-space per policy."""
+
+    common: list[Dimension]
+    policies: dict[str, list[Dimension]]  # policy name -> its dimensions
+    choices: tuple[str, ...] = ()  # non-empty when the policy itself is searched
+
+    @property
+    def dimensions(self) -> list[Dimension]:
+        return self.common + [d for dims in self.policies.values() for d in dims]
+
+
+def policy_nodes(cfg: DictConfig) -> dict[str, DictConfig]:
+    """``{policy name: policy config}`` of every policy a study may use."""
+    if cfg.policy.get("name") != CHOICE:
+        return {str(cfg.policy.name): cfg.policy}
+    options = cfg.policy.get("options") or {}
+    choices = list(cfg.policy.get("choices") or [])
+    bad = [c for c in choices if c not in options]
+    if not choices or bad:
+        raise ConfigError(f"policy.choices={choices} is not allowed; allowed: a non-empty list "
+                          f"of {list(options)}")
+    return {c: options[c] for c in choices}
+
+
+def parse_space(cfg: DictConfig) -> SearchSpace:
     """Every search dimension of a composed config, checked against the config's keys."""
-    dims: list[Dimension] = []
-    raw: list[tuple[str, Any]] = []
-    raw += [(f"policy.{k}", v) for k, v in _container(cfg.policy.get("space")).items()]
-    raw += list(_container(cfg.search.get("space")).items())
-    for key, spec in raw:
+    common: list[Dimension] = []
+    for key, spec in _container(cfg.search.get("space")).items():
         if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
             raise ConfigError(f"search space key {key!r} is not a key of the config")
-        dims.append(_dimension(key, spec))
-    return dims
+        if key.startswith("policy.") and cfg.policy.get("name") == CHOICE:
+            raise ConfigError(f"search.space key {key!r}: with policy=choice put policy "
+                              "dimensions in policy.options.<name>.space")
+        common.append(_dimension(key, spec))
+    choice = cfg.policy.get("name") == CHOICE
+    policies: dict[str, list[Dimension]] = {}
+    for pname, node in policy_nodes(cfg).items():
+        dims = []
+        for k, spec in _container(node.get("space")).items():
+            where = f"policy.options.{pname}.{k}" if choice else f"policy.{k}"
+            if OmegaConf.select(node, k, default=_MISSING) is _MISSING:
+                raise ConfigError(f"search space key {where!r} is not a key of the config")
+            dims.append(_dimension(f"policy.{k}", spec, name=f"{pname}.{k}" if choice else ""))
+        policies[pname] = dims
+    return SearchSpace(common, policies, tuple(policies) if choice else ())
 
 
 _MISSING = object()
@@ -100,13 +151,24 @@ def _container(node: Any) -> dict[str, Any]:
     return dict(node)
 
 
-def sample(trial: optuna.Trial, dims: list[Dimension]) -> dict[str, Any]:
-    return {d.key: d.suggest(trial) for d in dims}
+def sample(trial: optuna.Trial, space: SearchSpace) -> tuple[str, dict[str, Any]]:
+    """The policy of this trial and ``{config key: sampled value}``."""
+    if space.choices:
+        policy = trial.suggest_categorical("policy", list(space.choices))
+    else:
+        (policy,) = space.policies
+    dims = space.common + space.policies[policy]
+    return policy, {d.key: d.suggest(trial) for d in dims}
 
 
-def apply(cfg: DictConfig, params: Mapping[str, Any]) -> DictConfig:
-    """A copy of ``cfg`` with every sampled ``key → value`` written in."""
+def apply(cfg: DictConfig, params: Mapping[str, Any], policy: str | None = None) -> DictConfig:
+    """A copy of ``cfg`` with the trial's policy node and every sampled ``key → value`` written in."""
     out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    if out.policy.get("name") == CHOICE:
+        if policy is None:
+            raise ValueError("policy=choice needs the sampled policy")
+        node = OmegaConf.to_container(cfg.policy.options[policy], resolve=False)
+        OmegaConf.update(out, "policy", node, merge=False)
     for key, value in params.items():
         OmegaConf.update(out, key, value, merge=False)
     return out

@@ -39,13 +39,13 @@ _RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 class SearchContext:
     cfg: DictConfig
     dataset: ImageDataset
-    dims: list[search_space.Dimension]
+    space: search_space.SearchSpace
     tracker: StudyTracker
     console: Console
     device: torch.device
 
 
-def check_config(cfg: DictConfig) -> list[search_space.Dimension]:
+def check_config(cfg: DictConfig) -> search_space.SearchSpace:
     """Checks that need no data: raise :class:`ConfigError` before any work starts."""
     objectives = list(cfg.search.objectives)
     bad = [o for o in objectives if o not in OBJECTIVES]
@@ -64,17 +64,35 @@ def check_config(cfg: DictConfig) -> list[search_space.Dimension]:
     if scheme not in _RDB_SCHEMES:
         raise ConfigError(f"study.storage={cfg.study.storage!r} is not an Optuna RDB URL; "
                           f"allowed schemes: {list(_RDB_SCHEMES)} (e.g. sqlite:////abs/path.db)")
-    dims = search_space.parse_space(cfg)
-    try:
-        build_policy(cfg.policy.name, policy_params(cfg.policy))
-        build_criterion(cfg.policy.get("criterion", "magnitude"))
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"policy={cfg.policy.name}: {exc}") from exc
+    space = search_space.parse_space(cfg)
+    for name, node in search_space.policy_nodes(cfg).items():
+        try:
+            build_policy(str(node.name), policy_params(node))
+            build_criterion(str(node.get("criterion", "magnitude")))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{_policy_key(cfg, name)}: {exc}") from exc
     try:
         TrainSettings.from_config(cfg.train)
     except TypeError as exc:
         raise ConfigError(f"train: {exc}") from exc
-    return dims
+    if float(cfg.train.get("l1", 0.0)) < 0:
+        raise ConfigError(f"train.l1={cfg.train.l1} is not allowed; need >= 0")
+    return space
+
+
+def _policy_key(cfg: DictConfig, name: str) -> str:
+    """Where a policy's settings live: ``policy`` or ``policy.options.<name>``."""
+    return f"policy.options.{name}" if cfg.policy.get("name") == search_space.CHOICE else "policy"
+
+
+def make_pruner(model: torch.nn.Module, policy_cfg: DictConfig,
+                example_input: torch.Tensor) -> DynamicPruner:
+    """The pruner a trial config describes: policy, criterion, granularity and ``min_keep``."""
+    return DynamicPruner(model, build_policy(str(policy_cfg.name), policy_params(policy_cfg)),
+                         build_criterion(str(policy_cfg.get("criterion", "magnitude"))),
+                         granularity=str(policy_cfg.get("granularity", "weight")),
+                         min_keep=float(policy_cfg.get("min_keep", 0.01)),
+                         example_input=example_input)
 
 
 def make_storage(cfg: DictConfig) -> RDBStorage:
@@ -111,7 +129,7 @@ def make_sampler(cfg: DictConfig, n_existing: int) -> optuna.samplers.BaseSample
 
 def run_study(cfg: DictConfig) -> optuna.Study:
     """Create or resume the study and run it until it holds ``search.n_trials`` complete trials."""
-    dims = check_config(cfg)
+    space = check_config(cfg)
     console = Console(enabled=bool(cfg.console.progress))
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
@@ -122,11 +140,20 @@ def run_study(cfg: DictConfig) -> optuna.Study:
     if int(cfg.cv.folds) > smallest_class:
         raise ConfigError(f"cv.folds={cfg.cv.folds} exceeds the smallest class of the training "
                           f"split ({smallest_class} samples); allowed: 2..{smallest_class}")
-    # Build the model once now so that a model/dataset mismatch fails before the study starts.
+    # Build the model and every pruner once now, so that a model/dataset or
+    # granularity/model mismatch fails before the study starts.
     try:
         build_model(cfg.model, dataset.input_shape, dataset.num_classes)
     except ValueError as exc:
         raise ConfigError(f"model={cfg.model.name}: {exc}") from exc
+    example = torch.zeros(1, *dataset.input_shape)
+    for name, node in search_space.policy_nodes(cfg).items():
+        try:
+            make_pruner(build_model(cfg.model, dataset.input_shape, dataset.num_classes),
+                        node, example)
+        except ValueError as exc:
+            raise ConfigError(f"{_policy_key(cfg, name)} with model={cfg.model.name}: "
+                              f"{exc}") from exc
 
     directions = list(cfg.search.directions)
     # An existing study keeps its stored directions; a mismatch is caught before any write.
@@ -144,7 +171,7 @@ def run_study(cfg: DictConfig) -> optuna.Study:
                            artifact_location=cfg.tracking.get("artifact_location"))
     optuna.storages.fail_stale_trials(study)
     tracker.close_orphans({t.number: t.state.name for t in study.get_trials(deepcopy=False)})
-    ctx = SearchContext(cfg, dataset, dims, tracker, console, device)
+    ctx = SearchContext(cfg, dataset, space, tracker, console, device)
 
     target = int(cfg.search.n_trials)
     done = _n_finished(study)
@@ -189,14 +216,14 @@ def run_study(cfg: DictConfig) -> optuna.Study:
 def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
     """One trial: sample, cross-validate on the training split, log, return the objectives."""
     cfg = ctx.cfg
-    sampled = search_space.sample(trial, ctx.dims)
-    tcfg = search_space.apply(cfg, sampled)
-    policy_name = str(tcfg.policy.name)
+    policy_name, sampled = search_space.sample(trial, ctx.space)
+    tcfg = search_space.apply(cfg, sampled, policy_name)
     params = policy_params(tcfg.policy)
     settings = TrainSettings.from_config(tcfg.train)
-    criterion_name = str(tcfg.policy.get("criterion", "magnitude"))
+    example = torch.zeros(1, *ctx.dataset.input_shape, device=ctx.device)
 
     run = ctx.tracker.start_trial(trial.number, flatten(_loggable(tcfg)), sampled)
+    run.set_tags({"policy": policy_name})
     trial.set_user_attr("mlflow_run_id", run.run_id)
     trial.set_user_attr("policy", policy_name)
     fronts: dict[int, list] = {}
@@ -227,8 +254,7 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
                 ctx.dataset, folds=int(tcfg.cv.folds), seed=int(tcfg.seed),
                 make_model=lambda: build_model(tcfg.model, ctx.dataset.input_shape,
                                                ctx.dataset.num_classes),
-                make_pruner=lambda m: DynamicPruner(m, build_policy(policy_name, params),
-                                                    build_criterion(criterion_name)),
+                make_pruner=lambda m: make_pruner(m, tcfg.policy, example),
                 settings=settings, device=ctx.device, front_points=int(tcfg.front.points),
                 front_max_sparsity=float(tcfg.front.max_sparsity),
                 on_epoch=on_epoch, on_fold_end=on_fold_end)
@@ -267,6 +293,7 @@ def _loggable(cfg: DictConfig) -> DictConfig:
     """The trial config without the search-space declarations (they are not trial settings)."""
     out = OmegaConf.to_container(cfg, resolve=True)
     out.get("policy", {}).pop("space", None)
+    out.get("policy", {}).pop("options", None)
     out.get("search", {}).pop("space", None)
     return out
 
@@ -315,9 +342,10 @@ def refresh_pareto(study: optuna.Study, tracker: StudyTracker) -> list[dict[str,
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     all_points = {t.number: [(t.user_attrs.get("cv_sparsity", math.nan),
                               t.user_attrs.get("cv_accuracy", math.nan))] for t in complete}
+    policies = {t.number: t.user_attrs.get("policy", "") for t in complete}
     hv = hypervolume_2d([(r["sparsity"], r["accuracy"]) for r in rows])
     try:
-        tracker.log_pareto(rows, len(complete), hv, all_points)
+        tracker.log_pareto(rows, len(complete), hv, all_points, policies)
     except Exception as exc:  # tracking must not lose the study's own record
         log.warning("could not refresh the Pareto front in MLflow: %s", exc)
     return rows

@@ -115,14 +115,15 @@ class StudyTracker:
     # ------------------------------------------------------------------ parent
 
     def log_pareto(self, rows: list[dict[str, Any]], n_complete: int, hypervolume: float,
-                   trial_fronts: dict[int, list[tuple[float, float]]] | None = None) -> None:
+                   trial_fronts: dict[int, list[tuple[float, float]]] | None = None,
+                   policies: dict[int, str] | None = None) -> None:
         """Refresh the study's Pareto table and plot (overwritten, not appended)."""
         df = pd.DataFrame(rows)
         # log_table appends to an existing file; the parent's table must be replaced on
         # every refresh, so it is written in log_table's JSON layout with log_dict.
         self.client.log_dict(self.parent_run_id, df.to_dict(orient="split", index=False),
                              "pareto_front.json")
-        fig = plot_pareto(rows, trial_fronts or {}, title=self.study_name)
+        fig = plot_pareto(rows, trial_fronts or {}, title=self.study_name, policies=policies)
         self.client.log_figure(self.parent_run_id, fig, "pareto_front.png")
         plt.close(fig)
         ts = int(time.time() * 1000)
@@ -209,12 +210,22 @@ def plot_trial_front(fronts: dict[int, list[FrontPoint]], title: str):
 
 
 def plot_pareto(rows: list[dict[str, Any]], trial_fronts: dict[int, list[tuple[float, float]]],
-                title: str):
-    """The study's Pareto-optimal trials over every trial's (CV sparsity, CV accuracy)."""
+                title: str, policies: dict[int, str] | None = None):
+    """The study's Pareto-optimal trials over every trial's (CV sparsity, CV accuracy),
+    trials coloured by policy when the study used more than one."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    for number, pts in trial_fronts.items():
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=12, color="0.6", alpha=0.6,
-                   label="all trials" if number == next(iter(trial_fronts)) else None)
+    policies = policies or {}
+    names = sorted({policies.get(n, "") for n in trial_fronts})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^v<>ph*"
+    for i, name in enumerate(names):
+        pts = [p for n, ps in trial_fronts.items() if policies.get(n, "") == name for p in ps]
+        single = len(names) == 1
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14,
+                   color="0.6" if single else colors[i % len(colors)],
+                   marker="o" if single else markers[(i // len(colors)) % len(markers)],
+                   alpha=0.6 if single else 0.75,
+                   label=("all trials" if single else name) + (f" ({name})" if single and name else ""))
     pareto = sorted(rows, key=lambda r: r["sparsity"])
     if pareto:
         # Attainment boundary: between two Pareto points the best reachable accuracy is

@@ -15,9 +15,16 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from dtp_search.data import ImageDataset, TensorBatches
-from dtp_search.pruning import DynamicPruner, FrontPoint, layer_sparsity, one_shot_sweep
+from dtp_search.pruning import (
+    DynamicPruner,
+    FrontPoint,
+    layer_sparsity,
+    one_shot_sweep,
+    prunable_layers,
+)
 
 
 @dataclass
@@ -35,6 +42,7 @@ class TrainSettings:
     weight_decay: float = 5e-4
     finetune_lr_scale: float = 0.1  # fine-tuning starts at lr · scale, cosine to 0
     label_smoothing: float = 0.0
+    l1: float = 0.0  # λ of the penalty λ·Σ|W ⊙ M| over prunable weights
 
     @classmethod
     def from_config(cls, cfg: Any) -> TrainSettings:
@@ -84,15 +92,19 @@ def evaluate(model: nn.Module, batches: TensorBatches) -> float:
     return float(correct) / max(batches.num_samples, 1)
 
 
-def _make_optimizer(model: nn.Module, s: TrainSettings, lr: float) -> torch.optim.Optimizer:
+def _make_optimizer(model: nn.Module, s: TrainSettings, lr: float,
+                    extra_groups: list[dict[str, Any]] = ()) -> torch.optim.Optimizer:
     # Weight decay on weights only: decaying biases and batch-norm affine parameters
-    # hurts accuracy and has nothing to do with sparsity.
+    # hurts accuracy and has nothing to do with sparsity. Parameters a pruning policy
+    # adds (learned thresholds) come in their own groups with their own decay.
+    claimed = {id(p) for g in extra_groups for p in g["params"]}
     decay, no_decay = [], []
     for p in model.parameters():
-        if p.requires_grad:
+        if p.requires_grad and id(p) not in claimed:
             (decay if p.ndim > 1 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": s.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    groups += [g for g in extra_groups if any(p.requires_grad for p in g["params"])]
     if s.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=s.momentum,
                                nesterov=s.nesterov and s.momentum > 0)
@@ -112,9 +124,12 @@ def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
     2. *Post-pruning phase* (``settings.finetune_epochs``): the policy's final
        threshold is applied once, then the masks are frozen while the surviving
        weights are fine-tuned.
-    3. *Front*: (sparsity, validation accuracy) at every mask update, for the final
+    3. *Front*: (sparsity, validation accuracy) after mask updates (at most four per
+       epoch: policies such as splicing update at almost every step), for the final
        model, and for a one-shot sweep of higher global thresholds (see
        :func:`dtp_search.pruning.one_shot_sweep`).
+
+    With ``settings.l1 = λ > 0`` the loss is CE + λ·Σ_l ‖W_l ⊙ M_l‖₁ in both phases.
     """
     steps_per_epoch = len(train)
     if steps_per_epoch == 0:
@@ -122,18 +137,30 @@ def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
     loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
     history: list[EpochRecord] = []
     front: list[FrontPoint] = []
+    l1_layers = [m for _, m in prunable_layers(model)] if settings.l1 > 0 else []
+    front_gap = max(1, steps_per_epoch // 4)
+    last_front_step = -front_gap
     model.train()
 
+    def compute_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not l1_layers:
+            return loss_fn(model(x), y)
+        # cached(): each masked weight W ⊙ M is computed once per step, not twice.
+        with parametrize.cached():
+            loss = loss_fn(model(x), y)
+            return loss + settings.l1 * sum(m.weight.abs().sum() for m in l1_layers)
+
     def run_phase(phase: str, epochs: int, lr: float, first_epoch: int, update_masks: bool) -> None:
+        nonlocal last_front_step
         if epochs <= 0:
             return
-        opt = _make_optimizer(model, settings, lr)
+        opt = _make_optimizer(model, settings, lr, pruner.param_groups())
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
         step = (first_epoch - 1) * steps_per_epoch
         for e in range(first_epoch, first_epoch + epochs):
             loss_sum = torch.zeros((), device=train.device)
             for x, y in train:
-                loss = loss_fn(model(x), y)
+                loss = compute_loss(x, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -142,7 +169,9 @@ def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
                 step += 1
                 if update_masks:
                     epoch_f = step / steps_per_epoch
-                    if pruner.step(step, epoch_f) is not None:
+                    updated = pruner.step(step, epoch_f) is not None
+                    if updated and step - last_front_step >= front_gap:
+                        last_front_step = step
                         front.append(FrontPoint(pruner.sparsity(), evaluate(model, val),
                                                 pruner.mean_threshold(), epoch_f, "update"))
             mean_loss = float(loss_sum) / steps_per_epoch
@@ -163,7 +192,7 @@ def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
     accuracy = evaluate(model, val)
     final_sparsity = pruner.sparsity()
     front.append(FrontPoint(final_sparsity, accuracy, pruner.mean_threshold(), total_epochs, "final"))
-    front += one_shot_sweep(model, lambda m: evaluate(m, val), n_points=front_points,
+    front += one_shot_sweep(pruner, lambda m: evaluate(m, val), n_points=front_points,
                             max_sparsity=front_max_sparsity, epoch=total_epochs)
     return FoldResult(accuracy, final_sparsity, history, front, layer_sparsity(model))
 
@@ -202,6 +231,10 @@ def cross_validate(dataset: ImageDataset, folds: int, seed: int,
     Folds come from ``sklearn.model_selection.StratifiedKFold(folds, shuffle=True,
     random_state=seed)``; each fold trains a fresh model (seeded with ``seed + fold``)
     on k−1 parts and validates on the held-out part. The test split is not read.
+
+    A policy that needs feedback (``policy.needs_feedback``) reads accuracy on a
+    stratified slice of ``policy.holdout`` of the fold's *training* part, which is then
+    not trained on; the validation part stays unseen until the fold is scored.
     """
     from sklearn.model_selection import StratifiedKFold
 
@@ -214,6 +247,11 @@ def cross_validate(dataset: ImageDataset, folds: int, seed: int,
         torch.manual_seed(seed + k)
         model = make_model().to(device)
         pruner = make_pruner(model)
+        if pruner.policy.needs_feedback:
+            tr_idx, ho_idx = holdout_split(tr_idx, labels, pruner.policy.holdout, seed + k)
+            holdout = TensorBatches(dataset.train, ho_idx, batch_size=settings.eval_batch_size,
+                                    mean=dataset.mean, std=dataset.std, device=device)
+            pruner.policy.feedback = lambda m=model, h=holdout: evaluate(m, h)
         train = TensorBatches(dataset.train, tr_idx, batch_size=settings.batch_size,
                               mean=dataset.mean, std=dataset.std, device=device, shuffle=True,
                               augment=dataset.augment, crop_padding=dataset.crop_padding,
@@ -228,3 +266,16 @@ def cross_validate(dataset: ImageDataset, folds: int, seed: int,
         if on_fold_end is not None:
             on_fold_end(k, result)
     return CVResult(results)
+
+
+def holdout_split(train_idx: np.ndarray, labels: np.ndarray, fraction: float,
+                  seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split a fold's training indices into (train, held-out) parts, stratified by label."""
+    from sklearn.model_selection import train_test_split
+
+    y = labels[train_idx]
+    n_hold = max(round(fraction * len(train_idx)), len(np.unique(y)))
+    try:
+        return tuple(train_test_split(train_idx, test_size=n_hold, stratify=y, random_state=seed))
+    except ValueError:  # a class too small to stratify: fall back to a plain random split
+        return tuple(train_test_split(train_idx, test_size=n_hold, random_state=seed))

@@ -15,6 +15,9 @@ from mlflow.tracking import MlflowClient
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["cv.folds=2", "train.epochs=2", "train.finetune_epochs=1", "front.points=8",
         "policy.update_every=5", "console.progress=false"]
+# Without policy.* keys, for commands that pick other policies.
+TINIEST = ["cv.folds=2", "train.epochs=2", "train.finetune_epochs=1", "front.points=4",
+           "console.progress=false"]
 
 
 def run_cli(root: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -102,16 +105,66 @@ def recorded_study(tmp_path_factory) -> Path:
     ("policy.final_sparsity=1.5", "final_sparsity"),
     ("study.storage=redis://localhost", "study.storage"),
     ("search.objectives=[accuracy,speed]", "search.objectives"),
+    ("policy.granularity=channel", "allowed here: ['weight', 'neuron']"),
+    ("policy.granularity=filter", "granularity='filter'"),
+    ("policy.criterion=hessian", "policy.criterion='hessian'"),
+    ("policy.min_keep=2.5", "min_keep=2.5"),
+    ("train.l1=-1", "train.l1=-1"),
+    ("policy=choice policy.choices=[agp,bogus]", "policy.choices=['agp', 'bogus']"),
 ])
 def test_bad_input_is_a_one_line_error_and_leaves_the_stores_alone(
         tmp_path, recorded_study, override, fragment):
     root = tmp_path / "runs"
     shutil.copytree(recorded_study, root)
     before = _digest(root)
-    bad = run_cli(root, "study.name=s", "search.n_trials=1", *TINY, override)
+    bad = run_cli(root, "study.name=s", "search.n_trials=1", *TINIEST, *override.split())
     assert bad.returncode == 2, (bad.stdout[-1000:], bad.stderr[-2000:])
     assert fragment in bad.stderr and "Traceback" not in bad.stderr
     assert _digest(root) == before
+
+
+POLICIES = ["dense", "oneshot_global", "random", "constant", "std_scaled", "scheduled", "agp",
+            "feedback", "splicing", "soft_threshold"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", POLICIES)
+def test_every_policy_runs_from_the_cli(tmp_path, policy):
+    root = tmp_path / "runs"
+    res = run_cli(root, f"policy={policy}", "search.n_trials=1", *TINIEST)
+    assert res.returncode == 0, res.stderr[-3000:]
+    study = optuna.load_study(study_name=f"digits-lenet300-{policy}",
+                              storage=f"sqlite:///{root}/optuna.db")
+    (trial,) = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    accuracy, sparsity = trial.values
+    assert accuracy > 0.3
+    assert sparsity == 0.0 if policy == "dense" else sparsity > 0.0
+    _, (_parent,), (child,) = _runs(root, f"digits-lenet300-{policy}")
+    assert child.data.tags["policy"] == policy == child.data.params["policy.name"]
+
+
+@pytest.mark.slow
+def test_policy_searched_as_a_choice_across_all_policies(tmp_path):
+    root = tmp_path / "runs"
+    res = run_cli(root, "policy=choice", "study.name=mix", "search=random", "search.n_trials=6",
+                  *TINIEST)
+    assert res.returncode == 0, res.stderr[-3000:]
+    study = optuna.load_study(study_name="mix", storage=f"sqlite:///{root}/optuna.db")
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(trials) == 6
+    used = {t.params["policy"] for t in trials}
+    assert len(used) >= 3 and used <= set(POLICIES)
+    for t in trials:  # only the chosen policy's conditional sub-space is sampled
+        assert {k.split(".")[0] for k in t.params if k != "policy"} <= {t.params["policy"]}
+    client, (parent,), children = _runs(root, "mix")
+    by_number = {int(c.data.tags["optuna.trial_number"]): c for c in children}
+    for t in trials:
+        run = by_number[t.number]
+        assert run.data.tags["policy"] == t.params["policy"] == run.data.params["policy.name"]
+        assert "policy.options.agp.final_sparsity" not in run.data.params  # only the trial's policy
+    pareto = pd.read_json(client.download_artifacts(parent.info.run_id, "pareto_front.json",
+                                                    str(tmp_path)), orient="split")
+    assert set(pareto.policy) <= used and len(pareto) >= 1
 
 
 @pytest.mark.slow
@@ -120,7 +173,7 @@ def test_cifar_experiment_runs_offline_on_the_local_copy(tmp_path, cifar10_dir):
     root = tmp_path / "runs"
     res = run_cli(root, "+experiment=cifar", f"dataset.path={cifar10_dir}", "search.n_trials=1",
                   "dataset.train_limit=600", "dataset.test_limit=100", "train.batch_size=64",
-                  "policy.update_every=4", "train.epochs=2", *TINY)
+                  "train.epochs=2", *TINY)
     assert res.returncode == 0, res.stderr[-3000:]
     study = optuna.load_study(study_name="cifar10-simple_cnn-agp", storage=f"sqlite:///{root}/optuna.db")
     (trial,) = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))

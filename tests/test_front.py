@@ -7,7 +7,7 @@ from torch import nn
 
 from dtp_search.data import TensorBatches, load_dataset
 from dtp_search.models import build_model
-from dtp_search.pruning import AGPThreshold, DynamicPruner, attach_masks, pareto_mask, sparsity
+from dtp_search.pruning import AGPThreshold, DynamicPruner, pareto_mask, sparsity
 from dtp_search.pruning.front import one_shot_sweep, sweep_targets
 from dtp_search.training import TrainSettings, cross_validate, prune_and_train
 
@@ -20,9 +20,9 @@ def test_sweep_targets_rise_to_the_cap():
 
 def test_one_shot_sweep_restores_masks_and_reaches_99_percent():
     net = nn.Sequential(nn.Linear(30, 40), nn.ReLU(), nn.Linear(40, 5))
-    attach_masks(net)
+    pruner = DynamicPruner(net, AGPThreshold(0.5, end_epoch=1), min_keep=0)
     calls = []
-    points = one_shot_sweep(net, lambda m: calls.append(sparsity(m)) or 0.5, n_points=8)
+    points = one_shot_sweep(pruner, lambda m: calls.append(sparsity(m)) or 0.5, n_points=8)
     assert len(points) == 8 and points[-1].sparsity >= 0.99
     assert [p.sparsity for p in points] == sorted(p.sparsity for p in points)
     assert sparsity(net) == 0.0  # restored
@@ -94,3 +94,46 @@ def test_pruning_core_imports_neither_optuna_nor_mlflow():
     code = ("import sys, dtp_search.pruning, dtp_search.training, dtp_search.data, dtp_search.models; "
             "bad = [m for m in ('optuna', 'mlflow') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_feedback_reads_a_slice_of_the_training_part_never_the_validation_part(monkeypatch):
+    from sklearn.model_selection import StratifiedKFold
+
+    from dtp_search import training
+    from dtp_search.pruning import FeedbackThreshold
+
+    ds = _digits()
+    calls = []
+    real_evaluate = training.evaluate
+
+    def spy(model, batches):
+        calls.append(set(batches.indices.tolist()))
+        return real_evaluate(model, batches)
+
+    monkeypatch.setattr(training, "evaluate", spy)
+    feedback_sets = []
+
+    def make_pruner(m):
+        policy = FeedbackThreshold(step=0.3, start_epoch=0, update_every=5, holdout=0.1)
+        pruner = DynamicPruner(m, policy)
+        wrapped = policy.__class__.masks
+
+        def masks(layers, epoch, _p=policy):
+            n = len(calls)
+            out = wrapped(_p, layers, epoch)
+            feedback_sets.extend(calls[n:])  # the evaluate() calls made by the policy itself
+            return out
+        policy.masks = masks
+        return pruner
+
+    res = cross_validate(
+        ds, folds=2, seed=0,
+        make_model=lambda: build_model(OmegaConf.create({"arch": "mlp", "hidden": [32]}), ds.input_shape, 10),
+        make_pruner=make_pruner, settings=TrainSettings(epochs=2, finetune_epochs=0), front_points=2)
+    folds = list(StratifiedKFold(2, shuffle=True, random_state=0).split(
+        np.zeros(len(ds.train.labels)), ds.train.labels.numpy()))
+    assert feedback_sets and res.sparsity > 0.3
+    for seen in feedback_sets:
+        fold = next(k for k, (tr, _) in enumerate(folds) if seen <= set(tr.tolist()))
+        assert not seen & set(folds[fold][1].tolist())  # never the validation part
+        assert abs(len(seen) - 0.1 * len(folds[fold][0])) <= 10  # a ~10 % slice

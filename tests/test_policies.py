@@ -6,12 +6,20 @@ from torch import nn
 from torch.nn.utils import prune
 
 from dtp_search.pruning import (
+    Activation,
     AGPThreshold,
     ConstantThreshold,
+    DenseBaseline,
     DynamicPruner,
+    FeedbackThreshold,
     LayerView,
+    OneShotGlobal,
+    RandomBaseline,
     ScheduledThreshold,
+    SoftThreshold,
+    SplicingThreshold,
     StdScaledThreshold,
+    Taylor,
     WeightMask,
     build_policy,
     quantile_threshold,
@@ -22,7 +30,8 @@ def _layers(*tensors):
     out = []
     for i, w in enumerate(tensors):
         w = torch.as_tensor(w, dtype=torch.float32)
-        out.append(LayerView(f"l{i}", w, w.abs(), WeightMask(w.shape)))
+        out.append(LayerView(f"l{i}", w, w.abs(), torch.ones(w.shape, dtype=torch.bool),
+                             WeightMask(w.shape)))
     return out
 
 
@@ -123,3 +132,215 @@ def test_pruner_respects_update_grid_and_start_epoch():
 def test_invalid_policy_parameters_are_rejected(name, params):
     with pytest.raises(ValueError):
         build_policy(name, params)
+
+
+# --- weighted quantile ---------------------------------------------------------------
+
+def test_weighted_quantile_prunes_by_weight_not_by_count():
+    scores = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    weights = torch.tensor([10.0, 1.0, 1.0, 8.0])  # 20 weights in 4 units
+    assert quantile_threshold(scores, 0.5, weights) == pytest.approx(0.2)  # only unit 0 fits in 10
+    assert quantile_threshold(scores, 0.6, weights) == pytest.approx(0.4)  # units 0-2: 12 weights
+    assert quantile_threshold(scores, 0.0, weights) == 0.0
+    assert quantile_threshold(scores, 1.0, weights) == math.inf
+
+
+# --- feedback ------------------------------------------------------------------------
+
+def _feedback(accuracies, **kw):
+    p = FeedbackThreshold(step=0.5, tolerance=0.01, backoff=0.5, start_epoch=0, **kw)
+    it = iter(accuracies)
+    p.feedback = lambda: next(it)
+    return p
+
+
+def test_feedback_raises_the_sparsity_target_while_accuracy_holds():
+    p = _feedback([0.90, 0.91, 0.905])
+    (layer,) = _layers(torch.arange(1.0, 101.0))
+    for expected in (0.5, 0.75, 0.875):  # density halves at every accepted update
+        p.update_masks([layer], epoch=1)
+        assert p.value == pytest.approx(expected)
+        assert int((~layer.mask.bool_mask).sum()) == math.floor(expected * 100)
+    assert p.best == pytest.approx(0.91) and p.backoffs == 0
+
+
+def test_feedback_backs_off_and_restores_the_last_accepted_masks():
+    p = _feedback([0.90, 0.90, 0.80, 0.90])
+    (layer,) = _layers(torch.arange(1.0, 101.0))
+    p.update_masks([layer], epoch=1)  # accept dense (0.90), target 0.5
+    p.update_masks([layer], epoch=1)  # accept 50 % (0.90), target 0.75
+    assert int(layer.mask.mask.sum()) == 25
+    p.update_masks([layer], epoch=1)  # 0.80 < 0.90 - 0.01: back off
+    assert p.backoffs == 1 and p.step == pytest.approx(0.25)
+    assert p.value == pytest.approx(0.5)  # back to the last accepted target
+    assert int(layer.mask.mask.sum()) == 50  # ... and its masks
+    p.update_masks([layer], epoch=1)  # accepted again: raise by the smaller step
+    assert p.value == pytest.approx(1 - 0.5 * 0.75)
+
+
+def test_feedback_without_restore_keeps_masks_and_theta_target_multiplies():
+    p = _feedback([0.9, 0.9, 0.5], restore=False, target="theta", theta_start=2.0)
+    (layer,) = _layers(torch.arange(1.0, 11.0))
+    p.update_masks([layer], epoch=1)
+    assert p.value == pytest.approx(3.0) and int(layer.mask.mask.sum()) == 8  # 3..10 kept
+    p.update_masks([layer], epoch=1)
+    assert p.value == pytest.approx(4.5)
+    kept = int(layer.mask.mask.sum())
+    p.update_masks([layer], epoch=1)  # drop: nothing restored, target back to 3.0
+    assert int(layer.mask.mask.sum()) == kept and p.value == pytest.approx(3.0)
+
+
+def test_feedback_stops_raising_after_end_epoch():
+    p = _feedback([0.9] * 5, end_epoch=2)
+    (layer,) = _layers(torch.arange(1.0, 101.0))
+    p.update_masks([layer], epoch=1)
+    p.update_masks([layer], epoch=3)
+    assert p.value == pytest.approx(0.5)
+
+
+# --- splicing ------------------------------------------------------------------------
+
+def test_splicing_thresholds_and_hysteresis():
+    w = torch.tensor([0.1, 0.2, 0.3, 0.4, 1.0])
+    p = SplicingThreshold(c=0.0, start_epoch=0)
+    (layer,) = _layers(w)
+    theta = p.update_masks([layer], epoch=0)
+    t = float(w.mean())  # c = 0: t = mean |w| = 0.4; a = 0.36, b = 0.44
+    assert theta["l0"] == pytest.approx(t)
+    assert layer.mask.mask.tolist() == [0, 0, 0, 1, 1]  # 0.4 >= a stays on
+    # 0.3 -> 0.4 (between a and b): stays pruned; 0.4 -> 0.38 (between): stays kept;
+    # 0.2 -> 0.9 (above b): spliced back; 1.0 -> 0.05 (below a): pruned.
+    w2 = torch.tensor([0.1, 0.9, 0.4, 0.38, 0.05])
+    layer2 = LayerView("l0", w2, w2, layer.mask.bool_mask, layer.mask)
+    t2 = float(w2.mean())
+    assert 0.9 * t2 < 0.4 < 1.1 * t2 and 0.9 * t2 < 0.38 < 1.1 * t2
+    p.update_masks([layer2], epoch=1)
+    assert layer.mask.mask.tolist() == [0, 1, 0, 1, 0]
+
+
+def test_splicing_recovers_a_pruned_weight_through_the_straight_through_mask():
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 4, bias=False)
+    pruner = DynamicPruner(lin, SplicingThreshold(c=0.5, start_epoch=0), min_keep=0)
+    pruner.update(0)
+    mask = pruner.masks[""]
+    assert mask.straight_through
+    i = int(torch.nonzero(~mask.bool_mask.flatten())[0])
+    w = lin.parametrizations.weight.original
+    # The pruned weight still receives the loss gradient ...
+    x = torch.randn(16, 8)
+    lin(x).sum().backward()
+    assert w.grad.flatten()[i] != 0
+    # ... and once its magnitude is pushed past b it is spliced back.
+    with torch.no_grad():
+        w.view(-1)[i] = 10.0
+    pruner.update(1)
+    assert mask.bool_mask.flatten()[i]
+
+
+def test_splicing_update_probability_decays_and_stops():
+    p = SplicingThreshold(c=1.0, gamma=0.1, power=1.0, iter_stop=100)
+    assert p.update_probability(0) == 1.0
+    assert p.update_probability(10) == pytest.approx(0.5)
+    assert p.update_probability(100) == 0.0
+    hits = sum(p.should_update(s, 1.0) for s in range(1, 2001))
+    assert 0 < hits < 100
+
+
+# --- soft threshold (STR) --------------------------------------------------------------
+
+def test_soft_threshold_shrinks_weights_and_hardens_into_a_mask():
+    lin = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[0.5, -0.2, 0.01, -0.03]]))
+    policy = SoftThreshold(s_init=math.log(0.05 / 0.95))  # sigmoid(s) = 0.05
+    pruner = DynamicPruner(lin, policy, min_keep=0)
+    expected = [0.45, -0.15, 0.0, 0.0]
+    assert lin.weight.detach().flatten().tolist() == pytest.approx(expected)
+    assert pruner.sparsity() == 0.5
+    (group,) = pruner.param_groups()
+    assert group["weight_decay"] == policy.threshold_decay and group["params"][0].requires_grad
+    lin.weight.sum().backward()  # the threshold is trainable
+    assert group["params"][0].grad is not None
+    pruner.finalize()
+    assert lin.weight.detach().flatten().tolist() == pytest.approx(expected)
+    assert pruner.masks[""].mask.flatten().tolist() == [1, 1, 0, 0]
+    assert not group["params"][0].requires_grad
+
+
+# --- baselines -----------------------------------------------------------------------
+
+def test_oneshot_global_is_torch_global_unstructured_after_dense_training():
+    torch.manual_seed(2)
+    ours = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 10))
+    ref = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 10))
+    ref.load_state_dict(ours.state_dict())
+    pruner = DynamicPruner(ours, OneShotGlobal(0.8), min_keep=0)
+    assert not any(pruner.policy.should_update(s, 5.0) for s in range(1, 100))  # dense phase
+    pruner.finalize()
+    prune.global_unstructured([(ref[0], "weight"), (ref[2], "weight")],
+                              pruning_method=prune.L1Unstructured, amount=0.8)
+    assert torch.equal(pruner.masks["0"].bool_mask, ref[0].weight_mask.bool())
+    assert torch.equal(pruner.masks["2"].bool_mask, ref[2].weight_mask.bool())
+
+
+def test_random_baseline_prunes_each_layer_once_at_the_given_fraction():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 10))
+    pruner = DynamicPruner(net, RandomBaseline(0.6, start_epoch=0, update_every=1), min_keep=0)
+    assert pruner.step(1, 0.1) is not None
+    first = {k: m.mask.clone() for k, m in pruner.masks.items()}
+    assert (first["0"] == 0).sum() == 360 and (first["2"] == 0).sum() == 180
+    assert pruner.step(2, 0.2) is None  # fixed afterwards
+    pruner.finalize()
+    assert all(torch.equal(first[k], m.mask) for k, m in pruner.masks.items())
+
+
+def test_dense_baseline_never_prunes():
+    net = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 10))
+    pruner = DynamicPruner(net, DenseBaseline())
+    assert all(pruner.step(s, 9.0) is None for s in range(1, 50))
+    pruner.finalize()
+    assert pruner.sparsity() == 0.0
+
+
+# --- criteria and safety ---------------------------------------------------------------
+
+def test_taylor_score_is_a_moving_average_of_weight_times_gradient():
+    lin = nn.Linear(3, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, -2.0, 0.5]]))
+    crit = Taylor(beta=0.5)
+    DynamicPruner(lin, ConstantThreshold(0.0), crit)
+    w = lin.parametrizations.weight.original
+    for x in (torch.tensor([[1.0, 1.0, 1.0]]), torch.tensor([[3.0, 0.0, -1.0]])):
+        w.grad = None
+        lin(x).sum().backward()  # dL/dw = x
+        crit.observe()
+    # step 1: |w·x| = [1, 2, 0.5]; step 2: [3, 0, 0.5]; EMA(0.5) = [2, 1, 0.5]
+    assert crit.scores("").flatten().tolist() == pytest.approx([2.0, 1.0, 0.5])
+
+
+@pytest.mark.parametrize(("min_keep", "kept"), [(0.1, 10), (3, 3), (0, 0)])
+def test_min_keep_protects_every_layer(min_keep, kept):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 10))
+    pruner = DynamicPruner(net, ConstantThreshold(1e9), min_keep=min_keep)
+    pruner.update(0)
+    for name in ("0", "2"):
+        mask = pruner.masks[name].bool_mask
+        assert int(mask.sum()) == kept
+        if kept:  # the largest-magnitude weights are the ones kept
+            w = net[int(name)].parametrizations.weight.original.abs()
+            assert float(w[mask].min()) >= float(w[~mask].max())
+
+
+def test_bad_granularity_and_min_keep_are_rejected():
+    net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="granularity"):
+        DynamicPruner(net, OneShotGlobal(0.5), granularity="neuron",
+                      example_input=torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="min_keep"):
+        DynamicPruner(net, ConstantThreshold(0.1), min_keep=2.5)
+    with pytest.raises(ValueError, match="allowed"):
+        DynamicPruner(net, ConstantThreshold(0.1), Activation(), granularity="weight")

@@ -1,12 +1,22 @@
-"""The pruning core: masks, importance criteria and threshold policies.
+"""The pruning core: masks, importance criteria, threshold policies and structured export.
 
 A plain PyTorch library — it imports neither Optuna nor MLflow, so it can be used
 (and tested) on its own.
 """
 
-from dtp_search.pruning.criteria import CRITERIA, Criterion, Magnitude, build_criterion
+from dtp_search.pruning.compact import compact_model, count_parameters, strip_masks
+from dtp_search.pruning.criteria import (
+    CRITERIA,
+    GRANULARITIES,
+    Activation,
+    Criterion,
+    Magnitude,
+    Taylor,
+    build_criterion,
+)
 from dtp_search.pruning.front import FrontPoint, one_shot_sweep, pareto_mask, pareto_points
 from dtp_search.pruning.masks import (
+    SoftThresholdMask,
     WeightMask,
     attach_masks,
     get_mask,
@@ -19,19 +29,30 @@ from dtp_search.pruning.policies import (
     POLICIES,
     AGPThreshold,
     ConstantThreshold,
+    DenseBaseline,
+    FeedbackThreshold,
     LayerView,
+    OneShotGlobal,
+    RandomBaseline,
     ScheduledThreshold,
+    SoftThreshold,
+    SplicingThreshold,
     StdScaledThreshold,
     ThresholdPolicy,
     build_policy,
+    global_threshold,
     quantile_threshold,
 )
 from dtp_search.pruning.pruner import DynamicPruner
+from dtp_search.pruning.structure import UnitGroup, trace_units
 
 __all__ = [
-    "CRITERIA", "POLICIES", "AGPThreshold", "ConstantThreshold", "Criterion", "DynamicPruner",
-    "FrontPoint", "LayerView", "Magnitude", "ScheduledThreshold", "StdScaledThreshold",
-    "ThresholdPolicy", "WeightMask", "attach_masks", "build_criterion", "build_policy",
-    "get_mask", "layer_sparsity", "masked_layers", "one_shot_sweep", "pareto_mask",
-    "pareto_points", "prunable_layers", "quantile_threshold", "sparsity",
+    "CRITERIA", "GRANULARITIES", "POLICIES", "AGPThreshold", "Activation", "ConstantThreshold",
+    "Criterion", "DenseBaseline", "DynamicPruner", "FeedbackThreshold", "FrontPoint",
+    "LayerView", "Magnitude", "OneShotGlobal", "RandomBaseline", "ScheduledThreshold",
+    "SoftThreshold", "SoftThresholdMask", "SplicingThreshold", "StdScaledThreshold", "Taylor",
+    "ThresholdPolicy", "UnitGroup", "WeightMask", "attach_masks", "build_criterion",
+    "build_policy", "compact_model", "count_parameters", "get_mask", "global_threshold",
+    "layer_sparsity", "masked_layers", "one_shot_sweep", "pareto_mask", "pareto_points",
+    "prunable_layers", "quantile_threshold", "sparsity", "strip_masks", "trace_units",
 ]

@@ -15,8 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dtp_search.pruning.masks import masked_layers, restore_masks, snapshot_masks, sparsity
-from dtp_search.pruning.policies import quantile_threshold
+from dtp_search.pruning.pruner import DynamicPruner
 
 
 @dataclass(frozen=True)
@@ -46,30 +45,26 @@ def sweep_targets(start: float, n_points: int = 10, max_sparsity: float = 0.995)
 
 
 @torch.no_grad()
-def one_shot_sweep(model: nn.Module, evaluate: Callable[[nn.Module], float], *,
+def one_shot_sweep(pruner: DynamicPruner, evaluate: Callable[[nn.Module], float], *,
                    n_points: int = 10, max_sparsity: float = 0.995,
                    epoch: float = float("nan")) -> list[FrontPoint]:
     """Accuracy at increasing one-shot global magnitude thresholds; masks are restored after.
 
-    For each target sparsity s the threshold θ is the global quantile of |W ⊙ M| over all
-    masked layers that prunes a fraction s, and the masks become ``M ∧ 1[|W ⊙ M| ≥ θ]``.
+    For each target sparsity s, θ is the global quantile of the magnitude scores of the
+    pruner's units (|W ⊙ M| per weight, or the RMS of a neuron/channel) that prunes a
+    fraction s of their weights, and the masks become ``M ∧ 1[S ≥ θ]``
+    (:meth:`DynamicPruner.tighten_globally`).
     """
-    layers = masked_layers(model)
-    if not layers:
-        return []
-    saved = snapshot_masks(model)
-    start = sparsity(model)
+    saved = pruner.snapshot()
+    start = pruner.sparsity()
     points = []
     try:
         for target in sweep_targets(start, n_points, max_sparsity):
-            scores = {name: (mod.parametrizations.weight.original * m.mask).abs()
-                      for name, (mod, m) in layers.items()}
-            theta = quantile_threshold(torch.cat([s.reshape(-1) for s in scores.values()]), target)
-            for name, (_, m) in layers.items():
-                m.set_(m.bool_mask & (scores[name] >= theta))
-            points.append(FrontPoint(sparsity(model), float(evaluate(model)), theta, epoch, "sweep"))
+            theta = pruner.tighten_globally(target)
+            points.append(FrontPoint(pruner.sparsity(), float(evaluate(pruner.model)), theta,
+                                     epoch, "sweep"))
     finally:
-        restore_masks(model, saved)
+        pruner.restore(saved)
     return points
 
 

@@ -32,7 +32,7 @@ Dynamic Network Surgery (Guo et al., 2016) needs exactly that.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -84,6 +84,45 @@ class WeightMask(nn.Module):
         return f"shape={tuple(self.mask.shape)}, straight_through={self.straight_through}"
 
 
+class SoftThresholdMask(WeightMask):
+    """Learned soft threshold (STR, Kusupati et al. 2020) in front of the binary mask.
+
+        W_eff = sign(W) · relu(|W| − g(s)) ⊙ M,      g = sigmoid,
+
+    with one trainable scalar ``s`` per layer. Weights with |W| ≤ g(s) are exactly zero
+    and receive no loss gradient, so sparsity emerges from training (weight decay on
+    ``s`` pushes g(s) up). :meth:`harden` ends learning: the shrinkage is baked into the
+    original weight and the zeros become a plain binary mask, so that fine-tuning,
+    sweeps and export treat the layer like any other masked one.
+    """
+
+    def __init__(self, shape: torch.Size, *, s_init: float = -5.0, **kwargs) -> None:
+        super().__init__(shape, **kwargs)
+        dtype = kwargs.get("dtype") or torch.get_default_dtype()
+        self.s = nn.Parameter(torch.full((1,), float(s_init), device=kwargs.get("device"),
+                                         dtype=dtype))
+        self.learning = True
+
+    def threshold(self) -> float:
+        return float(torch.sigmoid(self.s.detach()))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.learning:
+            weight = torch.sign(weight) * torch.relu(weight.abs() - torch.sigmoid(self.s))
+        return weight * self.mask
+
+    @torch.no_grad()
+    def harden(self, original: torch.Tensor) -> None:
+        """Bake ``sign(W)·relu(|W| − g(s))`` into ``original`` and freeze the zeros as the mask."""
+        if not self.learning:
+            return
+        shrunk = torch.sign(original) * torch.relu(original.abs() - torch.sigmoid(self.s))
+        original.copy_(shrunk)
+        self.mask.mul_(shrunk != 0)
+        self.learning = False
+        self.s.requires_grad_(False)
+
+
 def prunable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Yield ``(name, module)`` for every Linear/Conv layer with a weight, in model order."""
     for name, module in model.named_modules():
@@ -91,8 +130,10 @@ def prunable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
-def attach_masks(model: nn.Module, *, straight_through: bool = False) -> dict[str, WeightMask]:
-    """Register a :class:`WeightMask` on the weight of every prunable layer.
+def attach_masks(model: nn.Module, *, straight_through: bool = False,
+                 mask_factory: Callable[..., WeightMask] = WeightMask) -> dict[str, WeightMask]:
+    """Register a mask (``mask_factory(shape, ...)``, a :class:`WeightMask` by default) on the
+    weight of every prunable layer.
 
     Idempotent: layers that already carry a mask keep it (its ``straight_through``
     flag is updated). Returns ``{layer name: mask parametrization}``.
@@ -104,20 +145,29 @@ def attach_masks(model: nn.Module, *, straight_through: bool = False) -> dict[st
             existing.straight_through = straight_through
             masks[name] = existing
             continue
-        weight = module.weight
-        mask = WeightMask(weight.shape, straight_through=straight_through,
-                          device=weight.device, dtype=weight.dtype)
-        # unsafe=True skips a consistency check that would run a forward pass per layer.
-        parametrize.register_parametrization(module, "weight", mask, unsafe=True)
-        masks[name] = mask
+        masks[name] = attach_mask(module, "weight", straight_through=straight_through,
+                                  mask_factory=mask_factory)
     return masks
 
 
-def get_mask(module: nn.Module) -> WeightMask | None:
-    """The :class:`WeightMask` on ``module.weight``, or ``None``."""
-    if not parametrize.is_parametrized(module, "weight"):
+def attach_mask(module: nn.Module, tensor_name: str, *, straight_through: bool = False,
+                mask_factory: Callable[..., WeightMask] = WeightMask) -> WeightMask:
+    """Register a mask on ``module.<tensor_name>`` (a weight, a bias, a norm's scale or shift)."""
+    existing = get_mask(module, tensor_name)
+    if existing is not None:
+        return existing
+    t = getattr(module, tensor_name)
+    mask = mask_factory(t.shape, straight_through=straight_through, device=t.device, dtype=t.dtype)
+    # unsafe=True skips a consistency check that would run a forward pass per layer.
+    parametrize.register_parametrization(module, tensor_name, mask, unsafe=True)
+    return mask
+
+
+def get_mask(module: nn.Module, tensor_name: str = "weight") -> WeightMask | None:
+    """The :class:`WeightMask` on ``module.<tensor_name>``, or ``None``."""
+    if not parametrize.is_parametrized(module, tensor_name):
         return None
-    for p in module.parametrizations.weight:
+    for p in getattr(module.parametrizations, tensor_name):
         if isinstance(p, WeightMask):
             return p
     return None
@@ -142,10 +192,8 @@ def original_weight(module: nn.Module) -> torch.Tensor:
 
 @torch.no_grad()
 def effective_weight(module: nn.Module) -> torch.Tensor:
-    """``W ⊙ M`` without building an autograd graph."""
-    mask = get_mask(module)
-    w = original_weight(module)
-    return w * mask.mask if mask is not None else w
+    """The weight the forward pass uses (``W ⊙ M``, or the soft-thresholded one), no graph."""
+    return module.weight.detach()
 
 
 @torch.no_grad()
@@ -172,11 +220,12 @@ def layer_sparsity(model: nn.Module) -> dict[str, float]:
 
 @torch.no_grad()
 def snapshot_masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of every mask, to be restored with :func:`restore_masks`."""
-    return {name: mask.mask.clone() for name, (_, mask) in masked_layers(model).items()}
+    """Copies of every mask in ``model`` (weights, biases, norms), for :func:`restore_masks`."""
+    return {name: m.mask.clone() for name, m in model.named_modules() if isinstance(m, WeightMask)}
 
 
 @torch.no_grad()
 def restore_masks(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
-    for name, (_, mask) in masked_layers(model).items():
-        mask.mask.copy_(saved[name])
+    for name, m in model.named_modules():
+        if isinstance(m, WeightMask):
+            m.mask.copy_(saved[name])

@@ -15,36 +15,65 @@ schedule whatever the batch size. No policy updates masks before ``start_epoch``
 
 from __future__ import annotations
 
+import functools
 import math
+import random
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
+from torch.nn.utils import prune
 
-from dtp_search.pruning.masks import WeightMask
+from dtp_search.pruning.masks import SoftThresholdMask, WeightMask
 
 
 @dataclass
 class LayerView:
-    """What a policy may look at for one layer (tensors are detached)."""
+    """What a policy may look at for one layer (tensors carry no autograd graph).
+
+    A *unit* is what a mask entry removes: one weight (``granularity=weight``), one
+    neuron or one channel. ``score`` and ``keep`` hold one entry per unit.
+    """
 
     name: str
     weight: torch.Tensor  # effective weight W ⊙ M
-    score: torch.Tensor  # importance, same shape as weight
-    mask: WeightMask
+    score: torch.Tensor  # importance per unit
+    keep: torch.Tensor  # current mask per unit (bool)
+    mask: WeightMask  # the layer's weight mask (learned-threshold policies read it)
+    unit_size: int = 1  # weights per unit
+    original: torch.Tensor | None = None  # the dense stored weight W
+
+
+Keeps = dict[str, torch.Tensor]
+Thresholds = dict[str, float]
 
 
 class ThresholdPolicy(ABC):
-    """Maps importance scores and training time to per-layer thresholds θ_l(t).
+    """Maps importance scores and training time to per-layer thresholds θ_l(t) and masks.
+
+    The default mask rule is ``keep_l = 1[S_l ≥ θ_l(t)]`` (see the module docstring).
+    Subclasses may override :meth:`masks` for other rules (hysteresis, feedback).
 
     Args:
         start_epoch: no mask update happens before this time (dense warm-up).
         update_every: masks are recomputed every this many optimizer steps.
+
+    Class attributes tell the pruner what a policy needs:
+
+    * ``recovers`` — pruned weights may come back: scores are taken on the dense weight
+      W and the mask's backward pass is straight-through, so pruned weights keep learning;
+    * ``needs_feedback`` — :attr:`feedback` must be set to a callable returning accuracy
+      on data held out of the training part;
+    * ``granularities`` — the unit kinds the policy supports.
     """
 
     name: ClassVar[str]
+    recovers: ClassVar[bool] = False
+    needs_feedback: ClassVar[bool] = False
+    granularities: ClassVar[tuple[str, ...]] = ("weight", "neuron", "channel")
 
     def __init__(self, *, start_epoch: float = 0.0, update_every: int = 50) -> None:
         if start_epoch < 0:
@@ -53,30 +82,54 @@ class ThresholdPolicy(ABC):
             raise ValueError(f"update_every must be >= 1, got {update_every}")
         self.start_epoch = float(start_epoch)
         self.update_every = int(update_every)
+        self.feedback: Callable[[], float] | None = None
 
     def is_active(self, epoch: float) -> bool:
         """Whether masks may change at time ``epoch``."""
         return epoch >= self.start_epoch
 
+    def should_update(self, step: int, epoch: float) -> bool:
+        """Whether to recompute masks after optimizer step ``step`` (1-based) at time ``epoch``."""
+        return step % self.update_every == 0 and self.is_active(epoch)
+
     @abstractmethod
-    def thresholds(self, layers: Sequence[LayerView], epoch: float) -> dict[str, float]:
+    def thresholds(self, layers: Sequence[LayerView], epoch: float) -> Thresholds:
         """θ_l(t) for every layer."""
 
-    @torch.no_grad()
-    def update_masks(self, layers: Sequence[LayerView], epoch: float) -> dict[str, float]:
-        """Set ``M_l = 1[S_l ≥ θ_l]`` in place and return the thresholds used."""
+    def masks(self, layers: Sequence[LayerView], epoch: float) -> tuple[Keeps, Thresholds]:
+        """New keep vectors (layers left out stay as they are) and the thresholds used."""
         theta = self.thresholds(layers, epoch)
+        return {layer.name: layer.score >= theta[layer.name] for layer in layers}, theta
+
+    def final_masks(self, layers: Sequence[LayerView]) -> tuple[Keeps, Thresholds]:
+        """Masks for the post-pruning phase, which starts when the pruning phase ends."""
+        return self.masks(layers, max(self.final_epoch(), self.start_epoch))
+
+    @torch.no_grad()
+    def update_masks(self, layers: Sequence[LayerView], epoch: float) -> Thresholds:
+        """Apply :meth:`masks` to unstructured views in place (tests and scripts)."""
+        keeps, theta = self.masks(layers, epoch)
         for layer in layers:
-            layer.mask.set_(layer.score >= theta[layer.name])
+            if layer.name in keeps:
+                layer.mask.set_(keeps[layer.name])
+                layer.keep = keeps[layer.name]
         return theta
 
     def final_epoch(self) -> float:
         """Time after which θ no longer changes; the post-pruning phase evaluates θ here."""
         return self.start_epoch
 
+    def mask_factory(self) -> Callable[..., WeightMask]:
+        """The mask parametrization to attach to every weight."""
+        return WeightMask
+
+    def param_groups(self, masks: Mapping[str, WeightMask]) -> list[dict[str, Any]]:
+        """Extra optimizer parameter groups (learned thresholds)."""
+        return []
+
     def describe(self) -> dict[str, Any]:
         """Constructor arguments, for logs."""
-        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "feedback"}
 
 
 class ConstantThreshold(ThresholdPolicy):
@@ -169,20 +222,43 @@ class ScheduledThreshold(ThresholdPolicy):
         return self.end_epoch
 
 
-def quantile_threshold(scores: torch.Tensor, sparsity: float) -> float:
-    """The smallest threshold θ with ``mean(scores < θ) == k / n``, k = ⌊sparsity · n⌋.
+def quantile_threshold(scores: torch.Tensor, sparsity: float,
+                       weights: torch.Tensor | None = None) -> float:
+    """The smallest threshold θ such that ``keep = scores ≥ θ`` prunes a fraction ``sparsity``.
 
-    θ is the (k+1)-th smallest score, so the rule ``keep = score ≥ θ`` prunes exactly k
-    entries when scores are distinct. ``torch.kthvalue`` finds it in O(n) — no sort.
+    Unweighted: θ is the (k+1)-th smallest score, k = ⌊sparsity · n⌋, so exactly k entries
+    are pruned when scores are distinct; ``torch.kthvalue`` finds it in O(n), no sort.
+
+    Weighted (one weight per entry, e.g. the number of weights in a neuron): the longest
+    prefix of the ascending scores whose total weight stays within ``sparsity · Σw`` is
+    pruned, and θ is the first score after it.
     """
-    flat = scores.reshape(-1)
+    flat = scores.reshape(-1).float()
     n = flat.numel()
-    k = min(max(math.floor(sparsity * n + 1e-9), 0), n)
+    if weights is None:
+        k = min(max(math.floor(sparsity * n + 1e-9), 0), n)
+    else:
+        order = torch.argsort(flat)
+        flat = flat[order]
+        cum = torch.cumsum(weights.reshape(-1).double()[order], 0)
+        k = int((cum <= sparsity * float(cum[-1]) * (1 + 1e-12)).sum()) if n else 0
     if k == 0:
         return 0.0
     if k == n:
         return math.inf
-    return float(torch.kthvalue(flat.float(), k + 1).values)
+    if weights is None:
+        return float(torch.kthvalue(flat, k + 1).values)
+    return float(flat[k])
+
+
+def global_threshold(layers: Sequence[LayerView], sparsity: float) -> float:
+    """One θ over the units of all layers that prunes a fraction ``sparsity`` of their weights."""
+    scores = torch.cat([layer.score.reshape(-1) for layer in layers])
+    if all(layer.unit_size == 1 for layer in layers):
+        return quantile_threshold(scores, sparsity)
+    weights = torch.cat([torch.full((layer.score.numel(),), float(layer.unit_size),
+                                    device=scores.device) for layer in layers])
+    return quantile_threshold(scores, sparsity, weights)
 
 
 class AGPThreshold(ThresholdPolicy):
@@ -225,16 +301,310 @@ class AGPThreshold(ThresholdPolicy):
         s = self.target_sparsity(epoch)
         if self.scope == "layer":
             return {layer.name: quantile_threshold(layer.score, s) for layer in layers}
-        theta = quantile_threshold(torch.cat([layer.score.reshape(-1) for layer in layers]), s)
+        theta = global_threshold(layers, s)
         return {layer.name: theta for layer in layers}
 
     def final_epoch(self) -> float:
         return self.end_epoch
 
 
+class FeedbackThreshold(ThresholdPolicy):
+    """The target rises while accuracy holds and backs off when it drops.
+
+    At every update the policy reads a_k, the accuracy on a slice held out of the
+    fold's *training* part (never the validation part), and compares it with the best
+    accuracy seen so far a*:
+
+    * a_k ≥ a* − tolerance — accept: remember the masks, then raise the target by the
+      current step δ: density 1 − s ← (1 − s)(1 − δ) (``target=sparsity``, θ is the
+      quantile that meets s, one global θ or one per layer), or θ ← θ(1 + δ)
+      (``target=theta``);
+    * otherwise — back off: δ ← δ · backoff, the target returns to its last accepted
+      value and, with ``restore``, the masks of the last accepted update come back.
+
+    Raising stops once δ < ``min_step`` or after ``end_epoch``.
+    """
+
+    name = "feedback"
+    needs_feedback = True
+    TARGETS: ClassVar[tuple[str, ...]] = ("sparsity", "theta")
+
+    def __init__(self, *, step: float = 0.2, tolerance: float = 0.01, backoff: float = 0.5,
+                 min_step: float = 0.01, restore: bool = True, target: str = "sparsity",
+                 theta_start: float = 1e-3, scope: str = "global", end_epoch: float = math.inf,
+                 holdout: float = 0.1, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 < step < 1.0:
+            raise ValueError(f"step must be in (0, 1), got {step}")
+        if tolerance < 0:
+            raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+        if not 0.0 < backoff < 1.0:
+            raise ValueError(f"backoff must be in (0, 1), got {backoff}")
+        if target not in self.TARGETS:
+            raise ValueError(f"target must be one of {self.TARGETS}, got {target!r}")
+        if scope not in AGPThreshold.SCOPES:
+            raise ValueError(f"scope must be one of {AGPThreshold.SCOPES}, got {scope!r}")
+        if theta_start <= 0:
+            raise ValueError(f"theta_start must be > 0, got {theta_start}")
+        if not 0.0 < holdout < 1.0:
+            raise ValueError(f"holdout must be in (0, 1), got {holdout}")
+        if end_epoch < self.start_epoch:
+            raise ValueError(f"end_epoch ({end_epoch}) must be >= start_epoch ({self.start_epoch})")
+        self.step, self.tolerance, self.backoff = float(step), float(tolerance), float(backoff)
+        self.min_step, self.restore, self.target = float(min_step), bool(restore), target
+        self.theta_start, self.scope = float(theta_start), scope
+        self.end_epoch, self.holdout = float(end_epoch), float(holdout)
+        # state
+        self.value = 0.0 if target == "sparsity" else self.theta_start  # current target
+        self.best: float | None = None
+        self.backoffs = 0
+        self._accepted_value = self.value
+        self._accepted: Keeps = {}
+        self._theta: Thresholds = {}
+
+    def _raise(self, value: float) -> float:
+        if self.target == "sparsity":
+            return 1.0 - (1.0 - value) * (1.0 - self.step)
+        return value * (1.0 + self.step)
+
+    def thresholds(self, layers: Sequence[LayerView], epoch: float) -> Thresholds:
+        if self.target == "theta":
+            return {layer.name: self.value for layer in layers}
+        if self.scope == "layer":
+            return {layer.name: quantile_threshold(layer.score, self.value) for layer in layers}
+        theta = global_threshold(layers, self.value)
+        return {layer.name: theta for layer in layers}
+
+    def judge(self, accuracy: float, layers: Sequence[LayerView]) -> bool:
+        """Accept or back off after reading ``accuracy``; True when accepted."""
+        if self.best is None or accuracy >= self.best - self.tolerance:
+            self.best = accuracy if self.best is None else max(self.best, accuracy)
+            self._accepted = {layer.name: layer.keep.clone() for layer in layers}
+            self._accepted_value = self.value
+            return True
+        self.backoffs += 1
+        self.step *= self.backoff
+        self.value = self._accepted_value
+        return False
+
+    def masks(self, layers: Sequence[LayerView], epoch: float) -> tuple[Keeps, Thresholds]:
+        if self.feedback is None:
+            raise RuntimeError("feedback policy needs .feedback (held-out accuracy) to be set")
+        if epoch > self.end_epoch:
+            return {}, self._theta
+        if not self.judge(self.feedback(), layers):
+            return (dict(self._accepted) if self.restore else {}), self._theta
+        if self.step >= self.min_step:
+            self.value = self._raise(self.value)
+        self._theta = self.thresholds(layers, epoch)
+        return {layer.name: layer.score >= self._theta[layer.name] for layer in layers}, self._theta
+
+    def final_masks(self, layers: Sequence[LayerView]) -> tuple[Keeps, Thresholds]:
+        """One last check: with ``restore``, masks that cost too much accuracy are undone."""
+        if self.feedback is None or self.best is None:
+            return {}, self._theta
+        accepted = self.judge(self.feedback(), layers)
+        if accepted or not self.restore:
+            return {}, self._theta
+        return dict(self._accepted), self._theta
+
+    def final_epoch(self) -> float:
+        return self.end_epoch
+
+
+class SplicingThreshold(ThresholdPolicy):
+    """Dynamic Network Surgery (Guo et al. 2016): pruning with splicing (recovery).
+
+    Per layer, from the scores of the *dense* weights (|W_l| for magnitude):
+
+        t_l = max(μ_l + c · σ_l, 0),   a_l = 0.9 · t_l,   b_l = 1.1 · t_l,
+        M ← 0 where S < a_l,   M ← 1 where S > b_l,   M unchanged in between.
+
+    The forward pass uses W ⊙ M but the backward pass is straight-through, so every
+    weight keeps learning and a pruned one whose magnitude grows past b_l is spliced
+    back. At step k (k < ``iter_stop``) masks are re-evaluated with probability
+    (1 + γ · k)^(−power); afterwards they stay fixed.
+    """
+
+    name = "splicing"
+    recovers = True
+    LOW: ClassVar[float] = 0.9
+    HIGH: ClassVar[float] = 1.1
+
+    def __init__(self, c: float = 1.0, *, gamma: float = 1e-2, power: float = 1.0,
+                 iter_stop: int | None = None, seed: int = 0, **kwargs: Any) -> None:
+        kwargs.setdefault("update_every", 1)
+        super().__init__(**kwargs)
+        if gamma < 0 or power < 0:
+            raise ValueError(f"gamma and power must be >= 0, got {gamma}, {power}")
+        if iter_stop is not None and iter_stop < 1:
+            raise ValueError(f"iter_stop must be >= 1 or null, got {iter_stop}")
+        self.c, self.gamma, self.power = float(c), float(gamma), float(power)
+        self.iter_stop = None if iter_stop is None else int(iter_stop)
+        self._rng = random.Random(seed)
+
+    def update_probability(self, step: int) -> float:
+        if self.iter_stop is not None and step >= self.iter_stop:
+            return 0.0
+        return (1.0 + self.gamma * step) ** (-self.power)
+
+    def should_update(self, step: int, epoch: float) -> bool:
+        return (super().should_update(step, epoch)
+                and self._rng.random() < self.update_probability(step))
+
+    def thresholds(self, layers: Sequence[LayerView], epoch: float) -> Thresholds:
+        out = {}
+        for layer in layers:
+            s = layer.score.float()
+            out[layer.name] = max(float(s.mean() + self.c * s.std(unbiased=False)), 0.0)
+        return out
+
+    def masks(self, layers: Sequence[LayerView], epoch: float) -> tuple[Keeps, Thresholds]:
+        theta = self.thresholds(layers, epoch)
+        keeps = {}
+        for layer in layers:
+            a, b = self.LOW * theta[layer.name], self.HIGH * theta[layer.name]
+            keeps[layer.name] = (layer.score > b) | (layer.keep & (layer.score >= a))
+        return keeps, theta
+
+
+class SoftThreshold(ThresholdPolicy):
+    """Soft threshold reparameterization (STR, Kusupati et al. 2020): learned θ_l.
+
+        W_eff = sign(W) · relu(|W| − g(s_l)),   g = sigmoid,   s_l trainable, s_l(0) = s_init,
+
+    with weight decay ``threshold_decay`` on s_l; sparsity is whatever training settles
+    on. At the end of the pruning phase the shrunk weights are baked in and their zeros
+    become a binary mask, which the post-pruning phase keeps fixed.
+    """
+
+    name = "soft_threshold"
+    granularities = ("weight",)
+
+    def __init__(self, s_init: float = -5.0, *, threshold_decay: float = 5e-4,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if threshold_decay < 0:
+            raise ValueError(f"threshold_decay must be >= 0, got {threshold_decay}")
+        self.s_init = float(s_init)
+        self.threshold_decay = float(threshold_decay)
+
+    def mask_factory(self) -> Callable[..., WeightMask]:
+        return functools.partial(SoftThresholdMask, s_init=self.s_init)
+
+    def param_groups(self, masks: Mapping[str, WeightMask]) -> list[dict[str, Any]]:
+        params = [m.s for m in masks.values() if isinstance(m, SoftThresholdMask)]
+        return [{"params": params, "weight_decay": self.threshold_decay}] if params else []
+
+    def thresholds(self, layers: Sequence[LayerView], epoch: float) -> Thresholds:
+        return {layer.name: layer.mask.threshold() for layer in layers
+                if isinstance(layer.mask, SoftThresholdMask)}
+
+    def masks(self, layers: Sequence[LayerView], epoch: float) -> tuple[Keeps, Thresholds]:
+        return {}, self.thresholds(layers, epoch)  # the soft threshold acts in the forward pass
+
+    def final_masks(self, layers: Sequence[LayerView]) -> tuple[Keeps, Thresholds]:
+        theta = self.thresholds(layers, self.start_epoch)
+        for layer in layers:
+            if isinstance(layer.mask, SoftThresholdMask) and layer.original is not None:
+                layer.mask.harden(layer.original)
+        return {layer.name: layer.mask.bool_mask for layer in layers}, theta
+
+
+class DenseBaseline(ThresholdPolicy):
+    """No pruning: the accuracy every pruned network is compared against (sparsity 0)."""
+
+    name = "dense"
+
+    def should_update(self, step: int, epoch: float) -> bool:
+        return False
+
+    def thresholds(self, layers: Sequence[LayerView], epoch: float) -> Thresholds:
+        return {}
+
+    def masks(self, layers: Sequence[LayerView], epoch: float) -> tuple[Keeps, Thresholds]:
+        return {}, {}
+
+
+class OneShotGlobal(ThresholdPolicy):
+    """What most users do today: train dense, prune once, fine-tune.
+
+    At the end of the pruning phase (which here trains dense) the masks come from
+    ``torch.nn.utils.prune.global_unstructured(..., L1Unstructured, amount=amount)`` on
+    the layers' scores — the fraction ``amount`` of smallest scores across all layers —
+    and the post-pruning phase fine-tunes the survivors.
+    """
+
+    name = "oneshot_global"
+    granularities = ("weight",)
+
+    def __init__(self, amount: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 <= amount < 1.0:
+            raise ValueError(f"amount must be in [0, 1), got {amount}")
+        self.amount = float(amount)
+
+    def should_update(self, step: int, epoch: float) -> bool:
+        return False
+
+    def thresholds(self, layers: Sequence[LayerView], epoch: float) -> Thresholds:
+        theta = global_threshold(layers, self.amount)
+        return {layer.name: theta for layer in layers}
+
+    def masks(self, layers: Sequence[LayerView], epoch: float) -> tuple[Keeps, Thresholds]:
+        holders = [_ScoreHolder(layer.score) for layer in layers]
+        prune.global_unstructured([(h, "weight") for h in holders],
+                                  pruning_method=prune.L1Unstructured, amount=self.amount)
+        keeps = {layer.name: h.weight_mask.bool() for layer, h in zip(layers, holders, strict=True)}
+        kept = [layer.score[keeps[layer.name]] for layer in layers]
+        theta = min((float(k.min()) for k in kept if k.numel()), default=math.inf)
+        return keeps, {layer.name: theta for layer in layers}
+
+
+class _ScoreHolder(nn.Module):
+    """A stand-in module whose ``weight`` is a score tensor, so that ``torch.nn.utils.prune``
+    can compute masks without touching (or re-parametrizing) the real layer."""
+
+    def __init__(self, score: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(score.detach().clone(), requires_grad=False)
+
+
+class RandomBaseline(ThresholdPolicy):
+    """Random masks: at the first update after ``start_epoch`` every layer loses a random
+    fraction ``sparsity`` of its units (``torch.nn.utils.prune.RandomUnstructured``, driven
+    by the fold's torch seed); the masks then stay fixed. Tells how much of a policy's
+    result is owed to *which* weights it picks rather than to how many."""
+
+    name = "random"
+
+    def __init__(self, sparsity: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        self.sparsity = float(sparsity)
+        self._done = False
+
+    def should_update(self, step: int, epoch: float) -> bool:
+        return not self._done and super().should_update(step, epoch)
+
+    def thresholds(self, layers: Sequence[LayerView], epoch: float) -> Thresholds:
+        return {}
+
+    def masks(self, layers: Sequence[LayerView], epoch: float) -> tuple[Keeps, Thresholds]:
+        if self._done:
+            return {}, {}
+        self._done = True
+        method = prune.RandomUnstructured(amount=self.sparsity)
+        return {layer.name: method.compute_mask(layer.score, torch.ones_like(layer.score)).bool()
+                for layer in layers}, {}
+
+
 POLICIES: dict[str, type[ThresholdPolicy]] = {
     cls.name: cls
-    for cls in (ConstantThreshold, StdScaledThreshold, ScheduledThreshold, AGPThreshold)
+    for cls in (DenseBaseline, OneShotGlobal, RandomBaseline, ConstantThreshold,
+                StdScaledThreshold, ScheduledThreshold, AGPThreshold, FeedbackThreshold,
+                SplicingThreshold, SoftThreshold)
 }
 
 
@@ -243,5 +613,5 @@ def build_policy(name: str, params: Mapping[str, Any]) -> ThresholdPolicy:
     try:
         cls = POLICIES[name]
     except KeyError:
-        raise ValueError(f"unknown policy {name!r}; allowed: {sorted(POLICIES)}") from None
+        raise ValueError(f"policy.name={name!r} is not supported; allowed: {list(POLICIES)}") from None
     return cls(**params)

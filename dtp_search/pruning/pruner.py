@@ -1,69 +1,303 @@
-"""The object a training loop talks to: masks + criterion + threshold policy."""
+"""The object a training loop talks to: masks + criterion + threshold policy + granularity.
+
+Units. With ``granularity="weight"`` every weight is a unit and its mask entry is set
+directly. With ``"neuron"`` (rows of Linear layers) or ``"channel"`` (filters of Conv
+layers) a unit is a whole output row, and removing unit j of layer L also zeroes
+
+* L's bias entry j and the scale/shift entry j of a batch norm that follows L, so the
+  unit emits exactly 0, and
+* the matching input columns of the layers that consume L's output (they only ever
+  multiply zeros), so that the counted sparsity is what :func:`compact_model` removes.
+
+Only layers whose units are removable exactly take part (see
+:mod:`dtp_search.pruning.structure`): never the classifier, never a ResNet convolution
+that feeds a residual sum.
+
+Safety. After every policy decision each participating layer keeps at least
+``min_keep`` units — a fraction of the layer when < 1, a count when ≥ 1, nothing when 0 —
+restoring its largest-magnitude units if the policy asked for fewer.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from dtp_search.pruning.criteria import Criterion, Magnitude
-from dtp_search.pruning.masks import attach_masks, effective_weight, sparsity
-from dtp_search.pruning.policies import LayerView, ThresholdPolicy
+from dtp_search.pruning.criteria import GRANULARITIES, Criterion, Magnitude
+from dtp_search.pruning.masks import (
+    PRUNABLE_TYPES,
+    WeightMask,
+    attach_mask,
+    attach_masks,
+    original_weight,
+    restore_masks,
+    snapshot_masks,
+    sparsity,
+)
+from dtp_search.pruning.policies import LayerView, ThresholdPolicy, Thresholds, global_threshold
+from dtp_search.pruning.structure import trace_units
+
+_UNIT_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
+    "neuron": (nn.Linear,),
+    "channel": (nn.Conv1d, nn.Conv2d, nn.Conv3d),
+}
+
+
+@dataclass
+class _Layer:
+    name: str
+    module: nn.Module
+    mask: WeightMask
+    structured: bool
+    units: torch.Tensor | None = None  # structured: keep state per output unit
+    unit_masks: list[WeightMask] = field(default_factory=list)  # bias, norm scale and shift
+
+    @property
+    def unit_size(self) -> int:
+        return 1 if not self.structured else self.mask.mask[0].numel()
 
 
 class DynamicPruner:
     """Attaches masks to ``model`` and updates them as ``policy`` dictates.
 
-    Call :meth:`step` after every optimizer step; it recomputes masks every
-    ``policy.update_every`` steps once the policy is active and returns the
-    thresholds it used (``None`` when it did nothing).
+    Call :meth:`step` after every optimizer step; it feeds the criterion and, when the
+    policy says so, recomputes the masks and returns the thresholds it used (``None``
+    when it did nothing). Call :meth:`finalize` when the pruning phase ends.
+
+    Args:
+        granularity: ``"weight"``, ``"neuron"`` or ``"channel"`` (see the module docstring).
+        min_keep: units every layer keeps (fraction < 1, count ≥ 1, 0 = no protection).
+        example_input: one input batch; needed to trace the network for structured units.
     """
 
     def __init__(self, model: nn.Module, policy: ThresholdPolicy,
-                 criterion: Criterion | None = None, *, straight_through: bool = False) -> None:
+                 criterion: Criterion | None = None, *, granularity: str = "weight",
+                 min_keep: float = 0.01, example_input: torch.Tensor | None = None) -> None:
         self.model = model
         self.policy = policy
         self.criterion = criterion or Magnitude()
-        self.masks = attach_masks(model, straight_through=straight_through)
-        self._modules = dict(model.named_modules())
-        self.last_thresholds: dict[str, float] = {}
+        self.granularity = granularity
+        self.min_keep = float(min_keep)
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity={granularity!r} is not supported; "
+                             f"allowed: {list(GRANULARITIES)}")
+        for who, allowed in ((f"policy {policy.name}", policy.granularities),
+                             (f"criterion {self.criterion.name}", self.criterion.granularities)):
+            if granularity not in allowed:
+                raise ValueError(f"granularity={granularity!r} is not supported by {who}; "
+                                 f"allowed: {list(allowed)}")
+        if self.min_keep < 0 or (self.min_keep >= 1 and not self.min_keep.is_integer()):
+            raise ValueError(f"min_keep={min_keep} is not allowed; allowed: a fraction in "
+                             "[0, 1) or a whole count >= 1")
 
-    def layer_views(self) -> list[LayerView]:
-        views = []
+        groups = {}
+        if granularity != "weight":
+            if example_input is None:
+                raise ValueError(f"granularity={granularity!r} needs example_input to trace the model")
+            groups = trace_units(model, example_input)
+        self.masks = attach_masks(model, straight_through=policy.recovers,
+                                  mask_factory=policy.mask_factory())
+        modules = dict(model.named_modules())
+        self._layers: dict[str, _Layer] = {}
+        self._inputs: dict[str, tuple[str, int]] = {}  # consumer -> (producer, factor)
         for name, mask in self.masks.items():
-            module = self._modules[name]
-            views.append(LayerView(name=name, weight=effective_weight(module),
-                                   score=self.criterion.scores(module), mask=mask))
-        return views
+            module = modules[name]
+            if granularity == "weight":
+                self._layers[name] = _Layer(name, module, mask, structured=False)
+                continue
+            group = groups.get(name)
+            if group is None or not isinstance(module, _UNIT_TYPES[granularity]):
+                continue
+            out = mask.mask.shape[0]
+            layer = _Layer(name, module, mask, structured=True,
+                           units=torch.ones(out, dtype=torch.bool, device=mask.mask.device))
+            if getattr(module, "bias", None) is not None:
+                layer.unit_masks.append(attach_mask(module, "bias"))
+            for norm in group.norms:
+                norm_module = modules[norm]
+                if norm_module.affine:
+                    layer.unit_masks += [attach_mask(norm_module, "weight"),
+                                         attach_mask(norm_module, "bias")]
+            self._layers[name] = layer
+            for consumer in group.consumers:
+                self._inputs[consumer.name] = (name, consumer.factor)
+        if not self._layers:
+            kinds = "/".join(t.__name__ for t in _UNIT_TYPES.get(granularity, PRUNABLE_TYPES))
+            raise ValueError(f"granularity={granularity!r}: this model has no {kinds} layer whose "
+                             "units can be removed exactly (classifier and residual outputs are "
+                             f"excluded); allowed here: {self.allowed_granularities(groups, modules)}")
+        self.criterion.attach({name: layer.module for name, layer in self._layers.items()})
+        self._magnitude = Magnitude()
+        self._magnitude.attach({name: layer.module for name, layer in self._layers.items()})
+        self.last_thresholds: Thresholds = {}
+
+    @staticmethod
+    def allowed_granularities(groups: dict, modules: dict[str, nn.Module]) -> list[str]:
+        out = ["weight"]
+        for g, types in _UNIT_TYPES.items():
+            if any(grp is not None and isinstance(modules[n], types) for n, grp in groups.items()):
+                out.append(g)
+        return out
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Layers whose units the policy decides on."""
+        return list(self._layers)
+
+    def layer_views(self, dense: bool | None = None) -> list[LayerView]:
+        dense = self.policy.recovers if dense is None else dense
+        return [self._view(layer, self.criterion, dense) for layer in self._layers.values()]
+
+    def _view(self, layer: _Layer, criterion: Criterion, dense: bool) -> LayerView:
+        mask = layer.mask
+        with torch.no_grad():
+            weight = original_weight(layer.module).detach() * mask.mask
+        if layer.structured:
+            score, keep = criterion.unit_scores(layer.name, dense), layer.units.clone()
+        else:
+            score, keep = criterion.scores(layer.name, dense), mask.bool_mask
+        return LayerView(layer.name, weight, score, keep, mask, layer.unit_size,
+                         original_weight(layer.module))
+
+    # -- writing masks ----------------------------------------------------------------
+
+    def _min_units(self, n: int) -> int:
+        if self.min_keep == 0:
+            return 0
+        if self.min_keep < 1:
+            return min(max(math.ceil(self.min_keep * n), 1), n)
+        return min(int(self.min_keep), n)
 
     @torch.no_grad()
-    def update(self, epoch: float) -> dict[str, float]:
+    def _protect(self, layer: _Layer, keep: torch.Tensor) -> torch.Tensor:
+        m = self._min_units(keep.numel())
+        if int(keep.sum()) >= m:
+            return keep
+        dense = (self._magnitude.unit_scores(layer.name, dense=True) if layer.structured
+                 else self._magnitude.scores(layer.name, dense=True))
+        keep = keep.clone()
+        keep.view(-1)[torch.topk(dense.reshape(-1), m).indices] = True
+        return keep
+
+    @torch.no_grad()
+    def write(self, keeps: dict[str, torch.Tensor]) -> None:
+        """Set the masks of the layers in ``keeps`` (one bool per unit), honouring ``min_keep``."""
+        for name, keep in keeps.items():
+            layer = self._layers[name]
+            keep = self._protect(layer, keep.to(layer.mask.mask.device).bool())
+            if layer.structured:
+                layer.units.copy_(keep)
+            else:
+                layer.mask.set_(keep)
+        if self.granularity != "weight":
+            self._sync_structured()
+
+    @torch.no_grad()
+    def _sync_structured(self) -> None:
+        """Rebuild weight/bias/norm masks from the unit states (rows) and producers (columns)."""
+        for name, mask in self.masks.items():
+            layer = self._layers.get(name)
+            rows = layer.units if layer is not None else None
+            cols = None
+            if name in self._inputs:
+                producer, factor = self._inputs[name]
+                cols = self._layers[producer].units.repeat_interleave(factor)
+            m = mask.mask
+            shape = (m.shape[0], m.shape[1]) + (1,) * (m.ndim - 2)
+            keep = torch.ones(shape, dtype=torch.bool, device=m.device)
+            if rows is not None:
+                keep = keep & rows.view(-1, 1, *([1] * (m.ndim - 2)))
+            if cols is not None:
+                keep = keep & cols.view(1, -1, *([1] * (m.ndim - 2)))
+            mask.set_(keep.expand_as(m))
+            if layer is not None:
+                for unit_mask in layer.unit_masks:
+                    unit_mask.set_(rows)
+
+    # -- the training-loop interface ------------------------------------------------------
+
+    @torch.no_grad()
+    def update(self, epoch: float) -> Thresholds:
         """Recompute every mask for time ``epoch``, unconditionally."""
-        self.last_thresholds = self.policy.update_masks(self.layer_views(), epoch)
+        keeps, theta = self.policy.masks(self.layer_views(), epoch)
+        self.write(keeps)
+        self.last_thresholds = theta or self.last_thresholds
         return self.last_thresholds
 
-    def step(self, step: int, epoch: float) -> dict[str, float] | None:
-        """Update masks if ``step`` falls on the policy's update grid and it is active."""
-        if step % self.policy.update_every != 0 or not self.policy.is_active(epoch):
+    def step(self, step: int, epoch: float) -> Thresholds | None:
+        """After optimizer step ``step`` (1-based): observe, and update masks if the policy says so."""
+        if self.criterion.needs_observation:
+            self.criterion.observe()
+        if not self.policy.should_update(step, epoch):
             return None
         return self.update(epoch)
 
-    def finalize(self) -> dict[str, float]:
-        """Apply the policy's final threshold (the start of the post-pruning phase)."""
-        return self.update(max(self.policy.final_epoch(), self.policy.start_epoch))
+    @torch.no_grad()
+    def finalize(self) -> Thresholds:
+        """End the pruning phase: apply the policy's final masks and freeze them.
+
+        Straight-through gradients are switched off, so the post-pruning phase
+        fine-tunes the surviving weights only.
+        """
+        keeps, theta = self.policy.final_masks(self.layer_views())
+        self.write(keeps)
+        self.last_thresholds = theta or self.last_thresholds
+        for mask in self.masks.values():
+            mask.straight_through = False
+        self.criterion.detach()
+        return self.last_thresholds
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer groups for parameters the policy adds (learned thresholds)."""
+        return self.policy.param_groups(self.masks)
+
+    # -- measuring ------------------------------------------------------------------
 
     def sparsity(self) -> float:
         return sparsity(self.model)
 
     def mean_threshold(self) -> float:
         """Size-weighted mean of the last thresholds (the global θ when all layers share one)."""
-        if not self.last_thresholds:
-            return 0.0
         total, acc = 0, 0.0
         for name, theta in self.last_thresholds.items():
             n = self.masks[name].mask.numel()
             if math.isfinite(theta):
                 acc += theta * n
                 total += n
-        return acc / total if total else math.inf
+        return acc / total if total else (math.inf if self.last_thresholds else 0.0)
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        state = snapshot_masks(self.model)
+        for name, layer in self._layers.items():
+            if layer.structured:
+                state[f"units:{name}"] = layer.units.clone()
+        return state
+
+    @torch.no_grad()
+    def restore(self, state: dict[str, torch.Tensor]) -> None:
+        restore_masks(self.model, {k: v for k, v in state.items() if not k.startswith("units:")})
+        for name, layer in self._layers.items():
+            if layer.structured:
+                layer.units.copy_(state[f"units:{name}"])
+
+    @torch.no_grad()
+    def tighten_globally(self, target: float) -> float:
+        """One-shot: prune further by *magnitude* until a fraction ``target`` of the
+        participating layers' weights is gone (one global θ over units, weighted by unit
+        size); masks only tighten and ``min_keep`` is not applied. Returns θ."""
+        views = [self._view(layer, self._magnitude, dense=False) for layer in self._layers.values()]
+        theta = global_threshold(views, target)
+        keeps = {v.name: v.keep & (v.score >= theta) for v in views}
+        for name, keep in keeps.items():
+            layer = self._layers[name]
+            if layer.structured:
+                layer.units.copy_(keep)
+            else:
+                layer.mask.set_(keep)
+        if self.granularity != "weight":
+            self._sync_structured()
+        return theta
