@@ -184,11 +184,14 @@ class DynamicPruner:
         return keep
 
     @torch.no_grad()
-    def write(self, keeps: dict[str, torch.Tensor]) -> None:
-        """Set the masks of the layers in ``keeps`` (one bool per unit), honouring ``min_keep``."""
+    def write(self, keeps: dict[str, torch.Tensor], *, protect: bool = True) -> None:
+        """Set the masks of the layers in ``keeps`` (one bool per unit), honouring ``min_keep``
+        unless ``protect`` is False."""
         for name, keep in keeps.items():
             layer = self._layers[name]
-            keep = self._protect(layer, keep.to(layer.mask.mask.device).bool())
+            keep = keep.to(layer.mask.mask.device).bool()
+            if protect:
+                keep = self._protect(layer, keep)
             if layer.structured:
                 layer.units.copy_(keep)
             else:
@@ -291,13 +294,5 @@ class DynamicPruner:
         size); masks only tighten and ``min_keep`` is not applied. Returns θ."""
         views = [self._view(layer, self._magnitude, dense=False) for layer in self._layers.values()]
         theta = global_threshold(views, target)
-        keeps = {v.name: v.keep & (v.score >= theta) for v in views}
-        for name, keep in keeps.items():
-            layer = self._layers[name]
-            if layer.structured:
-                layer.units.copy_(keep)
-            else:
-                layer.mask.set_(keep)
-        if self.granularity != "weight":
-            self._sync_structured()
+        self.write({v.name: v.keep & (v.score >= theta) for v in views}, protect=False)
         return theta
