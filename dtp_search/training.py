@@ -248,7 +248,8 @@ def cross_validate(dataset: ImageDataset, folds: int, seed: int,
         model = make_model().to(device)
         pruner = make_pruner(model)
         if pruner.policy.needs_feedback:
-            tr_idx, ho_idx = holdout_split(tr_idx, labels, pruner.policy.holdout, seed + k)
+            tr_idx, ho_idx = holdout_split(tr_idx, labels, getattr(pruner.policy, "holdout", 0.1),
+                                           seed + k)
             holdout = TensorBatches(dataset.train, ho_idx, batch_size=settings.eval_batch_size,
                                     mean=dataset.mean, std=dataset.std, device=device)
             pruner.policy.feedback = lambda m=model, h=holdout: evaluate(m, h)

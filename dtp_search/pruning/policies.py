@@ -1,13 +1,19 @@
 """Threshold policies: how the pruning threshold θ moves while the network trains.
 
-A policy sees, for every prunable layer l, the importance scores S_l (|W_l ⊙ M_l|
-for the magnitude criterion) and the time t in epochs, and returns one threshold
-θ_l(t) per layer. The mask rule shared by all policies here is
+A policy sees, for every participating layer l, the importance scores S_l of its units
+(weights, neurons or channels; see :mod:`dtp_search.pruning.pruner`), their current
+keep state and the time t in epochs, and returns new keep vectors and the per-layer
+thresholds θ_l(t) it used. The default rule is
 
-    M_l ← 1[S_l ≥ θ_l(t)]        (a weight is pruned when its score is below θ).
+    keep_l ← 1[S_l ≥ θ_l(t)]        (a unit is pruned when its score is below θ).
 
-Because a pruned weight has score 0, masks only tighten as long as θ > 0; policies
-that let weights recover (splicing) override :meth:`ThresholdPolicy.update_masks`.
+Because a pruned unit scores 0, masks only tighten as long as θ > 0; policies that let
+units recover (splicing) see scores of the dense weights and override :meth:`masks`.
+
+The family: baselines (``dense``, ``oneshot_global``, ``random``), fixed and scheduled
+thresholds (``constant``, ``std_scaled``, ``scheduled``), sparsity targets (``agp``),
+accuracy feedback (``feedback``), recovery (``splicing``) and learned thresholds
+(``soft_threshold``). docs/policies.md has every rule with its parameters and sources.
 
 Time is measured in (fractional) epochs so that the same config means the same
 schedule whatever the batch size. No policy updates masks before ``start_epoch``.
