@@ -137,3 +137,41 @@ def test_feedback_reads_a_slice_of_the_training_part_never_the_validation_part(m
         fold = next(k for k, (tr, _) in enumerate(folds) if seen <= set(tr.tolist()))
         assert not seen & set(folds[fold][1].tolist())  # never the validation part
         assert abs(len(seen) - 0.1 * len(folds[fold][0])) <= 10  # a ~10 % slice
+
+
+def test_l1_penalty_adds_lr_times_lambda_times_sign_to_one_sgd_step():
+    from dtp_search.pruning import ConstantThreshold
+
+    ds = _digits()
+    idx = np.arange(64)
+    results = {}
+    for l1 in (0.0, 0.01):
+        torch.manual_seed(0)
+        model = build_model(OmegaConf.create({"arch": "mlp", "hidden": [8]}), ds.input_shape, 10)
+        start = model.net[1].weight.detach().clone()
+        pruner = DynamicPruner(model, ConstantThreshold(0.0, start_epoch=100), min_keep=0)
+        train = TensorBatches(ds.train, idx, batch_size=64, mean=ds.mean, std=ds.std)
+        settings = TrainSettings(epochs=1, finetune_epochs=0, lr=0.5, momentum=0.0,
+                                 weight_decay=0.0, l1=l1)
+        prune_and_train(model, pruner, train, train, settings, front_points=1)
+        results[l1] = model.net[1].weight.detach()
+    assert torch.allclose(results[0.01] - results[0.0], -0.5 * 0.01 * torch.sign(start), atol=1e-6)
+
+
+def test_activation_criterion_is_a_running_mean_of_absolute_outputs():
+    from dtp_search.pruning import Activation, ConstantThreshold
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    crit = Activation(beta=0.5)
+    DynamicPruner(net, ConstantThreshold(0.0), crit, granularity="neuron",
+                  example_input=torch.zeros(1, 4))
+    xs = [torch.randn(5, 4), torch.randn(5, 4)]
+    outs = []
+    for x in xs:
+        net(x)
+        with torch.no_grad():  # the layer's output without calling it (that would record)
+            outs.append(nn.functional.linear(x, net[0].weight, net[0].bias).abs().mean(0))
+    net.eval()
+    net(torch.randn(5, 4))  # eval-mode batches are not recorded
+    assert torch.allclose(crit.unit_scores("0"), 0.5 * outs[0] + 0.5 * outs[1], atol=1e-6)
