@@ -268,6 +268,16 @@ def test_soft_threshold_shrinks_weights_and_hardens_into_a_mask():
     assert not group["params"][0].requires_grad
 
 
+def test_soft_threshold_min_keep_restores_raw_weights_not_zeros():
+    lin = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[0.5, -0.2, 0.01, -0.03]]))
+    pruner = DynamicPruner(lin, SoftThreshold(s_init=math.log(0.3 / 0.7)), min_keep=3)
+    pruner.finalize()  # g = 0.3 lets only 0.5 through; the floor keeps -0.2 and -0.03 too
+    assert lin.weight.detach().flatten().tolist() == pytest.approx([0.2, -0.2, 0.0, -0.03])
+    assert pruner.masks[""].mask.flatten().tolist() == [1, 1, 0, 1]
+
+
 # --- baselines -----------------------------------------------------------------------
 
 def test_oneshot_global_is_torch_global_unstructured_after_dense_training():

@@ -113,14 +113,25 @@ class SoftThresholdMask(WeightMask):
 
     @torch.no_grad()
     def harden(self, original: torch.Tensor) -> None:
-        """Bake ``sign(W)·relu(|W| − g(s))`` into ``original`` and freeze the zeros as the mask."""
+        """End learning: bake ``sign(W)·relu(|W| − g(s))`` into ``original`` where the mask
+        keeps a weight, and zero the rest.
+
+        A weight the mask keeps although |W| ≤ g(s) (restored by a ``min_keep`` floor)
+        keeps its raw value instead of becoming an exact zero.
+        """
         if not self.learning:
             return
-        shrunk = torch.sign(original) * torch.relu(original.abs() - torch.sigmoid(self.s))
-        original.copy_(shrunk)
-        self.mask.mul_(shrunk != 0)
+        g = torch.sigmoid(self.s)
+        above = original.abs() > g
+        shrunk = torch.where(above, torch.sign(original) * (original.abs() - g), original)
+        original.copy_(shrunk * self.mask)
         self.learning = False
         self.s.requires_grad_(False)
+
+    @torch.no_grad()
+    def soft_keep(self, original: torch.Tensor) -> torch.Tensor:
+        """Which weights the soft threshold currently lets through: |W| > g(s), within the mask."""
+        return (original.abs() > torch.sigmoid(self.s)) & self.bool_mask
 
 
 def prunable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

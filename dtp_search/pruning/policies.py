@@ -125,6 +125,10 @@ class ThresholdPolicy(ABC):
         """Time after which θ no longer changes; the post-pruning phase evaluates θ here."""
         return self.start_epoch
 
+    def finalized(self, layers: Sequence[LayerView]) -> None:
+        """Called once the final masks are written (``min_keep`` applied); no-op by default."""
+        return None
+
     def mask_factory(self) -> Callable[..., WeightMask]:
         """The mask parametrization to attach to every weight."""
         return WeightMask
@@ -510,11 +514,15 @@ class SoftThreshold(ThresholdPolicy):
         return {}, self.thresholds(layers, epoch)  # the soft threshold acts in the forward pass
 
     def final_masks(self, layers: Sequence[LayerView]) -> tuple[Keeps, Thresholds]:
+        """Keep what the learned thresholds let through; :meth:`finalized` then bakes it in."""
         theta = self.thresholds(layers, self.start_epoch)
+        return {layer.name: layer.mask.soft_keep(layer.original) for layer in layers
+                if isinstance(layer.mask, SoftThresholdMask)}, theta
+
+    def finalized(self, layers: Sequence[LayerView]) -> None:
         for layer in layers:
-            if isinstance(layer.mask, SoftThresholdMask) and layer.original is not None:
+            if isinstance(layer.mask, SoftThresholdMask):
                 layer.mask.harden(layer.original)
-        return {layer.name: layer.mask.bool_mask for layer in layers}, theta
 
 
 class DenseBaseline(ThresholdPolicy):

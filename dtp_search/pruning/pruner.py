@@ -248,6 +248,7 @@ class DynamicPruner:
         """
         keeps, theta = self.policy.final_masks(self.layer_views())
         self.write(keeps)
+        self.policy.finalized(self.layer_views())
         self.last_thresholds = theta or self.last_thresholds
         for mask in self.masks.values():
             mask.straight_through = False
