@@ -221,7 +221,7 @@ def plot_pareto(rows: list[dict[str, Any]], trial_fronts: dict[int, list[tuple[f
     for i, name in enumerate(names):
         pts = [p for n, ps in trial_fronts.items() if policies.get(n, "") == name for p in ps]
         single = len(names) == 1
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14,
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14 if single else 24,
                    color="0.6" if single else colors[i % len(colors)],
                    marker="o" if single else markers[(i // len(colors)) % len(markers)],
                    alpha=0.6 if single else 0.75,
@@ -231,10 +231,11 @@ def plot_pareto(rows: list[dict[str, Any]], trial_fronts: dict[int, list[tuple[f
         # Attainment boundary: between two Pareto points the best reachable accuracy is
         # that of the sparser one, so each step takes the value on its right ("pre").
         ax.step([r["sparsity"] for r in pareto], [r["accuracy"] for r in pareto], "-",
-                where="pre", color="C3", alpha=0.6)
+                where="pre", color="k", alpha=0.45)
+        # Hollow rings, so that the policy colour of the trial underneath stays visible.
         ax.errorbar([r["sparsity"] for r in pareto], [r["accuracy"] for r in pareto],
-                    yerr=[r.get("accuracy_std", 0.0) for r in pareto], fmt="o", color="C3",
-                    capsize=3, label="Pareto-optimal trials")
+                    yerr=[r.get("accuracy_std", 0.0) for r in pareto], fmt="o", color="k",
+                    mfc="none", ms=9, capsize=3, label="Pareto-optimal trials (± fold std)")
         for r in pareto:
             ax.annotate(str(r["trial"]), (r["sparsity"], r["accuracy"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
