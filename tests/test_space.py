@@ -20,10 +20,12 @@ def test_space_is_sampled_by_optuna_and_written_into_the_trial_config():
                 "scope": {"type": "categorical", "choices": ["global", "layer"]}},
                {"train.lr": {"type": "float", "low": 1e-3, "high": 0.3, "log": True},
                 "train.epochs": {"type": "int", "low": 2, "high": 6}})
-    dims = parse_space(cfg)
-    assert [d.key for d in dims] == ["policy.final_sparsity", "policy.scope", "train.lr", "train.epochs"]
+    space = parse_space(cfg)
+    assert [d.key for d in space.dimensions] == ["train.lr", "train.epochs", "policy.final_sparsity",
+                                                 "policy.scope"]
     trial = optuna.create_study().ask()
-    params = sample(trial, dims)
+    policy, params = sample(trial, space)
+    assert policy == "agp"
     tcfg = apply(cfg, params)
     assert tcfg.policy.final_sparsity == params["policy.final_sparsity"]
     assert tcfg.policy.end_epoch == params["train.epochs"]  # interpolation follows the sample
@@ -42,3 +44,50 @@ def test_space_is_sampled_by_optuna_and_written_into_the_trial_config():
 def test_bad_spaces_are_named(space, fragment):
     with pytest.raises(ConfigError, match=fragment):
         parse_space(_cfg(space))
+
+
+def _choice_cfg():
+    return OmegaConf.create({
+        "train": {"epochs": 4},
+        "policy": {
+            "name": "choice", "choices": ["agp", "constant"],
+            "options": {
+                "agp": {"name": "agp", "final_sparsity": 0.9, "end_epoch": "${train.epochs}",
+                        "space": {"final_sparsity": {"type": "float", "low": 0.5, "high": 0.9}}},
+                "constant": {"name": "constant", "theta": 0.1,
+                             "space": {"theta": {"type": "float", "low": 0.01, "high": 0.2}}},
+                "dense": {"name": "dense", "space": {}},
+            }},
+        "search": {"space": {}},
+    })
+
+
+def test_choice_samples_the_policy_then_only_its_own_conditional_space():
+    cfg = _choice_cfg()
+    space = parse_space(cfg)
+    assert space.choices == ("agp", "constant")  # options not in choices are not searched
+    study = optuna.create_study()
+    seen = set()
+    for _ in range(12):
+        trial = study.ask()
+        policy, params = sample(trial, space)
+        seen.add(policy)
+        tcfg = apply(cfg, params, policy)
+        assert tcfg.policy.name == policy and "options" not in tcfg.policy
+        expected = {"agp": {"policy", "agp.final_sparsity"}, "constant": {"policy", "constant.theta"}}
+        assert set(trial.params) == expected[policy]
+        key = "final_sparsity" if policy == "agp" else "theta"
+        assert tcfg.policy[key] == params[f"policy.{key}"]
+        if policy == "agp":
+            assert tcfg.policy.end_epoch == 4  # interpolations still resolve after the move
+        study.tell(trial, 0.0)
+    assert seen == {"agp", "constant"}
+
+
+@pytest.mark.parametrize(("choices", "fragment"), [(["agp", "nope"], "policy.choices"),
+                                                   ([], "policy.choices")])
+def test_bad_policy_choices_are_named(choices, fragment):
+    cfg = _choice_cfg()
+    cfg.policy.choices = choices
+    with pytest.raises(ConfigError, match=fragment):
+        parse_space(cfg)
