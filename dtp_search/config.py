@@ -40,3 +40,14 @@ def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = v
     return out
+
+
+def build_pruner(model: Any, policy_cfg: DictConfig, example_input: Any) -> Any:
+    """The pruner a policy config describes: policy, criterion, granularity and ``min_keep``."""
+    from dtp_search.pruning import DynamicPruner, build_criterion, build_policy
+
+    return DynamicPruner(model, build_policy(str(policy_cfg.name), policy_params(policy_cfg)),
+                         build_criterion(str(policy_cfg.get("criterion", "magnitude"))),
+                         granularity=str(policy_cfg.get("granularity", "weight")),
+                         min_keep=float(policy_cfg.get("min_keep", 0.01)),
+                         example_input=example_input)

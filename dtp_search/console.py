@@ -63,13 +63,15 @@ class Console:
 
         rows = pareto_rows(study)
         table = Table(title=f"Pareto-optimal trials — {cfg.study.name}", show_lines=False)
-        for col in ("trial", "policy", "sampled values", "CV accuracy", "sparsity"):
-            table.add_column(col, justify="right" if col in ("trial", "CV accuracy", "sparsity")
-                             else "left")
+        numeric = ("trial", "CV accuracy", "sparsity", "test accuracy")
+        for col in ("trial", "policy", "sampled values", "CV accuracy", "sparsity", "test accuracy"):
+            table.add_column(col, justify="right" if col in numeric else "left")
         for r in rows:
+            test = r.get("test_accuracy", float("nan"))
             table.add_row(str(r["trial"]), r["policy"], r["params"],
                           f"{r['accuracy']:.4f} ± {r['accuracy_std']:.4f}",
-                          f"{r['sparsity']:.4f} ± {r['sparsity_std']:.4f}")
+                          f"{r['sparsity']:.4f} ± {r['sparsity_std']:.4f}",
+                          "—" if test != test else f"{test:.4f}")
         self.out.print(table)
         self.out.print("Browse the study in MLflow:")
         self.out.print(f"  {ui_command}", soft_wrap=True)

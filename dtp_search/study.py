@@ -20,17 +20,19 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from dtp_search import space as search_space
-from dtp_search.config import ConfigError, flatten, policy_params
+from dtp_search.config import ConfigError, build_pruner, flatten, policy_params
 from dtp_search.console import Console
 from dtp_search.data import ImageDataset, load_dataset
 from dtp_search.models import build_model
-from dtp_search.pruning import DynamicPruner, build_criterion, build_policy, pareto_mask
+from dtp_search.pruning import build_criterion, build_policy, pareto_mask
+from dtp_search.refit import refit_study
 from dtp_search.tracking import StudyTracker
 from dtp_search.training import DivergedError, TrainSettings, cross_validate, resolve_device
 
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("accuracy", "sparsity")
+MODES = ("search", "refit")
 DIRECTIONS = ("maximize", "minimize")
 _RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 
@@ -58,6 +60,11 @@ def check_config(cfg: DictConfig) -> search_space.SearchSpace:
                           f"per objective {objectives}")
     if int(cfg.search.n_trials) < 1:
         raise ConfigError(f"search.n_trials={cfg.search.n_trials} is not allowed; need >= 1")
+    if str(cfg.get("mode", "search")) not in MODES:
+        raise ConfigError(f"mode={cfg.mode!r} is not allowed; allowed: {list(MODES)}")
+    top_k = cfg.refit.get("top_k")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ConfigError(f"refit.top_k={top_k!r} is not allowed; allowed: null or an integer >= 1")
     if int(cfg.cv.folds) < 2:
         raise ConfigError(f"cv.folds={cfg.cv.folds} is not allowed; need >= 2")
     scheme = str(cfg.study.storage).split(":", 1)[0].split("+", 1)[0]
@@ -83,16 +90,6 @@ def check_config(cfg: DictConfig) -> search_space.SearchSpace:
 def _policy_key(cfg: DictConfig, name: str) -> str:
     """Where a policy's settings live: ``policy`` or ``policy.options.<name>``."""
     return f"policy.options.{name}" if cfg.policy.get("name") == search_space.CHOICE else "policy"
-
-
-def make_pruner(model: torch.nn.Module, policy_cfg: DictConfig,
-                example_input: torch.Tensor) -> DynamicPruner:
-    """The pruner a trial config describes: policy, criterion, granularity and ``min_keep``."""
-    return DynamicPruner(model, build_policy(str(policy_cfg.name), policy_params(policy_cfg)),
-                         build_criterion(str(policy_cfg.get("criterion", "magnitude"))),
-                         granularity=str(policy_cfg.get("granularity", "weight")),
-                         min_keep=float(policy_cfg.get("min_keep", 0.01)),
-                         example_input=example_input)
 
 
 def make_storage(cfg: DictConfig) -> RDBStorage:
@@ -149,13 +146,19 @@ def run_study(cfg: DictConfig) -> optuna.Study:
     example = torch.zeros(1, *dataset.input_shape)
     for name, node in search_space.policy_nodes(cfg).items():
         try:
-            make_pruner(build_model(cfg.model, dataset.input_shape, dataset.num_classes),
+            build_pruner(build_model(cfg.model, dataset.input_shape, dataset.num_classes),
                         node, example)
         except ValueError as exc:
             raise ConfigError(f"{_policy_key(cfg, name)} with model={cfg.model.name}: "
                               f"{exc}") from exc
 
     directions = list(cfg.search.directions)
+    refit_only = str(cfg.mode) == "refit"
+    if refit_only:
+        names = {s.study_name for s in optuna.get_all_study_summaries(make_storage(cfg))}
+        if cfg.study.name not in names:
+            raise ConfigError(f"mode=refit: study.name={cfg.study.name!r} does not exist in "
+                              f"{cfg.study.storage}; allowed: {sorted(names)}")
     # An existing study keeps its stored directions; a mismatch is caught before any write.
     study = optuna.create_study(study_name=cfg.study.name, storage=make_storage(cfg),
                                 directions=directions, load_if_exists=True)
@@ -173,8 +176,8 @@ def run_study(cfg: DictConfig) -> optuna.Study:
     tracker.close_orphans({t.number: t.state.name for t in study.get_trials(deepcopy=False)})
     ctx = SearchContext(cfg, dataset, space, tracker, console, device)
 
-    target = int(cfg.search.n_trials)
     done = _n_finished(study)
+    target = done if refit_only else int(cfg.search.n_trials)
     console.header(cfg, study, done, target, device)
     failures = 0
     status = "FINISHED"
@@ -201,14 +204,17 @@ def run_study(cfg: DictConfig) -> optuna.Study:
                                after_trial],
                     gc_after_trial=False)
                 done = _n_finished(study)
+        refresh_pareto(study, tracker)
+        if done < target:
+            log.warning("stopped after %d failed trials with %d/%d complete", failures, done, target)
+        elif refit_only or bool(cfg.refit.enabled):
+            refit_study(cfg, study, space, dataset, tracker, device, console)
     except BaseException:
         status = "KILLED"
         raise
     finally:
         refresh_pareto(study, tracker)
         tracker.finish(status)
-    if done < target:
-        log.warning("stopped after %d failed trials with %d/%d complete", failures, done, target)
     console.summary(study, cfg, tracker.ui_command())
     return study
 
@@ -254,7 +260,7 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
                 ctx.dataset, folds=int(tcfg.cv.folds), seed=int(tcfg.seed),
                 make_model=lambda: build_model(tcfg.model, ctx.dataset.input_shape,
                                                ctx.dataset.num_classes),
-                make_pruner=lambda m: make_pruner(m, tcfg.policy, example),
+                make_pruner=lambda m: build_pruner(m, tcfg.policy, example),
                 settings=settings, device=ctx.device, front_points=int(tcfg.front.points),
                 front_max_sparsity=float(tcfg.front.max_sparsity),
                 on_epoch=on_epoch, on_fold_end=on_fold_end)
@@ -309,11 +315,13 @@ def pareto_rows(study: optuna.Study) -> list[dict[str, Any]]:
 
     vals = np.array([[s * v for s, v in zip(signs, t.values, strict=True)] for t in trials])
     keep = pareto_mask(vals)
+    refits = study.user_attrs.get("refit", {})
     rows = []
     for t, k in zip(trials, keep, strict=True):
         if not k:
             continue
         ua = t.user_attrs
+        refit = refits.get(str(t.number), {})
         rows.append({
             "trial": t.number, "policy": ua.get("policy", ""),
             "params": ", ".join(f"{key.split('.')[-1]}={_fmt(v)}" for key, v in t.params.items()),
@@ -322,6 +330,8 @@ def pareto_rows(study: optuna.Study) -> list[dict[str, Any]]:
             "sparsity": ua.get("cv_sparsity", dict(zip(names, t.values, strict=True)).get("sparsity", math.nan)),
             "sparsity_std": ua.get("cv_sparsity_std", 0.0),
             "mlflow_run_id": ua.get("mlflow_run_id", ""),
+            "test_accuracy": refit.get("test_accuracy", math.nan),
+            "refit_run_id": refit.get("run_id", ""),
         })
     return sorted(rows, key=lambda r: (r["sparsity"], r["accuracy"]))
 

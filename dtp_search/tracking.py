@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 ROLE_TAG, STUDY_TAG = "dtp_search.role", "dtp_search.study"
 TRIAL_TAG, STATE_TAG = "optuna.trial_number", "optuna.trial_state"
+REFIT_TAG = "dtp_search.refit_of"
 _MAX_PARAM_LEN = 6000
 
 
@@ -97,6 +98,29 @@ class StudyTracker:
         trial_run = TrialRun(self.client, run.info.run_id)
         trial_run.log_params(params, sampled)
         return trial_run
+
+    def find_refit(self, trial_number: int):
+        """The finished refit run of trial ``trial_number``, or ``None``."""
+        runs = self._find_runs(f"tags.`{ROLE_TAG}` = 'refit' and "
+                               f"tags.`{STUDY_TAG}` = '{self.study_name}' and "
+                               f"tags.`{REFIT_TAG}` = '{trial_number}' and "
+                               "attributes.status = 'FINISHED'")
+        return runs[0] if runs else None
+
+    def start_refit(self, trial_number: int, params: dict[str, Any], policy: str) -> TrialRun:
+        run = self.client.create_run(
+            self.experiment_id, run_name=f"refit-{trial_number}",
+            tags={"mlflow.parentRunId": self.parent_run_id, ROLE_TAG: "refit",
+                  STUDY_TAG: self.study_name, REFIT_TAG: str(trial_number), "policy": policy,
+                  STATE_TAG: "RUNNING"})
+        refit_run = TrialRun(self.client, run.info.run_id)
+        refit_run.log_params(params, {})
+        return refit_run
+
+    def refit_runs(self) -> list:
+        return self._find_runs(f"tags.`{ROLE_TAG}` = 'refit' and "
+                               f"tags.`{STUDY_TAG}` = '{self.study_name}' and "
+                               "attributes.status = 'FINISHED'")
 
     def close_orphans(self, live_states: dict[int, str]) -> int:
         """Mark child runs left RUNNING by a dead process as FAILED; returns how many."""
@@ -167,6 +191,16 @@ class TrialRun:
         self.client.log_table(self.run_id, data=pd.DataFrame(rows), artifact_file="front.json")
         fig = plot_trial_front(fronts, title)
         self.client.log_figure(self.run_id, fig, "front.png")
+        plt.close(fig)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dict(self, data: dict[str, Any], name: str) -> None:
+        self.client.log_dict(self.run_id, data, name)
+
+    def log_figure(self, fig, name: str) -> None:
+        self.client.log_figure(self.run_id, fig, name)
         plt.close(fig)
 
     def finish(self, state: str, status: str | None = None) -> None:
@@ -244,5 +278,25 @@ def plot_pareto(rows: list[dict[str, Any]], trial_fronts: dict[int, list[tuple[f
     ax.set_title(f"Pareto front — {title}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def plot_layer_sparsity(models: dict[int, dict[str, float]], title: str):
+    """Per-layer sparsity as grouped bars, one group per layer, one bar per model (trial)."""
+    layers = list(next(iter(models.values()), {}))
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.45 * len(layers) + 2), 3.8), dpi=110)
+    width = 0.8 / max(len(models), 1)
+    for i, (trial, ls) in enumerate(sorted(models.items())):
+        xs = [j + i * width for j in range(len(layers))]
+        ax.bar(xs, [ls.get(name, 0.0) for name in layers], width=width, label=f"trial {trial}")
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))])
+    ax.set_xticklabels(layers, rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("sparsity")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    if len(models) > 1:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     return fig

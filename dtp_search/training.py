@@ -247,12 +247,7 @@ def cross_validate(dataset: ImageDataset, folds: int, seed: int,
         torch.manual_seed(seed + k)
         model = make_model().to(device)
         pruner = make_pruner(model)
-        if pruner.policy.needs_feedback:
-            tr_idx, ho_idx = holdout_split(tr_idx, labels, getattr(pruner.policy, "holdout", 0.1),
-                                           seed + k)
-            holdout = TensorBatches(dataset.train, ho_idx, batch_size=settings.eval_batch_size,
-                                    mean=dataset.mean, std=dataset.std, device=device)
-            pruner.policy.feedback = lambda m=model, h=holdout: evaluate(m, h)
+        tr_idx = attach_feedback(pruner, model, dataset, tr_idx, labels, seed + k, settings, device)
         train = TensorBatches(dataset.train, tr_idx, batch_size=settings.batch_size,
                               mean=dataset.mean, std=dataset.std, device=device, shuffle=True,
                               augment=dataset.augment, crop_padding=dataset.crop_padding,
@@ -267,6 +262,23 @@ def cross_validate(dataset: ImageDataset, folds: int, seed: int,
         if on_fold_end is not None:
             on_fold_end(k, result)
     return CVResult(results)
+
+
+def attach_feedback(pruner: DynamicPruner, model: nn.Module, dataset: ImageDataset,
+                    train_idx: np.ndarray, labels: np.ndarray, seed: int,
+                    settings: TrainSettings, device: torch.device | str) -> np.ndarray:
+    """Give a feedback policy its held-out accuracy; returns the indices left to train on.
+
+    A policy that needs feedback reads accuracy on a stratified slice (``policy.holdout``)
+    of ``train_idx``, which is then not trained on. Other policies get ``train_idx`` back.
+    """
+    if not pruner.policy.needs_feedback:
+        return train_idx
+    train_idx, ho_idx = holdout_split(train_idx, labels, getattr(pruner.policy, "holdout", 0.1), seed)
+    holdout = TensorBatches(dataset.train, ho_idx, batch_size=settings.eval_batch_size,
+                            mean=dataset.mean, std=dataset.std, device=device)
+    pruner.policy.feedback = lambda: evaluate(model, holdout)
+    return train_idx
 
 
 def holdout_split(train_idx: np.ndarray, labels: np.ndarray, fraction: float,

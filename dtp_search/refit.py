@@ -1,0 +1,182 @@
+"""The final refit: the chosen trials retrained on the whole training split, scored once on test.
+
+Cross-validation chose the policies; the test split has not been read. For each chosen
+trial (every Pareto-optimal one, or the ``refit.top_k`` most accurate of them) a fresh
+model is trained on the *whole* training split with the trial's sampled values, then
+evaluated once on the test split: its accuracy, and the accuracy-versus-sparsity front
+of one-shot sweeps from the final masks, measured on test. During training the
+per-epoch accuracy is measured on a stratified slice of the *training* split.
+
+Each refit is an MLflow child run ``refit-<n>`` (tags ``dtp_search.role=refit``,
+``dtp_search.refit_of=<n>``) holding the test metrics, the measures of
+:func:`dtp_search.export.measure`, the sparse export ``model/pruned.pt`` (and
+``model/compact.pt`` for neuron/channel pruning), the test front and the per-layer
+sparsity. A trial that already has a finished refit run is not refitted again.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dtp_search import space as search_space
+from dtp_search.config import build_pruner, flatten
+from dtp_search.data import ImageDataset, TensorBatches, stratified_subset
+from dtp_search.export import measure, save_pruned
+from dtp_search.models import build_model
+from dtp_search.pruning import FrontPoint, one_shot_sweep
+from dtp_search.tracking import StudyTracker, plot_layer_sparsity
+from dtp_search.training import TrainSettings, attach_feedback, evaluate, prune_and_train
+
+log = logging.getLogger(__name__)
+
+MONITOR_SAMPLES = 2048  # training-split slice for per-epoch accuracy during a refit
+
+
+@dataclass
+class RefitResult:
+    trial: int
+    run_id: str
+    test_accuracy: float
+    sparsity: float
+    measures: dict[str, float]
+    layer_sparsity: dict[str, float]
+    reused: bool = False  # an earlier run's result
+
+
+def chosen_trials(study: optuna.Study, top_k: int | None) -> list[optuna.trial.FrozenTrial]:
+    """Pareto-optimal complete trials, most accurate first, at most ``top_k`` of them."""
+    from dtp_search.study import pareto_rows
+
+    rows = sorted(pareto_rows(study), key=lambda r: -r["accuracy"])
+    if top_k:
+        rows = rows[: int(top_k)]
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    return [by_number[r["trial"]] for r in rows]
+
+
+def trial_config(cfg: DictConfig, space: search_space.SearchSpace,
+                 trial: optuna.trial.FrozenTrial) -> DictConfig:
+    """The config a trial ran with: its policy and sampled values written into ``cfg``."""
+    policy = trial.params.get("policy") if space.choices else next(iter(space.policies))
+    dims = space.common + space.policies[policy]
+    params = {d.key: trial.params[d.param] for d in dims if d.param in trial.params}
+    return search_space.apply(cfg, params, policy)
+
+
+def export_config(tcfg: DictConfig, dataset: ImageDataset) -> dict[str, Any]:
+    """What :func:`dtp_search.load_pruned` needs, plus the resolved trial config."""
+    return {"model": OmegaConf.to_container(tcfg.model, resolve=True),
+            "input_shape": list(dataset.input_shape), "num_classes": dataset.num_classes,
+            "mean": list(dataset.mean), "std": list(dataset.std),
+            "policy": OmegaConf.to_container(tcfg.policy, resolve=True),
+            "dataset": str(tcfg.dataset.name)}
+
+
+def refit_trial(tcfg: DictConfig, dataset: ImageDataset, device: torch.device,
+                on_epoch=None):
+    """Train on the whole training split; return (model, pruner, history result, test acc, front)."""
+    settings = TrainSettings.from_config(tcfg.train)
+    seed = int(tcfg.seed)
+    torch.manual_seed(seed)
+    model = build_model(tcfg.model, dataset.input_shape, dataset.num_classes).to(device)
+    example = torch.zeros(1, *dataset.input_shape, device=device)
+    pruner = build_pruner(model, tcfg.policy, example)
+    labels = dataset.train.labels.numpy()
+    idx = attach_feedback(pruner, model, dataset, np.arange(len(labels)), labels, seed,
+                          settings, device)
+    monitor_idx = stratified_subset(labels, MONITOR_SAMPLES, seed)
+    train = TensorBatches(dataset.train, idx, batch_size=settings.batch_size, mean=dataset.mean,
+                          std=dataset.std, device=device, shuffle=True, augment=dataset.augment,
+                          crop_padding=dataset.crop_padding, seed=seed,
+                          drop_last=len(idx) > settings.batch_size)
+    monitor = TensorBatches(dataset.train, monitor_idx, batch_size=settings.eval_batch_size,
+                            mean=dataset.mean, std=dataset.std, device=device)
+    result = prune_and_train(model, pruner, train, monitor, settings, front_points=0,
+                             on_epoch=on_epoch)
+    # The one read of the test split: final accuracy and the sweep from the final masks.
+    test = TensorBatches(dataset.test, np.arange(len(dataset.test.labels)),
+                         batch_size=settings.eval_batch_size, mean=dataset.mean,
+                         std=dataset.std, device=device)
+    test_accuracy = evaluate(model, test)
+    epochs = float(settings.epochs + settings.finetune_epochs)
+    front = [FrontPoint(pruner.sparsity(), test_accuracy, pruner.mean_threshold(), epochs, "final")]
+    front += one_shot_sweep(pruner, lambda m: evaluate(m, test), n_points=int(tcfg.front.points),
+                            max_sparsity=float(tcfg.front.max_sparsity), epoch=epochs)
+    return model, pruner, result, test_accuracy, front
+
+
+def refit_study(cfg: DictConfig, study: optuna.Study, space: search_space.SearchSpace,
+                dataset: ImageDataset, tracker: StudyTracker, device: torch.device,
+                console=None) -> list[RefitResult]:
+    """Refit every chosen trial that has no finished refit run yet; returns all results."""
+    results = []
+    for trial in chosen_trials(study, cfg.refit.get("top_k")):
+        existing = tracker.find_refit(trial.number)
+        if existing is not None:
+            results.append(_from_run(trial.number, existing))
+            continue
+        tcfg = trial_config(cfg, space, trial)
+        policy = str(tcfg.policy.name)
+        run = tracker.start_refit(trial.number, flatten(_loggable(tcfg)), policy)
+        try:
+            if console is not None:
+                console.out.print(f"refit of trial {trial.number} ({policy}) on the whole "
+                                  "training split …")
+            model, pruner, result, test_acc, front = refit_trial(
+                tcfg, dataset, device,
+                on_epoch=lambda r, run=run: run.log_metrics(
+                    {"loss": r.loss, "train_accuracy": r.val_accuracy, "sparsity": r.sparsity,
+                     "threshold": r.threshold, "lr": r.lr}, step=r.epoch))
+            structured = str(tcfg.policy.get("granularity", "weight")) != "weight"
+            example = torch.zeros(1, *dataset.input_shape, device=device)
+            with tempfile.TemporaryDirectory() as tmp:
+                config = export_config(tcfg, dataset)
+                pruned = save_pruned(model, config, Path(tmp) / "pruned.pt")
+                measures = measure(model, example, pruned, structured=structured)
+                run.log_artifact(pruned, "model")
+                if structured:
+                    run.log_artifact(save_pruned(model, config, Path(tmp) / "compact.pt",
+                                                 compact_input=example), "model")
+            metrics = {"test_accuracy": test_acc, "sparsity": pruner.sparsity(),
+                       "cv_accuracy": trial.user_attrs.get("cv_accuracy", float("nan")),
+                       **measures}
+            run.log_metrics(metrics)
+            run.log_front({0: front}, f"{cfg.study.name} · refit of trial {trial.number} · "
+                          f"{policy} (test split)")
+            run.log_dict(result.layer_sparsity, "layer_sparsity.json")
+            run.log_figure(plot_layer_sparsity({trial.number: result.layer_sparsity},
+                                               f"refit of trial {trial.number} ({policy})"),
+                           "layer_sparsity.png")
+            run.finish("COMPLETE")
+        except BaseException:
+            run.finish("FAIL")
+            raise
+        results.append(RefitResult(trial.number, run.run_id, test_acc, pruner.sparsity(),
+                                   measures, result.layer_sparsity))
+    study.set_user_attr("refit", {str(r.trial): {"run_id": r.run_id,
+                                                "test_accuracy": r.test_accuracy,
+                                                "sparsity": r.sparsity} for r in results})
+    return results
+
+
+def _from_run(trial: int, run) -> RefitResult:
+    m = run.data.metrics
+    measures = {k: v for k, v in m.items() if k not in ("test_accuracy", "sparsity", "cv_accuracy")}
+    return RefitResult(trial, run.info.run_id, m.get("test_accuracy", float("nan")),
+                       m.get("sparsity", float("nan")), measures, {}, reused=True)
+
+
+def _loggable(cfg: DictConfig) -> dict[str, Any]:
+    out = OmegaConf.to_container(cfg, resolve=True)
+    out.get("policy", {}).pop("space", None)
+    out.get("search", {}).pop("space", None)
+    return out
