@@ -181,7 +181,7 @@ def measure(model: nn.Module, example_input: torch.Tensor, export_path: str | os
     out = {
         "params": float(params), "nonzero_params": float(nonzero),
         "compression": params / max(nonzero, 1),
-        "flops_dense": float(dense_flops), "flops_effective": float(dense_flops - saved),
+        "flops_dense": float(dense_flops), "flops_effective": float(round(dense_flops - saved)),
         "file_bytes_dense": float(buf.getbuffer().nbytes),
         "file_bytes_sparse": float(Path(export_path).stat().st_size),
     }

@@ -162,9 +162,14 @@ def refit_study(cfg: DictConfig, study: optuna.Study, space: search_space.Search
             raise
         results.append(RefitResult(trial.number, run.run_id, test_acc, pruner.sparsity(),
                                    measures, result.layer_sparsity))
-    study.set_user_attr("refit", {str(r.trial): {"run_id": r.run_id,
-                                                "test_accuracy": r.test_accuracy,
-                                                "sparsity": r.sparsity} for r in results})
+    prior = study.user_attrs.get("refit", {})
+    record = {}
+    for r in results:
+        old = prior.get(str(r.trial), {})
+        record[str(r.trial)] = {"run_id": r.run_id, "test_accuracy": r.test_accuracy,
+                                "sparsity": r.sparsity, "measures": r.measures or old.get("measures", {}),
+                                "layer_sparsity": r.layer_sparsity or old.get("layer_sparsity", {})}
+    study.set_user_attr("refit", record)
     return results
 
 

@@ -26,6 +26,7 @@ from dtp_search.data import ImageDataset, load_dataset
 from dtp_search.models import build_model
 from dtp_search.pruning import build_criterion, build_policy, pareto_mask
 from dtp_search.refit import refit_study
+from dtp_search.report import log_report
 from dtp_search.tracking import StudyTracker
 from dtp_search.training import DivergedError, TrainSettings, cross_validate, resolve_device
 
@@ -209,6 +210,7 @@ def run_study(cfg: DictConfig) -> optuna.Study:
             log.warning("stopped after %d failed trials with %d/%d complete", failures, done, target)
         elif refit_only or bool(cfg.refit.enabled):
             refit_study(cfg, study, space, dataset, tracker, device, console)
+        log_report(study, tracker)
     except BaseException:
         status = "KILLED"
         raise
@@ -276,6 +278,10 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
         run.log_front(fronts, f"{cfg.study.name} · trial {trial.number} · {policy_name}")
         for k, v in summary.items():
             trial.set_user_attr(k, v)
+        # Fold 0's final model and one-shot sweep, for the study report's faint per-trial fronts.
+        trial.set_user_attr("front", [[round(p.sparsity, 5), round(p.accuracy, 5)]
+                                      for p in sorted(fronts.get(0, []), key=lambda p: p.sparsity)
+                                      if p.source in ("final", "sweep")])
         values = {"accuracy": result.accuracy, "sparsity": result.sparsity}
         run.finish("COMPLETE")
         return tuple(values[o] for o in cfg.search.objectives)

@@ -1,0 +1,138 @@
+"""The study report: one self-contained ``report.html`` on the study's parent MLflow run.
+
+It holds the Pareto table (CV and test accuracy, sparsity, measures of the refit models),
+the Pareto front over every trial's own front (drawn faintly) with the baselines marked,
+the per-layer sparsity of each refit model, and Optuna's optimisation-history and
+parameter-importance plots (``optuna.visualization.matplotlib``). Figures are embedded as
+base64 PNGs, so the file opens anywhere without the MLflow server.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+import math
+import warnings
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import optuna
+from optuna.trial import TrialState
+
+from dtp_search.tracking import StudyTracker, plot_layer_sparsity, plot_pareto
+
+log = logging.getLogger(__name__)
+
+BASELINES = ("dense", "oneshot_global")
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def pareto_figure(study: optuna.Study, rows: list[dict[str, Any]]):
+    """Pareto front of the trials' CV results over every trial's own (fold-0) front."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    points = {t.number: [(t.user_attrs.get("cv_sparsity", math.nan),
+                          t.user_attrs.get("cv_accuracy", math.nan))] for t in complete}
+    policies = {t.number: t.user_attrs.get("policy", "") for t in complete}
+    fig = plot_pareto(rows, points, study.study_name, policies)
+    ax = fig.axes[0]
+    for t in complete:
+        front = t.user_attrs.get("front") or []
+        if front:
+            ax.plot([p[0] for p in front], [p[1] for p in front], "-", color="0.5", alpha=0.15,
+                    lw=0.8, zorder=0)
+    for marker, name in zip(("X", "P"), BASELINES, strict=True):
+        base = [t for t in complete if policies[t.number] == name]
+        if base:
+            ax.scatter([points[t.number][0][0] for t in base], [points[t.number][0][1] for t in base],
+                       marker=marker, s=90, color="k", zorder=6, label=f"baseline: {name}")
+    ax.legend(fontsize=7, loc="lower left")
+    return fig
+
+
+def _optuna_figures(study: optuna.Study) -> dict[str, str]:
+    """Optuna's own history and importance plots (for the first objective); skipped if unavailable."""
+    from optuna.visualization import matplotlib as ovm
+
+    names = study.user_attrs.get("objectives") or ["objective 0"]
+    out = {}
+    for title, fn in (("Optimisation history", ovm.plot_optimization_history),
+                      ("Parameter importances", ovm.plot_param_importances)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ax = fn(study, target=lambda t: t.values[0], target_name=names[0])
+            out[f"{title} ({names[0]})"] = _png(ax.figure)
+        except Exception as exc:  # e.g. too few trials for importances
+            log.info("skipped %s: %s", title, exc)
+    return out
+
+
+def build_report(study: optuna.Study, rows: list[dict[str, Any]],
+                 refits: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """The HTML report and the figures in it (``name → matplotlib figure``, not yet closed)."""
+    figures = {"pareto": pareto_figure(study, rows)}
+    layers = {int(n): r["layer_sparsity"] for n, r in refits.items() if r.get("layer_sparsity")}
+    if layers:
+        figures["layer_sparsity"] = plot_layer_sparsity(layers, "per-layer sparsity of the refit models")
+    images = {k: _png(f) for k, f in figures.items()}
+    images.update(_optuna_figures(study))
+
+    cols = ["trial", "policy", "params", "CV accuracy", "CV sparsity", "test accuracy",
+            "test sparsity", "non-zero / params", "FLOPs effective / dense", "export bytes"]
+    body = []
+    for r in rows:
+        ref = refits.get(str(r["trial"]), {})
+        m = ref.get("measures", {})
+
+        def ratio(a: str, b: str, m=m) -> str:
+            return f"{m[a]:.4g} / {m[b]:.4g}" if a in m and b in m else "—"
+        cells = [r["trial"], r["policy"], r["params"],
+                 f"{r['accuracy']:.4f} ± {r['accuracy_std']:.4f}",
+                 f"{r['sparsity']:.4f} ± {r['sparsity_std']:.4f}",
+                 f"{ref['test_accuracy']:.4f}" if "test_accuracy" in ref else "—",
+                 f"{ref['sparsity']:.4f}" if "sparsity" in ref else "—",
+                 ratio("nonzero_params", "params"), ratio("flops_effective", "flops_dense"),
+                 ratio("file_bytes_sparse", "file_bytes_dense")]
+        body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    table = ("<table><tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"
+             + "".join(body) + "</table>")
+    imgs = "".join(f"<h2>{html.escape(k.replace('_', ' '))}</h2>"
+                   f"<img alt='{html.escape(k)}' src='data:image/png;base64,{v}'/>"
+                   for k, v in images.items())
+    n_complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    doc = f"""<!doctype html><html><head><meta charset="utf-8">
+<title>dtp_search report — {html.escape(study.study_name)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
+table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 6px}}
+img{{max-width:100%}}</style></head><body>
+<h1>dtp_search report — {html.escape(study.study_name)}</h1>
+<p>{n_complete} complete trials; {len(rows)} Pareto-optimal (cross-validated on the training
+split). Test accuracy comes from one evaluation of each refit model, trained on the whole
+training split.</p>
+<h2>Pareto-optimal trials</h2>{table}{imgs}</body></html>"""
+    return doc, figures
+
+
+def log_report(study: optuna.Study, tracker: StudyTracker) -> str:
+    """Build the report and log it (with its figures) on the study's parent run."""
+    from dtp_search.study import pareto_rows
+
+    rows = pareto_rows(study)
+    doc, figures = build_report(study, rows, study.user_attrs.get("refit", {}))
+    tracker.client.log_text(tracker.parent_run_id, doc, "report.html")
+    for name, fig in figures.items():
+        if name != "pareto":  # pareto_front.png is logged by refresh_pareto
+            tracker.client.log_figure(tracker.parent_run_id, fig, f"{name}.png")
+        plt.close(fig)
+    return doc
