@@ -51,3 +51,12 @@ def build_pruner(model: Any, policy_cfg: DictConfig, example_input: Any) -> Any:
                          granularity=str(policy_cfg.get("granularity", "weight")),
                          min_keep=float(policy_cfg.get("min_keep", 0.01)),
                          example_input=example_input)
+
+
+def loggable(cfg: DictConfig) -> dict[str, Any]:
+    """A trial config without search-space declarations and policy options (not settings)."""
+    out = OmegaConf.to_container(cfg, resolve=True)
+    for node in ("policy", "search"):
+        out.get(node, {}).pop("space", None)
+    out.get("policy", {}).pop("options", None)
+    return out

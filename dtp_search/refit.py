@@ -28,11 +28,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dtp_search import space as search_space
-from dtp_search.config import build_pruner, flatten
+from dtp_search.config import build_pruner, flatten, loggable
 from dtp_search.data import ImageDataset, TensorBatches, stratified_subset
 from dtp_search.export import measure, save_pruned
 from dtp_search.models import build_model
-from dtp_search.pruning import FrontPoint, one_shot_sweep
+from dtp_search.pruning import FrontPoint, one_shot_sweep, strip_masks
 from dtp_search.tracking import StudyTracker, plot_layer_sparsity
 from dtp_search.training import TrainSettings, attach_feedback, evaluate, prune_and_train
 
@@ -126,7 +126,7 @@ def refit_study(cfg: DictConfig, study: optuna.Study, space: search_space.Search
             continue
         tcfg = trial_config(cfg, space, trial)
         policy = str(tcfg.policy.name)
-        run = tracker.start_refit(trial.number, flatten(_loggable(tcfg)), policy)
+        run = tracker.start_refit(trial.number, flatten(loggable(tcfg)), policy)
         try:
             if console is not None:
                 console.out.print(f"refit of trial {trial.number} ({policy}) on the whole "
@@ -146,6 +146,7 @@ def refit_study(cfg: DictConfig, study: optuna.Study, space: search_space.Search
                 if structured:
                     run.log_artifact(save_pruned(model, config, Path(tmp) / "compact.pt",
                                                  compact_input=example), "model")
+            _log_mlflow_model(tracker.tracking_uri, run.run_id, model)
             metrics = {"test_accuracy": test_acc, "sparsity": pruner.sparsity(),
                        "cv_accuracy": trial.user_attrs.get("cv_accuracy", float("nan")),
                        **measures}
@@ -180,8 +181,26 @@ def _from_run(trial: int, run) -> RefitResult:
                        m.get("sparsity", float("nan")), measures, {}, reused=True)
 
 
-def _loggable(cfg: DictConfig) -> dict[str, Any]:
-    out = OmegaConf.to_container(cfg, resolve=True)
-    out.get("policy", {}).pop("space", None)
-    out.get("search", {}).pop("space", None)
-    return out
+def _log_mlflow_model(tracking_uri: str, run_id: str, model: torch.nn.Module) -> None:
+    """Also log the (mask-free) model with ``mlflow.pytorch.log_model``, where that works.
+
+    MLflow's default ``pt2`` format fixes the batch size of the traced example, so the
+    pickle format is used: it needs dtp_search importable to load, and unpickling runs
+    code — the sparse ``model/pruned.pt`` read with ``weights_only=True`` stays the safe
+    export. Failures are logged, not raised: the refit's own record is what matters.
+    """
+    import mlflow
+    import mlflow.pytorch
+
+    mlflow_log = logging.getLogger("mlflow.pytorch")
+    level = mlflow_log.level
+    try:
+        mlflow_log.setLevel(logging.ERROR)  # the pickle-format caution, said once above
+        mlflow.set_tracking_uri(tracking_uri)
+        with mlflow.start_run(run_id=run_id):
+            mlflow.pytorch.log_model(strip_masks(model).cpu().eval(), name="mlflow_model",
+                                     serialization_format="pickle", pip_requirements=["torch"])
+    except Exception as exc:
+        log.warning("mlflow.pytorch.log_model failed for run %s: %s", run_id, exc)
+    finally:
+        mlflow_log.setLevel(level)

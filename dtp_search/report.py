@@ -89,7 +89,8 @@ def build_report(study: optuna.Study, rows: list[dict[str, Any]],
     images.update(_optuna_figures(study))
 
     cols = ["trial", "policy", "params", "CV accuracy", "CV sparsity", "test accuracy",
-            "test sparsity", "non-zero / params", "FLOPs effective / dense", "export bytes"]
+            "test sparsity", "non-zero / params", "FLOPs effective / dense",
+            "export bytes sparse / dense", "latency ms compact / dense"]
     body = []
     for r in rows:
         ref = refits.get(str(r["trial"]), {})
@@ -103,7 +104,8 @@ def build_report(study: optuna.Study, rows: list[dict[str, Any]],
                  f"{ref['test_accuracy']:.4f}" if "test_accuracy" in ref else "—",
                  f"{ref['sparsity']:.4f}" if "sparsity" in ref else "—",
                  ratio("nonzero_params", "params"), ratio("flops_effective", "flops_dense"),
-                 ratio("file_bytes_sparse", "file_bytes_dense")]
+                 ratio("file_bytes_sparse", "file_bytes_dense"),
+                 ratio("latency_ms_compact", "latency_ms_dense")]
         body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     table = ("<table><tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"
              + "".join(body) + "</table>")
@@ -136,3 +138,36 @@ def log_report(study: optuna.Study, tracker: StudyTracker) -> str:
             tracker.client.log_figure(tracker.parent_run_id, fig, f"{name}.png")
         plt.close(fig)
     return doc
+
+
+def plot_comparison(fronts: dict[str, list[dict[str, Any]]]):
+    """Pareto fronts (CV sparsity, CV accuracy) of several studies overlaid."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for name, rows in fronts.items():
+        rows = sorted(rows, key=lambda r: r["sparsity"])
+        xs, ys = [r["sparsity"] for r in rows], [r["accuracy"] for r in rows]
+        (line,) = ax.step(xs, ys, "-", where="pre", alpha=0.7)
+        ax.errorbar(xs, ys, yerr=[r.get("accuracy_std", 0.0) for r in rows], fmt="o",
+                    color=line.get_color(), capsize=2, ms=4, label=f"{name} ({len(rows)})")
+    ax.set_xlabel("CV sparsity")
+    ax.set_ylabel("CV accuracy")
+    ax.set_title("Pareto fronts compared", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+def compare_studies(storage: Any, names: list[str], out_dir: str) -> str:
+    """Overlay the Pareto fronts of the studies ``names``; returns the PNG's path."""
+    from pathlib import Path
+
+    from dtp_search.study import pareto_rows
+
+    fronts = {n: pareto_rows(optuna.load_study(study_name=n, storage=storage)) for n in names}
+    path = Path(out_dir) / f"compare-{'-vs-'.join(names)}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig = plot_comparison(fronts)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return str(path)

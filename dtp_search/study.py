@@ -20,7 +20,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from dtp_search import space as search_space
-from dtp_search.config import ConfigError, build_pruner, flatten, policy_params
+from dtp_search.config import ConfigError, build_pruner, flatten, loggable, policy_params
 from dtp_search.console import Console
 from dtp_search.data import ImageDataset, load_dataset
 from dtp_search.models import build_model
@@ -33,7 +33,7 @@ from dtp_search.training import DivergedError, TrainSettings, cross_validate, re
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("accuracy", "sparsity")
-MODES = ("search", "refit")
+MODES = ("search", "refit", "compare")
 DIRECTIONS = ("maximize", "minimize")
 _RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 
@@ -127,6 +127,8 @@ def make_sampler(cfg: DictConfig, n_existing: int) -> optuna.samplers.BaseSample
 
 def run_study(cfg: DictConfig) -> optuna.Study:
     """Create or resume the study and run it until it holds ``search.n_trials`` complete trials."""
+    if str(cfg.get("mode", "search")) == "compare":
+        return compare(cfg)
     space = check_config(cfg)
     console = Console(enabled=bool(cfg.console.progress))
     if cfg.get("threads"):
@@ -221,6 +223,22 @@ def run_study(cfg: DictConfig) -> optuna.Study:
     return study
 
 
+def compare(cfg: DictConfig) -> None:
+    """``mode=compare study.names=[a,b]``: overlay the studies' Pareto fronts in one figure."""
+    from dtp_search.report import compare_studies
+
+    names = list(cfg.study.get("names") or [])
+    storage = make_storage(cfg)
+    known = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
+    missing = [n for n in names if n not in known]
+    if not names or missing:
+        raise ConfigError(f"mode=compare: study.names={names} must list existing studies of "
+                          f"{cfg.study.storage}; allowed: {known}")
+    path = compare_studies(storage, names, str(cfg.paths.root))
+    Console(enabled=False).out.print(f"Pareto fronts of {', '.join(names)} overlaid in {path}",
+                                     soft_wrap=True)
+
+
 def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
     """One trial: sample, cross-validate on the training split, log, return the objectives."""
     cfg = ctx.cfg
@@ -230,7 +248,7 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
     settings = TrainSettings.from_config(tcfg.train)
     example = torch.zeros(1, *ctx.dataset.input_shape, device=ctx.device)
 
-    run = ctx.tracker.start_trial(trial.number, flatten(_loggable(tcfg)), sampled)
+    run = ctx.tracker.start_trial(trial.number, flatten(loggable(tcfg)), sampled)
     run.set_tags({"policy": policy_name})
     trial.set_user_attr("mlflow_run_id", run.run_id)
     trial.set_user_attr("policy", policy_name)
@@ -299,15 +317,6 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
         run.set_tags({"fail_reason": reason[:500]})
         run.finish("FAIL")
         raise
-
-
-def _loggable(cfg: DictConfig) -> DictConfig:
-    """The trial config without the search-space declarations (they are not trial settings)."""
-    out = OmegaConf.to_container(cfg, resolve=True)
-    out.get("policy", {}).pop("space", None)
-    out.get("policy", {}).pop("options", None)
-    out.get("search", {}).pop("space", None)
-    return out
 
 
 def pareto_rows(study: optuna.Study) -> list[dict[str, Any]]:

@@ -86,6 +86,19 @@ def test_refit_runs_once_per_chosen_trial_and_its_export_reproduces_test_accurac
         assert f"<tr><td>{n}</td>" in report
     assert report.count("<img") >= 2 and "test accuracy" in report
 
+    # Each refit also logged an MLflow model, linked to its run.
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    models = mlflow.search_logged_models(experiment_ids=[parent.info.experiment_id],
+                                         output_format="list")
+    assert {m.source_run_id for m in models} == {r.info.run_id for r in runs}
+
+    # Pareto fronts of studies overlaid in one figure.
+    cmp = run_cli(root, "mode=compare", "study.names=[r]", *TINY)
+    assert cmp.returncode == 0, cmp.stderr[-2000:]
+    assert (root / "compare-r.png").stat().st_size > 0
+
 
 @pytest.mark.slow
 def test_refit_of_a_missing_study_is_a_clear_error(tmp_path):
