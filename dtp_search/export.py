@@ -172,10 +172,9 @@ def measure(model: nn.Module, example_input: torch.Tensor, export_path: str | os
     params = sum(p.numel() for p in plain.parameters())
     nonzero = sum(int((p != 0).sum()) for p in plain.parameters())
     dense_flops = _flops(plain, x)
-    saved = 0.0
-    for name, f in _layer_flops(plain, x).items():
-        w = dict(prunable_layers(plain))[name].weight
-        saved += f * float((w == 0).float().mean())
+    layers = dict(prunable_layers(plain))
+    saved = sum(f * float((layers[name].weight == 0).float().mean())
+                for name, f in _layer_flops(plain, x).items())
     buf = io.BytesIO()
     torch.save(plain.state_dict(), buf)
     out = {

@@ -29,12 +29,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from dtp_search import space as search_space
 from dtp_search.config import build_pruner, flatten, loggable
-from dtp_search.data import ImageDataset, TensorBatches, stratified_subset
+from dtp_search.data import ImageDataset, stratified_subset
 from dtp_search.export import measure, save_pruned
 from dtp_search.models import build_model
 from dtp_search.pruning import FrontPoint, one_shot_sweep, strip_masks
 from dtp_search.tracking import StudyTracker, plot_layer_sparsity
-from dtp_search.training import TrainSettings, attach_feedback, evaluate, prune_and_train
+from dtp_search.training import (
+    TrainSettings,
+    attach_feedback,
+    eval_batches,
+    evaluate,
+    prune_and_train,
+    train_batches,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,18 +101,13 @@ def refit_trial(tcfg: DictConfig, dataset: ImageDataset, device: torch.device,
     idx = attach_feedback(pruner, model, dataset, np.arange(len(labels)), labels, seed,
                           settings, device)
     monitor_idx = stratified_subset(labels, MONITOR_SAMPLES, seed)
-    train = TensorBatches(dataset.train, idx, batch_size=settings.batch_size, mean=dataset.mean,
-                          std=dataset.std, device=device, shuffle=True, augment=dataset.augment,
-                          crop_padding=dataset.crop_padding, seed=seed,
-                          drop_last=len(idx) > settings.batch_size)
-    monitor = TensorBatches(dataset.train, monitor_idx, batch_size=settings.eval_batch_size,
-                            mean=dataset.mean, std=dataset.std, device=device)
+    train = train_batches(dataset, idx, settings, seed, device)
+    monitor = eval_batches(dataset, dataset.train, monitor_idx, settings, device)
     result = prune_and_train(model, pruner, train, monitor, settings, front_points=0,
                              on_epoch=on_epoch)
     # The one read of the test split: final accuracy and the sweep from the final masks.
-    test = TensorBatches(dataset.test, np.arange(len(dataset.test.labels)),
-                         batch_size=settings.eval_batch_size, mean=dataset.mean,
-                         std=dataset.std, device=device)
+    test = eval_batches(dataset, dataset.test, np.arange(len(dataset.test.labels)), settings,
+                        device)
     test_accuracy = evaluate(model, test)
     epochs = float(settings.epochs + settings.finetune_epochs)
     front = [FrontPoint(pruner.sparsity(), test_accuracy, pruner.mean_threshold(), epochs, "final")]

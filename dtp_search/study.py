@@ -207,7 +207,6 @@ def run_study(cfg: DictConfig) -> optuna.Study:
                                after_trial],
                     gc_after_trial=False)
                 done = _n_finished(study)
-        refresh_pareto(study, tracker)
         if done < target:
             log.warning("stopped after %d failed trials with %d/%d complete", failures, done, target)
         elif refit_only or bool(cfg.refit.enabled):

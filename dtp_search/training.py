@@ -248,12 +248,8 @@ def cross_validate(dataset: ImageDataset, folds: int, seed: int,
         model = make_model().to(device)
         pruner = make_pruner(model)
         tr_idx = attach_feedback(pruner, model, dataset, tr_idx, labels, seed + k, settings, device)
-        train = TensorBatches(dataset.train, tr_idx, batch_size=settings.batch_size,
-                              mean=dataset.mean, std=dataset.std, device=device, shuffle=True,
-                              augment=dataset.augment, crop_padding=dataset.crop_padding,
-                              seed=seed + k, drop_last=len(tr_idx) > settings.batch_size)
-        val = TensorBatches(dataset.train, va_idx, batch_size=settings.eval_batch_size,
-                            mean=dataset.mean, std=dataset.std, device=device)
+        train = train_batches(dataset, tr_idx, settings, seed + k, device)
+        val = eval_batches(dataset, dataset.train, va_idx, settings, device)
         result = prune_and_train(
             model, pruner, train, val, settings, front_points=front_points,
             front_max_sparsity=front_max_sparsity,
@@ -262,6 +258,22 @@ def cross_validate(dataset: ImageDataset, folds: int, seed: int,
         if on_fold_end is not None:
             on_fold_end(k, result)
     return CVResult(results)
+
+
+def train_batches(dataset: ImageDataset, idx: np.ndarray, settings: TrainSettings, seed: int,
+                  device: torch.device | str) -> TensorBatches:
+    """Shuffled, augmented training batches over ``idx`` of the training split."""
+    return TensorBatches(dataset.train, idx, batch_size=settings.batch_size, mean=dataset.mean,
+                         std=dataset.std, device=device, shuffle=True, augment=dataset.augment,
+                         crop_padding=dataset.crop_padding, seed=seed,
+                         drop_last=len(idx) > settings.batch_size)
+
+
+def eval_batches(dataset: ImageDataset, split: Any, idx: np.ndarray, settings: TrainSettings,
+                 device: torch.device | str) -> TensorBatches:
+    """Evaluation batches (no shuffling, no augmentation) over ``idx`` of ``split``."""
+    return TensorBatches(split, idx, batch_size=settings.eval_batch_size, mean=dataset.mean,
+                         std=dataset.std, device=device)
 
 
 def attach_feedback(pruner: DynamicPruner, model: nn.Module, dataset: ImageDataset,
@@ -275,8 +287,7 @@ def attach_feedback(pruner: DynamicPruner, model: nn.Module, dataset: ImageDatas
     if not pruner.policy.needs_feedback:
         return train_idx
     train_idx, ho_idx = holdout_split(train_idx, labels, getattr(pruner.policy, "holdout", 0.1), seed)
-    holdout = TensorBatches(dataset.train, ho_idx, batch_size=settings.eval_batch_size,
-                            mean=dataset.mean, std=dataset.std, device=device)
+    holdout = eval_batches(dataset, dataset.train, ho_idx, settings, device)
     pruner.policy.feedback = lambda: evaluate(model, holdout)
     return train_idx
 

@@ -33,6 +33,14 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
+def _unit_rms(module: nn.Module, dense: bool) -> torch.Tensor:
+    """RMS of each output unit's live weights, ‖W_j ⊙ M_j‖₂ / √‖M_j‖₀."""
+    w = _rows(_weight(module, dense))
+    mask = get_mask(module)
+    live = w.shape[1] if mask is None else _rows(mask.mask).sum(dim=1).clamp_min(1)
+    return (w.pow(2).sum(dim=1) / live).sqrt()
+
+
 class Criterion(ABC):
     """Scores weights and output units of the layers it was attached to."""
 
@@ -78,11 +86,7 @@ class Magnitude(Criterion):
 
     @torch.no_grad()
     def unit_scores(self, name: str, dense: bool = False) -> torch.Tensor:
-        module = self.layers[name]
-        w = _rows(_weight(module, dense))
-        mask = get_mask(module)
-        live = w.shape[1] if mask is None else _rows(mask.mask).sum(dim=1).clamp_min(1)
-        return (w.pow(2).sum(dim=1) / live).sqrt()
+        return _unit_rms(self.layers[name], dense)
 
 
 class Taylor(Criterion):
@@ -175,7 +179,7 @@ class Activation(Criterion):
     def unit_scores(self, name: str, dense: bool = False) -> torch.Tensor:
         avg = self._avg.get(name)
         if avg is None:  # no training batch seen yet: fall back to the weight magnitude
-            return Magnitude.unit_scores(self, name, dense)
+            return _unit_rms(self.layers[name], dense)
         return avg.clone()
 
 

@@ -33,6 +33,7 @@ from dtp_search.pruning.masks import (
     WeightMask,
     attach_mask,
     attach_masks,
+    effective_weight,
     original_weight,
     restore_masks,
     snapshot_masks,
@@ -148,14 +149,14 @@ class DynamicPruner:
         """Layers whose units the policy decides on."""
         return list(self._layers)
 
-    def layer_views(self, dense: bool | None = None) -> list[LayerView]:
-        dense = self.policy.recovers if dense is None else dense
-        return [self._view(layer, self.criterion, dense) for layer in self._layers.values()]
+    def layer_views(self) -> list[LayerView]:
+        """What the policy sees; recovering policies get scores of the dense weights."""
+        return [self._view(layer, self.criterion, self.policy.recovers)
+                for layer in self._layers.values()]
 
     def _view(self, layer: _Layer, criterion: Criterion, dense: bool) -> LayerView:
         mask = layer.mask
-        with torch.no_grad():
-            weight = original_weight(layer.module).detach() * mask.mask
+        weight = effective_weight(layer.module)
         if layer.structured:
             score, keep = criterion.unit_scores(layer.name, dense), layer.units.clone()
         else:
