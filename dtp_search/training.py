@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -116,7 +116,9 @@ def _make_optimizer(model: nn.Module, s: TrainSettings, lr: float,
 def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatches,
                     val: TensorBatches, settings: TrainSettings, *,
                     front_points: int = 10, front_max_sparsity: float = 0.995,
-                    on_epoch: Callable[[EpochRecord], None] | None = None) -> FoldResult:
+                    on_epoch: Callable[[EpochRecord], None] | None = None,
+                    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+                    resume: dict[str, Any] | None = None) -> FoldResult:
     """Train ``model`` while ``pruner`` moves its masks, fine-tune, and measure its front.
 
     1. *Pruning phase* (``settings.epochs``): SGD/AdamW with a cosine learning rate;
@@ -130,6 +132,12 @@ def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
        :func:`dtp_search.pruning.one_shot_sweep`).
 
     With ``settings.l1 = λ > 0`` the loss is CE + λ·Σ_l ‖W_l ⊙ M_l‖₁ in both phases.
+
+    Checkpoints. After every epoch ``on_checkpoint`` receives the complete training
+    state (model, optimizer, scheduler, pruner, the batch order's and torch's random
+    states, history, front) as plain containers and tensors; passing one back as
+    ``resume`` continues with the next epoch and, on CPU, reproduces the uninterrupted
+    run bit for bit.
     """
     steps_per_epoch = len(train)
     if steps_per_epoch == 0:
@@ -140,6 +148,16 @@ def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
     l1_layers = [m for _, m in prunable_layers(model)] if settings.l1 > 0 else []
     front_gap = max(1, steps_per_epoch // 4)
     last_front_step = -front_gap
+    done_epochs = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        pruner.load_state_dict(resume["pruner"])
+        train.generator.set_state(resume["batches"])
+        _set_rng_state(resume["rng"])
+        history = [EpochRecord(**r) for r in resume["history"]]
+        front = [FrontPoint(**p) for p in resume["front"]]
+        last_front_step = int(resume["last_front_step"])
+        done_epochs = int(resume["epoch"])
     model.train()
 
     def compute_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -152,12 +170,16 @@ def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
 
     def run_phase(phase: str, epochs: int, lr: float, first_epoch: int, update_masks: bool) -> None:
         nonlocal last_front_step
-        if epochs <= 0:
-            return
+        begin = max(first_epoch, done_epochs + 1)
+        if epochs <= 0 or begin >= first_epoch + epochs:
+            return  # empty, or finished before the checkpoint we resume from
         opt = _make_optimizer(model, settings, lr, pruner.param_groups())
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
-        step = (first_epoch - 1) * steps_per_epoch
-        for e in range(first_epoch, first_epoch + epochs):
+        if resume is not None and resume["phase"] == phase:
+            opt.load_state_dict(resume["optimizer"])
+            sched.load_state_dict(resume["scheduler"])
+        step = (begin - 1) * steps_per_epoch
+        for e in range(begin, first_epoch + epochs):
             loss_sum = torch.zeros((), device=train.device)
             for x, y in train:
                 loss = compute_loss(x, y)
@@ -182,9 +204,17 @@ def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
             history.append(record)
             if on_epoch is not None:
                 on_epoch(record)
+            if on_checkpoint is not None:
+                on_checkpoint({
+                    "epoch": e, "phase": phase, "model": model.state_dict(),
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "pruner": pruner.state_dict(), "batches": train.generator.get_state(),
+                    "rng": _get_rng_state(), "history": [asdict(r) for r in history],
+                    "front": [p.as_dict() for p in front], "last_front_step": last_front_step})
 
     run_phase("prune", settings.epochs, settings.lr, 1, update_masks=True)
-    pruner.finalize()
+    if not pruner.finalized:
+        pruner.finalize()
     run_phase("finetune", settings.finetune_epochs, settings.lr * settings.finetune_lr_scale,
               settings.epochs + 1, update_masks=False)
 
@@ -195,6 +225,30 @@ def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
     front += one_shot_sweep(pruner, lambda m: evaluate(m, val), n_points=front_points,
                             max_sparsity=front_max_sparsity, epoch=total_epochs)
     return FoldResult(accuracy, final_sparsity, history, front, layer_sparsity(model))
+
+
+def _get_rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def fold_to_dict(result: FoldResult) -> dict[str, Any]:
+    """A :class:`FoldResult` as plain containers (for checkpoints)."""
+    return asdict(result)
+
+
+def fold_from_dict(data: dict[str, Any]) -> FoldResult:
+    return FoldResult(data["accuracy"], data["sparsity"],
+                      [EpochRecord(**r) for r in data["history"]],
+                      [FrontPoint(**p) for p in data["front"]], dict(data["layer_sparsity"]))
 
 
 @dataclass
@@ -225,7 +279,9 @@ def cross_validate(dataset: ImageDataset, folds: int, seed: int,
                    front_points: int = 10, front_max_sparsity: float = 0.995,
                    on_fold_start: Callable[[int], None] | None = None,
                    on_fold_end: Callable[[int, FoldResult], None] | None = None,
-                   on_epoch: Callable[[int, EpochRecord], None] | None = None) -> CVResult:
+                   on_epoch: Callable[[int, EpochRecord], None] | None = None,
+                   on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+                   resume: dict[str, Any] | None = None) -> CVResult:
     """k-fold cross-validation of one pruning configuration on the *training* split.
 
     Folds come from ``sklearn.model_selection.StratifiedKFold(folds, shuffle=True,
@@ -235,25 +291,48 @@ def cross_validate(dataset: ImageDataset, folds: int, seed: int,
     A policy that needs feedback (``policy.needs_feedback``) reads accuracy on a
     stratified slice of ``policy.holdout`` of the fold's *training* part, which is then
     not trained on; the validation part stays unseen until the fold is scored.
+
+    Checkpoints: ``on_checkpoint`` receives ``{"folds": [finished folds], "fold": k,
+    "train": <prune_and_train state>}`` after every epoch; passing it back as ``resume``
+    skips the finished folds (their results and epochs are replayed to the callbacks)
+    and continues fold k after its last finished epoch.
     """
     from sklearn.model_selection import StratifiedKFold
 
     labels = dataset.train.labels.numpy()
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    done = [fold_from_dict(d) for d in resume["folds"]] if resume else []
     results: list[FoldResult] = []
     for k, (tr_idx, va_idx) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
         if on_fold_start is not None:
             on_fold_start(k)
-        torch.manual_seed(seed + k)
-        model = make_model().to(device)
-        pruner = make_pruner(model)
-        tr_idx = attach_feedback(pruner, model, dataset, tr_idx, labels, seed + k, settings, device)
-        train = train_batches(dataset, tr_idx, settings, seed + k, device)
-        val = eval_batches(dataset, dataset.train, va_idx, settings, device)
-        result = prune_and_train(
-            model, pruner, train, val, settings, front_points=front_points,
-            front_max_sparsity=front_max_sparsity,
-            on_epoch=None if on_epoch is None else (lambda r, k=k: on_epoch(k, r)))
+        if k < len(done):  # finished before the checkpoint: replay, do not train again
+            result = done[k]
+            for record in result.history:
+                if on_epoch is not None:
+                    on_epoch(k, record)
+        else:
+            state = resume["train"] if resume and resume.get("fold") == k else None
+            if state is not None and on_epoch is not None:
+                for record in state["history"]:
+                    on_epoch(k, EpochRecord(**record))
+            torch.manual_seed(seed + k)
+            model = make_model().to(device)
+            pruner = make_pruner(model)
+            tr_idx = attach_feedback(pruner, model, dataset, tr_idx, labels, seed + k, settings,
+                                     device)
+            train = train_batches(dataset, tr_idx, settings, seed + k, device)
+            val = eval_batches(dataset, dataset.train, va_idx, settings, device)
+            checkpoint = None
+            if on_checkpoint is not None:
+                def checkpoint(train_state: dict[str, Any], k: int = k) -> None:
+                    on_checkpoint({"folds": [fold_to_dict(r) for r in results], "fold": k,
+                                   "train": train_state})
+            result = prune_and_train(
+                model, pruner, train, val, settings, front_points=front_points,
+                front_max_sparsity=front_max_sparsity,
+                on_epoch=None if on_epoch is None else (lambda r, k=k: on_epoch(k, r)),
+                on_checkpoint=checkpoint, resume=state)
         results.append(result)
         if on_fold_end is not None:
             on_fold_end(k, result)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -59,6 +59,15 @@ class Criterion(ABC):
     def observe(self) -> None:
         """Accumulate statistics after an optimizer step (gradients are still in ``.grad``)."""
         return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Running statistics (moving averages), for checkpoints."""
+        avg = getattr(self, "_avg", None)
+        return {} if avg is None else {"avg": {k: v.clone() for k, v in avg.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if "avg" in state:
+            self._avg = {k: v.clone() for k, v in state["avg"].items()}
 
     @abstractmethod
     def scores(self, name: str, dense: bool = False) -> torch.Tensor:

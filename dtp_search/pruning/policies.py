@@ -80,6 +80,9 @@ class ThresholdPolicy(ABC):
     recovers: ClassVar[bool] = False
     needs_feedback: ClassVar[bool] = False
     granularities: ClassVar[tuple[str, ...]] = ("weight", "neuron", "channel")
+    # Attributes that change while training; :meth:`state_dict` saves exactly these so a
+    # checkpointed fold resumes where it stopped (constructor arguments are not state).
+    _state_attrs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, *, start_epoch: float = 0.0, update_every: int = 50) -> None:
         if start_epoch < 0:
@@ -137,9 +140,25 @@ class ThresholdPolicy(ABC):
         """Extra optimizer parameter groups (learned thresholds)."""
         return []
 
+    def state_dict(self) -> dict[str, Any]:
+        """The policy's mutable state, as plain containers and tensors (``weights_only``-safe)."""
+        return {k: _copy_state(getattr(self, k)) for k in self._state_attrs}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for k in self._state_attrs:
+            setattr(self, k, _copy_state(state[k]))
+
     def describe(self) -> dict[str, Any]:
         """Constructor arguments, for logs."""
         return {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "feedback"}
+
+
+def _copy_state(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _copy_state(v) for k, v in value.items()}
+    return value
 
 
 class ConstantThreshold(ThresholdPolicy):
@@ -337,6 +356,7 @@ class FeedbackThreshold(ThresholdPolicy):
 
     name = "feedback"
     needs_feedback = True
+    _state_attrs = ("value", "best", "backoffs", "step", "_accepted_value", "_accepted", "_theta")
     TARGETS: ClassVar[tuple[str, ...]] = ("sparsity", "theta")
 
     def __init__(self, *, step: float = 0.2, tolerance: float = 0.01, backoff: float = 0.5,
@@ -452,6 +472,13 @@ class SplicingThreshold(ThresholdPolicy):
         self.c, self.gamma, self.power = float(c), float(gamma), float(power)
         self.iter_stop = None if iter_stop is None else int(iter_stop)
         self._rng = random.Random(seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self._rng.getstate()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        version, internal, gauss = state["rng"]
+        self._rng.setstate((version, tuple(internal), gauss))
 
     def update_probability(self, step: int) -> float:
         if self.iter_stop is not None and step >= self.iter_stop:
@@ -591,6 +618,7 @@ class RandomBaseline(ThresholdPolicy):
     result is owed to *which* weights it picks rather than to how many."""
 
     name = "random"
+    _state_attrs = ("_done",)
 
     def __init__(self, sparsity: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)

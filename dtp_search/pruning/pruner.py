@@ -135,6 +135,7 @@ class DynamicPruner:
         self._magnitude = Magnitude()
         self._magnitude.attach({name: layer.module for name, layer in self._layers.items()})
         self.last_thresholds: Thresholds = {}
+        self.finalized = False
 
     @staticmethod
     def allowed_granularities(groups: dict, modules: dict[str, nn.Module]) -> list[str]:
@@ -251,10 +252,45 @@ class DynamicPruner:
         self.write(keeps)
         self.policy.finalized(self.layer_views())
         self.last_thresholds = theta or self.last_thresholds
+        self._freeze()
+        return self.last_thresholds
+
+    def _freeze(self) -> None:
         for mask in self.masks.values():
             mask.straight_through = False
         self.criterion.detach()
-        return self.last_thresholds
+        self.finalized = True
+
+    # -- checkpoints ------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed fold needs beyond ``model.state_dict()`` (which holds the
+        masks, the original weights and learned thresholds): unit states, the policy's
+        and the criterion's running state, and the mask flags that finalisation flips."""
+        return {
+            "finalized": self.finalized,
+            "last_thresholds": dict(self.last_thresholds),
+            "units": {n: layer.units.clone() for n, layer in self._layers.items()
+                      if layer.structured},
+            "policy": self.policy.state_dict(),
+            "criterion": self.criterion.state_dict(),
+            "learning": {n: bool(m.learning) for n, m in self.masks.items()
+                         if hasattr(m, "learning")},
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (call after ``model.load_state_dict``)."""
+        self.last_thresholds = dict(state["last_thresholds"])
+        for name, units in state["units"].items():
+            self._layers[name].units.copy_(units)
+        self.policy.load_state_dict(state["policy"])
+        self.criterion.load_state_dict(state["criterion"])
+        for name, learning in state["learning"].items():
+            self.masks[name].learning = learning
+            self.masks[name].s.requires_grad_(learning)
+        if state["finalized"]:
+            self._freeze()
 
     def param_groups(self) -> list[dict[str, Any]]:
         """Optimizer groups for parameters the policy adds (learned thresholds)."""
