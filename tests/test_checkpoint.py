@@ -64,7 +64,7 @@ def test_resume_from_any_epoch_reproduces_the_uninterrupted_run(policy):
         with pytest.raises(Stop):
             run(on_checkpoint=on_checkpoint)
         replayed = []
-        resumed = run(resume=saved["state"], on_epoch=lambda k, r: replayed.append((k, r.epoch)))
+        resumed = run(resume=saved["state"], on_epoch=lambda k, r, out=replayed: out.append((k, r.epoch)))
         assert replayed == [(k, e) for k in range(2) for e in range(1, 6)]
         for a, b in zip(full.folds, resumed.folds, strict=True):
             assert a.accuracy == b.accuracy and a.sparsity == b.sparsity
