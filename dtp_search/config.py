@@ -55,8 +55,14 @@ def build_pruner(model: Any, policy_cfg: DictConfig, example_input: Any) -> Any:
 
 def loggable(cfg: DictConfig) -> dict[str, Any]:
     """A trial config without search-space declarations and policy options (not settings)."""
+    from dtp_search.storage import mask_url
+
     out = OmegaConf.to_container(cfg, resolve=True)
     for node in ("policy", "search"):
         out.get(node, {}).pop("space", None)
     out.get("policy", {}).pop("options", None)
+    # Database passwords never reach MLflow params.
+    for node, key in (("study", "storage"), ("tracking", "uri")):
+        if isinstance(out.get(node, {}).get(key), str):
+            out[node][key] = mask_url(out[node][key])
     return out

@@ -23,8 +23,10 @@ class Console:
                        f"({done}/{target} complete) · policy={cfg.policy.name} "
                        f"model={cfg.model.name} dataset={cfg.dataset.name} "
                        f"folds={cfg.cv.folds} device={device}")
-        self.out.print(f"  optuna storage: {cfg.study.storage}", soft_wrap=True)
-        self.out.print(f"  mlflow store:   {cfg.tracking.uri}", soft_wrap=True)
+        from dtp_search.storage import mask_url
+
+        self.out.print(f"  optuna storage: {mask_url(str(cfg.study.storage))}", soft_wrap=True)
+        self.out.print(f"  mlflow store:   {mask_url(str(cfg.tracking.uri))}", soft_wrap=True)
 
     @contextlib.contextmanager
     def trials(self, target: int, done: int) -> Iterator[Callable[[Any, int], None]]:

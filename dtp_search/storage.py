@@ -118,10 +118,14 @@ def make_storage(url: str, *, heartbeat_interval: int = 30, grace_period: int = 
     # PostgreSQL server are better served with a ping before reuse (a restarted server
     # or a proxy that drops idle connections does not fail a trial).
     engine_kwargs = {} if scheme(url) == "sqlite" else {"pool_pre_ping": True}
-    return RDBStorage(
-        url=url, engine_kwargs=engine_kwargs,
-        heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry))
+    # RDBStorage creates its tables on first use; workers that start together on an empty
+    # database would race in CREATE TYPE/TABLE (a unique-violation error), so the first
+    # creates them while the others wait on the lock.
+    with StudyLock(url, "", "schema"):
+        return RDBStorage(
+            url=url, engine_kwargs=engine_kwargs,
+            heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry))
 
 
 def has_heartbeat(storage: BaseStorage) -> bool:
@@ -216,11 +220,13 @@ class StudyLock:
             sql, args = "SELECT GET_LOCK(:k, :t)", {"k": self.key[:64],
                                                     "t": -1 if blocking and timeout is None
                                                     else (timeout or 0)}
+        waits = blocking and timeout is None  # the server blocks until it is ours
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             got = conn.execute(sqlalchemy.text(sql), args).scalar()
             conn.commit()
-            if got is None or got:  # pg_advisory_lock returns void (None)
+            # pg_advisory_lock returns void, which drivers read as None or "".
+            if (waits and self._kind == "postgresql") or got:
                 self._conn = conn
                 return True
             if not blocking or (deadline is not None and time.monotonic() >= deadline):

@@ -7,19 +7,26 @@ trial in MLflow, and returns the study.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import hydra
 import optuna
 import torch
 from omegaconf import DictConfig, OmegaConf
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
 from dtp_search import space as search_space
+from dtp_search import storage as storages
+from dtp_search.checkpoint import TrialCheckpoint, describe
 from dtp_search.config import ConfigError, build_pruner, flatten, loggable, policy_params
 from dtp_search.console import Console
 from dtp_search.data import ImageDataset, load_dataset
@@ -35,7 +42,9 @@ log = logging.getLogger(__name__)
 OBJECTIVES = ("accuracy", "sparsity")
 MODES = ("search", "refit", "compare")
 DIRECTIONS = ("maximize", "minimize")
-_RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
+# Set in the processes that ``study.workers=N`` starts: they search only; the launching
+# process refits and reports once they are done.
+WORKER_ENV = "DTP_SEARCH_WORKER"
 
 
 @dataclass
@@ -46,6 +55,8 @@ class SearchContext:
     tracker: StudyTracker
     console: Console
     device: torch.device
+    study: optuna.Study
+    admission: storages.StudyLock
 
 
 def check_config(cfg: DictConfig) -> search_space.SearchSpace:
@@ -68,10 +79,10 @@ def check_config(cfg: DictConfig) -> search_space.SearchSpace:
         raise ConfigError(f"refit.top_k={top_k!r} is not allowed; allowed: null or an integer >= 1")
     if int(cfg.cv.folds) < 2:
         raise ConfigError(f"cv.folds={cfg.cv.folds} is not allowed; need >= 2")
-    scheme = str(cfg.study.storage).split(":", 1)[0].split("+", 1)[0]
-    if scheme not in _RDB_SCHEMES:
-        raise ConfigError(f"study.storage={cfg.study.storage!r} is not an Optuna RDB URL; "
-                          f"allowed schemes: {list(_RDB_SCHEMES)} (e.g. sqlite:////abs/path.db)")
+    workers = cfg.study.get("workers", 1)
+    if not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"study.workers={workers!r} is not allowed; allowed: an integer >= 1")
+    storages.check_storage(str(cfg.study.storage), workers)
     space = search_space.parse_space(cfg)
     for name, node in search_space.policy_nodes(cfg).items():
         try:
@@ -93,15 +104,11 @@ def _policy_key(cfg: DictConfig, name: str) -> str:
     return f"policy.options.{name}" if cfg.policy.get("name") == search_space.CHOICE else "policy"
 
 
-def make_storage(cfg: DictConfig) -> RDBStorage:
-    """Optuna's RDB storage with heartbeats: a trial whose process died is failed and retried."""
-    return RDBStorage(
-        url=str(cfg.study.storage),
-        heartbeat_interval=int(cfg.search.heartbeat_interval),
-        grace_period=int(cfg.search.grace_period),
-        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-            max_retry=int(cfg.search.max_retry)),
-    )
+def make_storage(cfg: DictConfig) -> BaseStorage:
+    """The study's Optuna storage, with heartbeats and retries where Optuna has them."""
+    return storages.make_storage(
+        str(cfg.study.storage), heartbeat_interval=int(cfg.search.heartbeat_interval),
+        grace_period=int(cfg.search.grace_period), max_retry=int(cfg.search.max_retry))
 
 
 # Trials that count toward ``search.n_trials``: finished with a result. FAIL does not
@@ -113,12 +120,12 @@ def _n_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def make_sampler(cfg: DictConfig, n_existing: int) -> optuna.samplers.BaseSampler:
-    """The configured sampler; its seed is offset by the trials already in the study so that
-    a resumed run does not replay the random start-up points of the first run."""
+def make_sampler(cfg: DictConfig, offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The configured sampler; a set seed is offset by ``offset`` (the trial number, see
+    :func:`objective`)."""
     sampler_cfg = OmegaConf.to_container(cfg.search.sampler, resolve=True)
     if sampler_cfg.get("seed") is not None:
-        sampler_cfg["seed"] = int(sampler_cfg["seed"]) + n_existing
+        sampler_cfg["seed"] = int(sampler_cfg["seed"]) + offset
     try:
         return hydra.utils.instantiate(sampler_cfg)
     except Exception as exc:
@@ -126,11 +133,18 @@ def make_sampler(cfg: DictConfig, n_existing: int) -> optuna.samplers.BaseSample
 
 
 def run_study(cfg: DictConfig) -> optuna.Study:
-    """Create or resume the study and run it until it holds ``search.n_trials`` complete trials."""
+    """Create or resume the study and run it until it holds ``search.n_trials`` finished
+    trials, then refit the chosen trials and write the report.
+
+    Any number of processes may run this on one study (``study.storage`` on a server,
+    or ``study.workers=N`` here): they admit trials one at a time under a lock on the
+    study (:func:`_search`), so together they stop at exactly ``search.n_trials``.
+    """
     if str(cfg.get("mode", "search")) == "compare":
         return compare(cfg)
     space = check_config(cfg)
     console = Console(enabled=bool(cfg.console.progress))
+    is_worker = os.environ.get(WORKER_ENV) is not None
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     device = resolve_device(str(cfg.device))
@@ -157,69 +171,155 @@ def run_study(cfg: DictConfig) -> optuna.Study:
 
     directions = list(cfg.search.directions)
     refit_only = str(cfg.mode) == "refit"
+    url = str(cfg.study.storage)
+    storage = make_storage(cfg)
     if refit_only:
-        names = {s.study_name for s in optuna.get_all_study_summaries(make_storage(cfg))}
+        names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
         if cfg.study.name not in names:
             raise ConfigError(f"mode=refit: study.name={cfg.study.name!r} does not exist in "
-                              f"{cfg.study.storage}; allowed: {sorted(names)}")
+                              f"{storages.mask_url(url)}; allowed: {sorted(names)}")
     # An existing study keeps its stored directions; a mismatch is caught before any write.
-    study = optuna.create_study(study_name=cfg.study.name, storage=make_storage(cfg),
+    # (create_study with load_if_exists is safe for concurrent workers: the unique study
+    # name is the database's guard.)
+    study = optuna.create_study(study_name=cfg.study.name, storage=storage,
                                 directions=directions, load_if_exists=True)
     stored = [d.name.lower() for d in study.directions]
     if stored != directions:
         raise ConfigError(f"study.name={cfg.study.name!r} already exists with directions "
                           f"{stored}, not {directions}; pick another study.name")
-    study.sampler = make_sampler(cfg, len(study.trials))
-    study.set_metric_names(list(cfg.search.objectives))
-    study.set_user_attr("objectives", list(cfg.search.objectives))
+    study.sampler = make_sampler(cfg)
+    if not is_worker:
+        study.set_metric_names(list(cfg.search.objectives))
+        study.set_user_attr("objectives", list(cfg.search.objectives))
 
-    tracker = StudyTracker(str(cfg.tracking.uri), str(cfg.tracking.experiment), cfg.study.name,
-                           artifact_location=cfg.tracking.get("artifact_location"))
-    optuna.storages.fail_stale_trials(study)
+    # One parent run per study, however many workers start at once: find-or-create runs
+    # under the study's lock.
+    with storages.StudyLock(url, cfg.study.name, "mlflow-parent"):
+        tracker = StudyTracker(str(cfg.tracking.uri), str(cfg.tracking.experiment),
+                               cfg.study.name, artifact_location=cfg.tracking.get("artifact_location"))
+    _fail_dead(study, cfg)
     tracker.close_orphans({t.number: t.state.name for t in study.get_trials(deepcopy=False)})
-    ctx = SearchContext(cfg, dataset, space, tracker, console, device)
+    admission = storages.StudyLock(url, cfg.study.name, "admit")
+    ctx = SearchContext(cfg, dataset, space, tracker, console, device, study, admission)
 
     done = _n_finished(study)
     target = done if refit_only else int(cfg.search.n_trials)
-    console.header(cfg, study, done, target, device)
-    failures = 0
+    if not is_worker:
+        console.header(cfg, study, done, target, device)
     status = "FINISHED"
-
     try:
-        with console.trials(target, done) as advance:
-            def after_trial(s: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
-                nonlocal failures
-                failures += t.state == TrialState.FAIL
-                if failures >= int(cfg.search.max_failures):
-                    s.stop()
-                trials = s.get_trials(deepcopy=False)
-                advance(t, sum(ft.state in FINISHED for ft in trials))
-                # A trial that the heartbeat failed while this process ran (its worker
-                # died) must not stay RUNNING in MLflow.
-                tracker.close_orphans({ft.number: ft.state.name for ft in trials})
-                refresh_pareto(s, tracker)
+        workers = int(cfg.study.get("workers", 1))
+        if refit_only or done >= target:
+            complete = True
+        elif workers > 1 and not is_worker:
+            from dtp_search.workers import run_workers
 
-            while done < target and failures < int(cfg.search.max_failures):
-                study.optimize(
-                    lambda trial: objective(trial, ctx), n_trials=target - done,
-                    catch=(DivergedError,),
-                    callbacks=[optuna.study.MaxTrialsCallback(target, states=FINISHED),
-                               after_trial],
-                    gc_after_trial=False)
-                done = _n_finished(study)
-        if done < target:
-            log.warning("stopped after %d failed trials with %d/%d complete", failures, done, target)
-        elif refit_only or bool(cfg.refit.enabled):
-            refit_study(cfg, study, space, dataset, tracker, device, console)
-        log_report(study, tracker)
+            complete = run_workers(cfg, study, target, console)
+        else:
+            complete = _search(ctx, target)
+        if not complete or is_worker:
+            return study
+        _finish(cfg, study, space, dataset, tracker, device, console, refit_only)
     except BaseException:
         status = "KILLED"
         raise
     finally:
         refresh_pareto(study, tracker)
-        tracker.finish(status)
-    console.summary(study, cfg, tracker.ui_command())
+        if status == "KILLED" or _is_complete(study, target):
+            tracker.finish(status)
+    if not is_worker:
+        console.summary(study, cfg, tracker.ui_command())
     return study
+
+
+def _is_complete(study: optuna.Study, target: int) -> bool:
+    trials = study.get_trials(deepcopy=False)
+    return (sum(t.state in FINISHED for t in trials) >= target
+            and not any(t.state == TrialState.RUNNING for t in trials))
+
+
+def _fail_dead(study: optuna.Study, cfg: DictConfig) -> None:
+    """Fail (and re-queue) trials whose worker died: Optuna's heartbeat check on RDB
+    storages, process liveness on the journal (which has no heartbeat)."""
+    if storages.has_heartbeat(study._storage):
+        optuna.storages.fail_stale_trials(study)
+    else:
+        storages.fail_dead_trials(study, int(cfg.search.max_retry))
+
+
+def _search(ctx: SearchContext, target: int) -> bool:
+    """Run trials until the study holds ``target`` finished ones; True when it does.
+
+    Admission: under the study's lock a worker counts finished and running trials and
+    starts one only while finished + running < target, so that several workers never
+    overshoot. When the remaining slots are all held by running trials, it waits: one of
+    them may belong to a dead worker, and once the heartbeat declares it stale this
+    worker runs its retry (same parameters, resumed from its checkpoint).
+    """
+    cfg, study, console, tracker = ctx.cfg, ctx.study, ctx.console, ctx.tracker
+    poll = max(1.0, min(5.0, float(cfg.search.heartbeat_interval)))
+    failures, waiting_since = 0, None
+    with console.trials(target, _n_finished(study)) as advance:
+        def after_trial(s: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
+            nonlocal failures
+            failures += t.state == TrialState.FAIL
+            trials = s.get_trials(deepcopy=False)
+            advance(t, sum(ft.state in FINISHED for ft in trials))
+            # A trial that the heartbeat failed while this process ran (its worker
+            # died) must not stay RUNNING in MLflow.
+            tracker.close_orphans({ft.number: ft.state.name for ft in trials})
+
+        while failures < int(cfg.search.max_failures):
+            _fail_dead(study, cfg)
+            ctx.admission.acquire()
+            try:
+                trials = study.get_trials(deepcopy=False)
+                finished = sum(t.state in FINISHED for t in trials)
+                running = [t for t in trials if t.state == TrialState.RUNNING]
+                if finished >= target:
+                    break
+                if finished + len(running) >= target:
+                    ctx.admission.release()
+                    if waiting_since is None:
+                        waiting_since = time.monotonic()
+                        log.info("waiting for running trial(s) %s of other workers (a dead "
+                                 "worker's trial is retried after search.grace_period=%ss)",
+                                 [t.number for t in running], cfg.search.grace_period)
+                    tracker.close_orphans({t.number: t.state.name for t in trials})
+                    time.sleep(poll)
+                    continue
+                waiting_since = None
+                # objective() releases the lock once its trial exists and is sampled.
+                study.optimize(lambda trial: objective(trial, ctx), n_trials=1,
+                               catch=(DivergedError,), callbacks=[after_trial],
+                               gc_after_trial=False)
+            finally:
+                ctx.admission.release()
+    done = _n_finished(study)
+    if done < target:
+        log.warning("stopped after %d failed trials with %d/%d finished", failures, done, target)
+        return False
+    return True
+
+
+def _finish(cfg: DictConfig, study: optuna.Study, space: search_space.SearchSpace,
+            dataset: ImageDataset, tracker: StudyTracker, device: torch.device,
+            console: Console, refit_only: bool) -> None:
+    """Refit and report, once per study: the first worker to get here with no trial left
+    running does it; the others see the lock taken (or the refits done) and skip."""
+    lock = storages.StudyLock(str(cfg.study.storage), cfg.study.name, "refit")
+    if not lock.acquire(blocking=False):
+        log.info("another worker is refitting study %s", cfg.study.name)
+        return
+    try:
+        if any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
+            log.info("trials are still running in other workers; the last one to finish refits")
+            return
+        if refit_only or bool(cfg.refit.enabled):
+            refit_study(cfg, study, space, dataset, tracker, device, console)
+        log_report(study, tracker)
+    finally:
+        lock.release()
 
 
 def compare(cfg: DictConfig) -> None:
@@ -241,14 +341,41 @@ def compare(cfg: DictConfig) -> None:
 def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
     """One trial: sample, cross-validate on the training split, log, return the objectives."""
     cfg = ctx.cfg
+    if cfg.search.sampler.get("seed") is not None:
+        # A set seed is offset by the trial number: reproducible for one worker, and
+        # distinct for workers that start together (no duplicated random start-up
+        # points) and for resumed runs (no replayed samples).
+        ctx.study.sampler = make_sampler(cfg, offset=trial.number)
     policy_name, sampled = search_space.sample(trial, ctx.space)
+    # The trial exists (RUNNING) and holds its parameters: other workers may now count
+    # it and sample around it (constant liar).
+    ctx.admission.release()
     tcfg = search_space.apply(cfg, sampled, policy_name)
     params = policy_params(tcfg.policy)
     settings = TrainSettings.from_config(tcfg.train)
     example = torch.zeros(1, *ctx.dataset.input_shape, device=ctx.device)
 
+    # A retry (RetryHeartbeatStaleTrialCallback, or a trial re-queued after an
+    # interrupt) inherits the user attributes of the trial it repeats, "lineage" among
+    # them: the number of the first trial of the chain, which names its checkpoint.
+    inherited = dict(trial.user_attrs)
+    lineage = int(inherited.get("lineage", trial.number))
+    trial.set_user_attr("lineage", lineage)
+    trial.set_user_attr("worker", storages.worker_id())
+    checkpoint = TrialCheckpoint(Path(cfg.paths.checkpoints) / cfg.study.name, lineage,
+                                 _config_key(tcfg)) if cfg.search.checkpoint else None
+    resume = checkpoint.load(ctx.device) if checkpoint is not None else None
+
     run = ctx.tracker.start_trial(trial.number, flatten(loggable(tcfg)), sampled)
-    run.set_tags({"policy": policy_name})
+    run.set_tags({"policy": policy_name, "dtp_search.worker": storages.worker_id()})
+    if "lineage" in inherited:
+        run.set_tags({"dtp_search.retry_of": inherited.get("trial", lineage)})
+    trial.set_user_attr("trial", trial.number)
+    if resume is not None:
+        where = f"checkpoint of trial {lineage} at {describe(resume)}"
+        trial.set_user_attr("resumed_from", where)
+        run.set_tags({"dtp_search.resumed_from": where})
+        log.warning("trial %d resumes from the %s", trial.number, where)
     trial.set_user_attr("mlflow_run_id", run.run_id)
     trial.set_user_attr("policy", policy_name)
     fronts: dict[int, list] = {}
@@ -282,7 +409,8 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
                 make_pruner=lambda m: build_pruner(m, tcfg.policy, example),
                 settings=settings, device=ctx.device, front_points=int(tcfg.front.points),
                 front_max_sparsity=float(tcfg.front.max_sparsity),
-                on_epoch=on_epoch, on_fold_end=on_fold_end)
+                on_epoch=on_epoch, on_fold_end=on_fold_end,
+                on_checkpoint=None if checkpoint is None else checkpoint.save, resume=resume)
         # Mean curves across folds, same integer steps as the per-fold ones.
         for i in range(n_epochs):
             recs = [f.history[i] for f in result.folds if i < len(f.history)]
@@ -301,21 +429,40 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
                                       if p.source in ("final", "sweep")])
         values = {"accuracy": result.accuracy, "sparsity": result.sparsity}
         run.finish("COMPLETE")
+        if checkpoint is not None:
+            checkpoint.clear()
         return tuple(values[o] for o in cfg.search.objectives)
     except optuna.TrialPruned:
         run.finish("PRUNED")
+        if checkpoint is not None:
+            checkpoint.clear()
         raise
     except (KeyboardInterrupt, SystemExit):
         trial.set_user_attr("fail_reason", "interrupted")
         run.set_tags({"fail_reason": "interrupted"})
         run.finish("FAIL", status="KILLED")
+        # Queue the same parameters again, so that rerunning the command continues this
+        # trial from its checkpoint rather than sampling a new one.
+        ctx.study.enqueue_trial(trial.params, user_attrs={"lineage": lineage,
+                                                          "trial": trial.number})
         raise
     except BaseException as exc:
         reason = f"{type(exc).__name__}: {exc}"
         trial.set_user_attr("fail_reason", reason[:500])
         run.set_tags({"fail_reason": reason[:500]})
         run.finish("FAIL")
+        if checkpoint is not None:
+            checkpoint.clear()
         raise
+
+
+def _config_key(tcfg: DictConfig) -> str:
+    """Hash of what a trial's training depends on (not paths, tracking or console)."""
+    relevant = {k: OmegaConf.to_container(tcfg[k], resolve=True) if isinstance(tcfg[k], DictConfig)
+                else tcfg[k] for k in ("dataset", "model", "policy", "train", "cv", "front", "seed")}
+    relevant["policy"].pop("space", None)
+    relevant["policy"].pop("options", None)
+    return hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def pareto_rows(study: optuna.Study) -> list[dict[str, Any]]:

@@ -62,7 +62,11 @@ class StudyTracker:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
-        location = Path(artifact_location).resolve().as_uri() if artifact_location else None
+        # A tracking server stores artifacts where it was told (--artifacts-destination) and
+        # proxies them to every worker; a local folder would split them across machines.
+        remote = self.tracking_uri.split(":", 1)[0] in ("http", "https", "databricks")
+        location = (Path(artifact_location).resolve().as_uri()
+                    if artifact_location and not remote else None)
         try:
             return self.client.create_experiment(name, artifact_location=location)
         except Exception:  # another worker created it first
@@ -160,7 +164,12 @@ class StudyTracker:
         self.client.set_terminated(self.parent_run_id, status)
 
     def ui_command(self) -> str:
-        return f"mlflow ui --backend-store-uri {self.tracking_uri} --host 127.0.0.1 --port 5000"
+        from dtp_search.storage import mask_url
+
+        if self.tracking_uri.split(":", 1)[0] in ("http", "https"):
+            return f"open {self.tracking_uri} (the MLflow server the workers log to)"
+        return (f"mlflow ui --backend-store-uri {mask_url(self.tracking_uri)} "
+                "--host 127.0.0.1 --port 5000")
 
 
 class TrialRun:
