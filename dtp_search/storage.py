@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
 import socket
 import time
@@ -50,6 +51,7 @@ from dtp_search.config import ConfigError
 
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 SCHEMES = (*RDB_SCHEMES, "journal")
+_log = logging.getLogger(__name__)
 
 
 def scheme(url: str) -> str:
@@ -129,7 +131,9 @@ def make_storage(url: str, *, heartbeat_interval: int = 30, grace_period: int = 
 
 
 def has_heartbeat(storage: BaseStorage) -> bool:
-    return isinstance(storage, RDBStorage) and storage.heartbeat_interval is not None
+    # A study wraps its RDBStorage in Optuna's private _CachedStorage.
+    backend = getattr(storage, "_backend", storage)
+    return isinstance(backend, RDBStorage) and backend.heartbeat_interval is not None
 
 
 # --------------------------------------------------------------------------- workers
@@ -168,9 +172,10 @@ def fail_dead_trials(study: optuna.Study, max_retry: int | None) -> list[int]:
         if worker is None or _alive_here(worker) is not False:
             continue
         # set_trial_state_values returns False when another worker changed it first.
+        # (No reason attribute: the retry inherits every user attribute of the trial.)
         if storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
-            storage.set_trial_user_attr(t._trial_id, "fail_reason",
-                                        f"worker {worker} died (process gone)")
+            _log.warning("trial %d failed: its worker %s died; re-queued with the same "
+                         "parameters", t.number, worker)
             retry(study, storage.get_trial(t._trial_id))
             failed.append(t.number)
     return failed
