@@ -1,0 +1,116 @@
+"""Wall time of one study run by 1 process and by several, side by side in one run.
+
+Set-ups (same study config, fresh stores each):
+
+* ``sqlite``   — the single-user default, one process;
+* ``journal``  — ``study.workers=N`` on this machine (JournalStorage file);
+* ``postgres`` — N independent processes (as on N machines) on a throwaway PostgreSQL
+  cluster, logging to a throwaway ``mlflow server`` — the servers of tests/servers.py.
+
+Each set-up is checked as it ends: exactly ``n_trials`` COMPLETE trials, one MLflow run per
+trial. Usage::
+
+    python scripts/bench_workers.py --workers 3 --n-trials 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import optuna
+from mlflow.tracking import MlflowClient
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from servers import mlflow_server, postgres_cluster
+
+TINY = ["cv.folds=2", "train.epochs=2", "train.finetune_epochs=1", "front.points=4",
+        "policy.update_every=5", "console.progress=false", "refit.top_k=1"]
+
+
+def launch(root: Path, args: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "ab") as f:
+        return subprocess.Popen([sys.executable, "-m", "dtp_search", f"paths.root={root}", *args],
+                                cwd=root, stdout=f, stderr=subprocess.STDOUT)
+
+
+def run(root: Path, name: str, processes: int, args: list[str]) -> float:
+    logs = [root / f"{name}-{i}.log" for i in range(processes)]
+    start = time.perf_counter()
+    procs = [launch(root, args, log) for log in logs]
+    for p, log in zip(procs, logs, strict=True):
+        if p.wait() != 0:
+            sys.exit(f"{name}: a process failed:\n{log.read_text()[-3000:]}")
+    return time.perf_counter() - start
+
+
+def journal(path: Path) -> optuna.storages.JournalStorage:
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+
+
+def check(storage: str | optuna.storages.BaseStorage, tracking: str, study_name: str, n_trials: int) -> str:
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    states = Counter(t.state.name for t in study.trials)
+    workers = len({t.user_attrs.get("worker") for t in study.trials})
+    client = MlflowClient(tracking)
+    exp = client.get_experiment_by_name(study_name)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    roles = Counter(r.data.tags.get("dtp_search.role") for r in runs)
+    assert states == {"COMPLETE": n_trials}, states
+    assert roles["trial"] == n_trials and roles["study"] == 1, roles
+    return f"{states['COMPLETE']} COMPLETE by {workers} worker(s); MLflow: {dict(roles)}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workers", type=int, default=3)
+    ap.add_argument("--n-trials", type=int, default=9)
+    a = ap.parse_args()
+    n = a.workers
+    common = [f"search.n_trials={a.n_trials}", *TINY]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="dtp-bench-workers-") as tmp:
+        tmp = Path(tmp)
+        root = tmp / "sqlite"
+        root.mkdir()
+        t = run(root, "sqlite", 1, ["study.name=bench", *common])
+        results.append(("sqlite, 1 process", t, check(f"sqlite:///{root}/optuna.db",
+                                                      f"sqlite:///{root}/mlflow.db", "bench",
+                                                      a.n_trials)))
+
+        root = tmp / "journal"
+        root.mkdir()
+        t = run(root, "journal", 1, ["study.name=bench", f"study.workers={n}",
+                                     f"study.storage=journal://{root}/optuna.log", *common])
+        results.append((f"journal, study.workers={n}", t,
+                        check(journal(root / "optuna.log"), f"sqlite:///{root}/mlflow.db",
+                              "bench", a.n_trials)))
+
+        root = tmp / "postgres"
+        root.mkdir()
+        (root / "artifacts").mkdir()
+        with postgres_cluster() as pg:
+            pg = pg.replace("postgresql://", "postgresql+psycopg://")
+            with mlflow_server(f"{pg}/mlflow", root / "artifacts") as tracking:
+                storage = f"{pg}/optuna"
+                t = run(root, "postgres", n, ["study.name=bench", f"study.storage={storage}",
+                                              f"tracking.uri={tracking}", *common])
+                results.append((f"postgres + mlflow server, {n} processes", t,
+                                check(storage, tracking, "bench", a.n_trials)))
+
+    base = results[0][1]
+    print(f"\n{a.n_trials} trials, {n} workers where several; {sys.platform}, "
+          f"{os.cpu_count()} CPU cores\n")
+    print("| set-up | wall time | vs sqlite, 1 process | check |\n| --- | ---: | ---: | --- |")
+    for name, t, note in results:
+        print(f"| {name} | {t:.1f} s | {base / t:.2f}x | {note} |")
+
+
+if __name__ == "__main__":
+    main()
