@@ -7,7 +7,7 @@ Storages (``study.storage``):
   for ``study.workers > 1`` (see :func:`check_storage`).
 * ``postgresql://user:pass@host:port/db`` (or ``mysql://``) — the same RDBStorage on a
   server: any number of workers on any number of machines.
-* ``journal:////abs/path.log`` — Optuna's :class:`~optuna.storages.JournalStorage` with
+* ``journal:///abs/path.log`` — Optuna's :class:`~optuna.storages.JournalStorage` with
   its file backend: several workers on *one* machine without a server. Optuna's
   journal has no heartbeat, so a dead worker's trial is detected here by process
   liveness instead (same host only; see :func:`fail_dead_trials`).
@@ -81,7 +81,9 @@ def local_path(url: str) -> Path | None:
         path = url.split(":///", 1)[1] if ":///" in url else ""
         return None if not path or path == ":memory:" else Path(path)
     if kind == "journal":
-        return Path(url.split("://", 1)[1]) if "://" in url else Path(url.split(":", 1)[1])
+        path = url.split("://", 1)[1] if "://" in url else url.split(":", 1)[1]
+        # journal:///abs/x.log, like file:// URLs; journal:////abs/x.log, like sqlite:.
+        return Path("/" + path.lstrip("/")) if path.startswith("/") else Path(path)
     return None
 
 
@@ -91,7 +93,7 @@ def check_storage(url: str, workers: int) -> None:
     if kind not in SCHEMES:
         raise ConfigError(f"study.storage={mask_url(url)!r} is not a storage URL dtp_search can "
                           f"open; allowed schemes: {list(SCHEMES)} (e.g. sqlite:////abs/optuna.db, "
-                          "postgresql://user:pass@host/db, journal:////abs/optuna.log)")
+                          "postgresql://user:pass@host/db, journal:///abs/optuna.log)")
     if kind in ("sqlite", "journal") and local_path(url) is None:
         raise ConfigError(f"study.storage={mask_url(url)!r} needs an absolute file path, "
                           "e.g. sqlite:////abs/optuna.db")

@@ -240,10 +240,13 @@ def _is_complete(study: optuna.Study, target: int) -> bool:
 
 def _fail_dead(study: optuna.Study, cfg: DictConfig) -> None:
     """Fail (and re-queue) trials whose worker died: Optuna's heartbeat check on RDB
-    storages, process liveness on the journal (which has no heartbeat)."""
+    storages; and on the file storages (SQLite, journal), whose workers all run on this
+    machine, process liveness — at once, without waiting for the grace period (the
+    journal has no heartbeat at all). Liveness is not used for servers: workers in
+    containers can share a host name without sharing process ids."""
     if storages.has_heartbeat(study._storage):
         optuna.storages.fail_stale_trials(study)
-    else:
+    if storages.local_path(str(cfg.study.storage)) is not None:
         storages.fail_dead_trials(study, int(cfg.search.max_retry))
 
 

@@ -10,7 +10,7 @@ Set-ups (same study config, fresh stores each):
 Each set-up is checked as it ends: exactly ``n_trials`` COMPLETE trials, one MLflow run per
 trial. Usage::
 
-    python scripts/bench_workers.py --workers 3 --n-trials 9
+    python scripts/bench_workers.py --workers 2 --n-trials 8 --epochs 10
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from mlflow.tracking import MlflowClient
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from servers import mlflow_server, postgres_cluster
 
-TINY = ["cv.folds=2", "train.epochs=2", "train.finetune_epochs=1", "front.points=4",
-        "policy.update_every=5", "console.progress=false", "refit.top_k=1"]
+BUDGET = ["train.finetune_epochs=1", "front.points=4", "policy.update_every=5",
+          "console.progress=false", "refit.top_k=1"]
 
 
 def launch(root: Path, args: list[str], log: Path) -> subprocess.Popen:
@@ -64,16 +64,21 @@ def check(storage: str | optuna.storages.BaseStorage, tracking: str, study_name:
     roles = Counter(r.data.tags.get("dtp_search.role") for r in runs)
     assert states == {"COMPLETE": n_trials}, states
     assert roles["trial"] == n_trials and roles["study"] == 1, roles
-    return f"{states['COMPLETE']} COMPLETE by {workers} worker(s); MLflow: {dict(roles)}"
+    seconds = sorted((t.datetime_complete - t.datetime_start).total_seconds() for t in study.trials)
+    return (f"{states['COMPLETE']} COMPLETE by {workers} worker(s), median trial "
+            f"{seconds[len(seconds) // 2]:.1f} s; MLflow runs: {dict(sorted(roles.items()))}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workers", type=int, default=3)
     ap.add_argument("--n-trials", type=int, default=9)
+    ap.add_argument("--epochs", type=int, default=2, help="train.epochs of each fold")
+    ap.add_argument("--folds", type=int, default=2, help="cv.folds")
     a = ap.parse_args()
     n = a.workers
-    common = [f"search.n_trials={a.n_trials}", *TINY]
+    common = [f"search.n_trials={a.n_trials}", f"train.epochs={a.epochs}", f"cv.folds={a.folds}",
+              *BUDGET]
     results = []
     with tempfile.TemporaryDirectory(prefix="dtp-bench-workers-") as tmp:
         tmp = Path(tmp)
@@ -99,14 +104,18 @@ def main() -> None:
             pg = pg.replace("postgresql://", "postgresql+psycopg://")
             with mlflow_server(f"{pg}/mlflow", root / "artifacts") as tracking:
                 storage = f"{pg}/optuna"
+                # Independent processes on one machine share its cores, as
+                # study.workers does for its own workers (torch would oversubscribe).
+                threads = max(1, (os.cpu_count() or 1) // n)
                 t = run(root, "postgres", n, ["study.name=bench", f"study.storage={storage}",
-                                              f"tracking.uri={tracking}", *common])
+                                              f"tracking.uri={tracking}", f"threads={threads}",
+                                              *common])
                 results.append((f"postgres + mlflow server, {n} processes", t,
                                 check(storage, tracking, "bench", a.n_trials)))
 
     base = results[0][1]
-    print(f"\n{a.n_trials} trials, {n} workers where several; {sys.platform}, "
-          f"{os.cpu_count()} CPU cores\n")
+    print(f"\ndigits, lenet300, agp; {a.n_trials} trials of {a.folds} folds x {a.epochs}+1 "
+          f"epochs; {n} workers where several; {os.cpu_count()} CPU cores\n")
     print("| set-up | wall time | vs sqlite, 1 process | check |\n| --- | ---: | ---: | --- |")
     for name, t, note in results:
         print(f"| {name} | {t:.1f} s | {base / t:.2f}x | {note} |")

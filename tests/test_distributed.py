@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from servers import PASSWORD, mlflow_server, postgres_cluster
+
+from dtp_search.storage import StudyLock
 
 pytestmark = pytest.mark.slow
 
@@ -84,6 +87,26 @@ def kill_mid_trial(storage: str, study_name: str, checkpoints: Path, timeout: fl
     raise AssertionError("no trial checkpointed in time")
 
 
+def test_postgres_study_lock_excludes_other_sessions_and_blocks_until_free(servers):
+    storage, _ = servers
+    first, second = StudyLock(storage, "s", "admit"), StudyLock(storage, "s", "admit")
+    assert first.acquire()  # blocking, free: returns at once
+    assert not second.acquire(blocking=False)
+    assert not second.acquire(timeout=0.3)
+    other = StudyLock(storage, "s", "refit")
+    assert other.acquire(blocking=False)  # another purpose is another lock
+    other.release()
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(second.acquire()))
+    waiter.start()
+    time.sleep(0.5)
+    assert not got  # still waiting on the server
+    first.release()
+    waiter.join(timeout=10)
+    assert got == [True] and second.held
+    second.release()
+
+
 def test_three_workers_share_one_postgres_study_and_one_mlflow_server(servers, tmp_path):
     storage, tracking = servers
     root = tmp_path / "runs"
@@ -135,14 +158,18 @@ def test_killed_worker_trial_is_retried_from_its_checkpoint_by_another_worker(se
 def test_killed_single_worker_on_sqlite_resumes_on_rerun(tmp_path):
     root = tmp_path / "runs"
     root.mkdir()
-    args = ["study.name=solo", "search.n_trials=2", *SLOW, "search.grace_period=3"]
+    # A grace period far beyond the test's timeout: the rerun must see at once that the
+    # killed trial's process is gone instead of waiting for its heartbeat to go stale.
+    args = ["study.name=solo", "search.n_trials=2",
+            *[a for a in SLOW if not a.startswith("search.grace_period")],
+            "search.grace_period=3600"]
     storage, tracking = f"sqlite:///{root}/optuna.db", f"sqlite:///{root}/mlflow.db"
     log = tmp_path / "solo.log"
     first = start_worker(root, log, *args)
     killed = kill_mid_trial(storage, "solo", root / "checkpoints" / "solo")
     assert first.wait(timeout=60) == -signal.SIGKILL
     second = start_worker(root, log, *args)  # the same command again
-    wait_all([second], [log])
+    wait_all([second], [log], timeout=300)
     _assert_retried(storage, tracking, "solo", killed, n_trials=2)
 
 
