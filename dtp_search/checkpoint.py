@@ -24,6 +24,21 @@ log = logging.getLogger(__name__)
 FORMAT = "dtp_search.checkpoint/1"
 
 
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then ``os.replace``: readers (other
+    workers) see the old file or the new one, never a partial write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 class TrialCheckpoint:
     """``<folder>/trial-<lineage>.pt``; ``config_key`` guards against resuming a trial
     whose configuration has since changed (a different command-line override)."""
@@ -34,15 +49,7 @@ class TrialCheckpoint:
         self.config_key = config_key
 
     def save(self, state: dict[str, Any]) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{self.path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save({"format": FORMAT, "config_key": self.config_key, "state": state}, f)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_save({"format": FORMAT, "config_key": self.config_key, "state": state}, self.path)
 
     def load(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
         """The saved state (tensors on ``map_location``, the device the trial trains on),

@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from dtp_search.checkpoint import atomic_save
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,7 @@ def load_imagefolder(root: str | os.PathLike, *, channels: int | None = None,
     images = _decode_all(paths, channels, image_size)
     split = Split(images, torch.from_numpy(labels[keep]))
     if cache_file is not None:
-        _atomic_save({"images": split.images, "labels": split.labels,
+        atomic_save({"images": split.images, "labels": split.labels,
                       "classes": list(folder.classes)}, cache_file)
         log.info("cached %d decoded images from %s in %s", len(split), root, cache_file)
     return split, list(folder.classes)
@@ -263,18 +264,6 @@ def _decode_all(paths: list[str], channels: int | None, image_size: Any) -> torc
         raise DatasetError(f"images have different sizes {sorted(shapes)[:3]}...; "
                            "set dataset.image_size to resize them")
     return torch.stack(decoded)
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ------------------------------------------------------------------------ batching

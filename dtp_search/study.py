@@ -36,6 +36,7 @@ from dtp_search.refit import refit_study
 from dtp_search.report import log_report
 from dtp_search.tracking import StudyTracker
 from dtp_search.training import DivergedError, TrainSettings, cross_validate, resolve_device
+from dtp_search.warmstart import WarmStartCache
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,13 @@ def check_config(cfg: DictConfig) -> search_space.SearchSpace:
     if len(directions) != len(objectives) or any(d not in DIRECTIONS for d in directions):
         raise ConfigError(f"search.directions={directions} must give one of {list(DIRECTIONS)} "
                           f"per objective {objectives}")
+    min_sparsity = cfg.search.get("min_sparsity")
+    if min_sparsity is not None and (isinstance(min_sparsity, bool)
+                                     or not isinstance(min_sparsity, (int, float))
+                                     or not 0 <= min_sparsity < 1):
+        raise ConfigError(f"search.min_sparsity={min_sparsity!r} is not allowed; allowed: null "
+                          "or a number in [0, 1)")
+    make_pruner(cfg)
     if int(cfg.search.n_trials) < 1:
         raise ConfigError(f"search.n_trials={cfg.search.n_trials} is not allowed; need >= 1")
     if str(cfg.get("mode", "search")) not in MODES:
@@ -118,6 +126,24 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 def _n_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def make_pruner(cfg: DictConfig) -> optuna.pruners.BasePruner:
+    """The configured pruner (``pruner=median|wilcoxon|none``) for a single-objective study.
+
+    Steps are folds: a trial reports each fold's value and may stop after it. Optuna's
+    ``report``/``should_prune`` do not exist for multi-objective studies — a trial's
+    partial result is a point, and no point is "worse than the median" of a Pareto front —
+    so two-objective studies always run every fold (``NopPruner``).
+    """
+    node = cfg.search.get("pruner")
+    if len(cfg.search.objectives) > 1 or node is None:
+        return optuna.pruners.NopPruner()
+    try:
+        return hydra.utils.instantiate(node)
+    except Exception as exc:
+        raise ConfigError(f"search.pruner could not be built ({exc}); allowed: pruner=median, "
+                          "pruner=wilcoxon, pruner=none or any optuna.pruners class") from exc
 
 
 def make_sampler(cfg: DictConfig, offset: int = 0) -> optuna.samplers.BaseSampler:
@@ -188,6 +214,7 @@ def run_study(cfg: DictConfig) -> optuna.Study:
         raise ConfigError(f"study.name={cfg.study.name!r} already exists with directions "
                           f"{stored}, not {directions}; pick another study.name")
     study.sampler = make_sampler(cfg)
+    study.pruner = make_pruner(cfg)
     if not is_worker:
         study.set_metric_names(list(cfg.search.objectives))
         study.set_user_attr("objectives", list(cfg.search.objectives))
@@ -368,6 +395,8 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
     checkpoint = TrialCheckpoint(Path(cfg.paths.checkpoints) / cfg.study.name, lineage,
                                  _config_key(tcfg)) if cfg.search.checkpoint else None
     resume = checkpoint.load(ctx.device) if checkpoint is not None else None
+    warm_start = (WarmStartCache(Path(cfg.paths.cache_dir) / "warm_start")
+                  if cfg.search.get("warm_start", True) else None)
 
     run = ctx.tracker.start_trial(trial.number, flatten(loggable(tcfg)), sampled)
     run.set_tags({"policy": policy_name, "dtp_search.worker": storages.worker_id()})
@@ -382,6 +411,7 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
     trial.set_user_attr("mlflow_run_id", run.run_id)
     trial.set_user_attr("policy", policy_name)
     fronts: dict[int, list] = {}
+    objectives = list(cfg.search.objectives)
     n_epochs = settings.epochs + settings.finetune_epochs
     try:
         try:
@@ -404,6 +434,15 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
                 fronts[fold] = result.front
                 run.log_metrics({f"fold_{fold}/accuracy": result.accuracy,
                                  f"fold_{fold}/final_sparsity": result.sparsity})
+                if len(objectives) == 1:  # see make_pruner
+                    value = {"accuracy": result.accuracy, "sparsity": result.sparsity}[objectives[0]]
+                    trial.report(value, step=fold)
+                    if fold + 1 < int(tcfg.cv.folds) and trial.should_prune():
+                        reason = (f"stopped by {type(ctx.study.pruner).__name__} after fold "
+                                  f"{fold} ({objectives[0]} {value:.4f})")
+                        trial.set_user_attr("prune_reason", reason)
+                        run.set_tags({"prune_reason": reason})
+                        raise optuna.TrialPruned(reason)
 
             result = cross_validate(
                 ctx.dataset, folds=int(tcfg.cv.folds), seed=int(tcfg.seed),
@@ -413,7 +452,9 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
                 settings=settings, device=ctx.device, front_points=int(tcfg.front.points),
                 front_max_sparsity=float(tcfg.front.max_sparsity),
                 on_epoch=on_epoch, on_fold_end=on_fold_end,
-                on_checkpoint=None if checkpoint is None else checkpoint.save, resume=resume)
+                on_checkpoint=None if checkpoint is None else checkpoint.save, resume=resume,
+                warm_start=warm_start,
+                warm_start_context=OmegaConf.to_container(tcfg.dataset, resolve=True))
         # Mean curves across folds, same integer steps as the per-fold ones.
         for i in range(n_epochs):
             recs = [f.history[i] for f in result.folds if i < len(f.history)]
@@ -421,7 +462,9 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
                              for k in ("loss", "val_accuracy", "sparsity", "threshold")},
                             step=recs[0].epoch)
         summary = {"cv_accuracy": result.accuracy, "cv_accuracy_std": result.accuracy_std,
-                   "cv_sparsity": result.sparsity, "cv_sparsity_std": result.sparsity_std}
+                   "cv_sparsity": result.sparsity, "cv_sparsity_std": result.sparsity_std,
+                   # dense epochs this trial took from the warm-start cache, over all folds
+                   "warm_start_epochs": sum(f.warm_start_epochs for f in result.folds)}
         run.log_metrics(summary)
         run.log_front(fronts, f"{cfg.study.name} · trial {trial.number} · {policy_name}")
         for k, v in summary.items():
@@ -430,6 +473,9 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
         trial.set_user_attr("front", [[round(p.sparsity, 5), round(p.accuracy, 5)]
                                       for p in sorted(fronts.get(0, []), key=lambda p: p.sparsity)
                                       if p.source in ("final", "sweep")])
+        if cfg.search.get("min_sparsity") is not None:
+            # Feasible when <= 0; Optuna's samplers read it (Trial.set_constraint).
+            trial.set_constraint("min_sparsity", float(cfg.search.min_sparsity) - result.sparsity)
         values = {"accuracy": result.accuracy, "sparsity": result.sparsity}
         run.finish("COMPLETE")
         if checkpoint is not None:
@@ -471,6 +517,10 @@ def _config_key(tcfg: DictConfig) -> str:
 def pareto_rows(study: optuna.Study) -> list[dict[str, Any]]:
     """Pareto-optimal complete trials as table rows (non-domination per the study's directions)."""
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    # Under a constraint (search.min_sparsity) only feasible trials are candidates, as
+    # for Optuna's own best_trial(s); with none feasible yet, all are shown.
+    feasible = [t for t in trials if all(c <= 0 for c in t.constraints.values())]
+    trials = feasible or trials
     if not trials:
         return []
     names = study.user_attrs.get("objectives") or [f"value_{i}" for i in range(len(study.directions))]

@@ -6,6 +6,7 @@ Neither function knows about Optuna or MLflow: callers observe progress through 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import statistics
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from dtp_search.pruning import (
     one_shot_sweep,
     prunable_layers,
 )
+from dtp_search.warmstart import WarmStartCache, cache_key
 
 
 @dataclass
@@ -68,6 +70,7 @@ class FoldResult:
     history: list[EpochRecord] = field(default_factory=list)
     front: list[FrontPoint] = field(default_factory=list)
     layer_sparsity: dict[str, float] = field(default_factory=dict)
+    warm_start_epochs: int = 0  # dense epochs taken from the warm-start cache
 
 
 class DivergedError(FloatingPointError):
@@ -118,7 +121,9 @@ def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
                     front_points: int = 10, front_max_sparsity: float = 0.995,
                     on_epoch: Callable[[EpochRecord], None] | None = None,
                     on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
-                    resume: dict[str, Any] | None = None) -> FoldResult:
+                    resume: dict[str, Any] | None = None,
+                    warm_start: WarmStartCache | None = None,
+                    warm_start_context: Any = None) -> FoldResult:
     """Train ``model`` while ``pruner`` moves its masks, fine-tune, and measure its front.
 
     1. *Pruning phase* (``settings.epochs``): SGD/AdamW with a cosine learning rate;
@@ -138,6 +143,13 @@ def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
     states, history, front) as plain containers and tensors; passing one back as
     ``resume`` continues with the next epoch and, on CPU, reproduces the uninterrupted
     run bit for bit.
+
+    Dense warm start. When the policy leaves the network dense for its first ``d``
+    epochs (:meth:`~dtp_search.pruning.ThresholdPolicy.dense_epochs`) and ``warm_start``
+    is given, the state after those epochs is taken from the cache if a trial with the
+    same data, model initialisation, optimiser settings and ``d`` stored it (their epoch
+    records are passed to ``on_epoch`` as if trained), or stored there once trained.
+    ``warm_start_context`` names what the key cannot see: the dataset.
     """
     steps_per_epoch = len(train)
     if steps_per_epoch == 0:
@@ -149,9 +161,25 @@ def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
     front_gap = max(1, steps_per_epoch // 4)
     last_front_step = -front_gap
     done_epochs = 0
+    dense_epochs = pruner.policy.dense_epochs(settings.epochs) if warm_start is not None else 0
+    warm_key = None
+    warmed = 0
+    if dense_epochs > 0:
+        warm_key = _warm_start_key(model, pruner, train, val, settings, dense_epochs,
+                                   warm_start_context)
+        if resume is None:
+            resume = warm_start.load(warm_key, train.device)
+            if resume is not None:
+                warmed = dense_epochs
+                for record in resume["history"]:
+                    if on_epoch is not None:
+                        on_epoch(EpochRecord(**record))
     if resume is not None:
         model.load_state_dict(resume["model"])
-        pruner.load_state_dict(resume["pruner"])
+        if "pruner" in resume:
+            pruner.load_state_dict(resume["pruner"])
+        else:  # a warm-start state: the policy has not acted yet, only the criterion ran
+            pruner.criterion.load_state_dict(resume["criterion"])
         train.generator.set_state(resume["batches"])
         _set_rng_state(resume["rng"])
         history = [EpochRecord(**r) for r in resume["history"]]
@@ -204,13 +232,19 @@ def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
             history.append(record)
             if on_epoch is not None:
                 on_epoch(record)
+            store_warm = (warm_key is not None and not warmed and phase == "prune"
+                          and e == dense_epochs)
+            if on_checkpoint is None and not store_warm:
+                continue
+            state = {"epoch": e, "phase": phase, "model": model.state_dict(),
+                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                     "batches": train.generator.get_state(), "rng": _get_rng_state(),
+                     "history": [asdict(r) for r in history],
+                     "front": [p.as_dict() for p in front], "last_front_step": last_front_step}
+            if store_warm:
+                warm_start.save(warm_key, {**state, "criterion": pruner.criterion.state_dict()})
             if on_checkpoint is not None:
-                on_checkpoint({
-                    "epoch": e, "phase": phase, "model": model.state_dict(),
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "pruner": pruner.state_dict(), "batches": train.generator.get_state(),
-                    "rng": _get_rng_state(), "history": [asdict(r) for r in history],
-                    "front": [p.as_dict() for p in front], "last_front_step": last_front_step})
+                on_checkpoint({**state, "pruner": pruner.state_dict()})
 
     run_phase("prune", settings.epochs, settings.lr, 1, update_masks=True)
     if not pruner.finalized:
@@ -224,7 +258,30 @@ def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
     front.append(FrontPoint(final_sparsity, accuracy, pruner.mean_threshold(), total_epochs, "final"))
     front += one_shot_sweep(pruner, lambda m: evaluate(m, val), n_points=front_points,
                             max_sparsity=front_max_sparsity, epoch=total_epochs)
-    return FoldResult(accuracy, final_sparsity, history, front, layer_sparsity(model))
+    return FoldResult(accuracy, final_sparsity, history, front, layer_sparsity(model), warmed)
+
+
+def _digest(*tensors: torch.Tensor) -> str:
+    h = hashlib.sha1()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _warm_start_key(model: nn.Module, pruner: DynamicPruner, train: TensorBatches,
+                    val: TensorBatches, settings: TrainSettings, dense_epochs: int,
+                    context: Any) -> str:
+    """Everything the dense epochs (and their epoch records) depend on. The initial
+    weights, the fold's indices and the random states are hashed themselves, so the key
+    holds whatever produced them (model config, seeds, feedback hold-out)."""
+    return cache_key(
+        context=context, dense_epochs=dense_epochs, settings=asdict(settings),
+        weights=_digest(*model.state_dict().values()),
+        train=_digest(train.indices), val=_digest(val.indices),
+        batch_size=train.batch_size, augment=[train.augment, train.crop_padding],
+        batches=_digest(train.generator.get_state()), rng=_digest(torch.get_rng_state()),
+        criterion=type(pruner.criterion).__name__, device=str(train.device),
+        torch=torch.__version__)
 
 
 def _get_rng_state() -> dict[str, Any]:
@@ -248,7 +305,8 @@ def fold_to_dict(result: FoldResult) -> dict[str, Any]:
 def fold_from_dict(data: dict[str, Any]) -> FoldResult:
     return FoldResult(data["accuracy"], data["sparsity"],
                       [EpochRecord(**r) for r in data["history"]],
-                      [FrontPoint(**p) for p in data["front"]], dict(data["layer_sparsity"]))
+                      [FrontPoint(**p) for p in data["front"]], dict(data["layer_sparsity"]),
+                      int(data.get("warm_start_epochs", 0)))
 
 
 @dataclass
@@ -281,7 +339,9 @@ def cross_validate(dataset: ImageDataset, folds: int, seed: int,
                    on_fold_end: Callable[[int, FoldResult], None] | None = None,
                    on_epoch: Callable[[int, EpochRecord], None] | None = None,
                    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
-                   resume: dict[str, Any] | None = None) -> CVResult:
+                   resume: dict[str, Any] | None = None,
+                   warm_start: WarmStartCache | None = None,
+                   warm_start_context: Any = None) -> CVResult:
     """k-fold cross-validation of one pruning configuration on the *training* split.
 
     Folds come from ``sklearn.model_selection.StratifiedKFold(folds, shuffle=True,
@@ -332,7 +392,8 @@ def cross_validate(dataset: ImageDataset, folds: int, seed: int,
                 model, pruner, train, val, settings, front_points=front_points,
                 front_max_sparsity=front_max_sparsity,
                 on_epoch=None if on_epoch is None else (lambda r, k=k: on_epoch(k, r)),
-                on_checkpoint=checkpoint, resume=state)
+                on_checkpoint=checkpoint, resume=state, warm_start=warm_start,
+                warm_start_context=warm_start_context)
         results.append(result)
         if on_fold_end is not None:
             on_fold_end(k, result)

@@ -219,3 +219,29 @@ def test_a_killed_run_is_resumed_and_its_trial_retried(tmp_path):
     by_number = {int(c.data.tags["optuna.trial_number"]): c for c in children}
     assert by_number[failed.number].info.status == "FAILED"
     assert all(c.info.status != "RUNNING" for c in children)
+
+
+@pytest.mark.slow
+def test_single_objective_study_stops_hopeless_trials_after_a_fold(tmp_path):
+    root = tmp_path / "runs"
+    # Accuracy under a sparsity constraint; final sparsities up to 0.999 make some trials
+    # hopeless, and the median pruner (one trial to start from) stops them after fold 0.
+    proc = run_cli(root, "study.name=single", "search.n_trials=8", "search.objectives=[accuracy]",
+                   "search.directions=[maximize]", "search.min_sparsity=0.6",
+                   "search.pruner.n_startup_trials=1", "refit.enabled=false",
+                   "policy.space.final_sparsity.high=0.999", "cv.folds=3", *TINY[1:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = optuna.load_study(study_name="single", storage=f"sqlite:///{root}/optuna.db")
+    states = [t.state for t in study.trials]
+    assert len(study.trials) == 8
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned, states
+    for t in pruned:
+        assert t.user_attrs["prune_reason"].startswith("stopped by MedianPruner after fold")
+        assert len(t.intermediate_values) < 3  # it did not run every fold
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert complete and all(set(t.constraints) == {"min_sparsity"} for t in complete)
+    assert all(sorted(t.intermediate_values) == [0, 1, 2] for t in complete)
+    feasible = [t for t in complete if t.constraints["min_sparsity"] <= 0]
+    if feasible:
+        assert study.best_trial.number in {t.number for t in feasible}

@@ -16,7 +16,9 @@ accuracy feedback (``feedback``), recovery (``splicing``) and learned thresholds
 (``soft_threshold``). docs/policies.md has every rule with its parameters and sources.
 
 Time is measured in (fractional) epochs so that the same config means the same
-schedule whatever the batch size. No policy updates masks before ``start_epoch``.
+schedule whatever the batch size. No policy updates masks until ``start_epoch`` has
+passed: the first ``start_epoch`` epochs train the dense network (and can be shared
+between trials, see :meth:`ThresholdPolicy.dense_epochs`).
 """
 
 from __future__ import annotations
@@ -94,8 +96,19 @@ class ThresholdPolicy(ABC):
         self.feedback: Callable[[], float] | None = None
 
     def is_active(self, epoch: float) -> bool:
-        """Whether masks may change at time ``epoch``."""
-        return epoch >= self.start_epoch
+        """Whether masks may change at time ``epoch`` (strictly after ``start_epoch``, so that
+        the first ``start_epoch`` epochs are wholly dense)."""
+        return epoch > self.start_epoch
+
+    def dense_epochs(self, epochs: int) -> int:
+        """Whole epochs at the start of an ``epochs``-long pruning phase during which this
+        policy leaves the network exactly dense (all masks 1, ``W ⊙ M = W``).
+
+        Training in those epochs does not depend on the policy's parameters, so trials
+        that share everything else can share its result (the dense warm-start cache).
+        Policies whose masks act from the first step (learned thresholds) return 0.
+        """
+        return max(0, min(math.floor(self.start_epoch), int(epochs)))
 
     def should_update(self, step: int, epoch: float) -> bool:
         """Whether to recompute masks after optimizer step ``step`` (1-based) at time ``epoch``."""
@@ -529,6 +542,9 @@ class SoftThreshold(ThresholdPolicy):
     def mask_factory(self) -> Callable[..., WeightMask]:
         return functools.partial(SoftThresholdMask, s_init=self.s_init)
 
+    def dense_epochs(self, epochs: int) -> int:
+        return 0  # the learned threshold shrinks weights from the first step
+
     def param_groups(self, masks: Mapping[str, WeightMask]) -> list[dict[str, Any]]:
         params = [m.s for m in masks.values() if isinstance(m, SoftThresholdMask)]
         return [{"params": params, "weight_decay": self.threshold_decay}] if params else []
@@ -560,6 +576,9 @@ class DenseBaseline(ThresholdPolicy):
     def should_update(self, step: int, epoch: float) -> bool:
         return False
 
+    def dense_epochs(self, epochs: int) -> int:
+        return int(epochs)
+
     def thresholds(self, layers: Sequence[LayerView], epoch: float) -> Thresholds:
         return {}
 
@@ -587,6 +606,9 @@ class OneShotGlobal(ThresholdPolicy):
 
     def should_update(self, step: int, epoch: float) -> bool:
         return False
+
+    def dense_epochs(self, epochs: int) -> int:
+        return int(epochs)  # the whole pruning phase trains dense
 
     def thresholds(self, layers: Sequence[LayerView], epoch: float) -> Thresholds:
         theta = global_threshold(layers, self.amount)

@@ -1,0 +1,74 @@
+"""The dense warm-start cache: trials that begin with the same dense training share it.
+
+A policy that starts pruning after ``start_epoch`` epochs (or prunes once at the end, like
+``oneshot_global``) trains the plain dense network until then
+(:meth:`~dtp_search.pruning.ThresholdPolicy.dense_epochs`). What that produces depends on
+the data, the model, the fold, the seed, the optimiser settings and the number of dense
+epochs — not on the policy's own parameters — so every later trial with the same
+values can start from the stored state and train only its pruning phase.
+
+The stored state is the training state of :func:`dtp_search.training.prune_and_train` at
+the end of the dense epochs (model, optimiser, LR schedule, batch order and random
+states, history, the criterion's running averages), the same containers a checkpoint
+holds; resuming from it reproduces the uncached run bit for bit on CPU. Files are written
+atomically and are never rewritten, so any number of workers can share the folder; they
+are read with ``torch.load(weights_only=True)``.
+
+PyTorch has no cache of this kind (``torch.ao.pruning`` and ``torch.nn.utils.prune`` prune
+a given model; the warm-up is the caller's), hence this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dtp_search.checkpoint import atomic_save
+
+log = logging.getLogger(__name__)
+
+FORMAT = "dtp_search.warmstart/1"
+
+
+def cache_key(**parts: Any) -> str:
+    """A stable digest of everything the dense epochs depend on."""
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:24]
+
+
+class WarmStartCache:
+    """``<folder>/dense-<key>.pt`` files; counts its hits and stores for the caller's logs."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.hits = 0
+        self.stores = 0
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"dense-{key}.pt"
+
+    def load(self, key: str, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+        path = self.path(key)
+        if not path.exists():
+            return None
+        try:
+            data = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as exc:  # truncated by a full disk, or another version's format
+            log.warning("ignoring unreadable warm-start state %s: %s", path, exc)
+            return None
+        if data.get("format") != FORMAT or data.get("key") != key:
+            return None
+        self.hits += 1
+        return data["state"]
+
+    def save(self, key: str, state: dict[str, Any]) -> None:
+        path = self.path(key)
+        if path.exists():  # another trial (or worker) stored the same state first
+            return
+        atomic_save({"format": FORMAT, "key": key, "state": state}, path)
+        self.stores += 1
