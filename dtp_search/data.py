@@ -269,12 +269,15 @@ def _decode_all(paths: list[str], channels: int | None, image_size: Any) -> torc
 # ------------------------------------------------------------------------ batching
 
 
-def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator,
+                     channels_last: bool = False) -> torch.Tensor:
     """Per-sample random crop (zero padding) and horizontal flip of a uint8 batch, in one gather.
 
     ``torchvision.transforms.v2`` applied to a batch tensor draws *one* crop for the
     whole batch; augmentation needs one per sample, so the crop offsets and flips are
-    drawn per sample and folded into a single advanced-indexing gather.
+    drawn per sample and folded into a single advanced-indexing gather. With
+    ``channels_last`` the gather writes NHWC order directly (the result is the same
+    NCHW-shaped batch with channels-last strides), saving a copy before the convolutions.
     """
     b, c, h, w = images.shape
     dev = images.device
@@ -285,8 +288,11 @@ def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Genera
     cols = ox + torch.arange(w, device=dev)
     flip = torch.rand(b, 1, generator=generator, device=dev) < 0.5
     cols = torch.where(flip, cols.flip(1), cols)
-    return padded[torch.arange(b, device=dev)[:, None, None, None],
-                  torch.arange(c, device=dev)[None, :, None, None],
+    batch, channel = torch.arange(b, device=dev), torch.arange(c, device=dev)
+    if channels_last:
+        return padded[batch[:, None, None, None], channel[None, None, None, :],
+                      rows[:, :, None, None], cols[:, None, :, None]].permute(0, 3, 1, 2)
+    return padded[batch[:, None, None, None], channel[None, :, None, None],
                   rows[:, None, :, None], cols[:, None, None, :]]
 
 
@@ -301,7 +307,7 @@ class TensorBatches:
                  batch_size: int, mean: Sequence[float], std: Sequence[float],
                  device: torch.device | str = "cpu", shuffle: bool = False,
                  augment: bool = False, crop_padding: int = 4, seed: int = 0,
-                 drop_last: bool = False) -> None:
+                 drop_last: bool = False, channels_last: bool = False) -> None:
         self.device = torch.device(device)
         self.images = split.images.to(self.device)
         self.labels = split.labels.to(self.device)
@@ -311,6 +317,7 @@ class TensorBatches:
         self.batch_size = int(batch_size)
         self.shuffle, self.augment, self.crop_padding = shuffle, augment, crop_padding
         self.drop_last = drop_last
+        self.channels_last = channels_last
         std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self._scale = 1.0 / (255.0 * std_t)
@@ -335,5 +342,9 @@ class TensorBatches:
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             x = self.images[idx]
             if self.augment:
-                x = random_crop_flip(x, self.crop_padding, self.generator)
-            yield torch.addcmul(-self._shift, x.float(), self._scale), self.labels[idx]
+                x = random_crop_flip(x, self.crop_padding, self.generator,
+                                     channels_last=self.channels_last)
+            x = torch.addcmul(-self._shift, x.float(), self._scale)
+            if self.channels_last:  # NHWC: the fast layout for convolutions
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.labels[idx]

@@ -6,6 +6,7 @@ Neither function knows about Optuna or MLflow: callers observe progress through 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import statistics
@@ -45,6 +46,9 @@ class TrainSettings:
     finetune_lr_scale: float = 0.1  # fine-tuning starts at lr · scale, cosine to 0
     label_smoothing: float = 0.0
     l1: float = 0.0  # λ of the penalty λ·Σ|W ⊙ M| over prunable weights
+    channels_last: bool = True  # NHWC memory format for conv nets (faster on CPU and GPU)
+    amp: bool = True  # CUDA only: bf16 autocast for forward passes
+    compile: bool = False  # torch.compile the model for training (any device)
 
     @classmethod
     def from_config(cls, cfg: Any) -> TrainSettings:
@@ -138,6 +142,12 @@ def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
 
     With ``settings.l1 = λ > 0`` the loss is CE + λ·Σ_l ‖W_l ⊙ M_l‖₁ in both phases.
 
+    Conv nets run on channels-last tensors (``settings.channels_last``: the batches come
+    so from :func:`train_batches`/:func:`eval_batches`); on CUDA the forward passes run
+    under bf16 autocast (``settings.amp``); ``settings.compile`` trains through
+    ``torch.compile(model)`` (mask updates write buffers in place, so they do not
+    recompile it).
+
     Checkpoints. After every epoch ``on_checkpoint`` receives the complete training
     state (model, optimizer, scheduler, pruner, the batch order's and torch's random
     states, history, front) as plain containers and tensors; passing one back as
@@ -154,6 +164,20 @@ def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
     steps_per_epoch = len(train)
     if steps_per_epoch == 0:
         raise ValueError("the training fold is smaller than one batch; lower train.batch_size")
+    cuda = train.device.type == "cuda"
+    if settings.channels_last:
+        model.to(memory_format=torch.channels_last)  # 4-d parameters only
+
+    def amp() -> contextlib.AbstractContextManager:
+        return (torch.autocast("cuda", dtype=torch.bfloat16) if cuda and settings.amp
+                else contextlib.nullcontext())
+
+    forward = torch.compile(model) if settings.compile else model
+
+    def score(m: nn.Module) -> float:
+        with amp():
+            return evaluate(m, val)
+
     loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
     history: list[EpochRecord] = []
     front: list[FrontPoint] = []
@@ -189,12 +213,13 @@ def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
     model.train()
 
     def compute_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if not l1_layers:
-            return loss_fn(model(x), y)
-        # cached(): each masked weight W ⊙ M is computed once per step, not twice.
-        with parametrize.cached():
-            loss = loss_fn(model(x), y)
-            return loss + settings.l1 * sum(m.weight.abs().sum() for m in l1_layers)
+        with amp():
+            if not l1_layers:
+                return loss_fn(forward(x), y)
+            # cached(): each masked weight W ⊙ M is computed once per step, not twice.
+            with parametrize.cached():
+                loss = loss_fn(forward(x), y)
+                return loss + settings.l1 * sum(m.weight.abs().sum() for m in l1_layers)
 
     def run_phase(phase: str, epochs: int, lr: float, first_epoch: int, update_masks: bool) -> None:
         nonlocal last_front_step
@@ -222,12 +247,12 @@ def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
                     updated = pruner.step(step, epoch_f) is not None
                     if updated and step - last_front_step >= front_gap:
                         last_front_step = step
-                        front.append(FrontPoint(pruner.sparsity(), evaluate(model, val),
+                        front.append(FrontPoint(pruner.sparsity(), score(model),
                                                 pruner.mean_threshold(), epoch_f, "update"))
             mean_loss = float(loss_sum) / steps_per_epoch
             if not math.isfinite(mean_loss):
                 raise DivergedError(f"loss became {mean_loss} in epoch {e} ({phase} phase)")
-            record = EpochRecord(e, phase, mean_loss, evaluate(model, val), pruner.sparsity(),
+            record = EpochRecord(e, phase, mean_loss, score(model), pruner.sparsity(),
                                  pruner.mean_threshold(), opt.param_groups[0]["lr"])
             history.append(record)
             if on_epoch is not None:
@@ -253,10 +278,13 @@ def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
               settings.epochs + 1, update_masks=False)
 
     total_epochs = float(settings.epochs + settings.finetune_epochs)
-    accuracy = evaluate(model, val)
+    # After fine-tuning the last epoch record already measured this very model.
+    last = history[-1] if history else None
+    accuracy = (last.val_accuracy if last is not None and last.phase == "finetune"
+                and last.epoch == settings.epochs + settings.finetune_epochs else score(model))
     final_sparsity = pruner.sparsity()
     front.append(FrontPoint(final_sparsity, accuracy, pruner.mean_threshold(), total_epochs, "final"))
-    front += one_shot_sweep(pruner, lambda m: evaluate(m, val), n_points=front_points,
+    front += one_shot_sweep(pruner, score, n_points=front_points,
                             max_sparsity=front_max_sparsity, epoch=total_epochs)
     return FoldResult(accuracy, final_sparsity, history, front, layer_sparsity(model), warmed)
 
@@ -406,14 +434,15 @@ def train_batches(dataset: ImageDataset, idx: np.ndarray, settings: TrainSetting
     return TensorBatches(dataset.train, idx, batch_size=settings.batch_size, mean=dataset.mean,
                          std=dataset.std, device=device, shuffle=True, augment=dataset.augment,
                          crop_padding=dataset.crop_padding, seed=seed,
-                         drop_last=len(idx) > settings.batch_size)
+                         drop_last=len(idx) > settings.batch_size,
+                         channels_last=settings.channels_last)
 
 
 def eval_batches(dataset: ImageDataset, split: Any, idx: np.ndarray, settings: TrainSettings,
                  device: torch.device | str) -> TensorBatches:
     """Evaluation batches (no shuffling, no augmentation) over ``idx`` of ``split``."""
     return TensorBatches(split, idx, batch_size=settings.eval_batch_size, mean=dataset.mean,
-                         std=dataset.std, device=device)
+                         std=dataset.std, device=device, channels_last=settings.channels_last)
 
 
 def attach_feedback(pruner: DynamicPruner, model: nn.Module, dataset: ImageDataset,

@@ -148,3 +148,14 @@ def test_torchvision_cifar10_missing_without_download_is_a_clear_error(tmp_path)
                             "download": False})
     with pytest.raises(DatasetError, match=r"dataset\.path"):
         load_dataset(cfg)
+
+
+def test_channels_last_batches_hold_the_same_values():
+    split = Split(torch.randint(0, 255, (40, 3, 8, 8), dtype=torch.uint8), torch.arange(40) % 4)
+    kw = {"batch_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3, "shuffle": True,
+          "augment": True, "crop_padding": 2, "seed": 3}
+    plain = list(TensorBatches(split, None, **kw))
+    nhwc = list(TensorBatches(split, None, channels_last=True, **kw))
+    for (xa, ya), (xb, yb) in zip(plain, nhwc, strict=True):
+        assert xb.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
