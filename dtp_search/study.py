@@ -395,7 +395,7 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
     checkpoint = TrialCheckpoint(Path(cfg.paths.checkpoints) / cfg.study.name, lineage,
                                  _config_key(tcfg)) if cfg.search.checkpoint else None
     resume = checkpoint.load(ctx.device) if checkpoint is not None else None
-    warm_start = (WarmStartCache(Path(cfg.paths.cache_dir) / "warm_start")
+    warm_start = (WarmStartCache(cfg.paths.warm_start)
                   if cfg.search.get("warm_start", True) else None)
 
     run = ctx.tracker.start_trial(trial.number, flatten(loggable(tcfg)), sampled)
