@@ -642,7 +642,10 @@ class _ScoreHolder(nn.Module):
 
     def __init__(self, score: torch.Tensor) -> None:
         super().__init__()
-        self.weight = nn.Parameter(score.detach().clone(), requires_grad=False)
+        # Contiguous: torch.nn.utils.prune flattens with view(-1), which channels-last
+        # (NHWC) conv scores do not allow.
+        self.weight = nn.Parameter(score.detach().clone(memory_format=torch.contiguous_format),
+                                   requires_grad=False)
 
 
 class RandomBaseline(ThresholdPolicy):
@@ -672,8 +675,12 @@ class RandomBaseline(ThresholdPolicy):
             return {}, {}
         self._done = True
         method = prune.RandomUnstructured(amount=self.sparsity)
-        return {layer.name: method.compute_mask(layer.score, torch.ones_like(layer.score)).bool()
-                for layer in layers}, {}
+        # torch.nn.utils.prune flattens with view(-1): give it contiguous (NCHW) tensors.
+        keeps = {}
+        for layer in layers:
+            score = layer.score.contiguous()
+            keeps[layer.name] = method.compute_mask(score, torch.ones_like(score)).bool()
+        return keeps, {}
 
 
 POLICIES: dict[str, type[ThresholdPolicy]] = {

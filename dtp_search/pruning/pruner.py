@@ -181,7 +181,9 @@ class DynamicPruner:
             return keep
         dense = (self._magnitude.unit_scores(layer.name, dense=True) if layer.structured
                  else self._magnitude.scores(layer.name, dense=True))
-        keep = keep.clone()
+        # Flat indices are in logical (NCHW) order: work on a contiguous copy, whatever
+        # the memory format of the scores (channels-last conv weights).
+        keep = keep.clone(memory_format=torch.contiguous_format)
         keep.view(-1)[torch.topk(dense.reshape(-1), m).indices] = True
         return keep
 
