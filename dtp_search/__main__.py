@@ -43,7 +43,58 @@ def _app(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+# Flags after which Hydra does something else than one run of the default config.
+_OWN_FLAGS = ("-m", "--multirun", "-h", "--help", "--hydra-help", "-i", "--info",
+              "-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir",
+              "--shell-completion", "-sc")
+
+
+def check_overrides(argv: list[str]) -> str | None:
+    """Compose the config with the command line's overrides the way Hydra will, and return
+    a one-line message naming the key, the bad value and what is allowed if that fails.
+
+    Hydra reports these itself, over several lines and with exit status 1; a typo should
+    read like every other configuration error here (status 2, one line).
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException, MissingConfigException
+
+    if any(a.split("=", 1)[0] in _OWN_FLAGS for a in argv):
+        return None
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = [a for a in argv if a.startswith("~") or ("=" in a and not a.startswith("-"))]
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_overrides([override])
+        except HydraException as exc:
+            reason = str(exc).splitlines()[0]
+            return (f"cannot read the override {override!r} ({reason}); write key=value, "
+                    "e.g. train.epochs=5 or 'search.objectives=[accuracy]'")
+    try:
+        with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+            compose("config", overrides=overrides)
+    except MissingConfigException as exc:
+        missing = (exc.missing_cfg_file or "").strip("/")
+        group, _, name = missing.rpartition("/")
+        if group and exc.options:
+            return f"{group}={name!r} is not a known {group}; allowed: {sorted(exc.options)}"
+        return " ".join(str(exc).split("Config search path")[0].split())
+    except HydraException as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        text = " ".join(lines[:2])
+        if "Could not override" in text:
+            text += " (no such key; `python -m dtp_search --cfg job` lists every key)"
+        return text
+    return None
+
+
 def main() -> None:
+    problem = check_overrides(sys.argv[1:])
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     _app()
 
 
