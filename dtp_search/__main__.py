@@ -74,7 +74,7 @@ def check_overrides(argv: list[str]) -> str | None:
                     "e.g. train.epochs=5 or 'search.objectives=[accuracy]'")
     try:
         with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-            compose("config", overrides=overrides)
+            cfg = compose("config", overrides=overrides)
     except MissingConfigException as exc:
         missing = (exc.missing_cfg_file or "").strip("/")
         group, _, name = missing.rpartition("/")
@@ -87,6 +87,25 @@ def check_overrides(argv: list[str]) -> str | None:
         if "Could not override" in text:
             text += " (no such key; `python -m dtp_search --cfg job` lists every key)"
         return text
+    return _check_writable(cfg)
+
+
+def _check_writable(cfg: DictConfig) -> str | None:
+    """Hydra writes its run folder under ``paths.root`` before the app starts: a folder that
+    cannot be written must be reported here, not as Hydra's traceback."""
+    import tempfile
+
+    try:
+        root = Path(str(cfg.paths.root))
+    except Exception:  # an interpolation that fails is reported by the run itself
+        return None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as exc:
+        return (f"paths.root={str(root)!r} cannot be written ({exc.strerror or exc}); "
+                "allowed: a folder you can create and write to")
     return None
 
 

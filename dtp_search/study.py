@@ -91,6 +91,12 @@ def check_config(cfg: DictConfig) -> search_space.SearchSpace:
     if not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"study.workers={workers!r} is not allowed; allowed: an integer >= 1")
     storages.check_storage(str(cfg.study.storage), workers)
+    try:
+        TrainSettings.from_config(cfg.train).validate()
+    except TypeError as exc:
+        raise ConfigError(f"train: {exc}") from exc
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     space = search_space.parse_space(cfg)
     for name, node in search_space.policy_nodes(cfg).items():
         try:
@@ -98,12 +104,6 @@ def check_config(cfg: DictConfig) -> search_space.SearchSpace:
             build_criterion(str(node.get("criterion", "magnitude")))
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{_policy_key(cfg, name)}: {exc}") from exc
-    try:
-        TrainSettings.from_config(cfg.train)
-    except TypeError as exc:
-        raise ConfigError(f"train: {exc}") from exc
-    if float(cfg.train.get("l1", 0.0)) < 0:
-        raise ConfigError(f"train.l1={cfg.train.l1} is not allowed; need >= 0")
     return space
 
 

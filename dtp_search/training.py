@@ -55,6 +55,31 @@ class TrainSettings:
         known = cls.__dataclass_fields__
         return cls(**{k: cfg[k] for k in cfg if k in known})
 
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first ``train.<key>`` whose value cannot work."""
+        def bad(key: str, allowed: str) -> ValueError:
+            return ValueError(f"train.{key}={getattr(self, key)!r} is not allowed; allowed: {allowed}")
+
+        for key, low in (("epochs", 0), ("finetune_epochs", 0), ("batch_size", 1),
+                         ("eval_batch_size", 1)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise bad(key, f"an integer >= {low}")
+        if self.epochs + self.finetune_epochs < 1:
+            raise bad("epochs", "epochs + finetune_epochs >= 1")
+        for key, low, high in (("lr", 0.0, None), ("momentum", 0.0, 1.0),
+                               ("weight_decay", 0.0, None), ("finetune_lr_scale", 0.0, None),
+                               ("label_smoothing", 0.0, 1.0), ("l1", 0.0, None)):
+            value = getattr(self, key)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not ok or value < low or (high is not None and value >= high) or (
+                    key == "lr" and value <= 0):
+                span = f"a number in [{low}, {high})" if high is not None else (
+                    "a number > 0" if key == "lr" else f"a number >= {low}")
+                raise bad(key, span)
+        if self.optimizer not in ("sgd", "adam"):
+            raise bad("optimizer", "['sgd', 'adam']")
+
 
 @dataclass
 class EpochRecord:

@@ -39,6 +39,12 @@ CASES = [
     (["policy=constant", "policy.theta=-1"], "policy: "),
     (["model=lenet5", "model.padding=[0,0]"], "model=lenet5: model=lenet5 cannot take 8×8 inputs"),
     (["dataset=cifar10", "dataset.path=/nonexistent/cifar"], "dataset.path='/nonexistent/cifar' does not exist"),
+    (["dataset=imagefolder"], "dataset.path is required for dataset=imagefolder"),
+    (["train.optimizer=lbfgs"], "train.optimizer='lbfgs' is not allowed; allowed: ['sgd', 'adam']"),
+    (["train.epochs=abc"], "train.epochs='abc' is not allowed; allowed: an integer >= 0"),
+    (["train.lr=-1"], "train.lr=-1 is not allowed; allowed: a number > 0"),
+    (["train.momentum=1.5"], "train.momentum=1.5 is not allowed; allowed: a number in [0.0, 1.0)"),
+    (["paths.root=/proc/dtp-nope"], "paths.root='/proc/dtp-nope' cannot be written"),
 ]
 
 
@@ -62,9 +68,10 @@ def study_root(tmp_path_factory) -> Path:
 def test_bad_input_exits_2_with_one_line_and_touches_nothing(study_root, overrides, fragment):
     stores = [study_root / "optuna.db", study_root / "mlflow.db"]
     before = [_digest(p) for p in stores]
-    proc = subprocess.run([sys.executable, "-m", "dtp_search", f"paths.root={study_root}",
-                           "study.name=kept", *TINY, *overrides], capture_output=True,
-                          text=True, cwd=study_root.parent, timeout=600)
+    root = [] if any(o.startswith("paths.root=") for o in overrides) else [f"paths.root={study_root}"]
+    proc = subprocess.run([sys.executable, "-m", "dtp_search", *root, "study.name=kept", *TINY,
+                           *overrides], capture_output=True, text=True, cwd=study_root.parent,
+                          timeout=600)
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error: ")]
