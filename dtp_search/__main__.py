@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -34,6 +35,13 @@ def _app(cfg: DictConfig) -> None:
     # supported way to retry dead trials and label objectives; the warning is noise here.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar reports trials
+    # Ctrl-C and SIGTERM (a scheduler's pre-emption, `kill`) stop the run at the next
+    # training step (see _interrupt); the trial ends FAIL, its run KILLED, and it is
+    # queued again so that rerunning the command resumes it from its checkpoint.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
+    # Optuna logs an interrupted trial with the KeyboardInterrupt's traceback: noise.
+    logging.getLogger("optuna.study._optimize").addFilter(_drop_interrupt_traceback)
     try:
         run_study(cfg)
     except (ConfigError, DatasetError) as exc:
@@ -41,6 +49,29 @@ def _app(cfg: DictConfig) -> None:
             raise
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        if os.environ.get("DTP_SEARCH_DEBUG"):
+            raise
+        print("interrupted: the running trial is marked FAILED (its MLflow run KILLED) and "
+              "queued again; run the same command to resume the study", file=sys.stderr)
+        sys.exit(130)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """First signal: ask training to stop at its next step (a safe point). Second signal:
+    stop at once, wherever the program is."""
+    from dtp_search.training import request_stop, stop_requested
+
+    name = signal.Signals(signum).name
+    if stop_requested() is not None:
+        raise KeyboardInterrupt(name)
+    request_stop(name)
+
+
+def _drop_interrupt_traceback(record: logging.LogRecord) -> bool:
+    if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+        record.exc_info, record.exc_text = None, None
+    return True
 
 
 # Flags after which Hydra does something else than one run of the default config.

@@ -35,7 +35,13 @@ from dtp_search.pruning import build_criterion, build_policy, pareto_mask
 from dtp_search.refit import refit_study
 from dtp_search.report import log_report
 from dtp_search.tracking import StudyTracker
-from dtp_search.training import DivergedError, TrainSettings, cross_validate, resolve_device
+from dtp_search.training import (
+    DivergedError,
+    TrainSettings,
+    cross_validate,
+    resolve_device,
+    stop_requested,
+)
 from dtp_search.warmstart import WarmStartCache
 
 log = logging.getLogger(__name__)
@@ -300,6 +306,8 @@ def _search(ctx: SearchContext, target: int) -> bool:
             tracker.close_orphans({ft.number: ft.state.name for ft in trials})
 
         while failures < int(cfg.search.max_failures):
+            if stop_requested() is not None:  # a signal arrived between trials
+                raise KeyboardInterrupt(stop_requested())
             _fail_dead(study, cfg)
             ctx.admission.acquire()
             try:

@@ -106,6 +106,21 @@ class DivergedError(FloatingPointError):
     """Training produced a NaN or infinite loss."""
 
 
+# Set by a signal handler (see dtp_search.__main__): training stops at the next optimizer
+# step, a safe point, instead of wherever the signal lands (a database write, say).
+_stop_reason: str | None = None
+
+
+def request_stop(reason: str) -> None:
+    """Ask the running fold to stop (it raises ``KeyboardInterrupt`` after its current step)."""
+    global _stop_reason
+    _stop_reason = reason
+
+
+def stop_requested() -> str | None:
+    return _stop_reason
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -267,6 +282,8 @@ def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
                 sched.step()
                 loss_sum += loss.detach()
                 step += 1
+                if _stop_reason is not None:
+                    raise KeyboardInterrupt(_stop_reason)
                 if update_masks:
                     epoch_f = step / steps_per_epoch
                     updated = pruner.step(step, epoch_f) is not None

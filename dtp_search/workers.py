@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig
 
 from dtp_search.console import Console
+from dtp_search.training import stop_requested
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ def run_workers(cfg: DictConfig, study: optuna.Study, target: int, console: Cons
         with console.trials(target, finished()) as advance:
             while any(p.poll() is None for p, _ in procs):
                 time.sleep(1.0)
+                if stop_requested() is not None:  # Ctrl-C here (see dtp_search.__main__)
+                    raise KeyboardInterrupt(stop_requested())
                 trials = study.get_trials(deepcopy=False)
                 done = [t for t in trials if t.state.is_finished()]
                 if done:
