@@ -68,6 +68,11 @@ class SearchContext:
 
 def check_config(cfg: DictConfig) -> search_space.SearchSpace:
     """Checks that need no data: raise :class:`ConfigError` before any work starts."""
+    name = cfg.study.name
+    if not isinstance(name, str) or not name.strip():
+        # `study.name=nan` or `=123` reach here as numbers (YAML typing).
+        raise ConfigError(f"study.name={name!r} is not allowed; allowed: a non-empty text, "
+                          f"quoted when it looks like a number: study.name='\"{name}\"'")
     objectives = list(cfg.search.objectives)
     bad = [o for o in objectives if o not in OBJECTIVES]
     if bad or not objectives:

@@ -45,6 +45,7 @@ CASES = [
     (["train.lr=-1"], "train.lr=-1 is not allowed; allowed: a number > 0"),
     (["train.momentum=1.5"], "train.momentum=1.5 is not allowed; allowed: a number in [0.0, 1.0)"),
     (["paths.root=/proc/dtp-nope"], "paths.root='/proc/dtp-nope' cannot be written"),
+    (["study.name=nan"], "study.name=nan is not allowed; allowed: a non-empty text"),
 ]
 
 
