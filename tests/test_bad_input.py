@@ -35,8 +35,7 @@ CASES = [
     (["study.workers=0"], "study.workers=0 is not allowed"),
     (["refit.top_k=0"], "refit.top_k=0 is not allowed"),
     (["mode=bogus"], "mode='bogus' is not allowed; allowed:"),
-    (["policy.final_sparsity=1.5"], "policy: "),
-    (["policy=constant", "policy.theta=-1"], "policy: "),
+    (["policy.final_sparsity=1.5"], "policy: final_sparsity must be in [0, 1), got 1.5"),
     (["model=lenet5", "model.padding=[0,0]"], "model=lenet5: model=lenet5 cannot take 8×8 inputs"),
     (["dataset=cifar10", "dataset.path=/nonexistent/cifar"], "dataset.path='/nonexistent/cifar' does not exist"),
     (["dataset=imagefolder"], "dataset.path is required for dataset=imagefolder"),
@@ -46,6 +45,11 @@ CASES = [
     (["train.momentum=1.5"], "train.momentum=1.5 is not allowed; allowed: a number in [0.0, 1.0)"),
     (["paths.root=/proc/dtp-nope"], "paths.root='/proc/dtp-nope' cannot be written"),
     (["study.name=nan"], "study.name=nan is not allowed; allowed: a non-empty text"),
+    (["+search.space={train.lr: {type: float, low: 0.1, high: 0.01}}"],
+     "search space key 'train.lr': empty range low=0.1 > high=0.01"),
+    (["+search.space={train.lr: {type: bogus}}"],
+     "search space key 'train.lr': type='bogus' is not allowed; allowed: ['float', 'int', 'categorical']"),
+    (["policy=constant", "policy.theta=-0.1"], "policy: theta must be >= 0, got -0.1"),
 ]
 
 
