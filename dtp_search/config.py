@@ -20,7 +20,7 @@ def register_resolvers() -> None:
 
 
 # Keys of a policy node that configure the pruner around the policy, not the policy.
-PRUNER_KEYS = ("criterion", "granularity", "min_keep")
+PRUNER_KEYS = ("criterion", "granularity", "min_keep", "on_collapse")
 
 
 def policy_params(policy_cfg: DictConfig) -> dict[str, Any]:
@@ -43,13 +43,15 @@ def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
 
 
 def build_pruner(model: Any, policy_cfg: DictConfig, example_input: Any) -> Any:
-    """The pruner a policy config describes: policy, criterion, granularity and ``min_keep``."""
+    """The pruner a policy config describes: policy, criterion, granularity, ``min_keep``
+    and ``on_collapse``."""
     from dtp_search.pruning import DynamicPruner, build_criterion, build_policy
 
     return DynamicPruner(model, build_policy(str(policy_cfg.name), policy_params(policy_cfg)),
                          build_criterion(str(policy_cfg.get("criterion", "magnitude"))),
                          granularity=str(policy_cfg.get("granularity", "weight")),
                          min_keep=float(policy_cfg.get("min_keep", 0.01)),
+                         on_collapse=str(policy_cfg.get("on_collapse", "restore")),
                          example_input=example_input)
 
 

@@ -17,6 +17,7 @@ Sources:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -332,6 +333,18 @@ class TensorBatches:
     @property
     def num_samples(self) -> int:
         return len(self.indices)
+
+    def subsample(self, limit: int, seed: int = 0) -> TensorBatches:
+        """These batches over a class-stratified subset of at most ``limit`` of the indices
+        (``self`` when there are no more than ``limit``)."""
+        if limit >= self.num_samples:
+            return self
+        keep = stratified_subset(self.labels[self.indices].cpu().numpy(), limit, seed)
+        out = copy.copy(self)
+        out.indices = self.indices[torch.as_tensor(keep, dtype=torch.long, device=self.device)]
+        out.generator = torch.Generator(device=self.device)
+        out.generator.manual_seed(seed)
+        return out
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self.indices

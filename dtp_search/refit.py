@@ -32,7 +32,7 @@ from dtp_search.config import build_pruner, flatten, loggable
 from dtp_search.data import ImageDataset, stratified_subset
 from dtp_search.export import measure, save_pruned
 from dtp_search.models import build_model
-from dtp_search.pruning import FrontPoint, one_shot_sweep, strip_masks
+from dtp_search.pruning import FrontPoint, LayerCollapse, one_shot_sweep, strip_masks
 from dtp_search.tracking import StudyTracker, plot_layer_sparsity
 from dtp_search.training import (
     TrainSettings,
@@ -160,6 +160,13 @@ def refit_study(cfg: DictConfig, study: optuna.Study, space: search_space.Search
                                                f"refit of trial {trial.number} ({policy})"),
                            "layer_sparsity.png")
             run.finish("COMPLETE")
+        except LayerCollapse as exc:
+            # The whole training split can move a threshold past what the folds saw; with
+            # policy.on_collapse=prune that ends this refit, not the others.
+            run.set_tags({"fail_reason": f"layer collapse: {exc}"})
+            run.finish("FAIL")
+            log.warning("refit of trial %d failed: layer collapse: %s", trial.number, exc)
+            continue
         except BaseException:
             run.finish("FAIL")
             raise

@@ -31,7 +31,8 @@ from dtp_search.config import ConfigError, build_pruner, flatten, loggable, poli
 from dtp_search.console import Console
 from dtp_search.data import ImageDataset, load_dataset
 from dtp_search.models import build_model
-from dtp_search.pruning import build_criterion, build_policy, pareto_mask
+from dtp_search.pruning import LayerCollapse, build_criterion, build_policy, pareto_mask
+from dtp_search.pruning.pruner import check_floor
 from dtp_search.refit import refit_study
 from dtp_search.report import log_report
 from dtp_search.tracking import StudyTracker
@@ -96,6 +97,14 @@ def check_config(cfg: DictConfig) -> search_space.SearchSpace:
     top_k = cfg.refit.get("top_k")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise ConfigError(f"refit.top_k={top_k!r} is not allowed; allowed: null or an integer >= 1")
+    for key, allowed, ok in (
+            ("points", "an integer >= 0", lambda v: isinstance(v, int) and v >= 0),
+            ("max_sparsity", "a number in (0, 1)", lambda v: isinstance(v, (int, float)) and 0 < v < 1),
+            ("update_samples", "null or an integer >= 1",
+             lambda v: v is None or (isinstance(v, int) and v >= 1))):
+        value = cfg.front.get(key)
+        if isinstance(value, bool) or not ok(value):
+            raise ConfigError(f"front.{key}={value!r} is not allowed; allowed: {allowed}")
     if int(cfg.cv.folds) < 2:
         raise ConfigError(f"cv.folds={cfg.cv.folds} is not allowed; need >= 2")
     workers = cfg.study.get("workers", 1)
@@ -113,6 +122,7 @@ def check_config(cfg: DictConfig) -> search_space.SearchSpace:
         try:
             build_policy(str(node.name), policy_params(node))
             build_criterion(str(node.get("criterion", "magnitude")))
+            check_floor(node.get("min_keep", 0.01), node.get("on_collapse", "restore"))
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{_policy_key(cfg, name)}: {exc}") from exc
     return space
@@ -457,17 +467,28 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
                         run.set_tags({"prune_reason": reason})
                         raise optuna.TrialPruned(reason)
 
-            result = cross_validate(
-                ctx.dataset, folds=int(tcfg.cv.folds), seed=int(tcfg.seed),
-                make_model=lambda: build_model(tcfg.model, ctx.dataset.input_shape,
-                                               ctx.dataset.num_classes),
-                make_pruner=lambda m: build_pruner(m, tcfg.policy, example),
-                settings=settings, device=ctx.device, front_points=int(tcfg.front.points),
-                front_max_sparsity=float(tcfg.front.max_sparsity),
-                on_epoch=on_epoch, on_fold_end=on_fold_end,
-                on_checkpoint=None if checkpoint is None else checkpoint.save, resume=resume,
-                warm_start=warm_start,
-                warm_start_context=OmegaConf.to_container(tcfg.dataset, resolve=True))
+            current = {"fold": 0}
+            try:
+                result = cross_validate(
+                    ctx.dataset, folds=int(tcfg.cv.folds), seed=int(tcfg.seed),
+                    make_model=lambda: build_model(tcfg.model, ctx.dataset.input_shape,
+                                                   ctx.dataset.num_classes),
+                    make_pruner=lambda m: build_pruner(m, tcfg.policy, example),
+                    settings=settings, device=ctx.device, front_points=int(tcfg.front.points),
+                    front_max_sparsity=float(tcfg.front.max_sparsity),
+                    front_update_samples=tcfg.front.get("update_samples"),
+                    on_fold_start=lambda f: current.update(fold=f),
+                    on_epoch=on_epoch, on_fold_end=on_fold_end,
+                    on_checkpoint=None if checkpoint is None else checkpoint.save, resume=resume,
+                    warm_start=warm_start,
+                    warm_start_context=OmegaConf.to_container(tcfg.dataset, resolve=True))
+            except LayerCollapse as exc:
+                # The sampled policy asked a layer for fewer units than min_keep allows and
+                # policy.on_collapse=prune (or min_keep=0 and it emptied the layer).
+                reason = f"layer collapse in fold {current['fold']}: {exc}"
+                trial.set_user_attr("prune_reason", reason)
+                run.set_tags({"prune_reason": reason})
+                raise optuna.TrialPruned(reason) from exc
         # Mean curves across folds, same integer steps as the per-fold ones.
         for i in range(n_epochs):
             recs = [f.history[i] for f in result.folds if i < len(f.history)]
@@ -479,6 +500,15 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
                    # dense epochs this trial took from the warm-start cache, over all folds
                    "warm_start_epochs": sum(f.warm_start_epochs for f in result.folds)}
         run.log_metrics(summary)
+        restored: dict[str, int] = {}
+        for f in result.folds:
+            for layer, n in f.min_keep_restored.items():
+                restored[layer] = restored.get(layer, 0) + n
+        if restored:
+            # The min_keep floor overrode the policy (policy.on_collapse=restore): say so
+            # where the trial is inspected, since its sparsity is then the floor's too.
+            trial.set_user_attr("min_keep_restored", restored)
+            run.set_tags({"dtp_search.min_keep_restored": json.dumps(restored, sort_keys=True)})
         run.log_front(fronts, f"{cfg.study.name} · trial {trial.number} · {policy_name}")
         for k, v in summary.items():
             trial.set_user_attr(k, v)

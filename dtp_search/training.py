@@ -100,6 +100,7 @@ class FoldResult:
     front: list[FrontPoint] = field(default_factory=list)
     layer_sparsity: dict[str, float] = field(default_factory=dict)
     warm_start_epochs: int = 0  # dense epochs taken from the warm-start cache
+    min_keep_restored: dict[str, int] = field(default_factory=dict)  # see DynamicPruner.restored
 
 
 class DivergedError(FloatingPointError):
@@ -163,6 +164,7 @@ def _make_optimizer(model: nn.Module, s: TrainSettings, lr: float,
 def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatches,
                     val: TensorBatches, settings: TrainSettings, *,
                     front_points: int = 10, front_max_sparsity: float = 0.995,
+                    front_update_samples: int | None = 1000,
                     on_epoch: Callable[[EpochRecord], None] | None = None,
                     on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
                     resume: dict[str, Any] | None = None,
@@ -178,7 +180,11 @@ def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
     3. *Front*: (sparsity, validation accuracy) after mask updates (at most four per
        epoch: policies such as splicing update at almost every step), for the final
        model, and for a one-shot sweep of higher global thresholds (see
-       :func:`dtp_search.pruning.one_shot_sweep`).
+       :func:`dtp_search.pruning.one_shot_sweep`). The update points are scored on a
+       class-stratified subset of ``front_update_samples`` validation samples (``None``:
+       all): up to four full passes over the fold per epoch would cost more than the
+       epoch's training itself, for points that only trace the trajectory. The per-epoch
+       curve, the final model and the sweep use the whole fold.
 
     With ``settings.l1 = λ > 0`` the loss is CE + λ·Σ_l ‖W_l ⊙ M_l‖₁ in both phases.
 
@@ -214,9 +220,11 @@ def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
 
     forward = torch.compile(model) if settings.compile else model
 
-    def score(m: nn.Module) -> float:
+    def score(m: nn.Module, batches: TensorBatches = val) -> float:
         with amp():
-            return evaluate(m, val)
+            return evaluate(m, batches)
+
+    update_val = val if not front_update_samples else val.subsample(int(front_update_samples))
 
     loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
     history: list[EpochRecord] = []
@@ -289,7 +297,7 @@ def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
                     updated = pruner.step(step, epoch_f) is not None
                     if updated and step - last_front_step >= front_gap:
                         last_front_step = step
-                        front.append(FrontPoint(pruner.sparsity(), score(model),
+                        front.append(FrontPoint(pruner.sparsity(), score(model, update_val),
                                                 pruner.mean_threshold(), epoch_f, "update"))
             mean_loss = float(loss_sum) / steps_per_epoch
             if not math.isfinite(mean_loss):
@@ -328,7 +336,8 @@ def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
     front.append(FrontPoint(final_sparsity, accuracy, pruner.mean_threshold(), total_epochs, "final"))
     front += one_shot_sweep(pruner, score, n_points=front_points,
                             max_sparsity=front_max_sparsity, epoch=total_epochs)
-    return FoldResult(accuracy, final_sparsity, history, front, layer_sparsity(model), warmed)
+    return FoldResult(accuracy, final_sparsity, history, front, layer_sparsity(model), warmed,
+                      dict(pruner.restored))
 
 
 def _digest(*tensors: torch.Tensor) -> str:
@@ -376,7 +385,8 @@ def fold_from_dict(data: dict[str, Any]) -> FoldResult:
     return FoldResult(data["accuracy"], data["sparsity"],
                       [EpochRecord(**r) for r in data["history"]],
                       [FrontPoint(**p) for p in data["front"]], dict(data["layer_sparsity"]),
-                      int(data.get("warm_start_epochs", 0)))
+                      int(data.get("warm_start_epochs", 0)),
+                      dict(data.get("min_keep_restored", {})))
 
 
 @dataclass
@@ -405,6 +415,7 @@ def cross_validate(dataset: ImageDataset, folds: int, seed: int,
                    make_pruner: Callable[[nn.Module], DynamicPruner],
                    settings: TrainSettings, *, device: torch.device | str = "cpu",
                    front_points: int = 10, front_max_sparsity: float = 0.995,
+                   front_update_samples: int | None = 1000,
                    on_fold_start: Callable[[int], None] | None = None,
                    on_fold_end: Callable[[int, FoldResult], None] | None = None,
                    on_epoch: Callable[[int, EpochRecord], None] | None = None,
@@ -460,7 +471,7 @@ def cross_validate(dataset: ImageDataset, folds: int, seed: int,
                                    "train": train_state})
             result = prune_and_train(
                 model, pruner, train, val, settings, front_points=front_points,
-                front_max_sparsity=front_max_sparsity,
+                front_max_sparsity=front_max_sparsity, front_update_samples=front_update_samples,
                 on_epoch=None if on_epoch is None else (lambda r, k=k: on_epoch(k, r)),
                 on_checkpoint=checkpoint, resume=state, warm_start=warm_start,
                 warm_start_context=warm_start_context)

@@ -52,6 +52,19 @@ def test_tensor_batches_cover_the_fold_once_and_normalise():
     assert torch.allclose(x[:, 0, 0, 0], (y.float() / 255 - 0.5) / 0.25)
 
 
+def test_subsample_keeps_class_shares_within_the_given_indices():
+    labels = torch.arange(300) % 3  # three classes, 100 each
+    split = Split(torch.zeros(300, 1, 2, 2, dtype=torch.uint8), labels)
+    idx = np.arange(0, 300, 2)  # 150 indices, 50 per class
+    batches = TensorBatches(split, idx, batch_size=16, mean=[0.0], std=[1.0])
+    sub = batches.subsample(30)
+    picked = sub.indices.numpy()
+    assert sub.num_samples == 30 and set(picked) <= set(idx)
+    assert np.bincount(labels[picked].numpy()).tolist() == [10, 10, 10]
+    assert torch.equal(sub.subsample(30).indices, sub.indices)  # already small enough: itself
+    assert batches.subsample(500) is batches and batches.num_samples == 150
+
+
 def _write_tree(root, n_per_class=6, size=(10, 10), mode="RGB"):
     rng = np.random.default_rng(0)
     for split in ("train", "test"):

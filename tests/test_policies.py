@@ -12,6 +12,7 @@ from dtp_search.pruning import (
     DenseBaseline,
     DynamicPruner,
     FeedbackThreshold,
+    LayerCollapse,
     LayerView,
     OneShotGlobal,
     RandomBaseline,
@@ -331,7 +332,7 @@ def test_taylor_score_is_a_moving_average_of_weight_times_gradient():
     assert crit.scores("").flatten().tolist() == pytest.approx([2.0, 1.0, 0.5])
 
 
-@pytest.mark.parametrize(("min_keep", "kept"), [(0.1, 10), (3, 3), (0, 0)])
+@pytest.mark.parametrize(("min_keep", "kept"), [(0.1, 10), (3, 3)])
 def test_min_keep_protects_every_layer(min_keep, kept):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 10))
@@ -340,9 +341,40 @@ def test_min_keep_protects_every_layer(min_keep, kept):
     for name in ("0", "2"):
         mask = pruner.masks[name].bool_mask
         assert int(mask.sum()) == kept
-        if kept:  # the largest-magnitude weights are the ones kept
-            w = net[int(name)].parametrizations.weight.original.abs()
-            assert float(w[mask].min()) >= float(w[~mask].max())
+        # the largest-magnitude weights are the ones kept
+        w = net[int(name)].parametrizations.weight.original.abs()
+        assert float(w[mask].min()) >= float(w[~mask].max())
+    assert pruner.restored == {"0": 1, "2": 1}
+
+
+def test_a_decision_under_min_keep_raises_when_on_collapse_is_prune():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(100, 10), nn.ReLU(), nn.Linear(10, 10))
+    with torch.no_grad():  # layer 0 is small: a threshold of 0.3 leaves it 0 of 1000 weights
+        net[0].weight.mul_(1e-3)
+        net[2].weight.fill_(1.0)
+    pruner = DynamicPruner(net, ConstantThreshold(0.3), min_keep=0.01, on_collapse="prune")
+    with pytest.raises(LayerCollapse, match=r"layer 0 with 0 of 1000 weights at epoch 1\.50 "
+                                            r"\(min_keep allows no fewer than 10\)") as info:
+        pruner.update(1.5)
+    assert (info.value.layer, info.value.kept, info.value.minimum) == ("0", 0, 10)
+    # Within the floor nothing is raised: layer 2 keeps all of its weights.
+    ok = DynamicPruner(nn.Sequential(nn.Linear(10, 10)), ConstantThreshold(0.0), on_collapse="prune")
+    ok.update(0)
+    assert ok.restored == {}
+
+
+def test_an_emptied_layer_raises_without_a_floor_to_restore():
+    net = nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 10))
+    pruner = DynamicPruner(net, ConstantThreshold(1e9), min_keep=0)
+    with pytest.raises(LayerCollapse, match=r"0 of 100 weights in the final masks \(min_keep=0\)"):
+        pruner.finalize()
+    # Structured units are named as such.
+    net = nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 2))
+    pruner = DynamicPruner(net, ConstantThreshold(1e9), granularity="neuron", min_keep=2,
+                           on_collapse="prune", example_input=torch.zeros(1, 10))
+    with pytest.raises(LayerCollapse, match="0 of 10 neurons"):
+        pruner.update(0)
 
 
 def test_bad_granularity_and_min_keep_are_rejected():
@@ -352,5 +384,8 @@ def test_bad_granularity_and_min_keep_are_rejected():
                       example_input=torch.zeros(1, 4))
     with pytest.raises(ValueError, match="min_keep"):
         DynamicPruner(net, ConstantThreshold(0.1), min_keep=2.5)
+    with pytest.raises(ValueError, match=r"on_collapse='fail' is not allowed; "
+                                         r"allowed: \['restore', 'prune'\]"):
+        DynamicPruner(net, ConstantThreshold(0.1), on_collapse="fail")
     with pytest.raises(ValueError, match="allowed"):
         DynamicPruner(net, ConstantThreshold(0.1), Activation(), granularity="weight")

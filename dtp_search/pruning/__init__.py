@@ -43,13 +43,13 @@ from dtp_search.pruning.policies import (
     global_threshold,
     quantile_threshold,
 )
-from dtp_search.pruning.pruner import DynamicPruner
+from dtp_search.pruning.pruner import COLLAPSE_ACTIONS, DynamicPruner, LayerCollapse
 from dtp_search.pruning.structure import UnitGroup, trace_units
 
 __all__ = [
-    "CRITERIA", "GRANULARITIES", "POLICIES", "AGPThreshold", "Activation", "ConstantThreshold",
+    "COLLAPSE_ACTIONS", "CRITERIA", "GRANULARITIES", "POLICIES", "AGPThreshold", "Activation", "ConstantThreshold",
     "Criterion", "DenseBaseline", "DynamicPruner", "FeedbackThreshold", "FrontPoint",
-    "LayerView", "Magnitude", "OneShotGlobal", "RandomBaseline", "ScheduledThreshold",
+    "LayerCollapse", "LayerView", "Magnitude", "OneShotGlobal", "RandomBaseline", "ScheduledThreshold",
     "SoftThreshold", "SoftThresholdMask", "SplicingThreshold", "StdScaledThreshold", "Taylor",
     "ThresholdPolicy", "UnitGroup", "WeightMask", "attach_masks", "build_criterion",
     "build_policy", "compact_model", "count_parameters", "get_mask", "global_threshold",

@@ -13,9 +13,21 @@ Only layers whose units are removable exactly take part (see
 :mod:`dtp_search.pruning.structure`): never the classifier, never a ResNet convolution
 that feeds a residual sum.
 
-Safety. After every policy decision each participating layer keeps at least
-``min_keep`` units — a fraction of the layer when < 1, a count when ≥ 1, nothing when 0 —
-restoring its largest-magnitude units if the policy asked for fewer.
+Collapse. ``min_keep`` is the fewest units a layer may keep — a fraction of the layer
+when < 1, a count when ≥ 1, nothing when 0. A policy decision that asks a layer for fewer
+is a *collapse*, handled as ``on_collapse`` says:
+
+* ``"restore"`` (default): the layer's largest-magnitude units are restored up to the
+  floor and training goes on; :attr:`DynamicPruner.restored` counts how often, per layer.
+  Global thresholds routinely take a large, redundant layer under a 1 % floor at high
+  sparsity (a CIFAR ``simple_cnn`` classifier at 95 %) and the restored network is a
+  useful point of the front.
+* ``"prune"``: :class:`LayerCollapse` is raised at once, so a search spends no more
+  time on a configuration whose result the floor, not the policy, would decide.
+
+A decision that leaves a layer with no unit at all raises :class:`LayerCollapse`
+whatever ``on_collapse`` says when ``min_keep`` is 0: there is nothing to restore, and a
+layer that emits only its bias cuts the network (chance accuracy for the rest of the trial).
 """
 
 from __future__ import annotations
@@ -41,6 +53,34 @@ from dtp_search.pruning.masks import (
 )
 from dtp_search.pruning.policies import LayerView, ThresholdPolicy, Thresholds, global_threshold
 from dtp_search.pruning.structure import trace_units
+
+COLLAPSE_ACTIONS = ("restore", "prune")
+
+
+class LayerCollapse(RuntimeError):
+    """A policy asked a layer to keep fewer units than ``min_keep`` allows (see the module
+    docstring). ``epoch`` is the training time of the decision (``None``: the final masks)."""
+
+    def __init__(self, layer: str, kept: int, total: int, minimum: int, unit: str,
+                 epoch: float | None) -> None:
+        self.layer, self.kept, self.total, self.minimum = layer, kept, total, minimum
+        self.epoch = epoch
+        when = "in the final masks" if epoch is None else f"at epoch {epoch:.2f}"
+        floor = f"min_keep allows no fewer than {minimum}" if minimum else "min_keep=0"
+        super().__init__(f"the policy would leave layer {layer} with {kept} of {total} "
+                         f"{unit}s {when} ({floor})")
+
+
+def check_floor(min_keep: Any, on_collapse: Any) -> None:
+    """Raise ``ValueError`` naming the setting unless ``min_keep`` and ``on_collapse`` are valid."""
+    if (isinstance(min_keep, bool) or not isinstance(min_keep, (int, float)) or min_keep < 0
+            or (min_keep >= 1 and not float(min_keep).is_integer())):
+        raise ValueError(f"min_keep={min_keep} is not allowed; allowed: a fraction in "
+                         "[0, 1) or a whole count >= 1")
+    if on_collapse not in COLLAPSE_ACTIONS:
+        raise ValueError(f"on_collapse={on_collapse!r} is not allowed; "
+                         f"allowed: {list(COLLAPSE_ACTIONS)}")
+
 
 _UNIT_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
     "neuron": (nn.Linear,),
@@ -72,12 +112,14 @@ class DynamicPruner:
     Args:
         granularity: ``"weight"``, ``"neuron"`` or ``"channel"`` (see the module docstring).
         min_keep: units every layer keeps (fraction < 1, count ≥ 1, 0 = no protection).
+        on_collapse: ``"restore"`` or ``"prune"``: what a decision under ``min_keep`` does.
         example_input: one input batch; needed to trace the network for structured units.
     """
 
     def __init__(self, model: nn.Module, policy: ThresholdPolicy,
                  criterion: Criterion | None = None, *, granularity: str = "weight",
-                 min_keep: float = 0.01, example_input: torch.Tensor | None = None) -> None:
+                 min_keep: float = 0.01, on_collapse: str = "restore",
+                 example_input: torch.Tensor | None = None) -> None:
         self.model = model
         self.policy = policy
         self.criterion = criterion or Magnitude()
@@ -91,9 +133,10 @@ class DynamicPruner:
             if granularity not in allowed:
                 raise ValueError(f"granularity={granularity!r} is not supported by {who}; "
                                  f"allowed: {list(allowed)}")
-        if self.min_keep < 0 or (self.min_keep >= 1 and not self.min_keep.is_integer()):
-            raise ValueError(f"min_keep={min_keep} is not allowed; allowed: a fraction in "
-                             "[0, 1) or a whole count >= 1")
+        check_floor(min_keep, on_collapse)
+        self.on_collapse = on_collapse
+        self.restored: dict[str, int] = {}  # layer -> decisions the min_keep floor overrode
+        self._epoch: float | None = None  # time of the decision being written
 
         groups = {}
         if granularity != "weight":
@@ -177,8 +220,13 @@ class DynamicPruner:
     @torch.no_grad()
     def _protect(self, layer: _Layer, keep: torch.Tensor) -> torch.Tensor:
         m = self._min_units(keep.numel())
-        if int(keep.sum()) >= m:
+        kept = int(keep.sum())
+        if kept >= max(m, 1):
             return keep
+        if m == 0 or self.on_collapse == "prune":
+            unit = "weight" if not layer.structured else self.granularity
+            raise LayerCollapse(layer.name, kept, keep.numel(), m, unit, self._epoch)
+        self.restored[layer.name] = self.restored.get(layer.name, 0) + 1
         dense = (self._magnitude.unit_scores(layer.name, dense=True) if layer.structured
                  else self._magnitude.scores(layer.name, dense=True))
         # Flat indices are in logical (NCHW) order: work on a contiguous copy, whatever
@@ -231,6 +279,7 @@ class DynamicPruner:
     def update(self, epoch: float) -> Thresholds:
         """Recompute every mask for time ``epoch``, unconditionally."""
         keeps, theta = self.policy.masks(self.layer_views(), epoch)
+        self._epoch = epoch
         self.write(keeps)
         self.last_thresholds = theta or self.last_thresholds
         return self.last_thresholds
@@ -251,6 +300,7 @@ class DynamicPruner:
         fine-tunes the surviving weights only.
         """
         keeps, theta = self.policy.final_masks(self.layer_views())
+        self._epoch = None
         self.write(keeps)
         self.policy.finalized(self.layer_views())
         self.last_thresholds = theta or self.last_thresholds
@@ -278,12 +328,14 @@ class DynamicPruner:
             "criterion": self.criterion.state_dict(),
             "learning": {n: bool(m.learning) for n, m in self.masks.items()
                          if hasattr(m, "learning")},
+            "restored": dict(self.restored),
         }
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (call after ``model.load_state_dict``)."""
         self.last_thresholds = dict(state["last_thresholds"])
+        self.restored = dict(state.get("restored", {}))  # absent in older checkpoints
         for name, units in state["units"].items():
             self._layers[name].units.copy_(units)
         self.policy.load_state_dict(state["policy"])
