@@ -276,25 +276,31 @@ def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Genera
 
     ``torchvision.transforms.v2`` applied to a batch tensor draws *one* crop for the
     whole batch; augmentation needs one per sample, so the crop offsets and flips are
-    drawn per sample and folded into a single advanced-indexing gather. With
-    ``channels_last`` the gather writes NHWC order directly (the result is the same
-    NCHW-shaped batch with channels-last strides), saving a copy before the convolutions.
+    drawn per sample and folded into the flat source index of every output element,
+    gathered with one ``torch.take`` (about twice as fast on CPU as the equivalent
+    four-tensor advanced indexing). With ``channels_last`` the gather writes NHWC order
+    directly (the result is the same NCHW-shaped batch with channels-last strides),
+    saving a copy before the convolutions.
     """
     b, c, h, w = images.shape
     dev = images.device
     padded = F.pad(images, (padding,) * 4) if padding else images
+    ph, pw = h + 2 * padding, w + 2 * padding
     oy = torch.randint(0, 2 * padding + 1, (b, 1), generator=generator, device=dev)
     ox = torch.randint(0, 2 * padding + 1, (b, 1), generator=generator, device=dev)
     rows = oy + torch.arange(h, device=dev)
     cols = ox + torch.arange(w, device=dev)
     flip = torch.rand(b, 1, generator=generator, device=dev) < 0.5
     cols = torch.where(flip, cols.flip(1), cols)
-    batch, channel = torch.arange(b, device=dev), torch.arange(c, device=dev)
-    if channels_last:
-        return padded[batch[:, None, None, None], channel[None, None, None, :],
-                      rows[:, :, None, None], cols[:, None, :, None]].permute(0, 3, 1, 2)
-    return padded[batch[:, None, None, None], channel[None, :, None, None],
-                  rows[:, None, :, None], cols[:, None, None, :]]
+    # Flat index into the contiguous (b, c, ph, pw) padded batch.
+    sample = (torch.arange(b, device=dev) * (c * ph * pw)).view(b, 1, 1, 1)
+    plane = torch.arange(c, device=dev) * (ph * pw)
+    if channels_last:  # index laid out (b, h, w, c), returned as an NCHW-shaped view
+        idx = (sample + (rows * pw)[:, :, None, None] + cols[:, None, :, None]
+               + plane.view(1, 1, 1, c))
+        return padded.reshape(-1).take(idx).permute(0, 3, 1, 2)
+    idx = sample + plane.view(1, c, 1, 1) + (rows * pw)[:, None, :, None] + cols[:, None, None, :]
+    return padded.reshape(-1).take(idx)
 
 
 class TensorBatches:
