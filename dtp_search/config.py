@@ -42,16 +42,21 @@ def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def floor_settings(policy_cfg: DictConfig) -> tuple[Any, Any]:
+    """``(min_keep, on_collapse)`` of a policy node, unchecked, with the pruner's defaults."""
+    return policy_cfg.get("min_keep", 0.01), policy_cfg.get("on_collapse", "restore")
+
+
 def build_pruner(model: Any, policy_cfg: DictConfig, example_input: Any) -> Any:
     """The pruner a policy config describes: policy, criterion, granularity, ``min_keep``
     and ``on_collapse``."""
     from dtp_search.pruning import DynamicPruner, build_criterion, build_policy
 
+    min_keep, on_collapse = floor_settings(policy_cfg)
     return DynamicPruner(model, build_policy(str(policy_cfg.name), policy_params(policy_cfg)),
                          build_criterion(str(policy_cfg.get("criterion", "magnitude"))),
                          granularity=str(policy_cfg.get("granularity", "weight")),
-                         min_keep=float(policy_cfg.get("min_keep", 0.01)),
-                         on_collapse=str(policy_cfg.get("on_collapse", "restore")),
+                         min_keep=float(min_keep), on_collapse=str(on_collapse),
                          example_input=example_input)
 
 

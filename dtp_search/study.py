@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,14 @@ from optuna.trial import TrialState
 from dtp_search import space as search_space
 from dtp_search import storage as storages
 from dtp_search.checkpoint import TrialCheckpoint, describe
-from dtp_search.config import ConfigError, build_pruner, flatten, loggable, policy_params
+from dtp_search.config import (
+    ConfigError,
+    build_pruner,
+    flatten,
+    floor_settings,
+    loggable,
+    policy_params,
+)
 from dtp_search.console import Console
 from dtp_search.data import ImageDataset, load_dataset
 from dtp_search.models import build_model
@@ -122,7 +130,7 @@ def check_config(cfg: DictConfig) -> search_space.SearchSpace:
         try:
             build_policy(str(node.name), policy_params(node))
             build_criterion(str(node.get("criterion", "magnitude")))
-            check_floor(node.get("min_keep", 0.01), node.get("on_collapse", "restore"))
+            check_floor(*floor_settings(node))
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{_policy_key(cfg, name)}: {exc}") from exc
     return space
@@ -440,10 +448,7 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
         try:
             build_policy(policy_name, params)  # sampled combinations can still be invalid
         except ValueError as exc:
-            reason = f"invalid sampled policy: {exc}"
-            trial.set_user_attr("prune_reason", reason)
-            run.set_tags({"prune_reason": reason})
-            raise optuna.TrialPruned(reason) from exc
+            raise _pruned(trial, run, f"invalid sampled policy: {exc}") from exc
         with ctx.console.folds(int(tcfg.cv.folds), n_epochs, trial.number) as progress:
             def on_epoch(fold: int, rec) -> None:
                 run.log_metrics({f"fold_{fold}/loss": rec.loss,
@@ -461,13 +466,9 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
                     value = {"accuracy": result.accuracy, "sparsity": result.sparsity}[objectives[0]]
                     trial.report(value, step=fold)
                     if fold + 1 < int(tcfg.cv.folds) and trial.should_prune():
-                        reason = (f"stopped by {type(ctx.study.pruner).__name__} after fold "
-                                  f"{fold} ({objectives[0]} {value:.4f})")
-                        trial.set_user_attr("prune_reason", reason)
-                        run.set_tags({"prune_reason": reason})
-                        raise optuna.TrialPruned(reason)
+                        raise _pruned(trial, run, f"stopped by {type(ctx.study.pruner).__name__} "
+                                      f"after fold {fold} ({objectives[0]} {value:.4f})")
 
-            current = {"fold": 0}
             try:
                 result = cross_validate(
                     ctx.dataset, folds=int(tcfg.cv.folds), seed=int(tcfg.seed),
@@ -477,18 +478,15 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
                     settings=settings, device=ctx.device, front_points=int(tcfg.front.points),
                     front_max_sparsity=float(tcfg.front.max_sparsity),
                     front_update_samples=tcfg.front.get("update_samples"),
-                    on_fold_start=lambda f: current.update(fold=f),
                     on_epoch=on_epoch, on_fold_end=on_fold_end,
                     on_checkpoint=None if checkpoint is None else checkpoint.save, resume=resume,
                     warm_start=warm_start,
                     warm_start_context=OmegaConf.to_container(tcfg.dataset, resolve=True))
             except LayerCollapse as exc:
                 # The sampled policy asked a layer for fewer units than min_keep allows and
-                # policy.on_collapse=prune (or min_keep=0 and it emptied the layer).
-                reason = f"layer collapse in fold {current['fold']}: {exc}"
-                trial.set_user_attr("prune_reason", reason)
-                run.set_tags({"prune_reason": reason})
-                raise optuna.TrialPruned(reason) from exc
+                # policy.on_collapse=prune (or min_keep=0 and it emptied the layer); every
+                # finished fold has its front, so the failing fold is the next one.
+                raise _pruned(trial, run, f"layer collapse in fold {len(fronts)}: {exc}") from exc
         # Mean curves across folds, same integer steps as the per-fold ones.
         for i in range(n_epochs):
             recs = [f.history[i] for f in result.folds if i < len(f.history)]
@@ -500,10 +498,7 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
                    # dense epochs this trial took from the warm-start cache, over all folds
                    "warm_start_epochs": sum(f.warm_start_epochs for f in result.folds)}
         run.log_metrics(summary)
-        restored: dict[str, int] = {}
-        for f in result.folds:
-            for layer, n in f.min_keep_restored.items():
-                restored[layer] = restored.get(layer, 0) + n
+        restored = dict(sum((Counter(f.min_keep_restored) for f in result.folds), Counter()))
         if restored:
             # The min_keep floor overrode the policy (policy.on_collapse=restore): say so
             # where the trial is inspected, since its sparsity is then the floor's too.
@@ -546,6 +541,14 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
         if checkpoint is not None:
             checkpoint.clear()
         raise
+
+
+def _pruned(trial: optuna.Trial, run: Any, reason: str) -> optuna.TrialPruned:
+    """Record why ``trial`` stops early (Optuna user attribute and MLflow tag
+    ``prune_reason``) and return the exception that ends it as PRUNED."""
+    trial.set_user_attr("prune_reason", reason)
+    run.set_tags({"prune_reason": reason})
+    return optuna.TrialPruned(reason)
 
 
 def _config_key(tcfg: DictConfig) -> str:

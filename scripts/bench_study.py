@@ -114,5 +114,6 @@ def main() -> None:
     print(f"warm_start_speedup: {'; '.join(headline)} "
           "(target >= 2 when the dense phase is at least half of a trial)")
 
+
 if __name__ == "__main__":
     main()
