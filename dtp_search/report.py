@@ -44,7 +44,8 @@ def pareto_figure(study: optuna.Study, rows: list[dict[str, Any]]):
     points = {t.number: [(t.user_attrs.get("cv_sparsity", math.nan),
                           t.user_attrs.get("cv_accuracy", math.nan))] for t in complete}
     policies = {t.number: t.user_attrs.get("policy", "") for t in complete}
-    fig = plot_pareto(rows, points, study.study_name, policies)
+    floored = [t.number for t in complete if t.user_attrs.get("floored_layers")]
+    fig = plot_pareto(rows, points, study.study_name, policies, floored)
     ax = fig.axes[0]
     for t in complete:
         front = t.user_attrs.get("front") or []

@@ -455,7 +455,8 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
                                  f"fold_{fold}/val_accuracy": rec.val_accuracy,
                                  f"fold_{fold}/sparsity": rec.sparsity,
                                  f"fold_{fold}/threshold": rec.threshold,
-                                 f"fold_{fold}/lr": rec.lr}, step=rec.epoch)
+                                 f"fold_{fold}/lr": rec.lr,
+                                 f"fold_{fold}/recovered": rec.recovered}, step=rec.epoch)
                 progress(fold, rec)
 
             def on_fold_end(fold: int, result) -> None:
@@ -491,7 +492,8 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
         for i in range(n_epochs):
             recs = [f.history[i] for f in result.folds if i < len(f.history)]
             run.log_metrics({k: sum(getattr(r, k) for r in recs) / len(recs)
-                             for k in ("loss", "val_accuracy", "sparsity", "threshold")},
+                             for k in ("loss", "val_accuracy", "sparsity", "threshold",
+                                       "recovered")},
                             step=recs[0].epoch)
         summary = {"cv_accuracy": result.accuracy, "cv_accuracy_std": result.accuracy_std,
                    "cv_sparsity": result.sparsity, "cv_sparsity_std": result.sparsity_std,
@@ -504,7 +506,20 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
             # where the trial is inspected, since its sparsity is then the floor's too.
             trial.set_user_attr("min_keep_restored", restored)
             run.set_tags({"dtp_search.min_keep_restored": json.dumps(restored, sort_keys=True)})
-        run.log_front(fronts, f"{cfg.study.name} · trial {trial.number} · {policy_name}")
+        # Layers that *end* the run at the floor: the trial's point is the floor's result,
+        # not the policy's. Marked in its front and in the Pareto plot; with
+        # policy.on_collapse=penalize it is also infeasible (an Optuna constraint), so it
+        # stays out of the Pareto table and the samplers steer away from it.
+        floored = sorted({name for f in result.folds for name in f.floored_layers})
+        if floored:
+            trial.set_user_attr("floored_layers", floored)
+            run.set_tags({"dtp_search.floored_layers": ",".join(floored)})
+        if floor_settings(tcfg.policy)[1] == "penalize":
+            trial.set_constraint("min_keep_floor", float(len(floored)))
+        title = f"{cfg.study.name} · trial {trial.number} · {policy_name}"
+        if floored:
+            title += f"\nends with {', '.join(floored)} at the min_keep floor"
+        run.log_front(fronts, title)
         for k, v in summary.items():
             trial.set_user_attr(k, v)
         # Fold 0's final model and one-shot sweep, for the study report's faint per-trial fronts.
@@ -563,8 +578,10 @@ def _config_key(tcfg: DictConfig) -> str:
 def pareto_rows(study: optuna.Study) -> list[dict[str, Any]]:
     """Pareto-optimal complete trials as table rows (non-domination per the study's directions)."""
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    # Under a constraint (search.min_sparsity) only feasible trials are candidates, as
-    # for Optuna's own best_trial(s); with none feasible yet, all are shown.
+    # A trial penalised for ending at the min_keep floor (policy.on_collapse=penalize)
+    # never counts. Under search.min_sparsity only feasible trials are candidates, as for
+    # Optuna's own best_trial(s); with none feasible yet, all are shown.
+    trials = [t for t in trials if t.constraints.get("min_keep_floor", 0.0) <= 0]
     feasible = [t for t in trials if all(c <= 0 for c in t.constraints.values())]
     trials = feasible or trials
     if not trials:
@@ -613,9 +630,10 @@ def refresh_pareto(study: optuna.Study, tracker: StudyTracker) -> list[dict[str,
     all_points = {t.number: [(t.user_attrs.get("cv_sparsity", math.nan),
                               t.user_attrs.get("cv_accuracy", math.nan))] for t in complete}
     policies = {t.number: t.user_attrs.get("policy", "") for t in complete}
+    floored = [t.number for t in complete if t.user_attrs.get("floored_layers")]
     hv = hypervolume_2d([(r["sparsity"], r["accuracy"]) for r in rows])
     try:
-        tracker.log_pareto(rows, len(complete), hv, all_points, policies)
+        tracker.log_pareto(rows, len(complete), hv, all_points, policies, floored)
     except Exception as exc:  # tracking must not lose the study's own record
         log.warning("could not refresh the Pareto front in MLflow: %s", exc)
     return rows

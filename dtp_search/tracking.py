@@ -144,14 +144,16 @@ class StudyTracker:
 
     def log_pareto(self, rows: list[dict[str, Any]], n_complete: int, hypervolume: float,
                    trial_fronts: dict[int, list[tuple[float, float]]] | None = None,
-                   policies: dict[int, str] | None = None) -> None:
+                   policies: dict[int, str] | None = None,
+                   floored: Iterable[int] = ()) -> None:
         """Refresh the study's Pareto table and plot (overwritten, not appended)."""
         df = pd.DataFrame(rows)
         # log_table appends to an existing file; the parent's table must be replaced on
         # every refresh, so it is written in log_table's JSON layout with log_dict.
         self.client.log_dict(self.parent_run_id, df.to_dict(orient="split", index=False),
                              "pareto_front.json")
-        fig = plot_pareto(rows, trial_fronts or {}, title=self.study_name, policies=policies)
+        fig = plot_pareto(rows, trial_fronts or {}, title=self.study_name, policies=policies,
+                          floored=floored)
         self.client.log_figure(self.parent_run_id, fig, "pareto_front.png")
         plt.close(fig)
         ts = int(time.time() * 1000)
@@ -275,9 +277,10 @@ def plot_trial_front(fronts: dict[int, list[FrontPoint]], title: str):
 
 
 def plot_pareto(rows: list[dict[str, Any]], trial_fronts: dict[int, list[tuple[float, float]]],
-                title: str, policies: dict[int, str] | None = None):
+                title: str, policies: dict[int, str] | None = None, floored: Iterable[int] = ()):
     """The study's Pareto-optimal trials over every trial's (CV sparsity, CV accuracy),
-    trials coloured by policy when the study used more than one."""
+    trials coloured by policy when the study used more than one; trials that end with a
+    layer held at the ``min_keep`` floor (``floored``) are crossed out in red."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     policies = policies or {}
     names = sorted({policies.get(n, "") for n in trial_fronts})
@@ -291,6 +294,10 @@ def plot_pareto(rows: list[dict[str, Any]], trial_fronts: dict[int, list[tuple[f
                    marker="o" if single else markers[(i // len(colors)) % len(markers)],
                    alpha=0.6 if single else 0.75,
                    label=("all trials" if single else name) + (f" ({name})" if single and name else ""))
+    held = [p for n in floored for p in trial_fronts.get(n, [])]
+    if held:
+        ax.scatter([p[0] for p in held], [p[1] for p in held], marker="x", s=60, color="tab:red",
+                   zorder=4, label="ends with a layer at the min_keep floor")
     pareto = sorted(rows, key=lambda r: r["sparsity"])
     if pareto:
         # Attainment boundary: between two Pareto points the best reachable accuracy is

@@ -30,6 +30,10 @@ from dtp_search.pruning import (
 from dtp_search.warmstart import WarmStartCache, cache_key
 
 
+LR_SCHEDULES = ("cosine", "onecycle", "step", "constant")
+CONTINUE = "continue"  # train.finetune_lr_schedule: the pruning phase's schedule runs on
+
+
 @dataclass
 class TrainSettings:
     """Optimisation settings of one fold (the ``train`` config node)."""
@@ -43,7 +47,12 @@ class TrainSettings:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4
-    finetune_lr_scale: float = 0.1  # fine-tuning starts at lr · scale, cosine to 0
+    lr_schedule: str = "cosine"  # pruning phase: cosine | onecycle | step | constant
+    # Post-pruning phase: one of LR_SCHEDULES, starting at lr · finetune_lr_scale, or
+    # "continue": one optimizer and one schedule run over both phases (as a plain loop
+    # that prunes inside a single OneCycle schedule does).
+    finetune_lr_schedule: str = "cosine"
+    finetune_lr_scale: float = 0.1
     label_smoothing: float = 0.0
     l1: float = 0.0  # λ of the penalty λ·Σ|W ⊙ M| over prunable weights
     channels_last: bool = True  # NHWC memory format for conv nets (faster on CPU and GPU)
@@ -79,6 +88,10 @@ class TrainSettings:
                 raise bad(key, span)
         if self.optimizer not in ("sgd", "adam"):
             raise bad("optimizer", "['sgd', 'adam']")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise bad("lr_schedule", str(list(LR_SCHEDULES)))
+        if self.finetune_lr_schedule not in (*LR_SCHEDULES, CONTINUE):
+            raise bad("finetune_lr_schedule", str([*LR_SCHEDULES, CONTINUE]))
 
 
 @dataclass
@@ -90,6 +103,7 @@ class EpochRecord:
     sparsity: float
     threshold: float
     lr: float
+    recovered: int = 0  # units the policy turned back on (0 → 1) during this epoch
 
 
 @dataclass
@@ -101,6 +115,7 @@ class FoldResult:
     layer_sparsity: dict[str, float] = field(default_factory=dict)
     warm_start_epochs: int = 0  # dense epochs taken from the warm-start cache
     min_keep_restored: dict[str, int] = field(default_factory=dict)  # see DynamicPruner.restored
+    floored_layers: list[str] = field(default_factory=list)  # see DynamicPruner.floored
 
 
 class DivergedError(FloatingPointError):
@@ -163,6 +178,36 @@ def _make_optimizer(model: nn.Module, s: TrainSettings, lr: float,
     raise ValueError(f"train.optimizer={s.optimizer!r} is not supported; allowed: ['sgd', 'adam']")
 
 
+def make_lr_scheduler(opt: torch.optim.Optimizer, schedule: str,
+                      total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule of one phase, stepped after every optimizer step.
+
+    With η the learning rate the optimizer was built with and T = ``total_steps``:
+
+    * ``cosine`` — η_k = η · (1 + cos(π k / T)) / 2 (``CosineAnnealingLR``);
+    * ``onecycle`` — ``OneCycleLR(max_lr=η)`` with PyTorch's defaults: warm-up from η/25
+      over the first 30 % of T, cosine down to η/10⁴ (SGD momentum cycles 0.95 ↔ 0.85);
+    * ``step`` — η, then η/10 after 50 % and η/100 after 75 % of T (``MultiStepLR``);
+    * ``constant`` — η throughout.
+    """
+    total_steps = max(int(total_steps), 1)
+    sched = torch.optim.lr_scheduler
+    if schedule == "cosine":
+        return sched.CosineAnnealingLR(opt, T_max=total_steps)
+    if schedule == "onecycle":
+        momentum = "momentum" in opt.defaults and opt.defaults["momentum"] > 0
+        return sched.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
+                                total_steps=total_steps,
+                                cycle_momentum=momentum or "betas" in opt.defaults)
+    if schedule == "step":
+        return sched.MultiStepLR(opt, milestones=[total_steps // 2, (3 * total_steps) // 4],
+                                 gamma=0.1)
+    if schedule == "constant":
+        return sched.LambdaLR(opt, lambda _: 1.0)
+    raise ValueError(f"train.lr_schedule={schedule!r} is not supported; "
+                     f"allowed: {list(LR_SCHEDULES)}")
+
+
 def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatches,
                     val: TensorBatches, settings: TrainSettings, *,
                     front_points: int = 10, front_max_sparsity: float = 0.995,
@@ -174,11 +219,14 @@ def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
                     warm_start_context: Any = None) -> FoldResult:
     """Train ``model`` while ``pruner`` moves its masks, fine-tune, and measure its front.
 
-    1. *Pruning phase* (``settings.epochs``): SGD/AdamW with a cosine learning rate;
-       after every optimizer step the pruner may update the masks.
+    1. *Pruning phase* (``settings.epochs``): SGD/AdamW under ``settings.lr_schedule``
+       (:func:`make_lr_scheduler`); after every optimizer step the pruner may update
+       the masks.
     2. *Post-pruning phase* (``settings.finetune_epochs``): the policy's final
        threshold is applied once, then the masks are frozen while the surviving
-       weights are fine-tuned.
+       weights are fine-tuned: a fresh optimizer at ``lr · finetune_lr_scale`` under
+       ``settings.finetune_lr_schedule``, or, with ``"continue"``, the pruning phase's
+       optimizer and schedule, which then span both phases.
     3. *Front*: (sparsity, validation accuracy) after mask updates (at most four per
        epoch: policies such as splicing update at almost every step), for the final
        model, and for a one-shot sweep of higher global thresholds (see
@@ -271,19 +319,40 @@ def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
                 loss = loss_fn(forward(x), y)
                 return loss + settings.l1 * sum(m.weight.abs().sum() for m in l1_layers)
 
-    def run_phase(phase: str, epochs: int, lr: float, first_epoch: int, update_masks: bool) -> None:
+    continued = settings.finetune_lr_schedule == CONTINUE
+    live: dict[str, Any] = {}  # the optimizer and schedule that "continue" carries over
+
+    def optimizer_for(phase: str) -> tuple[torch.optim.Optimizer, Any]:
+        if continued and live:
+            return live["opt"], live["sched"]
+        if continued:  # one optimizer and one schedule over both phases
+            lr, schedule = settings.lr, settings.lr_schedule
+            steps = (settings.epochs + settings.finetune_epochs) * steps_per_epoch
+            same = resume is not None  # a checkpoint of either phase holds this very pair
+        elif phase == "prune":
+            lr, schedule = settings.lr, settings.lr_schedule
+            steps, same = settings.epochs * steps_per_epoch, resume is not None and resume["phase"] == phase
+        else:
+            lr, schedule = settings.lr * settings.finetune_lr_scale, settings.finetune_lr_schedule
+            steps, same = settings.finetune_epochs * steps_per_epoch, resume is not None and resume["phase"] == phase
+        opt = _make_optimizer(model, settings, lr, pruner.param_groups())
+        sched = make_lr_scheduler(opt, schedule, steps)
+        if same:
+            opt.load_state_dict(resume["optimizer"])
+            sched.load_state_dict(resume["scheduler"])
+        live.update(opt=opt, sched=sched)
+        return opt, sched
+
+    def run_phase(phase: str, epochs: int, first_epoch: int, update_masks: bool) -> None:
         nonlocal last_front_step
         begin = max(first_epoch, done_epochs + 1)
         if epochs <= 0 or begin >= first_epoch + epochs:
             return  # empty, or finished before the checkpoint we resume from
-        opt = _make_optimizer(model, settings, lr, pruner.param_groups())
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
-        if resume is not None and resume["phase"] == phase:
-            opt.load_state_dict(resume["optimizer"])
-            sched.load_state_dict(resume["scheduler"])
+        opt, sched = optimizer_for(phase)
         step = (begin - 1) * steps_per_epoch
         for e in range(begin, first_epoch + epochs):
             loss_sum = torch.zeros((), device=train.device)
+            recovered_before = pruner.recovered
             for x, y in train:
                 loss = compute_loss(x, y)
                 opt.zero_grad(set_to_none=True)
@@ -305,7 +374,8 @@ def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
             if not math.isfinite(mean_loss):
                 raise DivergedError(f"loss became {mean_loss} in epoch {e} ({phase} phase)")
             record = EpochRecord(e, phase, mean_loss, score(model), pruner.sparsity(),
-                                 pruner.mean_threshold(), opt.param_groups[0]["lr"])
+                                 pruner.mean_threshold(), opt.param_groups[0]["lr"],
+                                 pruner.recovered - recovered_before)
             history.append(record)
             if on_epoch is not None:
                 on_epoch(record)
@@ -323,11 +393,10 @@ def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
             if on_checkpoint is not None:
                 on_checkpoint({**state, "pruner": pruner.state_dict()})
 
-    run_phase("prune", settings.epochs, settings.lr, 1, update_masks=True)
+    run_phase("prune", settings.epochs, 1, update_masks=True)
     if not pruner.finalized:
         pruner.finalize()
-    run_phase("finetune", settings.finetune_epochs, settings.lr * settings.finetune_lr_scale,
-              settings.epochs + 1, update_masks=False)
+    run_phase("finetune", settings.finetune_epochs, settings.epochs + 1, update_masks=False)
 
     total_epochs = float(settings.epochs + settings.finetune_epochs)
     # After fine-tuning the last epoch record already measured this very model.
@@ -339,7 +408,7 @@ def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
     front += one_shot_sweep(pruner, score, n_points=front_points,
                             max_sparsity=front_max_sparsity, epoch=total_epochs)
     return FoldResult(accuracy, final_sparsity, history, front, layer_sparsity(model), warmed,
-                      dict(pruner.restored))
+                      dict(pruner.restored), sorted(pruner.floored))
 
 
 def _digest(*tensors: torch.Tensor) -> str:
@@ -388,7 +457,8 @@ def fold_from_dict(data: dict[str, Any]) -> FoldResult:
                       [EpochRecord(**r) for r in data["history"]],
                       [FrontPoint(**p) for p in data["front"]], dict(data["layer_sparsity"]),
                       int(data.get("warm_start_epochs", 0)),
-                      dict(data.get("min_keep_restored", {})))
+                      dict(data.get("min_keep_restored", {})),
+                      list(data.get("floored_layers", [])))
 
 
 @dataclass

@@ -52,7 +52,7 @@ CASES = [
     (["policy=constant", "policy.theta=-0.1"], "policy: theta must be >= 0, got -0.1"),
     (["front.update_samples=0"], "front.update_samples=0 is not allowed; allowed: null or an integer >= 1"),
     (["front.max_sparsity=1.5"], "front.max_sparsity=1.5 is not allowed; allowed: a number in (0, 1)"),
-    (["policy.on_collapse=fail"], "on_collapse='fail' is not allowed; allowed: ['restore', 'prune']"),
+    (["policy.on_collapse=fail"], "on_collapse='fail' is not allowed; allowed: ['restore', 'prune', 'penalize']"),
     (["policy.min_keep=2.5"], "min_keep=2.5 is not allowed; allowed: a fraction in [0, 1) or a whole count"),
 ]
 

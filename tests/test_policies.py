@@ -385,7 +385,7 @@ def test_bad_granularity_and_min_keep_are_rejected():
     with pytest.raises(ValueError, match="min_keep"):
         DynamicPruner(net, ConstantThreshold(0.1), min_keep=2.5)
     with pytest.raises(ValueError, match=r"on_collapse='fail' is not allowed; "
-                                         r"allowed: \['restore', 'prune'\]"):
+                                         r"allowed: \['restore', 'prune', 'penalize'\]"):
         DynamicPruner(net, ConstantThreshold(0.1), on_collapse="fail")
     with pytest.raises(ValueError, match="allowed"):
         DynamicPruner(net, ConstantThreshold(0.1), Activation(), granularity="weight")

@@ -7,8 +7,18 @@ thresholds θ_l(t) it used. The default rule is
 
     keep_l ← 1[S_l ≥ θ_l(t)]        (a unit is pruned when its score is below θ).
 
-Because a pruned unit scores 0, masks only tighten as long as θ > 0; policies that let
-units recover (splicing) see scores of the dense weights and override :meth:`masks`.
+Because a pruned unit scores 0, masks only tighten as long as θ > 0.
+
+Recovery. A policy built with ``recover=True`` (splicing always is) disables units
+only temporarily: it scores the *dense* weights W, the mask's backward pass is
+straight-through (∂L/∂W = ∂L/∂(W ⊙ M)), so pruned weights keep learning, and the mask
+rule gets a hysteresis band of relative width β (``band``) around θ:
+
+    keep ← 1[S ≥ (1 + β)·θ]  ∨  (keep ∧ 1[S ≥ (1 − β)·θ]),
+
+so a pruned unit comes back once its score clears the upper edge, and a unit near θ
+does not flip at every update. The final masks (end of the pruning phase) use the
+plain rule ``1[S ≥ θ]`` on the dense scores, so a sparsity target is met exactly.
 
 The family: baselines (``dense``, ``oneshot_global``, ``random``), fixed and scheduled
 thresholds (``constant``, ``std_scaled``, ``scheduled``), sparsity targets (``agp``),
@@ -69,30 +79,47 @@ class ThresholdPolicy(ABC):
         start_epoch: no mask update happens before this time (dense warm-up).
         update_every: masks are recomputed every this many optimizer steps.
 
-    Class attributes tell the pruner what a policy needs:
+    Args (continued):
+        recover: disable units temporarily (see the module docstring); only for policies
+            whose ``supports_recovery`` is set.
+        band: relative half-width β of the recovery hysteresis band, 0 ≤ β < 1.
 
-    * ``recovers`` — pruned weights may come back: scores are taken on the dense weight
-      W and the mask's backward pass is straight-through, so pruned weights keep learning;
+    The instance attribute ``recovers`` tells the pruner to score dense weights and to
+    make the masks' backward pass straight-through. Class attributes tell it what a
+    policy can do and needs:
+
+    * ``supports_recovery`` — ``recover=True`` is allowed;
     * ``needs_feedback`` — :attr:`feedback` must be set to a callable returning accuracy
       on data held out of the training part;
     * ``granularities`` — the unit kinds the policy supports.
     """
 
     name: ClassVar[str]
-    recovers: ClassVar[bool] = False
+    supports_recovery: ClassVar[bool] = False
     needs_feedback: ClassVar[bool] = False
     granularities: ClassVar[tuple[str, ...]] = ("weight", "neuron", "channel")
     # Attributes that change while training; :meth:`state_dict` saves exactly these so a
     # checkpointed fold resumes where it stopped (constructor arguments are not state).
     _state_attrs: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, *, start_epoch: float = 0.0, update_every: int = 50) -> None:
+    def __init__(self, *, start_epoch: float = 0.0, update_every: int = 50,
+                 recover: bool = False, band: float = 0.1) -> None:
         if start_epoch < 0:
             raise ValueError(f"start_epoch must be >= 0, got {start_epoch}")
         if update_every < 1:
             raise ValueError(f"update_every must be >= 1, got {update_every}")
+        if not isinstance(recover, bool):
+            raise ValueError(f"recover must be true or false, got {recover!r}")
+        if recover and not self.supports_recovery:
+            able = [n for n, c in POLICIES.items() if c.supports_recovery]
+            raise ValueError(f"recover=true is not supported by policy {self.name}; "
+                             f"allowed with: {able}")
+        if isinstance(band, bool) or not isinstance(band, (int, float)) or not 0.0 <= band < 1.0:
+            raise ValueError(f"band must be in [0, 1), got {band!r}")
         self.start_epoch = float(start_epoch)
         self.update_every = int(update_every)
+        self.recovers = recover
+        self.band = float(band)
         self.feedback: Callable[[], float] | None = None
 
     def is_active(self, epoch: float) -> bool:
@@ -118,14 +145,29 @@ class ThresholdPolicy(ABC):
     def thresholds(self, layers: Sequence[LayerView], epoch: float) -> Thresholds:
         """θ_l(t) for every layer."""
 
+    def keep(self, layer: LayerView, theta: float, *, hysteresis: bool = True) -> torch.Tensor:
+        """The mask rule for one layer at threshold θ: ``S ≥ θ``, or with recovery (and
+        ``hysteresis``) the band rule of the module docstring."""
+        if not (self.recovers and hysteresis and self.band > 0):
+            return layer.score >= theta
+        return (layer.score >= (1.0 + self.band) * theta) | (
+            layer.keep & (layer.score >= (1.0 - self.band) * theta))
+
     def masks(self, layers: Sequence[LayerView], epoch: float) -> tuple[Keeps, Thresholds]:
         """New keep vectors (layers left out stay as they are) and the thresholds used."""
         theta = self.thresholds(layers, epoch)
-        return {layer.name: layer.score >= theta[layer.name] for layer in layers}, theta
+        return {layer.name: self.keep(layer, theta[layer.name]) for layer in layers}, theta
 
     def final_masks(self, layers: Sequence[LayerView]) -> tuple[Keeps, Thresholds]:
-        """Masks for the post-pruning phase, which starts when the pruning phase ends."""
-        return self.masks(layers, max(self.final_epoch(), self.start_epoch))
+        """Masks for the post-pruning phase, which starts when the pruning phase ends:
+        :meth:`masks` at the final time, or with recovery the plain rule ``S ≥ θ`` (no
+        hysteresis band)."""
+        epoch = max(self.final_epoch(), self.start_epoch)
+        if not self.recovers:
+            return self.masks(layers, epoch)
+        theta = self.thresholds(layers, epoch)
+        return {layer.name: self.keep(layer, theta[layer.name], hysteresis=False)
+                for layer in layers}, theta
 
     @torch.no_grad()
     def update_masks(self, layers: Sequence[LayerView], epoch: float) -> Thresholds:
@@ -181,6 +223,7 @@ class ConstantThreshold(ThresholdPolicy):
     """
 
     name = "constant"
+    supports_recovery = True
 
     def __init__(self, theta: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -205,6 +248,7 @@ class StdScaledThreshold(ThresholdPolicy):
     """
 
     name = "std_scaled"
+    supports_recovery = True
 
     def __init__(self, q: float, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -235,6 +279,7 @@ class ScheduledThreshold(ThresholdPolicy):
     """
 
     name = "scheduled"
+    supports_recovery = True
     SHAPES: ClassVar[tuple[str, ...]] = ("linear", "cubic")
 
     def __init__(self, theta_start: float, theta_end: float, *, end_epoch: float,
@@ -327,6 +372,7 @@ class AGPThreshold(ThresholdPolicy):
     """
 
     name = "agp"
+    supports_recovery = True
     SCOPES: ClassVar[tuple[str, ...]] = ("global", "layer")
 
     def __init__(self, final_sparsity: float, *, end_epoch: float, initial_sparsity: float = 0.0,
@@ -380,6 +426,7 @@ class FeedbackThreshold(ThresholdPolicy):
     """
 
     name = "feedback"
+    supports_recovery = True
     needs_feedback = True
     _state_attrs = ("value", "best", "backoffs", "step", "_accepted_value", "_accepted", "_theta")
     TARGETS: ClassVar[tuple[str, ...]] = ("sparsity", "theta")
@@ -452,7 +499,7 @@ class FeedbackThreshold(ThresholdPolicy):
         if self.step >= self.min_step:
             self.value = self._raise(self.value)
         self._theta = self.thresholds(layers, epoch)
-        return {layer.name: layer.score >= self._theta[layer.name] for layer in layers}, self._theta
+        return {layer.name: self.keep(layer, self._theta[layer.name]) for layer in layers}, self._theta
 
     def final_masks(self, layers: Sequence[LayerView]) -> tuple[Keeps, Thresholds]:
         """One last check: with ``restore``, masks that cost too much accuracy are undone."""
@@ -472,38 +519,57 @@ class SplicingThreshold(ThresholdPolicy):
 
     Per layer, from the scores of the *dense* weights (|W_l| for magnitude):
 
-        t_l = max(μ_l + c · σ_l, 0),   a_l = 0.9 · t_l,   b_l = 1.1 · t_l,
-        M ← 0 where S < a_l,   M ← 1 where S > b_l,   M unchanged in between.
+        t_l = max(μ_l + c · σ_l, 0),   a_l = (1 − β) · t_l,   b_l = (1 + β) · t_l,
+        M ← 0 where S < a_l,   M ← 1 where S ≥ b_l,   M unchanged in between
 
-    The forward pass uses W ⊙ M but the backward pass is straight-through, so every
-    weight keeps learning and a pruned one whose magnitude grows past b_l is spliced
-    back. At step k (k < ``iter_stop``) masks are re-evaluated with probability
-    (1 + γ · k)^(−power); afterwards they stay fixed.
+    (β = ``band`` = 0.1 gives DNS's a = 0.9 t, b = 1.1 t). The forward pass uses W ⊙ M
+    but the backward pass is straight-through, so every weight keeps learning and a
+    pruned one whose magnitude grows past b_l is spliced back. At step k
+    (k < ``iter_stop``) masks are re-evaluated with probability (1 + γ · k)^(−power);
+    afterwards they stay fixed.
+
+    Statistics (``stats``):
+
+    * ``"frozen"`` (default, as DNS defines it: its Caffe layer computes μ and σ once, at
+      its first iteration) — μ_l and σ_l are taken once, at the first mask update after
+      ``start_epoch``, and t_l stays fixed for the rest of the run;
+    * ``"running"`` — μ_l and σ_l are recomputed from the current dense weights at every
+      update. Unstable: the surviving weights grow while the pruned ones decay, so σ_l
+      and t_l grow with them; over a long run the threshold runs away and empties the
+      layer (only the ``min_keep`` floor is left).
     """
 
     name = "splicing"
-    recovers = True
-    LOW: ClassVar[float] = 0.9
-    HIGH: ClassVar[float] = 1.1
+    supports_recovery = True
+    STATS: ClassVar[tuple[str, ...]] = ("frozen", "running")
 
     def __init__(self, c: float = 1.0, *, gamma: float = 1e-2, power: float = 1.0,
-                 iter_stop: int | None = None, seed: int = 0, **kwargs: Any) -> None:
+                 iter_stop: int | None = None, seed: int = 0, stats: str = "frozen",
+                 **kwargs: Any) -> None:
         kwargs.setdefault("update_every", 1)
+        if kwargs.setdefault("recover", True) is not True:
+            raise ValueError("recover must be true for splicing (it always recovers), "
+                             f"got {kwargs['recover']!r}")
         super().__init__(**kwargs)
         if gamma < 0 or power < 0:
             raise ValueError(f"gamma and power must be >= 0, got {gamma}, {power}")
         if iter_stop is not None and iter_stop < 1:
             raise ValueError(f"iter_stop must be >= 1 or null, got {iter_stop}")
+        if stats not in self.STATS:
+            raise ValueError(f"stats must be one of {list(self.STATS)}, got {stats!r}")
         self.c, self.gamma, self.power = float(c), float(gamma), float(power)
         self.iter_stop = None if iter_stop is None else int(iter_stop)
+        self.stats = stats
         self._rng = random.Random(seed)
+        self._frozen: Thresholds = {}  # stats="frozen": t_l, set at the first update
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": self._rng.getstate()}
+        return {"rng": self._rng.getstate(), "frozen": dict(self._frozen)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         version, internal, gauss = state["rng"]
         self._rng.setstate((version, tuple(internal), gauss))
+        self._frozen = dict(state.get("frozen", {}))  # absent in older checkpoints
 
     def update_probability(self, step: int) -> float:
         if self.iter_stop is not None and step >= self.iter_stop:
@@ -514,20 +580,22 @@ class SplicingThreshold(ThresholdPolicy):
         return (super().should_update(step, epoch)
                 and self._rng.random() < self.update_probability(step))
 
-    def thresholds(self, layers: Sequence[LayerView], epoch: float) -> Thresholds:
-        out = {}
-        for layer in layers:
-            s = layer.score.float()
-            out[layer.name] = max(float(s.mean() + self.c * s.std(unbiased=False)), 0.0)
-        return out
+    def _statistic(self, layer: LayerView) -> float:
+        s = layer.score.float()
+        return max(float(s.mean() + self.c * s.std(unbiased=False)), 0.0)
 
-    def masks(self, layers: Sequence[LayerView], epoch: float) -> tuple[Keeps, Thresholds]:
-        theta = self.thresholds(layers, epoch)
-        keeps = {}
+    def thresholds(self, layers: Sequence[LayerView], epoch: float) -> Thresholds:
+        if self.stats == "running":
+            return {layer.name: self._statistic(layer) for layer in layers}
         for layer in layers:
-            a, b = self.LOW * theta[layer.name], self.HIGH * theta[layer.name]
-            keeps[layer.name] = (layer.score > b) | (layer.keep & (layer.score >= a))
-        return keeps, theta
+            if layer.name not in self._frozen:
+                self._frozen[layer.name] = self._statistic(layer)
+        return {layer.name: self._frozen[layer.name] for layer in layers}
+
+    def final_masks(self, layers: Sequence[LayerView]) -> tuple[Keeps, Thresholds]:
+        """The masks as they stand: DNS's state after its last splicing step. A layer never
+        updated (pruning phase shorter than the first update) is thresholded once."""
+        return self.masks(layers, max(self.final_epoch(), self.start_epoch))
 
 
 class SoftThreshold(ThresholdPolicy):

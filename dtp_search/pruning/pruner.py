@@ -24,6 +24,12 @@ is a *collapse*, handled as ``on_collapse`` says:
   useful point of the front.
 * ``"prune"``: :class:`LayerCollapse` is raised at once, so a search spends no more
   time on a configuration whose result the floor, not the policy, would decide.
+* ``"penalize"``: restored as with ``"restore"``; the pruner behaves the same, and the
+  search layer records the result but keeps it out of the Pareto front when the run
+  *ends* with a layer at the floor (:attr:`DynamicPruner.floored`).
+
+Either way a restored network is not what the policy asked for: :attr:`DynamicPruner.floored`
+names the layers whose current mask is the floor's, not the policy's.
 
 A decision that leaves a layer with no unit at all raises :class:`LayerCollapse`
 whatever ``on_collapse`` says when ``min_keep`` is 0: there is nothing to restore, and a
@@ -54,7 +60,7 @@ from dtp_search.pruning.masks import (
 from dtp_search.pruning.policies import LayerView, ThresholdPolicy, Thresholds, global_threshold
 from dtp_search.pruning.structure import trace_units
 
-COLLAPSE_ACTIONS = ("restore", "prune")
+COLLAPSE_ACTIONS = ("restore", "prune", "penalize")
 
 
 class LayerCollapse(RuntimeError):
@@ -136,6 +142,8 @@ class DynamicPruner:
         check_floor(min_keep, on_collapse)
         self.on_collapse = on_collapse
         self.restored: dict[str, int] = {}  # layer -> decisions the min_keep floor overrode
+        self.floored: set[str] = set()  # layers whose current mask is the floor's
+        self.recovered = 0  # units the policy turned back on (0 → 1), over the whole run
         self._epoch: float | None = None  # time of the decision being written
 
         groups = {}
@@ -222,11 +230,13 @@ class DynamicPruner:
         m = self._min_units(keep.numel())
         kept = int(keep.sum())
         if kept >= max(m, 1):
+            self.floored.discard(layer.name)
             return keep
         if m == 0 or self.on_collapse == "prune":
             unit = "weight" if not layer.structured else self.granularity
             raise LayerCollapse(layer.name, kept, keep.numel(), m, unit, self._epoch)
         self.restored[layer.name] = self.restored.get(layer.name, 0) + 1
+        self.floored.add(layer.name)
         dense = (self._magnitude.unit_scores(layer.name, dense=True) if layer.structured
                  else self._magnitude.scores(layer.name, dense=True))
         # Flat indices are in logical (NCHW) order: work on a contiguous copy, whatever
@@ -242,6 +252,8 @@ class DynamicPruner:
         for name, keep in keeps.items():
             layer = self._layers[name]
             keep = keep.to(layer.mask.mask.device).bool()
+            old = layer.units if layer.structured else layer.mask.bool_mask
+            self.recovered += int((keep & ~old.view_as(keep)).sum())
             if protect:
                 keep = self._protect(layer, keep)
             if layer.structured:
@@ -329,13 +341,18 @@ class DynamicPruner:
             "learning": {n: bool(m.learning) for n, m in self.masks.items()
                          if hasattr(m, "learning")},
             "restored": dict(self.restored),
+            "floored": sorted(self.floored),
+            "recovered": self.recovered,
         }
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (call after ``model.load_state_dict``)."""
         self.last_thresholds = dict(state["last_thresholds"])
-        self.restored = dict(state.get("restored", {}))  # absent in older checkpoints
+        # absent in older checkpoints
+        self.restored = dict(state.get("restored", {}))
+        self.floored = set(state.get("floored", ()))
+        self.recovered = int(state.get("recovered", 0))
         for name, units in state["units"].items():
             self._layers[name].units.copy_(units)
         self.policy.load_state_dict(state["policy"])
