@@ -239,6 +239,138 @@ def test_splicing_recovers_a_pruned_weight_through_the_straight_through_mask():
     assert mask.bool_mask.flatten()[i]
 
 
+def _simulate_splicing(stats: str, steps: int = 3000) -> tuple[list[int], list[float]]:
+    """Masks of one layer over ``steps`` updates under training-like dynamics: the kept
+    weights grow, the larger ones faster (they carry the layer), and the pruned ones decay
+    (weight decay, no loss gradient through the mask). Returns kept counts and thresholds."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4000, generator=g) * 0.05
+    keep = torch.ones_like(w, dtype=torch.bool)
+    policy = SplicingThreshold(1.0, stats=stats, gamma=0.0, update_every=1)
+    kept, thetas = [], []
+    for k in range(1, steps + 1):
+        scale = w[keep].abs().mean() if keep.any() else 1.0
+        w = torch.where(keep, w * (1 + 2e-3 * w.abs() / scale), w * (1 - 1e-3))
+        view = LayerView("l", w * keep, w.abs(), keep, WeightMask(w.shape))
+        keeps, theta = policy.masks([view], k / 100)
+        keep = keeps["l"]
+        kept.append(int(keep.sum()))
+        thetas.append(theta["l"])
+    return kept, thetas
+
+
+def test_splicing_running_statistics_run_away_and_frozen_ones_hold():
+    """The regression of a DNS runaway: with per-update statistics, t = μ + cσ grows with
+    the surviving weights and, over thousands of updates, empties the layer; with the
+    statistics frozen at the first update (DNS's own rule) the layer settles."""
+    kept, thetas = _simulate_splicing("running")
+    assert kept[-1] <= 4  # 4,000 weights: the layer is gone
+    assert thetas[-1] > 100 * thetas[0]
+    kept, thetas = _simulate_splicing("frozen")
+    assert len(set(thetas)) == 1  # t taken once
+    assert 0.15 * 4000 < kept[-1] < 0.25 * 4000
+    assert kept[-1] > 0.95 * kept[499]  # settled: no more than slow drift after 500 updates
+
+
+def test_splicing_frozen_statistics_survive_a_checkpoint():
+    (layer,) = _layers([0.1, 0.2, 0.3, 0.4, 1.0])
+    p = SplicingThreshold(c=0.0, start_epoch=0)
+    t = p.update_masks([layer], epoch=0)["l0"]
+    q = SplicingThreshold(c=0.0, start_epoch=0)
+    q.load_state_dict(p.state_dict())
+    (bigger,) = _layers([1.0, 2.0, 3.0, 4.0, 10.0])
+    assert q.thresholds([bigger], epoch=1) == {"l0": t}
+    assert SplicingThreshold(c=0.0, stats="running").thresholds([bigger], 1)["l0"] == 4.0
+
+
+def test_splicing_rejects_bad_stats_and_recover_false():
+    with pytest.raises(ValueError, match=r"stats must be one of \['frozen', 'running'\]"):
+        SplicingThreshold(stats="sometimes")
+    with pytest.raises(ValueError, match="recover must be true for splicing"):
+        SplicingThreshold(recover=False)
+
+
+# --- recovery for every threshold policy -------------------------------------------------
+
+RECOVERING = {
+    "constant": lambda: ConstantThreshold(0.4, recover=True, start_epoch=0),
+    "std_scaled": lambda: StdScaledThreshold(1.0, recover=True, start_epoch=0),
+    "scheduled": lambda: ScheduledThreshold(0.4, 0.4, end_epoch=0, recover=True),
+    "agp": lambda: AGPThreshold(0.6, end_epoch=0, recover=True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RECOVERING))
+def test_recover_gives_a_hysteresis_band_around_theta(name):
+    policy = RECOVERING[name]()
+    assert policy.recovers and policy.band == 0.1
+    w = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5])  # dense scores
+    keep = torch.tensor([True, False, False, True, True])
+    view = LayerView("l", w * keep, w, keep, WeightMask(w.shape))
+    theta = policy.thresholds([view], 0.0)["l"]
+    keeps, _ = policy.masks([view], 0.0)
+    expected = (w >= 1.1 * theta) | (keep & (w >= 0.9 * theta))
+    assert keeps["l"].tolist() == expected.tolist()
+    # Between (1 - β)θ and (1 + β)θ a unit keeps its state; the final masks drop the band.
+    final, theta_final = policy.final_masks([view])
+    assert final["l"].tolist() == (w >= theta_final["l"]).tolist()
+
+
+def test_recover_brings_back_a_weight_that_grows_past_the_band():
+    (layer,) = _layers([0.1, 0.2, 0.3, 0.5, 1.0])
+    p = ConstantThreshold(0.4, recover=True, start_epoch=0)
+    p.update_masks([layer], epoch=0)
+    assert layer.mask.mask.tolist() == [0, 0, 0, 1, 1]
+    dense = torch.tensor([0.1, 0.43, 0.45, 0.37, 1.0])  # 0.43 in the band, 0.45 over it
+    view = LayerView("l0", dense * layer.keep, dense, layer.keep, layer.mask)
+    p.update_masks([view], epoch=1)
+    assert layer.mask.mask.tolist() == [0, 0, 1, 1, 1]  # 0.37 in the band stays kept
+
+
+def test_feedback_recovers_with_the_band():
+    p = FeedbackThreshold(step=0.5, recover=True, start_epoch=0, target="theta",
+                          theta_start=0.4)
+    p.feedback = lambda: 1.0
+    w = torch.tensor([0.1, 0.41, 0.5, 0.7])
+    keep = torch.tensor([True, False, True, True])
+    view = LayerView("l", w * keep, w, keep, WeightMask(w.shape))
+    keeps, theta = p.masks([view], 1.0)
+    assert theta["l"] == pytest.approx(0.6)  # raised by δ = 0.5
+    assert keeps["l"].tolist() == [False, False, False, True]  # 0.5 < 0.9·0.6 = 0.54
+
+
+@pytest.mark.parametrize("name", ["dense", "oneshot_global", "random", "soft_threshold"])
+def test_recover_is_refused_by_policies_that_cannot_recover(name):
+    params = {"oneshot_global": {"amount": 0.5}, "random": {"sparsity": 0.5}}.get(name, {})
+    with pytest.raises(ValueError, match=f"recover=true is not supported by policy {name}; "
+                                         r"allowed with: \['constant', 'std_scaled'"):
+        build_policy(name, {**params, "recover": True})
+    with pytest.raises(ValueError, match=r"band must be in \[0, 1\)"):
+        build_policy("agp", {"final_sparsity": 0.5, "end_epoch": 2, "band": 1.5})
+
+
+def test_pruner_counts_recovered_units_and_trains_pruned_weights():
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8, bias=False)
+    pruner = DynamicPruner(lin, AGPThreshold(0.75, end_epoch=0, recover=True), min_keep=0)
+    pruner.update(1.0)
+    mask = pruner.masks[""]
+    assert mask.straight_through and pruner.recovered == 0
+    w = lin.parametrizations.weight.original
+    pruned = (~mask.bool_mask).nonzero()[:3]
+    with torch.no_grad():  # three pruned weights grow past the band; three kept ones shrink
+        for i, j in pruned:
+            w[i, j] = 10.0
+        for i, j in mask.bool_mask.nonzero()[:3]:
+            w[i, j] = 0.0
+    pruner.update(2.0)
+    assert pruner.recovered == 3
+    assert all(mask.bool_mask[i, j] for i, j in pruned)
+    pruner.finalize()
+    assert not mask.straight_through  # fine-tuning trains the survivors only
+    assert pruner.sparsity() == pytest.approx(0.75)  # the band is gone: the target exactly
+
+
 def test_splicing_update_probability_decays_and_stops():
     p = SplicingThreshold(c=1.0, gamma=0.1, power=1.0, iter_stop=100)
     assert p.update_probability(0) == 1.0
