@@ -34,7 +34,11 @@ POLICIES = {
     "random": {"name": "random", "sparsity": 0.5, "start_epoch": 1.0},
     "agp_neuron": {"name": "agp", "final_sparsity": 0.5, "end_epoch": 2, "update_every": 5,
                    "granularity": "neuron", "scope": "layer", "criterion": "activation"},
+    # Recovery, under one OneCycle schedule that runs on through fine-tuning.
+    "agp_recover_onecycle": {"name": "agp", "final_sparsity": 0.8, "end_epoch": 2,
+                             "update_every": 5, "recover": True},
 }
+SCHEDULES = {"agp_recover_onecycle": {"lr_schedule": "onecycle", "finetune_lr_schedule": "continue"}}
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))
@@ -42,7 +46,8 @@ def test_resume_from_any_epoch_reproduces_the_uninterrupted_run(policy):
     ds = load_dataset(OmegaConf.create({"kind": "digits", "name": "digits"}))
     model_cfg = OmegaConf.create({"arch": "mlp", "hidden": [32, 16]})
     policy_cfg = OmegaConf.create(POLICIES[policy])
-    settings = TrainSettings(epochs=3, finetune_epochs=2, lr=0.05, batch_size=128)
+    settings = TrainSettings(epochs=3, finetune_epochs=2, lr=0.05, batch_size=128,
+                             **SCHEDULES.get(policy, {}))
     example = torch.zeros(1, *ds.input_shape)
 
     def run(**kw):
@@ -84,3 +89,37 @@ def test_trial_checkpoint_is_atomic_keyed_and_cleared(tmp_path):
     assert TrialCheckpoint(tmp_path / "s", lineage=4, config_key="other").load() is None
     ckpt.clear()
     assert not ckpt.path.exists()
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle", "step", "constant"])
+def test_lr_schedules_span_their_phase_or_both(schedule):
+    ds = load_dataset(OmegaConf.create({"kind": "digits", "name": "digits"}))
+    model_cfg = OmegaConf.create({"arch": "mlp", "hidden": [16]})
+    example = torch.zeros(1, *ds.input_shape)
+
+    def lrs(**kw):
+        settings = TrainSettings(epochs=4, finetune_epochs=2, lr=0.1, batch_size=256,
+                                 lr_schedule=schedule, **kw)
+        result = cross_validate(
+            ds, folds=2, seed=0, make_model=lambda: build_model(model_cfg, ds.input_shape, 10),
+            make_pruner=lambda m: build_pruner(m, OmegaConf.create({"name": "dense"}), example),
+            settings=settings, front_points=0)
+        return [r.lr for r in result.folds[0].history]
+
+    prune = lrs()[:4]
+    if schedule == "constant":
+        assert prune == [0.1] * 4
+    elif schedule == "step":  # x0.1 after half, x0.01 after three quarters of the phase
+        assert prune == pytest.approx([0.1, 0.01, 0.001, 0.001])
+    elif schedule == "cosine":
+        assert prune[0] > prune[1] > prune[2] > prune[3] == pytest.approx(0.0, abs=1e-12)
+    else:  # warm-up from lr / 25 to the peak at 30 % of the phase, then annealed
+        assert 0.1 / 25 < prune[0] <= 0.1 and prune[0] > prune[1] > prune[2] > prune[3]
+    # "continue": the pruning phase's schedule spans both phases, one optimizer throughout.
+    both = lrs(finetune_lr_schedule="continue")
+    separate = lrs(finetune_lr_schedule="constant", finetune_lr_scale=0.5)
+    assert separate[4:] == pytest.approx([0.05, 0.05])
+    if schedule == "constant":
+        assert both == [0.1] * 6
+    else:
+        assert both[3] > both[5] and both[:4] != prune
