@@ -29,7 +29,6 @@ from dtp_search.pruning import (
 )
 from dtp_search.warmstart import WarmStartCache, cache_key
 
-
 LR_SCHEDULES = ("cosine", "onecycle", "step", "constant")
 CONTINUE = "continue"  # train.finetune_lr_schedule: the pruning phase's schedule runs on
 

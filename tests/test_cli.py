@@ -144,6 +144,26 @@ def test_every_policy_runs_from_the_cli(tmp_path, policy):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("policy", ["constant", "std_scaled", "scheduled", "agp", "feedback"])
+def test_every_threshold_policy_recovers_from_the_cli(tmp_path, policy):
+    root = tmp_path / "runs"
+    res = run_cli(root, f"policy={policy}", "policy.recover=true", "~policy.space.recover",
+                  "policy.start_epoch=0", "policy.update_every=2", "search.n_trials=1",
+                  "refit.enabled=false", *TINIEST)
+    assert res.returncode == 0, res.stderr[-3000:]
+    study = optuna.load_study(study_name=f"digits-lenet300-{policy}",
+                              storage=f"sqlite:///{root}/optuna.db")
+    (trial,) = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert trial.values[0] > 0.3 and trial.values[1] > 0.0
+    client, _, (child,) = _runs(root, f"digits-lenet300-{policy}")
+    assert child.data.params["policy.recover"] == "True"
+    # Weights spliced back, per epoch: logged for every fold and as the mean curve.
+    history = client.get_metric_history(child.info.run_id, "fold_0/recovered")
+    assert [m.step for m in history] == [1, 2, 3] and history[-1].value == 0  # masks frozen
+    assert client.get_metric_history(child.info.run_id, "recovered")
+
+
+@pytest.mark.slow
 def test_policy_searched_as_a_choice_across_all_policies(tmp_path):
     root = tmp_path / "runs"
     res = run_cli(root, "policy=choice", "study.name=mix", "search=random", "search.n_trials=6",

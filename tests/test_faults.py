@@ -88,3 +88,24 @@ def test_the_min_keep_floor_restores_by_default_and_says_so(tmp_path):
         assert json.loads(tag["dtp_search.min_keep_restored"]) == restored
         # The floor keeps 1 % of every layer: the trial's sparsity is the floor's.
         assert t.values[1] == pytest.approx(0.99, abs=0.005)
+        # ... and it ends there: the trial says which layers its result is the floor's.
+        assert t.user_attrs["floored_layers"] == ["net.1", "net.3", "net.5"]
+        assert tag["dtp_search.floored_layers"] == "net.1,net.3,net.5"
+    assert all("floored_layers" not in t.user_attrs for t in study.trials if t not in floored)
+
+
+@pytest.mark.slow
+def test_penalize_keeps_floored_trials_off_the_pareto_front(tmp_path):
+    from dtp_search.study import pareto_rows
+
+    root = tmp_path / "runs"
+    _run(root, ["study.name=penalize", "policy.on_collapse=penalize", *COLLAPSE])
+    study = optuna.load_study(study_name="penalize", storage=f"sqlite:///{root}/optuna.db")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
+    floored = {t.number for t in study.trials if t.params["policy.theta"] == 10.0}
+    assert floored and len(floored) < 4
+    for t in study.trials:  # recorded with the floored result, infeasible for the samplers
+        assert t.constraints == {"min_keep_floor": 3.0 if t.number in floored else 0.0}
+    # At 99 % sparsity a floored trial would dominate on sparsity; it is left out.
+    rows = pareto_rows(study)
+    assert rows and not floored & {r["trial"] for r in rows}

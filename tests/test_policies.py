@@ -71,6 +71,18 @@ def test_agp_target_follows_the_cubic_schedule():
     assert p.target_sparsity(50) == pytest.approx(0.8)
 
 
+@pytest.mark.parametrize("name", ["scheduled", "agp", "feedback"])
+def test_a_window_that_ends_before_it_starts_is_one_step_at_the_start(name):
+    params = {"scheduled": {"theta_start": 0.1, "theta_end": 0.5},
+              "agp": {"final_sparsity": 0.8}, "feedback": {}}[name]
+    p = build_policy(name, {**params, "start_epoch": 3, "end_epoch": 1})
+    assert p.end_epoch == p.final_epoch() == 3
+    if name == "scheduled":
+        assert p.theta(2.9) == pytest.approx(0.1) and p.theta(3.0) == pytest.approx(0.5)
+    if name == "agp":
+        assert p.target_sparsity(2.9) == 0.0 and p.target_sparsity(3.0) == pytest.approx(0.8)
+
+
 def test_agp_global_and_layer_scopes():
     a = torch.arange(1.0, 11.0)  # 1..10
     b = torch.arange(11.0, 21.0) / 100  # 0.11..0.20, all smaller than a
@@ -125,7 +137,6 @@ def test_pruner_respects_update_grid_and_start_epoch():
 
 @pytest.mark.parametrize(("name", "params"), [
     ("constant", {"theta": -1}), ("std_scaled", {"q": -0.5}),
-    ("scheduled", {"theta_start": 0, "theta_end": 1, "end_epoch": 1, "start_epoch": 3}),
     ("scheduled", {"theta_start": 0, "theta_end": 1, "end_epoch": 4, "shape": "square"}),
     ("agp", {"final_sparsity": 1.0, "end_epoch": 3}), ("agp", {"final_sparsity": 0.5, "end_epoch": 3, "scope": "net"}),
     ("nope", {}),

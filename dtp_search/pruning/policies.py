@@ -261,6 +261,14 @@ class StdScaledThreshold(ThresholdPolicy):
                 for layer in layers}
 
 
+def _window_end(end_epoch: float, start_epoch: float) -> float:
+    """The end of a pruning window [t_s, t_e]. An end at or before the start makes the
+    window one step at t_s: the policy prunes to its target at once there. Searched
+    windows sample t_s and t_e independently, and this keeps every such pair a valid
+    (if abrupt) schedule instead of a wasted trial."""
+    return max(float(end_epoch), float(start_epoch))
+
+
 def _ramp(epoch: float, start: float, end: float) -> float:
     """Progress r ∈ [0, 1] of ``epoch`` through [start, end] (a step at ``start`` if end ≤ start)."""
     if end <= start:
@@ -289,11 +297,9 @@ class ScheduledThreshold(ThresholdPolicy):
             raise ValueError(f"thresholds must be >= 0, got {theta_start}, {theta_end}")
         if shape not in self.SHAPES:
             raise ValueError(f"shape must be one of {self.SHAPES}, got {shape!r}")
-        if end_epoch < self.start_epoch:
-            raise ValueError(f"end_epoch ({end_epoch}) must be >= start_epoch ({self.start_epoch})")
         self.theta_start = float(theta_start)
         self.theta_end = float(theta_end)
-        self.end_epoch = float(end_epoch)
+        self.end_epoch = _window_end(end_epoch, self.start_epoch)
         self.shape = shape
 
     def theta(self, epoch: float) -> float:
@@ -386,11 +392,9 @@ class AGPThreshold(ThresholdPolicy):
                              f"final_sparsity ({final_sparsity})")
         if scope not in self.SCOPES:
             raise ValueError(f"scope must be one of {self.SCOPES}, got {scope!r}")
-        if end_epoch < self.start_epoch:
-            raise ValueError(f"end_epoch ({end_epoch}) must be >= start_epoch ({self.start_epoch})")
         self.final_sparsity = float(final_sparsity)
         self.initial_sparsity = float(initial_sparsity)
-        self.end_epoch = float(end_epoch)
+        self.end_epoch = _window_end(end_epoch, self.start_epoch)
         self.scope = scope
 
     def target_sparsity(self, epoch: float) -> float:
@@ -450,12 +454,10 @@ class FeedbackThreshold(ThresholdPolicy):
             raise ValueError(f"theta_start must be > 0, got {theta_start}")
         if not 0.0 < holdout < 1.0:
             raise ValueError(f"holdout must be in (0, 1), got {holdout}")
-        if end_epoch < self.start_epoch:
-            raise ValueError(f"end_epoch ({end_epoch}) must be >= start_epoch ({self.start_epoch})")
         self.step, self.tolerance, self.backoff = float(step), float(tolerance), float(backoff)
         self.min_step, self.restore, self.target = float(min_step), bool(restore), target
         self.theta_start, self.scope = float(theta_start), scope
-        self.end_epoch, self.holdout = float(end_epoch), float(holdout)
+        self.end_epoch, self.holdout = _window_end(end_epoch, self.start_epoch), float(holdout)
         # state
         self.value = 0.0 if target == "sparsity" else self.theta_start  # current target
         self.best: float | None = None
