@@ -36,8 +36,9 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format dtp_search tests scripts
 	$(VENV)/bin/ruff check --fix dtp_search tests scripts
 
-## The MLflow UI on this folder's default store, on 127.0.0.1 only.
+## The MLflow UI on this folder's default store, on 127.0.0.1 only (prints each study's runs URL first).
 ui: $(STAMP)
+	@$(PY) -c "from dtp_search.tracking import print_runs_urls; print_runs_urls('sqlite:///$(CURDIR)/dtp_runs/mlflow.db')"
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/dtp_runs/mlflow.db --host 127.0.0.1 --port 5000
 
 clean:

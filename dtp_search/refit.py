@@ -28,7 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dtp_search import space as search_space
-from dtp_search.config import build_pruner, flatten, loggable
+from dtp_search.config import build_pruner, config_yaml, run_params
 from dtp_search.data import ImageDataset, stratified_subset
 from dtp_search.export import measure, save_pruned
 from dtp_search.models import build_model
@@ -46,6 +46,11 @@ from dtp_search.training import (
 log = logging.getLogger(__name__)
 
 MONITOR_SAMPLES = 2048  # training-split slice for per-epoch accuracy during a refit
+CV_METRICS = ("cv_accuracy", "cv_accuracy_std", "cv_sparsity", "cv_sparsity_std")
+MEASURES = ("params", "nonzero_params", "compression", "flops_dense", "flops_effective",
+            "file_bytes_dense", "file_bytes_sparse", "compact_params", "latency_ms_dense",
+            "latency_ms_compact")
+MODEL_URI_TAG = "dtp_search.model_uri"
 
 
 @dataclass
@@ -128,7 +133,7 @@ def refit_study(cfg: DictConfig, study: optuna.Study, space: search_space.Search
             continue
         tcfg = trial_config(cfg, space, trial)
         policy = str(tcfg.policy.name)
-        run = tracker.start_refit(trial.number, flatten(loggable(tcfg)), policy)
+        run = tracker.start_refit(trial.number, run_params(tcfg), policy, config_yaml(tcfg))
         try:
             if console is not None:
                 console.out.print(f"refit of trial {trial.number} ({policy}) on the whole "
@@ -137,7 +142,8 @@ def refit_study(cfg: DictConfig, study: optuna.Study, space: search_space.Search
                 tcfg, dataset, device,
                 on_epoch=lambda r, run=run: run.log_metrics(
                     {"loss": r.loss, "train_accuracy": r.val_accuracy, "sparsity": r.sparsity,
-                     "threshold": r.threshold, "lr": r.lr}, step=r.epoch))
+                     "threshold": r.threshold, "lr": r.lr, "recovered": r.recovered},
+                    step=r.epoch))
             structured = str(tcfg.policy.get("granularity", "weight")) != "weight"
             example = torch.zeros(1, *dataset.input_shape, device=device)
             with tempfile.TemporaryDirectory() as tmp:
@@ -148,13 +154,16 @@ def refit_study(cfg: DictConfig, study: optuna.Study, space: search_space.Search
                 if structured:
                     run.log_artifact(save_pruned(model, config, Path(tmp) / "compact.pt",
                                                  compact_input=example), "model")
-            _log_mlflow_model(tracker.tracking_uri, run.run_id, model)
-            metrics = {"test_accuracy": test_acc, "sparsity": pruner.sparsity(),
-                       "cv_accuracy": trial.user_attrs.get("cv_accuracy", float("nan")),
-                       **measures}
+            model_uri = _log_mlflow_model(tracker.tracking_uri, run.run_id, model,
+                                          f"{cfg.study.name}-trial-{trial.number}")
+            if model_uri:
+                run.set_tags({MODEL_URI_TAG: model_uri})
+            # The trial's own CV figures under the names the trial runs use, then the test ones.
+            cv = {k: trial.user_attrs[k] for k in CV_METRICS if k in trial.user_attrs}
+            metrics = {**cv, "test_accuracy": test_acc, "sparsity": pruner.sparsity(), **measures}
             run.log_metrics(metrics)
             run.log_front({0: front}, f"{cfg.study.name} · refit of trial {trial.number} · "
-                          f"{policy} (test split)")
+                          f"{policy}", split="test")
             run.log_dict(result.layer_sparsity, "layer_sparsity.json")
             run.log_figure(plot_layer_sparsity({trial.number: result.layer_sparsity},
                                                f"refit of trial {trial.number} ({policy})"),
@@ -180,23 +189,48 @@ def refit_study(cfg: DictConfig, study: optuna.Study, space: search_space.Search
                                 "sparsity": r.sparsity, "measures": r.measures or old.get("measures", {}),
                                 "layer_sparsity": r.layer_sparsity or old.get("layer_sparsity", {})}
     study.set_user_attr("refit", record)
+    if cfg.refit.get("register") and results:
+        register_best(tracker, results, str(cfg.study.name))
     return results
+
+
+def register_best(tracker: StudyTracker, results: list[RefitResult], name: str) -> str | None:
+    """Register the most accurate refit's model in the MLflow Model Registry as ``name``
+    (a new version each time a different run is registered); returns its model URI."""
+    import mlflow
+
+    best = max(results, key=lambda r: r.test_accuracy)
+    uri = tracker.client.get_run(best.run_id).data.tags.get(MODEL_URI_TAG)
+    if not uri:
+        log.warning("refit.register: the refit of trial %d logged no MLflow model", best.trial)
+        return None
+    versions = tracker.client.search_model_versions(f"name = '{name}'")
+    if any(v.run_id == best.run_id for v in versions):
+        return uri
+    mlflow.set_tracking_uri(tracker.tracking_uri)
+    mv = mlflow.register_model(uri, name, tags={"trial": str(best.trial),
+                                                "test_accuracy": f"{best.test_accuracy:.4f}",
+                                                "sparsity": f"{best.sparsity:.4f}"})
+    log.info("registered %s version %s (refit of trial %d)", name, mv.version, best.trial)
+    return uri
 
 
 def _from_run(trial: int, run) -> RefitResult:
     m = run.data.metrics
-    measures = {k: v for k, v in m.items() if k not in ("test_accuracy", "sparsity", "cv_accuracy")}
+    measures = {k: v for k, v in m.items() if k in MEASURES}
     return RefitResult(trial, run.info.run_id, m.get("test_accuracy", float("nan")),
                        m.get("sparsity", float("nan")), measures, {}, reused=True)
 
 
-def _log_mlflow_model(tracking_uri: str, run_id: str, model: torch.nn.Module) -> None:
+def _log_mlflow_model(tracking_uri: str, run_id: str, model: torch.nn.Module,
+                      name: str) -> str | None:
     """Also log the (mask-free) model with ``mlflow.pytorch.log_model``, where that works.
 
     MLflow's default ``pt2`` format fixes the batch size of the traced example, so the
     pickle format is used: it needs dtp_search importable to load, and unpickling runs
     code — the sparse ``model/pruned.pt`` read with ``weights_only=True`` stays the safe
     export. Failures are logged, not raised: the refit's own record is what matters.
+    The model is named ``name`` (``<study>-trial-<n>``); returns its URI.
     """
     import mlflow
     import mlflow.pytorch
@@ -207,9 +241,12 @@ def _log_mlflow_model(tracking_uri: str, run_id: str, model: torch.nn.Module) ->
         mlflow_log.setLevel(logging.ERROR)  # the pickle-format caution, said once above
         mlflow.set_tracking_uri(tracking_uri)
         with mlflow.start_run(run_id=run_id):
-            mlflow.pytorch.log_model(strip_masks(model).cpu().eval(), name="mlflow_model",
-                                     serialization_format="pickle", pip_requirements=["torch"])
+            info = mlflow.pytorch.log_model(strip_masks(model).cpu().eval(), name=name,
+                                            serialization_format="pickle",
+                                            pip_requirements=["torch"])
+        return info.model_uri
     except Exception as exc:
         log.warning("mlflow.pytorch.log_model failed for run %s: %s", run_id, exc)
+        return None
     finally:
         mlflow_log.setLevel(level)

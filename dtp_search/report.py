@@ -51,7 +51,14 @@ def pareto_figure(study: optuna.Study, rows: list[dict[str, Any]]):
         front = t.user_attrs.get("front") or []
         if front:
             ax.plot([p[0] for p in front], [p[1] for p in front], "-", color="0.5", alpha=0.15,
-                    lw=0.8, zorder=0)
+                    lw=0.8, zorder=0, label="_nolegend_")
+    # Zoomed to the trials' own CV points: the faint per-trial fronts fall to chance at
+    # their sparse end and would otherwise squeeze the Pareto points into a thin strip.
+    accs = [p[1] for ps in points.values() for p in ps if not math.isnan(p[1])]
+    if accs:
+        lo, hi = min(accs), max(accs)
+        pad = max(0.02, 0.08 * (hi - lo))
+        ax.set_ylim(max(0.0, lo - pad), min(1.0, hi + pad))
     for marker, name in zip(("X", "P"), BASELINES, strict=True):
         base = [t for t in complete if policies[t.number] == name]
         if base:
@@ -62,21 +69,28 @@ def pareto_figure(study: optuna.Study, rows: list[dict[str, Any]]):
 
 
 def _optuna_figures(study: optuna.Study) -> dict[str, str]:
-    """Optuna's own history and importance plots (for the first objective); skipped if unavailable."""
+    """Optuna's own history and importance plots, one of each per objective; a plot Optuna
+    cannot draw yet (e.g. importances from too few trials) is skipped."""
     from optuna.visualization import matplotlib as ovm
 
-    names = study.user_attrs.get("objectives") or ["objective 0"]
+    names = study.user_attrs.get("objectives") or [f"objective {i}" for i in range(len(study.directions))]
     out = {}
     for title, fn in (("Optimisation history", ovm.plot_optimization_history),
                       ("Parameter importances", ovm.plot_param_importances)):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ax = fn(study, target=lambda t: t.values[0], target_name=names[0])
-            out[f"{title} ({names[0]})"] = _png(ax.figure)
-        except Exception as exc:  # e.g. too few trials for importances
-            log.info("skipped %s: %s", title, exc)
+        for i, name in enumerate(names):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    ax = fn(study, target=lambda t, i=i: t.values[i], target_name=name)
+                out[f"{title} ({name})"] = _png(ax.figure)
+            except Exception as exc:
+                log.info("skipped %s (%s): %s", title, name, exc)
     return out
+
+
+def _count(v: float) -> str:
+    """A count or size with thousands separators (24,180), a small quantity with 4 digits."""
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.4g}"
 
 
 def build_report(study: optuna.Study, rows: list[dict[str, Any]],
@@ -92,21 +106,27 @@ def build_report(study: optuna.Study, rows: list[dict[str, Any]],
     cols = ["trial", "policy", "params", "CV accuracy", "CV sparsity", "test accuracy",
             "test sparsity", "non-zero / params", "FLOPs effective / dense",
             "export bytes sparse / dense", "latency ms compact / dense"]
+    # Latency is measured for compact (neuron/channel) exports only: no column without one.
+    with_latency = any("latency_ms_compact" in refits.get(str(r["trial"]), {}).get("measures", {})
+                       for r in rows)
+    if not with_latency:
+        cols = cols[:-1]
     body = []
     for r in rows:
         ref = refits.get(str(r["trial"]), {})
         m = ref.get("measures", {})
 
-        def ratio(a: str, b: str, m=m) -> str:
-            return f"{m[a]:.4g} / {m[b]:.4g}" if a in m and b in m else "—"
+        def ratio(a: str, b: str, m=m, fmt=_count) -> str:
+            return f"{fmt(m[a])} / {fmt(m[b])}" if a in m and b in m else "—"
         cells = [r["trial"], r["policy"], r["params"],
                  f"{r['accuracy']:.4f} ± {r['accuracy_std']:.4f}",
                  f"{r['sparsity']:.4f} ± {r['sparsity_std']:.4f}",
                  f"{ref['test_accuracy']:.4f}" if "test_accuracy" in ref else "—",
                  f"{ref['sparsity']:.4f}" if "sparsity" in ref else "—",
                  ratio("nonzero_params", "params"), ratio("flops_effective", "flops_dense"),
-                 ratio("file_bytes_sparse", "file_bytes_dense"),
-                 ratio("latency_ms_compact", "latency_ms_dense")]
+                 ratio("file_bytes_sparse", "file_bytes_dense")]
+        if with_latency:
+            cells.append(ratio("latency_ms_compact", "latency_ms_dense", fmt=lambda v: f"{v:.2f}"))
         body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     table = ("<table><tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"
              + "".join(body) + "</table>")

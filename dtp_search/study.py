@@ -31,10 +31,10 @@ from dtp_search.checkpoint import TrialCheckpoint, describe
 from dtp_search.config import (
     ConfigError,
     build_pruner,
-    flatten,
+    config_yaml,
     floor_settings,
-    loggable,
     policy_params,
+    run_params,
 )
 from dtp_search.console import Console
 from dtp_search.data import ImageDataset, load_dataset
@@ -43,7 +43,7 @@ from dtp_search.pruning import LayerCollapse, build_criterion, build_policy, par
 from dtp_search.pruning.pruner import check_floor
 from dtp_search.refit import refit_study
 from dtp_search.report import log_report
-from dtp_search.tracking import StudyTracker
+from dtp_search.tracking import StudyTracker, describe_dataset
 from dtp_search.training import (
     DivergedError,
     TrainSettings,
@@ -105,6 +105,9 @@ def check_config(cfg: DictConfig) -> search_space.SearchSpace:
     top_k = cfg.refit.get("top_k")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise ConfigError(f"refit.top_k={top_k!r} is not allowed; allowed: null or an integer >= 1")
+    for key in ("enabled", "register"):
+        if not isinstance(cfg.refit.get(key, False), bool):
+            raise ConfigError(f"refit.{key}={cfg.refit[key]!r} is not allowed; allowed: true, false")
     for key, allowed, ok in (
             ("points", "an integer >= 0", lambda v: isinstance(v, int) and v >= 0),
             ("max_sparsity", "a number in (0, 1)", lambda v: isinstance(v, (int, float)) and 0 < v < 1),
@@ -253,6 +256,9 @@ def run_study(cfg: DictConfig) -> optuna.Study:
     with storages.StudyLock(url, cfg.study.name, "mlflow-parent"):
         tracker = StudyTracker(str(cfg.tracking.uri), str(cfg.tracking.experiment),
                                cfg.study.name, artifact_location=cfg.tracking.get("artifact_location"))
+    tracker.set_dataset(describe_dataset(dataset, str(cfg.dataset.get("path") or cfg.dataset.kind)))
+    if not is_worker:
+        tracker.share_view(dict.fromkeys(d.key for d in space.dimensions))
     _fail_dead(study, cfg)
     tracker.close_orphans({t.number: t.state.name for t in study.get_trials(deepcopy=False)})
     admission = storages.StudyLock(url, cfg.study.name, "admit")
@@ -429,7 +435,7 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
     warm_start = (WarmStartCache(cfg.paths.warm_start)
                   if cfg.search.get("warm_start", True) else None)
 
-    run = ctx.tracker.start_trial(trial.number, flatten(loggable(tcfg)), sampled)
+    run = ctx.tracker.start_trial(trial.number, run_params(tcfg), sampled, config_yaml(tcfg))
     run.set_tags({"policy": policy_name, "dtp_search.worker": storages.worker_id()})
     if "lineage" in inherited:
         run.set_tags({"dtp_search.retry_of": inherited.get("trial", lineage)})
@@ -460,9 +466,8 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
                 progress(fold, rec)
 
             def on_fold_end(fold: int, result) -> None:
+                # (fold_<k>/val_accuracy and fold_<k>/sparsity already end on this fold's result)
                 fronts[fold] = result.front
-                run.log_metrics({f"fold_{fold}/accuracy": result.accuracy,
-                                 f"fold_{fold}/final_sparsity": result.sparsity})
                 if len(objectives) == 1:  # see make_pruner
                     value = {"accuracy": result.accuracy, "sparsity": result.sparsity}[objectives[0]]
                     trial.report(value, step=fold)

@@ -4,23 +4,35 @@ Uses ``MlflowClient`` with explicit run ids instead of the fluent ``mlflow.start
 stack, so that the parent run can be re-opened on resume, and so that several worker
 processes can log to the same study without sharing any global "active run".
 
-Layout in MLflow (experiment = ``tracking.experiment``):
+Layout in MLflow (experiment = ``tracking.experiment``, tagged as a model-training
+experiment, ``mlflow.experimentKind=custom_model_development``, so that the UI opens on its
+runs table rather than its GenAI traces view):
 
 * parent run ``<study name>`` — tags ``dtp_search.role=study``, ``dtp_search.study``;
-  artifacts ``pareto_front.json`` (table), ``pareto_front.png``; metrics
+  artifacts ``pareto_front.json`` (a table), ``pareto_front.png``; metrics
   ``n_complete``, ``pareto_size``, ``pareto_hypervolume`` (step = complete trials).
-* child run ``trial-<n>`` — tag ``mlflow.parentRunId``, ``optuna.trial_number``,
-  ``optuna.trial_state``; params = the flattened trial config; per-epoch metrics
-  ``fold_<k>/{loss,val_accuracy,sparsity,threshold,lr}`` and fold means
-  ``{loss,val_accuracy,sparsity,threshold}`` (step = epoch); the trial's
-  accuracy-versus-sparsity front as ``front.json`` (``log_table``) and ``front.png``.
+* child run ``trial-<n>`` — tags ``mlflow.parentRunId``, ``dtp_search.role=trial``,
+  ``optuna.trial_number``, ``optuna.trial_state``, ``dtp_search.sampled`` (the sampled
+  keys); params = the trial's own configuration (:func:`dtp_search.config.run_params`),
+  the whole resolved config as ``config.yaml``; the dataset as a run input; per-epoch
+  metrics ``fold_<k>/{loss,val_accuracy,sparsity,threshold,lr,recovered}`` and fold means
+  (step = epoch); the accuracy-versus-sparsity front as ``front.json`` (a table),
+  ``front.png``, the image ``front`` (the chart view's image grid) and the metric history
+  ``front/accuracy`` whose step is 1000 × sparsity, so that MLflow's own line chart
+  overlays the fronts of every trial.
+* child run ``refit-<n>`` — tag ``dtp_search.role=refit`` (its MLflow status says how it
+  ended), the trial's ``cv_*`` metrics, ``test_accuracy``, the test front as
+  ``front/test_accuracy`` and the model, named ``<study>-trial-<n>``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +40,27 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
-from mlflow.entities import Metric, Param, RunStatus
+import torch
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_LOGGED_ARTIFACTS
 
+from dtp_search.data import ImageDataset
 from dtp_search.pruning.front import FrontPoint
 
 log = logging.getLogger(__name__)
 
 ROLE_TAG, STUDY_TAG = "dtp_search.role", "dtp_search.study"
 TRIAL_TAG, STATE_TAG = "optuna.trial_number", "optuna.trial_state"
-REFIT_TAG = "dtp_search.refit_of"
+REFIT_TAG, SAMPLED_TAG = "dtp_search.refit_of", "dtp_search.sampled"
+# The UI's experiment kind: "custom_model_development" is its model-training workflow.
+KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+# The runs table's Source column (MLflow's fluent API sets these from the script it runs in).
+SOURCE_TAGS = {"mlflow.source.name": "python -m dtp_search", "mlflow.source.type": "LOCAL"}
+SHARED_VIEW_TAG, VIEW_KEY = "mlflow.sharedViewState.", "dtp_search"
+FRONT_STEPS = 1000  # front/<metric> is logged at step = round(FRONT_STEPS * sparsity)
 _MAX_PARAM_LEN = 6000
 
 
@@ -57,10 +79,13 @@ class StudyTracker:
         self.study_name = study_name
         self.experiment_id = self._experiment(experiment, artifact_location)
         self.parent_run_id = self._parent_run()
+        self.dataset: DatasetInfo | None = None
 
     def _experiment(self, name: str, artifact_location: str | None) -> str:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
+            if exp.tags.get(KIND_TAG) != TRAINING_KIND:  # created by an older dtp_search
+                self.client.set_experiment_tag(exp.experiment_id, KIND_TAG, TRAINING_KIND)
             return exp.experiment_id
         # A tracking server stores artifacts where it was told (--artifacts-destination) and
         # proxies them to every worker; a local folder would split them across machines.
@@ -68,7 +93,8 @@ class StudyTracker:
         location = (Path(artifact_location).resolve().as_uri()
                     if artifact_location and not remote else None)
         try:
-            return self.client.create_experiment(name, artifact_location=location)
+            return self.client.create_experiment(name, artifact_location=location,
+                                                 tags={KIND_TAG: TRAINING_KIND})
         except Exception:  # another worker created it first
             exp = self.client.get_experiment_by_name(name)
             if exp is None:
@@ -92,15 +118,17 @@ class StudyTracker:
 
     # ------------------------------------------------------------------ trials
 
-    def start_trial(self, trial_number: int, params: dict[str, Any],
-                    sampled: dict[str, Any]) -> TrialRun:
+    def start_trial(self, trial_number: int, params: dict[str, Any], sampled: Iterable[str],
+                    config_yaml: str) -> TrialRun:
+        """A child run for a trial: its own configuration as params (the sampled keys
+        named in a tag, not repeated), the whole config as ``config.yaml``, the dataset."""
         run = self.client.create_run(
             self.experiment_id, run_name=f"trial-{trial_number}",
             tags={"mlflow.parentRunId": self.parent_run_id, ROLE_TAG: "trial",
                   STUDY_TAG: self.study_name, TRIAL_TAG: str(trial_number),
-                  STATE_TAG: "RUNNING"})
+                  STATE_TAG: "RUNNING", SAMPLED_TAG: ",".join(sorted(sampled)), **SOURCE_TAGS})
         trial_run = TrialRun(self.client, run.info.run_id)
-        trial_run.log_params(params, sampled)
+        trial_run.start(params, config_yaml, self.dataset)
         return trial_run
 
     def find_refit(self, trial_number: int):
@@ -111,20 +139,18 @@ class StudyTracker:
                                "attributes.status = 'FINISHED'")
         return runs[0] if runs else None
 
-    def start_refit(self, trial_number: int, params: dict[str, Any], policy: str) -> TrialRun:
+    def start_refit(self, trial_number: int, params: dict[str, Any], policy: str,
+                    config_yaml: str) -> TrialRun:
+        """A child run for the refit of a trial. Its role is its ``dtp_search.role`` tag and
+        its outcome MLflow's run status: it carries no Optuna trial state of its own."""
         run = self.client.create_run(
             self.experiment_id, run_name=f"refit-{trial_number}",
             tags={"mlflow.parentRunId": self.parent_run_id, ROLE_TAG: "refit",
                   STUDY_TAG: self.study_name, REFIT_TAG: str(trial_number), "policy": policy,
-                  STATE_TAG: "RUNNING"})
-        refit_run = TrialRun(self.client, run.info.run_id)
-        refit_run.log_params(params, {})
+                  **SOURCE_TAGS})
+        refit_run = TrialRun(self.client, run.info.run_id, state_tag=False)
+        refit_run.start(params, config_yaml, self.dataset, context="train+test")
         return refit_run
-
-    def refit_runs(self) -> list:
-        return self._find_runs(f"tags.`{ROLE_TAG}` = 'refit' and "
-                               f"tags.`{STUDY_TAG}` = '{self.study_name}' and "
-                               "attributes.status = 'FINISHED'")
 
     def close_orphans(self, live_states: dict[int, str]) -> int:
         """Mark child runs left RUNNING by a dead process as FAILED; returns how many."""
@@ -149,9 +175,11 @@ class StudyTracker:
         """Refresh the study's Pareto table and plot (overwritten, not appended)."""
         df = pd.DataFrame(rows)
         # log_table appends to an existing file; the parent's table must be replaced on
-        # every refresh, so it is written in log_table's JSON layout with log_dict.
+        # every refresh, so it is written in log_table's JSON layout with log_dict and
+        # declared a table the way log_table does it (the UI then shows it as one).
         self.client.log_dict(self.parent_run_id, df.to_dict(orient="split", index=False),
                              "pareto_front.json")
+        _declare_table(self.client, self.parent_run_id, "pareto_front.json")
         fig = plot_pareto(rows, trial_fronts or {}, title=self.study_name, policies=policies,
                           floored=floored)
         self.client.log_figure(self.parent_run_id, fig, "pareto_front.png")
@@ -162,16 +190,127 @@ class StudyTracker:
             Metric("pareto_size", len(rows), ts, n_complete),
             Metric("pareto_hypervolume", hypervolume, ts, n_complete)])
 
+    def set_dataset(self, dataset: DatasetInfo) -> None:
+        """The study's dataset: an input of the parent run and of every run started after
+        (the runs table's Dataset column)."""
+        self.dataset = dataset
+        _log_dataset(self.client, self.parent_run_id, dataset, "train")
+
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.parent_run_id, status)
+
+    def share_view(self, param_keys: Iterable[str] = ()) -> None:
+        """Store dtp_search's view of the experiment as an MLflow *shared view* (the UI's own
+        mechanism behind its "Share" button: an experiment tag ``mlflow.sharedViewState.<key>``
+        read when the URL carries ``viewStateShareKey=<key>``). The view lists every run flat
+        (trials and refits are not folded under the study run), most accurate first, with
+        the CV and test metrics and the searched params as columns, and opens its chart tab
+        on the fronts: the trials' ``cv_sparsity``/``cv_accuracy`` scatter, the overlay of
+        every run's ``front/accuracy`` history and the grid of ``front`` images."""
+        state = _view_state(list(param_keys))
+        self.client.set_experiment_tag(self.experiment_id, SHARED_VIEW_TAG + VIEW_KEY,
+                                       json.dumps(state, separators=(",", ":")))
+
+    def runs_url(self, base: str = "http://127.0.0.1:5000", charts: bool = False) -> str:
+        """The experiment's runs table (or with ``charts`` its chart tab) in the MLflow UI,
+        in the model-training view, with dtp_search's shared view (:meth:`share_view`)."""
+        return runs_url(base, self.experiment_id, charts=charts)
 
     def ui_command(self) -> str:
         from dtp_search.storage import mask_url
 
         if self.tracking_uri.split(":", 1)[0] in ("http", "https"):
-            return f"open {self.tracking_uri} (the MLflow server the workers log to)"
+            return (f"open {self.runs_url(self.tracking_uri.rstrip('/'))} "
+                    "(the MLflow server the workers log to)")
         return (f"mlflow ui --backend-store-uri {mask_url(self.tracking_uri)} "
-                "--host 127.0.0.1 --port 5000")
+                f"--host 127.0.0.1 --port 5000\n  then open {self.runs_url()}\n"
+                f"  fronts of every trial: {self.runs_url(charts=True)}")
+
+
+def runs_url(base: str, experiment_id: str, charts: bool = False) -> str:
+    """``<base>/#/experiments/<id>/runs?workflowType=machine_learning&viewStateShareKey=…``:
+    the runs table of an experiment, without the UI's GenAI/training toggle, in
+    dtp_search's shared view; ``charts`` opens its chart tab."""
+    url = (f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+           f"&viewStateShareKey={VIEW_KEY}")
+    return url + ("&compareRunsMode=CHART" if charts else "")
+
+
+def _view_state(param_keys: list[str]) -> dict[str, Any]:
+    """The shared view's state in the layout the UI reads (search facets + UI state)."""
+    section = "dtp_search"
+
+    def chart(uuid: str, kind: str, **fields: Any) -> dict[str, Any]:
+        return {"uuid": uuid, "type": kind, "runsCountToCompare": 100, "deleted": False,
+                "isGenerated": False, "metricSectionId": section, **fields}
+
+    metrics = ["cv_accuracy", "cv_sparsity", "test_accuracy"]
+    return {
+        "searchFilter": "", "orderByKey": "metrics.`cv_accuracy`", "orderByAsc": False,
+        "selectedColumns": (["attributes.`Dataset`"] + [f"metrics.`{m}`" for m in metrics]
+                            + [f"params.`{k}`" for k in ["policy.name", *param_keys]]),
+        "runsHiddenMode": "SHOW_ALL", "hideEmptyCharts": True, "isAccordionReordered": True,
+        "compareRunSections": [{"uuid": section, "name": "dtp_search: fronts", "display": True,
+                                "isReordered": False}],
+        "compareRunCharts": [
+            chart("dtp-cv-scatter", "SCATTER", xaxis={"key": "cv_sparsity", "type": "METRIC"},
+                  yaxis={"key": "cv_accuracy", "type": "METRIC"}),
+            chart("dtp-fronts", "LINE", metricKey="front/accuracy",
+                  selectedMetricKeys=["front/accuracy", "front/test_accuracy"], xAxisKey="step",
+                  scaleType="linear", lineSmoothness=0),
+            chart("dtp-front-images", "IMAGE", imageKeys=["front"]),
+        ],
+    }
+
+
+def print_runs_urls(tracking_uri: str, base: str = "http://127.0.0.1:5000") -> None:
+    """One line per experiment of a store: its name and runs URL (``make ui`` prints these)."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    for exp in client.search_experiments():
+        if exp.name != "Default" or client.search_runs([exp.experiment_id], max_results=1):
+            print(f"{exp.name}: {runs_url(base, exp.experiment_id)}\n"
+                  f"    fronts: {runs_url(base, exp.experiment_id, charts=True)}")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a run records of its dataset (``mlflow.log_input``): name, content digest,
+    where it came from and its split sizes."""
+
+    name: str
+    digest: str
+    source: str
+    profile: dict[str, Any]
+
+    def entity(self) -> Dataset:
+        return Dataset(name=self.name, digest=self.digest, source_type="local",
+                       source=json.dumps({"uri": self.source}),
+                       profile=json.dumps(self.profile))
+
+
+def describe_dataset(dataset: ImageDataset, source: str) -> DatasetInfo:
+    """Name, content digest (SHA-1 of both splits' images and labels) and split sizes."""
+    h = hashlib.sha1()
+    for split in (dataset.train, dataset.test):
+        for t in (split.images, split.labels):
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    profile = {"train": len(dataset.train.labels), "test": len(dataset.test.labels),
+               "classes": dataset.num_classes, "shape": list(dataset.input_shape)}
+    return DatasetInfo(dataset.name, h.hexdigest()[:16], source, profile)
+
+
+def _log_dataset(client: MlflowClient, run_id: str, dataset: DatasetInfo, context: str) -> None:
+    client.log_inputs(run_id, datasets=[DatasetInput(
+        dataset.entity(), tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)])])
+
+
+def _declare_table(client: MlflowClient, run_id: str, artifact_file: str) -> None:
+    """Mark a JSON artifact as a table in ``mlflow.loggedArtifacts``, as ``log_table`` does."""
+    tags = client.get_run(run_id).data.tags
+    declared = json.loads(tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+    entry = {"path": artifact_file, "type": "table"}
+    if entry not in declared:
+        client.set_tag(run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps([*declared, entry]))
 
 
 class TrialRun:
@@ -184,15 +323,22 @@ class TrialRun:
     Local stores answer in milliseconds and are written synchronously.
     """
 
-    def __init__(self, client: MlflowClient, run_id: str) -> None:
+    def __init__(self, client: MlflowClient, run_id: str, *, state_tag: bool = True) -> None:
         self.client = client
         self.run_id = run_id
+        self.state_tag = state_tag  # trials record their Optuna state; refits do not
         self._synchronous = not client.tracking_uri.startswith(("http:", "https:"))
         self._pending: list[Any] = []  # RunOperations of async metric batches
 
-    def log_params(self, params: dict[str, Any], sampled: dict[str, Any]) -> None:
-        merged = {**params, **{f"sampled.{k}": v for k, v in sampled.items()}}
-        items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in sorted(merged.items())]
+    def start(self, params: dict[str, Any], config_yaml: str, dataset: DatasetInfo | None,
+              context: str = "train") -> None:
+        self.log_params(params)
+        self.client.log_text(self.run_id, config_yaml, "config.yaml")
+        if dataset is not None:
+            _log_dataset(self.client, self.run_id, dataset, context)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in sorted(params.items())]
         for chunk in _chunks(items, 100):
             self.client.log_batch(self.run_id, params=list(chunk))
 
@@ -215,11 +361,32 @@ class TrialRun:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, str(v))
 
-    def log_front(self, fronts: dict[int, list[FrontPoint]], title: str) -> None:
+    def log_front(self, fronts: dict[int, list[FrontPoint]], title: str, *,
+                  split: str = "validation") -> None:
+        """The run's accuracy-versus-sparsity front, four ways: ``front.json`` (a table, one
+        row per point), ``front.png``, the image ``front`` (so that the chart view's image
+        grid puts every run's front side by side) and the metric history ``front/accuracy``
+        (``front/test_accuracy`` when ``split="test"``) at step = round(1000 · sparsity),
+        so that one MLflow line chart overlays the fronts of every run.
+
+        The metric holds the final model and its one-shot sweep; where folds share a step,
+        it is their mean accuracy.
+        """
         rows = [{"fold": k, **p.as_dict()} for k, pts in fronts.items() for p in pts]
         self.client.log_table(self.run_id, data=pd.DataFrame(rows), artifact_file="front.json")
-        fig = plot_trial_front(fronts, title)
+        by_step: dict[int, list[float]] = {}
+        for pts in fronts.values():
+            for p in pts:
+                if p.source in ("final", "sweep"):
+                    by_step.setdefault(round(FRONT_STEPS * p.sparsity), []).append(p.accuracy)
+        key = "front/test_accuracy" if split == "test" else "front/accuracy"
+        ts = int(time.time() * 1000)
+        metrics = [Metric(key, sum(a) / len(a), ts, step) for step, a in sorted(by_step.items())]
+        for chunk in _chunks(metrics, 1000):
+            self.client.log_batch(self.run_id, metrics=list(chunk))
+        fig = plot_trial_front(fronts, title, split=split)
         self.client.log_figure(self.run_id, fig, "front.png")
+        self.client.log_image(self.run_id, _rgb(fig), key="front", step=0)
         plt.close(fig)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
@@ -238,7 +405,8 @@ class TrialRun:
             self.flush()
         except Exception as exc:  # a lost curve must not hide the trial's own outcome
             log.warning("run %s: some metrics were not stored (%s)", self.run_id, exc)
-        self.client.set_tag(self.run_id, STATE_TAG, state)
+        if self.state_tag:
+            self.client.set_tag(self.run_id, STATE_TAG, state)
         if status is None:
             status = "FINISHED" if state in ("COMPLETE", "PRUNED") else "FAILED"
         RunStatus.from_string(status)  # validates
@@ -248,26 +416,34 @@ class TrialRun:
 # ----------------------------------------------------------------------- plots
 
 
-def plot_trial_front(fronts: dict[int, list[FrontPoint]], title: str):
-    """Accuracy versus sparsity for each fold: updates during training, final model, sweep."""
+def _rgb(fig) -> np.ndarray:
+    """A drawn matplotlib figure as an H × W × 3 uint8 array (for ``log_image``)."""
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def plot_trial_front(fronts: dict[int, list[FrontPoint]], title: str, split: str = "validation"):
+    """Accuracy versus sparsity for each fold: updates during training, final model, sweep.
+    ``split="test"`` (a refit: one model, scored on the test split) labels it so."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, pts in sorted(fronts.items()):
         c = colors[k % len(colors)]
+        who = "refit" if split == "test" else f"fold {k}"
         upd = [p for p in pts if p.source == "update"]
         tail = sorted((p for p in pts if p.source in ("final", "sweep")), key=lambda p: p.sparsity)
         if upd:
             ax.scatter([p.sparsity for p in upd], [p.accuracy for p in upd], s=10, color=c,
-                       alpha=0.35, label=f"fold {k}: mask updates")
+                       alpha=0.35, label=f"{who}: mask updates")
         if tail:
             ax.plot([p.sparsity for p in tail], [p.accuracy for p in tail], "-o", ms=3, color=c,
-                    label=f"fold {k}: final + one-shot sweep")
+                    label=f"{who}: one-shot sweep from the final masks")
             final = [p for p in tail if p.source == "final"]
             if final:
                 ax.scatter([final[0].sparsity], [final[0].accuracy], marker="*", s=120,
-                           color=c, edgecolor="k", zorder=5)
+                           color=c, edgecolor="k", zorder=5, label=f"{who}: final model")
     ax.set_xlabel("sparsity (fraction of prunable weights = 0)")
-    ax.set_ylabel("validation accuracy")
+    ax.set_ylabel(f"{split} accuracy")
     ax.set_title(title, fontsize=10)
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
@@ -308,9 +484,10 @@ def plot_pareto(rows: list[dict[str, Any]], trial_fronts: dict[int, list[tuple[f
         ax.errorbar([r["sparsity"] for r in pareto], [r["accuracy"] for r in pareto],
                     yerr=[r.get("accuracy_std", 0.0) for r in pareto], fmt="o", color="k",
                     mfc="none", ms=9, capsize=3, label="Pareto-optimal trials (± fold std)")
-        for r in pareto:
+        # Neighbouring labels alternate above and below their ring, so close points stay legible.
+        for i, r in enumerate(pareto):
             ax.annotate(str(r["trial"]), (r["sparsity"], r["accuracy"]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
+                        xytext=(4, 5) if i % 2 == 0 else (4, -11), textcoords="offset points")
     ax.set_xlabel("CV sparsity")
     ax.set_ylabel("CV accuracy")
     ax.set_title(f"Pareto front — {title}", fontsize=10)

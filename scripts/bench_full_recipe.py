@@ -190,11 +190,24 @@ def _overrides(a: argparse.Namespace, target: float) -> list[str]:
             "~policy.space.final_sparsity", "console.progress=false"]
 
 
-def search(a: argparse.Namespace, target: float) -> dict[str, object]:
-    """The best trial of a fresh single-objective study at ``target``: its sampled values."""
-    root = a.work / f"search-{target}"
-    study_name = f"full-recipe-{target}"
+# The second, narrowed round ("searched2"): what the first round's 12 trials at 90 % said
+# (global scope over layer scope, OneCycle over both phases, no low learning rates) fixed,
+# the rest searched: lr, the pruning window and recovery.
+NARROW_SPACE = ["policy.scope=global", "train.lr_schedule=onecycle",
+                "train.finetune_lr_schedule=continue", "~policy.space.scope",
+                "~search.space", "+search.space={train.lr: {type: float, low: 0.03, high: 0.15, log: true}}",
+                "policy.space.end_epoch.low=8"]
+NARROW_QUEUE = [{"train.lr": LR, "policy.start_epoch": AGP_START, "policy.end_epoch": AGP_END,
+                 "policy.recover": recover} for recover in (False, True)]
+
+
+def search(a: argparse.Namespace, target: float, narrow: bool = False) -> dict[str, object]:
+    """The best trial of a fresh single-objective study at ``target``: its sampled values.
+    ``narrow``: the second round's space (``NARROW_SPACE``)."""
+    root = a.work / (f"search2-{target}" if narrow else f"search-{target}")
+    study_name = f"full-recipe{'-narrow' if narrow else ''}-{target}"
     cmd = [sys.executable, "-m", "dtp_search", f"paths.root={root}", *_overrides(a, target),
+           *(NARROW_SPACE if narrow else []),
            f"dataset.train_limit={a.search_limit}", "cv.folds=2",
            "search.objectives=[accuracy]", "search.directions=[maximize]",
            f"search.min_sparsity={target - 0.005}", "pruner=none",
@@ -210,7 +223,8 @@ def search(a: argparse.Namespace, target: float) -> dict[str, object]:
     study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
                                 load_if_exists=True)
     if not study.trials:
-        study.enqueue_trial(PLAIN_AGP_RECIPE)
+        for params in NARROW_QUEUE if narrow else [PLAIN_AGP_RECIPE]:
+            study.enqueue_trial(params)
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -224,7 +238,7 @@ def search(a: argparse.Namespace, target: float) -> dict[str, object]:
 
 
 def refit(a: argparse.Namespace, ds, target: float, params: dict[str, object],
-          seed: int) -> dict[str, float]:
+          seed: int, narrow: bool = False) -> dict[str, float]:
     """dtp_search's refit of the searched configuration on the whole training split."""
     from hydra import compose, initialize_config_dir
 
@@ -232,8 +246,9 @@ def refit(a: argparse.Namespace, ds, target: float, params: dict[str, object],
 
     values = [f"{k}={v}" for k, v in params.items()]
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[*_overrides(a, target), *values, f"seed={seed}",
-                                           "front.points=0"])
+        cfg = compose("config", overrides=[*_overrides(a, target),
+                                           *(NARROW_SPACE if narrow else []), *values,
+                                           f"seed={seed}", "front.points=0"])
     _, pruner, _, accuracy, _ = refit_trial(cfg, ds, torch.device("cpu"))
     return {"test_accuracy": accuracy, "sparsity": pruner.sparsity()}
 
@@ -246,7 +261,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "cifar10")
     ap.add_argument("--work", type=Path, default=ROOT / "dtp_runs" / "bench_full_recipe")
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default: WORK/results.json)")
-    ap.add_argument("--arms", default="dense,oneshot,agp,searched",
+    ap.add_argument("--arms", default="dense,oneshot,agp,searched,searched2",
                     help="comma-separated; 'baselines' = dense,oneshot,agp")
     ap.add_argument("--targets", default=",".join(str(t) for t in TARGETS))
     ap.add_argument("--seeds", type=int, default=2)
@@ -286,17 +301,19 @@ def main() -> None:
                 if arm in arms and key not in results:
                     record(key, timed(plain, ds, arm, seed, t))
                     print(f"{key}: {results[key]}", flush=True)
-    if "searched" in arms:
+    for arm, tag, narrow in (("searched", "search", False), ("searched2", "search2", True)):
+        if arm not in arms:
+            continue
         for t in targets:
-            if f"search/{t}" not in results:
-                record(f"search/{t}", search(a, t))
-            found = results[f"search/{t}"]
-            print(f"search at {t:.0%}: best {found['params']} (CV {found['cv_accuracy']:.4f}, "
+            if f"{tag}/{t}" not in results:
+                record(f"{tag}/{t}", search(a, t, narrow))
+            found = results[f"{tag}/{t}"]
+            print(f"{tag} at {t:.0%}: best {found['params']} (CV {found['cv_accuracy']:.4f}, "
                   f"{found['minutes']:.0f} min)", flush=True)
             for seed in range(a.seeds):
-                key = f"searched/{t}/{seed}"
+                key = f"{arm}/{t}/{seed}"
                 if key not in results:
-                    record(key, timed(refit, a, ds, t, found["params"], seed))
+                    record(key, timed(refit, a, ds, t, found["params"], seed, narrow))
                     print(f"{key}: {results[key]}", flush=True)
     report(results, targets, a)
 
@@ -316,23 +333,26 @@ def report(results: dict, targets: list[float], a: argparse.Namespace) -> None:
     acc, sd, sp, n = stat("dense")
     print(f"| dense | — | {acc:.4f} ± {sd:.4f} | {sp:.4f} | {n} |")
     for t in targets:
-        for arm in ("oneshot", "agp", "searched"):
+        for arm in ("oneshot", "agp", "searched", "searched2"):
             acc, sd, sp, n = stat(f"{arm}/{t}")
             if n:
                 print(f"| {arm} | {t:.0%} | {acc:.4f} ± {sd:.4f} | {sp:.4f} | {n} |")
-    for t in targets:
-        found = results.get(f"search/{t}")
-        if found:
-            print(f"searched {t:.0%}: {found['params']} (CV accuracy {found['cv_accuracy']:.4f}, "
-                  f"{len(found['trials'])} trials, {found['minutes']:.0f} min)")
+    for tag in ("search", "search2"):
+        for t in targets:
+            found = results.get(f"{tag}/{t}")
+            if found:
+                print(f"{tag} {t:.0%}: {found['params']} (CV accuracy {found['cv_accuracy']:.4f}, "
+                      f"{len(found['trials'])} trials, {found['minutes']:.0f} min)")
 
     def mean(prefix: str) -> float:
         return stat(prefix)[0]
 
-    s95, s98, agp95 = mean("searched/0.95"), mean("searched/0.98"), mean("agp/0.95")
-    print(f"searched_at_95: {100 * s95:.1f} % (target >= 66.0); searched_at_98: {100 * s98:.1f} % "
-          f"(target >= 55); searched - plain AGP at 95: {100 * (s95 - agp95):+.1f} points "
-          "(target >= +2)")
+    agp95 = mean("agp/0.95")
+    for arm in ("searched", "searched2"):
+        s95, s98 = mean(f"{arm}/0.95"), mean(f"{arm}/0.98")
+        print(f"{arm}_at_95: {100 * s95:.1f} % (target >= 66.0); {arm}_at_98: {100 * s98:.1f} % "
+              f"(target >= 55); {arm} - plain AGP at 95: {100 * (s95 - agp95):+.1f} points "
+              "(target >= +2)")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ CASES = [
     (["study.workers=2"], "study.workers=2 with study.storage="),
     (["study.workers=0"], "study.workers=0 is not allowed"),
     (["refit.top_k=0"], "refit.top_k=0 is not allowed"),
+    (["refit.register=maybe"], "refit.register='maybe' is not allowed; allowed: true, false"),
     (["mode=bogus"], "mode='bogus' is not allowed; allowed:"),
     (["policy.final_sparsity=1.5"], "policy: final_sparsity must be in [0, 1), got 1.5"),
     (["model=lenet5", "model.padding=[0,0]"], "model=lenet5: model=lenet5 cannot take 8×8 inputs"),

@@ -65,7 +65,21 @@ def test_study_runs_then_resumes_to_the_requested_total(tmp_path):
         arts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"front.json", "front.png"} <= arts
         assert child.data.params["policy.name"] == "agp"
-        assert child.data.params["sampled.policy.final_sparsity"] == child.data.params["policy.final_sparsity"]
+        # The trial's own configuration, lean: sampled keys named once in a tag, not
+        # repeated as sampled.*; no console, path or store keys; the rest in config.yaml.
+        params = child.data.params
+        assert child.data.tags["dtp_search.sampled"] == ",".join(sorted(
+            ["policy.final_sparsity", "policy.scope", "policy.start_epoch", "policy.end_epoch",
+             "policy.recover"]))
+        assert len(params) <= 40 and not any(k.startswith(("sampled.", "console.", "paths.",
+                                                            "tracking.", "study.")) for k in params)
+        assert "config.yaml" in arts and child.data.tags["mlflow.source.name"] == "python -m dtp_search"
+        (dataset,) = child.inputs.dataset_inputs
+        assert dataset.dataset.name == "digits" and '"train": 1437' in dataset.dataset.profile
+        # The front as a metric history at step = 1000 * sparsity (MLflow overlays these).
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "front/accuracy")]
+        assert steps == sorted(steps) and steps[-1] == 995 and len(steps) >= 8
+        assert child.data.tags["mlflow.loggedImages"] == "True"  # the image grid's "front"
         history = client.get_metric_history(child.info.run_id, "fold_0/val_accuracy")
         assert [m.step for m in history] == [1, 2, 3]
         for key in ("loss", "sparsity", "threshold"):
@@ -78,6 +92,12 @@ def test_study_runs_then_resumes_to_the_requested_total(tmp_path):
     assert len(front[front.source == "sweep"]) >= 8 * 2 and front.sparsity.max() >= 0.99
     parent_arts = {a.path for a in client.list_artifacts(parent_id)}
     assert {"pareto_front.json", "pareto_front.png"} <= parent_arts
+    assert '"pareto_front.json", "type": "table"' in client.get_run(parent_id).data.tags["mlflow.loggedArtifacts"]
+    exp = client.get_experiment(parents[0].info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert "mlflow.sharedViewState.dtp_search" in exp.tags
+    assert (f"#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+            "&viewStateShareKey=dtp_search") in first.stdout
 
     third = run_cli(root, "study.name=s", "search.n_trials=3", *TINY)  # already complete
     assert third.returncode == 0

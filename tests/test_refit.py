@@ -48,7 +48,13 @@ def test_refit_runs_once_per_chosen_trial_and_its_export_reproduces_test_accurac
     assert sorted(int(r.data.tags["dtp_search.refit_of"]) for r in runs) == chosen  # one each
     for run in runs:
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert "optuna.trial_state" not in run.data.tags  # its role is its own tag
         m = run.data.metrics
+        trial = study.trials[int(run.data.tags["dtp_search.refit_of"])]
+        for key in ("cv_accuracy", "cv_sparsity", "cv_accuracy_std", "cv_sparsity_std"):
+            assert m[key] == pytest.approx(trial.user_attrs[key])  # same names as the trial
+        assert client.get_metric_history(run.info.run_id, "front/test_accuracy")
+        assert run.data.tags["dtp_search.model_uri"].startswith("models:/")
         assert 0 < m["test_accuracy"] <= 1 and m["nonzero_params"] < m["params"]
         assert m["flops_effective"] < m["flops_dense"]
         assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {
@@ -93,6 +99,15 @@ def test_refit_runs_once_per_chosen_trial_and_its_export_reproduces_test_accurac
     models = mlflow.search_logged_models(experiment_ids=[parent.info.experiment_id],
                                          output_format="list")
     assert {m.source_run_id for m in models} == {r.info.run_id for r in runs}
+    assert {m.name for m in models} == {f"r-trial-{r.data.tags['dtp_search.refit_of']}" for r in runs}
+
+    # refit.register=true: the most accurate refit's model becomes version 1 of "r", once.
+    for _ in range(2):
+        reg = run_cli(root, "study.name=r", "mode=refit", "refit.register=true", *TINY)
+        assert reg.returncode == 0, reg.stderr[-3000:]
+    best = max(runs, key=lambda r: r.data.metrics["test_accuracy"])
+    (version,) = client.search_model_versions("name = 'r'")
+    assert version.run_id == best.info.run_id and int(version.version) == 1
 
     # Pareto fronts of studies overlaid in one figure.
     cmp = run_cli(root, "mode=compare", "study.names=[r]", *TINY)

@@ -1,0 +1,68 @@
+"""Reach of the default search spaces: does each policy's default two-objective study put
+Pareto points above 95 % sparsity, and what accuracy do they keep there?
+
+Each policy runs one fresh study through the CLI with its own default space and the
+default budget (digits, LeNet-300-100, 3 folds, 15 + 3 epochs). From the trials' CV values
+it prints the Pareto points above 95 %, the most accurate of them, the highest Pareto
+sparsity, and how many trials ended with a layer at the ``min_keep`` floor (those are
+kept off the Pareto table under ``policy.on_collapse=penalize``, and marked otherwise).
+
+    python scripts/bench_front_reach.py                      # every threshold policy, 20 trials
+    python scripts/bench_front_reach.py --policies splicing --n-trials 12 --args train.epochs=60
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+
+from dtp_search.study import pareto_rows
+
+POLICIES = ("agp", "constant", "std_scaled", "scheduled", "feedback", "splicing",
+            "soft_threshold", "oneshot_global", "random")
+
+
+def reach(root: Path, policy: str, n_trials: int, extra: list[str]) -> dict[str, object]:
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "dtp_search", f"paths.root={root}",
+                           "study.name=reach", f"policy={policy}", f"search.n_trials={n_trials}",
+                           "refit.enabled=false", "console.progress=false", *extra],
+                          cwd=root.parent, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{policy} failed:\n{proc.stderr[-3000:]}")
+    study = optuna.load_study(study_name="reach", storage=f"sqlite:///{root}/optuna.db")
+    rows = pareto_rows(study)
+    high = [r for r in rows if r["sparsity"] >= 0.95]
+    best = max(high, key=lambda r: r["accuracy"], default=None)
+    floored = sum(bool(t.user_attrs.get("floored_layers")) for t in study.trials)
+    return {"policy": policy, "pareto": len(rows), "above_95": len(high),
+            "best_above_95": best, "max_sparsity": max((r["sparsity"] for r in rows), default=0.0),
+            "floored": floored, "trials": len(study.trials), "minutes": (time.time() - t0) / 60}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--n-trials", type=int, default=20)
+    ap.add_argument("--args", nargs="*", default=[], help="extra overrides for every study")
+    a = ap.parse_args()
+    print("| policy | Pareto points | of them ≥ 95 % | best ≥ 95 % (CV accuracy at sparsity) "
+          "| highest Pareto sparsity | floored trials | minutes |")
+    print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
+    for policy in a.policies.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            r = reach(Path(tmp) / "runs", policy, a.n_trials, a.args)
+        b = r["best_above_95"]
+        best = f"{b['accuracy']:.4f} at {b['sparsity']:.4f} ({b['params']})" if b else "—"
+        print(f"| {policy} | {r['pareto']} | {r['above_95']} | {best} | {r['max_sparsity']:.4f} "
+              f"| {r['floored']}/{r['trials']} | {r['minutes']:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

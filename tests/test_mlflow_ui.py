@@ -1,0 +1,150 @@
+"""The MLflow UI in a real browser: Debian's chromium, driven by playwright, on the store a
+finished digits study leaves, opened at the URL the run prints.
+
+It checks what a user sees: the runs table opens on the trials with their metrics (no
+GenAI/training toggle, no run to expand), and the chart tab shows dtp_search's fronts
+section with the CV scatter, the overlay of every trial's front and the grid of front
+images. Screenshots go to the test's folder, or with ``DTP_SEARCH_UI_SHOTS=docs/img`` to
+the docs (docs/mlflow-ui.md uses them).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# As in the machine notes: headless, and no background traffic (the network is closed).
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+STUDY = ["search.n_trials=4", "cv.folds=2", "train.epochs=3", "train.finetune_epochs=1",
+         "front.points=4", "console.progress=false", "refit.top_k=1"]
+
+pytestmark = pytest.mark.slow
+
+
+def _need_browser() -> None:
+    missing = []
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing.append("the playwright package")
+    if not Path(CHROMIUM).exists():
+        missing.append("Debian's chromium")
+    if missing:
+        if os.environ.get("CI"):  # .ci/run installs both: a skip there would hide a failure
+            pytest.fail(f"missing {', '.join(missing)}")
+        pytest.skip(f"missing {', '.join(missing)} (apt-get install chromium; pip install playwright)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory):
+    """A finished study and ``mlflow ui`` on its store: (base URL, tracker-like info)."""
+    _need_browser()
+    root = tmp_path_factory.mktemp("ui") / "runs"
+    proc = subprocess.run([sys.executable, "-m", "dtp_search", f"paths.root={root}", *STUDY],
+                          cwd=root.parent, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    port = _free_port()
+    mlflow = Path(sys.executable).with_name("mlflow")
+    server = subprocess.Popen([str(mlflow), "ui", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+                               "--host", "127.0.0.1", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(base, timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    pytest.fail("mlflow ui did not start")
+                time.sleep(1)
+        yield base, root, proc.stdout
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture
+def page(ui):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1500, "height": 1000})
+        yield page
+        browser.close()
+
+
+def _shot(page, tmp_path: Path, name: str) -> None:
+    page.screenshot(path=str(tmp_path / name))
+    target = os.environ.get("DTP_SEARCH_UI_SHOTS")
+    if target:
+        Path(target).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(target) / name))
+
+
+def _printed_url(stdout: str, base: str, marker: str) -> str:
+    """The URL the run printed after ``marker``, pointed at this test's server."""
+    line = next(ln for ln in stdout.splitlines() if marker in ln)
+    return base + line.split("http://127.0.0.1:5000", 1)[1].strip()
+
+
+def _close_assistant(page) -> None:
+    """MLflow 3's assistant panel opens beside the runs; close it so the runs get the room."""
+    close = page.locator("button[aria-label='Close']").first
+    if close.count() and close.is_visible():
+        close.click()
+
+
+def test_the_printed_url_opens_the_runs_table_on_trials_and_metrics(ui, page, tmp_path):
+    base, _, stdout = ui
+    page.goto(_printed_url(stdout, base, "then open"))
+    page.get_by_text("trial-0", exact=True).first.wait_for(timeout=90_000)
+    _close_assistant(page)
+    page.wait_for_timeout(1000)
+    body = page.inner_text("body")
+    # Every trial is a row of its own (nothing folded under the study run) ...
+    for n in range(4):
+        assert f"trial-{n}" in body
+    assert "refit-" in body and "matching runs" in body
+    # ... with the metric and param columns, the dataset, and no GenAI traces overview.
+    for column in ("cv_accuracy", "cv_sparsity", "test_accuracy", "policy.final_sparsity"):
+        assert column in body, column
+    assert "digits (" in body
+    assert "Detect Issues" not in body and "0 traces" not in body
+    _shot(page, tmp_path, "mlflow-runs.png")
+
+
+def test_the_fronts_of_every_trial_render_side_by_side(ui, page, tmp_path):
+    base, _, stdout = ui
+    page.goto(_printed_url(stdout, base, "fronts of every trial:"))
+    section = page.get_by_text("dtp_search: fronts")
+    section.wait_for(timeout=90_000)
+    _close_assistant(page)
+    page.wait_for_timeout(3000)
+    # The line chart of front/accuracy (one line per run) and the scatter are drawn ...
+    assert page.get_by_text("front/accuracy").count() > 0
+    assert page.get_by_text("cv_sparsity").count() > 0
+    assert page.locator(".js-plotly-plot").count() >= 2
+    # ... and the image card shows a logged front image that loaded.
+    imgs = page.locator("img[src*='get-artifact'], img[src*='images']")
+    imgs.first.wait_for(timeout=30_000)
+    assert imgs.first.evaluate("img => img.complete && img.naturalWidth > 100")
+    _shot(page, tmp_path, "mlflow-fronts.png")
