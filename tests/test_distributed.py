@@ -134,7 +134,10 @@ def test_three_workers_share_one_postgres_study_and_one_mlflow_server(servers, t
     # The database password is masked everywhere it is shown.
     for run in [*parents, *children]:
         assert all(PASSWORD not in str(v) for v in run.data.params.values())
-    assert children[0].data.params["study.storage"].startswith("postgresql+psycopg://dtp:***@")
+    assert "study.storage" not in children[0].data.params  # stores are no trial param ...
+    config = Path(client.download_artifacts(children[0].info.run_id, "config.yaml", str(tmp_path)))
+    assert "postgresql+psycopg://dtp:***@" in config.read_text()  # ... but in config.yaml, masked
+    assert PASSWORD not in config.read_text()
     assert all(PASSWORD not in log.read_text() for log in logs)
 
 
