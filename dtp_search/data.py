@@ -71,6 +71,14 @@ class ImageDataset:
         return len(self.classes)
 
 
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """SHA-1 of the tensors' bytes, in order (warm-start keys, dataset records)."""
+    h = hashlib.sha1()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 class DatasetError(ValueError):
     """A dataset that cannot be loaded as configured (message says what to do)."""
 

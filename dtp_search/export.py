@@ -159,6 +159,12 @@ def _latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20) -> float:
     return 1000.0 * statistics.median(times)
 
 
+# Every metric measure() can return (the last three for neuron/channel exports only).
+MEASURE_KEYS = ("params", "nonzero_params", "compression", "flops_dense", "flops_effective",
+                "file_bytes_dense", "file_bytes_sparse", "compact_params", "latency_ms_dense",
+                "latency_ms_compact")
+
+
 def measure(model: nn.Module, example_input: torch.Tensor, export_path: str | os.PathLike,
             *, structured: bool = False) -> dict[str, float]:
     """Parameters, non-zeros, compression, FLOPs dense vs effective, file sizes, and (for

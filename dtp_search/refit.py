@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from dtp_search import space as search_space
 from dtp_search.config import build_pruner, config_yaml, run_params
 from dtp_search.data import ImageDataset, stratified_subset
-from dtp_search.export import measure, save_pruned
+from dtp_search.export import MEASURE_KEYS, measure, save_pruned
 from dtp_search.models import build_model
 from dtp_search.pruning import FrontPoint, LayerCollapse, one_shot_sweep, strip_masks
 from dtp_search.tracking import StudyTracker, plot_layer_sparsity
@@ -47,9 +47,6 @@ log = logging.getLogger(__name__)
 
 MONITOR_SAMPLES = 2048  # training-split slice for per-epoch accuracy during a refit
 CV_METRICS = ("cv_accuracy", "cv_accuracy_std", "cv_sparsity", "cv_sparsity_std")
-MEASURES = ("params", "nonzero_params", "compression", "flops_dense", "flops_effective",
-            "file_bytes_dense", "file_bytes_sparse", "compact_params", "latency_ms_dense",
-            "latency_ms_compact")
 MODEL_URI_TAG = "dtp_search.model_uri"
 
 
@@ -217,7 +214,7 @@ def register_best(tracker: StudyTracker, results: list[RefitResult], name: str) 
 
 def _from_run(trial: int, run) -> RefitResult:
     m = run.data.metrics
-    measures = {k: v for k, v in m.items() if k in MEASURES}
+    measures = {k: v for k, v in m.items() if k in MEASURE_KEYS}
     return RefitResult(trial, run.info.run_id, m.get("test_accuracy", float("nan")),
                        m.get("sparsity", float("nan")), measures, {}, reused=True)
 

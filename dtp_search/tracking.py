@@ -27,7 +27,6 @@ runs table rather than its GenAI traces view):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -42,12 +41,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import torch
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_LOGGED_ARTIFACTS
 
-from dtp_search.data import ImageDataset
+from dtp_search.data import ImageDataset, tensor_digest
 from dtp_search.pruning.front import FrontPoint
 
 log = logging.getLogger(__name__)
@@ -290,13 +288,11 @@ class DatasetInfo:
 
 def describe_dataset(dataset: ImageDataset, source: str) -> DatasetInfo:
     """Name, content digest (SHA-1 of both splits' images and labels) and split sizes."""
-    h = hashlib.sha1()
-    for split in (dataset.train, dataset.test):
-        for t in (split.images, split.labels):
-            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest = tensor_digest(dataset.train.images, dataset.train.labels,
+                           dataset.test.images, dataset.test.labels)
     profile = {"train": len(dataset.train.labels), "test": len(dataset.test.labels),
                "classes": dataset.num_classes, "shape": list(dataset.input_shape)}
-    return DatasetInfo(dataset.name, h.hexdigest()[:16], source, profile)
+    return DatasetInfo(dataset.name, digest[:16], source, profile)
 
 
 def _log_dataset(client: MlflowClient, run_id: str, dataset: DatasetInfo, context: str) -> None:

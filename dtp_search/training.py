@@ -7,7 +7,6 @@ Neither function knows about Optuna or MLflow: callers observe progress through 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import statistics
 from collections.abc import Callable
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from dtp_search.data import ImageDataset, TensorBatches
+from dtp_search.data import ImageDataset, TensorBatches, tensor_digest
 from dtp_search.pruning import (
     DynamicPruner,
     FrontPoint,
@@ -410,13 +409,6 @@ def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
                       dict(pruner.restored), sorted(pruner.floored))
 
 
-def _digest(*tensors: torch.Tensor) -> str:
-    h = hashlib.sha1()
-    for t in tensors:
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def _warm_start_key(model: nn.Module, pruner: DynamicPruner, train: TensorBatches,
                     val: TensorBatches, settings: TrainSettings, dense_epochs: int,
                     context: Any) -> str:
@@ -425,10 +417,10 @@ def _warm_start_key(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
     holds whatever produced them (model config, seeds, feedback hold-out)."""
     return cache_key(
         context=context, dense_epochs=dense_epochs, settings=asdict(settings),
-        weights=_digest(*model.state_dict().values()),
-        train=_digest(train.indices), val=_digest(val.indices),
+        weights=tensor_digest(*model.state_dict().values()),
+        train=tensor_digest(train.indices), val=tensor_digest(val.indices),
         batch_size=train.batch_size, augment=[train.augment, train.crop_padding],
-        batches=_digest(train.generator.get_state()), rng=_digest(torch.get_rng_state()),
+        batches=tensor_digest(train.generator.get_state()), rng=tensor_digest(torch.get_rng_state()),
         criterion=type(pruner.criterion).__name__, device=str(train.device),
         torch=torch.__version__)
 
