@@ -3,6 +3,7 @@ run before any data is loaded or any trial starts."""
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -11,6 +12,78 @@ from omegaconf import DictConfig, OmegaConf
 
 class ConfigError(ValueError):
     """Bad user input; the message names the key, the value and what is allowed."""
+
+
+def number(cfg: DictConfig, key: str, kind: type = int, *, low: float | None = None,
+           high: float | None = None, null: bool = False, default: Any = None) -> Any:
+    """The value at the dotted ``key`` of ``cfg``, checked to be a ``kind`` (``int``; or
+    ``float``, which takes integers too; never a bool) in ``[low, high)``, or null when
+    ``null`` allows it; ``default`` stands in for a missing key.
+
+    Reading a setting straight with ``int()`` ends in Python's "invalid literal"
+    traceback for ``seed=abc``; this names the key, the value and what is allowed.
+    """
+    value = OmegaConf.select(cfg, key, default=default)
+    if value is None and null:
+        return None
+    types = (int,) if kind is int else (int, float)
+    ok = (isinstance(value, types) and not isinstance(value, bool)
+          and (kind is int or math.isfinite(value))
+          and (low is None or value >= low) and (high is None or value < high))
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed; allowed: "
+                          f"{_number_range(kind, low, high, null)}")
+    return value
+
+
+def _number_range(kind: type, low: float | None, high: float | None, null: bool) -> str:
+    """``an integer >= 1``, ``null or an integer in [0, 9]``, ``a number in [0, 1)``."""
+    noun = "an integer" if kind is int else "a number"
+    if low is not None and high is not None:
+        span = f" in [{low}, {high - 1}]" if kind is int else f" in [{low}, {high})"
+    elif low is not None:
+        span = f" >= {low}"
+    elif high is not None:
+        span = f" < {high}"
+    else:
+        span = ""
+    return ("null or " if null else "") + noun + span
+
+
+# The numeric settings the orchestration reads, and what each allows. check_config checks
+# them all before any data is loaded; code that reads one outside a checked run
+# (mode=compare opens the storage first) reads it through setting(). Seeds go to
+# scikit-learn and numpy, which take [0, 2**32); Optuna wants a heartbeat and a grace
+# period of at least one second.
+NUMBERS: dict[str, dict[str, Any]] = {
+    "seed": {"low": 0, "high": 2**32},
+    "threads": {"low": 1, "null": True},
+    "study.workers": {"low": 1, "default": 1},
+    "search.n_trials": {"low": 1},
+    "search.max_failures": {"low": 1},
+    "search.heartbeat_interval": {"low": 1},
+    "search.grace_period": {"low": 1},
+    "search.max_retry": {"low": 0},
+    "search.sampler.seed": {"low": 0, "high": 2**32, "null": True},
+    "cv.folds": {"low": 2},
+    "refit.top_k": {"low": 1, "null": True},
+    "front.points": {"low": 0},
+    "front.update_samples": {"low": 1, "null": True},
+    "dataset.train_limit": {"low": 1, "null": True},
+    "dataset.test_limit": {"low": 1, "null": True},
+    "dataset.crop_padding": {"low": 0, "default": 4},
+}
+
+
+def setting(cfg: DictConfig, key: str) -> Any:
+    """The numeric setting ``key`` (one of :data:`NUMBERS`), checked."""
+    return number(cfg, key, **NUMBERS[key])
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` for the first of :data:`NUMBERS` that is out of bounds."""
+    for key in NUMBERS:
+        setting(cfg, key)
 
 
 def register_resolvers() -> None:

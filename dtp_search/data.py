@@ -13,6 +13,8 @@ Sources:
 * ``cifar10`` — ``torchvision.datasets.CIFAR10(download=...)``, or, with ``path``, an
   ImageFolder tree with ``train/`` and ``test/``.
 * ``imagefolder`` — any ImageFolder tree with ``train/`` and ``test/`` (RGB or grayscale).
+  A file that cannot be decoded stops the load with its path, or, with
+  ``skip_bad_files``, is left out (one warning says how many were).
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ import hashlib
 import json
 import logging
 import os
+import re
+import urllib.error
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -92,11 +96,15 @@ def load_dataset(cfg: Any, cache_dir: str | os.PathLike | None = None) -> ImageD
     Keys: ``kind`` (one of :data:`KINDS`), ``name``, ``path`` (ImageFolder root),
     ``root`` (torchvision download folder), ``download``, ``channels``, ``image_size``,
     ``train_limit``/``test_limit`` (stratified subsets), ``mean``/``std`` (``null`` =
-    computed on the training split), ``augment``, ``crop_padding``.
+    computed on the training split), ``augment``, ``crop_padding``, ``skip_bad_files``
+    (leave out ImageFolder files that cannot be decoded instead of stopping).
     """
     kind = cfg.kind
     if kind not in KINDS:
         raise DatasetError(f"dataset.kind={kind!r} is not supported; allowed: {list(KINDS)}")
+    skip = cfg.get("skip_bad_files", False)
+    if not isinstance(skip, bool):
+        raise DatasetError(f"dataset.skip_bad_files={skip!r} is not allowed; allowed: true, false")
     path = cfg.get("path")
     if kind == "digits":
         train, test, classes = _load_digits(cfg)
@@ -169,12 +177,24 @@ def _load_torchvision_cifar10(cfg: Any, cache_dir: Any) -> tuple[Split, Split, l
                 f"CIFAR-10 not found under dataset.root={str(root)!r} ({exc}). Either allow the "
                 "download (dataset.download=true, needs network) or point dataset.path at an "
                 "ImageFolder copy with train/ and test/ folders.") from exc
+        except OSError as exc:  # the download: urllib's URLError, a timeout, a reset
+            raise DatasetError(
+                f"dataset=cifar10: downloading CIFAR-10 into dataset.root={str(root)!r} failed "
+                f"({_download_reason(exc)}); without network, point dataset.path at a local "
+                "ImageFolder copy, e.g. dataset.path=/path/to/cifar10 holding "
+                "train/<class>/*.png and test/<class>/*.png") from exc
         images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
         labels = np.asarray(ds.targets, dtype=np.int64)
         keep = stratified_subset(labels, cfg.get("train_limit" if train else "test_limit"))
         splits.append(Split(images[keep].contiguous(), torch.from_numpy(labels[keep])))
         classes = list(ds.classes)
     return splits[0], splits[1], classes
+
+
+def _download_reason(exc: OSError) -> str:
+    """``Connection refused``, ``Tunnel connection failed: 403 Forbidden``, ``timed out``."""
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    return getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
 
 
 # ------------------------------------------------------------------ ImageFolder + cache
@@ -196,6 +216,7 @@ def _load_imagefolder_splits(cfg: Any, root: Path, cache_dir: Any) -> tuple[Spli
                            "train/<class>/* and test/<class>/* images"
                            + (", or drop dataset.path to download CIFAR-10 with torchvision"
                               if cfg.kind == "cifar10" else ""))
+    skip = cfg.get("skip_bad_files", False)
     out, classes = [], None
     for split in ("train", "test"):
         split_root = root / split
@@ -204,7 +225,7 @@ def _load_imagefolder_splits(cfg: Any, root: Path, cache_dir: Any) -> tuple[Spli
                                "tree needs train/<class>/* and test/<class>/*")
         s, split_classes = load_imagefolder(
             split_root, channels=cfg.get("channels"), image_size=cfg.get("image_size"),
-            limit=cfg.get(f"{split}_limit"), cache_dir=cache_dir)
+            limit=cfg.get(f"{split}_limit"), cache_dir=cache_dir, skip_bad_files=skip)
         if classes is not None and split_classes != classes:
             raise DatasetError(f"train/ and test/ under {root} have different class folders")
         classes = split_classes
@@ -214,65 +235,128 @@ def _load_imagefolder_splits(cfg: Any, root: Path, cache_dir: Any) -> tuple[Spli
 
 def load_imagefolder(root: str | os.PathLike, *, channels: int | None = None,
                      image_size: int | Sequence[int] | None = None, limit: int | None = None,
-                     cache_dir: str | os.PathLike | None = None) -> tuple[Split, list[str]]:
+                     cache_dir: str | os.PathLike | None = None,
+                     skip_bad_files: bool = False) -> tuple[Split, list[str]]:
     """Decode an ImageFolder split into tensors, through the on-disk cache.
 
     ``torchvision.datasets.ImageFolder`` finds the files and classes; decoding uses
-    ``torchvision.io.decode_image`` (libjpeg/libpng, no PIL) on a few threads.
+    ``torchvision.io.decode_image`` (libjpeg/libpng, no PIL) on a few threads. A file that
+    cannot be decoded raises :class:`DatasetError` naming it, or with ``skip_bad_files``
+    is left out with one warning. Nothing is cached unless every kept file decoded.
     """
     from torchvision.datasets import ImageFolder
 
     root = Path(root).resolve()
-    key = json.dumps({"v": _CACHE_VERSION, "root": str(root), "stamp": _tree_stamp(root),
-                      "channels": channels, "size": image_size, "limit": limit})
+    key = {"v": _CACHE_VERSION, "root": str(root), "stamp": _tree_stamp(root),
+           "channels": channels, "size": image_size, "limit": limit}
+    if skip_bad_files:  # only then: the caches of strict loads keep their names
+        key["skip_bad_files"] = True
     cache_file = None
     if cache_dir is not None:
-        digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+        digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
         cache_file = Path(cache_dir) / f"imagefolder-{root.parent.name}-{root.name}-{digest}.pt"
         if cache_file.exists():
             blob = torch.load(cache_file, weights_only=True)
+            _warn_skipped(root, blob.get("skipped", []), len(blob["labels"]))
             return Split(blob["images"], blob["labels"]), list(blob["classes"])
 
-    folder = ImageFolder(str(root))
+    try:
+        folder = ImageFolder(str(root))
+    except FileNotFoundError as exc:  # no class folders, or a class folder without images
+        raise DatasetError(f"{exc}; an ImageFolder split needs <class>/<image> files") from exc
     if not folder.samples:
         raise DatasetError(f"no images found under {root}")
     labels = np.asarray(folder.targets, dtype=np.int64)
     keep = stratified_subset(labels, limit)
     paths = [folder.samples[i][0] for i in keep]
-    images = _decode_all(paths, channels, image_size)
-    split = Split(images, torch.from_numpy(labels[keep]))
+    images, good, skipped = _decode_all(paths, channels, image_size, skip_bad_files)
+    split = Split(images, torch.from_numpy(labels[keep][good]))
+    _warn_skipped(root, skipped, len(split))
+    empty = sorted(set(range(len(folder.classes))) - set(split.labels.tolist()))
+    if empty:
+        raise DatasetError(f"class folder(s) {[folder.classes[c] for c in empty]} under {root} "
+                           "hold no readable image")
     if cache_file is not None:
         atomic_save({"images": split.images, "labels": split.labels,
-                      "classes": list(folder.classes)}, cache_file)
+                     "classes": list(folder.classes), "skipped": skipped}, cache_file)
         log.info("cached %d decoded images from %s in %s", len(split), root, cache_file)
     return split, list(folder.classes)
 
 
-def _decode_all(paths: list[str], channels: int | None, image_size: Any) -> torch.Tensor:
-    from torchvision.io import ImageReadMode, decode_image
+class _BadFile(NamedTuple):
+    path: str
+    reason: str
+
+
+def _read(path: str, mode: Any) -> torch.Tensor | _BadFile:
+    """The decoded image, or why it could not be decoded (a non-image, a truncated file)."""
+    from torchvision.io import decode_image
+
+    try:
+        return decode_image(path, mode=mode)
+    except (RuntimeError, OSError) as exc:
+        # torchvision prefixes "decode_jpeg, <source file>.cpp:171, "; the rest says why.
+        text = re.sub(r"^\w+, \S+:\d+, ", "", str(exc).strip())
+        first = text.splitlines()[0].split(". ")[0].rstrip(".") if text else type(exc).__name__
+        return _BadFile(path, first)
+
+
+def _bad_file_error(bad: _BadFile) -> DatasetError:
+    return DatasetError(f"cannot decode the image {bad.path} ({bad.reason}); fix or remove it, "
+                        "or set dataset.skip_bad_files=true to leave unreadable files out")
+
+
+def _warn_skipped(root: Path, skipped: list[str], kept: int) -> None:
+    if skipped:
+        log.warning("skipped %d unreadable file(s) under %s, kept %d (first: %s); "
+                    "dataset.skip_bad_files=true", len(skipped), root, kept, skipped[0])
+
+
+def _decode_all(paths: list[str], channels: int | None, image_size: Any,
+                skip_bad_files: bool = False) -> tuple[torch.Tensor, list[int], list[str]]:
+    """``(images, indices of the decoded paths, skipped paths)``; a bad file raises
+    :class:`DatasetError` unless ``skip_bad_files``."""
+    from torchvision.io import ImageReadMode
     from torchvision.transforms.v2.functional import resize
 
-    if channels is None:  # infer from the first image: 1-2 channels = grayscale
-        channels = 1 if decode_image(paths[0], mode=ImageReadMode.UNCHANGED).shape[0] < 3 else 3
+    if channels is None:  # infer from the first readable image: 1-2 channels = grayscale
+        for p in paths:
+            first = _read(p, ImageReadMode.UNCHANGED)
+            if isinstance(first, torch.Tensor):
+                channels = 1 if first.shape[0] < 3 else 3
+                break
+            if not skip_bad_files:
+                raise _bad_file_error(first)
+        else:
+            raise DatasetError(f"none of the {len(paths)} files under "
+                               f"{os.path.commonpath(paths)} can be decoded as an image")
     if channels not in (1, 3):
         raise DatasetError(f"dataset.channels={channels} is not supported; allowed: 1, 3, null")
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     size = None if image_size is None else (
         [int(image_size)] * 2 if isinstance(image_size, int) else [int(s) for s in image_size])
 
-    def decode(p: str) -> torch.Tensor:
-        img = decode_image(p, mode=mode)
-        if size is not None and list(img.shape[1:]) != size:
+    def decode(p: str) -> torch.Tensor | _BadFile:
+        img = _read(p, mode)
+        if isinstance(img, torch.Tensor) and size is not None and list(img.shape[1:]) != size:
             img = resize(img, size, antialias=True)
         return img
 
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-        decoded = list(pool.map(decode, paths, chunksize=256))
+        results = list(pool.map(decode, paths))
+    bad = [r for r in results if isinstance(r, _BadFile)]
+    if bad and not skip_bad_files:
+        raise _bad_file_error(bad[0])  # the first in file order, whichever thread met it
+    good = [i for i, r in enumerate(results) if isinstance(r, torch.Tensor)]
+    if not good:
+        raise DatasetError(f"none of the {len(paths)} files under {os.path.commonpath(paths)} "
+                           "can be decoded as an image")
+    decoded = [results[i] for i in good]
     shapes = {tuple(t.shape) for t in decoded}
     if len(shapes) > 1:
         raise DatasetError(f"images have different sizes {sorted(shapes)[:3]}...; "
                            "set dataset.image_size to resize them")
-    return torch.stack(decoded)
+    return torch.stack(decoded), good, [b.path for b in bad]
 
 
 # ------------------------------------------------------------------------ batching

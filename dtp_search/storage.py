@@ -31,6 +31,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -67,9 +68,8 @@ def mask_url(url: str) -> str:
         return url
     if parts.password is None:
         return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
+    # Host and port as written (``parts.port`` raises on a port that is not a number).
+    host = parts.netloc.rpartition("@")[2]
     netloc = f"{parts.username}:***@{host}" if parts.username else f"***@{host}"
     return urlunsplit(parts._replace(netloc=netloc))
 
@@ -105,6 +105,57 @@ def check_storage(url: str, workers: int) -> None:
             f"study.storage=journal://{path.with_suffix('.log')} (Optuna's JournalStorage, "
             "one machine, no server) or study.storage=postgresql://user:pass@host/db "
             "(many machines; see docs/distributed.md)")
+
+
+# Seconds a probe waits for a database server. Without a limit, a connection to a port
+# nobody listens on behind a firewall that drops packets, or to a host that is down, waits
+# for the operating system's TCP timeout (about two minutes on Linux) before failing.
+PROBE_TIMEOUT = 5
+# Drivers that take libpq's/MySQL's ``connect_timeout`` keyword (others get no limit).
+_TIMEOUT_DRIVERS = ("psycopg", "psycopg2", "pymysql", "mysqldb")
+
+
+def check_reachable(url: str, timeout: int = PROBE_TIMEOUT) -> None:
+    """Refuse a database server (PostgreSQL, MySQL) that cannot be opened within ``timeout``
+    seconds: one connection, opened and closed, before any data is loaded or written."""
+    if scheme(url) not in ("postgresql", "mysql"):
+        return
+    import sqlalchemy
+
+    where = f"study.storage={mask_url(url)!r}"
+    try:
+        driver = sqlalchemy.engine.make_url(url).get_dialect().driver
+        connect_args = {"connect_timeout": timeout} if driver in _TIMEOUT_DRIVERS else {}
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
+                                          connect_args=connect_args)
+    except ImportError as exc:  # the URL names a driver that is not installed
+        raise ConfigError(f"{where} needs a database driver that is not installed ({exc}); "
+                          "allowed: a URL whose driver is installed, e.g. postgresql+psycopg://"
+                          "user:pass@host/db (pip install 'psycopg[binary]')") from exc
+    except (sqlalchemy.exc.ArgumentError, ValueError) as exc:
+        raise ConfigError(f"{where} is not a database URL SQLAlchemy can read ({exc}); "
+                          "allowed: e.g. postgresql://user:pass@host:5432/db") from exc
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        raise ConfigError(f"{where} cannot be opened ({_reason(exc, url)}); start the database "
+                          "server and check the URL's host, port, user, password and database, "
+                          "or use a file: study.storage=sqlite:////abs/optuna.db (one worker) "
+                          "or journal:///abs/optuna.log (workers on one machine)") from exc
+    finally:
+        engine.dispose()
+
+
+def _reason(exc: Exception, url: str) -> str:
+    """The first line of the driver's own message (SQLAlchemy adds the SQL and a link),
+    without the URL's password should a driver repeat it."""
+    text = str(getattr(exc, "orig", None) or exc).strip()
+    line = text.splitlines()[0].strip() if text else type(exc).__name__
+    password = urlsplit(url).password
+    if not password:
+        return line
+    return re.sub(rf"(?<!\w){re.escape(password)}(?!\w)", "***", line)
 
 
 def make_storage(url: str, *, heartbeat_interval: int = 30, grace_period: int = 120,

@@ -31,10 +31,12 @@ from dtp_search.checkpoint import TrialCheckpoint, describe
 from dtp_search.config import (
     ConfigError,
     build_pruner,
+    check_numbers,
     config_yaml,
     floor_settings,
     policy_params,
     run_params,
+    setting,
 )
 from dtp_search.console import Console
 from dtp_search.data import ImageDataset, load_dataset
@@ -43,7 +45,7 @@ from dtp_search.pruning import LayerCollapse, build_criterion, build_policy, par
 from dtp_search.pruning.pruner import check_floor
 from dtp_search.refit import refit_study
 from dtp_search.report import log_report
-from dtp_search.tracking import StudyTracker, describe_dataset
+from dtp_search.tracking import StudyTracker, check_tracking_uri, describe_dataset
 from dtp_search.training import (
     DivergedError,
     TrainSettings,
@@ -82,6 +84,7 @@ def check_config(cfg: DictConfig) -> search_space.SearchSpace:
         # `study.name=nan` or `=123` reach here as numbers (YAML typing).
         raise ConfigError(f"study.name={name!r} is not allowed; allowed: a non-empty text, "
                           f"quoted when it looks like a number: study.name='\"{name}\"'")
+    check_numbers(cfg)
     objectives = list(cfg.search.objectives)
     bad = [o for o in objectives if o not in OBJECTIVES]
     if bad or not objectives:
@@ -98,30 +101,17 @@ def check_config(cfg: DictConfig) -> search_space.SearchSpace:
         raise ConfigError(f"search.min_sparsity={min_sparsity!r} is not allowed; allowed: null "
                           "or a number in [0, 1)")
     make_pruner(cfg)
-    if int(cfg.search.n_trials) < 1:
-        raise ConfigError(f"search.n_trials={cfg.search.n_trials} is not allowed; need >= 1")
     if str(cfg.get("mode", "search")) not in MODES:
         raise ConfigError(f"mode={cfg.mode!r} is not allowed; allowed: {list(MODES)}")
-    top_k = cfg.refit.get("top_k")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ConfigError(f"refit.top_k={top_k!r} is not allowed; allowed: null or an integer >= 1")
     for key in ("enabled", "register"):
         if not isinstance(cfg.refit.get(key, False), bool):
             raise ConfigError(f"refit.{key}={cfg.refit[key]!r} is not allowed; allowed: true, false")
-    for key, allowed, ok in (
-            ("points", "an integer >= 0", lambda v: isinstance(v, int) and v >= 0),
-            ("max_sparsity", "a number in (0, 1)", lambda v: isinstance(v, (int, float)) and 0 < v < 1),
-            ("update_samples", "null or an integer >= 1",
-             lambda v: v is None or (isinstance(v, int) and v >= 1))):
-        value = cfg.front.get(key)
-        if isinstance(value, bool) or not ok(value):
-            raise ConfigError(f"front.{key}={value!r} is not allowed; allowed: {allowed}")
-    if int(cfg.cv.folds) < 2:
-        raise ConfigError(f"cv.folds={cfg.cv.folds} is not allowed; need >= 2")
-    workers = cfg.study.get("workers", 1)
-    if not isinstance(workers, int) or workers < 1:
-        raise ConfigError(f"study.workers={workers!r} is not allowed; allowed: an integer >= 1")
-    storages.check_storage(str(cfg.study.storage), workers)
+    max_sparsity = cfg.front.get("max_sparsity")
+    if (isinstance(max_sparsity, bool) or not isinstance(max_sparsity, (int, float))
+            or not 0 < max_sparsity < 1):
+        raise ConfigError(f"front.max_sparsity={max_sparsity!r} is not allowed; "
+                          "allowed: a number in (0, 1)")
+    storages.check_storage(str(cfg.study.storage), setting(cfg, "study.workers"))
     try:
         TrainSettings.from_config(cfg.train).validate()
     except TypeError as exc:
@@ -136,6 +126,9 @@ def check_config(cfg: DictConfig) -> search_space.SearchSpace:
             check_floor(*floor_settings(node))
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{_policy_key(cfg, name)}: {exc}") from exc
+    # Servers last: each probe may wait a few seconds for an answer.
+    storages.check_reachable(str(cfg.study.storage))
+    check_tracking_uri(str(cfg.tracking.uri))
     return space
 
 
@@ -147,8 +140,9 @@ def _policy_key(cfg: DictConfig, name: str) -> str:
 def make_storage(cfg: DictConfig) -> BaseStorage:
     """The study's Optuna storage, with heartbeats and retries where Optuna has them."""
     return storages.make_storage(
-        str(cfg.study.storage), heartbeat_interval=int(cfg.search.heartbeat_interval),
-        grace_period=int(cfg.search.grace_period), max_retry=int(cfg.search.max_retry))
+        str(cfg.study.storage), heartbeat_interval=setting(cfg, "search.heartbeat_interval"),
+        grace_period=setting(cfg, "search.grace_period"),
+        max_retry=setting(cfg, "search.max_retry"))
 
 
 # Trials that count toward ``search.n_trials``: finished with a result. FAIL does not
@@ -183,7 +177,7 @@ def make_sampler(cfg: DictConfig, offset: int = 0) -> optuna.samplers.BaseSample
     :func:`objective`)."""
     sampler_cfg = OmegaConf.to_container(cfg.search.sampler, resolve=True)
     if sampler_cfg.get("seed") is not None:
-        sampler_cfg["seed"] = int(sampler_cfg["seed"]) + offset
+        sampler_cfg["seed"] = setting(cfg, "search.sampler.seed") + offset
     try:
         return hydra.utils.instantiate(sampler_cfg)
     except Exception as exc:
@@ -204,7 +198,7 @@ def run_study(cfg: DictConfig) -> optuna.Study:
     console = Console(enabled=bool(cfg.console.progress))
     is_worker = os.environ.get(WORKER_ENV) is not None
     if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
+        torch.set_num_threads(setting(cfg, "threads"))
     device = resolve_device(str(cfg.device))
 
     dataset = load_dataset(cfg.dataset, cache_dir=cfg.paths.cache_dir)
@@ -394,6 +388,7 @@ def compare(cfg: DictConfig) -> None:
     from dtp_search.report import compare_studies
 
     names = list(cfg.study.get("names") or [])
+    storages.check_reachable(str(cfg.study.storage))
     storage = make_storage(cfg)
     known = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
     missing = [n for n in names if n not in known]

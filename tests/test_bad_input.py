@@ -4,11 +4,20 @@ status 2, no traceback — before any training, and with the study's stores unto
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+
+from dtp_search.config import NUMBERS, ConfigError, number
+from dtp_search.storage import check_reachable
+from dtp_search.tracking import check_tracking_uri
 
 TINY = ["cv.folds=2", "train.epochs=1", "train.finetune_epochs=0", "front.points=2",
         "console.progress=false", "refit.enabled=false", "search.n_trials=1"]
@@ -24,15 +33,33 @@ CASES = [
     (["trian.epochs=3"], "Could not override 'trian.epochs'"),
     (["train.epochs=[1"], "cannot read the override 'train.epochs=[1'"),
     (["~nokey"], "'nokey' does not exist"),
-    (["cv.folds=1"], "cv.folds=1 is not allowed; need >= 2"),
+    (["cv.folds=1"], "cv.folds=1 is not allowed; allowed: an integer >= 2"),
     (["cv.folds=500"], "cv.folds=500 exceeds the smallest class"),
-    (["search.n_trials=0"], "search.n_trials=0 is not allowed; need >= 1"),
+    (["search.n_trials=0"], "search.n_trials=0 is not allowed; allowed: an integer >= 1"),
+    (["search.n_trials=many"], "search.n_trials='many' is not allowed; allowed: an integer >= 1"),
+    (["seed=abc"], "seed='abc' is not allowed; allowed: an integer in [0, 4294967295]"),
+    (["seed=-1"], "seed=-1 is not allowed; allowed: an integer in [0, 4294967295]"),
+    (["search.sampler.seed=x"], "search.sampler.seed='x' is not allowed; allowed: null or an integer"),
+    (["cv.folds=x"], "cv.folds='x' is not allowed; allowed: an integer >= 2"),
+    (["threads=many"], "threads='many' is not allowed; allowed: null or an integer >= 1"),
+    (["search.max_failures=x"], "search.max_failures='x' is not allowed; allowed: an integer >= 1"),
+    (["search.heartbeat_interval=0"],
+     "search.heartbeat_interval=0 is not allowed; allowed: an integer >= 1"),
+    (["search.grace_period=1.5"], "search.grace_period=1.5 is not allowed; allowed: an integer >= 1"),
+    (["search.max_retry=-1"], "search.max_retry=-1 is not allowed; allowed: an integer >= 0"),
+    (["front.points=x"], "front.points='x' is not allowed; allowed: an integer >= 0"),
+    (["dataset.train_limit=0"], "dataset.train_limit=0 is not allowed; allowed: null or an integer >= 1"),
     (["search.objectives=[speed]"], "search.objectives=['speed'] is not allowed"),
     (["search.directions=[up,down]"], "search.directions=['up', 'down'] must give one of"),
     (["search.min_sparsity=1.5"], "search.min_sparsity=1.5 is not allowed; allowed: null or a number in [0, 1)"),
     (["study.storage=redis://localhost/0"], "allowed schemes: ['sqlite', 'postgresql'"),
     (["study.workers=2"], "study.workers=2 with study.storage="),
     (["study.workers=0"], "study.workers=0 is not allowed"),
+    (["study.storage=postgresql://u:p@127.0.0.1:1/db"],
+     "study.storage='postgresql://u:***@127.0.0.1:1/db' cannot be opened ("),
+    (["tracking.uri=http://127.0.0.1:1"],
+     "tracking.uri='http://127.0.0.1:1' cannot be reached (Connection refused); start the tracking "
+     "server"),
     (["refit.top_k=0"], "refit.top_k=0 is not allowed"),
     (["refit.register=maybe"], "refit.register='maybe' is not allowed; allowed: true, false"),
     (["mode=bogus"], "mode='bogus' is not allowed; allowed:"),
@@ -40,6 +67,8 @@ CASES = [
     (["model=lenet5", "model.padding=[0,0]"], "model=lenet5: model=lenet5 cannot take 8×8 inputs"),
     (["dataset=cifar10", "dataset.path=/nonexistent/cifar"], "dataset.path='/nonexistent/cifar' does not exist"),
     (["dataset=imagefolder"], "dataset.path is required for dataset=imagefolder"),
+    (["dataset=cifar10", "dataset.path=/nonexistent/cifar", "dataset.skip_bad_files=maybe"],
+     "dataset.skip_bad_files='maybe' is not allowed; allowed: true, false"),
     (["train.optimizer=lbfgs"], "train.optimizer='lbfgs' is not allowed; allowed: ['sgd', 'adam']"),
     (["train.epochs=abc"], "train.epochs='abc' is not allowed; allowed: an integer >= 0"),
     (["train.lr=-1"], "train.lr=-1 is not allowed; allowed: a number > 0"),
@@ -56,6 +85,9 @@ CASES = [
     (["policy.on_collapse=fail"], "on_collapse='fail' is not allowed; allowed: ['restore', 'prune', 'penalize']"),
     (["policy.min_keep=2.5"], "min_keep=2.5 is not allowed; allowed: a fraction in [0, 1) or a whole count"),
 ]
+# Cases that wait on the network: seconds each may take, start-up included (the probes
+# give up after 5 s; MLflow's own retries took over two minutes).
+WITHIN = {"study.storage=postgresql://u:p@127.0.0.1:1/db": 30, "tracking.uri=http://127.0.0.1:1": 30}
 
 
 def _digest(path: Path) -> str | None:
@@ -73,18 +105,108 @@ def study_root(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("overrides", "fragment"), CASES, ids=[" ".join(c[0]) for c in CASES])
-def test_bad_input_exits_2_with_one_line_and_touches_nothing(study_root, overrides, fragment):
+def _assert_refused(study_root: Path, overrides: list[str], fragment: str, *,
+                    env: dict[str, str] | None = None, within: float = 600) -> str:
+    """Run the CLI on the kept study with ``overrides``: exit 2, one ``error:`` line holding
+    ``fragment``, no traceback, the stores byte for byte as they were. Returns the line."""
     stores = [study_root / "optuna.db", study_root / "mlflow.db"]
     before = [_digest(p) for p in stores]
     root = [] if any(o.startswith("paths.root=") for o in overrides) else [f"paths.root={study_root}"]
+    start = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "dtp_search", *root, "study.name=kept", *TINY,
                            *overrides], capture_output=True, text=True, cwd=study_root.parent,
-                          timeout=600)
+                          timeout=within, env=None if env is None else {**os.environ, **env})
+    elapsed = time.monotonic() - start
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error: ")]
     assert len(errors) == 1 and fragment in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert [_digest(p) for p in stores] == before  # byte for byte
+    assert elapsed < within
+    return errors[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("overrides", "fragment"), CASES, ids=[" ".join(c[0]) for c in CASES])
+def test_bad_input_exits_2_with_one_line_and_touches_nothing(study_root, overrides, fragment):
+    _assert_refused(study_root, overrides, fragment, within=WITHIN.get(" ".join(overrides), 600))
+
+
+def _image_tree(root: Path) -> Path:
+    """A tiny ImageFolder tree of valid PNG and JPEG files, plus train/dog/bad.jpg (garbage)."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(4):
+                pixels = Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8))
+                pixels.save(folder / (f"{i}.png" if i % 2 else f"{i}.jpg"))
+    (root / "train" / "dog" / "bad.jpg").write_bytes(b"\x00 not an image \xff" * 16)
+    return root
+
+
+@pytest.mark.slow
+def test_a_corrupt_image_is_named_and_leaves_no_cache_entry(study_root, tmp_path):
+    tree = _image_tree(tmp_path / "tree")
+    cache = tmp_path / "cache"
+    bad = tree.resolve() / "train" / "dog" / "bad.jpg"
+    line = _assert_refused(study_root, ["dataset=imagefolder", f"dataset.path={tree}",
+                                        f"paths.cache_dir={cache}"],
+                           f"cannot decode the image {bad} (")
+    assert "dataset.skip_bad_files=true" in line
+    assert not list(cache.glob("imagefolder-*"))  # a failed decode caches nothing
+
+
+@pytest.mark.slow
+def test_a_failed_cifar10_download_says_why_and_how_to_work_offline(study_root, tmp_path):
+    # A proxy nobody listens on: urllib (torchvision's download) fails at once, whether
+    # or not this machine has network.
+    proxy = "http://127.0.0.1:1"
+    env = {"http_proxy": proxy, "https_proxy": proxy, "HTTP_PROXY": proxy, "HTTPS_PROXY": proxy,
+           "no_proxy": "", "NO_PROXY": ""}
+    data = tmp_path / "data"
+    line = _assert_refused(study_root, ["dataset=cifar10", f"paths.data_dir={data}"],
+                           f"downloading CIFAR-10 into dataset.root={str(data)!r} failed (",
+                           env=env)
+    assert "point dataset.path at a local ImageFolder copy, e.g. dataset.path=" in line
+
+
+def test_number_names_the_key_the_value_and_what_is_allowed():
+    cfg = OmegaConf.create({"a": {"n": "many", "f": 0.5, "b": True, "z": None}})
+    for key, kw, allowed in (("a.n", {"low": 1}, "an integer >= 1"),
+                             ("a.f", {"low": 0}, "an integer >= 0"),
+                             ("a.b", {}, "an integer"),
+                             ("a.z", {"low": 0, "high": 10}, "an integer in [0, 9]"),
+                             ("a.n", {"kind": float, "high": 1, "null": True}, "null or a number < 1")):
+        with pytest.raises(ConfigError) as err:
+            number(cfg, key, **kw)
+        value = OmegaConf.select(cfg, key)
+        assert str(err.value) == f"{key}={value!r} is not allowed; allowed: {allowed}"
+    assert number(cfg, "a.f", float, low=0, high=1) == 0.5
+    assert number(cfg, "a.z", null=True) is None
+    assert number(cfg, "a.missing", default=3) == 3
+
+
+def test_every_checked_number_is_a_key_of_the_default_config():
+    from hydra import compose, initialize_config_dir
+
+    from dtp_search.__main__ import CONFIG_DIR
+
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["paths.root=/tmp/unused"])
+    missing = [k for k, kw in NUMBERS.items()
+               if "default" not in kw and OmegaConf.select(cfg, k, default="?") == "?"]
+    assert not missing  # a renamed key would otherwise go unchecked
+
+
+def test_probes_of_servers_nobody_listens_on_fail_fast_and_mask_the_password():
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=r"postgresql://u:\*\*\*@127\.0\.0\.1:1/db' cannot be opened"):
+        check_reachable("postgresql://u:s3cret@127.0.0.1:1/db")
+    with pytest.raises(ConfigError, match=r"'http://u:\*\*\*@127\.0\.0\.1:1' cannot be reached"):
+        check_tracking_uri("http://u:s3cret@127.0.0.1:1")
+    assert time.monotonic() - start < 10
+    check_reachable("sqlite:////tmp/optuna.db")  # files are not probed
+    check_tracking_uri("sqlite:////tmp/mlflow.db")

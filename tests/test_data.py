@@ -97,6 +97,62 @@ def test_imagefolder_decodes_caches_and_invalidates(tmp_path, monkeypatch):
     assert len(grown) == 19  # the new file changed the key
 
 
+def _tree_with_a_bad_file(root):
+    """Valid JPEG and PNG files, and train/cat/bad.jpg of garbage bytes: the first file of
+    the first class (``img*`` sorts after ``bad``), so channel detection meets it too."""
+    rng = np.random.default_rng(1)
+    for split in ("train", "test"):
+        for cls in ("cat", "dog"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(4):
+                img = Image.fromarray(rng.integers(0, 255, (10, 10, 3), dtype=np.uint8))
+                img.save(d / (f"img{i}.jpg" if i % 2 else f"img{i}.png"))
+    bad = root / "train" / "cat" / "bad.jpg"
+    bad.write_bytes(b"\x00 not an image \xff" * 16)
+    return bad.resolve()
+
+
+@pytest.mark.parametrize("channels", [None, 3])
+def test_a_corrupt_image_is_named_and_nothing_is_cached(tmp_path, channels):
+    bad = _tree_with_a_bad_file(tmp_path / "tree")
+    cache = tmp_path / "cache"
+    with pytest.raises(DatasetError) as err:
+        load_imagefolder(tmp_path / "tree" / "train", channels=channels, cache_dir=cache)
+    msg = str(err.value)
+    assert f"cannot decode the image {bad} (" in msg and "dataset.skip_bad_files=true" in msg
+    assert "\n" not in msg and ".cpp" not in msg  # torchvision's source location is left out
+    assert not list(cache.glob("*.pt"))
+
+
+def test_skip_bad_files_leaves_them_out_with_one_warning_also_from_the_cache(tmp_path, caplog):
+    bad = _tree_with_a_bad_file(tmp_path / "tree")
+    cache = tmp_path / "cache"
+    cfg = OmegaConf.create({"kind": "imagefolder", "name": "t", "path": str(tmp_path / "tree"),
+                            "channels": None, "skip_bad_files": True})
+    for _ in range(2):  # decoded, then read from the cache
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="dtp_search.data"):
+            ds = load_dataset(cfg, cache_dir=cache)
+        assert len(ds.train) == 8 and len(ds.test) == 8 and ds.input_shape == (3, 10, 10)
+        assert torch.bincount(ds.train.labels).tolist() == [4, 4]
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1 and "skipped 1 unreadable file(s)" in warnings[0]
+        assert str(bad) in warnings[0] and "\n" not in warnings[0]
+    assert len(list(cache.glob("*.pt"))) == 2  # train and test
+    # A strict load does not take the lenient one's cache entry.
+    with pytest.raises(DatasetError, match="cannot decode the image"):
+        load_dataset(OmegaConf.merge(cfg, {"skip_bad_files": False}), cache_dir=cache)
+
+
+def test_a_class_with_only_unreadable_files_is_an_error(tmp_path):
+    _tree_with_a_bad_file(tmp_path / "tree")
+    for f in (tmp_path / "tree" / "train" / "dog").iterdir():
+        f.write_bytes(b"garbage")
+    with pytest.raises(DatasetError, match=r"\['dog'\] under .* hold no readable image"):
+        load_imagefolder(tmp_path / "tree" / "train", skip_bad_files=True)
+
+
 def test_imagefolder_dataset_detects_grayscale(tmp_path):
     _write_tree(tmp_path / "g", mode="L")
     cfg = OmegaConf.create({"kind": "imagefolder", "name": "g", "path": str(tmp_path / "g"),
@@ -161,6 +217,21 @@ def test_torchvision_cifar10_missing_without_download_is_a_clear_error(tmp_path)
                             "download": False})
     with pytest.raises(DatasetError, match=r"dataset\.path"):
         load_dataset(cfg)
+
+
+def test_a_failed_cifar10_download_says_why_and_points_at_dataset_path(tmp_path, monkeypatch):
+    """Without network: torchvision's download URL is pointed at a port nobody listens on."""
+    from torchvision.datasets import CIFAR10
+
+    monkeypatch.setattr(CIFAR10, "url", "http://127.0.0.1:1/cifar-10-python.tar.gz")
+    monkeypatch.setenv("no_proxy", "*")  # straight to 127.0.0.1:1, whatever proxy is set
+    cfg = OmegaConf.create({"kind": "cifar10", "name": "cifar10", "path": None,
+                            "root": str(tmp_path / "data"), "download": True})
+    with pytest.raises(DatasetError) as err:
+        load_dataset(cfg)
+    msg = str(err.value)
+    assert "downloading CIFAR-10 into dataset.root=" in msg and "failed (Connection refused)" in msg
+    assert "dataset.path=/path/to/cifar10" in msg and "train/" in msg and "test/" in msg
 
 
 def test_channels_last_batches_hold_the_same_values():
