@@ -9,16 +9,20 @@ import sys
 import warnings
 from pathlib import Path
 
+# MLflow 3 reports usage telemetry by default; a tool that runs on clusters and offline
+# machines should not phone home unless the user asks (set it to "false" to allow).
+# Set before anything below imports mlflow.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 import hydra
 import optuna
 from omegaconf import DictConfig
 
-from dtp_search.config import ConfigError, register_resolvers
+from dtp_search.config import register_resolvers
+from dtp_search.errors import ConfigError, DatasetError
+from dtp_search.study import run_study
+from dtp_search.training import request_stop, stop_requested
 
-# MLflow 3 reports usage telemetry by default; a tool that runs on clusters and offline
-# machines should not phone home unless the user asks (set it to "false" to allow).
-# Set before run_study imports mlflow.
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 register_resolvers()
 log = logging.getLogger("dtp_search")
 # An absolute path: a relative one would be read as a package path when this module is
@@ -28,9 +32,6 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def _app(cfg: DictConfig) -> None:
-    from dtp_search.data import DatasetError
-    from dtp_search.study import run_study
-
     # Heartbeats and metric names are marked experimental in Optuna but are the
     # supported way to retry dead trials and label objectives; the warning is noise here.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -60,8 +61,6 @@ def _app(cfg: DictConfig) -> None:
 def _interrupt(signum: int, frame: object) -> None:
     """First signal: ask training to stop at its next step (a safe point). Second signal:
     stop at once, wherever the program is."""
-    from dtp_search.training import request_stop, stop_requested
-
     name = signal.Signals(signum).name
     if stop_requested() is not None:
         raise KeyboardInterrupt(name)
@@ -140,7 +139,29 @@ def _check_writable(cfg: DictConfig) -> str | None:
     return None
 
 
+# Deprecated spellings of overrides, kept for one release: ``pruner=`` named Optuna's
+# early stopping, which clashed with weight pruning (``DynamicPruner``).
+_ALIASES = {"pruner": "early_stop", "search.pruner": "search.early_stop"}
+
+
+def rewrite_aliases(argv: list[str]) -> list[str]:
+    """``argv`` with deprecated keys renamed (each warned about once on stderr)."""
+    out = []
+    for arg in argv:
+        prefix = arg[: len(arg) - len(arg.lstrip("+~"))]
+        key, eq, value = arg[len(prefix):].partition("=")
+        for old, new in _ALIASES.items():
+            if key == old or key.startswith(old + "."):
+                renamed = new + key[len(old):]
+                print(f"warning: {key}= is deprecated; use {renamed}=", file=sys.stderr)
+                key = renamed
+                break
+        out.append(prefix + key + eq + value)
+    return out
+
+
 def main() -> None:
+    sys.argv[1:] = rewrite_aliases(sys.argv[1:])
     problem = check_overrides(sys.argv[1:])
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)

@@ -7,11 +7,25 @@ import math
 import os
 from typing import Any
 
+import hydra
+import optuna
 from omegaconf import DictConfig, OmegaConf
+from optuna.storages import BaseStorage
 
+from dtp_search import space as search_space
+from dtp_search import storage as storages
+from dtp_search.errors import ConfigError
+from dtp_search.pruning import DynamicPruner, build_criterion, build_policy
+from dtp_search.pruning.pruner import check_floor
+from dtp_search.storage import mask_url
+from dtp_search.tracking import check_tracking_uri
+from dtp_search.training import TrainSettings
 
-class ConfigError(ValueError):
-    """Bad user input; the message names the key, the value and what is allowed."""
+__all__ = ["ConfigError", "check_config", "make_early_stop", "make_sampler", "make_storage"]
+
+OBJECTIVES = ("accuracy", "sparsity")
+MODES = ("search", "refit", "compare")
+DIRECTIONS = ("maximize", "minimize")
 
 
 def number(cfg: DictConfig, key: str, kind: type = int, *, low: float | None = None,
@@ -123,8 +137,6 @@ def floor_settings(policy_cfg: DictConfig) -> tuple[Any, Any]:
 def build_pruner(model: Any, policy_cfg: DictConfig, example_input: Any) -> Any:
     """The pruner a policy config describes: policy, criterion, granularity, ``min_keep``
     and ``on_collapse``."""
-    from dtp_search.pruning import DynamicPruner, build_criterion, build_policy
-
     min_keep, on_collapse = floor_settings(policy_cfg)
     return DynamicPruner(model, build_policy(str(policy_cfg.name), policy_params(policy_cfg)),
                          build_criterion(str(policy_cfg.get("criterion", "magnitude"))),
@@ -159,8 +171,6 @@ def config_yaml(cfg: DictConfig) -> str:
 
 def loggable(cfg: DictConfig) -> dict[str, Any]:
     """A trial config without search-space declarations and policy options (not settings)."""
-    from dtp_search.storage import mask_url
-
     out = OmegaConf.to_container(cfg, resolve=True)
     for node in ("policy", "search"):
         out.get(node, {}).pop("space", None)
@@ -170,3 +180,115 @@ def loggable(cfg: DictConfig) -> dict[str, Any]:
         if isinstance(out.get(node, {}).get(key), str):
             out[node][key] = mask_url(out[node][key])
     return out
+
+
+def check_config(cfg: DictConfig) -> search_space.SearchSpace:
+    """Checks that need no data: raise :class:`ConfigError` before any work starts."""
+    name = cfg.study.name
+    if not isinstance(name, str) or not name.strip():
+        # `study.name=nan` or `=123` reach here as numbers (YAML typing).
+        raise ConfigError(f"study.name={name!r} is not allowed; allowed: a non-empty text, "
+                          f"quoted when it looks like a number: study.name='\"{name}\"'")
+    check_numbers(cfg)
+    objectives = list(cfg.search.objectives)
+    bad = [o for o in objectives if o not in OBJECTIVES]
+    if bad or not objectives:
+        raise ConfigError(f"search.objectives={objectives} is not allowed; "
+                          f"allowed: a non-empty list of {list(OBJECTIVES)}")
+    directions = list(cfg.search.directions)
+    if len(directions) != len(objectives) or any(d not in DIRECTIONS for d in directions):
+        raise ConfigError(f"search.directions={directions} must give one of {list(DIRECTIONS)} "
+                          f"per objective {objectives}")
+    min_sparsity = cfg.search.get("min_sparsity")
+    if min_sparsity is not None and (isinstance(min_sparsity, bool)
+                                     or not isinstance(min_sparsity, (int, float))
+                                     or not 0 <= min_sparsity < 1):
+        raise ConfigError(f"search.min_sparsity={min_sparsity!r} is not allowed; allowed: null "
+                          "or a number in [0, 1)")
+    make_early_stop(cfg)
+    allowed_changes(cfg)
+    if str(cfg.get("mode", "search")) not in MODES:
+        raise ConfigError(f"mode={cfg.mode!r} is not allowed; allowed: {list(MODES)}")
+    for key in ("enabled", "register"):
+        if not isinstance(cfg.refit.get(key, False), bool):
+            raise ConfigError(f"refit.{key}={cfg.refit[key]!r} is not allowed; allowed: true, false")
+    max_sparsity = cfg.front.get("max_sparsity")
+    if (isinstance(max_sparsity, bool) or not isinstance(max_sparsity, (int, float))
+            or not 0 < max_sparsity < 1):
+        raise ConfigError(f"front.max_sparsity={max_sparsity!r} is not allowed; "
+                          "allowed: a number in (0, 1)")
+    storages.check_storage(str(cfg.study.storage), setting(cfg, "study.workers"))
+    try:
+        TrainSettings.from_config(cfg.train).validate()
+    except TypeError as exc:
+        raise ConfigError(f"train: {exc}") from exc
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    space = search_space.parse_space(cfg)
+    for name, node in search_space.policy_nodes(cfg).items():
+        try:
+            build_policy(str(node.name), policy_params(node))
+            build_criterion(str(node.get("criterion", "magnitude")))
+            check_floor(*floor_settings(node))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{policy_key(cfg, name)}: {exc}") from exc
+    # Servers last: each probe may wait a few seconds for an answer.
+    storages.check_reachable(str(cfg.study.storage))
+    check_tracking_uri(str(cfg.tracking.uri))
+    return space
+
+
+def policy_key(cfg: DictConfig, name: str) -> str:
+    """Where a policy's settings live: ``policy`` or ``policy.options.<name>``."""
+    return f"policy.options.{name}" if cfg.policy.get("name") == search_space.CHOICE else "policy"
+
+
+
+def allowed_changes(cfg: DictConfig) -> list[str]:
+    """``study.allow_changes``: the defining keys (or nodes, e.g. ``train``) a resumed
+    study may change (see :mod:`dtp_search.provenance`)."""
+    value = OmegaConf.to_container(cfg.study, resolve=True).get("allow_changes") or []
+    if not isinstance(value, list) or not all(isinstance(k, str) and k for k in value):
+        raise ConfigError(f"study.allow_changes={value!r} is not allowed; allowed: a list of "
+                          "config keys or nodes, e.g. study.allow_changes=[train.epochs,policy]")
+    return value
+
+def make_storage(cfg: DictConfig) -> BaseStorage:
+    """The study's Optuna storage, with heartbeats and retries where Optuna has them."""
+    return storages.make_storage(
+        str(cfg.study.storage), heartbeat_interval=setting(cfg, "search.heartbeat_interval"),
+        grace_period=setting(cfg, "search.grace_period"),
+        max_retry=setting(cfg, "search.max_retry"))
+
+
+def make_early_stop(cfg: DictConfig) -> optuna.pruners.BasePruner:
+    """Optuna's early stopping of hopeless trials (``early_stop=median|wilcoxon|none``,
+    an Optuna pruner; "early stop" here so that "pruner" means weight pruning only) for a
+    single-objective study.
+
+    Steps are folds: a trial reports each fold's value and may stop after it. Optuna's
+    ``report``/``should_prune`` do not exist for multi-objective studies — a trial's
+    partial result is a point, and no point is "worse than the median" of a Pareto front —
+    so two-objective studies always run every fold (``NopPruner``).
+    """
+    node = cfg.search.get("early_stop")
+    if len(cfg.search.objectives) > 1 or node is None:
+        return optuna.pruners.NopPruner()
+    try:
+        return hydra.utils.instantiate(node)
+    except Exception as exc:
+        raise ConfigError(f"search.early_stop could not be built ({exc}); allowed: "
+                          "early_stop=median, early_stop=wilcoxon, early_stop=none or any "
+                          "optuna.pruners class") from exc
+
+
+def make_sampler(cfg: DictConfig, offset: int = 0) -> optuna.samplers.BaseSampler:
+    """The configured sampler; a set seed is offset by ``offset`` (the trial number, see
+    :func:`objective`)."""
+    sampler_cfg = OmegaConf.to_container(cfg.search.sampler, resolve=True)
+    if sampler_cfg.get("seed") is not None:
+        sampler_cfg["seed"] = setting(cfg, "search.sampler.seed") + offset
+    try:
+        return hydra.utils.instantiate(sampler_cfg)
+    except Exception as exc:
+        raise ConfigError(f"search.sampler could not be built ({exc})") from exc

@@ -10,6 +10,9 @@ from rich.console import Console as RichConsole
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from dtp_search.results import pareto_rows
+from dtp_search.storage import mask_url
+
 
 class Console:
     def __init__(self, enabled: bool = True) -> None:
@@ -23,8 +26,6 @@ class Console:
                        f"({done}/{target} complete) · policy={cfg.policy.name} "
                        f"model={cfg.model.name} dataset={cfg.dataset.name} "
                        f"folds={cfg.cv.folds} device={device}")
-        from dtp_search.storage import mask_url
-
         self.out.print(f"  optuna storage: {mask_url(str(cfg.study.storage))}", soft_wrap=True)
         self.out.print(f"  mlflow store:   {mask_url(str(cfg.tracking.uri))}", soft_wrap=True)
 
@@ -61,8 +62,6 @@ class Console:
             progress.remove_task(task)
 
     def summary(self, study: Any, cfg: Any, ui_command: str) -> None:
-        from dtp_search.study import pareto_rows
-
         rows = pareto_rows(study)
         table = Table(title=f"Pareto-optimal trials — {cfg.study.name}", show_lines=False)
         numeric = ("trial", "CV accuracy", "sparsity", "test accuracy")

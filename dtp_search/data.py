@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from dtp_search.checkpoint import atomic_save
+from dtp_search.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +82,6 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
     for t in tensors:
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-class DatasetError(ValueError):
-    """A dataset that cannot be loaded as configured (message says what to do)."""
 
 
 # --------------------------------------------------------------------------- loading

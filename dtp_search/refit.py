@@ -27,12 +27,14 @@ import optuna
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from dtp_search import provenance
 from dtp_search import space as search_space
 from dtp_search.config import build_pruner, config_yaml, run_params
 from dtp_search.data import ImageDataset, stratified_subset
 from dtp_search.export import MEASURE_KEYS, measure, save_pruned
 from dtp_search.models import build_model
 from dtp_search.pruning import FrontPoint, LayerCollapse, one_shot_sweep, strip_masks
+from dtp_search.results import pareto_rows
 from dtp_search.tracking import StudyTracker, plot_layer_sparsity
 from dtp_search.training import (
     TrainSettings,
@@ -63,8 +65,6 @@ class RefitResult:
 
 def chosen_trials(study: optuna.Study, top_k: int | None) -> list[optuna.trial.FrozenTrial]:
     """Pareto-optimal complete trials, most accurate first, at most ``top_k`` of them."""
-    from dtp_search.study import pareto_rows
-
     rows = sorted(pareto_rows(study), key=lambda r: -r["accuracy"])
     if top_k:
         rows = rows[: int(top_k)]
@@ -74,7 +74,11 @@ def chosen_trials(study: optuna.Study, top_k: int | None) -> list[optuna.trial.F
 
 def trial_config(cfg: DictConfig, space: search_space.SearchSpace,
                  trial: optuna.trial.FrozenTrial) -> DictConfig:
-    """The config a trial ran with: its policy and sampled values written into ``cfg``."""
+    """The config a trial ran with: its own stored config (:mod:`dtp_search.provenance`),
+    or for a trial older than those, its policy and sampled values written into ``cfg``."""
+    stored = provenance.stored_trial_config(cfg, trial)
+    if stored is not None:
+        return stored
     policy = trial.params.get("policy") if space.choices else next(iter(space.policies))
     dims = space.common + space.policies[policy]
     params = {d.key: trial.params[d.param] for d in dims if d.param in trial.params}

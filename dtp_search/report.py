@@ -15,6 +15,7 @@ import io
 import logging
 import math
 import warnings
+from pathlib import Path
 from typing import Any
 
 import matplotlib
@@ -24,6 +25,7 @@ import matplotlib.pyplot as plt
 import optuna
 from optuna.trial import TrialState
 
+from dtp_search.results import pareto_rows
 from dtp_search.tracking import StudyTracker, plot_layer_sparsity, plot_pareto
 
 log = logging.getLogger(__name__)
@@ -149,8 +151,6 @@ training split.</p>
 
 def log_report(study: optuna.Study, tracker: StudyTracker) -> str:
     """Build the report and log it (with its figures) on the study's parent run."""
-    from dtp_search.study import pareto_rows
-
     rows = pareto_rows(study)
     doc, figures = build_report(study, rows, study.user_attrs.get("refit", {}))
     tracker.client.log_text(tracker.parent_run_id, doc, "report.html")
@@ -181,10 +181,6 @@ def plot_comparison(fronts: dict[str, list[dict[str, Any]]]):
 
 def compare_studies(storage: Any, names: list[str], out_dir: str) -> str:
     """Overlay the Pareto fronts of the studies ``names``; returns the PNG's path."""
-    from pathlib import Path
-
-    from dtp_search.study import pareto_rows
-
     fronts = {n: pareto_rows(optuna.load_study(study_name=n, storage=storage)) for n in names}
     path = Path(out_dir) / f"compare-{'-vs-'.join(names)}.png"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from typing import Any
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
-from dtp_search.config import ConfigError
+from dtp_search.errors import ConfigError
 
 TYPES = ("float", "int", "categorical")
 

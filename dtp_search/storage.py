@@ -48,7 +48,7 @@ from optuna.storages import (
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import TrialState
 
-from dtp_search.config import ConfigError
+from dtp_search.errors import ConfigError
 
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
 SCHEMES = (*RDB_SCHEMES, "journal")

@@ -45,8 +45,8 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunS
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_LOGGED_ARTIFACTS
 
-from dtp_search.config import ConfigError
 from dtp_search.data import ImageDataset, tensor_digest
+from dtp_search.errors import ConfigError
 from dtp_search.pruning.front import FrontPoint
 from dtp_search.storage import mask_url
 
@@ -269,8 +269,6 @@ class StudyTracker:
         return runs_url(base, self.experiment_id, charts=charts)
 
     def ui_command(self) -> str:
-        from dtp_search.storage import mask_url
-
         if self.tracking_uri.split(":", 1)[0] in ("http", "https"):
             return (f"open {self.runs_url(self.tracking_uri.rstrip('/'))} "
                     "(the MLflow server the workers log to)")

@@ -2,7 +2,7 @@
 
 Each worker is the same ``python -m dtp_search`` command (same overrides, so the same
 composed config) with ``study.workers=1``, its share of the CPU threads, one GPU when
-several are visible, and :data:`dtp_search.study.WORKER_ENV` set so that it only
+several are visible, and :data:`WORKER_ENV` set so that it only
 searches. Processes rather than threads: a trial holds the GIL for its whole Python
 training loop, and a process that dies takes only its own trial with it (the others
 retry it). This process watches the study's progress, then refits and reports once.
@@ -23,9 +23,14 @@ import torch
 from omegaconf import DictConfig
 
 from dtp_search.console import Console
+from dtp_search.results import FINISHED
 from dtp_search.training import stop_requested
 
 log = logging.getLogger(__name__)
+
+# Set in the processes that ``study.workers=N`` starts: they search only; the launching
+# process refits and reports once they are done.
+WORKER_ENV = "DTP_SEARCH_WORKER"
 
 
 def _overrides() -> list[str]:
@@ -48,8 +53,6 @@ def _gpus() -> list[str]:
 def worker_commands(cfg: DictConfig, overrides: list[str], log_dir: Path
                     ) -> list[tuple[list[str], dict[str, str], Path]]:
     """``(argv, environment, log file)`` for each of the ``study.workers`` processes."""
-    from dtp_search.study import WORKER_ENV
-
     n = int(cfg.study.workers)
     total_threads = int(cfg.threads) if cfg.get("threads") else (os.cpu_count() or 1)
     threads = max(1, total_threads // n)
@@ -70,8 +73,6 @@ def worker_commands(cfg: DictConfig, overrides: list[str], log_dir: Path
 def run_workers(cfg: DictConfig, study: optuna.Study, target: int, console: Console) -> bool:
     """Start the workers, show the study's progress, wait for them; True when the study
     holds ``target`` finished trials."""
-    from dtp_search.study import FINISHED
-
     log_dir = Path(cfg.paths.root) / "workers" / f"{cfg.study.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     log_dir.mkdir(parents=True, exist_ok=True)
     commands = worker_commands(cfg, _overrides(), log_dir)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import optuna
 
-from dtp_search.study import pareto_rows
+from dtp_search.results import pareto_rows
 
 POLICIES = ("agp", "constant", "std_scaled", "scheduled", "feedback", "splicing",
             "soft_threshold", "oneshot_global", "random")

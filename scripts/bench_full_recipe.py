@@ -210,7 +210,7 @@ def search(a: argparse.Namespace, target: float, narrow: bool = False) -> dict[s
            *(NARROW_SPACE if narrow else []),
            f"dataset.train_limit={a.search_limit}", "cv.folds=2",
            "search.objectives=[accuracy]", "search.directions=[maximize]",
-           f"search.min_sparsity={target - 0.005}", "pruner=none",
+           f"search.min_sparsity={target - 0.005}", "early_stop=none",
            f"search.n_trials={a.trials}", "search.sampler.n_startup_trials=3",
            "refit.enabled=false", "front.points=2", f"study.name={study_name}"]
     import optuna

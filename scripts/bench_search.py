@@ -21,7 +21,7 @@ from pathlib import Path
 
 import optuna
 
-from dtp_search.study import hypervolume_2d
+from dtp_search.results import hypervolume_2d
 
 BUDGET = ["cv.folds=2", "train.epochs=6", "train.finetune_epochs=1", "front.points=2",
           "refit.enabled=false", "console.progress=false", "search.warm_start=false"]

@@ -28,7 +28,8 @@ CASES = [
     (["dataset=foo"], "dataset='foo' is not a known dataset; allowed:"),
     (["policy=agpp"], "policy='agpp' is not a known policy; allowed: ['agp'"),
     (["search=bogus"], "search='bogus' is not a known search; allowed: ['nsga2'"),
-    (["pruner=bogus"], "pruner='bogus' is not a known pruner; allowed: ['median'"),
+    (["early_stop=bogus"], "early_stop='bogus' is not a known early_stop; allowed: ['median'"),
+    (["pruner=bogus"], "early_stop='bogus' is not a known early_stop; allowed: ['median'"),
     (["+experiment=cifarr"], "experiment='cifarr' is not a known experiment"),
     (["trian.epochs=3"], "Could not override 'trian.epochs'"),
     (["train.epochs=[1"], "cannot read the override 'train.epochs=[1'"),
@@ -83,6 +84,13 @@ CASES = [
     (["front.update_samples=0"], "front.update_samples=0 is not allowed; allowed: null or an integer >= 1"),
     (["front.max_sparsity=1.5"], "front.max_sparsity=1.5 is not allowed; allowed: a number in (0, 1)"),
     (["policy.on_collapse=fail"], "on_collapse='fail' is not allowed; allowed: ['restore', 'prune', 'penalize']"),
+    # A resume that would change what the study's trials mean (provenance.py).
+    (["policy=splicing"], "study.name='kept' was created with another configuration "
+                          "(policy.name: 'agp' -> 'splicing'"),
+    (["model=mlp"], "(model.name: 'lenet300' -> 'mlp'"),
+    (["train.epochs=2"], "train.epochs: 1 -> 2"),
+    (["dataset.train_limit=500"], "(dataset.digest: '"),
+    (["study.allow_changes=5"], "study.allow_changes=5 is not allowed; allowed: a list of config keys"),
     (["policy.min_keep=2.5"], "min_keep=2.5 is not allowed; allowed: a fraction in [0, 1) or a whole count"),
 ]
 # Cases that wait on the network: seconds each may take, start-up included (the probes

@@ -268,7 +268,7 @@ def test_single_objective_study_stops_hopeless_trials_after_a_fold(tmp_path):
     # hopeless, and the median pruner (one trial to start from) stops them after fold 0.
     proc = run_cli(root, "study.name=single", "search.n_trials=8", "search.objectives=[accuracy]",
                    "search.directions=[maximize]", "search.min_sparsity=0.6",
-                   "search.pruner.n_startup_trials=1", "refit.enabled=false",
+                   "search.early_stop.n_startup_trials=1", "refit.enabled=false",
                    "policy.space.final_sparsity.high=0.999", "cv.folds=3", *TINY[1:])
     assert proc.returncode == 0, proc.stderr[-3000:]
     study = optuna.load_study(study_name="single", storage=f"sqlite:///{root}/optuna.db")

@@ -1,0 +1,128 @@
+"""A study that knows its own configuration.
+
+The first run of a study stores the parts of the config that define it (what is trained,
+on which data, how it is scored and searched) in the study's user attributes, and every
+trial stores its own resolved config. A later run of the same ``study.name`` is compared
+against the stored definition before it writes anything: a changed policy, dataset,
+model, fold count or training budget would mix trials whose CV figures are not
+comparable on one Pareto front, so it is refused with the differing keys, unless the
+user names them in ``study.allow_changes``. Refit rebuilds each trial from its own
+stored config, not from today's command line.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import optuna
+from omegaconf import DictConfig, OmegaConf
+
+from dtp_search.config import ENGINE_KEYS, ConfigError, flatten, loggable
+
+# Config nodes (or keys) that define a study. Not in it: where things run and are stored
+# (paths, study.storage, tracking, device, threads, console, workers), the budget
+# (search.n_trials: a rerun tops up), the sampler, and the engine switches.
+DEFINING = ("seed", "dataset", "model", "policy", "cv", "train", "front",
+            "search.objectives", "search.directions", "search.min_sparsity", "search.space")
+# A trial's config nodes that refit takes from the trial (the rest: today's run).
+TRIAL_NODES = ("seed", "model", "policy", "cv", "train", "front")
+# Where the data lives may change between machines; its content may not (``dataset.digest``).
+_NOT_DEFINING = (*ENGINE_KEYS, "dataset.path", "dataset.root", "dataset.download")
+STUDY_ATTR = "config"
+TRIAL_ATTR = "config"
+
+
+def _under(key: str, prefixes: Iterable[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def defining_config(cfg: DictConfig, dataset_digest: str) -> dict[str, Any]:
+    """The flat ``key → value`` that defines the study ``cfg`` runs, JSON-normalised."""
+    full = OmegaConf.to_container(cfg, resolve=True)
+    flat = {k: v for k, v in flatten(full).items()
+            if _under(k, DEFINING) and not _under(k, _NOT_DEFINING)}
+    flat["dataset.digest"] = dataset_digest
+    return json.loads(json.dumps(flat, default=str))
+
+
+def changes(stored: Mapping[str, Any], current: Mapping[str, Any],
+            allowed: Iterable[str] = ()) -> dict[str, tuple[Any, Any]]:
+    """``key → (stored, current)`` for every defining key that differs, except those
+    under an ``allowed`` prefix (``train`` allows every ``train.*`` key)."""
+    missing = "(absent)"
+    allowed = list(allowed)
+    # ``policy.name`` and the like first: they say the most about what changed.
+    keys = sorted(set(stored) | set(current), key=lambda k: (not k.endswith(".name"), k))
+    return {k: (stored.get(k, missing), current.get(k, missing)) for k in keys
+            if stored.get(k, missing) != current.get(k, missing) and not _under(k, allowed)}
+
+
+def check_unchanged(study: optuna.Study, current: Mapping[str, Any],
+                    allowed: Iterable[str] = ()) -> dict[str, tuple[Any, Any]]:
+    """Raise :class:`ConfigError` when ``study`` was defined by another configuration
+    (see :func:`changes`); return the changes that ``allowed`` lets through. A study
+    without a stored definition (older than this check) passes."""
+    stored = study.user_attrs.get(STUDY_ATTR)
+    if stored is None:
+        return {}
+    allowed = list(allowed)
+    refused = changes(stored, current, allowed)
+    if refused:
+        shown = [f"{k}: {_show(a)} -> {_show(b)}" for k, (a, b) in list(refused.items())[:6]]
+        more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
+        keys = ",".join(_allow_keys(refused))
+        raise ConfigError(
+            f"study.name={study.study_name!r} was created with another configuration "
+            f"({'; '.join(shown)}{more}); its trials would not be comparable. Use a new "
+            f"study.name, or study.allow_changes=[{keys}] to continue it with these changes")
+    return changes(stored, current)
+
+
+def record_study(study: optuna.Study, current: Mapping[str, Any],
+                 allowed_changes: Mapping[str, tuple[Any, Any]]) -> None:
+    """Store ``current`` as the study's definition; log the allowed changes with it."""
+    if allowed_changes:
+        history = list(study.user_attrs.get("config_changes", []))
+        history.append(sorted(allowed_changes))
+        study.set_user_attr("config_changes", history)
+    if study.user_attrs.get(STUDY_ATTR) != current:
+        study.set_user_attr(STUDY_ATTR, dict(current))
+
+
+def record_trial(trial: optuna.Trial, tcfg: DictConfig) -> None:
+    """Store the trial's resolved config (passwords masked) with the trial."""
+    trial.set_user_attr(TRIAL_ATTR, json.loads(json.dumps(loggable(tcfg), default=str)))
+
+
+def stored_trial_config(cfg: DictConfig, trial: optuna.trial.FrozenTrial) -> DictConfig | None:
+    """The config ``trial`` ran with: today's ``cfg`` with the trial's own stored
+    :data:`TRIAL_NODES` and dataset settings written in (the data's location stays
+    today's); None for a trial older than the stored configs."""
+    stored = trial.user_attrs.get(TRIAL_ATTR)
+    if stored is None:
+        return None
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    for node in TRIAL_NODES:
+        if node in stored:
+            OmegaConf.update(out, node, stored[node], merge=False)
+    dataset = dict(stored.get("dataset", {}))
+    for key in ("path", "root", "download"):
+        if key in out.dataset:
+            dataset[key] = out.dataset[key]
+    OmegaConf.update(out, "dataset", dataset, merge=False)
+    return out
+
+
+def _allow_keys(refused: Mapping[str, Any]) -> list[str]:
+    """What to put in ``study.allow_changes``: a node where it holds several changes."""
+    by_node: dict[str, list[str]] = {}
+    for key in refused:
+        by_node.setdefault(key.split(".")[0], []).append(key)
+    return [node if len(keys) > 2 else k for node, keys in by_node.items()
+            for k in (keys if len(keys) <= 2 else [node])]
+
+
+def _show(value: Any) -> str:
+    return repr(value) if not isinstance(value, str) or value != "(absent)" else value

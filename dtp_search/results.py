@@ -1,0 +1,99 @@
+"""What a finished study says: which trials count, its Pareto rows and their hypervolume.
+
+Read by the search loop, the console, refit, the report, the worker launcher and the
+benchmarks; it reads the Optuna study only (and, for :func:`refresh_pareto`, writes to
+the tracker), so none of them needs the search module.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from dtp_search.pruning import pareto_mask
+from dtp_search.tracking import StudyTracker
+
+log = logging.getLogger(__name__)
+
+# Trials that count toward ``search.n_trials``: finished with a result. FAIL does not
+# count: failed trials are retried (heartbeat) or replaced by new ones.
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def n_finished(study: optuna.Study) -> int:
+    """Trials of ``study`` that count toward ``search.n_trials``."""
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def pareto_rows(study: optuna.Study) -> list[dict[str, Any]]:
+    """Pareto-optimal complete trials as table rows (non-domination per the study's
+    directions), sorted by sparsity."""
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    # A trial penalised for ending at the min_keep floor (policy.on_collapse=penalize)
+    # never counts. Under search.min_sparsity only feasible trials are candidates, as for
+    # Optuna's own best_trial(s); with none feasible yet, all are shown.
+    trials = [t for t in trials if t.constraints.get("min_keep_floor", 0.0) <= 0]
+    feasible = [t for t in trials if all(c <= 0 for c in t.constraints.values())]
+    trials = feasible or trials
+    if not trials:
+        return []
+    names = study.user_attrs.get("objectives") or [f"value_{i}" for i in range(len(study.directions))]
+    signs = [1.0 if d == optuna.study.StudyDirection.MAXIMIZE else -1.0 for d in study.directions]
+    vals = np.array([[s * v for s, v in zip(signs, t.values, strict=True)] for t in trials])
+    keep = pareto_mask(vals)
+    refits = study.user_attrs.get("refit", {})
+    rows = []
+    for t, k in zip(trials, keep, strict=True):
+        if not k:
+            continue
+        ua = t.user_attrs
+        values = dict(zip(names, t.values, strict=True))
+        refit = refits.get(str(t.number), {})
+        rows.append({
+            "trial": t.number, "policy": ua.get("policy", ""),
+            "params": ", ".join(f"{key.split('.')[-1]}={_fmt(v)}" for key, v in t.params.items()),
+            "accuracy": ua.get("cv_accuracy", values.get("accuracy", math.nan)),
+            "accuracy_std": ua.get("cv_accuracy_std", 0.0),
+            "sparsity": ua.get("cv_sparsity", values.get("sparsity", math.nan)),
+            "sparsity_std": ua.get("cv_sparsity_std", 0.0),
+            "mlflow_run_id": ua.get("mlflow_run_id", ""),
+            "test_accuracy": refit.get("test_accuracy", math.nan),
+            "refit_run_id": refit.get("run_id", ""),
+        })
+    return sorted(rows, key=lambda r: (r["sparsity"], r["accuracy"]))
+
+
+def hypervolume_2d(points: list[tuple[float, float]], ref: tuple[float, float] = (0.0, 0.0)) -> float:
+    """Area dominated by (sparsity, accuracy) points above ``ref`` (both maximised)."""
+    pts = sorted({(s, a) for s, a in points if s > ref[0] and a > ref[1]}, reverse=True)
+    area, best_a = 0.0, ref[1]
+    for s, a in pts:  # sweep from high sparsity to low
+        if a > best_a:
+            area += (s - ref[0]) * (a - best_a)
+            best_a = a
+    return area
+
+
+def refresh_pareto(study: optuna.Study, tracker: StudyTracker) -> list[dict[str, Any]]:
+    """Log the study's current Pareto front to its parent run; return its rows."""
+    rows = pareto_rows(study)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    all_points = {t.number: [(t.user_attrs.get("cv_sparsity", math.nan),
+                              t.user_attrs.get("cv_accuracy", math.nan))] for t in complete}
+    policies = {t.number: t.user_attrs.get("policy", "") for t in complete}
+    floored = [t.number for t in complete if t.user_attrs.get("floored_layers")]
+    hv = hypervolume_2d([(r["sparsity"], r["accuracy"]) for r in rows])
+    try:
+        tracker.log_pareto(rows, len(complete), hv, all_points, policies, floored)
+    except Exception as exc:  # tracking must not lose the study's own record
+        log.warning("could not refresh the Pareto front in MLflow: %s", exc)
+    return rows
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -1,0 +1,229 @@
+"""One trial: sample a policy and its thresholds, cross-validate it on the training
+split, record it in Optuna and MLflow, and return its objectives."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from dtp_search import provenance
+from dtp_search import space as search_space
+from dtp_search import storage as storages
+from dtp_search.checkpoint import TrialCheckpoint, describe
+from dtp_search.config import (
+    build_pruner,
+    config_yaml,
+    floor_settings,
+    make_sampler,
+    policy_params,
+    run_params,
+)
+from dtp_search.console import Console
+from dtp_search.data import ImageDataset
+from dtp_search.models import build_model
+from dtp_search.pruning import LayerCollapse, build_policy
+from dtp_search.tracking import StudyTracker
+from dtp_search.training import TrainSettings, cross_validate
+from dtp_search.warmstart import WarmStartCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SearchContext:
+    cfg: DictConfig
+    dataset: ImageDataset
+    space: search_space.SearchSpace
+    tracker: StudyTracker
+    console: Console
+    device: torch.device
+    study: optuna.Study
+    admission: storages.StudyLock
+
+
+
+def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
+    """One trial: sample, cross-validate on the training split, log, return the objectives."""
+    cfg = ctx.cfg
+    if cfg.search.sampler.get("seed") is not None:
+        # A set seed is offset by the trial number: reproducible for one worker, and
+        # distinct for workers that start together (no duplicated random start-up
+        # points) and for resumed runs (no replayed samples).
+        ctx.study.sampler = make_sampler(cfg, offset=trial.number)
+    policy_name, sampled = search_space.sample(trial, ctx.space)
+    # The trial exists (RUNNING) and holds its parameters: other workers may now count
+    # it and sample around it (constant liar).
+    ctx.admission.release()
+    tcfg = search_space.apply(cfg, sampled, policy_name)
+    provenance.record_trial(trial, tcfg)
+    params = policy_params(tcfg.policy)
+    settings = TrainSettings.from_config(tcfg.train)
+    example = torch.zeros(1, *ctx.dataset.input_shape, device=ctx.device)
+
+    # A retry (RetryHeartbeatStaleTrialCallback, or a trial re-queued after an
+    # interrupt) inherits the user attributes of the trial it repeats, "lineage" among
+    # them: the number of the first trial of the chain, which names its checkpoint.
+    inherited = dict(trial.user_attrs)
+    lineage = int(inherited.get("lineage", trial.number))
+    trial.set_user_attr("lineage", lineage)
+    trial.set_user_attr("worker", storages.worker_id())
+    checkpoint = TrialCheckpoint(Path(cfg.paths.checkpoints) / cfg.study.name, lineage,
+                                 _config_key(tcfg)) if cfg.search.checkpoint else None
+    resume = checkpoint.load(ctx.device) if checkpoint is not None else None
+    warm_start = (WarmStartCache(cfg.paths.warm_start)
+                  if cfg.search.get("warm_start", True) else None)
+
+    run = ctx.tracker.start_trial(trial.number, run_params(tcfg), sampled, config_yaml(tcfg))
+    run.set_tags({"policy": policy_name, "dtp_search.worker": storages.worker_id()})
+    if "lineage" in inherited:
+        run.set_tags({"dtp_search.retry_of": inherited.get("trial", lineage)})
+    trial.set_user_attr("trial", trial.number)
+    if resume is not None:
+        where = f"checkpoint of trial {lineage} at {describe(resume)}"
+        trial.set_user_attr("resumed_from", where)
+        run.set_tags({"dtp_search.resumed_from": where})
+        log.warning("trial %d resumes from the %s", trial.number, where)
+    trial.set_user_attr("mlflow_run_id", run.run_id)
+    trial.set_user_attr("policy", policy_name)
+    fronts: dict[int, list] = {}
+    objectives = list(cfg.search.objectives)
+    n_epochs = settings.epochs + settings.finetune_epochs
+    try:
+        try:
+            build_policy(policy_name, params)  # sampled combinations can still be invalid
+        except ValueError as exc:
+            raise _pruned(trial, run, f"invalid sampled policy: {exc}") from exc
+        with ctx.console.folds(int(tcfg.cv.folds), n_epochs, trial.number) as progress:
+            def on_epoch(fold: int, rec) -> None:
+                run.log_metrics({f"fold_{fold}/loss": rec.loss,
+                                 f"fold_{fold}/val_accuracy": rec.val_accuracy,
+                                 f"fold_{fold}/sparsity": rec.sparsity,
+                                 f"fold_{fold}/threshold": rec.threshold,
+                                 f"fold_{fold}/lr": rec.lr,
+                                 f"fold_{fold}/recovered": rec.recovered}, step=rec.epoch)
+                progress(fold, rec)
+
+            def on_fold_end(fold: int, result) -> None:
+                # (fold_<k>/val_accuracy and fold_<k>/sparsity already end on this fold's result)
+                fronts[fold] = result.front
+                if len(objectives) == 1:  # see make_early_stop
+                    value = {"accuracy": result.accuracy, "sparsity": result.sparsity}[objectives[0]]
+                    trial.report(value, step=fold)
+                    if fold + 1 < int(tcfg.cv.folds) and trial.should_prune():
+                        raise _pruned(trial, run, f"stopped by {type(ctx.study.pruner).__name__} "
+                                      f"after fold {fold} ({objectives[0]} {value:.4f})")
+
+            try:
+                result = cross_validate(
+                    ctx.dataset, folds=int(tcfg.cv.folds), seed=int(tcfg.seed),
+                    make_model=lambda: build_model(tcfg.model, ctx.dataset.input_shape,
+                                                   ctx.dataset.num_classes),
+                    make_pruner=lambda m: build_pruner(m, tcfg.policy, example),
+                    settings=settings, device=ctx.device, front_points=int(tcfg.front.points),
+                    front_max_sparsity=float(tcfg.front.max_sparsity),
+                    front_update_samples=tcfg.front.get("update_samples"),
+                    on_epoch=on_epoch, on_fold_end=on_fold_end,
+                    on_checkpoint=None if checkpoint is None else checkpoint.save, resume=resume,
+                    warm_start=warm_start,
+                    warm_start_context=OmegaConf.to_container(tcfg.dataset, resolve=True))
+            except LayerCollapse as exc:
+                # The sampled policy asked a layer for fewer units than min_keep allows and
+                # policy.on_collapse=prune (or min_keep=0 and it emptied the layer); every
+                # finished fold has its front, so the failing fold is the next one.
+                raise _pruned(trial, run, f"layer collapse in fold {len(fronts)}: {exc}") from exc
+        # Mean curves across folds, same integer steps as the per-fold ones.
+        for i in range(n_epochs):
+            recs = [f.history[i] for f in result.folds if i < len(f.history)]
+            run.log_metrics({k: sum(getattr(r, k) for r in recs) / len(recs)
+                             for k in ("loss", "val_accuracy", "sparsity", "threshold",
+                                       "recovered")},
+                            step=recs[0].epoch)
+        summary = {"cv_accuracy": result.accuracy, "cv_accuracy_std": result.accuracy_std,
+                   "cv_sparsity": result.sparsity, "cv_sparsity_std": result.sparsity_std,
+                   # dense epochs this trial took from the warm-start cache, over all folds
+                   "warm_start_epochs": sum(f.warm_start_epochs for f in result.folds)}
+        run.log_metrics(summary)
+        restored = dict(sum((Counter(f.min_keep_restored) for f in result.folds), Counter()))
+        if restored:
+            # The min_keep floor overrode the policy (policy.on_collapse=restore): say so
+            # where the trial is inspected, since its sparsity is then the floor's too.
+            trial.set_user_attr("min_keep_restored", restored)
+            run.set_tags({"dtp_search.min_keep_restored": json.dumps(restored, sort_keys=True)})
+        # Layers that *end* the run at the floor: the trial's point is the floor's result,
+        # not the policy's. Marked in its front and in the Pareto plot; with
+        # policy.on_collapse=penalize it is also infeasible (an Optuna constraint), so it
+        # stays out of the Pareto table and the samplers steer away from it.
+        floored = sorted({name for f in result.folds for name in f.floored_layers})
+        if floored:
+            trial.set_user_attr("floored_layers", floored)
+            run.set_tags({"dtp_search.floored_layers": ",".join(floored)})
+        if floor_settings(tcfg.policy)[1] == "penalize":
+            trial.set_constraint("min_keep_floor", float(len(floored)))
+        title = f"{cfg.study.name} · trial {trial.number} · {policy_name}"
+        if floored:
+            title += f"\nends with {', '.join(floored)} at the min_keep floor"
+        run.log_front(fronts, title)
+        for k, v in summary.items():
+            trial.set_user_attr(k, v)
+        # Fold 0's final model and one-shot sweep, for the study report's faint per-trial fronts.
+        trial.set_user_attr("front", [[round(p.sparsity, 5), round(p.accuracy, 5)]
+                                      for p in sorted(fronts.get(0, []), key=lambda p: p.sparsity)
+                                      if p.source in ("final", "sweep")])
+        if cfg.search.get("min_sparsity") is not None:
+            # Feasible when <= 0; Optuna's samplers read it (Trial.set_constraint).
+            trial.set_constraint("min_sparsity", float(cfg.search.min_sparsity) - result.sparsity)
+        values = {"accuracy": result.accuracy, "sparsity": result.sparsity}
+        run.finish("COMPLETE")
+        if checkpoint is not None:
+            checkpoint.clear()
+        return tuple(values[o] for o in cfg.search.objectives)
+    except optuna.TrialPruned:
+        run.finish("PRUNED")
+        if checkpoint is not None:
+            checkpoint.clear()
+        raise
+    except (KeyboardInterrupt, SystemExit):
+        trial.set_user_attr("fail_reason", "interrupted")
+        run.set_tags({"fail_reason": "interrupted"})
+        run.finish("FAIL", status="KILLED")
+        # Queue the same parameters again, so that rerunning the command continues this
+        # trial from its checkpoint rather than sampling a new one.
+        ctx.study.enqueue_trial(trial.params, user_attrs={"lineage": lineage,
+                                                          "trial": trial.number})
+        raise
+    except BaseException as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        trial.set_user_attr("fail_reason", reason[:500])
+        run.set_tags({"fail_reason": reason[:500]})
+        run.finish("FAIL")
+        if checkpoint is not None:
+            checkpoint.clear()
+        raise
+
+
+
+def _pruned(trial: optuna.Trial, run: Any, reason: str) -> optuna.TrialPruned:
+    """Record why ``trial`` stops early (Optuna user attribute and MLflow tag
+    ``prune_reason``) and return the exception that ends it as PRUNED."""
+    trial.set_user_attr("prune_reason", reason)
+    run.set_tags({"prune_reason": reason})
+    return optuna.TrialPruned(reason)
+
+
+
+def _config_key(tcfg: DictConfig) -> str:
+    """Hash of what a trial's training depends on (not paths, tracking or console)."""
+    relevant = {k: OmegaConf.to_container(tcfg[k], resolve=True) if isinstance(tcfg[k], DictConfig)
+                else tcfg[k] for k in ("dataset", "model", "policy", "train", "cv", "front", "seed")}
+    relevant["policy"].pop("space", None)
+    relevant["policy"].pop("options", None)
+    return hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()

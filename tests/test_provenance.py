@@ -1,0 +1,74 @@
+"""A study knows its own configuration: the defining keys, the drift check on resume, and
+each trial's own config for refit (dtp_search.provenance)."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from hydra import compose, initialize_config_dir
+
+from dtp_search import provenance
+from dtp_search.__main__ import CONFIG_DIR
+from dtp_search.config import ConfigError, loggable, register_resolvers
+from dtp_search.refit import trial_config
+from dtp_search.space import parse_space
+
+
+def _cfg(*overrides: str):
+    register_resolvers()
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        return compose("config", overrides=["paths.root=/tmp/dtp-provenance", *overrides])
+
+
+def test_defining_config_keeps_what_defines_a_study_and_drops_where_it_runs():
+    flat = provenance.defining_config(_cfg(), "abc")
+    assert flat["policy.name"] == "agp" and flat["train.epochs"] == 15
+    assert flat["dataset.digest"] == "abc" and "cv.folds" in flat and "seed" in flat
+    assert flat["search.objectives"] == ["accuracy", "sparsity"]
+    for key in flat:
+        assert not key.startswith(("paths.", "study.", "tracking.", "console.", "search.sampler",
+                                   "search.n_trials")), key
+    assert "train.eval_batch_size" not in flat and "train.compile" not in flat
+    # The data's location is not part of it; its content (the digest) is.
+    other = provenance.defining_config(_cfg("dataset=cifar10", "dataset.path=/a"), "d")
+    assert other == provenance.defining_config(_cfg("dataset=cifar10", "dataset.path=/b"), "d")
+
+
+def test_changes_lists_differences_names_first_and_honours_allowed_prefixes():
+    old = {"policy.name": "agp", "policy.final_sparsity": 0.9, "train.epochs": 15}
+    new = {"policy.name": "splicing", "policy.c": 1.0, "train.epochs": 10}
+    diff = provenance.changes(old, new)
+    assert next(iter(diff)) == "policy.name"
+    assert diff["policy.c"] == ("(absent)", 1.0) and diff["train.epochs"] == (15, 10)
+    assert set(provenance.changes(old, new, ["policy"])) == {"train.epochs"}
+    assert provenance.changes(old, new, ["policy", "train.epochs"]) == {}
+    assert provenance.changes(old, new, ["train.ep"]) != {}  # prefixes are whole keys
+
+
+def test_a_resume_with_another_configuration_is_refused_unless_allowed(tmp_path):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/s.db", study_name="s",
+                                directions=["maximize", "maximize"])
+    first = provenance.defining_config(_cfg(), "abc")
+    assert provenance.check_unchanged(study, first) == {}  # nothing stored yet
+    provenance.record_study(study, first, {})
+    assert provenance.check_unchanged(study, first) == {}
+    changed = provenance.defining_config(_cfg("policy=splicing"), "abc")
+    with pytest.raises(ConfigError, match=r"policy.name: 'agp' -> 'splicing'.*"
+                                          r"study.allow_changes=\[policy\]"):
+        provenance.check_unchanged(study, changed)
+    allowed = provenance.check_unchanged(study, changed, ["policy"])
+    provenance.record_study(study, changed, allowed)
+    assert study.user_attrs["config"] == changed
+    assert study.user_attrs["config_changes"] == [sorted(allowed)]
+    with pytest.raises(ConfigError, match=r"dataset.digest: 'abc' -> 'xyz'"):
+        provenance.check_unchanged(study, provenance.defining_config(_cfg("policy=splicing"), "xyz"))
+
+
+def test_refit_rebuilds_a_trial_from_its_own_config():
+    old = _cfg("policy=agp", "train.epochs=3", "policy.final_sparsity=0.8")
+    trial = optuna.trial.create_trial(values=[0.9, 0.8], user_attrs={"config": loggable(old)})
+    today = _cfg("policy=splicing", "train.epochs=20", "paths.root=/tmp/elsewhere")
+    tcfg = trial_config(today, parse_space(today), trial)
+    assert tcfg.policy.name == "agp" and tcfg.policy.final_sparsity == 0.8
+    assert tcfg.train.epochs == 3
+    assert tcfg.paths.root == "/tmp/elsewhere"  # where it runs is today's
