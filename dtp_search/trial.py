@@ -32,10 +32,14 @@ from dtp_search.data import ImageDataset
 from dtp_search.models import build_model
 from dtp_search.pruning import LayerCollapse, build_policy
 from dtp_search.tracking import StudyTracker
-from dtp_search.training import TrainSettings, cross_validate
+from dtp_search.training import CVResult, EpochRecord, FoldResult, TrainSettings, cross_validate
 from dtp_search.warmstart import WarmStartCache
 
 log = logging.getLogger(__name__)
+
+# What a trial logs per epoch (per fold as fold_<k>/<name>, and as the mean over folds).
+EPOCH_METRICS = ("loss", "val_accuracy", "sparsity", "threshold", "lr", "recovered")
+MEAN_EPOCH_METRICS = ("loss", "val_accuracy", "sparsity", "threshold", "recovered")
 
 
 @dataclass
@@ -50,9 +54,61 @@ class SearchContext:
     admission: storages.StudyLock
 
 
+@dataclass
+class _Trial:
+    """One running trial: its Optuna trial and MLflow run, its resolved config and the
+    checkpoint a retry resumes from."""
+
+    trial: optuna.Trial
+    run: Any
+    tcfg: DictConfig
+    policy: str
+    lineage: int
+    checkpoint: TrialCheckpoint | None
+    resume: dict[str, Any] | None
+
+    def clear_checkpoint(self) -> None:
+        if self.checkpoint is not None:
+            self.checkpoint.clear()
+
 
 def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
     """One trial: sample, cross-validate on the training split, log, return the objectives."""
+    t = _start(trial, ctx)
+    try:
+        try:
+            build_policy(t.policy, policy_params(t.tcfg.policy))  # sampled combinations can still be invalid
+        except ValueError as exc:
+            raise _pruned(trial, t.run, f"invalid sampled policy: {exc}") from exc
+        result, fronts = _cross_validate(t, ctx)
+        values = _record(t, ctx, result, fronts)
+        t.run.finish("COMPLETE")
+        t.clear_checkpoint()
+        return tuple(values[o] for o in ctx.cfg.search.objectives)
+    except optuna.TrialPruned:
+        t.run.finish("PRUNED")
+        t.clear_checkpoint()
+        raise
+    except (KeyboardInterrupt, SystemExit):
+        trial.set_user_attr("fail_reason", "interrupted")
+        t.run.set_tags({"fail_reason": "interrupted"})
+        t.run.finish("FAIL", status="KILLED")
+        # Queue the same parameters again, so that rerunning the command continues this
+        # trial from its checkpoint rather than sampling a new one.
+        ctx.study.enqueue_trial(trial.params, user_attrs={"lineage": t.lineage,
+                                                          "trial": trial.number})
+        raise
+    except BaseException as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        trial.set_user_attr("fail_reason", reason[:500])
+        t.run.set_tags({"fail_reason": reason[:500]})
+        t.run.finish("FAIL")
+        t.clear_checkpoint()
+        raise
+
+
+def _start(trial: optuna.Trial, ctx: SearchContext) -> _Trial:
+    """Sample the trial, release the admission lock, and open its checkpoint and run."""
     cfg = ctx.cfg
     if cfg.search.sampler.get("seed") is not None:
         # A set seed is offset by the trial number: reproducible for one worker, and
@@ -65,10 +121,6 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
     ctx.admission.release()
     tcfg = search_space.apply(cfg, sampled, policy_name)
     provenance.record_trial(trial, tcfg)
-    params = policy_params(tcfg.policy)
-    settings = TrainSettings.from_config(tcfg.train)
-    example = torch.zeros(1, *ctx.dataset.input_shape, device=ctx.device)
-
     # A retry (RetryHeartbeatStaleTrialCallback, or a trial re-queued after an
     # interrupt) inherits the user attributes of the trial it repeats, "lineage" among
     # them: the number of the first trial of the chain, which names its checkpoint.
@@ -79,8 +131,6 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
     checkpoint = TrialCheckpoint(Path(cfg.paths.checkpoints) / cfg.study.name, lineage,
                                  _config_key(tcfg)) if cfg.search.checkpoint else None
     resume = checkpoint.load(ctx.device) if checkpoint is not None else None
-    warm_start = (WarmStartCache(cfg.paths.warm_start)
-                  if cfg.search.get("warm_start", True) else None)
 
     run = ctx.tracker.start_trial(trial.number, run_params(tcfg), sampled, config_yaml(tcfg))
     run.set_tags({"policy": policy_name, "dtp_search.worker": storages.worker_id()})
@@ -94,121 +144,103 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
         log.warning("trial %d resumes from the %s", trial.number, where)
     trial.set_user_attr("mlflow_run_id", run.run_id)
     trial.set_user_attr("policy", policy_name)
+    return _Trial(trial, run, tcfg, policy_name, lineage, checkpoint, resume)
+
+
+def _cross_validate(t: _Trial, ctx: SearchContext) -> tuple[CVResult, dict[int, list]]:
+    """The trial's k folds, each epoch logged; after each fold a single-objective study
+    may stop it (:func:`dtp_search.config.make_early_stop`)."""
+    tcfg, trial, run = t.tcfg, t.trial, t.run
+    settings = TrainSettings.from_config(tcfg.train)
+    example = torch.zeros(1, *ctx.dataset.input_shape, device=ctx.device)
+    objectives = list(ctx.cfg.search.objectives)
+    folds = int(tcfg.cv.folds)
     fronts: dict[int, list] = {}
-    objectives = list(cfg.search.objectives)
-    n_epochs = settings.epochs + settings.finetune_epochs
-    try:
+    warm_start = (WarmStartCache(ctx.cfg.paths.warm_start)
+                  if ctx.cfg.search.get("warm_start", True) else None)
+    with ctx.console.folds(folds, settings.epochs + settings.finetune_epochs,
+                           trial.number) as progress:
+        def on_epoch(fold: int, rec: EpochRecord) -> None:
+            run.log_metrics({f"fold_{fold}/{k}": getattr(rec, k) for k in EPOCH_METRICS},
+                            step=rec.epoch)
+            progress(fold, rec)
+
+        def on_fold_end(fold: int, result: FoldResult) -> None:
+            # (fold_<k>/val_accuracy and fold_<k>/sparsity already end on this fold's result)
+            fronts[fold] = result.front
+            if len(objectives) == 1:
+                value = {"accuracy": result.accuracy, "sparsity": result.sparsity}[objectives[0]]
+                trial.report(value, step=fold)
+                if fold + 1 < folds and trial.should_prune():
+                    raise _pruned(trial, run, f"stopped by {type(ctx.study.pruner).__name__} "
+                                  f"after fold {fold} ({objectives[0]} {value:.4f})")
+
         try:
-            build_policy(policy_name, params)  # sampled combinations can still be invalid
-        except ValueError as exc:
-            raise _pruned(trial, run, f"invalid sampled policy: {exc}") from exc
-        with ctx.console.folds(int(tcfg.cv.folds), n_epochs, trial.number) as progress:
-            def on_epoch(fold: int, rec) -> None:
-                run.log_metrics({f"fold_{fold}/loss": rec.loss,
-                                 f"fold_{fold}/val_accuracy": rec.val_accuracy,
-                                 f"fold_{fold}/sparsity": rec.sparsity,
-                                 f"fold_{fold}/threshold": rec.threshold,
-                                 f"fold_{fold}/lr": rec.lr,
-                                 f"fold_{fold}/recovered": rec.recovered}, step=rec.epoch)
-                progress(fold, rec)
+            result = cross_validate(
+                ctx.dataset, folds=folds, seed=int(tcfg.seed),
+                make_model=lambda: build_model(tcfg.model, ctx.dataset.input_shape,
+                                               ctx.dataset.num_classes),
+                make_pruner=lambda m: build_pruner(m, tcfg.policy, example),
+                settings=settings, device=ctx.device, front_points=int(tcfg.front.points),
+                front_max_sparsity=float(tcfg.front.max_sparsity),
+                front_update_samples=tcfg.front.get("update_samples"),
+                on_epoch=on_epoch, on_fold_end=on_fold_end,
+                on_checkpoint=None if t.checkpoint is None else t.checkpoint.save,
+                resume=t.resume, warm_start=warm_start,
+                warm_start_context=OmegaConf.to_container(tcfg.dataset, resolve=True))
+        except LayerCollapse as exc:
+            # The sampled policy asked a layer for fewer units than min_keep allows and
+            # policy.on_collapse=prune (or min_keep=0 and it emptied the layer); every
+            # finished fold has its front, so the failing fold is the next one.
+            raise _pruned(trial, run, f"layer collapse in fold {len(fronts)}: {exc}") from exc
+    return result, fronts
 
-            def on_fold_end(fold: int, result) -> None:
-                # (fold_<k>/val_accuracy and fold_<k>/sparsity already end on this fold's result)
-                fronts[fold] = result.front
-                if len(objectives) == 1:  # see make_early_stop
-                    value = {"accuracy": result.accuracy, "sparsity": result.sparsity}[objectives[0]]
-                    trial.report(value, step=fold)
-                    if fold + 1 < int(tcfg.cv.folds) and trial.should_prune():
-                        raise _pruned(trial, run, f"stopped by {type(ctx.study.pruner).__name__} "
-                                      f"after fold {fold} ({objectives[0]} {value:.4f})")
 
-            try:
-                result = cross_validate(
-                    ctx.dataset, folds=int(tcfg.cv.folds), seed=int(tcfg.seed),
-                    make_model=lambda: build_model(tcfg.model, ctx.dataset.input_shape,
-                                                   ctx.dataset.num_classes),
-                    make_pruner=lambda m: build_pruner(m, tcfg.policy, example),
-                    settings=settings, device=ctx.device, front_points=int(tcfg.front.points),
-                    front_max_sparsity=float(tcfg.front.max_sparsity),
-                    front_update_samples=tcfg.front.get("update_samples"),
-                    on_epoch=on_epoch, on_fold_end=on_fold_end,
-                    on_checkpoint=None if checkpoint is None else checkpoint.save, resume=resume,
-                    warm_start=warm_start,
-                    warm_start_context=OmegaConf.to_container(tcfg.dataset, resolve=True))
-            except LayerCollapse as exc:
-                # The sampled policy asked a layer for fewer units than min_keep allows and
-                # policy.on_collapse=prune (or min_keep=0 and it emptied the layer); every
-                # finished fold has its front, so the failing fold is the next one.
-                raise _pruned(trial, run, f"layer collapse in fold {len(fronts)}: {exc}") from exc
-        # Mean curves across folds, same integer steps as the per-fold ones.
-        for i in range(n_epochs):
-            recs = [f.history[i] for f in result.folds if i < len(f.history)]
-            run.log_metrics({k: sum(getattr(r, k) for r in recs) / len(recs)
-                             for k in ("loss", "val_accuracy", "sparsity", "threshold",
-                                       "recovered")},
-                            step=recs[0].epoch)
-        summary = {"cv_accuracy": result.accuracy, "cv_accuracy_std": result.accuracy_std,
-                   "cv_sparsity": result.sparsity, "cv_sparsity_std": result.sparsity_std,
-                   # dense epochs this trial took from the warm-start cache, over all folds
-                   "warm_start_epochs": sum(f.warm_start_epochs for f in result.folds)}
-        run.log_metrics(summary)
-        restored = dict(sum((Counter(f.min_keep_restored) for f in result.folds), Counter()))
-        if restored:
-            # The min_keep floor overrode the policy (policy.on_collapse=restore): say so
-            # where the trial is inspected, since its sparsity is then the floor's too.
-            trial.set_user_attr("min_keep_restored", restored)
-            run.set_tags({"dtp_search.min_keep_restored": json.dumps(restored, sort_keys=True)})
-        # Layers that *end* the run at the floor: the trial's point is the floor's result,
-        # not the policy's. Marked in its front and in the Pareto plot; with
-        # policy.on_collapse=penalize it is also infeasible (an Optuna constraint), so it
-        # stays out of the Pareto table and the samplers steer away from it.
-        floored = sorted({name for f in result.folds for name in f.floored_layers})
-        if floored:
-            trial.set_user_attr("floored_layers", floored)
-            run.set_tags({"dtp_search.floored_layers": ",".join(floored)})
-        if floor_settings(tcfg.policy)[1] == "penalize":
-            trial.set_constraint("min_keep_floor", float(len(floored)))
-        title = f"{cfg.study.name} · trial {trial.number} · {policy_name}"
-        if floored:
-            title += f"\nends with {', '.join(floored)} at the min_keep floor"
-        run.log_front(fronts, title)
-        for k, v in summary.items():
-            trial.set_user_attr(k, v)
-        # Fold 0's final model and one-shot sweep, for the study report's faint per-trial fronts.
-        trial.set_user_attr("front", [[round(p.sparsity, 5), round(p.accuracy, 5)]
-                                      for p in sorted(fronts.get(0, []), key=lambda p: p.sparsity)
-                                      if p.source in ("final", "sweep")])
-        if cfg.search.get("min_sparsity") is not None:
-            # Feasible when <= 0; Optuna's samplers read it (Trial.set_constraint).
-            trial.set_constraint("min_sparsity", float(cfg.search.min_sparsity) - result.sparsity)
-        values = {"accuracy": result.accuracy, "sparsity": result.sparsity}
-        run.finish("COMPLETE")
-        if checkpoint is not None:
-            checkpoint.clear()
-        return tuple(values[o] for o in cfg.search.objectives)
-    except optuna.TrialPruned:
-        run.finish("PRUNED")
-        if checkpoint is not None:
-            checkpoint.clear()
-        raise
-    except (KeyboardInterrupt, SystemExit):
-        trial.set_user_attr("fail_reason", "interrupted")
-        run.set_tags({"fail_reason": "interrupted"})
-        run.finish("FAIL", status="KILLED")
-        # Queue the same parameters again, so that rerunning the command continues this
-        # trial from its checkpoint rather than sampling a new one.
-        ctx.study.enqueue_trial(trial.params, user_attrs={"lineage": lineage,
-                                                          "trial": trial.number})
-        raise
-    except BaseException as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-        trial.set_user_attr("fail_reason", reason[:500])
-        run.set_tags({"fail_reason": reason[:500]})
-        run.finish("FAIL")
-        if checkpoint is not None:
-            checkpoint.clear()
-        raise
-
+def _record(t: _Trial, ctx: SearchContext, result: CVResult,
+            fronts: dict[int, list]) -> dict[str, float]:
+    """Log the trial's mean curves, CV summary, floor events and front; set its Optuna
+    attributes and constraints; return its objective values."""
+    trial, run, tcfg = t.trial, t.run, t.tcfg
+    # Mean curves across folds, same integer steps as the per-fold ones.
+    for i in range(max(len(f.history) for f in result.folds)):
+        recs = [f.history[i] for f in result.folds if i < len(f.history)]
+        run.log_metrics({k: sum(getattr(r, k) for r in recs) / len(recs)
+                         for k in MEAN_EPOCH_METRICS}, step=recs[0].epoch)
+    summary = {"cv_accuracy": result.accuracy, "cv_accuracy_std": result.accuracy_std,
+               "cv_sparsity": result.sparsity, "cv_sparsity_std": result.sparsity_std,
+               # dense epochs this trial took from the warm-start cache, over all folds
+               "warm_start_epochs": sum(f.warm_start_epochs for f in result.folds)}
+    run.log_metrics(summary)
+    restored = dict(sum((Counter(f.min_keep_restored) for f in result.folds), Counter()))
+    if restored:
+        # The min_keep floor overrode the policy (policy.on_collapse=restore): say so
+        # where the trial is inspected, since its sparsity is then the floor's too.
+        trial.set_user_attr("min_keep_restored", restored)
+        run.set_tags({"dtp_search.min_keep_restored": json.dumps(restored, sort_keys=True)})
+    # Layers that *end* the run at the floor: the trial's point is the floor's result,
+    # not the policy's. Marked in its front and in the Pareto plot; with
+    # policy.on_collapse=penalize it is also infeasible (an Optuna constraint), so it
+    # stays out of the Pareto table and the samplers steer away from it.
+    floored = sorted({name for f in result.folds for name in f.floored_layers})
+    if floored:
+        trial.set_user_attr("floored_layers", floored)
+        run.set_tags({"dtp_search.floored_layers": ",".join(floored)})
+    if floor_settings(tcfg.policy)[1] == "penalize":
+        trial.set_constraint("min_keep_floor", float(len(floored)))
+    title = f"{ctx.cfg.study.name} · trial {trial.number} · {t.policy}"
+    if floored:
+        title += f"\nends with {', '.join(floored)} at the min_keep floor"
+    run.log_front(fronts, title)
+    for k, v in summary.items():
+        trial.set_user_attr(k, v)
+    # Fold 0's final model and one-shot sweep, for the study report's faint per-trial fronts.
+    trial.set_user_attr("front", [[round(p.sparsity, 5), round(p.accuracy, 5)]
+                                  for p in sorted(fronts.get(0, []), key=lambda p: p.sparsity)
+                                  if p.source in ("final", "sweep")])
+    if ctx.cfg.search.get("min_sparsity") is not None:
+        # Feasible when <= 0; Optuna's samplers read it (Trial.set_constraint).
+        trial.set_constraint("min_sparsity", float(ctx.cfg.search.min_sparsity) - result.sparsity)
+    return {"accuracy": result.accuracy, "sparsity": result.sparsity}
 
 
 def _pruned(trial: optuna.Trial, run: Any, reason: str) -> optuna.TrialPruned:
@@ -217,7 +249,6 @@ def _pruned(trial: optuna.Trial, run: Any, reason: str) -> optuna.TrialPruned:
     trial.set_user_attr("prune_reason", reason)
     run.set_tags({"prune_reason": reason})
     return optuna.TrialPruned(reason)
-
 
 
 def _config_key(tcfg: DictConfig) -> str:
