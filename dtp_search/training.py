@@ -34,14 +34,15 @@ CONTINUE = "continue"  # train.finetune_lr_schedule: the pruning phase's schedul
 
 @dataclass
 class TrainSettings:
-    """Optimisation settings of one fold (the ``train`` config node)."""
+    """Optimisation settings of one fold (the ``train`` config node). The defaults are
+    ``conf/config.yaml``'s (tests/test_provenance.py holds them equal)."""
 
-    epochs: int = 10  # pruning phase: the policy moves θ
-    finetune_epochs: int = 2  # post-pruning phase: final θ, masks frozen
+    epochs: int = 15  # pruning phase: the policy moves θ
+    finetune_epochs: int = 3  # post-pruning phase: final θ, masks frozen
     batch_size: int = 64
     eval_batch_size: int = 1024
     optimizer: str = "sgd"  # sgd | adam
-    lr: float = 0.05
+    lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 5e-4

@@ -12,6 +12,7 @@ from dtp_search.__main__ import CONFIG_DIR
 from dtp_search.config import ConfigError, loggable, register_resolvers
 from dtp_search.refit import trial_config
 from dtp_search.space import parse_space
+from dtp_search.training import TrainSettings
 
 
 def _cfg(*overrides: str):
@@ -72,3 +73,8 @@ def test_refit_rebuilds_a_trial_from_its_own_config():
     assert tcfg.policy.name == "agp" and tcfg.policy.final_sparsity == 0.8
     assert tcfg.train.epochs == 3
     assert tcfg.paths.root == "/tmp/elsewhere"  # where it runs is today's
+
+
+def test_one_set_of_training_defaults():
+    """conf/config.yaml's ``train`` node and TrainSettings' defaults are the same values."""
+    assert TrainSettings.from_config(_cfg().train) == TrainSettings()

@@ -14,14 +14,13 @@ from dtp_search.pruning.criteria import (
     Taylor,
     build_criterion,
 )
-from dtp_search.pruning.front import FrontPoint, one_shot_sweep, pareto_mask, pareto_points
+from dtp_search.pruning.front import FrontPoint, one_shot_sweep, pareto_mask
 from dtp_search.pruning.masks import (
     SoftThresholdMask,
     WeightMask,
     attach_masks,
     get_mask,
     layer_sparsity,
-    masked_layers,
     prunable_layers,
     sparsity,
 )
@@ -53,6 +52,6 @@ __all__ = [
     "SoftThreshold", "SoftThresholdMask", "SplicingThreshold", "StdScaledThreshold", "Taylor",
     "ThresholdPolicy", "UnitGroup", "WeightMask", "attach_masks", "build_criterion",
     "build_policy", "compact_model", "count_parameters", "get_mask", "global_threshold",
-    "layer_sparsity", "masked_layers", "one_shot_sweep", "pareto_mask", "pareto_points",
+    "layer_sparsity", "one_shot_sweep", "pareto_mask",
     "prunable_layers", "quantile_threshold", "sparsity", "strip_masks", "trace_units",
 ]

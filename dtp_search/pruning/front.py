@@ -8,7 +8,7 @@ weights go — up to ≥ 99 % sparsity.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -77,12 +77,3 @@ def pareto_mask(values: np.ndarray) -> np.ndarray:
         dominated = np.all(values >= values[i], axis=1) & np.any(values > values[i], axis=1)
         keep[i] = not dominated.any()
     return keep
-
-
-def pareto_points(points: Sequence[FrontPoint]) -> list[FrontPoint]:
-    """The non-dominated (sparsity ↑, accuracy ↑) points, sorted by sparsity."""
-    if not points:
-        return []
-    arr = np.array([[p.sparsity, p.accuracy] for p in points])
-    keep = pareto_mask(arr)
-    return sorted((p for p, k in zip(points, keep, strict=True) if k), key=lambda p: p.sparsity)

@@ -184,16 +184,6 @@ def get_mask(module: nn.Module, tensor_name: str = "weight") -> WeightMask | Non
     return None
 
 
-def masked_layers(model: nn.Module) -> dict[str, tuple[nn.Module, WeightMask]]:
-    """``{name: (module, mask)}`` for every layer that carries a mask."""
-    out = {}
-    for name, module in prunable_layers(model):
-        mask = get_mask(module)
-        if mask is not None:
-            out[name] = (module, mask)
-    return out
-
-
 def original_weight(module: nn.Module) -> torch.Tensor:
     """The dense parameter behind a (possibly) masked weight."""
     if parametrize.is_parametrized(module, "weight"):

@@ -203,10 +203,6 @@ class ThresholdPolicy(ABC):
         for k in self._state_attrs:
             setattr(self, k, _copy_state(state[k]))
 
-    def describe(self) -> dict[str, Any]:
-        """Constructor arguments, for logs."""
-        return {k: v for k, v in vars(self).items() if not k.startswith("_") and k != "feedback"}
-
 
 def _copy_state(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
