@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 # mirror; those lines are noise, errors still fail the build (pipefail).
 PIP_FILTER := grep -v -e "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: install run test lint format ui clean
+.PHONY: install run test test-fast lint format ui clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,10 +23,15 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) -m dtp_search $(ARGS)
 
-## Lint, then the whole test suite.
+## Lint, then the whole test suite, one pytest-xdist worker per core (a test file's tests
+## stay on one worker, so its module-scoped study is built once). `make test-fast` leaves
+## out the end-to-end CLI runs marked slow.
 test: $(STAMP)
 	$(VENV)/bin/ruff check dtp_search tests scripts
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check dtp_search tests scripts

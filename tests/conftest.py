@@ -5,6 +5,12 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Under pytest-xdist (`make test` runs `-n auto`) every worker, and every CLI process it
+# starts, trains with one thread: N workers on N cores instead of N² threads fighting.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 CIFAR10_DIR = Path(os.environ.get("DTP_SEARCH_CIFAR10", REPO.parent / "shared" / "data" / "cifar10"))
 
 

@@ -247,7 +247,9 @@ def test_a_killed_run_is_resumed_and_its_trial_retried(tmp_path):
     proc.wait()
     time.sleep(3)  # past the grace period
 
-    rerun = run_cli(root, *args[:3], "train.epochs=2", *args[4:])
+    # A shorter rerun, so that the retry is quick: a change the study must be told of.
+    rerun = run_cli(root, *args[:3], "train.epochs=2", *args[4:],
+                    "study.allow_changes=[train.epochs,policy]")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     study = optuna.load_study(study_name="k", storage=f"sqlite:///{root}/optuna.db")
     states = [t.state.name for t in study.trials]
