@@ -23,15 +23,15 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) -m dtp_search $(ARGS)
 
-## Lint, then the whole test suite, one pytest-xdist worker per core (a test file's tests
-## stay on one worker, so its module-scoped study is built once). `make test-fast` leaves
+## Lint, then the whole test suite, one pytest-xdist worker per core (tests spread one by one;
+## a module-scoped study is built once per worker that needs it). `make test-fast` leaves
 ## out the end-to-end CLI runs marked slow.
 test: $(STAMP)
 	$(VENV)/bin/ruff check dtp_search tests scripts
-	$(PY) -m pytest -q -n auto --dist loadfile
+	$(PY) -m pytest -q -n auto --dist load
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow"
+	$(PY) -m pytest -q -n auto --dist load -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check dtp_search tests scripts
