@@ -79,6 +79,7 @@ NUMBERS: dict[str, dict[str, Any]] = {
     "search.grace_period": {"low": 1},
     "search.max_retry": {"low": 0},
     "search.sampler.seed": {"low": 0, "high": 2**32, "null": True},
+    "search.min_sparsity": {"kind": float, "low": 0, "high": 1, "null": True},
     "cv.folds": {"low": 2},
     "refit.top_k": {"low": 1, "null": True},
     "front.points": {"low": 0},
@@ -199,12 +200,6 @@ def check_config(cfg: DictConfig) -> search_space.SearchSpace:
     if len(directions) != len(objectives) or any(d not in DIRECTIONS for d in directions):
         raise ConfigError(f"search.directions={directions} must give one of {list(DIRECTIONS)} "
                           f"per objective {objectives}")
-    min_sparsity = cfg.search.get("min_sparsity")
-    if min_sparsity is not None and (isinstance(min_sparsity, bool)
-                                     or not isinstance(min_sparsity, (int, float))
-                                     or not 0 <= min_sparsity < 1):
-        raise ConfigError(f"search.min_sparsity={min_sparsity!r} is not allowed; allowed: null "
-                          "or a number in [0, 1)")
     make_early_stop(cfg)
     allowed_changes(cfg)
     if str(cfg.get("mode", "search")) not in MODES:

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import re
-import urllib.error
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from dtp_search.checkpoint import atomic_save
-from dtp_search.errors import DatasetError
+from dtp_search.errors import DatasetError, reason
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +176,7 @@ def _load_torchvision_cifar10(cfg: Any, cache_dir: Any) -> tuple[Split, Split, l
         except OSError as exc:  # the download: urllib's URLError, a timeout, a reset
             raise DatasetError(
                 f"dataset=cifar10: downloading CIFAR-10 into dataset.root={str(root)!r} failed "
-                f"({_download_reason(exc)}); without network, point dataset.path at a local "
+                f"({reason(exc)}); without network, point dataset.path at a local "
                 "ImageFolder copy, e.g. dataset.path=/path/to/cifar10 holding "
                 "train/<class>/*.png and test/<class>/*.png") from exc
         images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
@@ -186,12 +185,6 @@ def _load_torchvision_cifar10(cfg: Any, cache_dir: Any) -> tuple[Split, Split, l
         splits.append(Split(images[keep].contiguous(), torch.from_numpy(labels[keep])))
         classes = list(ds.classes)
     return splits[0], splits[1], classes
-
-
-def _download_reason(exc: OSError) -> str:
-    """``Connection refused``, ``Tunnel connection failed: 403 Forbidden``, ``timed out``."""
-    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-    return getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
 
 
 # ------------------------------------------------------------------ ImageFolder + cache
@@ -303,6 +296,11 @@ def _bad_file_error(bad: _BadFile) -> DatasetError:
                         "or set dataset.skip_bad_files=true to leave unreadable files out")
 
 
+def _nothing_decoded(paths: list[str]) -> DatasetError:
+    return DatasetError(f"none of the {len(paths)} files under {os.path.commonpath(paths)} "
+                        "can be decoded as an image")
+
+
 def _warn_skipped(root: Path, skipped: list[str], kept: int) -> None:
     if skipped:
         log.warning("skipped %d unreadable file(s) under %s, kept %d (first: %s); "
@@ -325,8 +323,7 @@ def _decode_all(paths: list[str], channels: int | None, image_size: Any,
             if not skip_bad_files:
                 raise _bad_file_error(first)
         else:
-            raise DatasetError(f"none of the {len(paths)} files under "
-                               f"{os.path.commonpath(paths)} can be decoded as an image")
+            raise _nothing_decoded(paths)
     if channels not in (1, 3):
         raise DatasetError(f"dataset.channels={channels} is not supported; allowed: 1, 3, null")
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
@@ -346,8 +343,7 @@ def _decode_all(paths: list[str], channels: int | None, image_size: Any,
         raise _bad_file_error(bad[0])  # the first in file order, whichever thread met it
     good = [i for i, r in enumerate(results) if isinstance(r, torch.Tensor)]
     if not good:
-        raise DatasetError(f"none of the {len(paths)} files under {os.path.commonpath(paths)} "
-                           "can be decoded as an image")
+        raise _nothing_decoded(paths)
     decoded = [results[i] for i in good]
     shapes = {tuple(t.shape) for t in decoded}
     if len(shapes) > 1:

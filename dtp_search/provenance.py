@@ -29,7 +29,9 @@ DEFINING = ("seed", "dataset", "model", "policy", "cv", "train", "front",
 # A trial's config nodes that refit takes from the trial (the rest: today's run).
 TRIAL_NODES = ("seed", "model", "policy", "cv", "train", "front")
 # Where the data lives may change between machines; its content may not (``dataset.digest``).
-_NOT_DEFINING = (*ENGINE_KEYS, "dataset.path", "dataset.root", "dataset.download")
+_DATA_LOCATION = ("path", "root", "download")
+_NOT_DEFINING = (*ENGINE_KEYS, *(f"dataset.{k}" for k in _DATA_LOCATION))
+_ABSENT = "(absent)"
 STUDY_ATTR = "config"
 TRIAL_ATTR = "config"
 
@@ -51,12 +53,11 @@ def changes(stored: Mapping[str, Any], current: Mapping[str, Any],
             allowed: Iterable[str] = ()) -> dict[str, tuple[Any, Any]]:
     """``key → (stored, current)`` for every defining key that differs, except those
     under an ``allowed`` prefix (``train`` allows every ``train.*`` key)."""
-    missing = "(absent)"
     allowed = list(allowed)
     # ``policy.name`` and the like first: they say the most about what changed.
     keys = sorted(set(stored) | set(current), key=lambda k: (not k.endswith(".name"), k))
-    return {k: (stored.get(k, missing), current.get(k, missing)) for k in keys
-            if stored.get(k, missing) != current.get(k, missing) and not _under(k, allowed)}
+    return {k: (stored.get(k, _ABSENT), current.get(k, _ABSENT)) for k in keys
+            if stored.get(k, _ABSENT) != current.get(k, _ABSENT) and not _under(k, allowed)}
 
 
 def check_unchanged(study: optuna.Study, current: Mapping[str, Any],
@@ -67,8 +68,9 @@ def check_unchanged(study: optuna.Study, current: Mapping[str, Any],
     stored = study.user_attrs.get(STUDY_ATTR)
     if stored is None:
         return {}
+    every = changes(stored, current)
     allowed = list(allowed)
-    refused = changes(stored, current, allowed)
+    refused = {k: v for k, v in every.items() if not _under(k, allowed)}
     if refused:
         shown = [f"{k}: {_show(a)} -> {_show(b)}" for k, (a, b) in list(refused.items())[:6]]
         more = f" and {len(refused) - 6} more" if len(refused) > 6 else ""
@@ -77,7 +79,7 @@ def check_unchanged(study: optuna.Study, current: Mapping[str, Any],
             f"study.name={study.study_name!r} was created with another configuration "
             f"({'; '.join(shown)}{more}); its trials would not be comparable. Use a new "
             f"study.name, or study.allow_changes=[{keys}] to continue it with these changes")
-    return changes(stored, current)
+    return every
 
 
 def record_study(study: optuna.Study, current: Mapping[str, Any],
@@ -108,7 +110,7 @@ def stored_trial_config(cfg: DictConfig, trial: optuna.trial.FrozenTrial) -> Dic
         if node in stored:
             OmegaConf.update(out, node, stored[node], merge=False)
     dataset = dict(stored.get("dataset", {}))
-    for key in ("path", "root", "download"):
+    for key in _DATA_LOCATION:
         if key in out.dataset:
             dataset[key] = out.dataset[key]
     OmegaConf.update(out, "dataset", dataset, merge=False)
@@ -120,9 +122,11 @@ def _allow_keys(refused: Mapping[str, Any]) -> list[str]:
     by_node: dict[str, list[str]] = {}
     for key in refused:
         by_node.setdefault(key.split(".")[0], []).append(key)
-    return [node if len(keys) > 2 else k for node, keys in by_node.items()
-            for k in (keys if len(keys) <= 2 else [node])]
+    out: list[str] = []
+    for node, keys in by_node.items():
+        out += [node] if len(keys) > 2 else keys
+    return out
 
 
 def _show(value: Any) -> str:
-    return repr(value) if not isinstance(value, str) or value != "(absent)" else value
+    return value if value == _ABSENT else repr(value)

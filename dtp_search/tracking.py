@@ -46,9 +46,9 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_LOGGED_ARTIFACTS
 
 from dtp_search.data import ImageDataset, tensor_digest
-from dtp_search.errors import ConfigError
+from dtp_search.errors import ConfigError, reason
 from dtp_search.pruning.front import FrontPoint
-from dtp_search.storage import mask_url
+from dtp_search.storage import PROBE_TIMEOUT, mask_url
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,6 @@ FRONT_STEPS = 1000  # front/<metric> is logged at step = round(FRONT_STEPS * spa
 _MAX_PARAM_LEN = 6000
 
 
-# Seconds the probe of a tracking server waits for an answer (see check_tracking_uri).
-PROBE_TIMEOUT = 5
 _GATEWAY_ERRORS = (502, 503, 504)  # a proxy's answer for a server behind it that is down
 
 
@@ -103,14 +101,11 @@ def check_tracking_uri(uri: str, timeout: float = PROBE_TIMEOUT) -> None:
         # retries these for minutes, as it does a refused connection.
         if exc.code not in _GATEWAY_ERRORS:
             return
-        reason: object = f"HTTP {exc.code} {exc.reason}"
-    except urllib.error.URLError as exc:
-        reason = exc.reason
-    except (OSError, ValueError, http.client.HTTPException) as exc:  # timeout, a bad port
-        reason = exc
-    if isinstance(reason, ssl.SSLError):
-        return
-    text = getattr(reason, "strerror", None) or str(reason) or type(reason).__name__
+        text = f"HTTP {exc.code} {exc.reason}"
+    except (OSError, ValueError, http.client.HTTPException) as exc:  # refused, timeout, bad port
+        if isinstance(getattr(exc, "reason", exc), ssl.SSLError):
+            return
+        text = reason(exc)
     raise ConfigError(f"tracking.uri={mask_url(uri)!r} cannot be reached ({text}); start the "
                       "tracking server (mlflow server --host 0.0.0.0 --port 5000 ...) or use a "
                       "local store, e.g. tracking.uri=sqlite:////abs/mlflow.db")

@@ -14,11 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
+from images import tree_with_a_bad_file
 from omegaconf import OmegaConf
-from PIL import Image
 
 from dtp_search.__main__ import CONFIG_DIR, check_overrides, rewrite_aliases
 from dtp_search.config import NUMBERS, ConfigError, number
@@ -187,25 +186,11 @@ def test_bad_input_exits_2_with_one_line_and_no_traceback(study_root, case):
     _assert_refused(study_root, overrides, fragment, within=WITHIN.get(case, 600))
 
 
-def _image_tree(root: Path) -> Path:
-    """A tiny ImageFolder tree of valid PNG and JPEG files, plus train/dog/bad.jpg (garbage)."""
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        for cls in ("cat", "dog"):
-            folder = root / split / cls
-            folder.mkdir(parents=True)
-            for i in range(4):
-                pixels = Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8))
-                pixels.save(folder / (f"{i}.png" if i % 2 else f"{i}.jpg"))
-    (root / "train" / "dog" / "bad.jpg").write_bytes(b"\x00 not an image \xff" * 16)
-    return root
-
-
 @pytest.mark.slow
 def test_a_corrupt_image_is_named_and_leaves_no_cache_entry(study_root, tmp_path):
-    tree = _image_tree(tmp_path / "tree")
+    tree = tmp_path / "tree"
+    bad = tree_with_a_bad_file(tree)
     cache = tmp_path / "cache"
-    bad = tree.resolve() / "train" / "dog" / "bad.jpg"
     line = _assert_refused(study_root, ["dataset=imagefolder", f"dataset.path={tree}",
                                         f"paths.cache_dir={cache}"],
                            f"cannot decode the image {bad} (")

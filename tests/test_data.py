@@ -3,6 +3,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from images import tree_with_a_bad_file
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -97,25 +98,9 @@ def test_imagefolder_decodes_caches_and_invalidates(tmp_path, monkeypatch):
     assert len(grown) == 19  # the new file changed the key
 
 
-def _tree_with_a_bad_file(root):
-    """Valid JPEG and PNG files, and train/cat/bad.jpg of garbage bytes: the first file of
-    the first class (``img*`` sorts after ``bad``), so channel detection meets it too."""
-    rng = np.random.default_rng(1)
-    for split in ("train", "test"):
-        for cls in ("cat", "dog"):
-            d = root / split / cls
-            d.mkdir(parents=True)
-            for i in range(4):
-                img = Image.fromarray(rng.integers(0, 255, (10, 10, 3), dtype=np.uint8))
-                img.save(d / (f"img{i}.jpg" if i % 2 else f"img{i}.png"))
-    bad = root / "train" / "cat" / "bad.jpg"
-    bad.write_bytes(b"\x00 not an image \xff" * 16)
-    return bad.resolve()
-
-
 @pytest.mark.parametrize("channels", [None, 3])
 def test_a_corrupt_image_is_named_and_nothing_is_cached(tmp_path, channels):
-    bad = _tree_with_a_bad_file(tmp_path / "tree")
+    bad = tree_with_a_bad_file(tmp_path / "tree")
     cache = tmp_path / "cache"
     with pytest.raises(DatasetError) as err:
         load_imagefolder(tmp_path / "tree" / "train", channels=channels, cache_dir=cache)
@@ -126,7 +111,7 @@ def test_a_corrupt_image_is_named_and_nothing_is_cached(tmp_path, channels):
 
 
 def test_skip_bad_files_leaves_them_out_with_one_warning_also_from_the_cache(tmp_path, caplog):
-    bad = _tree_with_a_bad_file(tmp_path / "tree")
+    bad = tree_with_a_bad_file(tmp_path / "tree")
     cache = tmp_path / "cache"
     cfg = OmegaConf.create({"kind": "imagefolder", "name": "t", "path": str(tmp_path / "tree"),
                             "channels": None, "skip_bad_files": True})
@@ -146,7 +131,7 @@ def test_skip_bad_files_leaves_them_out_with_one_warning_also_from_the_cache(tmp
 
 
 def test_a_class_with_only_unreadable_files_is_an_error(tmp_path):
-    _tree_with_a_bad_file(tmp_path / "tree")
+    tree_with_a_bad_file(tmp_path / "tree")
     for f in (tmp_path / "tree" / "train" / "dog").iterdir():
         f.write_bytes(b"garbage")
     with pytest.raises(DatasetError, match=r"\['dog'\] under .* hold no readable image"):

@@ -16,43 +16,32 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: Path) -> list[tuple[str, bool]]:
-    """``(imported module, at module level)`` for every import in ``path``; ``from x
-    import y`` counts as ``x.y`` when that is a module of the package, else as ``x``."""
-    tree = ast.parse(path.read_text())
-    top = {id(node) for node in tree.body}
-    package = _module_name(path).rsplit(".", 1)[0] if path.name != "__init__.py" else \
-        _module_name(path)
+def _is_module(name: str) -> bool:
+    path = PACKAGE.parent / name.replace(".", "/")
+    return path.with_suffix(".py").exists() or path.is_dir()
+
+
+def _imports(path: Path) -> list[str]:
+    """Every module ``path`` imports, anywhere in it; ``from x import y`` counts as
+    ``x.y`` when that is a module, else as ``x``. (The package uses no relative imports.)"""
     out = []
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            out += [(a.name, id(node) in top) for a in node.names]
+            out += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
+            assert not node.level, f"{path.name}: a relative import; write dtp_search.<module>"
             base = node.module or ""
-            if node.level:
-                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1]
-                                + ([base] if base else []))
-            for alias in node.names:
-                sub = f"{base}.{alias.name}"
-                out.append((sub if (PACKAGE.parent / sub.replace(".", "/")).with_suffix(
-                    ".py").exists() or (PACKAGE.parent / sub.replace(".", "/")).is_dir()
-                    else base, id(node) in top))
+            out += [f"{base}.{a.name}" if _is_module(f"{base}.{a.name}") else base
+                    for a in node.names]
     return out
 
 
-def _graph(*, module_level_only: bool) -> dict[str, set[str]]:
+def _graph() -> dict[str, set[str]]:
+    """Module → the package modules it imports, at module level or inside functions (an
+    import moved into a function to dodge a cycle is still one)."""
     modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
-    graph: dict[str, set[str]] = {}
-    for name, path in modules.items():
-        deps = set()
-        for target, at_top in _imports(path):
-            if module_level_only and not at_top:
-                continue
-            # ``import dtp_search.pruning.masks`` depends on the module, not its package.
-            if target in modules and target != name:
-                deps.add(target)
-        graph[name] = deps
-    return graph
+    return {name: {t for t in _imports(path) if t in modules and t != name}
+            for name, path in modules.items()}
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -97,16 +86,16 @@ def _without_package_inits(graph: dict[str, set[str]]) -> dict[str, set[str]]:
 
 
 def test_no_import_cycles_in_the_package():
-    graph = _without_package_inits(_graph(module_level_only=False))
+    graph = _without_package_inits(_graph())
     assert _cycles(graph) == []
 
 
 def test_the_pruning_core_imports_neither_optuna_nor_mlflow():
     for path in (PACKAGE / "pruning").rglob("*.py"):
-        roots = {target.split(".")[0] for target, _ in _imports(path)}
+        roots = {target.split(".")[0] for target in _imports(path)}
         assert not roots & {"optuna", "mlflow", "hydra", "omegaconf"}, path.name
         assert not any(t.startswith("dtp_search.") and not t.startswith("dtp_search.pruning")
-                       for t, _ in _imports(path)), path.name
+                       for t in _imports(path)), path.name
 
 
 def test_the_cycle_finder_finds_a_cycle():
