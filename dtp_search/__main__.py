@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from dtp_search.config import register_resolvers
 from dtp_search.errors import ConfigError, DatasetError
+from dtp_search.settings import allowed, field_owner, text_fields
 from dtp_search.study import run_study
 from dtp_search.training import request_stop, stop_requested
 
@@ -102,6 +103,9 @@ def check_overrides(argv: list[str]) -> str | None:
             reason = str(exc).splitlines()[0]
             return (f"cannot read the override {override!r} ({reason}); write key=value, "
                     "e.g. train.epochs=5 or 'search.objectives=[accuracy]'")
+    numbers = _numbers_in_text_fields(parser.parse_overrides(overrides))
+    if numbers is not None:
+        return numbers
     try:
         with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
             cfg = compose("config", overrides=overrides)
@@ -112,12 +116,41 @@ def check_overrides(argv: list[str]) -> str | None:
             return f"{group}={name!r} is not a known {group}; allowed: {sorted(exc.options)}"
         return " ".join(str(exc).split("Config search path")[0].split())
     except HydraException as exc:
+        typed = _type_error(exc.__cause__)
+        if typed is not None:
+            return typed
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         text = " ".join(lines[:2])
         if "Could not override" in text:
             text += " (no such key; `python -m dtp_search --cfg job` lists every key)"
         return text
     return _check_writable(cfg)
+
+
+def _type_error(cause: BaseException | None) -> str | None:
+    """OmegaConf's refusal of a value for a typed field (``seed=abc``), in this tool's
+    one-line form with what the field allows."""
+    from omegaconf.errors import ValidationError
+
+    if not isinstance(cause, ValidationError) or not cause.full_key:
+        return None
+    owner = field_owner(str(cause.full_key))
+    if owner is None:
+        return None
+    return f"{cause.full_key}={cause.value!r} is not allowed; allowed: {allowed(*owner)}"
+
+
+def _numbers_in_text_fields(overrides: list) -> str | None:
+    """``study.name=nan`` or ``=123``: the command line reads a number, and a text field
+    would silently take its spelling as Python writes it (``1e3`` → ``'1000.0'``)."""
+    texts = set(text_fields())
+    for o in overrides:
+        key = o.key_or_group
+        if key in texts and not o.is_delete() and isinstance(o.value(), (int, float, bool)):
+            value = (o.input_line or "").partition("=")[2] or o.get_value_element_as_str()
+            return (f"{key}={value} is not allowed; allowed: a text, quoted when it looks "
+                    f"like a number: {key}='\"{value}\"'")
+    return None
 
 
 def _check_writable(cfg: DictConfig) -> str | None:

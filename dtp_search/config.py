@@ -1,120 +1,64 @@
-"""Config helpers: OmegaConf resolvers, the error type for bad input, and checks that
-run before any data is loaded or any trial starts."""
+"""Config helpers: OmegaConf resolvers, the checks that run before any data is loaded or
+any trial starts (the schema and its rules are :mod:`dtp_search.settings`), and the
+factories of the Optuna storage, sampler and early stopping and of the weight pruner."""
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
 import hydra
 import optuna
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, ValidationError
 from optuna.storages import BaseStorage
 
 from dtp_search import space as search_space
 from dtp_search import storage as storages
 from dtp_search.errors import ConfigError
-from dtp_search.pruning import DynamicPruner, build_criterion, build_policy
+from dtp_search.pruning import DynamicPruner, LayerSelection, build_criterion, build_policy
 from dtp_search.pruning.pruner import check_floor
+from dtp_search.settings import PrunerSettings, Settings, check, register_schema
 from dtp_search.storage import mask_url
 from dtp_search.tracking import check_tracking_uri
-from dtp_search.training import TrainSettings
 
 __all__ = ["ConfigError", "check_config", "make_early_stop", "make_sampler", "make_storage"]
 
-OBJECTIVES = ("accuracy", "sparsity")
-MODES = ("search", "refit", "compare")
-DIRECTIONS = ("maximize", "minimize")
-
-
-def number(cfg: DictConfig, key: str, kind: type = int, *, low: float | None = None,
-           high: float | None = None, null: bool = False, default: Any = None) -> Any:
-    """The value at the dotted ``key`` of ``cfg``, checked to be a ``kind`` (``int``; or
-    ``float``, which takes integers too; never a bool) in ``[low, high)``, or null when
-    ``null`` allows it; ``default`` stands in for a missing key.
-
-    Reading a setting straight with ``int()`` ends in Python's "invalid literal"
-    traceback for ``seed=abc``; this names the key, the value and what is allowed.
-    """
-    value = OmegaConf.select(cfg, key, default=default)
-    if value is None and null:
-        return None
-    types = (int,) if kind is int else (int, float)
-    ok = (isinstance(value, types) and not isinstance(value, bool)
-          and (kind is int or math.isfinite(value))
-          and (low is None or value >= low) and (high is None or value < high))
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is not allowed; allowed: "
-                          f"{_number_range(kind, low, high, null)}")
-    return value
-
-
-def _number_range(kind: type, low: float | None, high: float | None, null: bool) -> str:
-    """``an integer >= 1``, ``null or an integer in [0, 9]``, ``a number in [0, 1)``."""
-    noun = "an integer" if kind is int else "a number"
-    if low is not None and high is not None:
-        span = f" in [{low}, {high - 1}]" if kind is int else f" in [{low}, {high})"
-    elif low is not None:
-        span = f" >= {low}"
-    elif high is not None:
-        span = f" < {high}"
-    else:
-        span = ""
-    return ("null or " if null else "") + noun + span
-
-
-# The numeric settings the orchestration reads, and what each allows. check_config checks
-# them all before any data is loaded; code that reads one outside a checked run
-# (mode=compare opens the storage first) reads it through setting(). Seeds go to
-# scikit-learn and numpy, which take [0, 2**32); Optuna wants a heartbeat and a grace
-# period of at least one second.
-NUMBERS: dict[str, dict[str, Any]] = {
-    "seed": {"low": 0, "high": 2**32},
-    "threads": {"low": 1, "null": True},
-    "study.workers": {"low": 1, "default": 1},
-    "search.n_trials": {"low": 1},
-    "search.max_failures": {"low": 1},
-    "search.heartbeat_interval": {"low": 1},
-    "search.grace_period": {"low": 1},
-    "search.max_retry": {"low": 0},
-    "search.sampler.seed": {"low": 0, "high": 2**32, "null": True},
-    "search.min_sparsity": {"kind": float, "low": 0, "high": 1, "null": True},
-    "cv.folds": {"low": 2},
-    "refit.top_k": {"low": 1, "null": True},
-    "front.points": {"low": 0},
-    "front.update_samples": {"low": 1, "null": True},
-    "dataset.train_limit": {"low": 1, "null": True},
-    "dataset.test_limit": {"low": 1, "null": True},
-    "dataset.crop_padding": {"low": 0, "default": 4},
-}
-
-
-def setting(cfg: DictConfig, key: str) -> Any:
-    """The numeric setting ``key`` (one of :data:`NUMBERS`), checked."""
-    return number(cfg, key, **NUMBERS[key])
-
-
-def check_numbers(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` for the first of :data:`NUMBERS` that is out of bounds."""
-    for key in NUMBERS:
-        setting(cfg, key)
+def settings_of(cfg: DictConfig) -> Settings:
+    """The typed settings of ``cfg`` with every rule of :mod:`dtp_search.settings`
+    checked; raises :class:`ConfigError` naming the key and what it allows."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"{missing[0]} is required (it is ???); set it on the command line, "
+                          f"e.g. {missing[0]}=...")
+    try:
+        out = Settings.of(cfg)
+    except MissingMandatoryValue as exc:
+        raise ConfigError(f"{exc.full_key} is required (it is ???); set it on the command "
+                          f"line, e.g. {exc.full_key}=...") from exc
+    except (ValidationError, InterpolationResolutionError) as exc:
+        raise ConfigError(" ".join(str(exc).split("\n")[0].split())
+                          + (f" (at {exc.full_key})" if getattr(exc, "full_key", None) else "")) from exc
+    except ValueError as exc:  # a key the schema does not have
+        raise ConfigError(str(exc)) from exc
+    try:
+        check(out)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    return out
 
 
 def register_resolvers() -> None:
     """``${abspath:dtp_runs}`` → absolute path against the launch directory."""
     if not OmegaConf.has_resolver("abspath"):
         OmegaConf.register_new_resolver("abspath", lambda p: os.path.abspath(os.path.expanduser(p)))
-
-
-# Keys of a policy node that configure the pruner around the policy, not the policy.
-PRUNER_KEYS = ("criterion", "granularity", "min_keep", "on_collapse")
+    register_schema()
 
 
 def policy_params(policy_cfg: DictConfig) -> dict[str, Any]:
-    """Constructor arguments of the policy: every key of ``policy`` except its metadata."""
-    meta = {"name", "space", *PRUNER_KEYS}
-    return {k: v for k, v in OmegaConf.to_container(policy_cfg, resolve=True).items() if k not in meta}
+    """Constructor arguments of the policy: every key of ``policy`` but the pruner's
+    (:class:`~dtp_search.settings.PrunerSettings`) and the search space."""
+    return PrunerSettings.split(policy_cfg)[1]
 
 
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
@@ -131,19 +75,23 @@ def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
 
 
 def floor_settings(policy_cfg: DictConfig) -> tuple[Any, Any]:
-    """``(min_keep, on_collapse)`` of a policy node, unchecked, with the pruner's defaults."""
-    return policy_cfg.get("min_keep", 0.01), policy_cfg.get("on_collapse", "restore")
+    """``(min_keep, on_collapse)`` of a policy node, unchecked."""
+    pruner = PrunerSettings.split(policy_cfg)[0]
+    return pruner.min_keep, pruner.on_collapse
 
 
-def build_pruner(model: Any, policy_cfg: DictConfig, example_input: Any) -> Any:
-    """The pruner a policy config describes: policy, criterion, granularity, ``min_keep``
-    and ``on_collapse``."""
-    min_keep, on_collapse = floor_settings(policy_cfg)
-    return DynamicPruner(model, build_policy(str(policy_cfg.name), policy_params(policy_cfg)),
-                         build_criterion(str(policy_cfg.get("criterion", "magnitude"))),
-                         granularity=str(policy_cfg.get("granularity", "weight")),
-                         min_keep=float(min_keep), on_collapse=str(on_collapse),
-                         example_input=example_input)
+def build_pruner(model: Any, policy_cfg: DictConfig, example_input: Any) -> DynamicPruner:
+    """The pruner a policy node describes: the policy with its own arguments, and the
+    criterion (with ``criterion_args``), granularity, ``min_keep``, ``on_collapse`` and
+    layer selection of :class:`~dtp_search.settings.PrunerSettings`."""
+    pruner, params = PrunerSettings.split(policy_cfg)
+    return DynamicPruner(model, build_policy(pruner.name, params),
+                         build_criterion(pruner.criterion, pruner.criterion_args),
+                         granularity=pruner.granularity, min_keep=float(pruner.min_keep),
+                         on_collapse=pruner.on_collapse, example_input=example_input,
+                         layers=LayerSelection(include=tuple(pruner.layers.include),
+                                               exclude=tuple(pruner.layers.exclude),
+                                               exclude_classifier=pruner.exclude_classifier))
 
 
 # Keys of ``train`` that choose how the engine runs, not what is trained: same result.
@@ -185,51 +133,23 @@ def loggable(cfg: DictConfig) -> dict[str, Any]:
 
 def check_config(cfg: DictConfig) -> search_space.SearchSpace:
     """Checks that need no data: raise :class:`ConfigError` before any work starts."""
-    name = cfg.study.name
-    if not isinstance(name, str) or not name.strip():
-        # `study.name=nan` or `=123` reach here as numbers (YAML typing).
-        raise ConfigError(f"study.name={name!r} is not allowed; allowed: a non-empty text, "
-                          f"quoted when it looks like a number: study.name='\"{name}\"'")
-    check_numbers(cfg)
-    objectives = list(cfg.search.objectives)
-    bad = [o for o in objectives if o not in OBJECTIVES]
-    if bad or not objectives:
-        raise ConfigError(f"search.objectives={objectives} is not allowed; "
-                          f"allowed: a non-empty list of {list(OBJECTIVES)}")
-    directions = list(cfg.search.directions)
-    if len(directions) != len(objectives) or any(d not in DIRECTIONS for d in directions):
-        raise ConfigError(f"search.directions={directions} must give one of {list(DIRECTIONS)} "
-                          f"per objective {objectives}")
+    settings = settings_of(cfg)
     make_early_stop(cfg)
-    allowed_changes(cfg)
-    if str(cfg.get("mode", "search")) not in MODES:
-        raise ConfigError(f"mode={cfg.mode!r} is not allowed; allowed: {list(MODES)}")
-    for key in ("enabled", "register"):
-        if not isinstance(cfg.refit.get(key, False), bool):
-            raise ConfigError(f"refit.{key}={cfg.refit[key]!r} is not allowed; allowed: true, false")
-    max_sparsity = cfg.front.get("max_sparsity")
-    if (isinstance(max_sparsity, bool) or not isinstance(max_sparsity, (int, float))
-            or not 0 < max_sparsity < 1):
-        raise ConfigError(f"front.max_sparsity={max_sparsity!r} is not allowed; "
-                          "allowed: a number in (0, 1)")
-    storages.check_storage(str(cfg.study.storage), setting(cfg, "study.workers"))
-    try:
-        TrainSettings.from_config(cfg.train).validate()
-    except TypeError as exc:
-        raise ConfigError(f"train: {exc}") from exc
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
+    storages.check_storage(settings.study.storage, settings.study.workers)
     space = search_space.parse_space(cfg)
     for name, node in search_space.policy_nodes(cfg).items():
         try:
-            build_policy(str(node.name), policy_params(node))
-            build_criterion(str(node.get("criterion", "magnitude")))
-            check_floor(*floor_settings(node))
+            pruner, params = PrunerSettings.split(node)
+            build_policy(pruner.name, params)
+            build_criterion(pruner.criterion, pruner.criterion_args)
+            check_floor(pruner.min_keep, pruner.on_collapse)
+            LayerSelection(include=tuple(pruner.layers.include),
+                           exclude=tuple(pruner.layers.exclude))
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{policy_key(cfg, name)}: {exc}") from exc
     # Servers last: each probe may wait a few seconds for an answer.
-    storages.check_reachable(str(cfg.study.storage))
-    check_tracking_uri(str(cfg.tracking.uri))
+    storages.check_reachable(settings.study.storage)
+    check_tracking_uri(settings.tracking.uri)
     return space
 
 
@@ -242,18 +162,14 @@ def policy_key(cfg: DictConfig, name: str) -> str:
 def allowed_changes(cfg: DictConfig) -> list[str]:
     """``study.allow_changes``: the defining keys (or nodes, e.g. ``train``) a resumed
     study may change (see :mod:`dtp_search.provenance`)."""
-    value = OmegaConf.to_container(cfg.study, resolve=True).get("allow_changes") or []
-    if not isinstance(value, list) or not all(isinstance(k, str) and k for k in value):
-        raise ConfigError(f"study.allow_changes={value!r} is not allowed; allowed: a list of "
-                          "config keys or nodes, e.g. study.allow_changes=[train.epochs,policy]")
-    return value
+    return list(settings_of(cfg).study.allow_changes)
+
 
 def make_storage(cfg: DictConfig) -> BaseStorage:
     """The study's Optuna storage, with heartbeats and retries where Optuna has them."""
     return storages.make_storage(
-        str(cfg.study.storage), heartbeat_interval=setting(cfg, "search.heartbeat_interval"),
-        grace_period=setting(cfg, "search.grace_period"),
-        max_retry=setting(cfg, "search.max_retry"))
+        str(cfg.study.storage), heartbeat_interval=int(cfg.search.heartbeat_interval),
+        grace_period=int(cfg.search.grace_period), max_retry=int(cfg.search.max_retry))
 
 
 def make_early_stop(cfg: DictConfig) -> optuna.pruners.BasePruner:
@@ -282,7 +198,7 @@ def make_sampler(cfg: DictConfig, offset: int = 0) -> optuna.samplers.BaseSample
     :func:`objective`)."""
     sampler_cfg = OmegaConf.to_container(cfg.search.sampler, resolve=True)
     if sampler_cfg.get("seed") is not None:
-        sampler_cfg["seed"] = setting(cfg, "search.sampler.seed") + offset
+        sampler_cfg["seed"] = int(sampler_cfg["seed"]) + offset
     try:
         return hydra.utils.instantiate(sampler_cfg)
     except Exception as exc:

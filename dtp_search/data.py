@@ -12,6 +12,9 @@ Sources:
   train/test split.
 * ``cifar10`` — ``torchvision.datasets.CIFAR10(download=...)``, or, with ``path``, an
   ImageFolder tree with ``train/`` and ``test/``.
+* ``mnist`` — ``torchvision.datasets.MNIST(download=...)``, or, with ``path``, a folder of
+  the four IDX files (plain or ``.gz``, directly in it or in ``MNIST/raw/``) or an
+  ImageFolder tree with ``train/`` and ``test/``.
 * ``imagefolder`` — any ImageFolder tree with ``train/`` and ``test/`` (RGB or grayscale).
   A file that cannot be decoded stops the load with its path, or, with
   ``skip_bad_files``, is left out (one warning says how many were).
@@ -20,11 +23,13 @@ Sources:
 from __future__ import annotations
 
 import copy
+import gzip
 import hashlib
 import json
 import logging
 import os
 import re
+import struct
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,7 +46,7 @@ from dtp_search.errors import DatasetError, reason
 log = logging.getLogger(__name__)
 
 _CACHE_VERSION = 1
-KINDS = ("digits", "cifar10", "imagefolder")
+KINDS = ("digits", "cifar10", "mnist", "imagefolder")
 
 
 @dataclass
@@ -89,8 +94,9 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
 def load_dataset(cfg: Any, cache_dir: str | os.PathLike | None = None) -> ImageDataset:
     """Load the dataset described by the ``dataset`` config node.
 
-    Keys: ``kind`` (one of :data:`KINDS`), ``name``, ``path`` (ImageFolder root),
-    ``root`` (torchvision download folder), ``download``, ``channels``, ``image_size``,
+    Keys: ``kind`` (one of :data:`KINDS`), ``name``, ``path`` (ImageFolder root; for
+    ``mnist`` also a folder of IDX files), ``root`` (torchvision download folder),
+    ``download``, ``channels``, ``image_size``,
     ``train_limit``/``test_limit`` (stratified subsets), ``mean``/``std`` (``null`` =
     computed on the training split), ``augment``, ``crop_padding``, ``skip_bad_files``
     (leave out ImageFolder files that cannot be decoded instead of stopping).
@@ -104,10 +110,14 @@ def load_dataset(cfg: Any, cache_dir: str | os.PathLike | None = None) -> ImageD
     path = cfg.get("path")
     if kind == "digits":
         train, test, classes = _load_digits(cfg)
+    elif path and kind == "mnist":
+        train, test, classes = _load_mnist_path(cfg, Path(path), cache_dir)
     elif path:
         train, test, classes = _load_imagefolder_splits(cfg, Path(path), cache_dir)
     elif kind == "cifar10":
         train, test, classes = _load_torchvision_cifar10(cfg, cache_dir)
+    elif kind == "mnist":
+        train, test, classes = _load_torchvision_mnist(cfg)
     else:
         raise DatasetError("dataset.path is required for dataset=imagefolder "
                            "(a folder with train/<class>/* and test/<class>/*)")
@@ -172,19 +182,217 @@ def _load_torchvision_cifar10(cfg: Any, cache_dir: Any) -> tuple[Split, Split, l
             raise DatasetError(
                 f"CIFAR-10 not found under dataset.root={str(root)!r} ({exc}). Either allow the "
                 "download (dataset.download=true, needs network) or point dataset.path at an "
-                "ImageFolder copy with train/ and test/ folders.") from exc
+                "ImageFolder copy with train/ and test/ folders."
+            ) from exc
         except OSError as exc:  # the download: urllib's URLError, a timeout, a reset
-            raise DatasetError(
-                f"dataset=cifar10: downloading CIFAR-10 into dataset.root={str(root)!r} failed "
-                f"({reason(exc)}); without network, point dataset.path at a local "
+            raise _download_failed(
+                "cifar10",
+                "CIFAR-10",
+                root,
+                reason(exc),
                 "ImageFolder copy, e.g. dataset.path=/path/to/cifar10 holding "
-                "train/<class>/*.png and test/<class>/*.png") from exc
+                "train/<class>/*.png and test/<class>/*.png",
+            ) from exc
         images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
         labels = np.asarray(ds.targets, dtype=np.int64)
         keep = stratified_subset(labels, cfg.get("train_limit" if train else "test_limit"))
         splits.append(Split(images[keep].contiguous(), torch.from_numpy(labels[keep])))
         classes = list(ds.classes)
     return splits[0], splits[1], classes
+
+
+def _download_failed(kind: str, title: str, root: Path, why: str, local_copy: str) -> DatasetError:
+    """The one-line error of a failed torchvision download: why, and the offline alternative."""
+    return DatasetError(
+        f"dataset={kind}: downloading {title} into dataset.root={str(root)!r} failed ({why}); "
+        f"without network, point dataset.path at a local {local_copy}"
+    )
+
+
+# ------------------------------------------------------------------------------ MNIST
+
+IDX_IMAGES = 0x00000803  # IDX magic numbers: unsigned bytes, 3 dimensions (N, rows, cols) ...
+IDX_LABELS = 0x00000801  # ... and 1 dimension (N)
+MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_MNIST_NAMES = ", ".join(n for pair in MNIST_FILES.values() for n in pair)
+_MNIST_LOCAL = (
+    f"copy, e.g. dataset.path=/path/to/mnist holding the four IDX files ({_MNIST_NAMES}, "
+    "optionally .gz) or an ImageFolder tree train/<class>/*.png and test/<class>/*.png"
+)
+
+
+def read_idx(path: str | os.PathLike, magic: int) -> torch.Tensor:
+    """The uint8 tensor of an IDX file (``.gz`` read through gzip), shaped as its header says.
+
+    Written here rather than taken from ``torchvision.datasets.mnist.read_image_file``:
+    torchvision opens the file with plain ``open`` (no ``.gz``), checks the header with
+    ``assert`` (gone under ``python -O``, and a bare AssertionError otherwise) and does not
+    tell an image file from a label file. Here each of those is a :class:`DatasetError`.
+    """
+    path = Path(path)
+    what = "image" if magic == IDX_IMAGES else "label"
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as fh:
+            data = bytearray(fh.read())  # writable: torch.frombuffer shares it without a warning
+    except (OSError, EOFError) as exc:  # unreadable, not gzip (BadGzipFile), truncated gzip
+        raise DatasetError(f"cannot read the MNIST {what} file {path} ({reason(exc)})") from exc
+    found = int.from_bytes(data[:4], "big") if len(data) >= 4 else None
+    if found != magic:
+        shown = "none, the file is shorter than 4 bytes" if found is None else f"0x{found:08x}"
+        raise DatasetError(
+            f"{path} is not an MNIST {what} file: its magic number is {shown}, "
+            f"expected 0x{magic:08x} (an IDX file of unsigned bytes)"
+        )
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DatasetError(f"{path} is truncated: {len(data)} bytes, shorter than its header")
+    dims = struct.unpack(f">{ndim}I", data[4:header])  # sizes are big-endian uint32
+    if len(data) - header != int(np.prod(dims)):
+        raise DatasetError(
+            f"{path} holds {len(data) - header} bytes after its header, which "
+            f"declares {'×'.join(map(str, dims))}; the file is truncated or corrupt"
+        )
+    return torch.frombuffer(data, dtype=torch.uint8, offset=header).view(*dims)
+
+
+def _idx_folder(root: Path) -> Path | None:
+    """The folder holding MNIST's IDX files: ``root`` itself or torchvision's ``root/MNIST/raw``."""
+    names = [n for pair in MNIST_FILES.values() for n in pair]
+    for folder in (root, root / "MNIST" / "raw"):
+        if any((folder / n).is_file() or (folder / f"{n}.gz").is_file() for n in names):
+            return folder
+    return None
+
+
+def _idx_file(folder: Path, name: str) -> Path:
+    # torchvision's raw folder holds both; the plain file skips the gunzip.
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    raise DatasetError(
+        f"dataset.path: the MNIST file {name} (or {name}.gz) is missing from "
+        f"{folder}, which needs all four IDX files ({_MNIST_NAMES}); or point "
+        "dataset.path at an ImageFolder tree (train/<class>/*, test/<class>/*), "
+        "or drop it to download MNIST with torchvision (dataset.download=true)"
+    )
+
+
+def _load_mnist_path(cfg: Any, root: Path, cache_dir: Any) -> tuple[Split, Split, list[str]]:
+    """MNIST from ``dataset.path``: the IDX files, else an ImageFolder tree."""
+    root = root.expanduser().resolve()
+    if not root.is_dir():
+        raise DatasetError(
+            f"dataset.path={str(root)!r} does not exist. Give a folder with "
+            "MNIST's IDX files or train/<class>/* and test/<class>/* images, or "
+            "drop dataset.path to download MNIST with torchvision"
+        )
+    folder = _idx_folder(root)
+    if folder is None and (root / "train").is_dir():
+        return _load_imagefolder_splits(cfg, root, cache_dir)
+    if folder is None:
+        raise DatasetError(
+            f"dataset.path={str(root)!r} holds neither MNIST's IDX files ({_MNIST_NAMES}, "
+            f"optionally .gz, looked for in {root} and {root / 'MNIST' / 'raw'}) nor an "
+            "ImageFolder tree (train/<class>/* and test/<class>/*); give one of those, or drop "
+            "dataset.path to download MNIST with torchvision (dataset.download=true, needs network)"
+        )
+    # Not cached in cache_dir: reading IDX files is a copy of their bytes (plus a gunzip),
+    # about as fast as loading the cached tensors would be.
+    splits = []
+    for split, (image_name, label_name) in MNIST_FILES.items():
+        image_file, label_file = _idx_file(folder, image_name), _idx_file(folder, label_name)
+        images, labels = read_idx(image_file, IDX_IMAGES), read_idx(label_file, IDX_LABELS)
+        if len(images) != len(labels):
+            raise DatasetError(
+                f"MNIST {split} split: {image_file} holds {len(images)} images but "
+                f"{label_file} holds {len(labels)} labels"
+            )
+        splits.append(_mnist_split(cfg, images, labels.long(), split, str(label_file)))
+    if splits[0].images.shape[1:] != splits[1].images.shape[1:]:
+        raise DatasetError(
+            f"MNIST train and test images under {folder} differ in size: "
+            f"{tuple(splits[0].images.shape[2:])} and {tuple(splits[1].images.shape[2:])}"
+        )
+    return splits[0], splits[1], _mnist_classes()
+
+
+def _mnist_classes() -> list[str]:
+    # torchvision's names, so that the IDX copy and the download describe the same classes.
+    from torchvision.datasets import MNIST
+
+    return list(MNIST.classes)
+
+
+def _mnist_split(
+    cfg: Any, images: torch.Tensor, labels: torch.Tensor, split: str, source: str
+) -> Split:
+    """``uint8 [N, 28, 28]`` and labels → a stratified subset, ``[N, C, H, W]`` as configured."""
+    bad = labels[(labels < 0) | (labels >= 10)]
+    if len(bad):
+        raise DatasetError(f"{source} holds label {int(bad[0])}; MNIST labels are 0..9")
+    keep = torch.from_numpy(stratified_subset(labels.numpy(), cfg.get(f"{split}_limit")))
+    x = images[keep].unsqueeze(1)
+    size = cfg.get("image_size")
+    if size is not None and tuple(x.shape[2:]) != (int(size), int(size)):
+        from torchvision.transforms.v2.functional import resize
+
+        x = resize(x, [int(size)] * 2, antialias=True)
+    channels = cfg.get("channels")
+    if channels not in (None, 1, 3):
+        raise DatasetError(f"dataset.channels={channels} is not supported; allowed: 1, 3, null")
+    if channels == 3:  # grayscale repeated, for models built for RGB input
+        x = x.expand(-1, 3, -1, -1)
+    return Split(x.contiguous(), labels[keep].contiguous())
+
+
+def _load_torchvision_mnist(cfg: Any) -> tuple[Split, Split, list[str]]:
+    """torchvision's MNIST (downloaded into ``dataset.root`` when ``dataset.download``).
+
+    Its ``.data`` and ``.targets`` tensors are used directly: no PIL image per sample.
+    """
+    from torchvision.datasets import MNIST
+
+    root = Path(cfg.root).expanduser()
+    download = bool(cfg.get("download", True))
+    splits = []
+    for split in ("train", "test"):
+        try:
+            ds = MNIST(root=str(root), train=split == "train", download=download)
+        except RuntimeError as exc:
+            text = str(exc)
+            if not text.startswith("Error downloading"):  # "Dataset not found. ..."
+                raise DatasetError(
+                    f"MNIST not found under dataset.root={str(root)!r} (dataset.download="
+                    f"{str(download).lower()}). Either allow the download (dataset.download=true, "
+                    f"needs network) or point dataset.path at a local {_MNIST_LOCAL}"
+                ) from exc
+            raise _download_failed(
+                "mnist", "MNIST", root, _mirror_reasons(text), _MNIST_LOCAL
+            ) from exc
+        except OSError as exc:  # a timeout or reset that torchvision's mirror loop lets through
+            raise _download_failed("mnist", "MNIST", root, reason(exc), _MNIST_LOCAL) from exc
+        splits.append(_mnist_split(cfg, ds.data, ds.targets.long(), split, str(ds.raw_folder)))
+    return splits[0], splits[1], _mnist_classes()
+
+
+def _mirror_reasons(text: str) -> str:
+    """Why each mirror failed, in a few words, from the RuntimeError of ``MNIST.download``.
+
+    torchvision tries every mirror, swallows each URLError and raises one RuntimeError
+    listing them ("Tried <mirror>, got:\\n<urlopen error [Errno 111] Connection refused>"),
+    with no exception chained, so the reasons can only be read from that text.
+    """
+    lines = text.splitlines()
+    whys = []
+    for line, nxt in zip(lines, [*lines[1:], ""], strict=True):
+        if line.startswith("Tried ") and nxt.strip():
+            why = re.sub(r"^<urlopen error (.*)>$", r"\1", nxt.strip())
+            whys.append(re.sub(r"^\[Errno -?\d+\] ", "", why))
+    return "; ".join(dict.fromkeys(whys)) or (lines[0] if lines else "unknown error")
 
 
 # ------------------------------------------------------------------ ImageFolder + cache
@@ -199,23 +407,37 @@ def _tree_stamp(root: Path) -> list[tuple[str, int]]:
     return entries
 
 
-def _load_imagefolder_splits(cfg: Any, root: Path, cache_dir: Any) -> tuple[Split, Split, list[str]]:
+def _load_imagefolder_splits(
+    cfg: Any, root: Path, cache_dir: Any
+) -> tuple[Split, Split, list[str]]:
     root = root.expanduser().resolve()
     if not root.is_dir():
-        raise DatasetError(f"dataset.path={str(root)!r} does not exist. Give a folder with "
-                           "train/<class>/* and test/<class>/* images"
-                           + (", or drop dataset.path to download CIFAR-10 with torchvision"
-                              if cfg.kind == "cifar10" else ""))
+        raise DatasetError(
+            f"dataset.path={str(root)!r} does not exist. Give a folder with "
+            "train/<class>/* and test/<class>/* images"
+            + (
+                ", or drop dataset.path to download CIFAR-10 with torchvision"
+                if cfg.kind == "cifar10"
+                else ""
+            )
+        )
     skip = cfg.get("skip_bad_files", False)
     out, classes = [], None
     for split in ("train", "test"):
         split_root = root / split
         if not split_root.is_dir():
-            raise DatasetError(f"dataset.path={str(root)!r} has no {split}/ folder; an ImageFolder "
-                               "tree needs train/<class>/* and test/<class>/*")
+            raise DatasetError(
+                f"dataset.path={str(root)!r} has no {split}/ folder; an ImageFolder "
+                "tree needs train/<class>/* and test/<class>/*"
+            )
         s, split_classes = load_imagefolder(
-            split_root, channels=cfg.get("channels"), image_size=cfg.get("image_size"),
-            limit=cfg.get(f"{split}_limit"), cache_dir=cache_dir, skip_bad_files=skip)
+            split_root,
+            channels=cfg.get("channels"),
+            image_size=cfg.get("image_size"),
+            limit=cfg.get(f"{split}_limit"),
+            cache_dir=cache_dir,
+            skip_bad_files=skip,
+        )
         if classes is not None and split_classes != classes:
             raise DatasetError(f"train/ and test/ under {root} have different class folders")
         classes = split_classes
@@ -223,10 +445,15 @@ def _load_imagefolder_splits(cfg: Any, root: Path, cache_dir: Any) -> tuple[Spli
     return out[0], out[1], classes or []
 
 
-def load_imagefolder(root: str | os.PathLike, *, channels: int | None = None,
-                     image_size: int | Sequence[int] | None = None, limit: int | None = None,
-                     cache_dir: str | os.PathLike | None = None,
-                     skip_bad_files: bool = False) -> tuple[Split, list[str]]:
+def load_imagefolder(
+    root: str | os.PathLike,
+    *,
+    channels: int | None = None,
+    image_size: int | Sequence[int] | None = None,
+    limit: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    skip_bad_files: bool = False,
+) -> tuple[Split, list[str]]:
     """Decode an ImageFolder split into tensors, through the on-disk cache.
 
     ``torchvision.datasets.ImageFolder`` finds the files and classes; decoding uses
@@ -237,8 +464,14 @@ def load_imagefolder(root: str | os.PathLike, *, channels: int | None = None,
     from torchvision.datasets import ImageFolder
 
     root = Path(root).resolve()
-    key = {"v": _CACHE_VERSION, "root": str(root), "stamp": _tree_stamp(root),
-           "channels": channels, "size": image_size, "limit": limit}
+    key = {
+        "v": _CACHE_VERSION,
+        "root": str(root),
+        "stamp": _tree_stamp(root),
+        "channels": channels,
+        "size": image_size,
+        "limit": limit,
+    }
     if skip_bad_files:  # only then: the caches of strict loads keep their names
         key["skip_bad_files"] = True
     cache_file = None
@@ -264,11 +497,20 @@ def load_imagefolder(root: str | os.PathLike, *, channels: int | None = None,
     _warn_skipped(root, skipped, len(split))
     empty = sorted(set(range(len(folder.classes))) - set(split.labels.tolist()))
     if empty:
-        raise DatasetError(f"class folder(s) {[folder.classes[c] for c in empty]} under {root} "
-                           "hold no readable image")
+        raise DatasetError(
+            f"class folder(s) {[folder.classes[c] for c in empty]} under {root} "
+            "hold no readable image"
+        )
     if cache_file is not None:
-        atomic_save({"images": split.images, "labels": split.labels,
-                     "classes": list(folder.classes), "skipped": skipped}, cache_file)
+        atomic_save(
+            {
+                "images": split.images,
+                "labels": split.labels,
+                "classes": list(folder.classes),
+                "skipped": skipped,
+            },
+            cache_file,
+        )
         log.info("cached %d decoded images from %s in %s", len(split), root, cache_file)
     return split, list(folder.classes)
 
@@ -292,23 +534,34 @@ def _read(path: str, mode: Any) -> torch.Tensor | _BadFile:
 
 
 def _bad_file_error(bad: _BadFile) -> DatasetError:
-    return DatasetError(f"cannot decode the image {bad.path} ({bad.reason}); fix or remove it, "
-                        "or set dataset.skip_bad_files=true to leave unreadable files out")
+    return DatasetError(
+        f"cannot decode the image {bad.path} ({bad.reason}); fix or remove it, "
+        "or set dataset.skip_bad_files=true to leave unreadable files out"
+    )
 
 
 def _nothing_decoded(paths: list[str]) -> DatasetError:
-    return DatasetError(f"none of the {len(paths)} files under {os.path.commonpath(paths)} "
-                        "can be decoded as an image")
+    return DatasetError(
+        f"none of the {len(paths)} files under {os.path.commonpath(paths)} "
+        "can be decoded as an image"
+    )
 
 
 def _warn_skipped(root: Path, skipped: list[str], kept: int) -> None:
     if skipped:
-        log.warning("skipped %d unreadable file(s) under %s, kept %d (first: %s); "
-                    "dataset.skip_bad_files=true", len(skipped), root, kept, skipped[0])
+        log.warning(
+            "skipped %d unreadable file(s) under %s, kept %d (first: %s); "
+            "dataset.skip_bad_files=true",
+            len(skipped),
+            root,
+            kept,
+            skipped[0],
+        )
 
 
-def _decode_all(paths: list[str], channels: int | None, image_size: Any,
-                skip_bad_files: bool = False) -> tuple[torch.Tensor, list[int], list[str]]:
+def _decode_all(
+    paths: list[str], channels: int | None, image_size: Any, skip_bad_files: bool = False
+) -> tuple[torch.Tensor, list[int], list[str]]:
     """``(images, indices of the decoded paths, skipped paths)``; a bad file raises
     :class:`DatasetError` unless ``skip_bad_files``."""
     from torchvision.io import ImageReadMode
@@ -327,8 +580,13 @@ def _decode_all(paths: list[str], channels: int | None, image_size: Any,
     if channels not in (1, 3):
         raise DatasetError(f"dataset.channels={channels} is not supported; allowed: 1, 3, null")
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
-    size = None if image_size is None else (
-        [int(image_size)] * 2 if isinstance(image_size, int) else [int(s) for s in image_size])
+    size = (
+        None
+        if image_size is None
+        else (
+            [int(image_size)] * 2 if isinstance(image_size, int) else [int(s) for s in image_size]
+        )
+    )
 
     def decode(p: str) -> torch.Tensor | _BadFile:
         img = _read(p, mode)
@@ -347,16 +605,19 @@ def _decode_all(paths: list[str], channels: int | None, image_size: Any,
     decoded = [results[i] for i in good]
     shapes = {tuple(t.shape) for t in decoded}
     if len(shapes) > 1:
-        raise DatasetError(f"images have different sizes {sorted(shapes)[:3]}...; "
-                           "set dataset.image_size to resize them")
+        raise DatasetError(
+            f"images have different sizes {sorted(shapes)[:3]}...; "
+            "set dataset.image_size to resize them"
+        )
     return torch.stack(decoded), good, [b.path for b in bad]
 
 
 # ------------------------------------------------------------------------ batching
 
 
-def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Generator,
-                     channels_last: bool = False) -> torch.Tensor:
+def random_crop_flip(
+    images: torch.Tensor, padding: int, generator: torch.Generator, channels_last: bool = False
+) -> torch.Tensor:
     """Per-sample random crop (zero padding) and horizontal flip of a uint8 batch, in one gather.
 
     ``torchvision.transforms.v2`` applied to a batch tensor draws *one* crop for the
@@ -381,8 +642,9 @@ def random_crop_flip(images: torch.Tensor, padding: int, generator: torch.Genera
     sample = (torch.arange(b, device=dev) * (c * ph * pw)).view(b, 1, 1, 1)
     plane = torch.arange(c, device=dev) * (ph * pw)
     if channels_last:  # index laid out (b, h, w, c), returned as an NCHW-shaped view
-        idx = (sample + (rows * pw)[:, :, None, None] + cols[:, None, :, None]
-               + plane.view(1, 1, 1, c))
+        idx = (
+            sample + (rows * pw)[:, :, None, None] + cols[:, None, :, None] + plane.view(1, 1, 1, c)
+        )
         return padded.reshape(-1).take(idx).permute(0, 3, 1, 2)
     idx = sample + plane.view(1, c, 1, 1) + (rows * pw)[:, None, :, None] + cols[:, None, None, :]
     return padded.reshape(-1).take(idx)
@@ -395,11 +657,22 @@ class TensorBatches:
     sample is randomly cropped (after zero padding) and flipped first.
     """
 
-    def __init__(self, split: Split, indices: torch.Tensor | np.ndarray | None, *,
-                 batch_size: int, mean: Sequence[float], std: Sequence[float],
-                 device: torch.device | str = "cpu", shuffle: bool = False,
-                 augment: bool = False, crop_padding: int = 4, seed: int = 0,
-                 drop_last: bool = False, channels_last: bool = False) -> None:
+    def __init__(
+        self,
+        split: Split,
+        indices: torch.Tensor | np.ndarray | None,
+        *,
+        batch_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        device: torch.device | str = "cpu",
+        shuffle: bool = False,
+        augment: bool = False,
+        crop_padding: int = 4,
+        seed: int = 0,
+        drop_last: bool = False,
+        channels_last: bool = False,
+    ) -> None:
         self.device = torch.device(device)
         self.images = split.images.to(self.device)
         self.labels = split.labels.to(self.device)
@@ -443,11 +716,12 @@ class TensorBatches:
             perm = torch.randperm(len(order), generator=self.generator, device=self.device)
             order = order[perm]
         for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             x = self.images[idx]
             if self.augment:
-                x = random_crop_flip(x, self.crop_padding, self.generator,
-                                     channels_last=self.channels_last)
+                x = random_crop_flip(
+                    x, self.crop_padding, self.generator, channels_last=self.channels_last
+                )
             x = torch.addcmul(-self._shift, x.float(), self._scale)
             if self.channels_last:  # NHWC: the fast layout for convolutions
                 x = x.contiguous(memory_format=torch.channels_last)

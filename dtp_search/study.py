@@ -29,7 +29,6 @@ from dtp_search.config import (
     make_sampler,
     make_storage,
     policy_key,
-    setting,
 )
 from dtp_search.console import Console
 from dtp_search.data import ImageDataset, load_dataset
@@ -59,7 +58,7 @@ def run_study(cfg: DictConfig) -> optuna.Study:
     console = Console(enabled=bool(cfg.console.progress))
     is_worker = os.environ.get(WORKER_ENV) is not None
     if cfg.get("threads"):
-        torch.set_num_threads(setting(cfg, "threads"))
+        torch.set_num_threads(int(cfg.threads))
     device = resolve_device(str(cfg.device))
 
     dataset = load_dataset(cfg.dataset, cache_dir=cfg.paths.cache_dir)

@@ -24,73 +24,9 @@ from dtp_search.pruning import (
     FrontPoint,
     layer_sparsity,
     one_shot_sweep,
-    prunable_layers,
 )
+from dtp_search.settings import CONTINUE, LR_SCHEDULES, TrainSettings
 from dtp_search.warmstart import WarmStartCache, cache_key
-
-LR_SCHEDULES = ("cosine", "onecycle", "step", "constant")
-CONTINUE = "continue"  # train.finetune_lr_schedule: the pruning phase's schedule runs on
-
-
-@dataclass
-class TrainSettings:
-    """Optimisation settings of one fold (the ``train`` config node). The defaults are
-    ``conf/config.yaml``'s (tests/test_provenance.py holds them equal)."""
-
-    epochs: int = 15  # pruning phase: the policy moves θ
-    finetune_epochs: int = 3  # post-pruning phase: final θ, masks frozen
-    batch_size: int = 64
-    eval_batch_size: int = 1024
-    optimizer: str = "sgd"  # sgd | adam
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    lr_schedule: str = "cosine"  # pruning phase: cosine | onecycle | step | constant
-    # Post-pruning phase: one of LR_SCHEDULES, starting at lr · finetune_lr_scale, or
-    # "continue": one optimizer and one schedule run over both phases (as a plain loop
-    # that prunes inside a single OneCycle schedule does).
-    finetune_lr_schedule: str = "cosine"
-    finetune_lr_scale: float = 0.1
-    label_smoothing: float = 0.0
-    l1: float = 0.0  # λ of the penalty λ·Σ|W ⊙ M| over prunable weights
-    channels_last: bool = True  # NHWC memory format for conv nets (faster on CPU and GPU)
-    amp: bool = True  # CUDA only: bf16 autocast for forward passes
-    compile: bool = False  # torch.compile the model for training (any device)
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> TrainSettings:
-        known = cls.__dataclass_fields__
-        return cls(**{k: cfg[k] for k in cfg if k in known})
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the first ``train.<key>`` whose value cannot work."""
-        def bad(key: str, allowed: str) -> ValueError:
-            return ValueError(f"train.{key}={getattr(self, key)!r} is not allowed; allowed: {allowed}")
-
-        for key, low in (("epochs", 0), ("finetune_epochs", 0), ("batch_size", 1),
-                         ("eval_batch_size", 1)):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise bad(key, f"an integer >= {low}")
-        if self.epochs + self.finetune_epochs < 1:
-            raise bad("epochs", "epochs + finetune_epochs >= 1")
-        for key, low, high in (("lr", 0.0, None), ("momentum", 0.0, 1.0),
-                               ("weight_decay", 0.0, None), ("finetune_lr_scale", 0.0, None),
-                               ("label_smoothing", 0.0, 1.0), ("l1", 0.0, None)):
-            value = getattr(self, key)
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not ok or value < low or (high is not None and value >= high) or (
-                    key == "lr" and value <= 0):
-                span = f"a number in [{low}, {high})" if high is not None else (
-                    "a number > 0" if key == "lr" else f"a number >= {low}")
-                raise bad(key, span)
-        if self.optimizer not in ("sgd", "adam"):
-            raise bad("optimizer", "['sgd', 'adam']")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise bad("lr_schedule", str(list(LR_SCHEDULES)))
-        if self.finetune_lr_schedule not in (*LR_SCHEDULES, CONTINUE):
-            raise bad("finetune_lr_schedule", str([*LR_SCHEDULES, CONTINUE]))
 
 
 @dataclass
@@ -278,7 +214,9 @@ def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
     loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
     history: list[EpochRecord] = []
     front: list[FrontPoint] = []
-    l1_layers = [m for _, m in prunable_layers(model)] if settings.l1 > 0 else []
+    # The penalty reaches the layers the policy prunes (policy.layers), not those kept dense.
+    modules = dict(model.named_modules())
+    l1_layers = [modules[n] for n in pruner.masks] if settings.l1 > 0 else []
     front_gap = max(1, steps_per_epoch // 4)
     last_front_step = -front_gap
     done_epochs = 0
@@ -422,7 +360,8 @@ def _warm_start_key(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
         train=tensor_digest(train.indices), val=tensor_digest(val.indices),
         batch_size=train.batch_size, augment=[train.augment, train.crop_padding],
         batches=tensor_digest(train.generator.get_state()), rng=tensor_digest(torch.get_rng_state()),
-        criterion=type(pruner.criterion).__name__, device=str(train.device),
+        criterion=[type(pruner.criterion).__name__, getattr(pruner.criterion, "beta", None)],
+        layers=sorted(pruner.masks), device=str(train.device),
         torch=torch.__version__)
 
 

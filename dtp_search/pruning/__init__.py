@@ -9,13 +9,16 @@ from dtp_search.pruning.criteria import (
     CRITERIA,
     GRANULARITIES,
     Activation,
+    ActivationGradient,
     Criterion,
+    Gradient,
     Magnitude,
     Taylor,
     build_criterion,
 )
 from dtp_search.pruning.front import FrontPoint, one_shot_sweep, pareto_mask
 from dtp_search.pruning.masks import (
+    LayerSelection,
     SoftThresholdMask,
     WeightMask,
     attach_masks,
@@ -46,12 +49,13 @@ from dtp_search.pruning.pruner import COLLAPSE_ACTIONS, DynamicPruner, LayerColl
 from dtp_search.pruning.structure import UnitGroup, trace_units
 
 __all__ = [
-    "COLLAPSE_ACTIONS", "CRITERIA", "GRANULARITIES", "POLICIES", "AGPThreshold", "Activation", "ConstantThreshold",
-    "Criterion", "DenseBaseline", "DynamicPruner", "FeedbackThreshold", "FrontPoint",
-    "LayerCollapse", "LayerView", "Magnitude", "OneShotGlobal", "RandomBaseline", "ScheduledThreshold",
+    "COLLAPSE_ACTIONS", "CRITERIA", "GRANULARITIES", "POLICIES", "AGPThreshold", "Activation",
+    "ActivationGradient", "ConstantThreshold", "Criterion", "DenseBaseline", "DynamicPruner",
+    "FeedbackThreshold", "FrontPoint", "Gradient", "LayerCollapse", "LayerSelection",
+    "LayerView", "Magnitude", "OneShotGlobal", "RandomBaseline", "ScheduledThreshold",
     "SoftThreshold", "SoftThresholdMask", "SplicingThreshold", "StdScaledThreshold", "Taylor",
     "ThresholdPolicy", "UnitGroup", "WeightMask", "attach_masks", "build_criterion",
     "build_policy", "compact_model", "count_parameters", "get_mask", "global_threshold",
-    "layer_sparsity", "one_shot_sweep", "pareto_mask",
-    "prunable_layers", "quantile_threshold", "sparsity", "strip_masks", "trace_units",
+    "layer_sparsity", "one_shot_sweep", "pareto_mask", "prunable_layers", "quantile_threshold",
+    "sparsity", "strip_masks", "trace_units",
 ]

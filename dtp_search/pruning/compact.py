@@ -7,6 +7,11 @@ its consumers' input columns multiply zeros. :func:`compact_model` removes dead 
 of every layer whose units are removable (see :mod:`dtp_search.pruning.structure`),
 the matching norm entries and the matching input columns of the consumers. The result
 is a plain ``nn.Module`` without parametrizations that computes the same function.
+
+Layers without a mask (left out of a pruner's layer selection) need no special case:
+deadness is read from the baked weights, not from masks, so such a layer keeps all of
+its own units and only loses the input columns that read a dead unit of a pruned
+producer — columns that multiply zeros, even though its weights there are not zero.
 """
 
 from __future__ import annotations

@@ -53,7 +53,9 @@ def one_shot_sweep(pruner: DynamicPruner, evaluate: Callable[[nn.Module], float]
     For each target sparsity s, θ is the global quantile of the magnitude scores of the
     pruner's units (|W ⊙ M| per weight, or the RMS of a neuron/channel) that prunes a
     fraction s of their weights, and the masks become ``M ∧ 1[S ≥ θ]``
-    (:meth:`DynamicPruner.tighten_globally`).
+    (:meth:`DynamicPruner.tighten_globally`). Only the pruner's selected layers are
+    tightened and counted (:meth:`DynamicPruner.sparsity`); layers it left out of its
+    :class:`~dtp_search.pruning.masks.LayerSelection` stay dense.
     """
     saved = pruner.snapshot()
     start = pruner.sparsity()

@@ -32,7 +32,9 @@ Dynamic Network Surgery (Guo et al., 2016) needs exactly that.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import fnmatch
+from collections.abc import Callable, Collection, Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -141,16 +143,92 @@ def prunable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
+def _patterns(value: str | Iterable[str] | None, key: str) -> tuple[str, ...]:
+    if value is None:  # an unset (null) config entry: no globs
+        return ()
+    if isinstance(value, str):  # one glob, not a sequence of one-letter globs
+        value = (value,)
+    try:
+        out = tuple(value)
+    except TypeError:
+        raise ValueError(f"layers.{key} must be a list of globs, got {value!r}") from None
+    for p in out:
+        if not isinstance(p, str) or not p:
+            raise ValueError(f"layers.{key} must be a list of non-empty globs, got {p!r}")
+    return out
+
+
+@dataclass(frozen=True)
+class LayerSelection:
+    """Which prunable layers a pruner masks; the others stay dense and untouched.
+
+    ``include`` and ``exclude`` are ``fnmatch`` globs (case-sensitive) over module names as
+    ``model.named_modules()`` gives them (``"features.*"``, ``"classifier.4"``; ``""`` is a
+    model that is itself one layer). A layer is selected when it matches an ``include``
+    glob (or ``include`` is empty: every prunable layer) and no ``exclude`` glob.
+    ``exclude_classifier`` leaves out the *classifier*, defined as the last prunable layer
+    of the model in ``named_modules()`` order (the output Linear of every builder in
+    :mod:`dtp_search.models`), whatever the globs say.
+
+    A glob that matches no prunable layer is a mistake (a typo, or a container's name
+    such as ``"features"`` instead of ``"features.*"``), as is a selection of no layer:
+    :meth:`select` raises ``ValueError`` listing the prunable layers.
+    """
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    exclude_classifier: bool = False
+
+    def __post_init__(self) -> None:
+        # Accept lists (and Hydra ListConfigs) but store tuples: the dataclass is frozen
+        # and hashable.
+        object.__setattr__(self, "include", _patterns(self.include, "include"))
+        object.__setattr__(self, "exclude", _patterns(self.exclude, "exclude"))
+        if not isinstance(self.exclude_classifier, bool):
+            raise ValueError(
+                f"exclude_classifier must be true or false, got {self.exclude_classifier!r}"
+            )
+
+    def select(self, names: Iterable[str]) -> list[str]:
+        """The selected ones of the prunable layer ``names`` (in model order), in their order."""
+        names = list(names)
+        listing = f"prunable layers: {names}"
+        for key, globs in (("include", self.include), ("exclude", self.exclude)):
+            for glob in globs:
+                if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+                    raise ValueError(
+                        f"layers.{key} glob {glob!r} matches no prunable layer; {listing}"
+                    )
+        chosen = [
+            n
+            for n in names
+            if (not self.include or any(fnmatch.fnmatchcase(n, g) for g in self.include))
+            and not any(fnmatch.fnmatchcase(n, g) for g in self.exclude)
+        ]
+        if self.exclude_classifier and names:
+            chosen = [n for n in chosen if n != names[-1]]
+        if not chosen:
+            raise ValueError(
+                f"the layer selection (include={list(self.include)}, "
+                f"exclude={list(self.exclude)}, exclude_classifier="
+                f"{self.exclude_classifier}) selects no layer; {listing}"
+            )
+        return chosen
+
+
 def attach_masks(model: nn.Module, *, straight_through: bool = False,
-                 mask_factory: Callable[..., WeightMask] = WeightMask) -> dict[str, WeightMask]:
+                 mask_factory: Callable[..., WeightMask] = WeightMask,
+                 layers: Collection[str] | None = None) -> dict[str, WeightMask]:
     """Register a mask (``mask_factory(shape, ...)``, a :class:`WeightMask` by default) on the
-    weight of every prunable layer.
+    weight of every prunable layer, or of the prunable layers named in ``layers``.
 
     Idempotent: layers that already carry a mask keep it (its ``straight_through``
-    flag is updated). Returns ``{layer name: mask parametrization}``.
+    flag is updated). Returns ``{layer name: mask parametrization}``, in model order.
     """
     masks: dict[str, WeightMask] = {}
     for name, module in prunable_layers(model):
+        if layers is not None and name not in layers:
+            continue
         existing = get_mask(module)
         if existing is not None:
             existing.straight_through = straight_through
@@ -198,14 +276,21 @@ def effective_weight(module: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sparsity(model: nn.Module) -> float:
+def sparsity(model: nn.Module, layers: Collection[str] | None = None) -> float:
     """Fraction of prunable weights (Linear/Conv weights; biases and norms excluded) that are zero.
+
+    Over *every* prunable layer, masked or not — the model's sparsity as inference sees
+    it, so layers a pruner left out (see :class:`LayerSelection`) count as the dense
+    layers they are — or over the layers named in ``layers`` only
+    (:meth:`DynamicPruner.sparsity` passes its selected layers).
 
     Counts zeros of the *effective* weight, so weights that are exactly zero
     for another reason count too — they cost nothing at inference either way.
     """
     zeros, total = 0, 0
-    for _, module in prunable_layers(model):
+    for name, module in prunable_layers(model):
+        if layers is not None and name not in layers:
+            continue
         w = effective_weight(module)
         zeros += int((w == 0).sum())
         total += w.numel()
@@ -213,10 +298,11 @@ def sparsity(model: nn.Module) -> float:
 
 
 @torch.no_grad()
-def layer_sparsity(model: nn.Module) -> dict[str, float]:
-    """Per-layer fraction of zero effective weights."""
+def layer_sparsity(model: nn.Module, layers: Collection[str] | None = None) -> dict[str, float]:
+    """Per-layer fraction of zero effective weights: of every prunable layer (unmasked ones
+    included, at their natural sparsity, ~0), or of those named in ``layers``."""
     return {name: float((effective_weight(m) == 0).float().mean())
-            for name, m in prunable_layers(model)}
+            for name, m in prunable_layers(model) if layers is None or name in layers}
 
 
 @torch.no_grad()

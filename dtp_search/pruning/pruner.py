@@ -13,6 +13,18 @@ Only layers whose units are removable exactly take part (see
 :mod:`dtp_search.pruning.structure`): never the classifier, never a ResNet convolution
 that feeds a residual sum.
 
+Layer selection. ``layers`` (a :class:`~dtp_search.pruning.masks.LayerSelection`) names
+the prunable layers the pruner manages; only they get masks, and the others stay dense
+and are never written — not even the input columns of an unselected layer that consumes
+a pruned unit. That is still exact: a pruned unit emits exactly 0 (its row, bias and
+norm entries are masked), so those columns multiply zeros, and :func:`compact_model`
+removes them with the unit. A unit followed by a norm without affine entries emits a
+constant instead of 0, so such a layer takes part only when all of its consumers are
+selected (their columns are then masked). The network is traced whole, so an unselected
+layer still counts as a consumer and does not make its producers unprunable.
+:meth:`DynamicPruner.sparsity` is over the selected layers; ``sparsity(model)`` over
+every prunable layer.
+
 Collapse. ``min_keep`` is the fewest units a layer may keep — a fraction of the layer
 when < 1, a count when ≥ 1, nothing when 0. A policy decision that asks a layer for fewer
 is a *collapse*, handled as ``on_collapse`` says:
@@ -48,17 +60,20 @@ from torch import nn
 from dtp_search.pruning.criteria import GRANULARITIES, Criterion, Magnitude
 from dtp_search.pruning.masks import (
     PRUNABLE_TYPES,
+    LayerSelection,
     WeightMask,
     attach_mask,
     attach_masks,
     effective_weight,
+    layer_sparsity,
     original_weight,
+    prunable_layers,
     restore_masks,
     snapshot_masks,
     sparsity,
 )
 from dtp_search.pruning.policies import LayerView, ThresholdPolicy, Thresholds, global_threshold
-from dtp_search.pruning.structure import trace_units
+from dtp_search.pruning.structure import UnitGroup, trace_units
 
 COLLAPSE_ACTIONS = ("restore", "prune", "penalize")
 
@@ -120,12 +135,15 @@ class DynamicPruner:
         min_keep: units every layer keeps (fraction < 1, count ≥ 1, 0 = no protection).
         on_collapse: ``"restore"`` or ``"prune"``: what a decision under ``min_keep`` does.
         example_input: one input batch; needed to trace the network for structured units.
+        layers: the prunable layers to mask (``None``: all of them); the rest stay dense.
+            A selection that matches nothing raises ``ValueError`` (see :class:`LayerSelection`).
     """
 
     def __init__(self, model: nn.Module, policy: ThresholdPolicy,
                  criterion: Criterion | None = None, *, granularity: str = "weight",
                  min_keep: float = 0.01, on_collapse: str = "restore",
-                 example_input: torch.Tensor | None = None) -> None:
+                 example_input: torch.Tensor | None = None,
+                 layers: LayerSelection | None = None) -> None:
         self.model = model
         self.policy = policy
         self.criterion = criterion or Magnitude()
@@ -141,6 +159,9 @@ class DynamicPruner:
                                  f"allowed: {list(allowed)}")
         check_floor(min_keep, on_collapse)
         self.on_collapse = on_collapse
+        self.selection = layers if layers is not None else LayerSelection()
+        names = [name for name, _ in prunable_layers(model)]
+        selected = self.selection.select(names) if layers is not None else names
         self.restored: dict[str, int] = {}  # layer -> decisions the min_keep floor overrode
         self.floored: set[str] = set()  # layers whose current mask is the floor's
         self.recovered = 0  # units the policy turned back on (0 → 1), over the whole run
@@ -152,7 +173,7 @@ class DynamicPruner:
                 raise ValueError(f"granularity={granularity!r} needs example_input to trace the model")
             groups = trace_units(model, example_input)
         self.masks = attach_masks(model, straight_through=policy.recovers,
-                                  mask_factory=policy.mask_factory())
+                                  mask_factory=policy.mask_factory(), layers=set(selected))
         modules = dict(model.named_modules())
         self._layers: dict[str, _Layer] = {}
         self._inputs: dict[str, tuple[str, int]] = {}  # consumer -> (producer, factor)
@@ -163,6 +184,8 @@ class DynamicPruner:
                 continue
             group = groups.get(name)
             if group is None or not isinstance(module, _UNIT_TYPES[granularity]):
+                continue
+            if not self._exact(group, modules):
                 continue
             out = mask.mask.shape[0]
             layer = _Layer(name, module, mask, structured=True,
@@ -176,17 +199,30 @@ class DynamicPruner:
                                          attach_mask(norm_module, "bias")]
             self._layers[name] = layer
             for consumer in group.consumers:
-                self._inputs[consumer.name] = (name, consumer.factor)
+                if consumer.name in self.masks:  # unselected consumers stay untouched
+                    self._inputs[consumer.name] = (name, consumer.factor)
         if not self._layers:
             kinds = "/".join(t.__name__ for t in _UNIT_TYPES.get(granularity, PRUNABLE_TYPES))
+            among = "" if layers is None else f" among the selected layers {selected}"
+            selected_groups = {n: g for n, g in groups.items()
+                               if n in self.masks and g is not None and self._exact(g, modules)}
             raise ValueError(f"granularity={granularity!r}: this model has no {kinds} layer whose "
-                             "units can be removed exactly (classifier and residual outputs are "
-                             f"excluded); allowed here: {self.allowed_granularities(groups, modules)}")
+                             f"units can be removed exactly{among} (classifier and residual "
+                             "outputs are excluded); allowed here: "
+                             f"{self.allowed_granularities(selected_groups, modules)}")
         self.criterion.attach({name: layer.module for name, layer in self._layers.items()})
         self._magnitude = Magnitude()
         self._magnitude.attach({name: layer.module for name, layer in self._layers.items()})
         self.last_thresholds: Thresholds = {}
         self.finalized = False
+
+    def _exact(self, group: UnitGroup, modules: dict[str, nn.Module]) -> bool:
+        """Whether removing a unit of ``group`` is exact with this selection: a norm without
+        affine entries maps a pruned unit's 0 to a constant, which only the consumers'
+        masked columns cancel, so all of them must be selected."""
+        if all(getattr(modules[n], "affine", True) for n in group.norms):
+            return True
+        return all(c.name in self.masks for c in group.consumers)
 
     @staticmethod
     def allowed_granularities(groups: dict, modules: dict[str, nn.Module]) -> list[str]:
@@ -370,7 +406,14 @@ class DynamicPruner:
     # -- measuring ------------------------------------------------------------------
 
     def sparsity(self) -> float:
-        return sparsity(self.model)
+        """Fraction of zero effective weights over the selected (masked) layers — what the
+        policy's sparsity targets and the one-shot sweep refer to. Layers left out of the
+        selection are not counted: ``pruning.sparsity(model)`` counts every prunable layer."""
+        return sparsity(self.model, self.masks)
+
+    def layer_sparsity(self) -> dict[str, float]:
+        """Per-layer sparsity of the selected layers."""
+        return layer_sparsity(self.model, self.masks)
 
     def mean_threshold(self) -> float:
         """Size-weighted mean of the last thresholds (the global θ when all layers share one)."""
