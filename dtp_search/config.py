@@ -16,7 +16,13 @@ from optuna.storages import BaseStorage
 from dtp_search import space as search_space
 from dtp_search import storage as storages
 from dtp_search.errors import ConfigError
-from dtp_search.pruning import DynamicPruner, LayerSelection, build_criterion, build_policy
+from dtp_search.pruning import (
+    CRITERIA,
+    DynamicPruner,
+    LayerSelection,
+    build_criterion,
+    build_policy,
+)
 from dtp_search.pruning.pruner import check_floor
 from dtp_search.settings import PrunerSettings, Settings, check, register_schema
 from dtp_search.storage import mask_url
@@ -80,13 +86,39 @@ def floor_settings(policy_cfg: DictConfig) -> tuple[Any, Any]:
     return pruner.min_keep, pruner.on_collapse
 
 
+def criterion_args(pruner: PrunerSettings) -> dict[str, Any]:
+    """The arguments of the pruner's criterion: ``criterion_args`` itself (``{beta: 0}``),
+    or, when its keys are criterion names (``{taylor: {beta: 0}, gradient: {beta: 0}}``,
+    for a space that samples ``criterion``), the entry of the chosen criterion."""
+    args = dict(pruner.criterion_args)
+    if args and set(args) <= set(CRITERIA):
+        return dict(args.get(pruner.criterion) or {})
+    return args
+
+
+def check_policy(policy_cfg: DictConfig) -> None:
+    """Build what a policy node describes short of the model: raise ``ValueError`` (or
+    ``TypeError``) for bad arguments, and for a criterion that cannot score the chosen
+    granularity (``activation_gradient`` scores units, not weights)."""
+    pruner, params = PrunerSettings.split(policy_cfg)
+    policy = build_policy(pruner.name, params)
+    criterion = build_criterion(pruner.criterion, criterion_args(pruner))
+    for who, allowed in ((f"policy {pruner.name}", policy.granularities),
+                         (f"criterion {pruner.criterion}", criterion.granularities)):
+        if pruner.granularity not in allowed:
+            raise ValueError(f"{who} cannot prune granularity={pruner.granularity!r}; "
+                             f"allowed: {list(allowed)}")
+    check_floor(pruner.min_keep, pruner.on_collapse)
+    LayerSelection(include=tuple(pruner.layers.include), exclude=tuple(pruner.layers.exclude))
+
+
 def build_pruner(model: Any, policy_cfg: DictConfig, example_input: Any) -> DynamicPruner:
     """The pruner a policy node describes: the policy with its own arguments, and the
     criterion (with ``criterion_args``), granularity, ``min_keep``, ``on_collapse`` and
     layer selection of :class:`~dtp_search.settings.PrunerSettings`."""
     pruner, params = PrunerSettings.split(policy_cfg)
     return DynamicPruner(model, build_policy(pruner.name, params),
-                         build_criterion(pruner.criterion, pruner.criterion_args),
+                         build_criterion(pruner.criterion, criterion_args(pruner)),
                          granularity=pruner.granularity, min_keep=float(pruner.min_keep),
                          on_collapse=pruner.on_collapse, example_input=example_input,
                          layers=LayerSelection(include=tuple(pruner.layers.include),
@@ -108,6 +140,8 @@ def run_params(cfg: DictConfig) -> dict[str, Any]:
     out = {k: v for k, v in flat.items()
            if (k in keep or k.split(".", 1)[0] in ("model", "policy", "train"))
            and k not in ENGINE_KEYS}
+    # Empty lists (policy.layers.include=[]: all layers) say nothing in the runs table.
+    out = {k: v for k, v in out.items() if v != []}
     if out.get("model.arch") == out.get("model.name"):
         out.pop("model.arch", None)  # says nothing more than the name
     return out
@@ -131,26 +165,22 @@ def loggable(cfg: DictConfig) -> dict[str, Any]:
     return out
 
 
-def check_config(cfg: DictConfig) -> search_space.SearchSpace:
-    """Checks that need no data: raise :class:`ConfigError` before any work starts."""
+def check_config(cfg: DictConfig) -> tuple[Settings, search_space.SearchSpace]:
+    """Checks that need no data: raise :class:`ConfigError` before any work starts.
+    Returns the typed settings and the search space."""
     settings = settings_of(cfg)
-    make_early_stop(cfg)
+    make_early_stop(settings)
     storages.check_storage(settings.study.storage, settings.study.workers)
     space = search_space.parse_space(cfg)
     for name, node in search_space.policy_nodes(cfg).items():
         try:
-            pruner, params = PrunerSettings.split(node)
-            build_policy(pruner.name, params)
-            build_criterion(pruner.criterion, pruner.criterion_args)
-            check_floor(pruner.min_keep, pruner.on_collapse)
-            LayerSelection(include=tuple(pruner.layers.include),
-                           exclude=tuple(pruner.layers.exclude))
+            check_policy(node)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{policy_key(cfg, name)}: {exc}") from exc
     # Servers last: each probe may wait a few seconds for an answer.
     storages.check_reachable(settings.study.storage)
     check_tracking_uri(settings.tracking.uri)
-    return space
+    return settings, space
 
 
 def policy_key(cfg: DictConfig, name: str) -> str:
@@ -159,20 +189,14 @@ def policy_key(cfg: DictConfig, name: str) -> str:
 
 
 
-def allowed_changes(cfg: DictConfig) -> list[str]:
-    """``study.allow_changes``: the defining keys (or nodes, e.g. ``train``) a resumed
-    study may change (see :mod:`dtp_search.provenance`)."""
-    return list(settings_of(cfg).study.allow_changes)
-
-
-def make_storage(cfg: DictConfig) -> BaseStorage:
+def make_storage(s: Settings) -> BaseStorage:
     """The study's Optuna storage, with heartbeats and retries where Optuna has them."""
     return storages.make_storage(
-        str(cfg.study.storage), heartbeat_interval=int(cfg.search.heartbeat_interval),
-        grace_period=int(cfg.search.grace_period), max_retry=int(cfg.search.max_retry))
+        s.study.storage, heartbeat_interval=s.search.heartbeat_interval,
+        grace_period=s.search.grace_period, max_retry=s.search.max_retry)
 
 
-def make_early_stop(cfg: DictConfig) -> optuna.pruners.BasePruner:
+def make_early_stop(s: Settings) -> optuna.pruners.BasePruner:
     """Optuna's early stopping of hopeless trials (``early_stop=median|wilcoxon|none``,
     an Optuna pruner; "early stop" here so that "pruner" means weight pruning only) for a
     single-objective study.
@@ -182,8 +206,8 @@ def make_early_stop(cfg: DictConfig) -> optuna.pruners.BasePruner:
     partial result is a point, and no point is "worse than the median" of a Pareto front —
     so two-objective studies always run every fold (``NopPruner``).
     """
-    node = cfg.search.get("early_stop")
-    if len(cfg.search.objectives) > 1 or node is None:
+    node = s.search.early_stop
+    if len(s.search.objectives) > 1 or node is None:
         return optuna.pruners.NopPruner()
     try:
         return hydra.utils.instantiate(node)
@@ -193,13 +217,13 @@ def make_early_stop(cfg: DictConfig) -> optuna.pruners.BasePruner:
                           "optuna.pruners class") from exc
 
 
-def make_sampler(cfg: DictConfig, offset: int = 0) -> optuna.samplers.BaseSampler:
+def make_sampler(s: Settings, offset: int = 0) -> optuna.samplers.BaseSampler:
     """The configured sampler; a set seed is offset by ``offset`` (the trial number, see
-    :func:`objective`)."""
-    sampler_cfg = OmegaConf.to_container(cfg.search.sampler, resolve=True)
-    if sampler_cfg.get("seed") is not None:
-        sampler_cfg["seed"] = int(sampler_cfg["seed"]) + offset
+    :func:`dtp_search.trial.objective`)."""
+    sampler = dict(s.search.sampler)
+    if sampler.get("seed") is not None:
+        sampler["seed"] = int(sampler["seed"]) + offset
     try:
-        return hydra.utils.instantiate(sampler_cfg)
+        return hydra.utils.instantiate(sampler)
     except Exception as exc:
         raise ConfigError(f"search.sampler could not be built ({exc})") from exc

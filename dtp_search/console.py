@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from dtp_search.results import pareto_rows
+from dtp_search.settings import Settings
 from dtp_search.storage import mask_url
 
 
@@ -20,14 +21,14 @@ class Console:
         self.out = RichConsole(stderr=False, highlight=False)
         self._progress: Progress | None = None
 
-    def header(self, cfg: Any, study: Any, done: int, target: int, device: Any) -> None:
+    def header(self, settings: Settings, study: Any, done: int, target: int, device: Any) -> None:
         verb = "resuming" if done or study.trials else "starting"
-        self.out.print(f"[bold]dtp_search[/] {verb} study [cyan]{cfg.study.name}[/] "
-                       f"({done}/{target} complete) · policy={cfg.policy.name} "
-                       f"model={cfg.model.name} dataset={cfg.dataset.name} "
-                       f"folds={cfg.cv.folds} device={device}")
-        self.out.print(f"  optuna storage: {mask_url(str(cfg.study.storage))}", soft_wrap=True)
-        self.out.print(f"  mlflow store:   {mask_url(str(cfg.tracking.uri))}", soft_wrap=True)
+        self.out.print(f"[bold]dtp_search[/] {verb} study [cyan]{settings.study.name}[/] "
+                       f"({done}/{target} complete) · policy={settings.policy['name']} "
+                       f"model={settings.model.name} dataset={settings.dataset.name} "
+                       f"folds={settings.cv.folds} device={device}")
+        self.out.print(f"  optuna storage: {mask_url(settings.study.storage)}", soft_wrap=True)
+        self.out.print(f"  mlflow store:   {mask_url(settings.tracking.uri)}", soft_wrap=True)
 
     @contextlib.contextmanager
     def trials(self, target: int, done: int) -> Iterator[Callable[[Any, int], None]]:
@@ -61,9 +62,9 @@ class Console:
         finally:
             progress.remove_task(task)
 
-    def summary(self, study: Any, cfg: Any, ui_command: str) -> None:
+    def summary(self, study: Any, settings: Settings, ui_command: str) -> None:
         rows = pareto_rows(study)
-        table = Table(title=f"Pareto-optimal trials — {cfg.study.name}", show_lines=False)
+        table = Table(title=f"Pareto-optimal trials — {settings.study.name}", show_lines=False)
         numeric = ("trial", "CV accuracy", "sparsity", "test accuracy")
         for col in ("trial", "policy", "sampled values", "CV accuracy", "sparsity", "test accuracy"):
             table.add_column(col, justify="right" if col in numeric else "left")

@@ -30,18 +30,20 @@ import logging
 import os
 import re
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 
 from dtp_search.checkpoint import atomic_save
 from dtp_search.errors import DatasetError, reason
+from dtp_search.settings import DatasetSettings
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +93,22 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
 # --------------------------------------------------------------------------- loading
 
 
-def load_dataset(cfg: Any, cache_dir: str | os.PathLike | None = None) -> ImageDataset:
-    """Load the dataset described by the ``dataset`` config node.
+def _settings(settings: DatasetSettings | Mapping[str, Any]) -> DatasetSettings:
+    if isinstance(settings, DatasetSettings):
+        return settings
+    if isinstance(settings, DictConfig):
+        settings = OmegaConf.to_container(settings, resolve=True)
+    known = {f.name for f in fields(DatasetSettings)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise DatasetError(f"dataset.{unknown[0]} is not a setting; allowed keys of dataset: {sorted(known)}")
+    return DatasetSettings(**settings)
+
+
+def load_dataset(settings: DatasetSettings | Mapping[str, Any],
+                 cache_dir: str | os.PathLike | None = None) -> ImageDataset:
+    """Load the dataset the ``dataset`` settings describe (a mapping of some of its keys
+    is read as :class:`~dtp_search.settings.DatasetSettings` with defaults for the rest).
 
     Keys: ``kind`` (one of :data:`KINDS`), ``name``, ``path`` (ImageFolder root; for
     ``mnist`` also a folder of IDX files), ``root`` (torchvision download folder),
@@ -101,13 +117,14 @@ def load_dataset(cfg: Any, cache_dir: str | os.PathLike | None = None) -> ImageD
     computed on the training split), ``augment``, ``crop_padding``, ``skip_bad_files``
     (leave out ImageFolder files that cannot be decoded instead of stopping).
     """
+    cfg = _settings(settings)
     kind = cfg.kind
     if kind not in KINDS:
         raise DatasetError(f"dataset.kind={kind!r} is not supported; allowed: {list(KINDS)}")
-    skip = cfg.get("skip_bad_files", False)
+    skip = cfg.skip_bad_files
     if not isinstance(skip, bool):
         raise DatasetError(f"dataset.skip_bad_files={skip!r} is not allowed; allowed: true, false")
-    path = cfg.get("path")
+    path = cfg.path
     if kind == "digits":
         train, test, classes = _load_digits(cfg)
     elif path and kind == "mnist":
@@ -121,13 +138,13 @@ def load_dataset(cfg: Any, cache_dir: str | os.PathLike | None = None) -> ImageD
     else:
         raise DatasetError("dataset.path is required for dataset=imagefolder "
                            "(a folder with train/<class>/* and test/<class>/*)")
-    mean, std = cfg.get("mean"), cfg.get("std")
+    mean, std = cfg.mean, cfg.std
     if mean is None or std is None:
         mean, std = channel_stats(train.images)
     return ImageDataset(
         name=cfg.name, train=train, test=test, classes=list(classes),
         mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
-        augment=bool(cfg.get("augment", False)), crop_padding=int(cfg.get("crop_padding", 4)),
+        augment=bool(cfg.augment), crop_padding=int(cfg.crop_padding),
     )
 
 
@@ -150,7 +167,7 @@ def stratified_subset(labels: np.ndarray, limit: int | None, seed: int = 0) -> n
     return np.sort(idx)
 
 
-def _load_digits(cfg: Any) -> tuple[Split, Split, list[str]]:
+def _load_digits(cfg: DatasetSettings) -> tuple[Split, Split, list[str]]:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -159,16 +176,16 @@ def _load_digits(cfg: Any) -> tuple[Split, Split, list[str]]:
     images = np.clip(np.rint(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)[:, None]
     labels = bunch.target.astype(np.int64)
     # A fixed split (its own seed, not the study's) so the test set never changes.
-    tr, te = train_test_split(np.arange(len(labels)), test_size=float(cfg.get("test_fraction", 0.2)),
-                              stratify=labels, random_state=int(cfg.get("split_seed", 0)))
-    tr = tr[stratified_subset(labels[tr], cfg.get("train_limit"))]
-    te = te[stratified_subset(labels[te], cfg.get("test_limit"))]
+    tr, te = train_test_split(np.arange(len(labels)), test_size=float(cfg.test_fraction),
+                              stratify=labels, random_state=int(cfg.split_seed))
+    tr = tr[stratified_subset(labels[tr], cfg.train_limit)]
+    te = te[stratified_subset(labels[te], cfg.test_limit)]
     classes = [str(c) for c in bunch.target_names]
     return (Split(torch.from_numpy(images[tr]), torch.from_numpy(labels[tr])),
             Split(torch.from_numpy(images[te]), torch.from_numpy(labels[te])), classes)
 
 
-def _load_torchvision_cifar10(cfg: Any, cache_dir: Any) -> tuple[Split, Split, list[str]]:
+def _load_torchvision_cifar10(cfg: DatasetSettings, cache_dir: Any) -> tuple[Split, Split, list[str]]:
     """torchvision's CIFAR-10 (downloaded into ``dataset.root`` when ``dataset.download``)."""
     from torchvision.datasets import CIFAR10
 
@@ -177,7 +194,7 @@ def _load_torchvision_cifar10(cfg: Any, cache_dir: Any) -> tuple[Split, Split, l
     classes: list[str] = []
     for train in (True, False):
         try:
-            ds = CIFAR10(root=str(root), train=train, download=bool(cfg.get("download", True)))
+            ds = CIFAR10(root=str(root), train=train, download=bool(cfg.download))
         except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted."
             raise DatasetError(
                 f"CIFAR-10 not found under dataset.root={str(root)!r} ({exc}). Either allow the "
@@ -195,7 +212,7 @@ def _load_torchvision_cifar10(cfg: Any, cache_dir: Any) -> tuple[Split, Split, l
             ) from exc
         images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
         labels = np.asarray(ds.targets, dtype=np.int64)
-        keep = stratified_subset(labels, cfg.get("train_limit" if train else "test_limit"))
+        keep = stratified_subset(labels, cfg.train_limit if train else cfg.test_limit)
         splits.append(Split(images[keep].contiguous(), torch.from_numpy(labels[keep])))
         classes = list(ds.classes)
     return splits[0], splits[1], classes
@@ -281,7 +298,7 @@ def _idx_file(folder: Path, name: str) -> Path:
     )
 
 
-def _load_mnist_path(cfg: Any, root: Path, cache_dir: Any) -> tuple[Split, Split, list[str]]:
+def _load_mnist_path(cfg: DatasetSettings, root: Path, cache_dir: Any) -> tuple[Split, Split, list[str]]:
     """MNIST from ``dataset.path``: the IDX files, else an ImageFolder tree."""
     root = root.expanduser().resolve()
     if not root.is_dir():
@@ -328,20 +345,20 @@ def _mnist_classes() -> list[str]:
 
 
 def _mnist_split(
-    cfg: Any, images: torch.Tensor, labels: torch.Tensor, split: str, source: str
+    cfg: DatasetSettings, images: torch.Tensor, labels: torch.Tensor, split: str, source: str
 ) -> Split:
     """``uint8 [N, 28, 28]`` and labels → a stratified subset, ``[N, C, H, W]`` as configured."""
     bad = labels[(labels < 0) | (labels >= 10)]
     if len(bad):
         raise DatasetError(f"{source} holds label {int(bad[0])}; MNIST labels are 0..9")
-    keep = torch.from_numpy(stratified_subset(labels.numpy(), cfg.get(f"{split}_limit")))
+    keep = torch.from_numpy(stratified_subset(labels.numpy(), getattr(cfg, f"{split}_limit")))
     x = images[keep].unsqueeze(1)
-    size = cfg.get("image_size")
+    size = cfg.image_size
     if size is not None and tuple(x.shape[2:]) != (int(size), int(size)):
         from torchvision.transforms.v2.functional import resize
 
         x = resize(x, [int(size)] * 2, antialias=True)
-    channels = cfg.get("channels")
+    channels = cfg.channels
     if channels not in (None, 1, 3):
         raise DatasetError(f"dataset.channels={channels} is not supported; allowed: 1, 3, null")
     if channels == 3:  # grayscale repeated, for models built for RGB input
@@ -349,7 +366,7 @@ def _mnist_split(
     return Split(x.contiguous(), labels[keep].contiguous())
 
 
-def _load_torchvision_mnist(cfg: Any) -> tuple[Split, Split, list[str]]:
+def _load_torchvision_mnist(cfg: DatasetSettings) -> tuple[Split, Split, list[str]]:
     """torchvision's MNIST (downloaded into ``dataset.root`` when ``dataset.download``).
 
     Its ``.data`` and ``.targets`` tensors are used directly: no PIL image per sample.
@@ -357,7 +374,7 @@ def _load_torchvision_mnist(cfg: Any) -> tuple[Split, Split, list[str]]:
     from torchvision.datasets import MNIST
 
     root = Path(cfg.root).expanduser()
-    download = bool(cfg.get("download", True))
+    download = bool(cfg.download)
     splits = []
     for split in ("train", "test"):
         try:
@@ -408,7 +425,7 @@ def _tree_stamp(root: Path) -> list[tuple[str, int]]:
 
 
 def _load_imagefolder_splits(
-    cfg: Any, root: Path, cache_dir: Any
+    cfg: DatasetSettings, root: Path, cache_dir: Any
 ) -> tuple[Split, Split, list[str]]:
     root = root.expanduser().resolve()
     if not root.is_dir():
@@ -421,7 +438,7 @@ def _load_imagefolder_splits(
                 else ""
             )
         )
-    skip = cfg.get("skip_bad_files", False)
+    skip = cfg.skip_bad_files
     out, classes = [], None
     for split in ("train", "test"):
         split_root = root / split
@@ -432,9 +449,9 @@ def _load_imagefolder_splits(
             )
         s, split_classes = load_imagefolder(
             split_root,
-            channels=cfg.get("channels"),
-            image_size=cfg.get("image_size"),
-            limit=cfg.get(f"{split}_limit"),
+            channels=cfg.channels,
+            image_size=cfg.image_size,
+            limit=getattr(cfg, f"{split}_limit"),
             cache_dir=cache_dir,
             skip_bad_files=skip,
         )

@@ -13,12 +13,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
+
+from dtp_search.settings import ModelSettings
 
 MODELS = ("mlp", "lenet5", "simple_cnn", "vgg", "resnet20")
 
@@ -149,20 +152,35 @@ class ResNetCifar(nn.Module):
         return self.fc(out)
 
 
-def build_model(cfg: Any, in_shape: Sequence[int], num_classes: int) -> nn.Module:
-    """Build the model described by the ``model`` config node (key ``arch`` picks the class)."""
+def build_model(settings: ModelSettings | Mapping[str, Any], in_shape: Sequence[int],
+                num_classes: int) -> nn.Module:
+    """Build the model the ``model`` settings describe (``arch`` picks the class; a
+    mapping of some keys is read as :class:`~dtp_search.settings.ModelSettings`)."""
+    cfg = _settings(settings)
     c, h, w = (int(s) for s in in_shape)
     arch = cfg.arch
     if arch == "mlp":
-        return MLP(c * h * w, num_classes, hidden=list(cfg.get("hidden", (300, 100))))
+        return MLP(c * h * w, num_classes, hidden=list(_or(cfg.hidden, (300, 100))))
     if arch in ("lenet5", "simple_cnn"):
         default_pad = (2, 0) if arch == "lenet5" else (0, 0)
-        return LeNetStyle((c, h, w), num_classes, conv=list(cfg.get("conv", (6, 16))),
-                          fc=list(cfg.get("fc", (120, 84))), kernel_size=int(cfg.get("kernel_size", 5)),
-                          padding=list(cfg.get("padding") or default_pad), name=arch)
+        return LeNetStyle((c, h, w), num_classes, conv=list(_or(cfg.conv, (6, 16))),
+                          fc=list(_or(cfg.fc, (120, 84))), kernel_size=int(_or(cfg.kernel_size, 5)),
+                          padding=list(cfg.padding or default_pad), name=arch)
     if arch == "vgg":
         return VGG(c, num_classes, widths=list(cfg.widths))
     if arch == "resnet20":
-        return ResNetCifar(c, num_classes, n=int(cfg.get("depth_n", 3)),
-                           widths=list(cfg.get("widths", (16, 32, 64))))
+        return ResNetCifar(c, num_classes, n=int(_or(cfg.depth_n, 3)),
+                           widths=list(_or(cfg.widths, (16, 32, 64))))
     raise ValueError(f"model.arch={arch!r} is not supported; allowed: {list(MODELS)}")
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _settings(settings: ModelSettings | Mapping[str, Any]) -> ModelSettings:
+    if isinstance(settings, ModelSettings):
+        return settings
+    if isinstance(settings, DictConfig):
+        settings = OmegaConf.to_container(settings, resolve=True)
+    return ModelSettings(**settings)

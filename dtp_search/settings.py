@@ -384,6 +384,10 @@ class Settings:
         OmegaConf's errors for missing values, ``ValueError`` for a key the schema does
         not have; :func:`check` is separate)."""
         _refuse_unknown(cfg, cls, "")
+        if OmegaConf.get_type(cfg) is not cls:
+            # A plain copy (the search space's, or a trial's stored config): merged into
+            # the schema, so it is typed and takes the defaults of keys added since.
+            cfg = OmegaConf.merge(OmegaConf.structured(cls), cfg)
         return OmegaConf.to_object(cfg)
 
 

@@ -22,13 +22,13 @@ from dtp_search import space as search_space
 from dtp_search import storage as storages
 from dtp_search.config import (
     ConfigError,
-    allowed_changes,
     build_pruner,
     check_config,
     make_early_stop,
     make_sampler,
     make_storage,
     policy_key,
+    settings_of,
 )
 from dtp_search.console import Console
 from dtp_search.data import ImageDataset, load_dataset
@@ -36,6 +36,8 @@ from dtp_search.models import build_model
 from dtp_search.refit import refit_study
 from dtp_search.report import compare_studies, log_report
 from dtp_search.results import FINISHED, n_finished, refresh_pareto
+from dtp_search.settings import Settings
+from dtp_search.storage import mask_url
 from dtp_search.tracking import StudyTracker, describe_dataset
 from dtp_search.training import DivergedError, resolve_device, stop_requested
 from dtp_search.trial import SearchContext, objective
@@ -52,51 +54,50 @@ def run_study(cfg: DictConfig) -> optuna.Study:
     or ``study.workers=N`` here): they admit trials one at a time under a lock on the
     study (:func:`_search`), so together they stop at exactly ``search.n_trials``.
     """
-    if str(cfg.get("mode", "search")) == "compare":
-        return compare(cfg)
-    space = check_config(cfg)
-    console = Console(enabled=bool(cfg.console.progress))
+    if cfg.get("mode") == "compare":
+        return compare(settings_of(cfg))
+    s, space = check_config(cfg)
+    console = Console(enabled=s.console.progress)
     is_worker = os.environ.get(WORKER_ENV) is not None
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
-    device = resolve_device(str(cfg.device))
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    device = resolve_device(s.device)
 
-    dataset = load_dataset(cfg.dataset, cache_dir=cfg.paths.cache_dir)
-    check_against_data(cfg, dataset)
-    refit_only = str(cfg.mode) == "refit"
-    url = str(cfg.study.storage)
-    info = describe_dataset(dataset, str(cfg.dataset.get("path") or cfg.dataset.kind))
-    study = _open_study(cfg, info.digest, is_worker)
+    dataset = load_dataset(s.dataset, cache_dir=s.paths.cache_dir)
+    check_against_data(cfg, s, dataset)
+    refit_only = s.mode == "refit"
+    url = s.study.storage
+    info = describe_dataset(dataset, s.dataset.path or s.dataset.kind)
+    study = _open_study(cfg, s, info.digest, is_worker)
 
     # One parent run per study, however many workers start at once: find-or-create runs
     # under the study's lock.
-    with storages.StudyLock(url, cfg.study.name, "mlflow-parent"):
-        tracker = StudyTracker(str(cfg.tracking.uri), str(cfg.tracking.experiment),
-                               cfg.study.name, artifact_location=cfg.tracking.get("artifact_location"))
+    with storages.StudyLock(url, s.study.name, "mlflow-parent"):
+        tracker = StudyTracker(s.tracking.uri, s.tracking.experiment, s.study.name,
+                               artifact_location=s.tracking.artifact_location)
     tracker.set_dataset(info)
     if not is_worker:
         tracker.share_view(dict.fromkeys(d.key for d in space.dimensions))
-    _fail_dead(study, cfg)
+    _fail_dead(study, s)
     tracker.close_orphans({t.number: t.state.name for t in study.get_trials(deepcopy=False)})
-    admission = storages.StudyLock(url, cfg.study.name, "admit")
-    ctx = SearchContext(cfg, dataset, space, tracker, console, device, study, admission)
+    admission = storages.StudyLock(url, s.study.name, "admit")
+    ctx = SearchContext(cfg, s, dataset, space, tracker, console, device, study, admission)
 
     done = n_finished(study)
-    target = done if refit_only else int(cfg.search.n_trials)
+    target = done if refit_only else s.search.n_trials
     if not is_worker:
-        console.header(cfg, study, done, target, device)
+        console.header(s, study, done, target, device)
     status = "FINISHED"
     try:
-        workers = int(cfg.study.get("workers", 1))
         if refit_only or done >= target:
             complete = True
-        elif workers > 1 and not is_worker:
-            complete = run_workers(cfg, study, target, console)
+        elif s.study.workers > 1 and not is_worker:
+            complete = run_workers(s, study, target, console)
         else:
             complete = _search(ctx, target)
         if not complete or is_worker:
             return study
-        _finish(cfg, study, space, dataset, tracker, device, console, refit_only)
+        _finish(ctx, refit_only)
     except BaseException:
         status = "KILLED"
         raise
@@ -105,60 +106,60 @@ def run_study(cfg: DictConfig) -> optuna.Study:
         if status == "KILLED" or _is_complete(study, target):
             tracker.finish(status)
     if not is_worker:
-        console.summary(study, cfg, tracker.ui_command())
+        console.summary(study, s, tracker.ui_command())
     return study
 
 
-def check_against_data(cfg: DictConfig, dataset: ImageDataset) -> None:
+def check_against_data(cfg: DictConfig, s: Settings, dataset: ImageDataset) -> None:
     """Checks that need the data: fold count against the smallest class, and the model
     and every policy's pruner built once, so that a model/dataset or granularity/model
     mismatch fails before the study is opened."""
     smallest_class = int(torch.bincount(dataset.train.labels).min())
-    if int(cfg.cv.folds) > smallest_class:
-        raise ConfigError(f"cv.folds={cfg.cv.folds} exceeds the smallest class of the training "
+    if s.cv.folds > smallest_class:
+        raise ConfigError(f"cv.folds={s.cv.folds} exceeds the smallest class of the training "
                           f"split ({smallest_class} samples); allowed: 2..{smallest_class}")
     try:
-        build_model(cfg.model, dataset.input_shape, dataset.num_classes)
+        build_model(s.model, dataset.input_shape, dataset.num_classes)
     except ValueError as exc:
-        raise ConfigError(f"model={cfg.model.name}: {exc}") from exc
+        raise ConfigError(f"model={s.model.name}: {exc}") from exc
     example = torch.zeros(1, *dataset.input_shape)
     for name, node in search_space.policy_nodes(cfg).items():
         try:
-            build_pruner(build_model(cfg.model, dataset.input_shape, dataset.num_classes),
+            build_pruner(build_model(s.model, dataset.input_shape, dataset.num_classes),
                          node, example)
         except ValueError as exc:
-            raise ConfigError(f"{policy_key(cfg, name)} with model={cfg.model.name}: "
+            raise ConfigError(f"{policy_key(cfg, name)} with model={s.model.name}: "
                               f"{exc}") from exc
 
 
-def _open_study(cfg: DictConfig, dataset_digest: str, is_worker: bool) -> optuna.Study:
+def _open_study(cfg: DictConfig, s: Settings, dataset_digest: str, is_worker: bool) -> optuna.Study:
     """Create the study, or open it and refuse a configuration that differs from the one
     that defined it (:mod:`dtp_search.provenance`), before writing anything to it."""
-    directions = list(cfg.search.directions)
-    url = str(cfg.study.storage)
-    storage = make_storage(cfg)
-    if str(cfg.mode) == "refit":
-        names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
-        if cfg.study.name not in names:
-            raise ConfigError(f"mode=refit: study.name={cfg.study.name!r} does not exist in "
+    directions = list(s.search.directions)
+    name, url = s.study.name, s.study.storage
+    storage = make_storage(s)
+    if s.mode == "refit":
+        names = {summary.study_name for summary in optuna.get_all_study_summaries(storage)}
+        if name not in names:
+            raise ConfigError(f"mode=refit: study.name={name!r} does not exist in "
                               f"{storages.mask_url(url)}; allowed: {sorted(names)}")
     # An existing study keeps its stored directions; a mismatch is caught before any write.
     # (create_study with load_if_exists is safe for concurrent workers: the unique study
     # name is the database's guard.)
-    study = optuna.create_study(study_name=cfg.study.name, storage=storage,
-                                directions=directions, load_if_exists=True)
+    study = optuna.create_study(study_name=name, storage=storage, directions=directions,
+                                load_if_exists=True)
     stored = [d.name.lower() for d in study.directions]
     if stored != directions:
-        raise ConfigError(f"study.name={cfg.study.name!r} already exists with directions "
+        raise ConfigError(f"study.name={name!r} already exists with directions "
                           f"{stored}, not {directions}; pick another study.name")
     defining = provenance.defining_config(cfg, dataset_digest)
-    allowed = provenance.check_unchanged(study, defining, allowed_changes(cfg))
-    study.sampler = make_sampler(cfg)
-    study.pruner = make_early_stop(cfg)
+    allowed = provenance.check_unchanged(study, defining, list(s.study.allow_changes))
+    study.sampler = make_sampler(s)
+    study.pruner = make_early_stop(s)
     if not is_worker:
         provenance.record_study(study, defining, allowed)
-        study.set_metric_names(list(cfg.search.objectives))
-        study.set_user_attr("objectives", list(cfg.search.objectives))
+        study.set_metric_names(list(s.search.objectives))
+        study.set_user_attr("objectives", list(s.search.objectives))
     return study
 
 
@@ -168,7 +169,7 @@ def _is_complete(study: optuna.Study, target: int) -> bool:
             and not any(t.state == TrialState.RUNNING for t in trials))
 
 
-def _fail_dead(study: optuna.Study, cfg: DictConfig) -> None:
+def _fail_dead(study: optuna.Study, s: Settings) -> None:
     """Fail (and re-queue) trials whose worker died: Optuna's heartbeat check on RDB
     storages; and on the file storages (SQLite, journal), whose workers all run on this
     machine, process liveness — at once, without waiting for the grace period (the
@@ -176,8 +177,8 @@ def _fail_dead(study: optuna.Study, cfg: DictConfig) -> None:
     containers can share a host name without sharing process ids."""
     if storages.has_heartbeat(study._storage):
         optuna.storages.fail_stale_trials(study)
-    if storages.local_path(str(cfg.study.storage)) is not None:
-        storages.fail_dead_trials(study, int(cfg.search.max_retry))
+    if storages.local_path(s.study.storage) is not None:
+        storages.fail_dead_trials(study, s.search.max_retry)
 
 
 def _search(ctx: SearchContext, target: int) -> bool:
@@ -189,8 +190,8 @@ def _search(ctx: SearchContext, target: int) -> bool:
     them may belong to a dead worker, and once the heartbeat declares it stale this
     worker runs its retry (same parameters, resumed from its checkpoint).
     """
-    cfg, study, console, tracker = ctx.cfg, ctx.study, ctx.console, ctx.tracker
-    poll = max(1.0, min(5.0, float(cfg.search.heartbeat_interval)))
+    s, study, console, tracker = ctx.settings, ctx.study, ctx.console, ctx.tracker
+    poll = max(1.0, min(5.0, float(s.search.heartbeat_interval)))
     failures, waiting_since = 0, None
     with console.trials(target, n_finished(study)) as advance:
         def after_trial(s: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
@@ -202,10 +203,10 @@ def _search(ctx: SearchContext, target: int) -> bool:
             # died) must not stay RUNNING in MLflow.
             tracker.close_orphans({ft.number: ft.state.name for ft in trials})
 
-        while failures < int(cfg.search.max_failures):
+        while failures < s.search.max_failures:
             if stop_requested() is not None:  # a signal arrived between trials
                 raise KeyboardInterrupt(stop_requested())
-            _fail_dead(study, cfg)
+            _fail_dead(study, s)
             ctx.admission.acquire()
             try:
                 trials = study.get_trials(deepcopy=False)
@@ -219,7 +220,7 @@ def _search(ctx: SearchContext, target: int) -> bool:
                         waiting_since = time.monotonic()
                         log.info("waiting for running trial(s) %s of other workers (a dead "
                                  "worker's trial is retried after search.grace_period=%ss)",
-                                 [t.number for t in running], cfg.search.grace_period)
+                                 [t.number for t in running], s.search.grace_period)
                     tracker.close_orphans({t.number: t.state.name for t in trials})
                     time.sleep(poll)
                     continue
@@ -237,36 +238,35 @@ def _search(ctx: SearchContext, target: int) -> bool:
     return True
 
 
-def _finish(cfg: DictConfig, study: optuna.Study, space: search_space.SearchSpace,
-            dataset: ImageDataset, tracker: StudyTracker, device: torch.device,
-            console: Console, refit_only: bool) -> None:
+def _finish(ctx: SearchContext, refit_only: bool) -> None:
     """Refit and report, once per study: the first worker to get here with no trial left
     running does it; the others see the lock taken (or the refits done) and skip."""
-    lock = storages.StudyLock(str(cfg.study.storage), cfg.study.name, "refit")
+    s, study, tracker = ctx.settings, ctx.study, ctx.tracker
+    lock = storages.StudyLock(s.study.storage, s.study.name, "refit")
     if not lock.acquire(blocking=False):
-        log.info("another worker is refitting study %s", cfg.study.name)
+        log.info("another worker is refitting study %s", s.study.name)
         return
     try:
         if any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
             log.info("trials are still running in other workers; the last one to finish refits")
             return
-        if refit_only or bool(cfg.refit.enabled):
-            refit_study(cfg, study, space, dataset, tracker, device, console)
+        if refit_only or s.refit.enabled:
+            refit_study(ctx.cfg, study, ctx.space, ctx.dataset, tracker, ctx.device, ctx.console)
         log_report(study, tracker)
     finally:
         lock.release()
 
 
-def compare(cfg: DictConfig) -> None:
+def compare(s: Settings) -> None:
     """``mode=compare study.names=[a,b]``: overlay the studies' Pareto fronts in one figure."""
-    names = list(cfg.study.get("names") or [])
-    storages.check_reachable(str(cfg.study.storage))
-    storage = make_storage(cfg)
+    names = list(s.study.names or [])
+    storages.check_reachable(s.study.storage)
+    storage = make_storage(s)
     known = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
     missing = [n for n in names if n not in known]
     if not names or missing:
         raise ConfigError(f"mode=compare: study.names={names} must list existing studies of "
-                          f"{cfg.study.storage}; allowed: {known}")
-    path = compare_studies(storage, names, str(cfg.paths.root))
+                          f"{mask_url(s.study.storage)}; allowed: {known}")
+    path = compare_studies(storage, names, s.paths.root)
     Console(enabled=False).out.print(f"Pareto fronts of {', '.join(names)} overlaid in {path}",
                                      soft_wrap=True)

@@ -21,16 +21,17 @@ from dtp_search import storage as storages
 from dtp_search.checkpoint import TrialCheckpoint, describe
 from dtp_search.config import (
     build_pruner,
+    check_policy,
     config_yaml,
     floor_settings,
     make_sampler,
-    policy_params,
     run_params,
 )
 from dtp_search.console import Console
 from dtp_search.data import ImageDataset
 from dtp_search.models import build_model
-from dtp_search.pruning import LayerCollapse, build_policy
+from dtp_search.pruning import LayerCollapse
+from dtp_search.settings import Settings
 from dtp_search.tracking import StudyTracker
 from dtp_search.training import CVResult, EpochRecord, FoldResult, TrainSettings, cross_validate
 from dtp_search.warmstart import WarmStartCache
@@ -44,7 +45,11 @@ MEAN_EPOCH_METRICS = ("loss", "val_accuracy", "sparsity", "threshold", "recovere
 
 @dataclass
 class SearchContext:
+    """What every trial of one run shares. ``cfg`` is the composed config that the
+    search space samples into; ``settings`` is its typed form."""
+
     cfg: DictConfig
+    settings: Settings
     dataset: ImageDataset
     space: search_space.SearchSpace
     tracker: StudyTracker
@@ -77,8 +82,8 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
     t = _start(trial, ctx)
     try:
         try:
-            build_policy(t.policy, policy_params(t.tcfg.policy))  # sampled combinations can still be invalid
-        except ValueError as exc:
+            check_policy(t.tcfg.policy)  # sampled combinations can still be invalid
+        except (ValueError, TypeError) as exc:
             raise _pruned(trial, t.run, f"invalid sampled policy: {exc}") from exc
         result, fronts = _cross_validate(t, ctx)
         values = _record(t, ctx, result, fronts)
@@ -110,11 +115,11 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
 def _start(trial: optuna.Trial, ctx: SearchContext) -> _Trial:
     """Sample the trial, release the admission lock, and open its checkpoint and run."""
     cfg = ctx.cfg
-    if cfg.search.sampler.get("seed") is not None:
+    if (ctx.settings.search.sampler or {}).get("seed") is not None:
         # A set seed is offset by the trial number: reproducible for one worker, and
         # distinct for workers that start together (no duplicated random start-up
         # points) and for resumed runs (no replayed samples).
-        ctx.study.sampler = make_sampler(cfg, offset=trial.number)
+        ctx.study.sampler = make_sampler(ctx.settings, offset=trial.number)
     policy_name, sampled = search_space.sample(trial, ctx.space)
     # The trial exists (RUNNING) and holds its parameters: other workers may now count
     # it and sample around it (constant liar).

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import optuna
 import torch
-from omegaconf import DictConfig
 
 from dtp_search.console import Console
 from dtp_search.results import FINISHED
+from dtp_search.settings import Settings
 from dtp_search.training import stop_requested
 
 log = logging.getLogger(__name__)
@@ -50,13 +50,13 @@ def _gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def worker_commands(cfg: DictConfig, overrides: list[str], log_dir: Path
+def worker_commands(settings: Settings, overrides: list[str], log_dir: Path
                     ) -> list[tuple[list[str], dict[str, str], Path]]:
     """``(argv, environment, log file)`` for each of the ``study.workers`` processes."""
-    n = int(cfg.study.workers)
-    total_threads = int(cfg.threads) if cfg.get("threads") else (os.cpu_count() or 1)
+    n = settings.study.workers
+    total_threads = settings.threads or os.cpu_count() or 1
     threads = max(1, total_threads // n)
-    gpus = _gpus() if str(cfg.device) in ("auto", "cuda") else []
+    gpus = _gpus() if str(settings.device) in ("auto", "cuda") else []
     keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in
             ("study.workers", "threads", "console.progress", "hydra.run.dir")]
     out = []
@@ -70,12 +70,12 @@ def worker_commands(cfg: DictConfig, overrides: list[str], log_dir: Path
     return out
 
 
-def run_workers(cfg: DictConfig, study: optuna.Study, target: int, console: Console) -> bool:
+def run_workers(settings: Settings, study: optuna.Study, target: int, console: Console) -> bool:
     """Start the workers, show the study's progress, wait for them; True when the study
     holds ``target`` finished trials."""
-    log_dir = Path(cfg.paths.root) / "workers" / f"{cfg.study.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    log_dir = Path(settings.paths.root) / "workers" / f"{settings.study.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     log_dir.mkdir(parents=True, exist_ok=True)
-    commands = worker_commands(cfg, _overrides(), log_dir)
+    commands = worker_commands(settings, _overrides(), log_dir)
     console.out.print(f"  {len(commands)} workers, logs in {log_dir}", soft_wrap=True)
     procs: list[tuple[subprocess.Popen, Path]] = []
 
