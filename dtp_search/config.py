@@ -15,6 +15,7 @@ from optuna.storages import BaseStorage
 
 from dtp_search import space as search_space
 from dtp_search import storage as storages
+from dtp_search.early_stop import ParetoFoldStop
 from dtp_search.errors import ConfigError
 from dtp_search.pruning import (
     CRITERIA,
@@ -197,24 +198,30 @@ def make_storage(s: Settings) -> BaseStorage:
 
 
 def make_early_stop(s: Settings) -> optuna.pruners.BasePruner:
-    """Optuna's early stopping of hopeless trials (``early_stop=median|wilcoxon|none``,
-    an Optuna pruner; "early stop" here so that "pruner" means weight pruning only) for a
-    single-objective study.
+    """The study's early stopping of hopeless trials between folds (``early_stop=``; an
+    Optuna pruner, called "early stop" here so that "pruner" means weight pruning only).
 
-    Steps are folds: a trial reports each fold's value and may stop after it. Optuna's
-    ``report``/``should_prune`` do not exist for multi-objective studies — a trial's
-    partial result is a point, and no point is "worse than the median" of a Pareto front —
-    so two-objective studies always run every fold (``NopPruner``).
+    Steps are folds. One objective: the configured Optuna pruner (``median``,
+    ``wilcoxon``, ``pareto``, ``none`` or any ``optuna.pruners`` class) sees each fold's
+    value through ``trial.report``. Several objectives: Optuna's ``report`` and
+    ``should_prune`` do not exist there, so :class:`~dtp_search.early_stop.ParetoFoldStop`
+    decides — the configured one (``early_stop=pareto``), or one with its defaults when
+    a single-objective pruner is configured (``median``, the default); ``early_stop=none``
+    runs every fold.
     """
     node = s.search.early_stop
-    if len(s.search.objectives) > 1 or node is None:
+    if node is None:
         return optuna.pruners.NopPruner()
     try:
-        return hydra.utils.instantiate(node)
+        built = hydra.utils.instantiate(node)
     except Exception as exc:
         raise ConfigError(f"search.early_stop could not be built ({exc}); allowed: "
-                          "early_stop=median, early_stop=wilcoxon, early_stop=none or any "
-                          "optuna.pruners class") from exc
+                          "early_stop=median, early_stop=wilcoxon, early_stop=pareto, "
+                          "early_stop=none or any optuna.pruners class") from exc
+    if len(s.search.objectives) > 1 and not isinstance(
+            built, (ParetoFoldStop, optuna.pruners.NopPruner)):
+        return ParetoFoldStop()
+    return built
 
 
 def make_sampler(s: Settings, offset: int = 0) -> optuna.samplers.BaseSampler:

@@ -37,6 +37,7 @@ from dtp_search.pruning import FrontPoint, LayerCollapse, one_shot_sweep, strip_
 from dtp_search.results import pareto_rows
 from dtp_search.tracking import StudyTracker, plot_layer_sparsity
 from dtp_search.training import (
+    FrontSettings,
     TrainSettings,
     attach_feedback,
     eval_batches,
@@ -109,8 +110,8 @@ def refit_trial(tcfg: DictConfig, dataset: ImageDataset, device: torch.device,
     monitor_idx = stratified_subset(labels, MONITOR_SAMPLES, seed)
     train = train_batches(dataset, idx, settings, seed, device)
     monitor = eval_batches(dataset, dataset.train, monitor_idx, settings, device)
-    result = prune_and_train(model, pruner, train, monitor, settings, front_points=0,
-                             on_epoch=on_epoch)
+    result = prune_and_train(model, pruner, train, monitor, settings,
+                             front=FrontSettings(points=0), on_epoch=on_epoch)
     # The one read of the test split: final accuracy and the sweep from the final masks.
     test = eval_batches(dataset, dataset.test, np.arange(len(dataset.test.labels)), settings,
                         device)

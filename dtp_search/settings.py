@@ -239,7 +239,9 @@ class TrainSettings:
     finetune_lr_schedule: str = rule("cosine", choices=(*LR_SCHEDULES, CONTINUE))
     finetune_lr_scale: float = rule(0.1, low=0)
     label_smoothing: float = rule(0.0, low=0, high=1)
-    l1: float = rule(0.0, low=0)  # λ of the penalty λ·Σ|W ⊙ M| over prunable weights
+    l1: float = rule(0.0, low=0)  # λ of the penalty λ·Σ|W ⊙ M| over the pruned layers' weights
+    l1_start_epoch: int = rule(0, low=0)  # epochs (from the first) trained without the penalty
+    l1_bias: bool = False  # the penalty covers the pruned layers' biases too
     channels_last: bool = True  # NHWC memory format for conv nets (faster on CPU and GPU)
     amp: bool = True  # CUDA only: bf16 autocast for forward passes
     compile: bool = False  # torch.compile the model for training (any device)

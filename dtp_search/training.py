@@ -7,10 +7,11 @@ Neither function knows about Optuna or MLflow: callers observe progress through 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import statistics
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,7 @@ from dtp_search.pruning import (
     layer_sparsity,
     one_shot_sweep,
 )
-from dtp_search.settings import CONTINUE, LR_SCHEDULES, TrainSettings
+from dtp_search.settings import CONTINUE, LR_SCHEDULES, FrontSettings, TrainSettings
 from dtp_search.warmstart import WarmStartCache, cache_key
 
 
@@ -143,15 +144,21 @@ def make_lr_scheduler(opt: torch.optim.Optimizer, schedule: str,
                      f"allowed: {list(LR_SCHEDULES)}")
 
 
+@dataclass
+class WarmStart:
+    """The dense warm-start cache of :func:`prune_and_train`, and what its keys cannot see."""
+
+    cache: WarmStartCache
+    context: Any = None  # hashed into every key: the dataset's config (the key sees only indices)
+
+
 def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatches,
                     val: TensorBatches, settings: TrainSettings, *,
-                    front_points: int = 10, front_max_sparsity: float = 0.995,
-                    front_update_samples: int | None = 1000,
+                    front: FrontSettings | None = None,
                     on_epoch: Callable[[EpochRecord], None] | None = None,
                     on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
                     resume: dict[str, Any] | None = None,
-                    warm_start: WarmStartCache | None = None,
-                    warm_start_context: Any = None) -> FoldResult:
+                    warm_start: WarmStart | None = None) -> FoldResult:
     """Train ``model`` while ``pruner`` moves its masks, fine-tune, and measure its front.
 
     1. *Pruning phase* (``settings.epochs``): SGD/AdamW under ``settings.lr_schedule``
@@ -162,22 +169,26 @@ def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
        weights are fine-tuned: a fresh optimizer at ``lr · finetune_lr_scale`` under
        ``settings.finetune_lr_schedule``, or, with ``"continue"``, the pruning phase's
        optimizer and schedule, which then span both phases.
-    3. *Front*: (sparsity, validation accuracy) after mask updates (at most four per
-       epoch: policies such as splicing update at almost every step), for the final
-       model, and for a one-shot sweep of higher global thresholds (see
+    3. *Front* (``front``, default :class:`FrontSettings()`): (sparsity, validation
+       accuracy) after mask updates (at most four per epoch: policies such as splicing
+       update at almost every step), for the final model, and for a one-shot sweep of
+       ``front.points`` higher global thresholds up to ``front.max_sparsity`` (see
        :func:`dtp_search.pruning.one_shot_sweep`). The update points are scored on a
-       class-stratified subset of ``front_update_samples`` validation samples (``None``:
+       class-stratified subset of ``front.update_samples`` validation samples (``None``:
        all): up to four full passes over the fold per epoch would cost more than the
        epoch's training itself, for points that only trace the trajectory. The per-epoch
        curve, the final model and the sweep use the whole fold.
 
-    With ``settings.l1 = λ > 0`` the loss is CE + λ·Σ_l ‖W_l ⊙ M_l‖₁ in both phases.
+    With ``settings.l1 = λ > 0`` the loss is CE + λ·Σ_l ‖W_l ⊙ M_l‖₁ over the layers the
+    pruner masks (plus λ·Σ_l ‖b_l‖₁ with ``settings.l1_bias``), from the epoch with
+    0-based index ``settings.l1_start_epoch`` on (``EpochRecord.epoch − 1``: counted from
+    the pruning phase's first epoch, on through fine-tuning); before it, plain CE.
 
     Conv nets run on channels-last tensors (``settings.channels_last``: the batches come
     so from :func:`train_batches`/:func:`eval_batches`); on CUDA the forward passes run
     under bf16 autocast (``settings.amp``); ``settings.compile`` trains through
     ``torch.compile(model)`` (mask updates write buffers in place, so they do not
-    recompile it).
+    recompile it). ``on_epoch`` receives every :class:`EpochRecord`.
 
     Checkpoints. After every epoch ``on_checkpoint`` receives the complete training
     state (model, optimizer, scheduler, pruner, the batch order's and torch's random
@@ -187,165 +198,241 @@ def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
 
     Dense warm start. When the policy leaves the network dense for its first ``d``
     epochs (:meth:`~dtp_search.pruning.ThresholdPolicy.dense_epochs`) and ``warm_start``
-    is given, the state after those epochs is taken from the cache if a trial with the
+    is given, the state after those epochs is taken from its cache if a trial with the
     same data, model initialisation, optimiser settings and ``d`` stored it (their epoch
     records are passed to ``on_epoch`` as if trained), or stored there once trained.
-    ``warm_start_context`` names what the key cannot see: the dataset.
     """
-    steps_per_epoch = len(train)
-    if steps_per_epoch == 0:
-        raise ValueError("the training fold is smaller than one batch; lower train.batch_size")
-    cuda = train.device.type == "cuda"
-    if settings.channels_last:
-        model.to(memory_format=torch.channels_last)  # 4-d parameters only
+    trainer = FoldTrainer(model, pruner, train, val, settings, front or FrontSettings(),
+                          on_epoch=on_epoch, on_checkpoint=on_checkpoint, warm_start=warm_start)
+    return trainer.run(resume)
 
-    def amp() -> contextlib.AbstractContextManager:
-        return (torch.autocast("cuda", dtype=torch.bfloat16) if cuda and settings.amp
+
+class FoldTrainer:
+    """One fold's training (:func:`prune_and_train`): the model, pruner, batches and
+    settings, and the state that changes while it trains (history, front, the live
+    optimizer and schedule, the step counter)."""
+
+    def __init__(self, model: nn.Module, pruner: DynamicPruner, train: TensorBatches,
+                 val: TensorBatches, settings: TrainSettings, front: FrontSettings, *,
+                 on_epoch: Callable[[EpochRecord], None] | None = None,
+                 on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+                 warm_start: WarmStart | None = None) -> None:
+        self.steps_per_epoch = len(train)
+        if self.steps_per_epoch == 0:
+            raise ValueError("the training fold is smaller than one batch; lower train.batch_size")
+        self.model, self.pruner, self.train, self.val = model, pruner, train, val
+        self.settings, self.front_settings = settings, front
+        self.on_epoch, self.on_checkpoint, self.warm_start = on_epoch, on_checkpoint, warm_start
+        self.autocast = train.device.type == "cuda" and settings.amp
+        if settings.channels_last:
+            model.to(memory_format=torch.channels_last)  # 4-d parameters only
+        self.forward = torch.compile(model) if settings.compile else model
+        samples = front.update_samples
+        self.update_val = val if not samples else val.subsample(int(samples))
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
+        # The penalty reaches the layers the policy prunes (policy.layers), not those kept dense.
+        modules = dict(model.named_modules())
+        self.l1_layers = [modules[n] for n in pruner.masks] if settings.l1 > 0 else []
+        self.history: list[EpochRecord] = []
+        self.front: list[FrontPoint] = []
+        self.front_gap = max(1, self.steps_per_epoch // 4)
+        self.last_front_step = -self.front_gap
+        self.done_epochs = 0  # epochs finished before this run (a checkpoint's, the cache's)
+        self.dense_epochs = 0
+        self.warm_key: str | None = None
+        self.warmed = 0  # dense epochs taken from the warm-start cache
+        self.resume: dict[str, Any] | None = None  # the state this run continues from
+        self.opt: torch.optim.Optimizer | None = None  # the live optimizer and schedule
+        self.sched: Any = None
+        self.step = 0  # optimizer steps, counted across both phases
+
+    def run(self, resume: dict[str, Any] | None = None) -> FoldResult:
+        """Train both phases (after ``resume``'s epochs, or the warm start's); measure the front."""
+        resume = self._warm_start(resume)
+        if resume is not None:
+            self._restore(resume)
+        self.resume = resume
+        self.model.train()
+        s = self.settings
+        self._run_phase("prune", s.epochs, 1, update_masks=True)
+        if not self.pruner.finalized:
+            self.pruner.finalize()
+        self._run_phase("finetune", s.finetune_epochs, s.epochs + 1, update_masks=False)
+        return self._result()
+
+    def _warm_start(self, resume: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The state to continue from: ``resume``, else the cached dense epochs, if any."""
+        if self.warm_start is None:
+            return resume
+        self.dense_epochs = self.pruner.policy.dense_epochs(self.settings.epochs)
+        if self.dense_epochs <= 0:
+            return resume
+        self.warm_key = _warm_start_key(self.model, self.pruner, self.train, self.val,
+                                        self.settings, self.dense_epochs, self.warm_start.context)
+        if resume is not None:
+            return resume
+        state = self.warm_start.cache.load(self.warm_key, self.train.device)
+        if state is not None:
+            self.warmed = self.dense_epochs
+            for record in state["history"]:
+                if self.on_epoch is not None:
+                    self.on_epoch(EpochRecord(**record))
+        return state
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        if "pruner" in state:
+            self.pruner.load_state_dict(state["pruner"])
+        else:  # a warm-start state: the policy has not acted yet, only the criterion ran
+            self.pruner.criterion.load_state_dict(state["criterion"])
+        self.train.generator.set_state(state["batches"])
+        _set_rng_state(state["rng"])
+        self.history = [EpochRecord(**r) for r in state["history"]]
+        self.front = [FrontPoint(**p) for p in state["front"]]
+        self.last_front_step = int(state["last_front_step"])
+        self.done_epochs = int(state["epoch"])
+
+    def _amp(self) -> contextlib.AbstractContextManager:
+        return (torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast
                 else contextlib.nullcontext())
 
-    forward = torch.compile(model) if settings.compile else model
+    def _score(self, m: nn.Module, batches: TensorBatches | None = None) -> float:
+        """Accuracy of ``m`` on ``batches`` (default: the whole validation fold)."""
+        with self._amp():
+            return evaluate(m, self.val if batches is None else batches)
 
-    def score(m: nn.Module, batches: TensorBatches = val) -> float:
-        with amp():
-            return evaluate(m, batches)
+    def _penalized(self, epoch: int) -> bool:
+        """Whether the L1 penalty applies in ``epoch`` (1-based, across both phases)."""
+        return bool(self.l1_layers) and epoch - 1 >= self.settings.l1_start_epoch
 
-    update_val = val if not front_update_samples else val.subsample(int(front_update_samples))
-
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
-    history: list[EpochRecord] = []
-    front: list[FrontPoint] = []
-    # The penalty reaches the layers the policy prunes (policy.layers), not those kept dense.
-    modules = dict(model.named_modules())
-    l1_layers = [modules[n] for n in pruner.masks] if settings.l1 > 0 else []
-    front_gap = max(1, steps_per_epoch // 4)
-    last_front_step = -front_gap
-    done_epochs = 0
-    dense_epochs = pruner.policy.dense_epochs(settings.epochs) if warm_start is not None else 0
-    warm_key = None
-    warmed = 0
-    if dense_epochs > 0:
-        warm_key = _warm_start_key(model, pruner, train, val, settings, dense_epochs,
-                                   warm_start_context)
-        if resume is None:
-            resume = warm_start.load(warm_key, train.device)
-            if resume is not None:
-                warmed = dense_epochs
-                for record in resume["history"]:
-                    if on_epoch is not None:
-                        on_epoch(EpochRecord(**record))
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        if "pruner" in resume:
-            pruner.load_state_dict(resume["pruner"])
-        else:  # a warm-start state: the policy has not acted yet, only the criterion ran
-            pruner.criterion.load_state_dict(resume["criterion"])
-        train.generator.set_state(resume["batches"])
-        _set_rng_state(resume["rng"])
-        history = [EpochRecord(**r) for r in resume["history"]]
-        front = [FrontPoint(**p) for p in resume["front"]]
-        last_front_step = int(resume["last_front_step"])
-        done_epochs = int(resume["epoch"])
-    model.train()
-
-    def compute_loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with amp():
-            if not l1_layers:
-                return loss_fn(forward(x), y)
+    def _loss(self, x: torch.Tensor, y: torch.Tensor, penalized: bool) -> torch.Tensor:
+        with self._amp():
+            if not penalized:
+                return self.loss_fn(self.forward(x), y)
             # cached(): each masked weight W ⊙ M is computed once per step, not twice.
             with parametrize.cached():
-                loss = loss_fn(forward(x), y)
-                return loss + settings.l1 * sum(m.weight.abs().sum() for m in l1_layers)
+                loss = self.loss_fn(self.forward(x), y)
+                return loss + self.settings.l1 * sum(p.abs().sum() for p in self._l1_terms())
 
-    continued = settings.finetune_lr_schedule == CONTINUE
-    live: dict[str, Any] = {}  # the optimizer and schedule that "continue" carries over
+    def _l1_terms(self) -> list[torch.Tensor]:
+        """The (masked) weights the L1 penalty covers, each followed by its bias with
+        ``settings.l1_bias``."""
+        terms = []
+        for m in self.l1_layers:
+            terms.append(m.weight)
+            if self.settings.l1_bias and getattr(m, "bias", None) is not None:
+                terms.append(m.bias)
+        return terms
 
-    def optimizer_for(phase: str) -> tuple[torch.optim.Optimizer, Any]:
-        if continued and live:
-            return live["opt"], live["sched"]
+    def _optimizer_for(self, phase: str) -> tuple[torch.optim.Optimizer, Any]:
+        """The phase's optimizer and schedule; with ``"continue"`` one pair over both."""
+        s, resume = self.settings, self.resume
+        continued = s.finetune_lr_schedule == CONTINUE
+        if continued and self.opt is not None:
+            return self.opt, self.sched
         if continued:  # one optimizer and one schedule over both phases
-            lr, schedule = settings.lr, settings.lr_schedule
-            steps = (settings.epochs + settings.finetune_epochs) * steps_per_epoch
-            same = resume is not None  # a checkpoint of either phase holds this very pair
+            lr, schedule, epochs = s.lr, s.lr_schedule, s.epochs + s.finetune_epochs
         elif phase == "prune":
-            lr, schedule = settings.lr, settings.lr_schedule
-            steps, same = settings.epochs * steps_per_epoch, resume is not None and resume["phase"] == phase
+            lr, schedule, epochs = s.lr, s.lr_schedule, s.epochs
         else:
-            lr, schedule = settings.lr * settings.finetune_lr_scale, settings.finetune_lr_schedule
-            steps, same = settings.finetune_epochs * steps_per_epoch, resume is not None and resume["phase"] == phase
-        opt = _make_optimizer(model, settings, lr, pruner.param_groups())
-        sched = make_lr_scheduler(opt, schedule, steps)
+            lr, schedule = s.lr * s.finetune_lr_scale, s.finetune_lr_schedule
+            epochs = s.finetune_epochs
+        # With "continue" a checkpoint of either phase holds this very pair.
+        same = resume is not None and (continued or resume["phase"] == phase)
+        opt = _make_optimizer(self.model, s, lr, self.pruner.param_groups())
+        sched = make_lr_scheduler(opt, schedule, epochs * self.steps_per_epoch)
         if same:
             opt.load_state_dict(resume["optimizer"])
             sched.load_state_dict(resume["scheduler"])
-        live.update(opt=opt, sched=sched)
         return opt, sched
 
-    def run_phase(phase: str, epochs: int, first_epoch: int, update_masks: bool) -> None:
-        nonlocal last_front_step
-        begin = max(first_epoch, done_epochs + 1)
+    def _run_phase(self, phase: str, epochs: int, first_epoch: int, update_masks: bool) -> None:
+        begin = max(first_epoch, self.done_epochs + 1)
         if epochs <= 0 or begin >= first_epoch + epochs:
             return  # empty, or finished before the checkpoint we resume from
-        opt, sched = optimizer_for(phase)
-        step = (begin - 1) * steps_per_epoch
+        self.opt, self.sched = self._optimizer_for(phase)
+        self.step = (begin - 1) * self.steps_per_epoch
         for e in range(begin, first_epoch + epochs):
-            loss_sum = torch.zeros((), device=train.device)
-            recovered_before = pruner.recovered
-            for x, y in train:
-                loss = compute_loss(x, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                loss_sum += loss.detach()
-                step += 1
-                if _stop_reason is not None:
-                    raise KeyboardInterrupt(_stop_reason)
-                if update_masks:
-                    epoch_f = step / steps_per_epoch
-                    updated = pruner.step(step, epoch_f) is not None
-                    if updated and step - last_front_step >= front_gap:
-                        last_front_step = step
-                        front.append(FrontPoint(pruner.sparsity(), score(model, update_val),
-                                                pruner.mean_threshold(), epoch_f, "update"))
-            mean_loss = float(loss_sum) / steps_per_epoch
-            if not math.isfinite(mean_loss):
-                raise DivergedError(f"loss became {mean_loss} in epoch {e} ({phase} phase)")
-            record = EpochRecord(e, phase, mean_loss, score(model), pruner.sparsity(),
-                                 pruner.mean_threshold(), opt.param_groups[0]["lr"],
-                                 pruner.recovered - recovered_before)
-            history.append(record)
-            if on_epoch is not None:
-                on_epoch(record)
-            store_warm = (warm_key is not None and not warmed and phase == "prune"
-                          and e == dense_epochs)
-            if on_checkpoint is None and not store_warm:
-                continue
-            state = {"epoch": e, "phase": phase, "model": model.state_dict(),
-                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "batches": train.generator.get_state(), "rng": _get_rng_state(),
-                     "history": [asdict(r) for r in history],
-                     "front": [p.as_dict() for p in front], "last_front_step": last_front_step}
-            if store_warm:
-                warm_start.save(warm_key, {**state, "criterion": pruner.criterion.state_dict()})
-            if on_checkpoint is not None:
-                on_checkpoint({**state, "pruner": pruner.state_dict()})
+            record = self._train_epoch(phase, e, update_masks)
+            self.history.append(record)
+            if self.on_epoch is not None:
+                self.on_epoch(record)
+            self._checkpoint(e, phase)
 
-    run_phase("prune", settings.epochs, 1, update_masks=True)
-    if not pruner.finalized:
-        pruner.finalize()
-    run_phase("finetune", settings.finetune_epochs, settings.epochs + 1, update_masks=False)
+    def _train_epoch(self, phase: str, e: int, update_masks: bool) -> EpochRecord:
+        opt, sched, pruner = self.opt, self.sched, self.pruner
+        loss_sum = torch.zeros((), device=self.train.device)
+        recovered_before = pruner.recovered
+        penalized = self._penalized(e)
+        for x, y in self.train:
+            loss = self._loss(x, y, penalized)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            loss_sum += loss.detach()
+            self.step += 1
+            if _stop_reason is not None:
+                raise KeyboardInterrupt(_stop_reason)
+            if update_masks:
+                self._update_masks()
+        mean_loss = float(loss_sum) / self.steps_per_epoch
+        if not math.isfinite(mean_loss):
+            raise DivergedError(f"loss became {mean_loss} in epoch {e} ({phase} phase)")
+        return EpochRecord(e, phase, mean_loss, self._score(self.model), pruner.sparsity(),
+                           pruner.mean_threshold(), opt.param_groups[0]["lr"],
+                           pruner.recovered - recovered_before)
 
-    total_epochs = float(settings.epochs + settings.finetune_epochs)
-    # After fine-tuning the last epoch record already measured this very model.
-    last = history[-1] if history else None
-    accuracy = (last.val_accuracy if last is not None and last.phase == "finetune"
-                and last.epoch == settings.epochs + settings.finetune_epochs else score(model))
-    final_sparsity = pruner.sparsity()
-    front.append(FrontPoint(final_sparsity, accuracy, pruner.mean_threshold(), total_epochs, "final"))
-    front += one_shot_sweep(pruner, score, n_points=front_points,
-                            max_sparsity=front_max_sparsity, epoch=total_epochs)
-    return FoldResult(accuracy, final_sparsity, history, front, layer_sparsity(model), warmed,
-                      dict(pruner.restored), sorted(pruner.floored))
+    def _update_masks(self) -> None:
+        """Let the pruner act after this step; if it did, maybe add a front point."""
+        epoch_f = self.step / self.steps_per_epoch
+        if self.pruner.step(self.step, epoch_f) is not None:
+            self._maybe_front_point(epoch_f)
+
+    def _maybe_front_point(self, epoch_f: float) -> None:
+        """A front point after a mask update, at most one per ``front_gap`` steps."""
+        if self.step - self.last_front_step < self.front_gap:
+            return
+        self.last_front_step = self.step
+        self.front.append(FrontPoint(self.pruner.sparsity(), self._score(self.model, self.update_val),
+                                     self.pruner.mean_threshold(), epoch_f, "update"))
+
+    def _checkpoint(self, e: int, phase: str) -> None:
+        """After epoch ``e``: the state to ``on_checkpoint``, and to the warm-start cache
+        at the end of the dense epochs."""
+        store_warm = (self.warm_key is not None and not self.warmed and phase == "prune"
+                      and e == self.dense_epochs)
+        if self.on_checkpoint is None and not store_warm:
+            return
+        state = {"epoch": e, "phase": phase, "model": self.model.state_dict(),
+                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                 "batches": self.train.generator.get_state(), "rng": _get_rng_state(),
+                 "history": [asdict(r) for r in self.history],
+                 "front": [p.as_dict() for p in self.front],
+                 "last_front_step": self.last_front_step}
+        if store_warm:
+            self.warm_start.cache.save(self.warm_key,
+                                       {**state, "criterion": self.pruner.criterion.state_dict()})
+        if self.on_checkpoint is not None:
+            self.on_checkpoint({**state, "pruner": self.pruner.state_dict()})
+
+    def _result(self) -> FoldResult:
+        """The final model's accuracy and sparsity, with its front point and the sweep."""
+        s, pruner = self.settings, self.pruner
+        total_epochs = float(s.epochs + s.finetune_epochs)
+        # After fine-tuning the last epoch record already measured this very model.
+        last = self.history[-1] if self.history else None
+        accuracy = (last.val_accuracy if last is not None and last.phase == "finetune"
+                    and last.epoch == s.epochs + s.finetune_epochs else self._score(self.model))
+        final_sparsity = pruner.sparsity()
+        self.front.append(FrontPoint(final_sparsity, accuracy, pruner.mean_threshold(),
+                                     total_epochs, "final"))
+        self.front += one_shot_sweep(pruner, self._score, n_points=self.front_settings.points,
+                                     max_sparsity=self.front_settings.max_sparsity,
+                                     epoch=total_epochs)
+        return FoldResult(accuracy, final_sparsity, self.history, self.front,
+                          layer_sparsity(self.model), self.warmed, dict(pruner.restored),
+                          sorted(pruner.floored))
 
 
 def _warm_start_key(model: nn.Module, pruner: DynamicPruner, train: TensorBatches,
@@ -355,7 +442,7 @@ def _warm_start_key(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
     weights, the fold's indices and the random states are hashed themselves, so the key
     holds whatever produced them (model config, seeds, feedback hold-out)."""
     return cache_key(
-        context=context, dense_epochs=dense_epochs, settings=asdict(settings),
+        context=context, dense_epochs=dense_epochs, settings=_key_settings(settings),
         weights=tensor_digest(*model.state_dict().values()),
         train=tensor_digest(train.indices), val=tensor_digest(val.indices),
         batch_size=train.batch_size, augment=[train.augment, train.crop_padding],
@@ -363,6 +450,17 @@ def _warm_start_key(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
         criterion=[type(pruner.criterion).__name__, getattr(pruner.criterion, "beta", None)],
         layers=sorted(pruner.masks), device=str(train.device),
         torch=torch.__version__)
+
+
+# TrainSettings fields younger than the cache: left out of the key at their defaults (which
+# train what the code before them trained), so that the states stored before still match.
+_KEY_OPTIONAL = ("l1_start_epoch", "l1_bias")
+
+
+def _key_settings(settings: TrainSettings) -> dict[str, Any]:
+    defaults = {f.name: f.default for f in fields(TrainSettings) if f.name in _KEY_OPTIONAL}
+    return {k: v for k, v in asdict(settings).items()
+            if k not in defaults or v != defaults[k]}
 
 
 def _get_rng_state() -> dict[str, Any]:
@@ -413,53 +511,89 @@ class CVResult:
         return statistics.pstdev(f.sparsity for f in self.folds)
 
 
+@dataclass
+class FoldHooks:
+    """The callbacks of :func:`cross_validate`; each may be ``None``."""
+
+    on_fold_start: Callable[[int], None] | None = None  # fold k is about to start (or replay)
+    on_fold_end: Callable[[int, FoldResult], None] | None = None  # fold k's result
+    on_epoch: Callable[[int, EpochRecord], None] | None = None  # fold k's epoch record
+    # {"folds": [finished folds], "fold": k, "train": <prune_and_train state>} after every epoch
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None
+
+    def replay(self, k: int, records: Iterable[EpochRecord]) -> None:
+        """Pass epochs trained before a resume to ``on_epoch`` as if trained now."""
+        if self.on_epoch is not None:
+            for record in records:
+                self.on_epoch(k, record)
+
+    def fold_epoch(self, k: int) -> Callable[[EpochRecord], None] | None:
+        """``on_epoch`` for :func:`prune_and_train` of fold ``k``."""
+        return None if self.on_epoch is None else functools.partial(self.on_epoch, k)
+
+    def fold_checkpoint(self, k: int, finished: list[FoldResult]
+                        ) -> Callable[[dict[str, Any]], None] | None:
+        """``on_checkpoint`` for :func:`prune_and_train` of fold ``k``, after ``finished``."""
+        if self.on_checkpoint is None:
+            return None
+        return functools.partial(self._checkpoint, k, finished)
+
+    def _checkpoint(self, k: int, finished: list[FoldResult], train_state: dict[str, Any]) -> None:
+        self.on_checkpoint({"folds": [fold_to_dict(r) for r in finished], "fold": k,
+                            "train": train_state})
+
+
 def cross_validate(dataset: ImageDataset, folds: int, seed: int,
                    make_model: Callable[[], nn.Module],
                    make_pruner: Callable[[nn.Module], DynamicPruner],
                    settings: TrainSettings, *, device: torch.device | str = "cpu",
-                   front_points: int = 10, front_max_sparsity: float = 0.995,
-                   front_update_samples: int | None = 1000,
-                   on_fold_start: Callable[[int], None] | None = None,
-                   on_fold_end: Callable[[int, FoldResult], None] | None = None,
-                   on_epoch: Callable[[int, EpochRecord], None] | None = None,
-                   on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+                   front: FrontSettings | None = None, hooks: FoldHooks | None = None,
                    resume: dict[str, Any] | None = None,
-                   warm_start: WarmStartCache | None = None,
-                   warm_start_context: Any = None) -> CVResult:
+                   warm_start: WarmStart | None = None) -> CVResult:
     """k-fold cross-validation of one pruning configuration on the *training* split.
 
     Folds come from ``sklearn.model_selection.StratifiedKFold(folds, shuffle=True,
     random_state=seed)``; each fold trains a fresh model (seeded with ``seed + fold``)
     on k−1 parts and validates on the held-out part. The test split is not read.
 
+    * ``dataset``: its training split is cross-validated; ``folds``: k (≥ 2);
+      ``seed``: the folds' split, and ``seed + k`` seeds fold k's model and batch order.
+    * ``make_model()``: a fresh model (on the CPU; it is moved to ``device``);
+      ``make_pruner(model)``: the pruner of that model (policy, criterion, layers).
+    * ``settings``: the optimisation of every fold (:func:`prune_and_train`);
+      ``device``: where folds train.
+    * ``front``: the front points of every fold (default ``FrontSettings()``).
+    * ``hooks``: the callbacks (:class:`FoldHooks`; default none).
+    * ``resume``: a state ``hooks.on_checkpoint`` received, to continue from.
+    * ``warm_start``: the dense warm-start cache (:class:`WarmStart`; default none).
+
     A policy that needs feedback (``policy.needs_feedback``) reads accuracy on a
     stratified slice of ``policy.holdout`` of the fold's *training* part, which is then
     not trained on; the validation part stays unseen until the fold is scored.
 
-    Checkpoints: ``on_checkpoint`` receives ``{"folds": [finished folds], "fold": k,
+    Checkpoints: ``hooks.on_checkpoint`` receives ``{"folds": [finished folds], "fold": k,
     "train": <prune_and_train state>}`` after every epoch; passing it back as ``resume``
-    skips the finished folds (their results and epochs are replayed to the callbacks)
+    skips the finished folds (their results and epochs are replayed to the hooks)
     and continues fold k after its last finished epoch.
     """
     from sklearn.model_selection import StratifiedKFold
 
+    front = front or FrontSettings()
+    hooks = hooks or FoldHooks()
     labels = dataset.train.labels.numpy()
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     done = [fold_from_dict(d) for d in resume["folds"]] if resume else []
     results: list[FoldResult] = []
     for k, (tr_idx, va_idx) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
-        if on_fold_start is not None:
-            on_fold_start(k)
+        if hooks.on_fold_start is not None:
+            hooks.on_fold_start(k)
         if k < len(done):  # finished before the checkpoint: replay, do not train again
             result = done[k]
-            for record in result.history:
-                if on_epoch is not None:
-                    on_epoch(k, record)
+            hooks.replay(k, result.history)
         else:
             state = resume["train"] if resume and resume.get("fold") == k else None
-            if state is not None and on_epoch is not None:
-                for record in state["history"]:
-                    on_epoch(k, EpochRecord(**record))
+            if state is not None:
+                hooks.replay(k, [EpochRecord(**r) for r in state["history"]])
             torch.manual_seed(seed + k)
             model = make_model().to(device)
             pruner = make_pruner(model)
@@ -467,20 +601,13 @@ def cross_validate(dataset: ImageDataset, folds: int, seed: int,
                                      device)
             train = train_batches(dataset, tr_idx, settings, seed + k, device)
             val = eval_batches(dataset, dataset.train, va_idx, settings, device)
-            checkpoint = None
-            if on_checkpoint is not None:
-                def checkpoint(train_state: dict[str, Any], k: int = k) -> None:
-                    on_checkpoint({"folds": [fold_to_dict(r) for r in results], "fold": k,
-                                   "train": train_state})
             result = prune_and_train(
-                model, pruner, train, val, settings, front_points=front_points,
-                front_max_sparsity=front_max_sparsity, front_update_samples=front_update_samples,
-                on_epoch=None if on_epoch is None else (lambda r, k=k: on_epoch(k, r)),
-                on_checkpoint=checkpoint, resume=state, warm_start=warm_start,
-                warm_start_context=warm_start_context)
+                model, pruner, train, val, settings, front=front, on_epoch=hooks.fold_epoch(k),
+                on_checkpoint=hooks.fold_checkpoint(k, results), resume=state,
+                warm_start=warm_start)
         results.append(result)
-        if on_fold_end is not None:
-            on_fold_end(k, result)
+        if hooks.on_fold_end is not None:
+            hooks.on_fold_end(k, result)
     return CVResult(results)
 
 

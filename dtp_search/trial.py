@@ -29,11 +29,20 @@ from dtp_search.config import (
 )
 from dtp_search.console import Console
 from dtp_search.data import ImageDataset
+from dtp_search.early_stop import ParetoFoldStop
 from dtp_search.models import build_model
 from dtp_search.pruning import LayerCollapse
-from dtp_search.settings import Settings
+from dtp_search.settings import FrontSettings, Settings
 from dtp_search.tracking import StudyTracker
-from dtp_search.training import CVResult, EpochRecord, FoldResult, TrainSettings, cross_validate
+from dtp_search.training import (
+    CVResult,
+    EpochRecord,
+    FoldHooks,
+    FoldResult,
+    TrainSettings,
+    WarmStart,
+    cross_validate,
+)
 from dtp_search.warmstart import WarmStartCache
 
 log = logging.getLogger(__name__)
@@ -153,15 +162,20 @@ def _start(trial: optuna.Trial, ctx: SearchContext) -> _Trial:
 
 
 def _cross_validate(t: _Trial, ctx: SearchContext) -> tuple[CVResult, dict[int, list]]:
-    """The trial's k folds, each epoch logged; after each fold a single-objective study
-    may stop it (:func:`dtp_search.config.make_early_stop`)."""
+    """The trial's k folds, each epoch logged. After each fold the study's early stopping
+    may end it (:func:`dtp_search.config.make_early_stop`): Optuna's pruner for one
+    objective, :class:`~dtp_search.early_stop.ParetoFoldStop` for several."""
     tcfg, trial, run = t.tcfg, t.trial, t.run
     settings = TrainSettings.from_config(tcfg.train)
     example = torch.zeros(1, *ctx.dataset.input_shape, device=ctx.device)
     objectives = list(ctx.cfg.search.objectives)
     folds = int(tcfg.cv.folds)
     fronts: dict[int, list] = {}
-    warm_start = (WarmStartCache(ctx.cfg.paths.warm_start)
+    accuracies: list[float] = []  # per fold, in fold order (replayed folds of a resume too)
+    sparsities: list[float] = []
+    pareto = ctx.study.pruner if isinstance(ctx.study.pruner, ParetoFoldStop) else None
+    warm_start = (WarmStart(WarmStartCache(ctx.cfg.paths.warm_start),
+                            OmegaConf.to_container(tcfg.dataset, resolve=True))
                   if ctx.cfg.search.get("warm_start", True) else None)
     with ctx.console.folds(folds, settings.epochs + settings.finetune_epochs,
                            trial.number) as progress:
@@ -173,7 +187,20 @@ def _cross_validate(t: _Trial, ctx: SearchContext) -> tuple[CVResult, dict[int, 
         def on_fold_end(fold: int, result: FoldResult) -> None:
             # (fold_<k>/val_accuracy and fold_<k>/sparsity already end on this fold's result)
             fronts[fold] = result.front
-            if len(objectives) == 1:
+            accuracies.append(result.accuracy)
+            sparsities.append(result.sparsity)
+            if pareto is not None:
+                # Read from the storage, so the front is every worker's (PostgreSQL).
+                decision = pareto.check(ctx.study, trial.number, folds, accuracies,
+                                        sparsities, objectives)
+                if decision is not None:
+                    trial.set_user_attr("dominated_by", decision.dominated_by)
+                    run.set_tags({"dtp_search.dominated_by": decision.dominated_by})
+                    run.log_front(fronts, f"{ctx.settings.study.name} · trial {trial.number} · "
+                                  f"{t.policy}\nstopped early after {len(fronts)} of {folds} "
+                                  f"folds: a partial front")
+                    raise _pruned(trial, run, decision.reason)
+            elif len(objectives) == 1:
                 value = {"accuracy": result.accuracy, "sparsity": result.sparsity}[objectives[0]]
                 trial.report(value, step=fold)
                 if fold + 1 < folds and trial.should_prune():
@@ -186,13 +213,12 @@ def _cross_validate(t: _Trial, ctx: SearchContext) -> tuple[CVResult, dict[int, 
                 make_model=lambda: build_model(tcfg.model, ctx.dataset.input_shape,
                                                ctx.dataset.num_classes),
                 make_pruner=lambda m: build_pruner(m, tcfg.policy, example),
-                settings=settings, device=ctx.device, front_points=int(tcfg.front.points),
-                front_max_sparsity=float(tcfg.front.max_sparsity),
-                front_update_samples=tcfg.front.get("update_samples"),
-                on_epoch=on_epoch, on_fold_end=on_fold_end,
-                on_checkpoint=None if t.checkpoint is None else t.checkpoint.save,
-                resume=t.resume, warm_start=warm_start,
-                warm_start_context=OmegaConf.to_container(tcfg.dataset, resolve=True))
+                settings=settings, device=ctx.device,
+                front=FrontSettings(int(tcfg.front.points), float(tcfg.front.max_sparsity),
+                                    tcfg.front.get("update_samples")),
+                hooks=FoldHooks(on_epoch=on_epoch, on_fold_end=on_fold_end,
+                                on_checkpoint=None if t.checkpoint is None else t.checkpoint.save),
+                resume=t.resume, warm_start=warm_start)
         except LayerCollapse as exc:
             # The sampled policy asked a layer for fewer units than min_keep allows and
             # policy.on_collapse=prune (or min_keep=0 and it emptied the layer); every

@@ -51,7 +51,13 @@ def main() -> None:
     from dtp_search.config import build_pruner
     from dtp_search.data import load_dataset
     from dtp_search.models import build_model
-    from dtp_search.training import TrainSettings, eval_batches, prune_and_train, train_batches
+    from dtp_search.training import (
+        FrontSettings,
+        TrainSettings,
+        eval_batches,
+        prune_and_train,
+        train_batches,
+    )
 
     device = torch.device("cuda")
     with tempfile.TemporaryDirectory() as cache, \
@@ -76,7 +82,7 @@ def main() -> None:
     val = eval_batches(ds, ds.train, va, settings, device)
     torch.cuda.synchronize()
     start = time.perf_counter()
-    result = prune_and_train(model, pruner, train, val, settings, front_points=0)
+    result = prune_and_train(model, pruner, train, val, settings, front=FrontSettings(points=0))
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     images = a.epochs * len(train) * settings.batch_size

@@ -60,7 +60,13 @@ def run_dtp(cfg, device: torch.device) -> tuple[float, float, int, float]:
     from dtp_search.config import build_pruner
     from dtp_search.data import load_dataset
     from dtp_search.models import build_model
-    from dtp_search.training import TrainSettings, eval_batches, prune_and_train, train_batches
+    from dtp_search.training import (
+        FrontSettings,
+        TrainSettings,
+        eval_batches,
+        prune_and_train,
+        train_batches,
+    )
 
     start = time.perf_counter()
     load_dataset(cfg.dataset, cache_dir=cfg.paths.cache_dir)  # decode once into the cache
@@ -75,7 +81,7 @@ def run_dtp(cfg, device: torch.device) -> tuple[float, float, int, float]:
     pruner = build_pruner(model, cfg.policy, torch.zeros(1, *ds.input_shape, device=device))
     result = prune_and_train(model, pruner, train_batches(ds, tr, settings, 0, device),
                              eval_batches(ds, ds.train, va, settings, device), settings,
-                             front_points=0)
+                             front=FrontSettings(points=0))
     seconds = time.perf_counter() - start
     return seconds, result.accuracy, len(tr) // settings.batch_size * settings.batch_size, decode
 

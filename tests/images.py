@@ -23,3 +23,15 @@ def tree_with_a_bad_file(root: Path) -> Path:
     bad = root / "train" / "cat" / "bad.jpg"
     bad.write_bytes(b"\x00 not an image \xff" * 16)
     return bad.resolve()
+
+
+def tiny_cifar_tree(root: Path, train: int = 6, test: int = 2) -> Path:
+    """A CIFAR-10-shaped ImageFolder tree (32×32 RGB PNGs, ten classes) under ``root``."""
+    rng = np.random.default_rng(2)
+    for split, n in (("train", train), ("test", test)):
+        for c in range(10):
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return root

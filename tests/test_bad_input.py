@@ -34,7 +34,7 @@ CASES = [
     (["model=foo"], "model='foo' is not a known model; allowed: ['lenet300'"),
     (["dataset=foo"], "dataset='foo' is not a known dataset; allowed:"),
     (["policy=agpp"], "policy='agpp' is not a known policy; allowed: ['agp'"),
-    (["search=bogus"], "search='bogus' is not a known search; allowed: ['nsga2'"),
+    (["search=bogus"], "search='bogus' is not a known search; allowed: ['bruteforce', 'nsga2'"),
     (["early_stop=bogus"], "early_stop='bogus' is not a known early_stop; allowed: ['median'"),
     (["pruner=bogus"], "early_stop='bogus' is not a known early_stop; allowed: ['median'"),
     (["+experiment=cifarr"], "experiment='cifarr' is not a known experiment"),

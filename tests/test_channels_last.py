@@ -8,6 +8,7 @@ from omegaconf import OmegaConf
 from dtp_search.config import build_pruner
 from dtp_search.data import load_dataset
 from dtp_search.models import build_model
+from dtp_search.settings import FrontSettings
 from dtp_search.training import TrainSettings, cross_validate
 
 POLICIES = {
@@ -35,7 +36,7 @@ def test_every_policy_trains_a_channels_last_conv_net(policy):
         results[channels_last] = cross_validate(
             ds, folds=2, seed=0, make_model=lambda: build_model(model_cfg, ds.input_shape, 10),
             make_pruner=lambda m: build_pruner(m, OmegaConf.create(POLICIES[policy]), example),
-            settings=settings, front_points=2)
+            settings=settings, front=FrontSettings(points=2))
     # Same training, another memory layout: the same masks up to float reordering.
     assert results[True].sparsity == pytest.approx(results[False].sparsity, abs=0.02)
     assert results[True].accuracy == pytest.approx(results[False].accuracy, abs=0.05)

@@ -11,7 +11,8 @@ from dtp_search.checkpoint import TrialCheckpoint
 from dtp_search.config import build_pruner
 from dtp_search.data import load_dataset
 from dtp_search.models import build_model
-from dtp_search.training import TrainSettings, cross_validate
+from dtp_search.settings import FrontSettings
+from dtp_search.training import FoldHooks, TrainSettings, cross_validate
 
 
 class Stop(Exception):
@@ -50,11 +51,11 @@ def test_resume_from_any_epoch_reproduces_the_uninterrupted_run(policy):
                              **SCHEDULES.get(policy, {}))
     example = torch.zeros(1, *ds.input_shape)
 
-    def run(**kw):
+    def run(resume=None, **hooks):
         return cross_validate(
             ds, folds=2, seed=1, make_model=lambda: build_model(model_cfg, ds.input_shape, 10),
             make_pruner=lambda m: build_pruner(m, policy_cfg, example), settings=settings,
-            front_points=3, **kw)
+            front=FrontSettings(points=3), hooks=FoldHooks(**hooks), resume=resume)
 
     full = run()
     # Stop mid-pruning, in fine-tuning, and at the end of the pruning phase.
@@ -103,7 +104,7 @@ def test_lr_schedules_span_their_phase_or_both(schedule):
         result = cross_validate(
             ds, folds=2, seed=0, make_model=lambda: build_model(model_cfg, ds.input_shape, 10),
             make_pruner=lambda m: build_pruner(m, OmegaConf.create({"name": "dense"}), example),
-            settings=settings, front_points=0)
+            settings=settings, front=FrontSettings(points=0))
         return [r.lr for r in result.folds[0].history]
 
     prune = lrs()[:4]

@@ -9,7 +9,8 @@ from dtp_search.data import TensorBatches, load_dataset
 from dtp_search.models import build_model
 from dtp_search.pruning import AGPThreshold, DynamicPruner, pareto_mask, sparsity
 from dtp_search.pruning.front import one_shot_sweep, sweep_targets
-from dtp_search.training import TrainSettings, cross_validate, prune_and_train
+from dtp_search.settings import FrontSettings
+from dtp_search.training import FoldHooks, TrainSettings, cross_validate, prune_and_train
 
 
 def test_sweep_targets_rise_to_the_cap():
@@ -62,8 +63,8 @@ def test_cross_validate_uses_stratified_folds_of_the_training_split_only():
         ds, folds=3, seed=0,
         make_model=lambda: build_model(OmegaConf.create({"arch": "mlp", "hidden": [32]}), ds.input_shape, 10),
         make_pruner=lambda m: DynamicPruner(m, AGPThreshold(0.5, start_epoch=0, end_epoch=1)),
-        settings=TrainSettings(epochs=1, finetune_epochs=0), front_points=8,
-        on_fold_end=lambda k, r: seen.append(k))
+        settings=TrainSettings(epochs=1, finetune_epochs=0), front=FrontSettings(points=8),
+        hooks=FoldHooks(on_fold_end=lambda k, r: seen.append(k)))
     assert seen == [0, 1, 2] and len(res.folds) == 3
     assert 0 <= res.accuracy_std < 0.2 and abs(res.sparsity - 0.5) < 0.01
 
@@ -83,7 +84,7 @@ def test_cross_validation_never_reads_the_test_split():
         ds, folds=2, seed=0,
         make_model=lambda: build_model(OmegaConf.create({"arch": "mlp", "hidden": [16]}), ds.input_shape, 10),
         make_pruner=lambda m: DynamicPruner(m, AGPThreshold(0.5, start_epoch=0, end_epoch=1)),
-        settings=TrainSettings(epochs=1, finetune_epochs=0), front_points=8)
+        settings=TrainSettings(epochs=1, finetune_epochs=0), front=FrontSettings(points=8))
     assert len(res.folds) == 2
 
 
@@ -129,7 +130,8 @@ def test_feedback_reads_a_slice_of_the_training_part_never_the_validation_part(m
     res = cross_validate(
         ds, folds=2, seed=0,
         make_model=lambda: build_model(OmegaConf.create({"arch": "mlp", "hidden": [32]}), ds.input_shape, 10),
-        make_pruner=make_pruner, settings=TrainSettings(epochs=2, finetune_epochs=0), front_points=2)
+        make_pruner=make_pruner, settings=TrainSettings(epochs=2, finetune_epochs=0),
+        front=FrontSettings(points=2))
     folds = list(StratifiedKFold(2, shuffle=True, random_state=0).split(
         np.zeros(len(ds.train.labels)), ds.train.labels.numpy()))
     assert feedback_sets and res.sparsity > 0.3
@@ -153,7 +155,7 @@ def test_l1_penalty_adds_lr_times_lambda_times_sign_to_one_sgd_step():
         train = TensorBatches(ds.train, idx, batch_size=64, mean=ds.mean, std=ds.std)
         settings = TrainSettings(epochs=1, finetune_epochs=0, lr=0.5, momentum=0.0,
                                  weight_decay=0.0, l1=l1)
-        prune_and_train(model, pruner, train, train, settings, front_points=1)
+        prune_and_train(model, pruner, train, train, settings, front=FrontSettings(points=1))
         results[l1] = model.net[1].weight.detach()
     assert torch.allclose(results[0.01] - results[0.0], -0.5 * 0.01 * torch.sign(start), atol=1e-6)
 
@@ -175,3 +177,32 @@ def test_activation_criterion_is_a_running_mean_of_absolute_outputs():
     net.eval()
     net(torch.randn(5, 4))  # eval-mode batches are not recorded
     assert torch.allclose(crit.unit_scores("0"), 0.5 * outs[0] + 0.5 * outs[1], atol=1e-6)
+
+
+def test_l1_starts_at_its_epoch_and_reaches_biases_only_when_asked():
+    """train.l1_start_epoch: the first epochs train as without L1 (same weights, bit for
+    bit); train.l1_bias: the penalty shrinks the biases too."""
+    from dtp_search.pruning import build_policy
+
+    ds = _digits()
+    idx = np.arange(len(ds.train))
+
+    def train(**kw):
+        torch.manual_seed(0)
+        model = build_model({"arch": "mlp", "hidden": [16]}, ds.input_shape, 10)
+        pruner = DynamicPruner(model, build_policy("dense", {}))
+        tr = TensorBatches(ds.train, idx[:600], batch_size=64, mean=ds.mean, std=ds.std, shuffle=True)
+        va = TensorBatches(ds.train, idx[600:900], batch_size=256, mean=ds.mean, std=ds.std)
+        prune_and_train(model, pruner, tr, va, TrainSettings(lr=0.05, finetune_epochs=0, **kw))
+        return model
+
+    def norm(model, kind):
+        return float(sum(p.abs().sum() for n, p in model.named_parameters() if kind in n))
+
+    late, early = train(epochs=1, l1=0.05, l1_start_epoch=1), train(epochs=1)
+    for a, b in zip(late.state_dict().values(), early.state_dict().values(), strict=True):
+        assert torch.equal(a, b)  # the only epoch comes before the penalty starts
+    plain, weights = train(epochs=2), train(epochs=2, l1=0.05)
+    biases = train(epochs=2, l1=0.05, l1_bias=True)
+    assert norm(weights, "weight") < norm(plain, "weight")
+    assert norm(biases, "bias") < norm(weights, "bias")

@@ -10,7 +10,8 @@ from dtp_search.config import build_pruner
 from dtp_search.data import load_dataset
 from dtp_search.models import build_model
 from dtp_search.pruning import build_policy
-from dtp_search.training import TrainSettings, cross_validate
+from dtp_search.settings import FrontSettings
+from dtp_search.training import FoldHooks, TrainSettings, WarmStart, cross_validate
 from dtp_search.warmstart import WarmStartCache
 
 DIGITS = {"kind": "digits", "name": "digits"}
@@ -28,8 +29,9 @@ def run(ds, policy: dict, settings: TrainSettings, cache: WarmStartCache | None 
     return cross_validate(
         ds, folds=2, seed=1, make_model=lambda: build_model(model_cfg, ds.input_shape, 10),
         make_pruner=lambda m: build_pruner(m, OmegaConf.create(policy), example),
-        settings=settings, front_points=3, warm_start=cache, warm_start_context=DIGITS,
-        on_epoch=on_epoch)
+        settings=settings, front=FrontSettings(points=3),
+        hooks=FoldHooks(on_epoch=on_epoch),
+        warm_start=None if cache is None else WarmStart(cache, context=DIGITS))
 
 
 def same(a, b) -> None:
