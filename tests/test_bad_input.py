@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from images import tree_with_a_bad_file
-from omegaconf import OmegaConf
 
 from dtp_search.__main__ import CONFIG_DIR, check_overrides, rewrite_aliases
 from dtp_search.config import ConfigError
