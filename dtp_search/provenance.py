@@ -12,6 +12,7 @@ stored config, not from today's command line.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -20,6 +21,7 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 
 from dtp_search.config import ENGINE_KEYS, ConfigError, flatten, loggable
+from dtp_search.settings import PrunerSettings, Settings
 
 # Config nodes (or keys) that define a study. Not in it: where things run and are stored
 # (paths, study.storage, tracking, device, threads, console, workers), the budget
@@ -56,8 +58,27 @@ def changes(stored: Mapping[str, Any], current: Mapping[str, Any],
     allowed = list(allowed)
     # ``policy.name`` and the like first: they say the most about what changed.
     keys = sorted(set(stored) | set(current), key=lambda k: (not k.endswith(".name"), k))
+    defaults = _defaults()
     return {k: (stored.get(k, _ABSENT), current.get(k, _ABSENT)) for k in keys
-            if stored.get(k, _ABSENT) != current.get(k, _ABSENT) and not _under(k, allowed)}
+            if stored.get(k, _ABSENT) != current.get(k, _ABSENT) and not _under(k, allowed)
+            and not _added_at_default(k, stored, current, defaults)}
+
+
+def _added_at_default(key: str, stored: Mapping[str, Any], current: Mapping[str, Any],
+                      defaults: Mapping[str, Any]) -> bool:
+    # A setting added to the schema after the study was stored (train.l1_start_epoch,
+    # policy.exclude_classifier) changes nothing while it holds its default.
+    if key in stored:
+        return False
+    return key in defaults and current.get(key) == defaults[key]
+
+
+def _defaults() -> dict[str, Any]:
+    """The schema's defaults as flat, JSON-normalised ``key → value`` (policy: the
+    pruner's keys)."""
+    tree = OmegaConf.to_container(OmegaConf.structured(Settings))
+    tree["policy"] = dataclasses.asdict(PrunerSettings())
+    return json.loads(json.dumps(flatten(tree), default=str))
 
 
 def check_unchanged(study: optuna.Study, current: Mapping[str, Any],

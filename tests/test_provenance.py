@@ -78,3 +78,13 @@ def test_refit_rebuilds_a_trial_from_its_own_config():
 def test_one_set_of_training_defaults():
     """conf/config.yaml's ``train`` node and TrainSettings' defaults are the same values."""
     assert TrainSettings.from_config(_cfg().train) == TrainSettings()
+
+
+def test_a_setting_added_since_the_study_was_stored_changes_nothing_at_its_default():
+    from dtp_search.provenance import changes
+
+    current = {"train.epochs": 15, "train.l1_start_epoch": 0, "policy.exclude_classifier": False}
+    stored = {"train.epochs": 15}  # written before those keys existed
+    assert changes(stored, current) == {}
+    moved = {**current, "train.l1_start_epoch": 3}
+    assert changes(stored, moved) == {"train.l1_start_epoch": ("(absent)", 3)}
