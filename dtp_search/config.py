@@ -36,13 +36,11 @@ def settings_of(cfg: DictConfig) -> Settings:
     checked; raises :class:`ConfigError` naming the key and what it allows."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise ConfigError(f"{missing[0]} is required (it is ???); set it on the command line, "
-                          f"e.g. {missing[0]}=...")
+        raise _required(missing[0])
     try:
         out = Settings.of(cfg)
     except MissingMandatoryValue as exc:
-        raise ConfigError(f"{exc.full_key} is required (it is ???); set it on the command "
-                          f"line, e.g. {exc.full_key}=...") from exc
+        raise _required(exc.full_key) from exc
     except (ValidationError, InterpolationResolutionError) as exc:
         raise ConfigError(" ".join(str(exc).split("\n")[0].split())
                           + (f" (at {exc.full_key})" if getattr(exc, "full_key", None) else "")) from exc
@@ -53,6 +51,10 @@ def settings_of(cfg: DictConfig) -> Settings:
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     return out
+
+
+def _required(key: str) -> ConfigError:
+    return ConfigError(f"{key} is required (it is ???); set it on the command line, e.g. {key}=...")
 
 
 def register_resolvers() -> None:
@@ -110,7 +112,7 @@ def check_policy(policy_cfg: DictConfig) -> None:
             raise ValueError(f"{who} cannot prune granularity={pruner.granularity!r}; "
                              f"allowed: {list(allowed)}")
     check_floor(pruner.min_keep, pruner.on_collapse)
-    LayerSelection(include=tuple(pruner.layers.include), exclude=tuple(pruner.layers.exclude))
+    _selection(pruner)
 
 
 def build_pruner(model: Any, policy_cfg: DictConfig, example_input: Any) -> DynamicPruner:
@@ -122,9 +124,13 @@ def build_pruner(model: Any, policy_cfg: DictConfig, example_input: Any) -> Dyna
                          build_criterion(pruner.criterion, criterion_args(pruner)),
                          granularity=pruner.granularity, min_keep=float(pruner.min_keep),
                          on_collapse=pruner.on_collapse, example_input=example_input,
-                         layers=LayerSelection(include=tuple(pruner.layers.include),
-                                               exclude=tuple(pruner.layers.exclude),
-                                               exclude_classifier=pruner.exclude_classifier))
+                         layers=_selection(pruner))
+
+
+def _selection(pruner: PrunerSettings) -> LayerSelection:
+    return LayerSelection(include=tuple(pruner.layers.include),
+                          exclude=tuple(pruner.layers.exclude),
+                          exclude_classifier=pruner.exclude_classifier)
 
 
 # Keys of ``train`` that choose how the engine runs, not what is trained: same result.
