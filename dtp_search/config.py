@@ -28,6 +28,8 @@ from dtp_search.pruning.pruner import check_floor
 from dtp_search.settings import PrunerSettings, Settings, check, register_schema
 from dtp_search.storage import mask_url
 from dtp_search.tracking import check_tracking_uri
+from dtp_search.training import WarmStart
+from dtp_search.warmstart import WarmStartCache
 
 __all__ = ["ConfigError", "check_config", "make_early_stop", "make_sampler", "make_storage"]
 
@@ -201,6 +203,16 @@ def make_storage(s: Settings) -> BaseStorage:
     return storages.make_storage(
         s.study.storage, heartbeat_interval=s.search.heartbeat_interval,
         grace_period=s.search.grace_period, max_retry=s.search.max_retry)
+
+
+def make_warm_start(cfg: DictConfig, tcfg: DictConfig) -> WarmStart | None:
+    """The dense warm-start cache for the runs of ``tcfg`` (a trial's folds or a refit), or
+    ``None`` with ``search.warm_start=false``. The dataset's config is hashed into every
+    key: the keys see the sample indices, not which data set they index."""
+    if not cfg.search.get("warm_start", True):
+        return None
+    return WarmStart(WarmStartCache(cfg.paths.warm_start),
+                     OmegaConf.to_container(tcfg.dataset, resolve=True))
 
 
 def make_early_stop(s: Settings) -> optuna.pruners.BasePruner:

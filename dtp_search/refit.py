@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dtp_search import provenance
 from dtp_search import space as search_space
-from dtp_search.config import build_pruner, config_yaml, run_params
+from dtp_search.config import build_pruner, config_yaml, make_warm_start, run_params
 from dtp_search.data import ImageDataset, stratified_subset
 from dtp_search.export import MEASURE_KEYS, measure, save_pruned
 from dtp_search.models import build_model
@@ -39,6 +39,7 @@ from dtp_search.tracking import StudyTracker, plot_layer_sparsity
 from dtp_search.training import (
     FrontSettings,
     TrainSettings,
+    WarmStart,
     attach_feedback,
     eval_batches,
     evaluate,
@@ -96,8 +97,12 @@ def export_config(tcfg: DictConfig, dataset: ImageDataset) -> dict[str, Any]:
 
 
 def refit_trial(tcfg: DictConfig, dataset: ImageDataset, device: torch.device,
-                on_epoch=None):
-    """Train on the whole training split; return (model, pruner, history result, test acc, front)."""
+                on_epoch=None, warm_start: WarmStart | None = None):
+    """Train on the whole training split; return (model, pruner, history result, test acc, front).
+
+    With ``warm_start``, refits that share their dense epochs (a post-pruning study's
+    thresholds, all trained dense to the end) train them once.
+    """
     settings = TrainSettings.from_config(tcfg.train)
     seed = int(tcfg.seed)
     torch.manual_seed(seed)
@@ -111,7 +116,8 @@ def refit_trial(tcfg: DictConfig, dataset: ImageDataset, device: torch.device,
     train = train_batches(dataset, idx, settings, seed, device)
     monitor = eval_batches(dataset, dataset.train, monitor_idx, settings, device)
     result = prune_and_train(model, pruner, train, monitor, settings,
-                             front=FrontSettings(points=0), on_epoch=on_epoch)
+                             front=FrontSettings(points=0), on_epoch=on_epoch,
+                             warm_start=warm_start)
     # The one read of the test split: final accuracy and the sweep from the final masks.
     test = eval_batches(dataset, dataset.test, np.arange(len(dataset.test.labels)), settings,
                         device)
@@ -141,7 +147,7 @@ def refit_study(cfg: DictConfig, study: optuna.Study, space: search_space.Search
                 console.out.print(f"refit of trial {trial.number} ({policy}) on the whole "
                                   "training split …")
             model, pruner, result, test_acc, front = refit_trial(
-                tcfg, dataset, device,
+                tcfg, dataset, device, warm_start=make_warm_start(cfg, tcfg),
                 on_epoch=lambda r, run=run: run.log_metrics(
                     {"loss": r.loss, "train_accuracy": r.val_accuracy, "sparsity": r.sparsity,
                      "threshold": r.threshold, "lr": r.lr, "recovered": r.recovered},

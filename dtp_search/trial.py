@@ -25,6 +25,7 @@ from dtp_search.config import (
     config_yaml,
     floor_settings,
     make_sampler,
+    make_warm_start,
     run_params,
 )
 from dtp_search.console import Console
@@ -40,10 +41,8 @@ from dtp_search.training import (
     FoldHooks,
     FoldResult,
     TrainSettings,
-    WarmStart,
     cross_validate,
 )
-from dtp_search.warmstart import WarmStartCache
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +173,7 @@ def _cross_validate(t: _Trial, ctx: SearchContext) -> tuple[CVResult, dict[int, 
     accuracies: list[float] = []  # per fold, in fold order (replayed folds of a resume too)
     sparsities: list[float] = []
     pareto = ctx.study.pruner if isinstance(ctx.study.pruner, ParetoFoldStop) else None
-    warm_start = (WarmStart(WarmStartCache(ctx.cfg.paths.warm_start),
-                            OmegaConf.to_container(tcfg.dataset, resolve=True))
-                  if ctx.cfg.search.get("warm_start", True) else None)
+    warm_start = make_warm_start(ctx.cfg, tcfg)
     with ctx.console.folds(folds, settings.epochs + settings.finetune_epochs,
                            trial.number) as progress:
         def on_epoch(fold: int, rec: EpochRecord) -> None:
