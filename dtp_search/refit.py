@@ -1,10 +1,11 @@
 """The final refit: the chosen trials retrained on the whole training split, scored once on test.
 
 Cross-validation chose the policies; the test split has not been read. For each chosen
-trial (every Pareto-optimal one, or the ``refit.top_k`` most accurate of them) a fresh
-model is trained on the *whole* training split with the trial's sampled values, then
-evaluated once on the test split: its accuracy, and the accuracy-versus-sparsity front
-of one-shot sweeps from the final masks, measured on test. During training the
+trial (every Pareto-optimal one, or the ``refit.top_k`` most accurate of them; every
+complete one with ``refit.trials=all``) a fresh model is trained on the *whole* training
+split with the trial's sampled values, then evaluated once on the test split: its
+accuracy, and the accuracy-versus-sparsity front of one-shot sweeps from the final masks,
+measured on test. During training the
 per-epoch accuracy is measured on a stratified slice of the *training* split.
 
 Each refit is an MLflow child run ``refit-<n>`` (tags ``dtp_search.role=refit``,
@@ -65,9 +66,12 @@ class RefitResult:
     reused: bool = False  # an earlier run's result
 
 
-def chosen_trials(study: optuna.Study, top_k: int | None) -> list[optuna.trial.FrozenTrial]:
-    """Pareto-optimal complete trials, most accurate first, at most ``top_k`` of them."""
-    rows = sorted(pareto_rows(study), key=lambda r: -r["accuracy"])
+def chosen_trials(study: optuna.Study, top_k: int | None,
+                  trials: str = "pareto") -> list[optuna.trial.FrozenTrial]:
+    """Pareto-optimal complete trials (``trials="all"``: every complete one, as a
+    comparison study wants each of its cells tested), most accurate first, at most
+    ``top_k`` of them."""
+    rows = sorted(pareto_rows(study, front_only=trials == "pareto"), key=lambda r: -r["accuracy"])
     if top_k:
         rows = rows[: int(top_k)]
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
@@ -134,7 +138,8 @@ def refit_study(cfg: DictConfig, study: optuna.Study, space: search_space.Search
                 console=None) -> list[RefitResult]:
     """Refit every chosen trial that has no finished refit run yet; returns all results."""
     results = []
-    for trial in chosen_trials(study, cfg.refit.get("top_k")):
+    for trial in chosen_trials(study, cfg.refit.get("top_k"),
+                                                cfg.refit.get("trials", "pareto")):
         existing = tracker.find_refit(trial.number)
         if existing is not None:
             results.append(_from_run(trial.number, existing))

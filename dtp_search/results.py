@@ -30,9 +30,9 @@ def n_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def pareto_rows(study: optuna.Study) -> list[dict[str, Any]]:
+def pareto_rows(study: optuna.Study, front_only: bool = True) -> list[dict[str, Any]]:
     """Pareto-optimal complete trials as table rows (non-domination per the study's
-    directions), sorted by sparsity."""
+    directions), sorted by sparsity; with ``front_only=False``, every candidate trial."""
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     # A trial penalised for ending at the min_keep floor (policy.on_collapse=penalize)
     # never counts. Under search.min_sparsity only feasible trials are candidates, as for
@@ -49,7 +49,7 @@ def pareto_rows(study: optuna.Study) -> list[dict[str, Any]]:
     refits = study.user_attrs.get("refit", {})
     rows = []
     for t, k in zip(trials, keep, strict=True):
-        if not k:
+        if front_only and not k:
             continue
         ua = t.user_attrs
         values = dict(zip(names, t.values, strict=True))

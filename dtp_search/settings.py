@@ -266,6 +266,7 @@ class TrainSettings:
 class RefitSettings:
     enabled: bool = True  # retrain the chosen trials on the whole training split, test once
     top_k: int | None = rule(None, low=1)  # null = every Pareto-optimal trial
+    trials: str = rule("pareto", choices=("pareto", "all"))  # all: a comparison's every cell
     register: bool = False  # register the most accurate refit in the Model Registry
 
 
