@@ -17,6 +17,7 @@ from dtp_search import space as search_space
 from dtp_search import storage as storages
 from dtp_search.early_stop import ParetoFoldStop
 from dtp_search.errors import ConfigError
+from dtp_search.fidelity import FidelityRung
 from dtp_search.pruning import (
     CRITERIA,
     DynamicPruner,
@@ -179,6 +180,7 @@ def check_config(cfg: DictConfig) -> tuple[Settings, search_space.SearchSpace]:
     Returns the typed settings and the search space."""
     settings = settings_of(cfg)
     make_early_stop(settings)
+    make_fidelity(settings)
     storages.check_storage(settings.study.storage, settings.study.workers)
     space = search_space.parse_space(cfg)
     for name, node in search_space.policy_nodes(cfg).items():
@@ -213,6 +215,26 @@ def make_warm_start(cfg: DictConfig, tcfg: DictConfig) -> WarmStart | None:
         return None
     return WarmStart(WarmStartCache(cfg.paths.warm_start),
                      OmegaConf.to_container(tcfg.dataset, resolve=True))
+
+
+def make_fidelity(s: Settings) -> FidelityRung | None:
+    """The study's reduced-budget rung (``search.fidelity``), or ``None`` when off.
+
+    The rung must come before the run's last epoch (``train.epochs +
+    train.finetune_epochs``): a rung there saves nothing. A trial whose sampled budget
+    ends before the rung never reaches it and runs to its end.
+    """
+    f = s.search.fidelity
+    if not f.enabled:
+        return None
+    rung = FidelityRung(f.epoch, f.eta, f.n_startup_trials)
+    total = s.train.epochs + s.train.finetune_epochs
+    epoch = rung.rung_epoch(s.train.epochs)
+    if epoch >= total:
+        raise ConfigError(f"search.fidelity.epoch={epoch} is not allowed; allowed: an integer "
+                          f"in [1, {total - 1}] (before the run's last epoch, train.epochs + "
+                          f"train.finetune_epochs = {total})")
+    return rung
 
 
 def make_early_stop(s: Settings) -> optuna.pruners.BasePruner:

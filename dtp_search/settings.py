@@ -185,6 +185,16 @@ class TrackingSettings:
 
 
 @dataclass
+class FidelitySettings:
+    """A reduced-budget rung on fold 0 (:class:`dtp_search.fidelity.FidelityRung`)."""
+
+    enabled: bool = False
+    epoch: int | None = rule(None, low=1)  # the rung's epoch; null = a third of train.epochs
+    eta: float = rule(3.0, above=1)  # the top 1/eta of the rung go on to the full budget
+    n_startup_trials: int = rule(5, low=0)  # rung points before the rung stops anyone
+
+
+@dataclass
 class SearchSettings:
     name: str = "tpe"  # the search config chosen (conf/search)
     sampler: Any = None  # an Optuna sampler: _target_ and its arguments
@@ -201,6 +211,7 @@ class SearchSettings:
     max_retry: int = rule(2, low=0)
     checkpoint: bool = True
     warm_start: bool = True
+    fidelity: FidelitySettings = field(default_factory=FidelitySettings)
 
     def _check(self, prefix: str) -> None:
         if len(self.directions) != len(self.objectives):

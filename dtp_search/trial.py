@@ -24,6 +24,7 @@ from dtp_search.config import (
     check_policy,
     config_yaml,
     floor_settings,
+    make_fidelity,
     make_sampler,
     make_warm_start,
     run_params,
@@ -31,6 +32,7 @@ from dtp_search.config import (
 from dtp_search.console import Console
 from dtp_search.data import ImageDataset
 from dtp_search.early_stop import ParetoFoldStop
+from dtp_search.fidelity import POINT_ATTR, RUNG_ATTR, FidelityRung
 from dtp_search.models import build_model
 from dtp_search.pruning import LayerCollapse
 from dtp_search.settings import FrontSettings, Settings
@@ -174,12 +176,16 @@ def _cross_validate(t: _Trial, ctx: SearchContext) -> tuple[CVResult, dict[int, 
     sparsities: list[float] = []
     pareto = ctx.study.pruner if isinstance(ctx.study.pruner, ParetoFoldStop) else None
     warm_start = make_warm_start(ctx.cfg, tcfg)
+    rung = make_fidelity(ctx.settings)
+    rung_epoch = None if rung is None else rung.rung_epoch(settings.epochs)
     with ctx.console.folds(folds, settings.epochs + settings.finetune_epochs,
                            trial.number) as progress:
         def on_epoch(fold: int, rec: EpochRecord) -> None:
             run.log_metrics({f"fold_{fold}/{k}": getattr(rec, k) for k in EPOCH_METRICS},
                             step=rec.epoch)
             progress(fold, rec)
+            if fold == 0 and rec.epoch == rung_epoch:
+                _judge_rung(t, ctx, rung, rec, objectives)
 
         def on_fold_end(fold: int, result: FoldResult) -> None:
             # (fold_<k>/val_accuracy and fold_<k>/sparsity already end on this fold's result)
@@ -224,6 +230,28 @@ def _cross_validate(t: _Trial, ctx: SearchContext) -> tuple[CVResult, dict[int, 
     return result, fronts
 
 
+def _judge_rung(t: _Trial, ctx: SearchContext, rung: FidelityRung, rec: EpochRecord,
+                objectives: list[str]) -> None:
+    """Fold 0 has reached the reduced budget: store its rung point (read by the other
+    trials' rung, :class:`~dtp_search.fidelity.FidelityRung`) and stop the trial there
+    unless the rung promotes it."""
+    trial, run = t.trial, t.run
+    point = {"epoch": rec.epoch, "accuracy": rec.val_accuracy, "sparsity": rec.sparsity}
+    # Stored before the decision: a trial judged concurrently by another worker sees it.
+    trial.set_user_attr(POINT_ATTR, point)
+    decision = rung.check(ctx.study, trial.number, rec.epoch, rec.val_accuracy, rec.sparsity,
+                          objectives)
+    log.info("trial %d: %s", trial.number, decision.reason)
+    trial.set_user_attr(RUNG_ATTR, 1 if decision.promoted else 0)
+    run.set_tags({"dtp_search.rung": str(1 if decision.promoted else 0),
+                  "dtp_search.rung_reason": decision.reason})
+    if not decision.promoted:
+        if decision.dominated_by is not None:
+            trial.set_user_attr("dominated_by", decision.dominated_by)
+            run.set_tags({"dtp_search.dominated_by": decision.dominated_by})
+        raise _pruned(trial, run, decision.reason)
+
+
 def _record(t: _Trial, ctx: SearchContext, result: CVResult,
             fronts: dict[int, list]) -> dict[str, float]:
     """Log the trial's mean curves, CV summary, floor events and front; set its Optuna
@@ -261,6 +289,10 @@ def _record(t: _Trial, ctx: SearchContext, result: CVResult,
     run.log_front(fronts, title)
     for k, v in summary.items():
         trial.set_user_attr(k, v)
+    if make_fidelity(ctx.settings) is not None and RUNG_ATTR not in trial.user_attrs:
+        # Never judged (a retry resumed past the rung, or a budget that ends before it):
+        # it ran the full budget all the same.
+        trial.set_user_attr(RUNG_ATTR, 1)
     # Fold 0's final model and one-shot sweep, for the study report's faint per-trial fronts.
     trial.set_user_attr("front", [[round(p.sparsity, 5), round(p.accuracy, 5)]
                                   for p in sorted(fronts.get(0, []), key=lambda p: p.sparsity)
