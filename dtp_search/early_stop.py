@@ -24,7 +24,7 @@ import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-__all__ = ["ParetoFoldStop", "StopDecision"]
+__all__ = ["ParetoFoldStop", "StopDecision", "dominates", "objective_signs"]
 
 # What check() can be told about: the names of ``search.objectives``.
 _OBJECTIVES = ("accuracy", "sparsity")
@@ -148,12 +148,7 @@ class ParetoFoldStop(optuna.pruners.BasePruner):
         if len(sparsities) != seen:
             raise ValueError(f"{seen} accuracies but {len(sparsities)} sparsities")
         objectives = list(objectives)
-        directions = list(study.directions)
-        if len(objectives) != len(directions) or any(o not in _OBJECTIVES for o in objectives):
-            raise ValueError(
-                f"objectives {objectives} do not match the study's {len(directions)} "
-                f"direction(s); each must be one of {list(_OBJECTIVES)}"
-            )
+        signs = objective_signs(study, objectives)
         # No folds seen: nothing to judge. Last fold: the trial is done, stopping saves nothing.
         if seen == 0 or seen >= folds_total:
             return None
@@ -163,7 +158,6 @@ class ParetoFoldStop(optuna.pruners.BasePruner):
             return None
 
         per_fold = {"accuracy": list(accuracies), "sparsity": list(sparsities)}
-        signs = [1.0 if d == StudyDirection.MAXIMIZE else -1.0 for d in directions]
         means, margins = {}, {}
         for name in objectives:
             means[name] = sum(per_fold[name]) / seen
@@ -178,7 +172,7 @@ class ParetoFoldStop(optuna.pruners.BasePruner):
             if t.number == trial_number or not _can_dominate(t, len(objectives)):
                 continue
             point = [s * v for s, v in zip(signs, t.values, strict=True)]
-            if not _dominates(point, optimistic):
+            if not dominates(point, optimistic):
                 continue
             by = sum(p - o for p, o in zip(point, optimistic, strict=True))
             if best is None or (by, -t.number) > (best[0], -best[1]):
@@ -222,7 +216,19 @@ def _can_dominate(t: FrozenTrial, n_objectives: int) -> bool:
     return all(c <= 0 for c in t.constraints.values())
 
 
-def _dominates(a: Sequence[float], b: Sequence[float]) -> bool:
+def objective_signs(study: optuna.Study, objectives: Sequence[str]) -> list[float]:
+    """+1 per maximised, -1 per minimised objective of ``study``, after checking that
+    ``objectives`` (``search.objectives``) name one known objective per direction."""
+    objectives, directions = list(objectives), list(study.directions)
+    if len(objectives) != len(directions) or any(o not in _OBJECTIVES for o in objectives):
+        raise ValueError(
+            f"objectives {objectives} do not match the study's {len(directions)} "
+            f"direction(s); each must be one of {list(_OBJECTIVES)}"
+        )
+    return [1.0 if d == StudyDirection.MAXIMIZE else -1.0 for d in directions]
+
+
+def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
     """Pareto dominance with every coordinate maximised: a >= b everywhere, > somewhere."""
     return all(x >= y for x, y in zip(a, b, strict=True)) and any(
         x > y for x, y in zip(a, b, strict=True)

@@ -30,14 +30,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import optuna
-from optuna.study import StudyDirection
+
+from dtp_search.early_stop import dominates, objective_signs
 
 __all__ = ["POINT_ATTR", "RUNG_ATTR", "FidelityRung", "RungDecision"]
 
 POINT_ATTR = "rung_point"  # trial user attr: {"epoch": r, "accuracy": a, "sparsity": s}
 RUNG_ATTR = "rung"  # trial user attr: 0 = stopped at the reduced budget, 1 = full budget
 
-_OBJECTIVES = ("accuracy", "sparsity")
+_OBJECTIVES = ("accuracy", "sparsity")  # the default order of search.objectives
 
 
 @dataclass(frozen=True)
@@ -120,13 +121,7 @@ class FidelityRung:
         as it gets); the others are ranked as in the class docstring.
         """
         objectives = list(objectives)
-        directions = list(study.directions)
-        if len(objectives) != len(directions) or any(o not in _OBJECTIVES for o in objectives):
-            raise ValueError(
-                f"objectives {objectives} do not match the study's {len(directions)} "
-                f"direction(s); each must be one of {list(_OBJECTIVES)}"
-            )
-        signs = [1.0 if d == StudyDirection.MAXIMIZE else -1.0 for d in directions]
+        signs = objective_signs(study, objectives)
         mine = {"accuracy": float(accuracy), "sparsity": float(sparsity)}
         ours = [s * mine[n] for s, n in zip(signs, objectives, strict=True)]
         label = ", ".join(f"{n} {mine[n]:.4f}" for n in objectives)
@@ -157,7 +152,7 @@ class FidelityRung:
         dominated_by = None
         best = -math.inf
         for number, p in others:
-            if _dominates(p, ours):
+            if dominates(p, ours):
                 by = sum(a - b for a, b in zip(p, ours, strict=True))
                 if by > best:
                     best, dominated_by = by, number
@@ -170,19 +165,13 @@ class FidelityRung:
         return RungDecision(promoted, position, size, quota, dominated_by, reason)
 
 
-def _dominates(a: Sequence[float], b: Sequence[float]) -> bool:
-    """``a`` dominates ``b`` (both in "larger is better" coordinates)."""
-    return all(x >= y for x, y in zip(a, b, strict=True)) and any(
-        x > y for x, y in zip(a, b, strict=True))
-
-
 def _position(points: list[list[float]], i: int) -> int:
     """How many of ``points`` lie in strictly better non-domination layers than point ``i``."""
     remaining = list(range(len(points)))
     better = 0
     while remaining:
         layer = [j for j in remaining
-                 if not any(_dominates(points[k], points[j]) for k in remaining if k != j)]
+                 if not any(dominates(points[k], points[j]) for k in remaining if k != j)]
         if i in layer:
             return better
         better += len(layer)
