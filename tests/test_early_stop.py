@@ -316,3 +316,34 @@ def test_a_digits_study_stops_a_dominated_trial_early(tmp_path):
     run = mlflow.get_run(t.user_attrs["mlflow_run_id"])
     assert run.data.tags["prune_reason"] == t.user_attrs["prune_reason"]
     assert run.data.tags["dtp_search.dominated_by"] == str(t.user_attrs["dominated_by"])
+
+
+@pytest.mark.slow
+def test_two_workers_on_postgres_stop_trials_against_the_shared_front(tmp_path):
+    """study.workers=2 on one PostgreSQL study with early_stop=pareto: both workers run
+    trials, and a stopped trial names a COMPLETE trial of the shared storage (whichever
+    worker ran it) as the one that dominates it."""
+    import subprocess
+    import sys
+
+    from servers import postgres_cluster
+
+    with postgres_cluster() as pg:
+        storage = pg.replace("postgresql://", "postgresql+psycopg://") + "/optuna"
+        argv = [f"paths.root={tmp_path / 'runs'}", f"study.storage={storage}", "study.workers=2",
+                "study.name=shared-pareto", "policy=choice", "policy.choices=[agp,random]",
+                "early_stop=pareto", "search.early_stop.n_startup_trials=3", "search.n_trials=10",
+                "cv.folds=3", "train.epochs=2", "train.finetune_epochs=0", "front.points=2",
+                "console.progress=false", "refit.enabled=false", "threads=1", "seed=1"]
+        proc = subprocess.run([sys.executable, "-m", "dtp_search", *argv], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        study = optuna.load_study(study_name="shared-pareto", storage=storage)
+        trials = {t.number: t for t in study.trials}
+    assert len({t.user_attrs["worker"] for t in trials.values()}) == 2
+    stopped = [t for t in trials.values() if t.state == TrialState.PRUNED]
+    assert stopped, [(t.number, t.state, t.values) for t in trials.values()]
+    for t in stopped:
+        winner = trials[t.user_attrs["dominated_by"]]
+        assert winner.state == TrialState.COMPLETE
+        assert f"by trial {winner.number}:" in t.user_attrs["prune_reason"]
