@@ -32,18 +32,17 @@ import re
 import struct
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 
 from dtp_search.checkpoint import atomic_save
 from dtp_search.errors import DatasetError, reason
-from dtp_search.settings import DatasetSettings
+from dtp_search.settings import DatasetSettings, from_mapping
 
 log = logging.getLogger(__name__)
 
@@ -93,18 +92,6 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
 # --------------------------------------------------------------------------- loading
 
 
-def _settings(settings: DatasetSettings | Mapping[str, Any]) -> DatasetSettings:
-    if isinstance(settings, DatasetSettings):
-        return settings
-    if isinstance(settings, DictConfig):
-        settings = OmegaConf.to_container(settings, resolve=True)
-    known = {f.name for f in fields(DatasetSettings)}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise DatasetError(f"dataset.{unknown[0]} is not a setting; allowed keys of dataset: {sorted(known)}")
-    return DatasetSettings(**settings)
-
-
 def load_dataset(settings: DatasetSettings | Mapping[str, Any],
                  cache_dir: str | os.PathLike | None = None) -> ImageDataset:
     """Load the dataset the ``dataset`` settings describe (a mapping of some of its keys
@@ -117,7 +104,10 @@ def load_dataset(settings: DatasetSettings | Mapping[str, Any],
     computed on the training split), ``augment``, ``crop_padding``, ``skip_bad_files``
     (leave out ImageFolder files that cannot be decoded instead of stopping).
     """
-    cfg = _settings(settings)
+    try:
+        cfg = from_mapping(DatasetSettings, settings, "dataset")
+    except ValueError as exc:
+        raise DatasetError(str(exc)) from None
     kind = cfg.kind
     if kind not in KINDS:
         raise DatasetError(f"dataset.kind={kind!r} is not supported; allowed: {list(KINDS)}")

@@ -18,10 +18,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from dtp_search.settings import ModelSettings
+from dtp_search.settings import ModelSettings, from_mapping
 
 MODELS = ("mlp", "lenet5", "simple_cnn", "vgg", "resnet20")
 
@@ -156,7 +155,7 @@ def build_model(settings: ModelSettings | Mapping[str, Any], in_shape: Sequence[
                 num_classes: int) -> nn.Module:
     """Build the model the ``model`` settings describe (``arch`` picks the class; a
     mapping of some keys is read as :class:`~dtp_search.settings.ModelSettings`)."""
-    cfg = _settings(settings)
+    cfg = from_mapping(ModelSettings, settings, "model")
     c, h, w = (int(s) for s in in_shape)
     arch = cfg.arch
     if arch == "mlp":
@@ -176,11 +175,3 @@ def build_model(settings: ModelSettings | Mapping[str, Any], in_shape: Sequence[
 
 def _or(value: Any, default: Any) -> Any:
     return default if value is None else value
-
-
-def _settings(settings: ModelSettings | Mapping[str, Any]) -> ModelSettings:
-    if isinstance(settings, ModelSettings):
-        return settings
-    if isinstance(settings, DictConfig):
-        settings = OmegaConf.to_container(settings, resolve=True)
-    return ModelSettings(**settings)

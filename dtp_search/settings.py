@@ -28,14 +28,14 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 __all__ = [
     "CONTINUE", "LR_SCHEDULES", "PrunerSettings", "Settings", "TrainSettings", "allowed", "check",
-    "register_schema", "rule",
+    "from_mapping", "register_schema", "rule",
 ]
 
 LR_SCHEDULES = ("cosine", "onecycle", "step", "constant")
@@ -429,6 +429,25 @@ def register_schema() -> None:
 
 
 register_schema()
+
+
+_S = TypeVar("_S")
+
+
+def from_mapping(cls: type[_S], value: _S | Mapping[str, Any], key: str) -> _S:
+    """``value`` as a ``cls`` settings object: itself, or built from a mapping of some of
+    its fields (a plain dict, or a ``DictConfig``, resolved), the others at their
+    defaults. Raises ``ValueError`` naming ``key.<field>`` for a key ``cls`` lacks."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, DictConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"{key}.{unknown[0]} is not a setting; allowed keys of {key}: "
+                         f"{sorted(known)}")
+    return cls(**value)
 
 
 def field_owner(key: str) -> tuple[type, str] | None:
