@@ -173,7 +173,9 @@ def refit_study(cfg: DictConfig, study: optuna.Study, space: search_space.Search
                 run.set_tags({MODEL_URI_TAG: model_uri})
             # The trial's own CV figures under the names the trial runs use, then the test ones.
             cv = {k: trial.user_attrs[k] for k in CV_METRICS if k in trial.user_attrs}
-            metrics = {**cv, "test_accuracy": test_acc, "sparsity": pruner.sparsity(), **measures}
+            metrics = {**cv, "test_accuracy": test_acc, "sparsity": pruner.sparsity(), **measures,
+                       # dense epochs taken from the warm-start cache (another refit's)
+                       "warm_start_epochs": result.warm_start_epochs}
             run.log_metrics(metrics)
             run.log_front({0: front}, f"{cfg.study.name} · refit of trial {trial.number} · "
                           f"{policy}", split="test")
