@@ -105,3 +105,30 @@ def test_oneshot_global_trains_its_dense_network_once(ds, tmp_path):
     assert cache.hits == 2 and [f.warm_start_epochs for f in second.folds] == [4, 4]
     assert first.sparsity > second.sparsity
     same(run(ds, {"name": "oneshot_global", "amount": 0.5}, SETTINGS), second)
+
+
+def test_a_post_pruning_studys_refits_train_their_dense_epochs_once(tmp_path):
+    """Post-pruning (the threshold applied after the last epoch) keeps every trial dense
+    to the end: the first refit trains those epochs, the others take them from the
+    cache (refit runs' warm_start_epochs), and their test figures still differ by θ."""
+    import mlflow
+    from hydra import compose, initialize_config_dir
+
+    from dtp_search.__main__ import CONFIG_DIR
+    from dtp_search.study import run_study
+
+    argv = [f"paths.root={tmp_path}", "policy=constant", "policy.start_epoch=${train.epochs}",
+            "+policy.space.start_epoch={type: categorical, choices: ['${train.epochs}']}",
+            "search.n_trials=2", "refit.trials=all", "cv.folds=2", "train.epochs=2",
+            "train.finetune_epochs=0", "front.points=0", "early_stop=none",
+            "console.progress=false", "threads=1", "seed=2"]
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=argv)
+    study = run_study(cfg)
+    refits = study.user_attrs["refit"]
+    assert len(refits) == 2
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    warmed = sorted(mlflow.get_run(r["run_id"]).data.metrics["warm_start_epochs"]
+                    for r in refits.values())
+    assert warmed == [0.0, 2.0]
+    assert len({r["sparsity"] for r in refits.values()}) == 2
