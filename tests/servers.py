@@ -102,7 +102,9 @@ def mlflow_server(backend_uri: str, artifacts: Path) -> Iterator[str]:
     port = free_port()
     mlflow = Path(sys.executable).with_name("mlflow")
     log = open(artifacts.parent / "mlflow-server.log", "wb")  # noqa: SIM115
-    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
+    # No job runner: it serves GenAI evaluation jobs (a huey consumer per job kind, each
+    # importing MLflow), which these tests never submit; tracking is unaffected.
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     proc = subprocess.Popen(
         [str(mlflow), "server", "--backend-store-uri", backend_uri, "--artifacts-destination",
          str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],

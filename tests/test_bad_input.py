@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from images import tree_with_a_bad_file
+from inprocess import run_here
 
 from dtp_search.__main__ import CONFIG_DIR, check_overrides, rewrite_aliases
 from dtp_search.config import ConfigError
@@ -122,26 +123,32 @@ def _digest(path: Path) -> str | None:
 
 @pytest.fixture(scope="module")
 def study_root(tmp_path_factory) -> Path:
-    """A folder whose study already holds one finished trial."""
+    """A folder whose study already holds one finished trial (run in this process)."""
     root = tmp_path_factory.mktemp("bad") / "runs"
-    proc = subprocess.run([sys.executable, "-m", "dtp_search", f"paths.root={root}",
-                           "study.name=kept", *TINY], capture_output=True, text=True,
-                          cwd=root.parent, timeout=600)
+    proc = run_here(root, "study.name=kept", *TINY)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root
 
 
 def _assert_refused(study_root: Path, overrides: list[str], fragment: str, *,
-                    env: dict[str, str] | None = None, within: float = 600) -> str:
+                    env: dict[str, str] | None = None, within: float = 600,
+                    in_process: bool = False) -> str:
     """Run the CLI on the kept study with ``overrides``: exit 2, one ``error:`` line holding
-    ``fragment``, no traceback, the stores byte for byte as they were. Returns the line."""
+    ``fragment``, no traceback, the stores byte for byte as they were. Returns the line.
+    ``in_process``: the command line's path in this process (``inprocess.run_here``)
+    instead of ``python -m dtp_search``."""
     stores = [study_root / "optuna.db", study_root / "mlflow.db"]
     before = [_digest(p) for p in stores]
     root = [] if any(o.startswith("paths.root=") for o in overrides) else [f"paths.root={study_root}"]
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "dtp_search", *root, "study.name=kept", *TINY,
-                           *overrides], capture_output=True, text=True, cwd=study_root.parent,
-                          timeout=within, env=None if env is None else {**os.environ, **env})
+    if in_process:
+        assert root and env is None, "in_process: on the kept study's folder, this environment"
+        proc = run_here(study_root, "study.name=kept", *TINY, *overrides)
+    else:
+        proc = subprocess.run([sys.executable, "-m", "dtp_search", *root, "study.name=kept",
+                               *TINY, *overrides], capture_output=True, text=True,
+                              cwd=study_root.parent, timeout=within,
+                              env=None if env is None else {**os.environ, **env})
     elapsed = time.monotonic() - start
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -192,7 +199,7 @@ def test_a_corrupt_image_is_named_and_leaves_no_cache_entry(study_root, tmp_path
     cache = tmp_path / "cache"
     line = _assert_refused(study_root, ["dataset=imagefolder", f"dataset.path={tree}",
                                         f"paths.cache_dir={cache}"],
-                           f"cannot decode the image {bad} (")
+                           f"cannot decode the image {bad} (", in_process=True)
     assert "dataset.skip_bad_files=true" in line
     assert not list(cache.glob("imagefolder-*"))  # a failed decode caches nothing
 
@@ -207,7 +214,7 @@ def test_a_failed_cifar10_download_says_why_and_how_to_work_offline(study_root, 
     data = tmp_path / "data"
     line = _assert_refused(study_root, ["dataset=cifar10", f"paths.data_dir={data}"],
                            f"downloading CIFAR-10 into dataset.root={str(data)!r} failed (",
-                           env=env)
+                           env=env)  # a process of its own: urllib caches its proxies
     assert "point dataset.path at a local ImageFolder copy, e.g. dataset.path=" in line
 
 

@@ -1,4 +1,8 @@
-"""End-to-end runs of ``python -m dtp_search`` on tiny budgets."""
+"""End-to-end runs of ``python -m dtp_search`` on tiny budgets.
+
+The first run of the resume test and the killed run are real processes (``run_cli``); the
+others take the command line's path in this process (``inprocess.run_here``), which spares
+each the start-up of a new interpreter."""
 
 import contextlib
 import subprocess
@@ -8,6 +12,7 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+from inprocess import run_here
 from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +46,7 @@ def test_study_runs_then_resumes_to_the_requested_total(tmp_path):
     _, parents, _ = _runs(root, "s")
     parent_id = parents[0].info.run_id
 
-    second = run_cli(root, "study.name=s", "search.n_trials=3", *TINY)
+    second = run_here(root, "study.name=s", "search.n_trials=3", *TINY)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resuming" in second.stdout
 
@@ -98,7 +103,7 @@ def test_study_runs_then_resumes_to_the_requested_total(tmp_path):
     assert (f"#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
             "&viewStateShareKey=dtp_search") in first.stdout
 
-    third = run_cli(root, "study.name=s", "search.n_trials=3", *TINY)  # already complete
+    third = run_here(root, "study.name=s", "search.n_trials=3", *TINY)  # already complete
     assert third.returncode == 0
     assert len(optuna.load_study(study_name="s", storage=f"sqlite:///{root}/optuna.db").trials) == 3
     assert len(_runs(root, "s")[2]) == 3
@@ -112,7 +117,7 @@ POLICIES = ["dense", "oneshot_global", "random", "constant", "std_scaled", "sche
 @pytest.mark.parametrize("policy", POLICIES)
 def test_every_policy_runs_from_the_cli(tmp_path, policy):
     root = tmp_path / "runs"
-    res = run_cli(root, f"policy={policy}", "search.n_trials=1", *TINIEST)
+    res = run_here(root, f"policy={policy}", "search.n_trials=1", *TINIEST)
     assert res.returncode == 0, res.stderr[-3000:]
     study = optuna.load_study(study_name=f"digits-lenet300-{policy}",
                               storage=f"sqlite:///{root}/optuna.db")
@@ -128,9 +133,9 @@ def test_every_policy_runs_from_the_cli(tmp_path, policy):
 @pytest.mark.parametrize("policy", ["constant", "std_scaled", "scheduled", "agp", "feedback"])
 def test_every_threshold_policy_recovers_from_the_cli(tmp_path, policy):
     root = tmp_path / "runs"
-    res = run_cli(root, f"policy={policy}", "policy.recover=true", "~policy.space.recover",
-                  "policy.start_epoch=0", "policy.update_every=2", "search.n_trials=1",
-                  "refit.enabled=false", *TINIEST)
+    res = run_here(root, f"policy={policy}", "policy.recover=true", "~policy.space.recover",
+                   "policy.start_epoch=0", "policy.update_every=2", "search.n_trials=1",
+                   "refit.enabled=false", *TINIEST)
     assert res.returncode == 0, res.stderr[-3000:]
     study = optuna.load_study(study_name=f"digits-lenet300-{policy}",
                               storage=f"sqlite:///{root}/optuna.db")
@@ -147,8 +152,8 @@ def test_every_threshold_policy_recovers_from_the_cli(tmp_path, policy):
 @pytest.mark.slow
 def test_policy_searched_as_a_choice_across_all_policies(tmp_path):
     root = tmp_path / "runs"
-    res = run_cli(root, "policy=choice", "study.name=mix", "search=random", "search.n_trials=6",
-                  *TINIEST)
+    res = run_here(root, "policy=choice", "study.name=mix", "search=random", "search.n_trials=6",
+                   *TINIEST)
     assert res.returncode == 0, res.stderr[-3000:]
     study = optuna.load_study(study_name="mix", storage=f"sqlite:///{root}/optuna.db")
     trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
@@ -172,9 +177,9 @@ def test_policy_searched_as_a_choice_across_all_policies(tmp_path):
 @pytest.mark.cifar
 def test_cifar_experiment_runs_offline_on_the_local_copy(tmp_path, cifar10_dir):
     root = tmp_path / "runs"
-    res = run_cli(root, "+experiment=cifar", f"dataset.path={cifar10_dir}", "search.n_trials=1",
-                  "dataset.train_limit=600", "dataset.test_limit=100", "train.batch_size=64",
-                  "train.epochs=2", *TINY)
+    res = run_here(root, "+experiment=cifar", f"dataset.path={cifar10_dir}", "search.n_trials=1",
+                   "dataset.train_limit=600", "dataset.test_limit=100", "train.batch_size=64",
+                   "train.epochs=2", *TINY)
     assert res.returncode == 0, res.stderr[-3000:]
     study = optuna.load_study(study_name="cifar10-simple_cnn-agp", storage=f"sqlite:///{root}/optuna.db")
     (trial,) = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
@@ -209,8 +214,8 @@ def test_a_killed_run_is_resumed_and_its_trial_retried(tmp_path):
     time.sleep(3)  # past the grace period
 
     # A shorter rerun, so that the retry is quick: a change the study must be told of.
-    rerun = run_cli(root, *args[:3], "train.epochs=2", *args[4:],
-                    "study.allow_changes=[train.epochs,policy]")
+    rerun = run_here(root, *args[:3], "train.epochs=2", *args[4:],
+                     "study.allow_changes=[train.epochs,policy]")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     study = optuna.load_study(study_name="k", storage=f"sqlite:///{root}/optuna.db")
     states = [t.state.name for t in study.trials]
@@ -229,10 +234,10 @@ def test_single_objective_study_stops_hopeless_trials_after_a_fold(tmp_path):
     root = tmp_path / "runs"
     # Accuracy under a sparsity constraint; final sparsities up to 0.999 make some trials
     # hopeless, and the median pruner (one trial to start from) stops them after fold 0.
-    proc = run_cli(root, "study.name=single", "search.n_trials=8", "search.objectives=[accuracy]",
-                   "search.directions=[maximize]", "search.min_sparsity=0.6",
-                   "search.early_stop.n_startup_trials=1", "refit.enabled=false",
-                   "policy.space.final_sparsity.high=0.999", "cv.folds=3", *TINY[1:])
+    proc = run_here(root, "study.name=single", "search.n_trials=8", "search.objectives=[accuracy]",
+                    "search.directions=[maximize]", "search.min_sparsity=0.6",
+                    "search.early_stop.n_startup_trials=1", "refit.enabled=false",
+                    "policy.space.final_sparsity.high=0.999", "cv.folds=3", *TINY[1:])
     assert proc.returncode == 0, proc.stderr[-3000:]
     study = optuna.load_study(study_name="single", storage=f"sqlite:///{root}/optuna.db")
     states = [t.state for t in study.trials]

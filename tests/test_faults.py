@@ -1,14 +1,14 @@
 """Faults inside a trial end that trial alone, with its reason on the Optuna trial and on
-its MLflow run; the study goes on with the next trial."""
+its MLflow run; the study goes on with the next trial. The studies take the command
+line's path in this process (``inprocess.run_here``)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import optuna
 import pytest
+from inprocess import run_here
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
@@ -16,8 +16,7 @@ from dtp_search.tracking import STATE_TAG
 
 
 def _run(root, args):
-    proc = subprocess.run([sys.executable, "-m", "dtp_search", f"paths.root={root}", *args],
-                          cwd=root.parent, capture_output=True, text=True, timeout=600)
+    proc = run_here(root, *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 

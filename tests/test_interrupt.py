@@ -12,6 +12,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from inprocess import run_here
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
@@ -62,8 +63,7 @@ def test_interrupted_trial_fails_cleanly_and_the_rerun_resumes_it(tmp_path, sig)
     run = client.get_run(failed[0].user_attrs["mlflow_run_id"])
     assert run.info.status == "KILLED"
 
-    rerun = subprocess.run([sys.executable, "-m", "dtp_search", f"paths.root={root}", *ARGS],
-                           cwd=root.parent, capture_output=True, text=True, timeout=600)
+    rerun = run_here(root, *ARGS)  # the same command again, in this process
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     study = optuna.load_study(study_name="intr", storage=storage)
     states = [t.state for t in study.trials]

@@ -6,12 +6,18 @@ GenAI/training toggle, no run to expand), and the chart tab shows dtp_search's f
 section with the CV scatter, the overlay of every trial's front and the grid of front
 images. Screenshots go to the test's folder, or with ``DTP_SEARCH_UI_SHOTS=docs/img`` to
 the docs (docs/mlflow-ui.md uses them).
+
+Both views are checked by one test, on one study built in this process the way the
+command line builds it (``inprocess.run_here``): under pytest-xdist two tests could each
+build the module's study on a worker of their own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +26,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from inprocess import run_here
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # As in the machine notes: headless, and no background traffic (the network is closed).
@@ -56,14 +63,18 @@ def ui(tmp_path_factory):
     """A finished study and ``mlflow ui`` on its store: (base URL, tracker-like info)."""
     _need_browser()
     root = tmp_path_factory.mktemp("ui") / "runs"
-    proc = subprocess.run([sys.executable, "-m", "dtp_search", f"paths.root={root}", *STUDY],
-                          cwd=root.parent, capture_output=True, text=True, timeout=600)
+    proc = run_here(root, *STUDY)
     assert proc.returncode == 0, proc.stderr[-3000:]
     port = _free_port()
     mlflow = Path(sys.executable).with_name("mlflow")
+    # The printed command, on this test's port, with one uvicorn worker instead of four
+    # (the pages are the same; four start-ups cost tens of seconds). In a session of its
+    # own: the server's job runner starts huey consumers that a plain terminate() of
+    # `mlflow ui` leaves behind, and the group is stopped whole.
     server = subprocess.Popen([str(mlflow), "ui", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-                               "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -77,8 +88,13 @@ def ui(tmp_path_factory):
                 time.sleep(1)
         yield base, root, proc.stdout
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
 
 
 @pytest.fixture
@@ -113,8 +129,9 @@ def _close_assistant(page) -> None:
         close.click()
 
 
-def test_the_printed_url_opens_the_runs_table_on_trials_and_metrics(ui, page, tmp_path):
+def test_the_printed_urls_open_the_runs_table_and_the_fronts_side_by_side(ui, page, tmp_path):
     base, _, stdout = ui
+    # The runs table on the trials and their metrics.
     page.goto(_printed_url(stdout, base, "then open"))
     page.get_by_text("trial-0", exact=True).first.wait_for(timeout=90_000)
     _close_assistant(page)
@@ -131,9 +148,9 @@ def test_the_printed_url_opens_the_runs_table_on_trials_and_metrics(ui, page, tm
     assert "Detect Issues" not in body and "0 traces" not in body
     _shot(page, tmp_path, "mlflow-runs.png")
 
-
-def test_the_fronts_of_every_trial_render_side_by_side(ui, page, tmp_path):
-    base, _, stdout = ui
+    # The fronts of every trial, side by side, on the chart tab: the second printed link,
+    # in a fresh browser context (nothing kept from the first page's visit).
+    page = page.context.browser.new_page(viewport={"width": 1500, "height": 1000})
     page.goto(_printed_url(stdout, base, "fronts of every trial:"))
     section = page.get_by_text("dtp_search: fronts")
     section.wait_for(timeout=90_000)

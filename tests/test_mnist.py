@@ -3,14 +3,13 @@ torchvision's MNIST on local files, the errors, and one tiny study from the CLI.
 
 import gzip
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import optuna
 import pytest
 import torch
+from inprocess import run_here
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -236,13 +235,7 @@ def test_a_study_runs_on_idx_files_from_the_cli(tmp_path):
         "refit.enabled=false",
         "console.progress=false",
     ]
-    res = subprocess.run(
-        [sys.executable, "-m", "dtp_search", f"paths.root={root}", *overrides],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    res = run_here(root, *overrides, cwd=tmp_path)  # the command line's path, in this process
     assert res.returncode == 0, res.stderr[-3000:]
     study = optuna.load_study(
         study_name="mnist-lenet300-agp", storage=f"sqlite:///{root}/optuna.db"

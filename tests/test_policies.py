@@ -532,3 +532,17 @@ def test_bad_granularity_and_min_keep_are_rejected():
         DynamicPruner(net, ConstantThreshold(0.1), on_collapse="fail")
     with pytest.raises(ValueError, match="allowed"):
         DynamicPruner(net, ConstantThreshold(0.1), Activation(), granularity="weight")
+
+
+def test_a_tie_across_the_cut_is_pruned_whole_not_kept():
+    """Scores tied at the quantile: θ at the tie would keep all of it (with per-step
+    gradient scores, the pruned weights and many live ones score 0, and θ = 0 keeps
+    every weight: a pruning run fell from 0.89 to 0 sparsity). θ moves past the tie."""
+    from dtp_search.pruning.policies import quantile_threshold
+
+    scores = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, 2.0, 3.0, 4.0])
+    theta = quantile_threshold(scores, 0.3)  # k = 2 inside the tie of four zeros
+    assert theta > 0 and int((scores < theta).sum()) == 4
+    assert quantile_threshold(scores, 0.5) == 1.0  # cut between distinct scores: exact
+    weighted = quantile_threshold(scores, 0.3, weights=torch.ones(8))
+    assert weighted > 0 and int((scores < weighted).sum()) == 4

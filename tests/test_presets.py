@@ -1,7 +1,7 @@
 """Every reference-experiment preset (conf/experiment/ref_*.yaml) runs a study on a tiny
 budget: the preset's own recipe, model, policy and space, with fewer images, folds,
 epochs and trials. The path is the command line's (override check, compose, run_study),
-in this process."""
+in this process (from an empty MLflow store, ``inprocess.premake_store``)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import optuna
 import pytest
 from hydra import compose, initialize_config_dir
 from images import tiny_cifar_tree
+from inprocess import premake_store
 from test_mnist import write_mnist
 
 from dtp_search.__main__ import CONFIG_DIR, check_overrides
@@ -41,6 +42,7 @@ def test_a_preset_runs_a_study_on_a_tiny_budget(preset, data, tmp_path):
     if preset == "ref_cifar_l1":
         argv.append("train.l1_start_epoch=1")  # the L1 phase starts inside the tiny budget
     assert check_overrides(argv) is None
+    premake_store(tmp_path)
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=argv)
     study = run_study(cfg)

@@ -1,4 +1,7 @@
-"""The final refit, its exports, and the study report."""
+"""The final refit, its exports, and the study report.
+
+The study runs take the command line's path in this process (``inprocess.run_here``); the
+export is reloaded in a fresh interpreter."""
 
 import subprocess
 import sys
@@ -9,8 +12,9 @@ import numpy as np
 import optuna
 import pytest
 import torch
+from inprocess import isolated, run_here
 from omegaconf import OmegaConf
-from test_cli import TINY, _runs, run_cli
+from test_cli import TINY, _runs
 
 from dtp_search.export import load_pruned, save_pruned
 from dtp_search.models import build_model
@@ -36,7 +40,7 @@ def test_sparse_export_round_trips_and_is_smaller():
 @pytest.mark.slow
 def test_refit_runs_once_per_chosen_trial_and_its_export_reproduces_test_accuracy(tmp_path):
     root = tmp_path / "runs"
-    first = run_cli(root, "study.name=r", "search.n_trials=3", *TINY)
+    first = run_here(root, "study.name=r", "search.n_trials=3", *TINY)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "accuracy" in first.stdout and "refit of trial" in first.stdout
     study = optuna.load_study(study_name="r", storage=f"sqlite:///{root}/optuna.db")
@@ -79,7 +83,7 @@ def test_refit_runs_once_per_chosen_trial_and_its_export_reproduces_test_accurac
     assert float(out.stdout.strip()) == pytest.approx(run.data.metrics["test_accuracy"], abs=1e-9)
 
     # A second refit adds nothing.
-    again = run_cli(root, "study.name=r", "mode=refit", *TINY)
+    again = run_here(root, "study.name=r", "mode=refit", *TINY)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "refit of trial" not in again.stdout
     assert len(client.search_runs([parent.info.experiment_id],
@@ -95,22 +99,23 @@ def test_refit_runs_once_per_chosen_trial_and_its_export_reproduces_test_accurac
     # Each refit also logged an MLflow model, linked to its run.
     import mlflow
 
-    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
-    models = mlflow.search_logged_models(experiment_ids=[parent.info.experiment_id],
-                                         output_format="list")
+    with isolated():  # the global tracking URI (and MLFLOW_TRACKING_URI) set back after
+        mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+        models = mlflow.search_logged_models(experiment_ids=[parent.info.experiment_id],
+                                             output_format="list")
     assert {m.source_run_id for m in models} == {r.info.run_id for r in runs}
     assert {m.name for m in models} == {f"r-trial-{r.data.tags['dtp_search.refit_of']}" for r in runs}
 
     # refit.register=true: the most accurate refit's model becomes version 1 of "r", once.
     for _ in range(2):
-        reg = run_cli(root, "study.name=r", "mode=refit", "refit.register=true", *TINY)
+        reg = run_here(root, "study.name=r", "mode=refit", "refit.register=true", *TINY)
         assert reg.returncode == 0, reg.stderr[-3000:]
     best = max(runs, key=lambda r: r.data.metrics["test_accuracy"])
     (version,) = client.search_model_versions("name = 'r'")
     assert version.run_id == best.info.run_id and int(version.version) == 1
 
     # Pareto fronts of studies overlaid in one figure.
-    cmp = run_cli(root, "mode=compare", "study.names=[r]", *TINY)
+    cmp = run_here(root, "mode=compare", "study.names=[r]", *TINY)
     assert cmp.returncode == 0, cmp.stderr[-2000:]
     assert (root / "compare-r.png").stat().st_size > 0
 
@@ -118,7 +123,7 @@ def test_refit_runs_once_per_chosen_trial_and_its_export_reproduces_test_accurac
 @pytest.mark.slow
 def test_refit_of_a_missing_study_is_a_clear_error(tmp_path):
     root = tmp_path / "runs"
-    res = run_cli(root, "study.name=nothing-here", "mode=refit", *TINY)
+    res = run_here(root, "study.name=nothing-here", "mode=refit", *TINY)
     assert res.returncode == 2 and "mode=refit" in res.stderr and "does not exist" in res.stderr
 
 

@@ -9,6 +9,7 @@ import sys
 
 import optuna
 import pytest
+from inprocess import run_here
 from optuna.trial import TrialState
 
 from dtp_search.config import ConfigError
@@ -102,8 +103,8 @@ def test_trial_of_a_dead_worker_is_failed_and_requeued_with_its_parameters(tmp_p
 
 
 def test_cli_refuses_sqlite_workers_before_any_work(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "dtp_search", f"paths.root={tmp_path}",
-                           "study.workers=2"], capture_output=True, text=True, cwd=tmp_path)
+    # The command line's path, in this process, into a folder left as it is.
+    proc = run_here(tmp_path, "study.workers=2", cwd=tmp_path, premade_store=False)
     assert proc.returncode == 2
     assert "study.workers=2" in proc.stderr and "journal://" in proc.stderr
     assert not (tmp_path / "optuna.db").exists() and not (tmp_path / "mlflow.db").exists()

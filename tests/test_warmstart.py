@@ -113,6 +113,7 @@ def test_a_post_pruning_studys_refits_train_their_dense_epochs_once(tmp_path):
     cache (refit runs' warm_start_epochs), and their test figures still differ by θ."""
     import mlflow
     from hydra import compose, initialize_config_dir
+    from inprocess import isolated, premake_store
 
     from dtp_search.__main__ import CONFIG_DIR
     from dtp_search.study import run_study
@@ -124,11 +125,13 @@ def test_a_post_pruning_studys_refits_train_their_dense_epochs_once(tmp_path):
             "console.progress=false", "threads=1", "seed=2"]
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=argv)
-    study = run_study(cfg)
-    refits = study.user_attrs["refit"]
-    assert len(refits) == 2
-    mlflow.set_tracking_uri(cfg.tracking.uri)
-    warmed = sorted(mlflow.get_run(r["run_id"]).data.metrics["warm_start_epochs"]
-                    for r in refits.values())
+    premake_store(tmp_path)  # an empty MLflow store: the run creates its experiment and runs
+    with isolated():  # MLflow's global tracking URI (and MLFLOW_TRACKING_URI) set back after
+        study = run_study(cfg)
+        refits = study.user_attrs["refit"]
+        assert len(refits) == 2
+        mlflow.set_tracking_uri(cfg.tracking.uri)
+        warmed = sorted(mlflow.get_run(r["run_id"]).data.metrics["warm_start_epochs"]
+                        for r in refits.values())
     assert warmed == [0.0, 2.0]
     assert len({r["sparsity"] for r in refits.values()}) == 2

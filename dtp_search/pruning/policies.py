@@ -326,6 +326,9 @@ def quantile_threshold(scores: torch.Tensor, sparsity: float,
     Weighted (one weight per entry, e.g. the number of weights in a neuron): the longest
     prefix of the ascending scores whose total weight stays within ``sparsity · Σw`` is
     pruned, and θ is the first score after it.
+
+    Ties: when the scores on both sides of the cut are equal, θ is the next float above
+    them (in float32), so every tied entry is pruned and the pruned fraction is at least ``sparsity``.
     """
     flat = scores.reshape(-1).float()
     n = flat.numel()
@@ -348,8 +351,20 @@ def quantile_threshold(scores: torch.Tensor, sparsity: float,
     if k == n:
         return math.inf
     if weights is None:
-        return float(torch.kthvalue(flat, k + 1).values)
-    return float(flat[k])
+        below, theta = (float(torch.kthvalue(flat, k).values),
+                        float(torch.kthvalue(flat, k + 1).values))
+    else:
+        below, theta = float(flat[k - 1]), float(flat[k])
+    if below == theta:
+        # A tie across the cut: no θ prunes exactly k. Keeping the tie (θ at it) can undo
+        # the pruning altogether — per-step gradient scores of a sparse network are 0 for
+        # the pruned weights and many live ones, and θ = 0 keeps every weight — so θ moves
+        # just past it and the whole tie is pruned: the target is a lower bound.
+        # (the next float32: scores are compared as float32, where the next float64
+        # would round back onto the tie)
+        t = torch.tensor(theta, dtype=torch.float32)
+        theta = float(torch.nextafter(t, torch.tensor(math.inf)))
+    return theta
 
 
 def global_threshold(layers: Sequence[LayerView], sparsity: float) -> float:

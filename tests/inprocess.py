@@ -1,0 +1,154 @@
+"""``python -m dtp_search`` run inside the test process: the command line's own steps
+(deprecated aliases renamed, the override check, Hydra's compose, ``run_study`` with the
+same one-line ``error:`` and exit status 2 for a configuration or data error), without
+the seconds each new process spends importing torch, MLflow and Optuna.
+
+What only a real process shows (signals, SIGKILL, several workers, the exit status and
+stderr of the interpreter itself, a fresh import, a store created from nothing) stays
+with subprocess runs: test_cli's resume and killed runs, test_interrupt, test_distributed,
+test_bad_input's END_TO_END cases and test_reproducible's first study.
+
+A run into a folder without an MLflow store starts, by default, from a copy of an empty
+store made once per process (``premade_store``): MLflow's schema migrations take over two
+seconds for every new SQLite store, a copy a few milliseconds. The study, its experiment
+and its runs are created by the run itself, as always.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import io
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import torch
+
+
+@dataclass
+class Result:
+    """What a finished ``subprocess.run(..., capture_output=True, text=True)`` holds."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@contextlib.contextmanager
+def isolated():
+    """Undo what a run changes in this process: environment, MLflow's global tracking
+    URI, torch's thread count, Optuna's log level."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as mlflow_utils
+
+    environ = dict(os.environ)
+    tracking_uri = mlflow_utils._tracking_uri
+    threads = torch.get_num_threads()
+    verbosity = optuna.logging.get_verbosity()
+    try:
+        yield
+    finally:
+        while mlflow.active_run() is not None:
+            mlflow.end_run()
+        mlflow.set_tracking_uri(tracking_uri)  # (which also sets MLFLOW_TRACKING_URI)
+        for key in set(os.environ) - set(environ):
+            del os.environ[key]
+        os.environ.update(environ)
+        torch.set_num_threads(threads)
+        optuna.logging.set_verbosity(verbosity)
+
+
+@contextlib.contextmanager
+def _chdir(path: Path):
+    # contextlib.chdir is Python 3.11+; the project supports 3.10.
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+@functools.cache
+def _empty_store() -> Path:
+    """An MLflow SQLite store with MLflow's tables and nothing else, made once."""
+    from mlflow.tracking import MlflowClient
+
+    folder = Path(tempfile.mkdtemp(prefix="dtp-empty-mlflow-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    path = folder / "mlflow.db"
+    with isolated(), _chdir(folder):  # (the Default experiment's ./mlruns: in there)
+        MlflowClient(f"sqlite:///{path}").search_experiments()  # creates the tables
+    return path
+
+
+def premake_store(root: Path) -> None:
+    """Put an empty MLflow store at ``<root>/mlflow.db`` unless one is there (for a test
+    that calls ``run_study`` itself; see the module's docstring)."""
+    store = Path(root) / "mlflow.db"
+    if not store.exists():
+        store.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_empty_store(), store)
+
+
+def run_here(
+    root: Path, *overrides: str, cwd: Path | None = None, premade_store: bool = True
+) -> Result:
+    """``python -m dtp_search paths.root=<root> <overrides>`` in this process, from ``cwd``
+    (``root``'s parent, as the subprocess runs do). Returns its exit status and output; an
+    unexpected exception propagates with its traceback (a process would exit 1).
+
+    ``premade_store``: where the run would create ``<root>/mlflow.db`` (the default
+    ``tracking.uri``), an empty store is put there first (see the module's docstring);
+    ``False`` for a test that checks what a run leaves in a folder.
+
+    Not for runs whose environment matters at import or first use: urllib, for one, keeps
+    the proxies it saw first (a download test needs a process of its own)."""
+    from hydra import compose, initialize_config_dir
+
+    from dtp_search.__main__ import CONFIG_DIR, check_overrides, rewrite_aliases
+    from dtp_search.errors import ConfigError, DatasetError
+    from dtp_search.study import run_study
+
+    if premade_store and not any(
+        o.lstrip("+").startswith(("tracking.uri=", "tracking=")) for o in overrides
+    ):
+        premake_store(root)
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    try:
+        with (
+            isolated(),
+            _chdir(cwd or Path(root).parent),
+            contextlib.redirect_stdout(out),
+            contextlib.redirect_stderr(err),
+            warnings.catch_warnings(),
+        ):
+            # As dtp_search.__main__._app sets them for a run.
+            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            argv = rewrite_aliases([f"paths.root={root}", *overrides])
+            problem = check_overrides(argv)
+            if problem is not None:
+                print(f"error: {problem}", file=sys.stderr)
+                code = 2
+            else:
+                with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+                    cfg = compose("config", overrides=argv)
+                try:
+                    run_study(cfg)
+                except (ConfigError, DatasetError) as exc:
+                    print(f"error: {exc}", file=sys.stderr)
+                    code = 2
+    except BaseException:
+        # Shown in the failing test's captured output, like a process's stderr.
+        sys.stderr.write(out.getvalue() + err.getvalue())
+        raise
+    return Result(code, out.getvalue(), err.getvalue())
