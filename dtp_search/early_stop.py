@@ -17,14 +17,14 @@ This module needs Optuna only (no MLflow, no torch).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-__all__ = ["ParetoFoldStop", "StopDecision", "dominates", "objective_signs"]
+__all__ = ["ParetoFoldStop", "StopDecision", "dominates", "most_dominating", "objective_signs"]
 
 # What check() can be told about: the names of ``search.objectives``.
 _OBJECTIVES = ("accuracy", "sparsity")
@@ -167,19 +167,14 @@ class ParetoFoldStop(optuna.pruners.BasePruner):
         # In "larger is better" coordinates for every objective (sign-flipped when minimised).
         optimistic = [s * means[n] + margins[n] for s, n in zip(signs, objectives, strict=True)]
 
-        best: tuple[float, int, FrozenTrial] | None = None
-        for t in complete:
-            if t.number == trial_number or not _can_dominate(t, len(objectives)):
-                continue
-            point = [s * v for s, v in zip(signs, t.values, strict=True)]
-            if not dominates(point, optimistic):
-                continue
-            by = sum(p - o for p, o in zip(point, optimistic, strict=True))
-            if best is None or (by, -t.number) > (best[0], -best[1]):
-                best = (by, t.number, t)
-        if best is None:
+        candidates = {t.number: t for t in complete
+                      if t.number != trial_number and _can_dominate(t, len(objectives))}
+        number = most_dominating(
+            ((n, [s * v for s, v in zip(signs, t.values, strict=True)])
+             for n, t in candidates.items()), optimistic)
+        if number is None:
             return None
-        winner = best[2]
+        winner = candidates[number]
         theirs = ", ".join(f"{n} {v:.4f}" for n, v in zip(objectives, winner.values, strict=True))
         # "mean+margin" (or "mean-margin" when minimised): the optimistic value and how
         # much of it is optimism.
@@ -226,6 +221,20 @@ def objective_signs(study: optuna.Study, objectives: Sequence[str]) -> list[floa
             f"direction(s); each must be one of {list(_OBJECTIVES)}"
         )
     return [1.0 if d == StudyDirection.MAXIMIZE else -1.0 for d in directions]
+
+
+def most_dominating(points: Iterable[tuple[int, Sequence[float]]],
+                    target: Sequence[float]) -> int | None:
+    """The number of the point that dominates ``target`` by the most — the largest sum of
+    its improvements over it (the objectives are fractions, on one scale) — ties to the
+    lowest number; ``None`` when none dominates it. Every coordinate is maximised."""
+    best: tuple[float, int] | None = None
+    for number, point in points:
+        if dominates(point, target):
+            by = sum(p - t for p, t in zip(point, target, strict=True))
+            if best is None or (by, -number) > (best[0], -best[1]):
+                best = (by, number)
+    return None if best is None else best[1]
 
 
 def dominates(a: Sequence[float], b: Sequence[float]) -> bool:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import optuna
 
-from dtp_search.early_stop import dominates, objective_signs
+from dtp_search.early_stop import dominates, most_dominating, objective_signs
 
 __all__ = ["POINT_ATTR", "RUNG_ATTR", "FidelityRung", "RungDecision"]
 
@@ -149,13 +149,7 @@ class FidelityRung:
                                 f"{self.n_startup_trials} rung points)")
         points = [p for _, p in others] + [ours]
         position = _position(points, len(points) - 1)
-        dominated_by = None
-        best = -math.inf
-        for number, p in others:
-            if dominates(p, ours):
-                by = sum(a - b for a, b in zip(p, ours, strict=True))
-                if by > best:
-                    best, dominated_by = by, number
+        dominated_by = most_dominating(others, ours)
         promoted = position < quota
         verdict = "promoted" if promoted else "stopped"
         reason = (f"{verdict} at the fidelity rung: {label}; position {position} of {size} "

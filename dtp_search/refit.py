@@ -5,8 +5,8 @@ trial (every Pareto-optimal one, or the ``refit.top_k`` most accurate of them; e
 complete one with ``refit.trials=all``) a fresh model is trained on the *whole* training
 split with the trial's sampled values, then evaluated once on the test split: its
 accuracy, and the accuracy-versus-sparsity front of one-shot sweeps from the final masks,
-measured on test. During training the
-per-epoch accuracy is measured on a stratified slice of the *training* split.
+measured on test. During training the per-epoch accuracy is measured on a stratified
+slice of the *training* split.
 
 Each refit is an MLflow child run ``refit-<n>`` (tags ``dtp_search.role=refit``,
 ``dtp_search.refit_of=<n>``) holding the test metrics, the measures of
@@ -138,8 +138,7 @@ def refit_study(cfg: DictConfig, study: optuna.Study, space: search_space.Search
                 console=None) -> list[RefitResult]:
     """Refit every chosen trial that has no finished refit run yet; returns all results."""
     results = []
-    for trial in chosen_trials(study, cfg.refit.get("top_k"),
-                                                cfg.refit.get("trials", "pareto")):
+    for trial in chosen_trials(study, cfg.refit.get("top_k"), cfg.refit.get("trials", "pareto")):
         existing = tracker.find_refit(trial.number)
         if existing is not None:
             results.append(_from_run(trial.number, existing))

@@ -289,7 +289,7 @@ def _record(t: _Trial, ctx: SearchContext, result: CVResult,
     run.log_front(fronts, title)
     for k, v in summary.items():
         trial.set_user_attr(k, v)
-    if make_fidelity(ctx.settings) is not None and RUNG_ATTR not in trial.user_attrs:
+    if ctx.settings.search.fidelity.enabled and RUNG_ATTR not in trial.user_attrs:
         # Never judged (a retry resumed past the rung, or a budget that ends before it):
         # it ran the full budget all the same.
         trial.set_user_attr(RUNG_ATTR, 1)

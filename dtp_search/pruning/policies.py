@@ -327,8 +327,8 @@ def quantile_threshold(scores: torch.Tensor, sparsity: float,
     prefix of the ascending scores whose total weight stays within ``sparsity · Σw`` is
     pruned, and θ is the first score after it.
 
-    Ties: when the scores on both sides of the cut are equal, θ is the next float above
-    them (in float32), so every tied entry is pruned and the pruned fraction is at least ``sparsity``.
+    Ties: when the scores on both sides of the cut are equal, θ is the next float32 above
+    them, so every tied entry is pruned and the pruned fraction is at least ``sparsity``.
     """
     flat = scores.reshape(-1).float()
     n = flat.numel()
@@ -351,11 +351,13 @@ def quantile_threshold(scores: torch.Tensor, sparsity: float,
     if k == n:
         return math.inf
     if weights is None:
-        below, theta = (float(torch.kthvalue(flat, k).values),
-                        float(torch.kthvalue(flat, k + 1).values))
+        theta = float(torch.kthvalue(flat, k + 1).values)
+        # the k-th smallest equals θ exactly when fewer than k scores lie below θ
+        tie = int((flat < theta).sum()) < k
     else:
-        below, theta = float(flat[k - 1]), float(flat[k])
-    if below == theta:
+        theta = float(flat[k])
+        tie = float(flat[k - 1]) == theta
+    if tie:
         # A tie across the cut: no θ prunes exactly k. Keeping the tie (θ at it) can undo
         # the pruning altogether — per-step gradient scores of a sparse network are 0 for
         # the pruned weights and many live ones, and θ = 0 keeps every weight — so θ moves
