@@ -61,9 +61,16 @@ def _required(key: str) -> ConfigError:
 
 
 def register_resolvers() -> None:
-    """``${abspath:dtp_runs}`` → absolute path against the launch directory."""
+    """``${abspath:dtp_runs}`` → absolute path against the launch directory;
+    ``${target_name:a.b.resnet18}`` → ``resnet18``; ``${dataset_name:a.CIFAR100}`` → ``cifar100``."""
     if not OmegaConf.has_resolver("abspath"):
         OmegaConf.register_new_resolver("abspath", lambda p: os.path.abspath(os.path.expanduser(p)))
+    # model=custom and dataset=torchvision/custom name themselves after their _target_.
+    if not OmegaConf.has_resolver("target_name"):
+        OmegaConf.register_new_resolver("target_name", lambda t: str(t).rpartition(".")[2])
+    if not OmegaConf.has_resolver("dataset_name"):
+        OmegaConf.register_new_resolver("dataset_name",
+                                        lambda t: str(t).rpartition(".")[2].lower())
     register_schema()
 
 

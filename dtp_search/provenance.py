@@ -21,6 +21,7 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 
 from dtp_search.config import ENGINE_KEYS, ConfigError, flatten, loggable
+from dtp_search.models import checkpoint_digest
 from dtp_search.settings import PrunerSettings, Settings
 
 # Config nodes (or keys) that define a study. Not in it: where things run and are stored
@@ -30,9 +31,13 @@ DEFINING = ("seed", "dataset", "model", "policy", "cv", "train", "front",
             "search.objectives", "search.directions", "search.min_sparsity", "search.space")
 # A trial's config nodes that refit takes from the trial (the rest: today's run).
 TRIAL_NODES = ("seed", "model", "policy", "cv", "train", "front")
-# Where the data lives may change between machines; its content may not (``dataset.digest``).
+# Where the data and the trained weights live may change between machines; their content
+# may not (``dataset.digest``, ``model.checkpoint_digest``).
 _DATA_LOCATION = ("path", "root", "download")
-_NOT_DEFINING = (*ENGINE_KEYS, *(f"dataset.{k}" for k in _DATA_LOCATION))
+# How the data is read (decoded into memory or streamed) does not change what it is.
+_DATA_ENGINE = ("in_memory", "memory_limit", "num_workers")
+_NOT_DEFINING = (*ENGINE_KEYS, *(f"dataset.{k}" for k in (*_DATA_LOCATION, *_DATA_ENGINE)),
+                 "model.checkpoint")
 _ABSENT = "(absent)"
 STUDY_ATTR = "config"
 TRIAL_ATTR = "config"
@@ -48,6 +53,9 @@ def defining_config(cfg: DictConfig, dataset_digest: str) -> dict[str, Any]:
     flat = {k: v for k, v in flatten(full).items()
             if _under(k, DEFINING) and not _under(k, _NOT_DEFINING)}
     flat["dataset.digest"] = dataset_digest
+    checkpoint = OmegaConf.select(cfg, "model.checkpoint")
+    if checkpoint:
+        flat["model.checkpoint_digest"] = checkpoint_digest(checkpoint)
     return json.loads(json.dumps(flat, default=str))
 
 
@@ -135,6 +143,10 @@ def stored_trial_config(cfg: DictConfig, trial: optuna.trial.FrozenTrial) -> Dic
         if key in out.dataset:
             dataset[key] = out.dataset[key]
     OmegaConf.update(out, "dataset", dataset, merge=False)
+    if OmegaConf.select(out, "model.checkpoint") or OmegaConf.select(cfg, "model.checkpoint"):
+        # the weights' content is checked by the study's digest; their place is today's
+        OmegaConf.update(out, "model.checkpoint", OmegaConf.select(cfg, "model.checkpoint"),
+                         merge=False)
     return out
 
 

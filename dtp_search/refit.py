@@ -13,6 +13,10 @@ Each refit is an MLflow child run ``refit-<n>`` (tags ``dtp_search.role=refit``,
 :func:`dtp_search.export.measure`, the sparse export ``model/pruned.pt`` (and
 ``model/compact.pt`` for neuron/channel pruning), the test front and the per-layer
 sparsity. A trial that already has a finished refit run is not refitted again.
+
+With ``model.checkpoint`` every refit starts from the trained weights, and the trained
+network *not pruned* is scored on the test split once (:func:`checkpoint_baseline`): the
+baseline drawn on every refit's test front and logged on the study run.
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ from dtp_search import space as search_space
 from dtp_search.config import build_pruner, config_yaml, make_warm_start, run_params
 from dtp_search.data import ImageDataset, stratified_subset
 from dtp_search.export import MEASURE_KEYS, measure, save_pruned
-from dtp_search.models import build_model
-from dtp_search.pruning import FrontPoint, LayerCollapse, one_shot_sweep, strip_masks
+from dtp_search.models import start_model
+from dtp_search.pruning import FrontPoint, LayerCollapse, one_shot_sweep, sparsity, strip_masks
 from dtp_search.results import pareto_rows
 from dtp_search.tracking import StudyTracker, plot_layer_sparsity
 from dtp_search.training import (
@@ -110,7 +114,7 @@ def refit_trial(tcfg: DictConfig, dataset: ImageDataset, device: torch.device,
     settings = TrainSettings.from_config(tcfg.train)
     seed = int(tcfg.seed)
     torch.manual_seed(seed)
-    model = build_model(tcfg.model, dataset.input_shape, dataset.num_classes).to(device)
+    model = start_model(tcfg.model, dataset.input_shape, dataset.num_classes).to(device)
     example = torch.zeros(1, *dataset.input_shape, device=device)
     pruner = build_pruner(model, tcfg.policy, example)
     labels = dataset.train.labels.numpy()
@@ -133,11 +137,37 @@ def refit_trial(tcfg: DictConfig, dataset: ImageDataset, device: torch.device,
     return model, pruner, result, test_accuracy, front
 
 
+BASELINE_METRIC = "checkpoint_test_accuracy"
+
+
+def checkpoint_baseline(cfg: DictConfig, study: optuna.Study, dataset: ImageDataset,
+                        tracker: StudyTracker, device: torch.device) -> FrontPoint | None:
+    """With ``model.checkpoint``: the trained network *not pruned*, scored on the test split
+    once per study (kept in the study's ``checkpoint_baseline`` attribute and logged as
+    ``checkpoint_test_accuracy`` on the study run), as a point of every refit's test front.
+    ``None`` without a checkpoint."""
+    if not cfg.model.get("checkpoint"):
+        return None
+    stored = study.user_attrs.get("checkpoint_baseline")
+    if stored is None:
+        settings = TrainSettings.from_config(cfg.train)
+        model = start_model(cfg.model, dataset.input_shape, dataset.num_classes).to(device)
+        test = eval_batches(dataset, dataset.test, np.arange(len(dataset.test.labels)),
+                            settings, device)
+        stored = {"test_accuracy": evaluate(model, test), "sparsity": sparsity(model)}
+        study.set_user_attr("checkpoint_baseline", stored)
+        tracker.client.log_metric(tracker.parent_run_id, BASELINE_METRIC, stored["test_accuracy"])
+        log.info("the checkpoint, not pruned: test accuracy %.4f", stored["test_accuracy"])
+    return FrontPoint(float(stored["sparsity"]), float(stored["test_accuracy"]), 0.0, 0.0,
+                      "checkpoint")
+
+
 def refit_study(cfg: DictConfig, study: optuna.Study, space: search_space.SearchSpace,
                 dataset: ImageDataset, tracker: StudyTracker, device: torch.device,
                 console=None) -> list[RefitResult]:
     """Refit every chosen trial that has no finished refit run yet; returns all results."""
     results = []
+    baseline = checkpoint_baseline(cfg, study, dataset, tracker, device)
     for trial in chosen_trials(study, cfg.refit.get("top_k"), cfg.refit.get("trials", "pareto")):
         existing = tracker.find_refit(trial.number)
         if existing is not None:
@@ -175,6 +205,9 @@ def refit_study(cfg: DictConfig, study: optuna.Study, space: search_space.Search
             metrics = {**cv, "test_accuracy": test_acc, "sparsity": pruner.sparsity(), **measures,
                        # dense epochs taken from the warm-start cache (another refit's)
                        "warm_start_epochs": result.warm_start_epochs}
+            if baseline is not None:
+                metrics[BASELINE_METRIC] = baseline.accuracy
+                front = [*front, baseline]
             run.log_metrics(metrics)
             run.log_front({0: front}, f"{cfg.study.name} · refit of trial {trial.number} · "
                           f"{policy}", split="test")

@@ -136,6 +136,10 @@ def build_report(study: optuna.Study, rows: list[dict[str, Any]],
                    f"<img alt='{html.escape(k)}' src='data:image/png;base64,{v}'/>"
                    for k, v in images.items())
     n_complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    base = study.user_attrs.get("checkpoint_baseline")
+    baseline = ("" if base is None else
+                f"<p>The trained checkpoint the study started from, <b>not pruned</b>: test "
+                f"accuracy {base['test_accuracy']:.4f} at sparsity {base['sparsity']:.4f}.</p>")
     doc = f"""<!doctype html><html><head><meta charset="utf-8">
 <title>dtp_search report — {html.escape(study.study_name)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
@@ -144,7 +148,7 @@ img{{max-width:100%}}</style></head><body>
 <h1>dtp_search report — {html.escape(study.study_name)}</h1>
 <p>{n_complete} complete trials; {len(rows)} Pareto-optimal (cross-validated on the training
 split). Test accuracy comes from one evaluation of each refit model, trained on the whole
-training split.</p>
+training split.</p>{baseline}
 <h2>Pareto-optimal trials</h2>{table}{imgs}</body></html>"""
     return doc, figures
 

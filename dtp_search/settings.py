@@ -34,8 +34,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 __all__ = [
-    "CONTINUE", "LR_SCHEDULES", "PrunerSettings", "Settings", "TrainSettings", "allowed", "check",
-    "from_mapping", "register_schema", "rule",
+    "CONTINUE", "DATASET_KINDS", "LR_SCHEDULES", "MODEL_ARCHS", "PrunerSettings", "Settings",
+    "TrainSettings", "allowed", "check", "from_mapping", "register_schema", "rule", "split_args",
 ]
 
 LR_SCHEDULES = ("cosine", "onecycle", "step", "constant")
@@ -293,12 +293,22 @@ class ConsoleSettings:
     progress: bool = True
 
 
+# dataset.kind: the built-in loaders, then the user's own data (torchvision's classes, a factory).
+DATASET_KINDS = ("digits", "cifar10", "mnist", "imagefolder", "torchvision", "custom")
+IN_MEMORY = ("auto", True, False)
+
+
 @dataclass
 class DatasetSettings:
-    """Every dataset kind's keys (conf/dataset); a kind reads the ones it needs."""
+    """Every dataset kind's keys (conf/dataset); a kind reads the ones it needs.
 
-    kind: str = rule(MISSING, choices=("digits", "cifar10", "mnist", "imagefolder"))
+    ``torchvision`` and ``custom`` build the user's data from ``_target_`` (Hydra's
+    ``instantiate`` convention); every key under ``dataset`` that is not one of these
+    fields is passed to it as a keyword argument and collected in ``args``."""
+
+    kind: str = rule(MISSING, choices=DATASET_KINDS)
     name: str = MISSING
+    _target_: str | None = None  # torchvision: the dataset class; custom: a (train, test) factory
     path: str | None = None  # an ImageFolder tree (offline copy)
     root: str | None = None  # torchvision's download folder
     download: bool = True
@@ -313,14 +323,37 @@ class DatasetSettings:
     crop_padding: int = rule(4, low=0)
     test_fraction: float = rule(0.2, above=0, high=1)  # digits: fixed stratified test split
     split_seed: int = rule(0, low=0, high=SEED_HIGH)
+    # auto: decode a split into memory when it fits memory_limit, else stream it from its
+    # source through a DataLoader; true/false force one path.
+    in_memory: Any = rule("auto", choices=IN_MEMORY, words="auto, true, false")  # noqa: RUF009
+    memory_limit: float | None = rule(None, above=0)  # GiB; null = a quarter of the RAM
+    num_workers: int | None = rule(None, low=0)  # streaming: DataLoader workers; null: min(4, cores)
+    args: dict[str, Any] = field(default_factory=dict)  # the _target_'s keyword arguments
+
+    def _check(self, prefix: str) -> None:
+        if isinstance(self.in_memory, int) and not isinstance(self.in_memory, bool):
+            raise ValueError(f"{prefix}in_memory={self.in_memory!r} is not allowed; "
+                             "allowed: auto, true, false")
+        if self.kind in ("torchvision", "custom") and not self._target_:
+            raise ValueError(f"{prefix}_target_ is required for dataset={self.kind} (a dotted "
+                             "path, e.g. dataset._target_=torchvision.datasets.FakeData)")
+
+
+MODEL_ARCHS = ("mlp", "lenet5", "simple_cnn", "vgg", "resnet20", "custom")
 
 
 @dataclass
 class ModelSettings:
-    """Every architecture's keys (conf/model); an architecture reads the ones it needs."""
+    """Every architecture's keys (conf/model); an architecture reads the ones it needs.
+
+    ``custom`` builds the user's network from ``_target_`` (any callable returning an
+    ``nn.Module``); every key under ``model`` that is not one of these fields is passed to
+    it as a keyword argument and collected in ``args``."""
 
     name: str = MISSING
-    arch: str = rule(MISSING, choices=("mlp", "lenet5", "simple_cnn", "vgg", "resnet20"))
+    arch: str = rule(MISSING, choices=MODEL_ARCHS)
+    _target_: str | None = None  # custom: dotted path of the factory, e.g. torchvision.models.resnet18
+    checkpoint: str | None = None  # trained weights to start from (any arch): a state_dict file
     hidden: list[int] | None = None  # mlp
     conv: list[int] | None = None  # lenet5, simple_cnn
     fc: list[int] | None = None
@@ -328,6 +361,35 @@ class ModelSettings:
     padding: list[int] | None = None
     depth_n: int | None = rule(None, low=1)  # resnet20: blocks per stage
     widths: list[Any] | None = None  # vgg (ints and "M"), resnet20
+    args: dict[str, Any] = field(default_factory=dict)  # the _target_'s keyword arguments
+
+    def _check(self, prefix: str) -> None:
+        if self.arch == "custom" and not self._target_:
+            raise ValueError(f"{prefix}_target_ is required for model=custom (a dotted path, "
+                             "e.g. model._target_=torchvision.models.resnet18)")
+        if self._target_ and self.arch != "custom":
+            raise ValueError(f"{prefix}_target_={self._target_!r} needs model=custom; "
+                             f"model.arch={self.arch!r} is a built-in network")
+
+
+# Nodes whose keys beyond the schema's are the keyword arguments of their ``_target_``.
+OPEN_NODES: dict[str, type] = {"model": ModelSettings, "dataset": DatasetSettings}
+
+
+def split_args(owner: type, node: Mapping[str, Any], key: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(the schema's keys, the _target_'s keyword arguments)`` of an open node (a plain
+    mapping). Extra keys are arguments only when the node has a ``_target_``; otherwise
+    the first one raises ``ValueError`` naming it."""
+    known = {f.name for f in dataclasses.fields(owner)}
+    extra = {k: v for k, v in node.items() if k not in known}
+    if extra and not node.get("_target_"):
+        first = sorted(extra)[0]
+        raise ValueError(f"{key}.{first} is not a setting; allowed keys of {key}: "
+                         f"{sorted(known - {'args'})} (keys of your own pass to a _target_: "
+                         f"{key}=custom)")
+    mine = {k: v for k, v in node.items() if k in known}
+    args = {**dict(mine.pop("args", None) or {}), **extra}
+    return mine, args
 
 
 @dataclass
@@ -396,7 +458,19 @@ class Settings:
     def of(cls, cfg: DictConfig) -> Settings:
         """The typed settings of a composed config, interpolations resolved (raises
         OmegaConf's errors for missing values, ``ValueError`` for a key the schema does
-        not have; :func:`check` is separate)."""
+        not have; :func:`check` is separate). The keys of an open node (``model``,
+        ``dataset``) beyond its schema are its ``_target_``'s arguments (``args``)."""
+        plain = None
+        for node, owner in OPEN_NODES.items():
+            if node in cfg and isinstance(cfg[node], DictConfig):
+                data = OmegaConf.to_container(cfg[node], resolve=True)
+                mine, args = split_args(owner, data, node)
+                if len(mine) != len(data) or "args" in data:
+                    if plain is None:
+                        plain = OmegaConf.to_container(cfg, resolve=True)
+                    plain[node] = {**mine, "args": args}
+        if plain is not None:
+            cfg = OmegaConf.create(plain)
         _refuse_unknown(cfg, cls, "")
         if OmegaConf.get_type(cfg) is not cls:
             # A plain copy (the search space's, or a trial's stored config): merged into
@@ -442,6 +516,9 @@ def from_mapping(cls: type[_S], value: _S | Mapping[str, Any], key: str) -> _S:
         return value
     if isinstance(value, DictConfig):
         value = OmegaConf.to_container(value, resolve=True)
+    if cls in OPEN_NODES.values():
+        mine, args = split_args(cls, value, key)
+        return cls(**mine, args=args)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(value) - known)
     if unknown:

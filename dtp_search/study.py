@@ -8,10 +8,13 @@ what a finished study says is :mod:`dtp_search.results`.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import os
 import time
 
+import numpy as np
 import optuna
 import torch
 from omegaconf import DictConfig
@@ -32,14 +35,14 @@ from dtp_search.config import (
 )
 from dtp_search.console import Console
 from dtp_search.data import ImageDataset, load_dataset
-from dtp_search.models import build_model
+from dtp_search.models import check_output, start_model
 from dtp_search.refit import refit_study
 from dtp_search.report import compare_studies, log_report
 from dtp_search.results import FINISHED, n_finished, refresh_pareto
 from dtp_search.settings import Settings
 from dtp_search.storage import mask_url
 from dtp_search.tracking import StudyTracker, describe_dataset
-from dtp_search.training import DivergedError, resolve_device, stop_requested
+from dtp_search.training import DivergedError, eval_batches, resolve_device, stop_requested
 from dtp_search.trial import SearchContext, objective
 from dtp_search.workers import WORKER_ENV, run_workers
 
@@ -111,25 +114,36 @@ def run_study(cfg: DictConfig) -> optuna.Study:
 
 
 def check_against_data(cfg: DictConfig, s: Settings, dataset: ImageDataset) -> None:
-    """Checks that need the data: fold count against the smallest class, and the model
-    and every policy's pruner built once, so that a model/dataset or granularity/model
-    mismatch fails before the study is opened."""
+    """Checks that need the data: fold count against the smallest class; the network
+    built once (the user's factory, ``model.checkpoint`` loaded) and its output checked
+    on one batch of training images; and every policy's pruner built on it, so that a
+    model/dataset or granularity/model mismatch fails before the study is opened."""
     smallest_class = int(torch.bincount(dataset.train.labels).min())
     if s.cv.folds > smallest_class:
         raise ConfigError(f"cv.folds={s.cv.folds} exceeds the smallest class of the training "
                           f"split ({smallest_class} samples); allowed: 2..{smallest_class}")
     try:
-        build_model(s.model, dataset.input_shape, dataset.num_classes)
+        model = start_model(s.model, dataset.input_shape, dataset.num_classes)
+    except ConfigError:
+        raise
     except ValueError as exc:
         raise ConfigError(f"model={s.model.name}: {exc}") from exc
+    check_output(model, _one_batch(dataset, s), dataset.num_classes)
     example = torch.zeros(1, *dataset.input_shape)
     for name, node in search_space.policy_nodes(cfg).items():
         try:
-            build_pruner(build_model(s.model, dataset.input_shape, dataset.num_classes),
-                         node, example)
+            build_pruner(copy.deepcopy(model), node, example)
         except ValueError as exc:
             raise ConfigError(f"{policy_key(cfg, name)} with model={s.model.name}: "
                               f"{exc}") from exc
+
+
+def _one_batch(dataset: ImageDataset, s: Settings) -> torch.Tensor:
+    """Two training images, normalised as training will see them (the output check's batch)."""
+    batches = eval_batches(dataset, dataset.train, np.arange(min(2, len(dataset.train))),
+                           dataclasses.replace(s.train, eval_batch_size=2, channels_last=False),
+                           "cpu")
+    return next(iter(batches))[0]
 
 
 def _open_study(cfg: DictConfig, s: Settings, dataset_digest: str, is_worker: bool) -> optuna.Study:

@@ -485,6 +485,10 @@ def plot_trial_front(fronts: dict[int, list[FrontPoint]], title: str, split: str
             if final:
                 ax.scatter([final[0].sparsity], [final[0].accuracy], marker="*", s=120,
                            color=c, edgecolor="k", zorder=5, label=f"{who}: final model")
+        base = [p for p in pts if p.source == "checkpoint"]
+        if base:  # the trained network the study started from, not pruned (refit)
+            ax.scatter([base[0].sparsity], [base[0].accuracy], marker="D", s=60, color="k",
+                       zorder=6, label="checkpoint, not pruned")
     ax.set_xlabel("sparsity (fraction of prunable weights = 0)")
     ax.set_ylabel(f"{split} accuracy")
     ax.set_title(title, fontsize=10)

@@ -33,7 +33,7 @@ from dtp_search.console import Console
 from dtp_search.data import ImageDataset
 from dtp_search.early_stop import ParetoFoldStop
 from dtp_search.fidelity import POINT_ATTR, RUNG_ATTR, FidelityRung
-from dtp_search.models import build_model
+from dtp_search.models import checkpoint_digest, start_model
 from dtp_search.pruning import LayerCollapse
 from dtp_search.settings import FrontSettings, Settings
 from dtp_search.tracking import StudyTracker
@@ -213,7 +213,7 @@ def _cross_validate(t: _Trial, ctx: SearchContext) -> tuple[CVResult, dict[int, 
         try:
             result = cross_validate(
                 ctx.dataset, folds=folds, seed=int(tcfg.seed),
-                make_model=lambda: build_model(tcfg.model, ctx.dataset.input_shape,
+                make_model=lambda: start_model(tcfg.model, ctx.dataset.input_shape,
                                                ctx.dataset.num_classes),
                 make_pruner=lambda m: build_pruner(m, tcfg.policy, example),
                 settings=settings, device=ctx.device,
@@ -317,4 +317,6 @@ def _config_key(tcfg: DictConfig) -> str:
                 else tcfg[k] for k in ("dataset", "model", "policy", "train", "cv", "front", "seed")}
     relevant["policy"].pop("space", None)
     relevant["policy"].pop("options", None)
+    if relevant["model"].get("checkpoint"):  # what the weights are, not where they lie
+        relevant["model"]["checkpoint"] = checkpoint_digest(relevant["model"]["checkpoint"])
     return hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()
