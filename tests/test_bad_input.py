@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from images import tree_with_a_bad_file
 from inprocess import run_here
@@ -31,7 +32,7 @@ TINY = ["cv.folds=2", "train.epochs=1", "train.finetune_epochs=0", "front.points
 
 # (overrides, fragment the one-line message must contain)
 CASES = [
-    (["model=foo"], "model='foo' is not a known model; allowed: ['lenet300'"),
+    (["model=foo"], "model='foo' is not a known model; allowed: ['custom', 'lenet300'"),
     (["dataset=foo"], "dataset='foo' is not a known dataset; allowed:"),
     (["policy=agpp"], "policy='agpp' is not a known policy; allowed: ['agp'"),
     (["search=bogus"], "search='bogus' is not a known search; allowed: ['bruteforce', 'nsga2'"),
@@ -105,6 +106,22 @@ CASES = [
     (["policy.criterion=hessian"], "policy.criterion='hessian'"),
     (["train.l1=-1"], "train.l1=-1.0 is not allowed; allowed: a number >= 0"),
     (["policy=choice", "policy.choices=[agp,bogus]"], "policy.choices=['agp', 'bogus']"),
+    # The user's own network (model=custom; tests/user_nets.py is "the user's package").
+    (["model=custom"], "model._target_ is required"),
+    (["+model.width=3"], "model.width is not a setting; allowed keys of model:"),
+    (["model=custom", "model._target_=user_nets_nowhere.Net"],
+     "model._target_='user_nets_nowhere.Net' cannot be imported (No module named 'user_nets_nowhere')"),
+    (["model=custom", "model._target_=user_nets.broken"],
+     "model._target_='user_nets.broken' raised RuntimeError: width must be even"),
+    (["model=custom", "model._target_=user_nets.not_a_module"],
+     "model._target_='user_nets.not_a_module' returned a str"),
+    (["model=custom", "model._target_=user_nets.TinyConvNet", "+model.num_classes=7"],
+     "model: the network's output has shape [2, 7] for an input batch of shape [2, 1, 8, 8]; "
+     "allowed: [batch, num_classes] = [2, 10]"),
+    (["model=custom", "model._target_=user_nets.TinyConvNet", "+model.in_channels=3"],
+     "model: the network cannot take the dataset's input batch of shape [2, 1, 8, 8] (RuntimeError"),
+    (["model.checkpoint=/nonexistent/weights.pt"],
+     "model.checkpoint='/nonexistent/weights.pt' does not exist"),
 ]
 # One case of each kind through the real command line: a Hydra-level error, a config
 # check, a data check, a refused resume, a deprecated alias (which warns first) and the
@@ -216,6 +233,28 @@ def test_a_failed_cifar10_download_says_why_and_how_to_work_offline(study_root, 
                            f"downloading CIFAR-10 into dataset.root={str(data)!r} failed (",
                            env=env)  # a process of its own: urllib caches its proxies
     assert "point dataset.path at a local ImageFolder copy, e.g. dataset.path=" in line
+
+
+@pytest.mark.parametrize(("blob", "fragment"), [
+    ("other network", "does not fit the network (4 missing keys: net.3.weight, net.3.bias, "
+                      "net.5.weight and 1 more; 2 unexpected keys: head.weight, head.bias; 1 shape "
+                      "mismatches (checkpoint vs network): net.1.weight [300, 32] vs [300, 64])"),
+    ("no state", "holds no state_dict (found ['epoch'])"),
+])
+def test_a_checkpoint_that_does_not_fit_is_refused(study_root, tmp_path, blob, fragment):
+    from torch import nn
+
+    path = tmp_path / "weights.pt"
+    if blob == "other network":  # lenet300's first layer, then another head
+        net = nn.Sequential(nn.Flatten(), nn.Linear(64, 300), nn.ReLU(), nn.Linear(300, 10))
+        state = {k.replace("1.", "net.1.", 1): v for k, v in net.state_dict().items()
+                 if k.startswith("1.")}
+        state["net.1.weight"] = state["net.1.weight"][:, :32]
+        state.update({"head.weight": net[3].weight, "head.bias": net[3].bias})
+        torch.save(state, path)
+    else:
+        torch.save({"epoch": 3}, path)
+    _refused_in_process(study_root, [f"model.checkpoint={path}"], fragment)
 
 
 def test_probes_of_servers_nobody_listens_on_fail_fast_and_mask_the_password():

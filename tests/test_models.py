@@ -4,8 +4,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from dtp_search.config import register_resolvers
 from dtp_search.models import build_model
 from dtp_search.pruning import attach_masks, prunable_layers
+
+register_resolvers()
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 
@@ -14,6 +17,10 @@ CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 @pytest.mark.parametrize("shape", [(3, 32, 32), (1, 28, 28)])
 def test_every_model_config_builds_and_runs_masked(name, shape):
     cfg = OmegaConf.load(CONF / f"{name}.yaml")
+    if name == "custom":  # the user's own network (tests/user_nets.py)
+        cfg._target_ = "user_nets.PatchAttention"
+        cfg.in_channels = shape[0]
+        assert cfg.name == "PatchAttention"
     model = build_model(cfg, shape, 10)
     attach_masks(model)
     out = model(torch.randn(2, *shape))
