@@ -9,6 +9,10 @@ reads it without unpickling code)::
      "dense":  {name: tensor},                      # biases, norms, unpruned tensors
      "sparse": {name: {"shape": [...], "bits": uint8 tensor, "values": tensor}}}
 
+The names are the model's ``state_dict`` keys; ``sparse`` holds the prunable tensors of
+:func:`dtp_search.pruning.prunable_tensors` (``"fc.weight"``, an attention's
+``"encoder.0.self_attn.in_proj_weight"``), ``dense`` everything else.
+
 A sparse tensor is its non-zero values in row-major order plus its occupancy as a bit
 mask packed 8 entries per byte (``numpy.packbits``): 1 bit per entry + one value per
 non-zero, smaller than dense storage above ~3 % sparsity and smaller than CSR/COO
@@ -17,10 +21,12 @@ index lists (4–8 bytes per non-zero) at every sparsity a pruning study reaches
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +37,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dtp_search.models import build_model
-from dtp_search.pruning import compact_model, prunable_layers, strip_masks
+from dtp_search.pruning import compact_model, prunable_tensors, strip_masks
 
 FORMAT = "dtp_search.sparse/1"
 
@@ -62,7 +68,7 @@ def save_pruned(model: nn.Module, config: dict[str, Any], path: str | os.PathLik
     """
     plain = (strip_masks(model) if compact_input is None
              else compact_model(model, compact_input)).cpu()
-    weights = {f"{name}.weight" for name, _ in prunable_layers(plain)}
+    weights = {t.state_key for t in prunable_tensors(plain)}
     dense, sparse = {}, {}
     for key, t in plain.state_dict().items():
         if key in weights:
@@ -128,23 +134,99 @@ def _resize_to(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 # --------------------------------------------------------------------------- measures
 
 
-def _flops(model: nn.Module, x: torch.Tensor) -> int:
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
+@contextlib.contextmanager
+def _no_fastpath() -> Iterator[None]:
+    """Switch off the fused inference kernels of ``nn.MultiheadAttention`` and
+    ``nn.TransformerEncoderLayer`` (``torch.backends.mha``) for a while: FlopCounterMode
+    has no formula for them (it would count their projections as 0 FLOPs), and the fused
+    encoder layer never calls its submodules, so their forward hooks would not run."""
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
+
+
+def _flops(model: nn.Module, *inputs: torch.Tensor) -> int:
+    with torch.no_grad(), _no_fastpath(), FlopCounterMode(display=False) as counter:
+        model(*inputs)
     return int(counter.get_total_flops())
 
 
-def _layer_flops(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
-    """FLOPs of every prunable layer's own forward (per sample batch ``x``)."""
-    inputs: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_hook(lambda mod, inp, out, n=name: inputs.__setitem__(n, inp[0]))
-             for name, m in prunable_layers(model)]
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
-    layers = dict(prunable_layers(model))
-    return {name: _flops(layers[name], inp) for name, inp in inputs.items()}
+# One piece of a prunable tensor's FLOPs: the FLOPs and the rows of the tensor they use.
+_Piece = tuple[int, slice]
+
+
+def _tokens(t: torch.Tensor) -> int:
+    """Vectors an attention projection multiplies: every entry but the feature axis."""
+    return t.numel() // t.shape[-1]
+
+
+def _attention_pieces(mha: nn.MultiheadAttention, q: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor) -> dict[str, list[_Piece]]:
+    """Projection FLOPs of one ``nn.MultiheadAttention`` call, 2·(tokens)·(fan-in)·(fan-out)
+    per matrix product: the query, key and value projections
+    2·T_q·E·E, 2·T_k·E·kdim, 2·T_v·E·vdim (rows 0…E−1, E…2E−1, 2E…3E−1 of a packed
+    ``in_proj_weight``), and the output projection 2·T_q·E·E. The attention reads its
+    weights itself (``F.multi_head_attention_forward``), so ``out_proj``'s own forward
+    hook never runs."""
+    e = mha.embed_dim
+    fq, fk, fv = (2 * _tokens(q) * e * e, 2 * _tokens(k) * e * mha.kdim,
+                  2 * _tokens(v) * e * mha.vdim)
+    if mha._qkv_same_embed_dim:
+        inproj = {"in_proj_weight": [(fq, slice(0, e)), (fk, slice(e, 2 * e)),
+                                     (fv, slice(2 * e, 3 * e))]}
+    else:
+        inproj = {"q_proj_weight": [(fq, slice(None))], "k_proj_weight": [(fk, slice(None))],
+                  "v_proj_weight": [(fv, slice(None))]}
+    inproj["out_proj"] = [(2 * _tokens(q) * e * e, slice(None))]
+    return inproj
+
+
+def _layer_flops(model: nn.Module, x: torch.Tensor) -> dict[str, list[_Piece]]:
+    """Dense FLOPs of every prunable tensor in one forward pass of ``x``, as pieces
+    (FLOPs, rows of the tensor they use): a Linear/Conv layer's own forward, summed over its
+    calls (``FlopCounterMode``), in one piece; an attention's projections as
+    :func:`_attention_pieces` counts them."""
+    tensors = list(prunable_tensors(model))
+    names = {(id(t.module), t.attr): t.name for t in tensors}
+    layer_inputs: dict[str, list[torch.Tensor]] = {}
+    attention: dict[str, list[_Piece]] = {}
+
+    def on_layer(name: str):
+        def hook(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
+            layer_inputs.setdefault(name, []).append(inp[0])
+        return hook
+
+    def on_attention(mha: nn.MultiheadAttention):
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, out: object) -> None:
+            q, k, v = (args[i] if len(args) > i else kwargs[key]
+                       for i, key in enumerate(("query", "key", "value")))
+            for attr, pieces in _attention_pieces(mha, q, k, v).items():
+                name = (names.get((id(mha.out_proj), "weight")) if attr == "out_proj"
+                        else names.get((id(mha), attr)))
+                if name is not None:
+                    attention.setdefault(name, []).extend(pieces)
+        return hook
+
+    hooks = []
+    for t in tensors:
+        if t.has_units:
+            hooks.append(t.module.register_forward_hook(on_layer(t.name)))
+        elif t.attr in ("in_proj_weight", "q_proj_weight"):  # one hook per attention
+            hooks.append(t.module.register_forward_hook(on_attention(t.module), with_kwargs=True))
+    try:
+        with torch.no_grad(), _no_fastpath():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    modules = {t.name: t.module for t in tensors}
+    out = {name: [(sum(_flops(modules[name], inp) for inp in inps), slice(None))]
+           for name, inps in layer_inputs.items()}
+    out.update(attention)
+    return out
 
 
 def _latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20) -> float:
@@ -171,16 +253,20 @@ def measure(model: nn.Module, example_input: torch.Tensor, export_path: str | os
     structured pruning) CPU latency of the dense versus the compacted network.
 
     Effective FLOPs count a pruned layer at its weight density: total − Σ_l F_l·(1 − d_l),
-    with F_l the layer's dense FLOPs from ``torch.utils.flop_counter.FlopCounterMode``.
+    with F_l the layer's dense FLOPs from ``torch.utils.flop_counter.FlopCounterMode`` and
+    d_l the fraction of its weights that are non-zero. An attention's packed in-projection
+    counts as three pieces, F_q·(1 − d_q) + F_k·(1 − d_k) + F_v·(1 − d_v) over the query,
+    key and value rows (their token counts differ in cross-attention); attention's fused
+    inference kernels are switched off while counting, so that every projection counts.
     """
     plain = strip_masks(model).cpu().eval()
     x = example_input[:1].cpu()
     params = sum(p.numel() for p in plain.parameters())
     nonzero = sum(int((p != 0).sum()) for p in plain.parameters())
     dense_flops = _flops(plain, x)
-    layers = dict(prunable_layers(plain))
-    saved = sum(f * float((layers[name].weight == 0).float().mean())
-                for name, f in _layer_flops(plain, x).items())
+    weights = {t.name: t.weight.detach() for t in prunable_tensors(plain)}
+    saved = sum(f * float((weights[name][rows] == 0).float().mean())
+                for name, pieces in _layer_flops(plain, x).items() for f, rows in pieces)
     buf = io.BytesIO()
     torch.save(plain.state_dict(), buf)
     out = {

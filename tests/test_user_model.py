@@ -5,6 +5,7 @@ other weights is refused. Networks come from tests/user_nets.py, "the user's pac
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def test_keys_are_keyword_arguments_and_the_class_count_is_passed():
     ("user_nets.not_a_module", "returned a str; allowed: a callable that returns an nn.Module"),
 ])
 def test_factories_that_cannot_build_a_network_are_named(target, fragment):
-    with pytest.raises(ConfigError, match="model._target_=") as err:
+    with pytest.raises(ConfigError, match=r"model\._target_=") as err:
         build_custom(_custom(target), 10)
     assert fragment in str(err.value) and target in str(err.value)
 
@@ -84,7 +85,7 @@ def test_checkpoint_formats_and_misfits(tmp_path):
     with pytest.raises(ConfigError, match=r"does not fit the network \(.*shape mismatches "
                                           r"\(checkpoint vs network\): stem.0.weight \[6, 1, 3, 3\] vs \[8, 1, 3, 3\]"):
         apply_checkpoint(TinyConvNet(10, width=8), load_checkpoint(tmp_path / "plain"), "plain")
-    with pytest.raises(ConfigError, match="missing keys: .*unexpected keys: "):
+    with pytest.raises(ConfigError, match=r"missing keys: .*unexpected keys: "):
         apply_checkpoint(PatchAttention(10), load_checkpoint(tmp_path / "plain"), "plain")
     torch.save([1, 2, 3], tmp_path / "list")
     with pytest.raises(ConfigError, match="holds no state_dict"):
@@ -164,3 +165,82 @@ def test_start_model_loads_the_checkpoint_for_built_in_networks_too(tmp_path):
     again = start_model({**cfg, "checkpoint": str(tmp_path / "mlp.pt")}, (1, 8, 8), 10)
     x = torch.from_numpy(np.random.default_rng(0).normal(size=(3, 1, 8, 8)).astype("float32"))
     assert torch.equal(net(x), again(x))
+
+
+FAKE = ["dataset=torchvision", "dataset._target_=torchvision.datasets.FakeData",
+        "+dataset.size=96", "+dataset.args.image_size=[3,32,32]", "+dataset.num_classes=3",
+        "dataset.test_fraction=0.25"]
+ONE_EPOCH = ["train.epochs=1", "train.finetune_epochs=1", "train.batch_size=16", *TINY]
+
+
+def _refit_run(root: Path, study_name: str):
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    (exp,) = [e for e in client.search_experiments() if e.name == study_name]
+    (refit,) = client.search_runs([exp.experiment_id],
+                                  filter_string="tags.`dtp_search.role` = 'refit'")
+    return client, refit
+
+
+def _reloads_as(root: Path, refit, cls: type) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The refit's MLflow model and its sparse export, reloaded: both the user's class."""
+    import mlflow.pytorch
+
+    with isolated():
+        mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+        pickled = mlflow.pytorch.load_model(refit.data.tags["dtp_search.model_uri"]).eval()
+    sparse = load_pruned(refit.info.run_id, tracking_uri=f"sqlite:///{root}/mlflow.db")
+    assert type(pickled) is cls and type(sparse) is cls
+    return pickled, sparse
+
+
+@pytest.mark.slow
+def test_a_torchvision_network_with_depthwise_convolutions_end_to_end(tmp_path):
+    """torchvision's MobileNetV3 (depthwise and grouped convolutions, squeeze-excitation,
+    hard-swish) on torchvision's FakeData, through the command line; the refit's model
+    reloads as MobileNetV3 and scores the logged test accuracy on the test split."""
+    from torchvision.models import MobileNetV3
+
+    root = tmp_path / "runs"
+    run = run_here(root, "model=custom", "model._target_=torchvision.models.mobilenet_v3_small",
+                   "policy.final_sparsity=0.6", "~policy.space.final_sparsity", *FAKE,
+                   *ONE_EPOCH)
+    assert run.returncode == 0, run.stderr[-3000:]
+    _, refit = _refit_run(root, "fakedata-mobilenet_v3_small-agp")
+    pickled, sparse = _reloads_as(root, refit, MobileNetV3)
+    ds = load_dataset({"kind": "torchvision", "name": "fakedata",
+                       "_target_": "torchvision.datasets.FakeData", "test_fraction": 0.25,
+                       "args": {"size": 96, "image_size": [3, 32, 32], "num_classes": 3}})
+    test = TensorBatches(ds.test, None, batch_size=64, mean=sparse.dtp_config["mean"],
+                         std=sparse.dtp_config["std"])
+    # (the refit scored channels-last tensors: a near tie may flip one prediction)
+    one = 1.01 / len(ds.test)
+    assert evaluate(sparse, test) == pytest.approx(refit.data.metrics["test_accuracy"], abs=one)
+    assert evaluate(pickled, test) == pytest.approx(refit.data.metrics["test_accuracy"], abs=one)
+    depthwise = [n for n, m in sparse.named_modules()
+                 if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+    assert depthwise and any((sparse.get_submodule(n).weight == 0).any() for n in depthwise)
+    assert refit.data.metrics["sparsity"] == pytest.approx(0.6, abs=0.02)
+    assert refit.data.metrics["flops_effective"] < refit.data.metrics["flops_dense"]
+
+
+@pytest.mark.slow
+def test_a_network_with_multi_head_attention_end_to_end(tmp_path):
+    """The user's transformer block (tests/user_nets.py) on digits: the attention's input
+    and output projections are pruned, selected by name; the refit reloads as the user's
+    class with the same outputs from both exports."""
+    root = tmp_path / "runs"
+    run = run_here(root, "model=custom", "model._target_=user_nets.PatchAttention",
+                   "policy.layers.include=[attn.*]", "policy.final_sparsity=0.5",
+                   "~policy.space.final_sparsity", *ONE_EPOCH)
+    assert run.returncode == 0, run.stderr[-3000:]
+    client, refit = _refit_run(root, "digits-PatchAttention-agp")
+    layers = json.loads(Path(client.download_artifacts(refit.info.run_id, "layer_sparsity.json",
+                                                       str(tmp_path))).read_text())
+    selected = {"attn.in_proj", "attn.out_proj"}
+    assert selected < set(layers) and {"patches", "mix", "classifier"} <= set(layers)
+    assert all(v > 0.2 if name in selected else v == 0 for name, v in layers.items())
+    pickled, sparse = _reloads_as(root, refit, PatchAttention)
+    assert (sparse.attn.in_proj_weight == 0).float().mean() > 0.2
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(pickled(x), sparse(x), atol=1e-6)

@@ -19,12 +19,14 @@ from dtp_search.pruning.criteria import (
 from dtp_search.pruning.front import FrontPoint, one_shot_sweep, pareto_mask
 from dtp_search.pruning.masks import (
     LayerSelection,
+    PrunableTensor,
     SoftThresholdMask,
     WeightMask,
     attach_masks,
     get_mask,
     layer_sparsity,
     prunable_layers,
+    prunable_tensors,
     sparsity,
 )
 from dtp_search.pruning.policies import (
@@ -52,10 +54,11 @@ __all__ = [
     "COLLAPSE_ACTIONS", "CRITERIA", "GRANULARITIES", "POLICIES", "AGPThreshold", "Activation",
     "ActivationGradient", "ConstantThreshold", "Criterion", "DenseBaseline", "DynamicPruner",
     "FeedbackThreshold", "FrontPoint", "Gradient", "LayerCollapse", "LayerSelection",
-    "LayerView", "Magnitude", "OneShotGlobal", "RandomBaseline", "ScheduledThreshold",
-    "SoftThreshold", "SoftThresholdMask", "SplicingThreshold", "StdScaledThreshold", "Taylor",
+    "LayerView", "Magnitude", "OneShotGlobal", "PrunableTensor", "RandomBaseline",
+    "ScheduledThreshold", "SoftThreshold", "SoftThresholdMask", "SplicingThreshold", "StdScaledThreshold", "Taylor",
     "ThresholdPolicy", "UnitGroup", "WeightMask", "attach_masks", "build_criterion",
     "build_policy", "compact_model", "count_parameters", "get_mask", "global_threshold",
-    "layer_sparsity", "one_shot_sweep", "pareto_mask", "prunable_layers", "quantile_threshold",
+    "layer_sparsity", "one_shot_sweep", "pareto_mask", "prunable_layers", "prunable_tensors",
+    "quantile_threshold",
     "sparsity", "strip_masks", "trace_units",
 ]

@@ -8,6 +8,11 @@ of every layer whose units are removable (see :mod:`dtp_search.pruning.structure
 the matching norm entries and the matching input columns of the consumers. The result
 is a plain ``nn.Module`` without parametrizations that computes the same function.
 
+Grouped and depthwise convolutions are neither producers nor consumers of removable
+units (see :mod:`dtp_search.pruning.structure`), so they are copied unchanged and stay
+valid (``in_channels = W.shape[1] · groups``). Attention in-projections have no units and
+keep their shape; only their masks are baked in.
+
 Layers without a mask (left out of a pruner's layer selection) need no special case:
 deadness is read from the baked weights, not from masks, so such a layer keeps all of
 its own units and only loses the input columns that read a dead unit of a pruned
@@ -29,12 +34,17 @@ from dtp_search.pruning.structure import UnitGroup, trace_units
 def strip_masks(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every parametrization baked in (``W ⊙ M`` becomes the weight).
 
+    Every parametrized tensor — a layer's ``weight``, a bias or norm entry, an attention's
+    ``in_proj_weight`` — becomes a plain ``nn.Parameter`` holding the value the forward
+    pass used, with the ``requires_grad`` flag of the dense original; every module gets its
+    own class back, so the copy is an instance of the user's classes and pickles as one.
+
     ``parametrize.remove_parametrizations`` cannot be used on a deep copy: the copy
     shares the dynamically created ``Parametrized<Module>`` class with the original, and
     removal deletes the property from that class, breaking the original model. So the
     copy gets its plain class back and plain parameters here instead.
     """
-    baked = {(name, t): getattr(m, t).detach().clone()
+    baked = {(name, t): (getattr(m, t).detach().clone(), _trainable(m, t))
              for name, m in model.named_modules() if parametrize.is_parametrized(m)
              for t in m.parametrizations}
     plain = copy.deepcopy(model)
@@ -45,8 +55,15 @@ def strip_masks(model: nn.Module) -> nn.Module:
         del m._modules["parametrizations"]
         m.__class__ = m.__class__.__bases__[0]
         for t in tensors:
-            m.register_parameter(t, nn.Parameter(baked[(name, t)]))
+            value, requires_grad = baked[(name, t)]
+            m.register_parameter(t, nn.Parameter(value, requires_grad=requires_grad))
     return plain
+
+
+def _trainable(module: nn.Module, tensor_name: str) -> bool:
+    """Whether the dense original of a parametrized tensor requires grad (True if unknown)."""
+    original = getattr(getattr(module.parametrizations, tensor_name), "original", None)
+    return True if original is None else bool(original.requires_grad)
 
 
 @torch.no_grad()

@@ -2,7 +2,10 @@
 
 A criterion scores every weight of a layer (:meth:`Criterion.scores`) and every output
 unit — a neuron (row of a Linear) or a channel (filter of a Conv) — for structured
-pruning (:meth:`Criterion.unit_scores`). Larger means more important.
+pruning (:meth:`Criterion.unit_scores`). Larger means more important. A layer is a
+:class:`~dtp_search.pruning.masks.PrunableTensor` (a Linear/Conv weight, or an attention
+in-projection, which is scored weight by weight only); weight scores read the tensor and
+the gradient of its dense parameter, activation scores hook the layer's module.
 
 Scores are taken on the *effective* weight W ⊙ M by default, so a pruned weight scores
 0 and stays pruned under the rule ``keep = S ≥ θ``; policies that let weights recover
@@ -19,15 +22,27 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from dtp_search.pruning.masks import get_mask, original_weight
+from dtp_search.pruning.masks import PrunableTensor
 
 GRANULARITIES: tuple[str, ...] = ("weight", "neuron", "channel")
 
 
-def _weight(module: nn.Module, dense: bool) -> torch.Tensor:
-    w = original_weight(module).detach()
-    mask = get_mask(module)
+def _weight(t: PrunableTensor, dense: bool) -> torch.Tensor:
+    w = t.original.detach()
+    mask = t.mask
     return w if dense or mask is None else w * mask.mask
+
+
+def as_tensors(layers: Mapping[str, nn.Module | PrunableTensor]) -> dict[str, PrunableTensor]:
+    """``{name: PrunableTensor}`` from ``{name: layer}``: a module stands for its ``weight``."""
+    return {name: t if isinstance(t, PrunableTensor) else PrunableTensor(name, t, "weight", name)
+            for name, t in layers.items()}
+
+
+def _unit_dim(module: nn.Module, output: torch.Tensor) -> int:
+    """The dimension of a layer's output that indexes its units: the last one for a Linear
+    (``[..., out_features]``), dimension 1 for a Conv (``[N, C, ...]``)."""
+    return output.ndim - 1 if isinstance(module, nn.Linear) else 1
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -55,10 +70,10 @@ def _ema(avg: dict[str, torch.Tensor], name: str, s: torch.Tensor, beta: float) 
         old.mul_(beta).add_(s, alpha=1.0 - beta)
 
 
-def _unit_rms(module: nn.Module, dense: bool) -> torch.Tensor:
+def _unit_rms(t: PrunableTensor, dense: bool) -> torch.Tensor:
     """RMS of each output unit's live weights, ‖W_j ⊙ M_j‖₂ / √‖M_j‖₀."""
-    w = _rows(_weight(module, dense))
-    mask = get_mask(module)
+    w = _rows(_weight(t, dense))
+    mask = t.mask
     live = w.shape[1] if mask is None else _rows(mask.mask).sum(dim=1).clamp_min(1)
     return (w.pow(2).sum(dim=1) / live).sqrt()
 
@@ -70,9 +85,10 @@ class Criterion(ABC):
     granularities: ClassVar[tuple[str, ...]] = GRANULARITIES
     needs_observation: ClassVar[bool] = False  # call observe() after every optimizer step
 
-    def attach(self, layers: Mapping[str, nn.Module]) -> None:
-        """Start tracking ``{name: layer}`` (hooks, running statistics)."""
-        self.layers = dict(layers)
+    def attach(self, layers: Mapping[str, nn.Module | PrunableTensor]) -> None:
+        """Start tracking ``{name: layer}`` (hooks, running statistics); a layer is a
+        :class:`PrunableTensor` or a module, which stands for its ``weight``."""
+        self.layers = as_tensors(layers)
 
     def detach(self) -> None:
         """Remove hooks; scores of the last state stay available."""
@@ -135,8 +151,8 @@ class _StepAverage(Criterion):
 
     @torch.no_grad()
     def observe(self) -> None:
-        for name, module in self.layers.items():
-            w = original_weight(module)
+        for name, t in self.layers.items():
+            w = t.original
             if w.grad is not None:
                 _ema(self._avg, name, self._statistic(w), self.beta)
 
@@ -188,8 +204,9 @@ class Activation(Criterion):
 
     def attach(self, layers: Mapping[str, nn.Module]) -> None:
         super().attach(layers)
-        for name, module in self.layers.items():
-            self._hooks.append(module.register_forward_hook(self._hook(name)))
+        for name, t in self.layers.items():
+            if t.has_units:  # an attention in-projection has no units to score
+                self._hooks.append(t.module.register_forward_hook(self._hook(name)))
 
     def detach(self) -> None:
         for h in self._hooks:
@@ -201,7 +218,8 @@ class Activation(Criterion):
             if not module.training:
                 return
             with torch.no_grad():
-                dims = [d for d in range(output.ndim) if d != 1]
+                unit = _unit_dim(module, output)
+                dims = [d for d in range(output.ndim) if d != unit]
                 _ema(self._avg, name, output.detach().abs().mean(dim=dims), self.beta)
         return record
 
@@ -240,11 +258,11 @@ class Gradient(_StepAverage):
 
     @torch.no_grad()
     def scores(self, name: str, dense: bool = False) -> torch.Tensor:
-        module = self.layers[name]
+        t = self.layers[name]
         avg = self._avg.get(name)
         if avg is None:
-            return _weight(module, dense).abs()
-        mask = get_mask(module)
+            return _weight(t, dense).abs()
+        mask = t.mask
         return avg if dense or mask is None else avg * mask.mask
 
 
@@ -282,8 +300,9 @@ class ActivationGradient(Criterion):
     def attach(self, layers: Mapping[str, nn.Module]) -> None:
         self.detach()  # attaching twice must not record every batch twice
         super().attach(layers)
-        for name, module in self.layers.items():
-            self._hooks.append(module.register_forward_hook(self._forward_hook(name)))
+        for name, t in self.layers.items():
+            if t.has_units:  # an attention in-projection has no units to score
+                self._hooks.append(t.module.register_forward_hook(self._forward_hook(name)))
 
     def detach(self) -> None:
         for h in self._hooks:
@@ -294,14 +313,14 @@ class ActivationGradient(Criterion):
     def _forward_hook(self, name: str) -> Callable[..., None]:
         def on_forward(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
             if module.training and torch.is_grad_enabled() and output.requires_grad:
-                output.register_hook(self._grad_hook(name))
+                output.register_hook(self._grad_hook(name, _unit_dim(module, output)))
 
         return on_forward
 
-    def _grad_hook(self, name: str) -> Callable[[torch.Tensor], None]:
+    def _grad_hook(self, name: str, unit: int = 1) -> Callable[[torch.Tensor], None]:
         def on_grad(grad: torch.Tensor) -> None:
             with torch.no_grad():
-                dims = [d for d in range(grad.ndim) if d != 1]
+                dims = [d for d in range(grad.ndim) if d != unit]
                 # float32: bf16 autocast gradients would lose the small entries
                 a = grad.detach().float().abs().mean(dim=dims)
                 total, n = self._pending.get(name, (None, 0))
@@ -322,11 +341,11 @@ class ActivationGradient(Criterion):
 
     @torch.no_grad()
     def unit_scores(self, name: str, dense: bool = False) -> torch.Tensor:
-        module = self.layers[name]
+        t = self.layers[name]
         avg = self._avg.get(name)
         if avg is None:  # no training step seen yet: fall back to the weight magnitude
-            return _unit_rms(module, dense)
-        mask = get_mask(module)
+            return _unit_rms(t, dense)
+        mask = t.mask
         if dense or mask is None:
             return avg.clone()
         return avg * _rows(mask.mask).any(dim=1).to(avg.dtype)

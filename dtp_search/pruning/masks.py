@@ -1,4 +1,25 @@
-"""Binary masks on the weights of ``nn.Linear`` and ``nn.Conv*`` layers.
+"""Binary masks on the prunable weights of a network.
+
+What is prunable (:func:`prunable_tensors`), and the *layer name* each tensor goes by —
+the name that :class:`LayerSelection` globs, pruner masks, thresholds and reports use:
+
+* the ``weight`` of every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` (grouped and depthwise
+  convolutions included), named by its module, as ``model.named_modules()`` gives it
+  (``"features.0.0"``, ``"fc"``; ``""`` for a model that is itself one layer). The output
+  projection ``out_proj`` of an ``nn.MultiheadAttention`` is such a Linear
+  (``"encoder.0.self_attn.out_proj"``);
+* the input projection of every ``nn.MultiheadAttention``, a raw parameter of the
+  attention module rather than a layer: ``in_proj_weight`` (E_q+E_k+E_v = 3E rows), named
+  ``"<attention>.in_proj"`` (``"encoder.0.self_attn.in_proj"``), or — when key and value
+  dimensions differ from the embedding (``kdim``/``vdim``, ``_qkv_same_embed_dim=False``) —
+  ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight``, named ``"<attention>.q_proj"``,
+  ``".k_proj"``, ``".v_proj"``. The attention module is listed before its ``out_proj``.
+
+Only Linear and Conv weights have output units (rows, filters) that neuron/channel
+granularity can remove; the in-projection is pruned weight by weight only. Biases and
+norm parameters are never prunable tensors (structured pruning masks them along with
+their unit). A :class:`PrunableTensor` maps a layer name to its owning module and the
+attribute that holds the tensor.
 
 A mask is state on the module and the masked weight is derived, as in
 ``torch.nn.utils.prune``: the layer keeps its original (dense) parameter and every
@@ -136,11 +157,93 @@ class SoftThresholdMask(WeightMask):
         return (original.abs() > torch.sigmoid(self.s)) & self.bool_mask
 
 
-def prunable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Yield ``(name, module)`` for every Linear/Conv layer with a weight, in model order."""
-    for name, module in model.named_modules():
+_IN_PROJECTIONS = {"in_proj_weight": "in_proj", "q_proj_weight": "q_proj",
+                   "k_proj_weight": "k_proj", "v_proj_weight": "v_proj"}
+
+
+@dataclass(frozen=True, eq=False)
+class PrunableTensor:
+    """One prunable tensor: the layer ``name`` it goes by, the ``module`` that owns it
+    (``module_name`` in ``model.named_modules()``) and the attribute ``attr`` holding it.
+
+    For a Linear/Conv layer ``name == module_name`` and ``attr == "weight"``; for an
+    attention in-projection ``module`` is the ``nn.MultiheadAttention``, ``attr`` is
+    ``"in_proj_weight"`` (or ``"q_proj_weight"``, …) and ``name`` is
+    ``module_name + ".in_proj"`` (or ``".q_proj"``, …). The tensor is masked with a
+    :class:`WeightMask` parametrization on ``module.<attr>`` either way, so the forward
+    pass reads ``W ⊙ M`` through the attribute.
+    """
+
+    name: str
+    module: nn.Module
+    attr: str = "weight"
+    module_name: str = ""
+
+    @property
+    def has_units(self) -> bool:
+        """Whether the tensor is a Linear/Conv weight, whose rows (output units) neuron and
+        channel granularity can remove."""
+        return self.attr == "weight"
+
+    @property
+    def state_key(self) -> str:
+        """The tensor's key in the unmasked model's ``state_dict()`` (``"fc.weight"``,
+        ``"attn.in_proj_weight"``)."""
+        return f"{self.module_name}.{self.attr}" if self.module_name else self.attr
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The tensor the forward pass uses, ``W ⊙ M`` when masked (with its autograd graph)."""
+        return getattr(self.module, self.attr)
+
+    @property
+    def original(self) -> torch.Tensor:
+        """The dense parameter ``W`` behind the (possibly) masked tensor."""
+        return original_weight(self.module, self.attr)
+
+    @property
+    def mask(self) -> WeightMask | None:
+        """The :class:`WeightMask` on the tensor, or ``None``."""
+        return get_mask(self.module, self.attr)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The bias that goes with the tensor: the layer's ``bias``; for an in-projection the
+        rows of ``in_proj_bias`` it feeds (all of them for ``in_proj``, E each for
+        ``q_proj``/``k_proj``/``v_proj``)."""
+        if self.has_units:
+            return getattr(self.module, "bias", None)
+        b = getattr(self.module, "in_proj_bias", None)
+        if b is None or self.attr == "in_proj_weight":
+            return b
+        e = self.module.embed_dim
+        i = ("q_proj_weight", "k_proj_weight", "v_proj_weight").index(self.attr)
+        return b[i * e:(i + 1) * e]
+
+
+def prunable_tensors(model: nn.Module) -> Iterator[PrunableTensor]:
+    """Every prunable tensor of ``model`` in model order (see the module docstring)."""
+    for module_name, module in model.named_modules():
         if isinstance(module, PRUNABLE_TYPES):
-            yield name, module
+            yield PrunableTensor(module_name, module, "weight", module_name)
+        elif isinstance(module, nn.MultiheadAttention):
+            attrs = (("in_proj_weight",) if module._qkv_same_embed_dim
+                     else ("q_proj_weight", "k_proj_weight", "v_proj_weight"))
+            for attr in attrs:
+                suffix = _IN_PROJECTIONS[attr]
+                name = f"{module_name}.{suffix}" if module_name else suffix
+                yield PrunableTensor(name, module, attr, module_name)
+
+
+def prunable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Yield ``(name, module)`` for every Linear/Conv layer with a weight, in model order.
+
+    These are the prunable tensors whose tensor is ``module.weight`` (and which have
+    output units); :func:`prunable_tensors` also lists attention in-projections.
+    """
+    for t in prunable_tensors(model):
+        if t.has_units:
+            yield t.name, t.module
 
 
 def _patterns(value: str | Iterable[str] | None, key: str) -> tuple[str, ...]:
@@ -162,13 +265,16 @@ def _patterns(value: str | Iterable[str] | None, key: str) -> tuple[str, ...]:
 class LayerSelection:
     """Which prunable layers a pruner masks; the others stay dense and untouched.
 
-    ``include`` and ``exclude`` are ``fnmatch`` globs (case-sensitive) over module names as
-    ``model.named_modules()`` gives them (``"features.*"``, ``"classifier.4"``; ``""`` is a
-    model that is itself one layer). A layer is selected when it matches an ``include``
+    ``include`` and ``exclude`` are ``fnmatch`` globs (case-sensitive) over the layer names
+    of :func:`prunable_tensors`: module names as ``model.named_modules()`` gives them
+    (``"features.*"``, ``"classifier.4"``; ``""`` is a model that is itself one layer), and
+    ``"<attention>.in_proj"`` (or ``.q_proj``/``.k_proj``/``.v_proj``) for the input
+    projection of an ``nn.MultiheadAttention`` (``"*.in_proj"`` selects them all, and
+    ``"encoder.*"`` both projections of every attention under ``encoder``). A layer is selected when it matches an ``include``
     glob (or ``include`` is empty: every prunable layer) and no ``exclude`` glob.
     ``exclude_classifier`` leaves out the *classifier*, defined as the last prunable layer
-    of the model in ``named_modules()`` order (the output Linear of every builder in
-    :mod:`dtp_search.models`), whatever the globs say.
+    of the model in :func:`prunable_tensors` order (the output Linear of every builder in
+    :mod:`dtp_search.models`, and of most user networks), whatever the globs say.
 
     A glob that matches no prunable layer is a mistake (a typo, or a container's name
     such as ``"features"`` instead of ``"features.*"``), as is a selection of no layer:
@@ -219,23 +325,24 @@ class LayerSelection:
 def attach_masks(model: nn.Module, *, straight_through: bool = False,
                  mask_factory: Callable[..., WeightMask] = WeightMask,
                  layers: Collection[str] | None = None) -> dict[str, WeightMask]:
-    """Register a mask (``mask_factory(shape, ...)``, a :class:`WeightMask` by default) on the
-    weight of every prunable layer, or of the prunable layers named in ``layers``.
+    """Register a mask (``mask_factory(shape, ...)``, a :class:`WeightMask` by default) on
+    every prunable tensor (:func:`prunable_tensors`), or on those whose layer names are in
+    ``layers``.
 
     Idempotent: layers that already carry a mask keep it (its ``straight_through``
     flag is updated). Returns ``{layer name: mask parametrization}``, in model order.
     """
     masks: dict[str, WeightMask] = {}
-    for name, module in prunable_layers(model):
-        if layers is not None and name not in layers:
+    for t in prunable_tensors(model):
+        if layers is not None and t.name not in layers:
             continue
-        existing = get_mask(module)
+        existing = t.mask
         if existing is not None:
             existing.straight_through = straight_through
-            masks[name] = existing
+            masks[t.name] = existing
             continue
-        masks[name] = attach_mask(module, "weight", straight_through=straight_through,
-                                  mask_factory=mask_factory)
+        masks[t.name] = attach_mask(t.module, t.attr, straight_through=straight_through,
+                                    mask_factory=mask_factory)
     return masks
 
 
@@ -262,22 +369,24 @@ def get_mask(module: nn.Module, tensor_name: str = "weight") -> WeightMask | Non
     return None
 
 
-def original_weight(module: nn.Module) -> torch.Tensor:
-    """The dense parameter behind a (possibly) masked weight."""
-    if parametrize.is_parametrized(module, "weight"):
-        return module.parametrizations.weight.original
-    return module.weight
+def original_weight(module: nn.Module, tensor_name: str = "weight") -> torch.Tensor:
+    """The dense parameter behind a (possibly) masked ``module.<tensor_name>``."""
+    if parametrize.is_parametrized(module, tensor_name):
+        return getattr(module.parametrizations, tensor_name).original
+    return getattr(module, tensor_name)
 
 
 @torch.no_grad()
-def effective_weight(module: nn.Module) -> torch.Tensor:
-    """The weight the forward pass uses (``W ⊙ M``, or the soft-thresholded one), no graph."""
-    return module.weight.detach()
+def effective_weight(module: nn.Module, tensor_name: str = "weight") -> torch.Tensor:
+    """The tensor the forward pass uses (``W ⊙ M``, or the soft-thresholded one), no graph."""
+    return getattr(module, tensor_name).detach()
 
 
 @torch.no_grad()
 def sparsity(model: nn.Module, layers: Collection[str] | None = None) -> float:
-    """Fraction of prunable weights (Linear/Conv weights; biases and norms excluded) that are zero.
+    """Fraction of prunable weights (the tensors of :func:`prunable_tensors`: Linear/Conv
+    weights and attention in-projections; biases and norms excluded) that are zero,
+    s = Σ_l #{w ∈ W_l ⊙ M_l : w = 0} / Σ_l numel(W_l).
 
     Over *every* prunable layer, masked or not — the model's sparsity as inference sees
     it, so layers a pruner left out (see :class:`LayerSelection`) count as the dense
@@ -288,10 +397,10 @@ def sparsity(model: nn.Module, layers: Collection[str] | None = None) -> float:
     for another reason count too — they cost nothing at inference either way.
     """
     zeros, total = 0, 0
-    for name, module in prunable_layers(model):
-        if layers is not None and name not in layers:
+    for t in prunable_tensors(model):
+        if layers is not None and t.name not in layers:
             continue
-        w = effective_weight(module)
+        w = t.weight.detach()
         zeros += int((w == 0).sum())
         total += w.numel()
     return zeros / total if total else 0.0
@@ -301,8 +410,8 @@ def sparsity(model: nn.Module, layers: Collection[str] | None = None) -> float:
 def layer_sparsity(model: nn.Module, layers: Collection[str] | None = None) -> dict[str, float]:
     """Per-layer fraction of zero effective weights: of every prunable layer (unmasked ones
     included, at their natural sparsity, ~0), or of those named in ``layers``."""
-    return {name: float((effective_weight(m) == 0).float().mean())
-            for name, m in prunable_layers(model) if layers is None or name in layers}
+    return {t.name: float((t.weight.detach() == 0).float().mean())
+            for t in prunable_tensors(model) if layers is None or t.name in layers}
 
 
 @torch.no_grad()

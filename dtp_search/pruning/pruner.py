@@ -11,7 +11,12 @@ layers) a unit is a whole output row, and removing unit j of layer L also zeroes
 
 Only layers whose units are removable exactly take part (see
 :mod:`dtp_search.pruning.structure`): never the classifier, never a ResNet convolution
-that feeds a residual sum.
+that feeds a residual sum, never a grouped or depthwise convolution, nor an attention
+in-projection (a tensor without units: it is pruned weight by weight, or not at all).
+
+Layers are the prunable tensors of :func:`~dtp_search.pruning.masks.prunable_tensors`,
+named as that function describes (``"layer1.0.conv1"``, ``"encoder.0.self_attn.in_proj"``);
+:attr:`DynamicPruner.tensors` maps each selected name to its tensor.
 
 Layer selection. ``layers`` (a :class:`~dtp_search.pruning.masks.LayerSelection`) names
 the prunable layers the pruner manages; only they get masks, and the others stay dense
@@ -61,13 +66,12 @@ from dtp_search.pruning.criteria import GRANULARITIES, Criterion, Magnitude
 from dtp_search.pruning.masks import (
     PRUNABLE_TYPES,
     LayerSelection,
+    PrunableTensor,
     WeightMask,
     attach_mask,
     attach_masks,
-    effective_weight,
     layer_sparsity,
-    original_weight,
-    prunable_layers,
+    prunable_tensors,
     restore_masks,
     snapshot_masks,
     sparsity,
@@ -112,11 +116,15 @@ _UNIT_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
 @dataclass
 class _Layer:
     name: str
-    module: nn.Module
+    tensor: PrunableTensor
     mask: WeightMask
     structured: bool
     units: torch.Tensor | None = None  # structured: keep state per output unit
     unit_masks: list[WeightMask] = field(default_factory=list)  # bias, norm scale and shift
+
+    @property
+    def module(self) -> nn.Module:
+        return self.tensor.module
 
     @property
     def unit_size(self) -> int:
@@ -160,7 +168,8 @@ class DynamicPruner:
         check_floor(min_keep, on_collapse)
         self.on_collapse = on_collapse
         self.selection = layers if layers is not None else LayerSelection()
-        names = [name for name, _ in prunable_layers(model)]
+        tensors = {t.name: t for t in prunable_tensors(model)}
+        names = list(tensors)
         selected = self.selection.select(names) if layers is not None else names
         self.restored: dict[str, int] = {}  # layer -> decisions the min_keep floor overrode
         self.floored: set[str] = set()  # layers whose current mask is the floor's
@@ -174,21 +183,24 @@ class DynamicPruner:
             groups = trace_units(model, example_input)
         self.masks = attach_masks(model, straight_through=policy.recovers,
                                   mask_factory=policy.mask_factory(), layers=set(selected))
+        #: ``{layer name: PrunableTensor}`` of the selected (masked) layers, in model order.
+        self.tensors: dict[str, PrunableTensor] = {n: tensors[n] for n in self.masks}
         modules = dict(model.named_modules())
         self._layers: dict[str, _Layer] = {}
         self._inputs: dict[str, tuple[str, int]] = {}  # consumer -> (producer, factor)
         for name, mask in self.masks.items():
-            module = modules[name]
+            tensor = self.tensors[name]
+            module = tensor.module
             if granularity == "weight":
-                self._layers[name] = _Layer(name, module, mask, structured=False)
+                self._layers[name] = _Layer(name, tensor, mask, structured=False)
                 continue
-            group = groups.get(name)
+            group = groups.get(name) if tensor.has_units else None
             if group is None or not isinstance(module, _UNIT_TYPES[granularity]):
                 continue
             if not self._exact(group, modules):
                 continue
             out = mask.mask.shape[0]
-            layer = _Layer(name, module, mask, structured=True,
+            layer = _Layer(name, tensor, mask, structured=True,
                            units=torch.ones(out, dtype=torch.bool, device=mask.mask.device))
             if getattr(module, "bias", None) is not None:
                 layer.unit_masks.append(attach_mask(module, "bias"))
@@ -210,9 +222,9 @@ class DynamicPruner:
                              f"units can be removed exactly{among} (classifier and residual "
                              "outputs are excluded); allowed here: "
                              f"{self.allowed_granularities(selected_groups, modules)}")
-        self.criterion.attach({name: layer.module for name, layer in self._layers.items()})
+        self.criterion.attach({name: layer.tensor for name, layer in self._layers.items()})
         self._magnitude = Magnitude()
-        self._magnitude.attach({name: layer.module for name, layer in self._layers.items()})
+        self._magnitude.attach({name: layer.tensor for name, layer in self._layers.items()})
         self.last_thresholds: Thresholds = {}
         self.finalized = False
 
@@ -244,13 +256,13 @@ class DynamicPruner:
 
     def _view(self, layer: _Layer, criterion: Criterion, dense: bool) -> LayerView:
         mask = layer.mask
-        weight = effective_weight(layer.module)
+        weight = layer.tensor.weight.detach()
         if layer.structured:
             score, keep = criterion.unit_scores(layer.name, dense), layer.units.clone()
         else:
             score, keep = criterion.scores(layer.name, dense), mask.bool_mask
         return LayerView(layer.name, weight, score, keep, mask, layer.unit_size,
-                         original_weight(layer.module))
+                         layer.tensor.original)
 
     # -- writing masks ----------------------------------------------------------------
 

@@ -3,15 +3,32 @@
 Removing output unit j of a layer L (row j of a Linear, filter j of a Conv) is only an
 exact structural edit when everything downstream of that unit is either
 
-* *unit-wise* — it maps channel j to channel j alone and 0 to 0: ReLU-like activations,
-  tanh, pooling, dropout, and batch norm (whose entry j must then go too), or
+* *unit-wise* — it maps unit j to unit j alone and 0 to 0: ReLU-like activations
+  (ReLU, ReLU6, LeakyReLU, ELU, GELU, SiLU, Hardswish, tanh, Mish), dropout, pooling
+  over the positions of a channel, and batch norm (whose entry j must then go too), or
 * a *consumer* — the next Linear/Conv layer, whose input column(s) j are removed; after a
   flatten of a C×H×W map, channel j is the block of H·W inputs ``j·HW … (j+1)·HW − 1``.
 
-Anything else — a residual ``add``, a ``cat``, a reshape, the network's output — mixes
-or exposes the units, so such a layer keeps all of its units. In a ResNet this excludes
-the stem and the second convolution of every block (they feed the residual sum), and
-leaves the first convolution of every block prunable.
+Units live on an axis: dimension 1 of a Conv output ``[N, C, …]``, the last dimension
+of a Linear output ``[…, F]`` (the same axis when the output is ``[N, F]``). Batch norm,
+pooling, a flatten from dimension 1 and a Conv consumer act on dimension 1, a Linear
+consumer on the last one; each counts only when it acts on the units' axis (a Linear
+applied to the tokens ``[N, T, F]`` of a transformer keeps its units on the last axis,
+where a ``BatchNorm1d`` would normalise over T).
+
+Anything else — a residual ``add``, a ``cat``, a reshape, a product with another tensor
+(the ``x * scale`` of a squeeze-excitation block), a norm that normalises across units
+(``LayerNorm``, ``GroupNorm``), an activation that maps 0 elsewhere (sigmoid,
+``Hardsigmoid``: 0 ↦ ½), an attention module, the network's output — mixes or exposes
+the units, so such a layer keeps all of its units. In a ResNet this excludes the stem
+and the second convolution of every block (they feed the residual sum), and leaves the
+first convolution of every block prunable.
+
+Grouped and depthwise convolutions (``groups > 1``) take no part: removing an output
+channel of one would move the channels after it into another group, and removing an
+input channel of one would leave its group short, so neither such a producer nor any
+producer that such a conv consumes is unit-prunable. Neither is a layer the network
+calls more than once (shared weights).
 
 We trace the model with ``torch.fx`` and propagate shapes with ``ShapeProp``.
 ``torch.ao.pruning._experimental`` has a structured pruner built on the same idea,
@@ -31,19 +48,45 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from dtp_search.pruning.masks import PRUNABLE_TYPES
 
-_UNITWISE_MODULES: tuple[type[nn.Module], ...] = (
+# Element-wise and 0 ↦ 0: any axis.
+_ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Hardswish,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity,
-    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+    nn.Mish, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity,
 )
-_UNITWISE_FUNCTIONS = {
-    F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, torch.tanh,
-    F.dropout, F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d,
-    F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
+_ELEMENTWISE_FUNCTIONS = {
+    F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.hardswish, F.mish,
+    torch.tanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
 }
-_UNITWISE_METHODS = {"relu", "tanh", "contiguous"}
+_ELEMENTWISE_METHODS = {"relu", "tanh", "contiguous"}
+# Pool over the positions of each channel (dimension 1 stays): the units must be on dim 1.
+_POOL_MODULES: tuple[type[nn.Module], ...] = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)
+_POOL_FUNCTIONS = {
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+}
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+# The axis of a tensor that holds a producer's units.
+_CHANNEL, _LAST = 1, -1
+
+
+class _Tracer(fx.Tracer):
+    """``torch.fx``'s tracer, which keeps ``torch.nn`` modules whole; here also the user's
+    subclasses of the layers, norms and attention the walk classifies by type (a subclass
+    of ``nn.MultiheadAttention`` has data-dependent branches fx cannot trace through)."""
+
+    _LEAVES: tuple[type[nn.Module], ...] = (
+        *PRUNABLE_TYPES, nn.MultiheadAttention, nn.modules.batchnorm._NormBase, nn.LayerNorm,
+        nn.GroupNorm,
+    )
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, self._LEAVES) or super().is_leaf_module(m, module_qualified_name)
 
 
 @dataclass(frozen=True)
@@ -70,7 +113,8 @@ def trace_units(model: nn.Module, example_input: torch.Tensor) -> dict[str, Unit
     Raises ``ValueError`` when the model cannot be traced by ``torch.fx``.
     """
     try:
-        gm = fx.symbolic_trace(model)
+        graph = _Tracer().trace(model)
+        gm = fx.GraphModule(model, graph, model.__class__.__name__)
     except Exception as exc:  # fx raises a variety of errors on dynamic control flow
         raise ValueError(f"structured pruning needs a torch.fx-traceable model ({exc})") from exc
     was_training = model.training
@@ -80,18 +124,36 @@ def trace_units(model: nn.Module, example_input: torch.Tensor) -> dict[str, Unit
     model.train(was_training)
     modules = dict(gm.named_modules())
     out: dict[str, UnitGroup | None] = {}
+    calls: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "call_module" and isinstance(modules[node.target], PRUNABLE_TYPES):
-            out[node.target] = _follow(node, modules)
+            calls[node.target] = calls.get(node.target, 0) + 1
+            out[node.target] = _follow(node, modules) if calls[node.target] == 1 else None
     return out
 
 
+def _ndim(node: fx.Node) -> int | None:
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return None if shape is None else len(shape)
+
+
+def _on(axis: int, ndim: int | None, wanted: int) -> bool:
+    """Whether units on ``axis`` of an ``ndim``-dimensional tensor sit on axis ``wanted``."""
+    return axis == wanted or ndim == 2
+
+
 def _follow(producer: fx.Node, modules: dict[str, nn.Module]) -> UnitGroup | None:
+    layer = modules[producer.target]
+    if getattr(layer, "groups", 1) != 1:  # grouped/depthwise conv: see the module docstring
+        return None
     group = UnitGroup(producer.target)
+    axis = _LAST if isinstance(layer, nn.Linear) else _CHANNEL
     stack: list[tuple[fx.Node, int]] = [(producer, 1)]
     seen: set[fx.Node] = set()
     while stack:
         node, factor = stack.pop()
+        ndim = _ndim(node)
         for user in node.users:
             if user in seen:
                 continue
@@ -99,17 +161,19 @@ def _follow(producer: fx.Node, modules: dict[str, nn.Module]) -> UnitGroup | Non
             kind = _classify(user, node, modules)
             if kind == "consumer":
                 module = modules[user.target]
-                if getattr(module, "groups", 1) != 1:
+                reads = _LAST if isinstance(module, nn.Linear) else _CHANNEL
+                if getattr(module, "groups", 1) != 1 or not _on(axis, ndim, reads):
                     return None
                 group.consumers.append(Consumer(user.target, factor))
             elif kind == "norm":
-                if factor != 1:
+                if factor != 1 or not _on(axis, ndim, _CHANNEL):
                     return None
                 group.norms.append(user.target)
                 stack.append((user, factor))
-            elif kind == "unitwise":
+            elif kind == "unitwise" or (
+                    kind == "pool" and _on(axis, ndim, _CHANNEL) and (ndim or 0) >= 3):
                 stack.append((user, factor))
-            elif kind == "flatten":
+            elif kind == "flatten" and _on(axis, ndim, _CHANNEL) and ndim is not None:
                 shape = node.meta["tensor_meta"].shape
                 stack.append((user, factor * math.prod(shape[2:])))
             else:
@@ -118,25 +182,33 @@ def _follow(producer: fx.Node, modules: dict[str, nn.Module]) -> UnitGroup | Non
 
 
 def _classify(user: fx.Node, source: fx.Node, modules: dict[str, nn.Module]) -> str:
+    """What ``user`` does with the units of ``source``: ``"consumer"``, ``"norm"`` (batch
+    norm), ``"unitwise"`` (element-wise, 0 ↦ 0), ``"pool"`` (over the positions of each
+    channel), ``"flatten"`` (from dimension 1) or ``"other"``."""
     if user.op == "call_module":
         m = modules[user.target]
         if isinstance(m, PRUNABLE_TYPES):
-            return "consumer"
+            return "consumer" if user.args and user.args[0] is source else "other"
         if isinstance(m, _NORM_TYPES):
             return "norm"
-        if isinstance(m, _UNITWISE_MODULES):
+        if isinstance(m, _ELEMENTWISE_MODULES):
             return "unitwise"
+        if isinstance(m, _POOL_MODULES):
+            return "pool"
         if isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1:
             return "flatten"
         return "other"
     if user.op == "call_function":
-        if user.target in _UNITWISE_FUNCTIONS and user.args and user.args[0] is source:
+        first = bool(user.args) and user.args[0] is source
+        if user.target in _ELEMENTWISE_FUNCTIONS and first:
             return "unitwise"
-        if user.target is torch.flatten and _flatten_from_dim1(user):
+        if user.target in _POOL_FUNCTIONS and first:
+            return "pool"
+        if user.target is torch.flatten and first and _flatten_from_dim1(user):
             return "flatten"
         return "other"
     if user.op == "call_method":
-        if user.target in _UNITWISE_METHODS:
+        if user.target in _ELEMENTWISE_METHODS:
             return "unitwise"
         if user.target == "flatten" and _flatten_from_dim1(user):
             return "flatten"
