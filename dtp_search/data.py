@@ -1,11 +1,29 @@
-"""Datasets as whole uint8 tensors, and batches cut from them on the training device.
+"""Datasets as whole uint8 tensors — or, when they do not fit in memory, streamed.
 
 Every split is decoded once into ``images: uint8[N, C, H, W]`` and ``labels: int64[N]``
-and cached on disk (keyed by the source path and its modification time). Training then
-never touches PIL or a ``DataLoader``: :class:`TensorBatches` indexes the split tensor
-with a permutation, applies random-crop/flip to the whole batch at once, and normalises
-it with one fused multiply-add. For data that fits in memory this removes the
+(ImageFolder trees cached on disk, keyed by the source path and its modification time).
+Training then never touches PIL or a ``DataLoader``: :class:`TensorBatches` indexes the
+split tensor with a permutation, applies random-crop/flip to the whole batch at once, and
+normalises it with one fused multiply-add. For data that fits in memory this removes the
 per-sample Python work that dominates small-model training on CPU.
+
+Data larger than memory (``dataset.in_memory``): ``auto`` decodes a split into memory
+only when its decoded size fits what is left of ``dataset.memory_limit`` (GiB; null = a
+quarter of the RAM; the training split is planned first); otherwise the split is a
+:class:`~dtp_search.streaming.StreamedSplit`, decoded batch by batch in
+``dataset.num_workers`` DataLoader worker processes (:class:`StreamBatches`), with the
+same folds, augmentation and seeds: both paths yield the same batches. ``true`` / ``false``
+force one path. This applies to ImageFolder trees (``imagefolder``, and ``cifar10`` /
+``mnist`` given one as ``path``) and to ``torchvision`` / ``custom``; ``digits``, MNIST's
+IDX files and torchvision's CIFAR-10 / MNIST arrays are in memory already.
+
+A streamed split is decoded once when the dataset is loaded (:func:`~dtp_search.streaming.scan`):
+that validates it (undecodable files, sizes), and gives the training split's channel
+statistics and the dataset's content digest *exactly* as the in-memory path computes
+them, so a study's drift check and its training do not depend on the path (``auto`` may
+choose differently on a machine with less memory). For ImageFolder trees the scan's
+result is cached in ``paths.cache_dir`` (keyed like the decoded-tensor cache), so it runs
+once per tree; for ``torchvision`` / ``custom`` data it runs at every load.
 
 Sources:
 * ``digits`` — scikit-learn's bundled 8×8 digits (no download); a fixed stratified
@@ -18,11 +36,11 @@ Sources:
 * ``imagefolder`` — any ImageFolder tree with ``train/`` and ``test/`` (RGB or grayscale).
   A file that cannot be decoded stops the load with its path, or, with
   ``skip_bad_files``, is left out (one warning says how many were).
+* ``torchvision`` / ``custom`` — the user's own data (:mod:`dtp_search.user_data`).
 """
 
 from __future__ import annotations
 
-import copy
 import gzip
 import hashlib
 import json
@@ -30,66 +48,106 @@ import logging
 import os
 import re
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from dtp_search.batches import Batches, StreamBatches, TensorBatches, random_crop_flip
 from dtp_search.checkpoint import atomic_save
 from dtp_search.errors import DatasetError, reason
 from dtp_search.settings import DatasetSettings, from_mapping
+from dtp_search.splits import PixelSums, Split, channel_stats, stratified_subset, tensor_digest
+from dtp_search.streaming import (
+    BadFile,
+    FileDecoder,
+    Source,
+    StreamedSplit,
+    decode_into_memory,
+    default_workers,
+    memory_budget,
+    read_file,
+    scan,
+    size_pair,
+)
+
+__all__ = [
+    "KINDS", "Batches", "DatasetError", "ImageDataset", "PixelSums", "Source", "Split",
+    "StreamBatches", "StreamedSplit", "TensorBatches", "channel_stats", "load_dataset",
+    "load_imagefolder", "random_crop_flip", "read_idx", "stratified_subset", "tensor_digest",
+]
 
 log = logging.getLogger(__name__)
 
 _CACHE_VERSION = 1
-KINDS = ("digits", "cifar10", "mnist", "imagefolder")
-
-
-@dataclass
-class Split:
-    """One split as tensors: ``images`` uint8 [N, C, H, W], ``labels`` int64 [N]."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
+_SCAN_VERSION = 1
+KINDS = ("digits", "cifar10", "mnist", "imagefolder", "torchvision", "custom")
+# Kinds whose data is known: a dataset.name naming another dataset is refused.
+_KNOWN_DATA = ("digits", "cifar10", "mnist", "torchvision")
 
 
 @dataclass
 class ImageDataset:
     name: str
-    train: Split
-    test: Split
+    train: Split | StreamedSplit
+    test: Split | StreamedSplit
     classes: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: bool  # random crop with padding + horizontal flip (natural images)
     crop_padding: int = 4
+    digest: str | None = None  # content digest, when computed at load (streamed splits)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
+        """(C, H, W) of one image (a streamed split knows it without its images)."""
+        split = self.train
+        if isinstance(split, StreamedSplit):
+            return split.shape  # type: ignore[return-value]
+        return tuple(split.images.shape[1:])  # type: ignore[return-value]
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def streamed(self) -> bool:
+        """Whether any split is streamed from its source."""
+        return isinstance(self.train, StreamedSplit) or isinstance(self.test, StreamedSplit)
 
-def tensor_digest(*tensors: torch.Tensor) -> str:
-    """SHA-1 of the tensors' bytes, in order (warm-start keys, dataset records)."""
-    h = hashlib.sha1()
-    for t in tensors:
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    def content_digest(self) -> str:
+        """SHA-1 of both splits' images and labels (``tensor_digest(train.images,
+        train.labels, test.images, test.labels)``), the same for streamed splits."""
+        if self.digest is None:
+            self.digest = tensor_digest(self.train.images, self.train.labels,
+                                        self.test.images, self.test.labels)
+        return self.digest
 
 
 # --------------------------------------------------------------------------- loading
+
+
+class _Plan:
+    """Which splits go into memory (``dataset.in_memory``, ``dataset.memory_limit``), and
+    the scan-cache key of an ImageFolder load."""
+
+    def __init__(self, cfg: DatasetSettings) -> None:
+        self.mode = cfg.in_memory
+        self.left = memory_budget(cfg.memory_limit)
+        self.scan_key: dict[str, Any] | None = None
+
+    def keep(self, nbytes: int) -> bool:
+        """Decode a split of ``nbytes`` into memory? (``auto``: when it fits what is left.)"""
+        if self.mode is True or self.mode is False:
+            return self.mode
+        if nbytes <= self.left:
+            self.left -= nbytes
+            return True
+        return False
 
 
 def load_dataset(settings: DatasetSettings | Mapping[str, Any],
@@ -99,10 +157,16 @@ def load_dataset(settings: DatasetSettings | Mapping[str, Any],
 
     Keys: ``kind`` (one of :data:`KINDS`), ``name``, ``path`` (ImageFolder root; for
     ``mnist`` also a folder of IDX files), ``root`` (torchvision download folder),
-    ``download``, ``channels``, ``image_size``,
-    ``train_limit``/``test_limit`` (stratified subsets), ``mean``/``std`` (``null`` =
-    computed on the training split), ``augment``, ``crop_padding``, ``skip_bad_files``
-    (leave out ImageFolder files that cannot be decoded instead of stopping).
+    ``download``, ``_target_`` and its ``args`` (``torchvision``/``custom``), ``channels``,
+    ``image_size``, ``train_limit``/``test_limit`` (stratified subsets), ``mean``/``std``
+    (``null`` = computed on the training split), ``augment``, ``crop_padding``,
+    ``skip_bad_files`` (leave out ImageFolder files that cannot be decoded instead of
+    stopping), ``in_memory``/``memory_limit``/``num_workers`` (see the module docstring),
+    ``test_fraction``/``split_seed`` (the fixed held-out test split of ``digits`` and of a
+    torchvision class without ``train``/``split``).
+
+    A ``name`` that names another known dataset than the kind loads is refused (digits,
+    cifar10, mnist, torchvision); train and test images of different sizes are refused.
     """
     try:
         cfg = from_mapping(DatasetSettings, settings, "dataset")
@@ -114,13 +178,24 @@ def load_dataset(settings: DatasetSettings | Mapping[str, Any],
     skip = cfg.skip_bad_files
     if not isinstance(skip, bool):
         raise DatasetError(f"dataset.skip_bad_files={skip!r} is not allowed; allowed: true, false")
+    if cfg.in_memory not in ("auto", True, False) or type(cfg.in_memory) is int:
+        raise DatasetError(f"dataset.in_memory={cfg.in_memory!r} is not allowed; "
+                           "allowed: auto, true, false")
+    if kind in ("torchvision", "custom") and not cfg._target_:
+        raise DatasetError(f"dataset._target_ is required for dataset={kind}; allowed: a dotted "
+                           "path, e.g. dataset._target_=torchvision.datasets.FakeData")
+    _check_name(cfg)
+    plan = _Plan(cfg)
+    num_workers = default_workers(cfg.num_workers)
     path = cfg.path
     if kind == "digits":
         train, test, classes = _load_digits(cfg)
+    elif kind in ("torchvision", "custom"):
+        train, test, classes = _load_user_data(cfg, plan, num_workers)
     elif path and kind == "mnist":
-        train, test, classes = _load_mnist_path(cfg, Path(path), cache_dir)
+        train, test, classes = _load_mnist_path(cfg, Path(path), cache_dir, plan)
     elif path:
-        train, test, classes = _load_imagefolder_splits(cfg, Path(path), cache_dir)
+        train, test, classes = _load_imagefolder_splits(cfg, Path(path), cache_dir, plan)
     elif kind == "cifar10":
         train, test, classes = _load_torchvision_cifar10(cfg, cache_dir)
     elif kind == "mnist":
@@ -128,33 +203,120 @@ def load_dataset(settings: DatasetSettings | Mapping[str, Any],
     else:
         raise DatasetError("dataset.path is required for dataset=imagefolder "
                            "(a folder with train/<class>/* and test/<class>/*)")
+    _check_same_shape(train, test)
+    digest, sums = None, None
+    if isinstance(train, Source) or isinstance(test, Source):
+        train, test, digest, sums = _scan(train, test, num_workers, plan.scan_key, cache_dir,
+                                          classes)
     mean, std = cfg.mean, cfg.std
     if mean is None or std is None:
-        mean, std = channel_stats(train.images)
+        mean, std = sums.stats() if sums is not None else channel_stats(train.images)
     return ImageDataset(
         name=cfg.name, train=train, test=test, classes=list(classes),
         mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
-        augment=bool(cfg.augment), crop_padding=int(cfg.crop_padding),
+        augment=bool(cfg.augment), crop_padding=int(cfg.crop_padding), digest=digest,
     )
 
 
-def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images, in [0, 1] units."""
-    x = images.float().div_(255).transpose(0, 1).reshape(images.shape[1], -1)
-    std = x.std(dim=1).clamp_min(1e-6)
-    return tuple(x.mean(dim=1).tolist()), tuple(std.tolist())
+def _check_name(cfg: DatasetSettings) -> None:
+    """Refuse a ``dataset.name`` that names another dataset than a known kind loads
+    (``dataset=digits dataset.name=fashionmnist``); imagefolder/custom: any name."""
+    if cfg.kind not in _KNOWN_DATA:
+        return
+    from dtp_search.user_data import known_names
+
+    if cfg.kind == "torchvision":
+        own = str(cfg._target_).rpartition(".")[2].lower()
+        loads = f"dataset=torchvision ({cfg._target_})"
+    else:
+        own, loads = cfg.kind, f"dataset={cfg.kind}"
+    name = str(cfg.name).strip().lower()
+    if name != own and name in known_names():
+        raise DatasetError(f"dataset.name={cfg.name!r} names another dataset than {loads} "
+                           f"loads; allowed: any name that is not another dataset's, e.g. "
+                           f"dataset.name={own}")
 
 
-def stratified_subset(labels: np.ndarray, limit: int | None, seed: int = 0) -> np.ndarray:
-    """Indices of a class-stratified subset of at most ``limit`` samples (all when None)."""
-    n = len(labels)
-    if not limit or limit >= n:
-        return np.arange(n)
-    from sklearn.model_selection import train_test_split
+def _shape_of(split: Split | Source | StreamedSplit) -> tuple[int, ...]:
+    if isinstance(split, Split):
+        return tuple(split.images.shape[1:])
+    return tuple(split.shape)
 
-    idx, _ = train_test_split(np.arange(n), train_size=int(limit), stratify=labels,
-                              random_state=seed)
-    return np.sort(idx)
+
+def _check_same_shape(train: Any, test: Any) -> None:
+    a, b = _shape_of(train), _shape_of(test)
+    if a != b:
+        show = lambda s: "×".join(map(str, s))  # noqa: E731
+        raise DatasetError(f"the train images are {show(a)} (C×H×W) but the test images "
+                           f"{show(b)}; set dataset.image_size to resize both to one size")
+
+
+def _load_user_data(cfg: DatasetSettings, plan: _Plan,
+                    num_workers: int) -> tuple[Split | Source, Split | Source, list[str]]:
+    """``dataset=torchvision``/``custom`` (:mod:`dtp_search.user_data`), each split decoded
+    into memory when the plan keeps it there (else a source, streamed after the scan)."""
+    from dtp_search.user_data import load_user_sources
+
+    train, test, classes = load_user_sources(cfg)
+    _check_same_shape(train, test)  # before decoding anything
+    out = []
+    for source in (train, test):
+        out.append(decode_into_memory(source, num_workers) if plan.keep(source.nbytes) else source)
+    return out[0], out[1], classes
+
+
+def _scan(train: Split | Source, test: Split | Source, num_workers: int,
+          key: dict[str, Any] | None, cache_dir: Any, classes: Sequence[str]
+          ) -> tuple[Split | StreamedSplit, Split | StreamedSplit, str, PixelSums]:
+    """:func:`~dtp_search.streaming.scan`, through a JSON cache when ``key`` says what
+    the splits are (ImageFolder trees): the digest, the training sums and the left-out files."""
+    cache_file = None
+    if key is not None and cache_dir is not None:
+        digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
+        cache_file = Path(cache_dir) / f"scan-{digest}.json"
+        if cache_file.exists():
+            blob = json.loads(cache_file.read_text())
+            splits = [_apply_skipped(s, blob["skipped"].get(name, []), num_workers)
+                      for name, s in (("train", train), ("test", test))]
+            sums = PixelSums(tuple(blob["sums"][0]), tuple(blob["sums"][1]), int(blob["sums"][2]))
+            _after_scan(splits, blob["skipped"], classes)
+            return splits[0], splits[1], blob["digest"], sums
+    result = scan(train, test, num_workers, _bad_file_error)
+    _after_scan([result.train, result.test], result.skipped, classes)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        s = result.train_sums
+        tmp.write_text(json.dumps({"digest": result.digest, "skipped": result.skipped,
+                                   "sums": [list(s.total), list(s.squares), s.count]}))
+        os.replace(tmp, cache_file)
+    return result.train, result.test, result.digest, result.train_sums
+
+
+def _apply_skipped(split: Split | Source, skipped: list[str], num_workers: int
+                   ) -> Split | StreamedSplit:
+    if isinstance(split, Split):
+        return split
+    decoder, labels = split.decoder, np.asarray(split.labels, dtype=np.int64)
+    if skipped:
+        gone = set(skipped)
+        good = [i for i in range(len(decoder)) if decoder.where(i) not in gone]
+        decoder, labels = decoder.keep(good), labels[good]
+    return StreamedSplit(decoder, torch.from_numpy(labels), split.shape, num_workers)
+
+
+def _after_scan(splits: list[Any], skipped: Mapping[str, list[str]], classes: Sequence[str]) -> None:
+    """The warning and the empty-class check of left-out files, as for in-memory splits."""
+    for name, split in zip(("train", "test"), splits, strict=True):
+        bad = skipped.get(name, [])
+        if not bad or not isinstance(split, StreamedSplit):
+            continue
+        root = Path(os.path.commonpath([*bad, *split.decoder.paths[:1]]))
+        _warn_skipped(root, bad, len(split))
+        empty = sorted(set(range(len(classes))) - set(split.labels.tolist()))
+        if empty:
+            raise DatasetError(f"class folder(s) {[classes[c] for c in empty]} under {root} "
+                               "hold no readable image")
 
 
 def _load_digits(cfg: DatasetSettings) -> tuple[Split, Split, list[str]]:
@@ -288,7 +450,8 @@ def _idx_file(folder: Path, name: str) -> Path:
     )
 
 
-def _load_mnist_path(cfg: DatasetSettings, root: Path, cache_dir: Any) -> tuple[Split, Split, list[str]]:
+def _load_mnist_path(cfg: DatasetSettings, root: Path, cache_dir: Any,
+                     plan: _Plan | None = None) -> tuple[Split | Source, Split | Source, list[str]]:
     """MNIST from ``dataset.path``: the IDX files, else an ImageFolder tree."""
     root = root.expanduser().resolve()
     if not root.is_dir():
@@ -299,7 +462,7 @@ def _load_mnist_path(cfg: DatasetSettings, root: Path, cache_dir: Any) -> tuple[
         )
     folder = _idx_folder(root)
     if folder is None and (root / "train").is_dir():
-        return _load_imagefolder_splits(cfg, root, cache_dir)
+        return _load_imagefolder_splits(cfg, root, cache_dir, plan)
     if folder is None:
         raise DatasetError(
             f"dataset.path={str(root)!r} holds neither MNIST's IDX files ({_MNIST_NAMES}, "
@@ -401,7 +564,6 @@ def _mirror_reasons(text: str) -> str:
             whys.append(re.sub(r"^\[Errno -?\d+\] ", "", why))
     return "; ".join(dict.fromkeys(whys)) or (lines[0] if lines else "unknown error")
 
-
 # ------------------------------------------------------------------ ImageFolder + cache
 
 
@@ -414,9 +576,27 @@ def _tree_stamp(root: Path) -> list[tuple[str, int]]:
     return entries
 
 
+def _imagefolder_key(root: Path, channels: int | None, image_size: Any, limit: int | None,
+                     skip_bad_files: bool) -> dict[str, Any]:
+    """What an ImageFolder split's decoded content depends on (the caches' key)."""
+    key = {
+        "v": _CACHE_VERSION,
+        "root": str(root),
+        "stamp": _tree_stamp(root),
+        "channels": channels,
+        "size": image_size,
+        "limit": limit,
+    }
+    if skip_bad_files:  # only then: the caches of strict loads keep their names
+        key["skip_bad_files"] = True
+    return key
+
+
 def _load_imagefolder_splits(
-    cfg: DatasetSettings, root: Path, cache_dir: Any
-) -> tuple[Split, Split, list[str]]:
+    cfg: DatasetSettings, root: Path, cache_dir: Any, plan: _Plan | None = None
+) -> tuple[Split | Source, Split | Source, list[str]]:
+    """Both splits of an ImageFolder tree: decoded into memory (through the tensor cache)
+    or, where the plan says so, as sources to stream (their scan cached by ``plan.scan_key``)."""
     root = root.expanduser().resolve()
     if not root.is_dir():
         raise DatasetError(
@@ -429,7 +609,7 @@ def _load_imagefolder_splits(
             )
         )
     skip = cfg.skip_bad_files
-    out, classes = [], None
+    out, classes, keys = [], None, {}
     for split in ("train", "test"):
         split_root = root / split
         if not split_root.is_dir():
@@ -437,19 +617,76 @@ def _load_imagefolder_splits(
                 f"dataset.path={str(root)!r} has no {split}/ folder; an ImageFolder "
                 "tree needs train/<class>/* and test/<class>/*"
             )
-        s, split_classes = load_imagefolder(
-            split_root,
-            channels=cfg.channels,
-            image_size=cfg.image_size,
-            limit=getattr(cfg, f"{split}_limit"),
-            cache_dir=cache_dir,
-            skip_bad_files=skip,
-        )
+        limit = getattr(cfg, f"{split}_limit")
+        source = None
+        if plan is not None and plan.mode is not True:
+            source, split_classes = imagefolder_source(
+                split_root, channels=cfg.channels, image_size=cfg.image_size, limit=limit,
+                skip_bad_files=skip)
+            if plan.keep(source.nbytes):
+                source = None
+        if source is None:
+            s, split_classes = load_imagefolder(
+                split_root,
+                channels=cfg.channels,
+                image_size=cfg.image_size,
+                limit=limit,
+                cache_dir=cache_dir,
+                skip_bad_files=skip,
+            )
+        else:
+            s = source
         if classes is not None and split_classes != classes:
             raise DatasetError(f"train/ and test/ under {root} have different class folders")
         classes = split_classes
+        keys[split] = _imagefolder_key(split_root.resolve(), cfg.channels, cfg.image_size, limit,
+                                       skip)
         out.append(s)
+    if plan is not None:
+        plan.scan_key = {"v": _SCAN_VERSION, **keys}
     return out[0], out[1], classes or []
+
+
+def _list_imagefolder(root: Path) -> Any:
+    from torchvision.datasets import ImageFolder
+
+    try:
+        folder = ImageFolder(str(root))
+    except FileNotFoundError as exc:  # no class folders, or a class folder without images
+        raise DatasetError(f"{exc}; an ImageFolder split needs <class>/<image> files") from exc
+    if not folder.samples:
+        raise DatasetError(f"no images found under {root}")
+    return folder
+
+
+def imagefolder_source(
+    root: str | os.PathLike,
+    *,
+    channels: int | None = None,
+    image_size: int | Sequence[int] | None = None,
+    limit: int | None = None,
+    skip_bad_files: bool = False,
+) -> tuple[Source, list[str]]:
+    """An ImageFolder split as a :class:`~dtp_search.streaming.Source` to stream: its
+    files (the same stratified subset :func:`load_imagefolder` decodes), labels, and the
+    shape of one image (the first readable one is decoded to learn it)."""
+    root = Path(root).resolve()
+    folder = _list_imagefolder(root)
+    labels = np.asarray(folder.targets, dtype=np.int64)
+    keep = stratified_subset(labels, limit)
+    paths = [folder.samples[i][0] for i in keep]
+    channels = _file_channels(paths, channels, skip_bad_files)
+    decoder = FileDecoder(paths, channels, size_pair(image_size))
+    for i in range(len(paths)):
+        img = decoder[i]
+        if isinstance(img, torch.Tensor):
+            shape = tuple(img.shape)
+            break
+        if not skip_bad_files:
+            raise _bad_file_error(img)
+    else:
+        raise _nothing_decoded(paths)
+    return Source(decoder, labels[keep], shape, skip_bad=skip_bad_files), list(folder.classes)
 
 
 def load_imagefolder(
@@ -468,19 +705,8 @@ def load_imagefolder(
     cannot be decoded raises :class:`DatasetError` naming it, or with ``skip_bad_files``
     is left out with one warning. Nothing is cached unless every kept file decoded.
     """
-    from torchvision.datasets import ImageFolder
-
     root = Path(root).resolve()
-    key = {
-        "v": _CACHE_VERSION,
-        "root": str(root),
-        "stamp": _tree_stamp(root),
-        "channels": channels,
-        "size": image_size,
-        "limit": limit,
-    }
-    if skip_bad_files:  # only then: the caches of strict loads keep their names
-        key["skip_bad_files"] = True
+    key = _imagefolder_key(root, channels, image_size, limit, skip_bad_files)
     cache_file = None
     if cache_dir is not None:
         digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
@@ -490,12 +716,7 @@ def load_imagefolder(
             _warn_skipped(root, blob.get("skipped", []), len(blob["labels"]))
             return Split(blob["images"], blob["labels"]), list(blob["classes"])
 
-    try:
-        folder = ImageFolder(str(root))
-    except FileNotFoundError as exc:  # no class folders, or a class folder without images
-        raise DatasetError(f"{exc}; an ImageFolder split needs <class>/<image> files") from exc
-    if not folder.samples:
-        raise DatasetError(f"no images found under {root}")
+    folder = _list_imagefolder(root)
     labels = np.asarray(folder.targets, dtype=np.int64)
     keep = stratified_subset(labels, limit)
     paths = [folder.samples[i][0] for i in keep]
@@ -522,25 +743,12 @@ def load_imagefolder(
     return split, list(folder.classes)
 
 
-class _BadFile(NamedTuple):
-    path: str
-    reason: str
+# Kept under their old names: the in-memory ImageFolder loader and its tests use them.
+_BadFile = BadFile
+_read = read_file
 
 
-def _read(path: str, mode: Any) -> torch.Tensor | _BadFile:
-    """The decoded image, or why it could not be decoded (a non-image, a truncated file)."""
-    from torchvision.io import decode_image
-
-    try:
-        return decode_image(path, mode=mode)
-    except (RuntimeError, OSError) as exc:
-        # torchvision prefixes "decode_jpeg, <source file>.cpp:171, "; the rest says why.
-        text = re.sub(r"^\w+, \S+:\d+, ", "", str(exc).strip())
-        first = text.splitlines()[0].split(". ")[0].rstrip(".") if text else type(exc).__name__
-        return _BadFile(path, first)
-
-
-def _bad_file_error(bad: _BadFile) -> DatasetError:
+def _bad_file_error(bad: BadFile) -> DatasetError:
     return DatasetError(
         f"cannot decode the image {bad.path} ({bad.reason}); fix or remove it, "
         "or set dataset.skip_bad_files=true to leave unreadable files out"
@@ -566,15 +774,11 @@ def _warn_skipped(root: Path, skipped: list[str], kept: int) -> None:
         )
 
 
-def _decode_all(
-    paths: list[str], channels: int | None, image_size: Any, skip_bad_files: bool = False
-) -> tuple[torch.Tensor, list[int], list[str]]:
-    """``(images, indices of the decoded paths, skipped paths)``; a bad file raises
-    :class:`DatasetError` unless ``skip_bad_files``."""
+def _file_channels(paths: list[str], channels: int | None, skip_bad_files: bool) -> int:
+    """``channels``, or (None) those of the first readable image: 1-2 channels = grayscale."""
     from torchvision.io import ImageReadMode
-    from torchvision.transforms.v2.functional import resize
 
-    if channels is None:  # infer from the first readable image: 1-2 channels = grayscale
+    if channels is None:
         for p in paths:
             first = _read(p, ImageReadMode.UNCHANGED)
             if isinstance(first, torch.Tensor):
@@ -586,24 +790,20 @@ def _decode_all(
             raise _nothing_decoded(paths)
     if channels not in (1, 3):
         raise DatasetError(f"dataset.channels={channels} is not supported; allowed: 1, 3, null")
-    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
-    size = (
-        None
-        if image_size is None
-        else (
-            [int(image_size)] * 2 if isinstance(image_size, int) else [int(s) for s in image_size]
-        )
-    )
+    return channels
 
-    def decode(p: str) -> torch.Tensor | _BadFile:
-        img = _read(p, mode)
-        if isinstance(img, torch.Tensor) and size is not None and list(img.shape[1:]) != size:
-            img = resize(img, size, antialias=True)
-        return img
 
+def _decode_all(
+    paths: list[str], channels: int | None, image_size: Any, skip_bad_files: bool = False
+) -> tuple[torch.Tensor, list[int], list[str]]:
+    """``(images, indices of the decoded paths, skipped paths)``; a bad file raises
+    :class:`DatasetError` unless ``skip_bad_files``. Decodes exactly as
+    :class:`~dtp_search.streaming.FileDecoder` does (the streamed path), on threads."""
+    decoder = FileDecoder(paths, _file_channels(paths, channels, skip_bad_files),
+                          size_pair(image_size))
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-        results = list(pool.map(decode, paths))
-    bad = [r for r in results if isinstance(r, _BadFile)]
+        results = list(pool.map(decoder.__getitem__, range(len(paths))))
+    bad = [r for r in results if isinstance(r, BadFile)]
     if bad and not skip_bad_files:
         raise _bad_file_error(bad[0])  # the first in file order, whichever thread met it
     good = [i for i, r in enumerate(results) if isinstance(r, torch.Tensor)]
@@ -617,119 +817,3 @@ def _decode_all(
             "set dataset.image_size to resize them"
         )
     return torch.stack(decoded), good, [b.path for b in bad]
-
-
-# ------------------------------------------------------------------------ batching
-
-
-def random_crop_flip(
-    images: torch.Tensor, padding: int, generator: torch.Generator, channels_last: bool = False
-) -> torch.Tensor:
-    """Per-sample random crop (zero padding) and horizontal flip of a uint8 batch, in one gather.
-
-    ``torchvision.transforms.v2`` applied to a batch tensor draws *one* crop for the
-    whole batch; augmentation needs one per sample, so the crop offsets and flips are
-    drawn per sample and folded into the flat source index of every output element,
-    gathered with one ``torch.take`` (about twice as fast on CPU as the equivalent
-    four-tensor advanced indexing). With ``channels_last`` the gather writes NHWC order
-    directly (the result is the same NCHW-shaped batch with channels-last strides),
-    saving a copy before the convolutions.
-    """
-    b, c, h, w = images.shape
-    dev = images.device
-    padded = F.pad(images, (padding,) * 4) if padding else images
-    ph, pw = h + 2 * padding, w + 2 * padding
-    oy = torch.randint(0, 2 * padding + 1, (b, 1), generator=generator, device=dev)
-    ox = torch.randint(0, 2 * padding + 1, (b, 1), generator=generator, device=dev)
-    rows = oy + torch.arange(h, device=dev)
-    cols = ox + torch.arange(w, device=dev)
-    flip = torch.rand(b, 1, generator=generator, device=dev) < 0.5
-    cols = torch.where(flip, cols.flip(1), cols)
-    # Flat index into the contiguous (b, c, ph, pw) padded batch.
-    sample = (torch.arange(b, device=dev) * (c * ph * pw)).view(b, 1, 1, 1)
-    plane = torch.arange(c, device=dev) * (ph * pw)
-    if channels_last:  # index laid out (b, h, w, c), returned as an NCHW-shaped view
-        idx = (
-            sample + (rows * pw)[:, :, None, None] + cols[:, None, :, None] + plane.view(1, 1, 1, c)
-        )
-        return padded.reshape(-1).take(idx).permute(0, 3, 1, 2)
-    idx = sample + plane.view(1, c, 1, 1) + (rows * pw)[:, None, :, None] + cols[:, None, None, :]
-    return padded.reshape(-1).take(idx)
-
-
-class TensorBatches:
-    """Iterates ``(x, y)`` batches over ``indices`` of a split that lives on ``device``.
-
-    ``x`` is float32, normalised ``(u8 / 255 − mean) / std``; with ``augment`` each
-    sample is randomly cropped (after zero padding) and flipped first.
-    """
-
-    def __init__(
-        self,
-        split: Split,
-        indices: torch.Tensor | np.ndarray | None,
-        *,
-        batch_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        device: torch.device | str = "cpu",
-        shuffle: bool = False,
-        augment: bool = False,
-        crop_padding: int = 4,
-        seed: int = 0,
-        drop_last: bool = False,
-        channels_last: bool = False,
-    ) -> None:
-        self.device = torch.device(device)
-        self.images = split.images.to(self.device)
-        self.labels = split.labels.to(self.device)
-        if indices is None:
-            indices = torch.arange(len(split))
-        self.indices = torch.as_tensor(np.asarray(indices), dtype=torch.long, device=self.device)
-        self.batch_size = int(batch_size)
-        self.shuffle, self.augment, self.crop_padding = shuffle, augment, crop_padding
-        self.drop_last = drop_last
-        self.channels_last = channels_last
-        std_t = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        mean_t = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
-        self._scale = 1.0 / (255.0 * std_t)
-        self._shift = mean_t / std_t
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(seed)
-
-    def __len__(self) -> int:
-        n = len(self.indices)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    @property
-    def num_samples(self) -> int:
-        return len(self.indices)
-
-    def subsample(self, limit: int, seed: int = 0) -> TensorBatches:
-        """These batches over a class-stratified subset of at most ``limit`` of the indices
-        (``self`` when there are no more than ``limit``)."""
-        if limit >= self.num_samples:
-            return self
-        keep = stratified_subset(self.labels[self.indices].cpu().numpy(), limit, seed)
-        out = copy.copy(self)
-        out.indices = self.indices[torch.as_tensor(keep, dtype=torch.long, device=self.device)]
-        out.generator = torch.Generator(device=self.device)
-        out.generator.manual_seed(seed)
-        return out
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self.indices
-        if self.shuffle:
-            perm = torch.randperm(len(order), generator=self.generator, device=self.device)
-            order = order[perm]
-        for b in range(len(self)):
-            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            x = self.images[idx]
-            if self.augment:
-                x = random_crop_flip(
-                    x, self.crop_padding, self.generator, channels_last=self.channels_last
-                )
-            x = torch.addcmul(-self._shift, x.float(), self._scale)
-            if self.channels_last:  # NHWC: the fast layout for convolutions
-                x = x.contiguous(memory_format=torch.channels_last)
-            yield x, self.labels[idx]

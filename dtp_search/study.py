@@ -70,7 +70,7 @@ def run_study(cfg: DictConfig) -> optuna.Study:
     check_against_data(cfg, s, dataset)
     refit_only = s.mode == "refit"
     url = s.study.storage
-    info = describe_dataset(dataset, s.dataset.path or s.dataset.kind)
+    info = describe_dataset(dataset, s.dataset.path or s.dataset._target_ or s.dataset.kind)
     study = _open_study(cfg, s, info.digest, is_worker)
 
     # One parent run per study, however many workers start at once: find-or-create runs

@@ -45,7 +45,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunS
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_LOGGED_ARTIFACTS
 
-from dtp_search.data import ImageDataset, tensor_digest
+from dtp_search.data import ImageDataset
 from dtp_search.errors import ConfigError, reason
 from dtp_search.pruning.front import FrontPoint
 from dtp_search.storage import PROBE_TIMEOUT, mask_url
@@ -334,9 +334,14 @@ class DatasetInfo:
 
 
 def describe_dataset(dataset: ImageDataset, source: str) -> DatasetInfo:
-    """Name, content digest (SHA-1 of both splits' images and labels) and split sizes."""
-    digest = tensor_digest(dataset.train.images, dataset.train.labels,
-                           dataset.test.images, dataset.test.labels)
+    """Name, content digest (SHA-1 of both splits' images and labels) and split sizes.
+
+    The digest is :meth:`ImageDataset.content_digest`: for splits in memory the hash of
+    their tensors; for streamed splits the same hash, computed while the load decoded
+    them once (:func:`dtp_search.streaming.scan`; cached for ImageFolder trees) without
+    holding them in memory. Whether a split is streamed therefore never changes the
+    digest, and the study's drift check compares the data, not the path it took."""
+    digest = dataset.content_digest()
     profile = {"train": len(dataset.train.labels), "test": len(dataset.test.labels),
                "classes": dataset.num_classes, "shape": list(dataset.input_shape)}
     return DatasetInfo(dataset.name, digest[:16], source, profile)

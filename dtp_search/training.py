@@ -19,7 +19,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from dtp_search.data import ImageDataset, TensorBatches, tensor_digest
+from dtp_search.data import (
+    ImageDataset,
+    StreamBatches,
+    StreamedSplit,
+    TensorBatches,
+    tensor_digest,
+)
 from dtp_search.pruning import (
     DynamicPruner,
     FrontPoint,
@@ -230,9 +236,9 @@ class FoldTrainer:
         samples = front.update_samples
         self.update_val = val if not samples else val.subsample(int(samples))
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=settings.label_smoothing)
-        # The penalty reaches the layers the policy prunes (policy.layers), not those kept dense.
-        modules = dict(model.named_modules())
-        self.l1_layers = [modules[n] for n in pruner.masks] if settings.l1 > 0 else []
+        # The penalty reaches the tensors the policy prunes (policy.layers), not those kept
+        # dense: Linear/Conv weights and attention in-projections (PrunableTensor).
+        self.l1_layers = list(pruner.tensors.values()) if settings.l1 > 0 else []
         self.history: list[EpochRecord] = []
         self.front: list[FrontPoint] = []
         self.front_gap = max(1, self.steps_per_epoch // 4)
@@ -315,13 +321,13 @@ class FoldTrainer:
                 return loss + self.settings.l1 * sum(p.abs().sum() for p in self._l1_terms())
 
     def _l1_terms(self) -> list[torch.Tensor]:
-        """The (masked) weights the L1 penalty covers, each followed by its bias with
-        ``settings.l1_bias``."""
+        """The (masked) weights W_l ⊙ M_l the L1 penalty covers, each followed by its bias
+        b_l with ``settings.l1_bias`` (an attention in-projection's rows of ``in_proj_bias``)."""
         terms = []
-        for m in self.l1_layers:
-            terms.append(m.weight)
-            if self.settings.l1_bias and getattr(m, "bias", None) is not None:
-                terms.append(m.bias)
+        for t in self.l1_layers:
+            terms.append(t.weight)
+            if self.settings.l1_bias and t.bias is not None:
+                terms.append(t.bias)
         return terms
 
     def _optimizer_for(self, phase: str) -> tuple[torch.optim.Optimizer, Any]:
@@ -611,21 +617,30 @@ def cross_validate(dataset: ImageDataset, folds: int, seed: int,
     return CVResult(results)
 
 
+def _batches_class(split: Any) -> type[TensorBatches] | type[StreamBatches]:
+    """:class:`StreamBatches` for a split streamed from its source, else :class:`TensorBatches`
+    (both yield the same batches; see :mod:`dtp_search.batches`)."""
+    return StreamBatches if isinstance(split, StreamedSplit) else TensorBatches
+
+
 def train_batches(dataset: ImageDataset, idx: np.ndarray, settings: TrainSettings, seed: int,
-                  device: torch.device | str) -> TensorBatches:
-    """Shuffled, augmented training batches over ``idx`` of the training split."""
-    return TensorBatches(dataset.train, idx, batch_size=settings.batch_size, mean=dataset.mean,
-                         std=dataset.std, device=device, shuffle=True, augment=dataset.augment,
-                         crop_padding=dataset.crop_padding, seed=seed,
-                         drop_last=len(idx) > settings.batch_size,
-                         channels_last=settings.channels_last)
+                  device: torch.device | str) -> TensorBatches | StreamBatches:
+    """Shuffled, augmented training batches over ``idx`` of the training split (in memory
+    or streamed, as the split is)."""
+    return _batches_class(dataset.train)(
+        dataset.train, idx, batch_size=settings.batch_size, mean=dataset.mean,
+        std=dataset.std, device=device, shuffle=True, augment=dataset.augment,
+        crop_padding=dataset.crop_padding, seed=seed, drop_last=len(idx) > settings.batch_size,
+        channels_last=settings.channels_last)
 
 
 def eval_batches(dataset: ImageDataset, split: Any, idx: np.ndarray, settings: TrainSettings,
-                 device: torch.device | str) -> TensorBatches:
-    """Evaluation batches (no shuffling, no augmentation) over ``idx`` of ``split``."""
-    return TensorBatches(split, idx, batch_size=settings.eval_batch_size, mean=dataset.mean,
-                         std=dataset.std, device=device, channels_last=settings.channels_last)
+                 device: torch.device | str) -> TensorBatches | StreamBatches:
+    """Evaluation batches (no shuffling, no augmentation) over ``idx`` of ``split`` (in
+    memory or streamed, as the split is)."""
+    return _batches_class(split)(
+        split, idx, batch_size=settings.eval_batch_size, mean=dataset.mean, std=dataset.std,
+        device=device, channels_last=settings.channels_last)
 
 
 def attach_feedback(pruner: DynamicPruner, model: nn.Module, dataset: ImageDataset,
