@@ -159,6 +159,9 @@ def run_params(cfg: DictConfig) -> dict[str, Any]:
            and k not in ENGINE_KEYS}
     # Empty lists (policy.layers.include=[]: all layers) say nothing in the runs table.
     out = {k: v for k, v in out.items() if v != []}
+    # Unset model keys (a built-in network's _target_ and checkpoint, or an architecture's
+    # keys another architecture has) say nothing either.
+    out = {k: v for k, v in out.items() if not (k.startswith("model.") and v is None)}
     if out.get("model.arch") == out.get("model.name"):
         out.pop("model.arch", None)  # says nothing more than the name
     return out

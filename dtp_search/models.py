@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ from torch import nn
 
 from dtp_search.errors import ConfigError
 from dtp_search.settings import ModelSettings, from_mapping
+from dtp_search.targets import locate
 
 MODELS = ("mlp", "lenet5", "simple_cnn", "vgg", "resnet20")  # the built-in networks
 
@@ -199,43 +199,6 @@ def start_model(settings: ModelSettings | Mapping[str, Any], in_shape: Sequence[
 
 
 # ---------------------------------------------------------------------- the user's network
-
-
-def locate(path: str, key: str) -> Any:
-    """The object a dotted ``path`` names (``torchvision.models.resnet18``,
-    ``mypackage.nets.MyNet``): the longest importable module prefix, then attributes.
-    Raises :class:`ConfigError` naming ``key`` and why the import failed.
-
-    (Hydra's ``get_object`` does the same, but its errors run over several lines and
-    hide the ``ModuleNotFoundError`` that says what is missing.)"""
-    parts = str(path).split(".")
-    if not all(parts):
-        raise ConfigError(f"{key}={path!r} is not a dotted path; allowed: e.g. "
-                          "torchvision.models.resnet18 or mypackage.nets.MyNet")
-    why = None
-    for cut in range(len(parts), 0, -1):
-        module_name = ".".join(parts[:cut])
-        try:
-            obj: Any = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            # Only the module we asked for being absent means "try a shorter prefix"; a
-            # module that exists but fails to import its own dependency is the answer.
-            if exc.name is not None and not module_name.startswith(exc.name):
-                raise ConfigError(f"{key}={path!r} cannot be imported ({exc})") from exc
-            why = why or exc
-            continue
-        except Exception as exc:  # the module itself raised on import
-            raise ConfigError(f"{key}={path!r} cannot be imported ({type(exc).__name__}: "
-                              f"{exc})") from exc
-        for attr in parts[cut:]:
-            if not hasattr(obj, attr):
-                raise ConfigError(f"{key}={path!r} cannot be imported (module "
-                                  f"{getattr(obj, '__name__', module_name)!r} has no "
-                                  f"attribute {attr!r})")
-            obj = getattr(obj, attr)
-        return obj
-    raise ConfigError(f"{key}={path!r} cannot be imported ({why}); allowed: a dotted path "
-                      "importable from PYTHONPATH")
 
 
 def _takes_num_classes(factory: Callable[..., Any]) -> tuple[bool, bool]:

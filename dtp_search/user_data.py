@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dtp_search import targets
 from dtp_search.errors import DatasetError
 from dtp_search.settings import DatasetSettings
 from dtp_search.splits import stratified_subset
@@ -47,20 +48,13 @@ _GENERIC = {"visiondataset", "datasetfolder", "imagefolder"}
 
 def locate(cfg: DatasetSettings) -> Any:
     """The object ``dataset._target_`` names; an import failure is a DatasetError naming it."""
-    from hydra.utils import get_object
-
-    target = cfg._target_
-    try:
-        obj = get_object(str(target))
-    except Exception as exc:  # ImportError, AttributeError, hydra's wrapped errors
-        what = ("a torchvision.datasets class, e.g. torchvision.datasets.FakeData"
-                if cfg.kind == "torchvision" else "a callable returning " + ALLOWED_RETURN)
-        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DatasetError(f"dataset._target_={target!r} cannot be imported ({why}); "
-                           f"allowed: a dotted path to {what}") from None
+    what = ("a torchvision.datasets class, e.g. torchvision.datasets.FakeData"
+            if cfg.kind == "torchvision" else "a callable returning " + ALLOWED_RETURN)
+    obj = targets.locate(str(cfg._target_), "dataset._target_", error=DatasetError,
+                         allowed=f"a dotted path to {what}")
     if not callable(obj):
-        raise DatasetError(f"dataset._target_={target!r} is a {type(obj).__name__}, not callable; "
-                           f"allowed: a dotted path to a class or function")
+        raise DatasetError(f"dataset._target_={cfg._target_!r} is a {type(obj).__name__}, not "
+                           "callable; allowed: a dotted path to a class or function")
     return obj
 
 

@@ -120,6 +120,15 @@ CASES = [
      "allowed: [batch, num_classes] = [2, 10]"),
     (["model=custom", "model._target_=user_nets.TinyConvNet", "+model.in_channels=3"],
      "model: the network cannot take the dataset's input batch of shape [2, 1, 8, 8] (RuntimeError"),
+    # The user's own data (dataset=custom/torchvision; factories in tests/test_user_data.py).
+    (["dataset=custom", "dataset._target_=test_user_data.three_things"],
+     "returned a tuple of 3 (Pairs, Pairs, Pairs); allowed: (train, test), two map-style datasets"),
+    (["dataset=custom", "dataset._target_=test_user_data.labelled_beyond_classes"],
+     "the test split holds the label 7"),
+    (["dataset=torchvision", "dataset._target_=torchvision.datasets.NoSuchSet"],
+     "dataset._target_='torchvision.datasets.NoSuchSet' cannot be imported"),
+    (["dataset.name=fashionmnist"],
+     "dataset.name='fashionmnist' names another dataset than dataset=digits loads"),
     (["model.checkpoint=/nonexistent/weights.pt"],
      "model.checkpoint='/nonexistent/weights.pt' does not exist"),
 ]
