@@ -23,11 +23,12 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) -m dtp_search $(ARGS)
 
-## Lint, then the whole test suite, one pytest-xdist worker per core (tests spread one by one;
+## Lint and format check, then the whole test suite, one pytest-xdist worker per core (tests spread one by one;
 ## a module-scoped study is built once per worker that needs it). `make test-fast` leaves
 ## out the end-to-end CLI runs marked slow.
 test: $(STAMP)
 	$(VENV)/bin/ruff check dtp_search tests scripts
+	$(VENV)/bin/ruff format --check dtp_search tests scripts
 	$(PY) -m pytest -q -n auto --dist load
 
 test-fast: $(STAMP)

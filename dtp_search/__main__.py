@@ -54,8 +54,11 @@ def _app(cfg: DictConfig) -> None:
     except KeyboardInterrupt:
         if os.environ.get("DTP_SEARCH_DEBUG"):
             raise
-        print("interrupted: the running trial is marked FAILED (its MLflow run KILLED) and "
-              "queued again; run the same command to resume the study", file=sys.stderr)
+        print(
+            "interrupted: the running trial is marked FAILED (its MLflow run KILLED) and "
+            "queued again; run the same command to resume the study",
+            file=sys.stderr,
+        )
         sys.exit(130)
 
 
@@ -75,9 +78,23 @@ def _drop_interrupt_traceback(record: logging.LogRecord) -> bool:
 
 
 # Flags after which Hydra does something else than one run of the default config.
-_OWN_FLAGS = ("-m", "--multirun", "-h", "--help", "--hydra-help", "-i", "--info",
-              "-cn", "--config-name", "-cp", "--config-path", "-cd", "--config-dir",
-              "--shell-completion", "-sc")
+_OWN_FLAGS = (
+    "-m",
+    "--multirun",
+    "-h",
+    "--help",
+    "--hydra-help",
+    "-i",
+    "--info",
+    "-cn",
+    "--config-name",
+    "-cp",
+    "--config-path",
+    "-cd",
+    "--config-dir",
+    "--shell-completion",
+    "-sc",
+)
 
 
 def check_overrides(argv: list[str]) -> str | None:
@@ -101,8 +118,10 @@ def check_overrides(argv: list[str]) -> str | None:
             parser.parse_overrides([override])
         except HydraException as exc:
             reason = str(exc).splitlines()[0]
-            return (f"cannot read the override {override!r} ({reason}); write key=value, "
-                    "e.g. train.epochs=5 or 'search.objectives=[accuracy]'")
+            return (
+                f"cannot read the override {override!r} ({reason}); write key=value, "
+                "e.g. train.epochs=5 or 'search.objectives=[accuracy]'"
+            )
     numbers = _numbers_in_text_fields(parser.parse_overrides(overrides))
     if numbers is not None:
         return numbers
@@ -148,8 +167,10 @@ def _numbers_in_text_fields(overrides: list) -> str | None:
         key = o.key_or_group
         if key in texts and not o.is_delete() and isinstance(o.value(), (int, float, bool)):
             value = (o.input_line or "").partition("=")[2] or o.get_value_element_as_str()
-            return (f"{key}={value} is not allowed; allowed: a text, quoted when it looks "
-                    f"like a number: {key}='\"{value}\"'")
+            return (
+                f"{key}={value} is not allowed; allowed: a text, quoted when it looks "
+                f"like a number: {key}='\"{value}\"'"
+            )
     return None
 
 
@@ -167,8 +188,10 @@ def _check_writable(cfg: DictConfig) -> str | None:
         with tempfile.TemporaryFile(dir=root):
             pass
     except OSError as exc:
-        return (f"paths.root={str(root)!r} cannot be written ({exc.strerror or exc}); "
-                "allowed: a folder you can create and write to")
+        return (
+            f"paths.root={str(root)!r} cannot be written ({exc.strerror or exc}); "
+            "allowed: a folder you can create and write to"
+        )
     return None
 
 
@@ -182,10 +205,10 @@ def rewrite_aliases(argv: list[str]) -> list[str]:
     out = []
     for arg in argv:
         prefix = arg[: len(arg) - len(arg.lstrip("+~"))]
-        key, eq, value = arg[len(prefix):].partition("=")
+        key, eq, value = arg[len(prefix) :].partition("=")
         for old, new in _ALIASES.items():
             if key == old or key.startswith(old + "."):
-                renamed = new + key[len(old):]
+                renamed = new + key[len(old) :]
                 print(f"warning: {key}= is deprecated; use {renamed}=", file=sys.stderr)
                 key = renamed
                 break

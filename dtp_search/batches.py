@@ -123,7 +123,7 @@ class Batches:
         if self.shuffle:
             perm = torch.randperm(len(order), generator=self.generator, device=self.device)
             order = order[perm]
-        return [order[b * self.batch_size:(b + 1) * self.batch_size] for b in range(len(self))]
+        return [order[b * self.batch_size : (b + 1) * self.batch_size] for b in range(len(self))]
 
     def _images(self, batches: list[torch.Tensor]) -> Iterator[torch.Tensor]:
         """The uint8 images of each batch of indices, on ``self.device``, in order."""
@@ -161,8 +161,14 @@ class StreamBatches(Batches):
     the batch size); shuffling, augmentation and normalisation run here, exactly as in
     :class:`TensorBatches`. ``num_workers``: the split's unless given."""
 
-    def __init__(self, split: StreamedSplit, indices: torch.Tensor | np.ndarray | None, *,
-                 num_workers: int | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        split: StreamedSplit,
+        indices: torch.Tensor | np.ndarray | None,
+        *,
+        num_workers: int | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(split.labels, indices, **kwargs)
         self.split = split
         self.num_workers = split.num_workers if num_workers is None else int(num_workers)
@@ -172,7 +178,7 @@ class StreamBatches(Batches):
         chunks, sizes = [], []
         for idx in batches:
             pos = idx.tolist()
-            parts = [pos[i:i + chunk] for i in range(0, len(pos), chunk)]
+            parts = [pos[i : i + chunk] for i in range(0, len(pos), chunk)]
             chunks += parts
             sizes.append(len(parts))
         pin = self.device.type == "cuda"

@@ -34,6 +34,7 @@ from dtp_search.warmstart import WarmStartCache
 
 __all__ = ["ConfigError", "check_config", "make_early_stop", "make_sampler", "make_storage"]
 
+
 def settings_of(cfg: DictConfig) -> Settings:
     """The typed settings of ``cfg`` with every rule of :mod:`dtp_search.settings`
     checked; raises :class:`ConfigError` naming the key and what it allows."""
@@ -45,8 +46,10 @@ def settings_of(cfg: DictConfig) -> Settings:
     except MissingMandatoryValue as exc:
         raise _required(exc.full_key) from exc
     except (ValidationError, InterpolationResolutionError) as exc:
-        raise ConfigError(" ".join(str(exc).split("\n")[0].split())
-                          + (f" (at {exc.full_key})" if getattr(exc, "full_key", None) else "")) from exc
+        raise ConfigError(
+            " ".join(str(exc).split("\n")[0].split())
+            + (f" (at {exc.full_key})" if getattr(exc, "full_key", None) else "")
+        ) from exc
     except ValueError as exc:  # a key the schema does not have
         raise ConfigError(str(exc)) from exc
     try:
@@ -69,8 +72,7 @@ def register_resolvers() -> None:
     if not OmegaConf.has_resolver("target_name"):
         OmegaConf.register_new_resolver("target_name", lambda t: str(t).rpartition(".")[2])
     if not OmegaConf.has_resolver("dataset_name"):
-        OmegaConf.register_new_resolver("dataset_name",
-                                        lambda t: str(t).rpartition(".")[2].lower())
+        OmegaConf.register_new_resolver("dataset_name", lambda t: str(t).rpartition(".")[2].lower())
     register_schema()
 
 
@@ -116,11 +118,14 @@ def check_policy(policy_cfg: DictConfig) -> None:
     pruner, params = PrunerSettings.split(policy_cfg)
     policy = build_policy(pruner.name, params)
     criterion = build_criterion(pruner.criterion, criterion_args(pruner))
-    for who, allowed in ((f"policy {pruner.name}", policy.granularities),
-                         (f"criterion {pruner.criterion}", criterion.granularities)):
+    for who, allowed in (
+        (f"policy {pruner.name}", policy.granularities),
+        (f"criterion {pruner.criterion}", criterion.granularities),
+    ):
         if pruner.granularity not in allowed:
-            raise ValueError(f"{who} cannot prune granularity={pruner.granularity!r}; "
-                             f"allowed: {list(allowed)}")
+            raise ValueError(
+                f"{who} cannot prune granularity={pruner.granularity!r}; allowed: {list(allowed)}"
+            )
     check_floor(pruner.min_keep, pruner.on_collapse)
     _selection(pruner)
 
@@ -130,17 +135,24 @@ def build_pruner(model: Any, policy_cfg: DictConfig, example_input: Any) -> Dyna
     criterion (with ``criterion_args``), granularity, ``min_keep``, ``on_collapse`` and
     layer selection of :class:`~dtp_search.settings.PrunerSettings`."""
     pruner, params = PrunerSettings.split(policy_cfg)
-    return DynamicPruner(model, build_policy(pruner.name, params),
-                         build_criterion(pruner.criterion, criterion_args(pruner)),
-                         granularity=pruner.granularity, min_keep=float(pruner.min_keep),
-                         on_collapse=pruner.on_collapse, example_input=example_input,
-                         layers=_selection(pruner))
+    return DynamicPruner(
+        model,
+        build_policy(pruner.name, params),
+        build_criterion(pruner.criterion, criterion_args(pruner)),
+        granularity=pruner.granularity,
+        min_keep=float(pruner.min_keep),
+        on_collapse=pruner.on_collapse,
+        example_input=example_input,
+        layers=_selection(pruner),
+    )
 
 
 def _selection(pruner: PrunerSettings) -> LayerSelection:
-    return LayerSelection(include=tuple(pruner.layers.include),
-                          exclude=tuple(pruner.layers.exclude),
-                          exclude_classifier=pruner.exclude_classifier)
+    return LayerSelection(
+        include=tuple(pruner.layers.include),
+        exclude=tuple(pruner.layers.exclude),
+        exclude_classifier=pruner.exclude_classifier,
+    )
 
 
 # Keys of ``train`` that choose how the engine runs, not what is trained: same result.
@@ -154,9 +166,12 @@ def run_params(cfg: DictConfig) -> dict[str, Any]:
     what differs between trials. The whole config goes to the run as ``config.yaml``."""
     flat = flatten(loggable(cfg))
     keep = {"seed", "cv.folds", "dataset.name"}
-    out = {k: v for k, v in flat.items()
-           if (k in keep or k.split(".", 1)[0] in ("model", "policy", "train"))
-           and k not in ENGINE_KEYS}
+    out = {
+        k: v
+        for k, v in flat.items()
+        if (k in keep or k.split(".", 1)[0] in ("model", "policy", "train"))
+        and k not in ENGINE_KEYS
+    }
     # Empty lists (policy.layers.include=[]: all layers) say nothing in the runs table.
     out = {k: v for k, v in out.items() if v != []}
     # Unset model keys (a built-in network's _target_ and checkpoint, or an architecture's
@@ -209,12 +224,14 @@ def policy_key(cfg: DictConfig, name: str) -> str:
     return f"policy.options.{name}" if cfg.policy.get("name") == search_space.CHOICE else "policy"
 
 
-
 def make_storage(s: Settings) -> BaseStorage:
     """The study's Optuna storage, with heartbeats and retries where Optuna has them."""
     return storages.make_storage(
-        s.study.storage, heartbeat_interval=s.search.heartbeat_interval,
-        grace_period=s.search.grace_period, max_retry=s.search.max_retry)
+        s.study.storage,
+        heartbeat_interval=s.search.heartbeat_interval,
+        grace_period=s.search.grace_period,
+        max_retry=s.search.max_retry,
+    )
 
 
 def make_warm_start(cfg: DictConfig, tcfg: DictConfig) -> WarmStart | None:
@@ -223,8 +240,9 @@ def make_warm_start(cfg: DictConfig, tcfg: DictConfig) -> WarmStart | None:
     key: the keys see the sample indices, not which data set they index."""
     if not cfg.search.get("warm_start", True):
         return None
-    return WarmStart(WarmStartCache(cfg.paths.warm_start),
-                     OmegaConf.to_container(tcfg.dataset, resolve=True))
+    return WarmStart(
+        WarmStartCache(cfg.paths.warm_start), OmegaConf.to_container(tcfg.dataset, resolve=True)
+    )
 
 
 def make_fidelity(s: Settings) -> FidelityRung | None:
@@ -241,9 +259,11 @@ def make_fidelity(s: Settings) -> FidelityRung | None:
     total = s.train.epochs + s.train.finetune_epochs
     epoch = rung.rung_epoch(s.train.epochs)
     if epoch >= total:
-        raise ConfigError(f"search.fidelity.epoch={epoch} is not allowed; allowed: an integer "
-                          f"in [1, {total - 1}] (before the run's last epoch, train.epochs + "
-                          f"train.finetune_epochs = {total})")
+        raise ConfigError(
+            f"search.fidelity.epoch={epoch} is not allowed; allowed: an integer "
+            f"in [1, {total - 1}] (before the run's last epoch, train.epochs + "
+            f"train.finetune_epochs = {total})"
+        )
     return rung
 
 
@@ -265,11 +285,14 @@ def make_early_stop(s: Settings) -> optuna.pruners.BasePruner:
     try:
         built = hydra.utils.instantiate(node)
     except Exception as exc:
-        raise ConfigError(f"search.early_stop could not be built ({exc}); allowed: "
-                          "early_stop=median, early_stop=wilcoxon, early_stop=pareto, "
-                          "early_stop=none or any optuna.pruners class") from exc
+        raise ConfigError(
+            f"search.early_stop could not be built ({exc}); allowed: "
+            "early_stop=median, early_stop=wilcoxon, early_stop=pareto, "
+            "early_stop=none or any optuna.pruners class"
+        ) from exc
     if len(s.search.objectives) > 1 and not isinstance(
-            built, (ParetoFoldStop, optuna.pruners.NopPruner)):
+        built, (ParetoFoldStop, optuna.pruners.NopPruner)
+    ):
         return ParetoFoldStop()
     return built
 

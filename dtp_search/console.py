@@ -23,31 +23,49 @@ class Console:
 
     def header(self, settings: Settings, study: Any, done: int, target: int, device: Any) -> None:
         verb = "resuming" if done or study.trials else "starting"
-        self.out.print(f"[bold]dtp_search[/] {verb} study [cyan]{settings.study.name}[/] "
-                       f"({done}/{target} complete) · policy={settings.policy['name']} "
-                       f"model={settings.model.name} dataset={settings.dataset.name} "
-                       f"folds={settings.cv.folds} device={device}")
+        self.out.print(
+            f"[bold]dtp_search[/] {verb} study [cyan]{settings.study.name}[/] "
+            f"({done}/{target} complete) · policy={settings.policy['name']} "
+            f"model={settings.model.name} dataset={settings.dataset.name} "
+            f"folds={settings.cv.folds} device={device}"
+        )
         self.out.print(f"  optuna storage: {mask_url(settings.study.storage)}", soft_wrap=True)
         self.out.print(f"  mlflow store:   {mask_url(settings.tracking.uri)}", soft_wrap=True)
 
     @contextlib.contextmanager
     def trials(self, target: int, done: int) -> Iterator[Callable[[Any, int], None]]:
-        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
-                            console=self.out, disable=not self.enabled, transient=False)
+        progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=self.out,
+            disable=not self.enabled,
+            transient=False,
+        )
         self._progress = progress
         task = progress.add_task("trials", total=target, completed=done, info="")
         with progress:
+
             def advance(frozen: Any, finished: int) -> None:
                 """Show the last trial; ``finished``: trials that count toward the target."""
-                values = "" if frozen.values is None else " ".join(f"{v:.4f}" for v in frozen.values)
-                progress.update(task, completed=min(finished, target),
-                                info=f"last: #{frozen.number} {frozen.state.name} {values}")
+                values = (
+                    "" if frozen.values is None else " ".join(f"{v:.4f}" for v in frozen.values)
+                )
+                progress.update(
+                    task,
+                    completed=min(finished, target),
+                    info=f"last: #{frozen.number} {frozen.state.name} {values}",
+                )
+
             yield advance
         self._progress = None
 
     @contextlib.contextmanager
-    def folds(self, n_folds: int, n_epochs: int, trial: int) -> Iterator[Callable[[int, Any], None]]:
+    def folds(
+        self, n_folds: int, n_epochs: int, trial: int
+    ) -> Iterator[Callable[[int, Any], None]]:
         progress = self._progress
         if progress is None:
             yield lambda fold, rec: None
@@ -55,8 +73,13 @@ class Console:
         task = progress.add_task(f"  trial {trial} epochs", total=n_folds * n_epochs, info="")
 
         def update(fold: int, rec: Any) -> None:
-            progress.update(task, advance=1, info=f"fold {fold} ep {rec.epoch} loss {rec.loss:.3f} "
-                            f"acc {rec.val_accuracy:.3f} sp {rec.sparsity:.3f}")
+            progress.update(
+                task,
+                advance=1,
+                info=f"fold {fold} ep {rec.epoch} loss {rec.loss:.3f} "
+                f"acc {rec.val_accuracy:.3f} sp {rec.sparsity:.3f}",
+            )
+
         try:
             yield update
         finally:
@@ -66,14 +89,25 @@ class Console:
         rows = pareto_rows(study)
         table = Table(title=f"Pareto-optimal trials — {settings.study.name}", show_lines=False)
         numeric = ("trial", "CV accuracy", "sparsity", "test accuracy")
-        for col in ("trial", "policy", "sampled values", "CV accuracy", "sparsity", "test accuracy"):
+        for col in (
+            "trial",
+            "policy",
+            "sampled values",
+            "CV accuracy",
+            "sparsity",
+            "test accuracy",
+        ):
             table.add_column(col, justify="right" if col in numeric else "left")
         for r in rows:
             test = r.get("test_accuracy", float("nan"))
-            table.add_row(str(r["trial"]), r["policy"], r["params"],
-                          f"{r['accuracy']:.4f} ± {r['accuracy_std']:.4f}",
-                          f"{r['sparsity']:.4f} ± {r['sparsity_std']:.4f}",
-                          "—" if test != test else f"{test:.4f}")
+            table.add_row(
+                str(r["trial"]),
+                r["policy"],
+                r["params"],
+                f"{r['accuracy']:.4f} ± {r['accuracy_std']:.4f}",
+                f"{r['sparsity']:.4f} ± {r['sparsity_std']:.4f}",
+                "—" if test != test else f"{test:.4f}",
+            )
         self.out.print(table)
         self.out.print("Browse the study in MLflow:")
         self.out.print(f"  {ui_command}", soft_wrap=True)

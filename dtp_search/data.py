@@ -76,9 +76,23 @@ from dtp_search.streaming import (
 )
 
 __all__ = [
-    "KINDS", "Batches", "DatasetError", "ImageDataset", "PixelSums", "Source", "Split",
-    "StreamBatches", "StreamedSplit", "TensorBatches", "channel_stats", "load_dataset",
-    "load_imagefolder", "random_crop_flip", "read_idx", "stratified_subset", "tensor_digest",
+    "KINDS",
+    "Batches",
+    "DatasetError",
+    "ImageDataset",
+    "PixelSums",
+    "Source",
+    "Split",
+    "StreamBatches",
+    "StreamedSplit",
+    "TensorBatches",
+    "channel_stats",
+    "load_dataset",
+    "load_imagefolder",
+    "random_crop_flip",
+    "read_idx",
+    "stratified_subset",
+    "tensor_digest",
 ]
 
 log = logging.getLogger(__name__)
@@ -123,8 +137,9 @@ class ImageDataset:
         """SHA-1 of both splits' images and labels (``tensor_digest(train.images,
         train.labels, test.images, test.labels)``), the same for streamed splits."""
         if self.digest is None:
-            self.digest = tensor_digest(self.train.images, self.train.labels,
-                                        self.test.images, self.test.labels)
+            self.digest = tensor_digest(
+                self.train.images, self.train.labels, self.test.images, self.test.labels
+            )
         return self.digest
 
 
@@ -150,8 +165,9 @@ class _Plan:
         return False
 
 
-def load_dataset(settings: DatasetSettings | Mapping[str, Any],
-                 cache_dir: str | os.PathLike | None = None) -> ImageDataset:
+def load_dataset(
+    settings: DatasetSettings | Mapping[str, Any], cache_dir: str | os.PathLike | None = None
+) -> ImageDataset:
     """Load the dataset the ``dataset`` settings describe (a mapping of some of its keys
     is read as :class:`~dtp_search.settings.DatasetSettings` with defaults for the rest).
 
@@ -179,11 +195,14 @@ def load_dataset(settings: DatasetSettings | Mapping[str, Any],
     if not isinstance(skip, bool):
         raise DatasetError(f"dataset.skip_bad_files={skip!r} is not allowed; allowed: true, false")
     if cfg.in_memory not in ("auto", True, False) or type(cfg.in_memory) is int:
-        raise DatasetError(f"dataset.in_memory={cfg.in_memory!r} is not allowed; "
-                           "allowed: auto, true, false")
+        raise DatasetError(
+            f"dataset.in_memory={cfg.in_memory!r} is not allowed; allowed: auto, true, false"
+        )
     if kind in ("torchvision", "custom") and not cfg._target_:
-        raise DatasetError(f"dataset._target_ is required for dataset={kind}; allowed: a dotted "
-                           "path, e.g. dataset._target_=torchvision.datasets.FakeData")
+        raise DatasetError(
+            f"dataset._target_ is required for dataset={kind}; allowed: a dotted "
+            "path, e.g. dataset._target_=torchvision.datasets.FakeData"
+        )
     _check_name(cfg)
     plan = _Plan(cfg)
     num_workers = default_workers(cfg.num_workers)
@@ -201,20 +220,29 @@ def load_dataset(settings: DatasetSettings | Mapping[str, Any],
     elif kind == "mnist":
         train, test, classes = _load_torchvision_mnist(cfg)
     else:
-        raise DatasetError("dataset.path is required for dataset=imagefolder "
-                           "(a folder with train/<class>/* and test/<class>/*)")
+        raise DatasetError(
+            "dataset.path is required for dataset=imagefolder "
+            "(a folder with train/<class>/* and test/<class>/*)"
+        )
     _check_same_shape(train, test)
     digest, sums = None, None
     if isinstance(train, Source) or isinstance(test, Source):
-        train, test, digest, sums = _scan(train, test, num_workers, plan.scan_key, cache_dir,
-                                          classes)
+        train, test, digest, sums = _scan(
+            train, test, num_workers, plan.scan_key, cache_dir, classes
+        )
     mean, std = cfg.mean, cfg.std
     if mean is None or std is None:
         mean, std = sums.stats() if sums is not None else channel_stats(train.images)
     return ImageDataset(
-        name=cfg.name, train=train, test=test, classes=list(classes),
-        mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
-        augment=bool(cfg.augment), crop_padding=int(cfg.crop_padding), digest=digest,
+        name=cfg.name,
+        train=train,
+        test=test,
+        classes=list(classes),
+        mean=tuple(float(m) for m in mean),
+        std=tuple(float(s) for s in std),
+        augment=bool(cfg.augment),
+        crop_padding=int(cfg.crop_padding),
+        digest=digest,
     )
 
 
@@ -232,9 +260,11 @@ def _check_name(cfg: DatasetSettings) -> None:
         own, loads = cfg.kind, f"dataset={cfg.kind}"
     name = str(cfg.name).strip().lower()
     if name != own and name in known_names():
-        raise DatasetError(f"dataset.name={cfg.name!r} names another dataset than {loads} "
-                           f"loads; allowed: any name that is not another dataset's, e.g. "
-                           f"dataset.name={own}")
+        raise DatasetError(
+            f"dataset.name={cfg.name!r} names another dataset than {loads} "
+            f"loads; allowed: any name that is not another dataset's, e.g. "
+            f"dataset.name={own}"
+        )
 
 
 def _shape_of(split: Split | Source | StreamedSplit) -> tuple[int, ...]:
@@ -247,12 +277,15 @@ def _check_same_shape(train: Any, test: Any) -> None:
     a, b = _shape_of(train), _shape_of(test)
     if a != b:
         show = lambda s: "×".join(map(str, s))  # noqa: E731
-        raise DatasetError(f"the train images are {show(a)} (C×H×W) but the test images "
-                           f"{show(b)}; set dataset.image_size to resize both to one size")
+        raise DatasetError(
+            f"the train images are {show(a)} (C×H×W) but the test images "
+            f"{show(b)}; set dataset.image_size to resize both to one size"
+        )
 
 
-def _load_user_data(cfg: DatasetSettings, plan: _Plan,
-                    num_workers: int) -> tuple[Split | Source, Split | Source, list[str]]:
+def _load_user_data(
+    cfg: DatasetSettings, plan: _Plan, num_workers: int
+) -> tuple[Split | Source, Split | Source, list[str]]:
     """``dataset=torchvision``/``custom`` (:mod:`dtp_search.user_data`), each split decoded
     into memory when the plan keeps it there (else a source, streamed after the scan)."""
     from dtp_search.user_data import load_user_sources
@@ -265,9 +298,14 @@ def _load_user_data(cfg: DatasetSettings, plan: _Plan,
     return out[0], out[1], classes
 
 
-def _scan(train: Split | Source, test: Split | Source, num_workers: int,
-          key: dict[str, Any] | None, cache_dir: Any, classes: Sequence[str]
-          ) -> tuple[Split | StreamedSplit, Split | StreamedSplit, str, PixelSums]:
+def _scan(
+    train: Split | Source,
+    test: Split | Source,
+    num_workers: int,
+    key: dict[str, Any] | None,
+    cache_dir: Any,
+    classes: Sequence[str],
+) -> tuple[Split | StreamedSplit, Split | StreamedSplit, str, PixelSums]:
     """:func:`~dtp_search.streaming.scan`, through a JSON cache when ``key`` says what
     the splits are (ImageFolder trees): the digest, the training sums and the left-out files."""
     cache_file = None
@@ -276,8 +314,10 @@ def _scan(train: Split | Source, test: Split | Source, num_workers: int,
         cache_file = Path(cache_dir) / f"scan-{digest}.json"
         if cache_file.exists():
             blob = json.loads(cache_file.read_text())
-            splits = [_apply_skipped(s, blob["skipped"].get(name, []), num_workers)
-                      for name, s in (("train", train), ("test", test))]
+            splits = [
+                _apply_skipped(s, blob["skipped"].get(name, []), num_workers)
+                for name, s in (("train", train), ("test", test))
+            ]
             sums = PixelSums(tuple(blob["sums"][0]), tuple(blob["sums"][1]), int(blob["sums"][2]))
             _after_scan(splits, blob["skipped"], classes)
             return splits[0], splits[1], blob["digest"], sums
@@ -287,14 +327,22 @@ def _scan(train: Split | Source, test: Split | Source, num_workers: int,
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
         s = result.train_sums
-        tmp.write_text(json.dumps({"digest": result.digest, "skipped": result.skipped,
-                                   "sums": [list(s.total), list(s.squares), s.count]}))
+        tmp.write_text(
+            json.dumps(
+                {
+                    "digest": result.digest,
+                    "skipped": result.skipped,
+                    "sums": [list(s.total), list(s.squares), s.count],
+                }
+            )
+        )
         os.replace(tmp, cache_file)
     return result.train, result.test, result.digest, result.train_sums
 
 
-def _apply_skipped(split: Split | Source, skipped: list[str], num_workers: int
-                   ) -> Split | StreamedSplit:
+def _apply_skipped(
+    split: Split | Source, skipped: list[str], num_workers: int
+) -> Split | StreamedSplit:
     if isinstance(split, Split):
         return split
     decoder, labels = split.decoder, np.asarray(split.labels, dtype=np.int64)
@@ -305,7 +353,9 @@ def _apply_skipped(split: Split | Source, skipped: list[str], num_workers: int
     return StreamedSplit(decoder, torch.from_numpy(labels), split.shape, num_workers)
 
 
-def _after_scan(splits: list[Any], skipped: Mapping[str, list[str]], classes: Sequence[str]) -> None:
+def _after_scan(
+    splits: list[Any], skipped: Mapping[str, list[str]], classes: Sequence[str]
+) -> None:
     """The warning and the empty-class check of left-out files, as for in-memory splits."""
     for name, split in zip(("train", "test"), splits, strict=True):
         bad = skipped.get(name, [])
@@ -315,8 +365,9 @@ def _after_scan(splits: list[Any], skipped: Mapping[str, list[str]], classes: Se
         _warn_skipped(root, bad, len(split))
         empty = sorted(set(range(len(classes))) - set(split.labels.tolist()))
         if empty:
-            raise DatasetError(f"class folder(s) {[classes[c] for c in empty]} under {root} "
-                               "hold no readable image")
+            raise DatasetError(
+                f"class folder(s) {[classes[c] for c in empty]} under {root} hold no readable image"
+            )
 
 
 def _load_digits(cfg: DatasetSettings) -> tuple[Split, Split, list[str]]:
@@ -328,16 +379,25 @@ def _load_digits(cfg: DatasetSettings) -> tuple[Split, Split, list[str]]:
     images = np.clip(np.rint(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)[:, None]
     labels = bunch.target.astype(np.int64)
     # A fixed split (its own seed, not the study's) so the test set never changes.
-    tr, te = train_test_split(np.arange(len(labels)), test_size=float(cfg.test_fraction),
-                              stratify=labels, random_state=int(cfg.split_seed))
+    tr, te = train_test_split(
+        np.arange(len(labels)),
+        test_size=float(cfg.test_fraction),
+        stratify=labels,
+        random_state=int(cfg.split_seed),
+    )
     tr = tr[stratified_subset(labels[tr], cfg.train_limit)]
     te = te[stratified_subset(labels[te], cfg.test_limit)]
     classes = [str(c) for c in bunch.target_names]
-    return (Split(torch.from_numpy(images[tr]), torch.from_numpy(labels[tr])),
-            Split(torch.from_numpy(images[te]), torch.from_numpy(labels[te])), classes)
+    return (
+        Split(torch.from_numpy(images[tr]), torch.from_numpy(labels[tr])),
+        Split(torch.from_numpy(images[te]), torch.from_numpy(labels[te])),
+        classes,
+    )
 
 
-def _load_torchvision_cifar10(cfg: DatasetSettings, cache_dir: Any) -> tuple[Split, Split, list[str]]:
+def _load_torchvision_cifar10(
+    cfg: DatasetSettings, cache_dir: Any
+) -> tuple[Split, Split, list[str]]:
     """torchvision's CIFAR-10 (downloaded into ``dataset.root`` when ``dataset.download``)."""
     from torchvision.datasets import CIFAR10
 
@@ -450,8 +510,9 @@ def _idx_file(folder: Path, name: str) -> Path:
     )
 
 
-def _load_mnist_path(cfg: DatasetSettings, root: Path, cache_dir: Any,
-                     plan: _Plan | None = None) -> tuple[Split | Source, Split | Source, list[str]]:
+def _load_mnist_path(
+    cfg: DatasetSettings, root: Path, cache_dir: Any, plan: _Plan | None = None
+) -> tuple[Split | Source, Split | Source, list[str]]:
     """MNIST from ``dataset.path``: the IDX files, else an ImageFolder tree."""
     root = root.expanduser().resolve()
     if not root.is_dir():
@@ -564,6 +625,7 @@ def _mirror_reasons(text: str) -> str:
             whys.append(re.sub(r"^\[Errno -?\d+\] ", "", why))
     return "; ".join(dict.fromkeys(whys)) or (lines[0] if lines else "unknown error")
 
+
 # ------------------------------------------------------------------ ImageFolder + cache
 
 
@@ -576,8 +638,9 @@ def _tree_stamp(root: Path) -> list[tuple[str, int]]:
     return entries
 
 
-def _imagefolder_key(root: Path, channels: int | None, image_size: Any, limit: int | None,
-                     skip_bad_files: bool) -> dict[str, Any]:
+def _imagefolder_key(
+    root: Path, channels: int | None, image_size: Any, limit: int | None, skip_bad_files: bool
+) -> dict[str, Any]:
     """What an ImageFolder split's decoded content depends on (the caches' key)."""
     key = {
         "v": _CACHE_VERSION,
@@ -621,8 +684,12 @@ def _load_imagefolder_splits(
         source = None
         if plan is not None and plan.mode is not True:
             source, split_classes = imagefolder_source(
-                split_root, channels=cfg.channels, image_size=cfg.image_size, limit=limit,
-                skip_bad_files=skip)
+                split_root,
+                channels=cfg.channels,
+                image_size=cfg.image_size,
+                limit=limit,
+                skip_bad_files=skip,
+            )
             if plan.keep(source.nbytes):
                 source = None
         if source is None:
@@ -639,8 +706,9 @@ def _load_imagefolder_splits(
         if classes is not None and split_classes != classes:
             raise DatasetError(f"train/ and test/ under {root} have different class folders")
         classes = split_classes
-        keys[split] = _imagefolder_key(split_root.resolve(), cfg.channels, cfg.image_size, limit,
-                                       skip)
+        keys[split] = _imagefolder_key(
+            split_root.resolve(), cfg.channels, cfg.image_size, limit, skip
+        )
         out.append(s)
     if plan is not None:
         plan.scan_key = {"v": _SCAN_VERSION, **keys}
@@ -799,8 +867,9 @@ def _decode_all(
     """``(images, indices of the decoded paths, skipped paths)``; a bad file raises
     :class:`DatasetError` unless ``skip_bad_files``. Decodes exactly as
     :class:`~dtp_search.streaming.FileDecoder` does (the streamed path), on threads."""
-    decoder = FileDecoder(paths, _file_channels(paths, channels, skip_bad_files),
-                          size_pair(image_size))
+    decoder = FileDecoder(
+        paths, _file_channels(paths, channels, skip_bad_files), size_pair(image_size)
+    )
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
         results = list(pool.map(decoder.__getitem__, range(len(paths))))
     bad = [r for r in results if isinstance(r, BadFile)]

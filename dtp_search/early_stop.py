@@ -167,11 +167,18 @@ class ParetoFoldStop(optuna.pruners.BasePruner):
         # In "larger is better" coordinates for every objective (sign-flipped when minimised).
         optimistic = [s * means[n] + margins[n] for s, n in zip(signs, objectives, strict=True)]
 
-        candidates = {t.number: t for t in complete
-                      if t.number != trial_number and _can_dominate(t, len(objectives))}
+        candidates = {
+            t.number: t
+            for t in complete
+            if t.number != trial_number and _can_dominate(t, len(objectives))
+        }
         number = most_dominating(
-            ((n, [s * v for s, v in zip(signs, t.values, strict=True)])
-             for n, t in candidates.items()), optimistic)
+            (
+                (n, [s * v for s, v in zip(signs, t.values, strict=True)])
+                for n, t in candidates.items()
+            ),
+            optimistic,
+        )
         if number is None:
             return None
         winner = candidates[number]
@@ -223,8 +230,9 @@ def objective_signs(study: optuna.Study, objectives: Sequence[str]) -> list[floa
     return [1.0 if d == StudyDirection.MAXIMIZE else -1.0 for d in directions]
 
 
-def most_dominating(points: Iterable[tuple[int, Sequence[float]]],
-                    target: Sequence[float]) -> int | None:
+def most_dominating(
+    points: Iterable[tuple[int, Sequence[float]]], target: Sequence[float]
+) -> int | None:
     """The number of the point that dominates ``target`` by the most — the largest sum of
     its improvements over it (the objectives are fractions, on one scale) — ties to the
     lowest number; ``None`` when none dominates it. Every coordinate is maximised."""

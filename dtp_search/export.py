@@ -46,7 +46,11 @@ def _pack(t: torch.Tensor) -> dict[str, Any]:
     t = t.detach().cpu().contiguous()
     nz = (t != 0).reshape(-1)
     bits = np.packbits(nz.numpy())
-    return {"shape": list(t.shape), "bits": torch.from_numpy(bits), "values": t.reshape(-1)[nz].clone()}
+    return {
+        "shape": list(t.shape),
+        "bits": torch.from_numpy(bits),
+        "values": t.reshape(-1)[nz].clone(),
+    }
 
 
 def _unpack(entry: dict[str, Any]) -> torch.Tensor:
@@ -58,16 +62,22 @@ def _unpack(entry: dict[str, Any]) -> torch.Tensor:
     return out.reshape(shape)
 
 
-def save_pruned(model: nn.Module, config: dict[str, Any], path: str | os.PathLike, *,
-                compact_input: torch.Tensor | None = None) -> Path:
+def save_pruned(
+    model: nn.Module,
+    config: dict[str, Any],
+    path: str | os.PathLike,
+    *,
+    compact_input: torch.Tensor | None = None,
+) -> Path:
     """Write ``model`` (masks baked in) sparsely, with the ``config`` needed to rebuild it.
 
     With ``compact_input`` (structured pruning) the physically smaller network of
     :func:`dtp_search.pruning.compact_model` is written instead; :func:`load_pruned`
     resizes the layers to the stored tensors.
     """
-    plain = (strip_masks(model) if compact_input is None
-             else compact_model(model, compact_input)).cpu()
+    plain = (
+        strip_masks(model) if compact_input is None else compact_model(model, compact_input)
+    ).cpu()
     weights = {t.state_key for t in prunable_tensors(plain)}
     dense, sparse = {}, {}
     for key, t in plain.state_dict().items():
@@ -81,8 +91,12 @@ def save_pruned(model: nn.Module, config: dict[str, Any], path: str | os.PathLik
     return path
 
 
-def load_pruned(source: str | os.PathLike, *, tracking_uri: str | None = None,
-                map_location: str | torch.device = "cpu") -> nn.Module:
+def load_pruned(
+    source: str | os.PathLike,
+    *,
+    tracking_uri: str | None = None,
+    map_location: str | torch.device = "cpu",
+) -> nn.Module:
     """Rebuild a model written by :func:`save_pruned`.
 
     ``source`` is a file path, or the id of a refit MLflow run (its ``model/pruned.pt``
@@ -163,8 +177,9 @@ def _tokens(t: torch.Tensor) -> int:
     return t.numel() // t.shape[-1]
 
 
-def _attention_pieces(mha: nn.MultiheadAttention, q: torch.Tensor, k: torch.Tensor,
-                      v: torch.Tensor) -> dict[str, list[_Piece]]:
+def _attention_pieces(
+    mha: nn.MultiheadAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> dict[str, list[_Piece]]:
     """Projection FLOPs of one ``nn.MultiheadAttention`` call, 2·(tokens)·(fan-in)·(fan-out)
     per matrix product: the query, key and value projections
     2·T_q·E·E, 2·T_k·E·kdim, 2·T_v·E·vdim (rows 0…E−1, E…2E−1, 2E…3E−1 of a packed
@@ -172,14 +187,21 @@ def _attention_pieces(mha: nn.MultiheadAttention, q: torch.Tensor, k: torch.Tens
     weights itself (``F.multi_head_attention_forward``), so ``out_proj``'s own forward
     hook never runs."""
     e = mha.embed_dim
-    fq, fk, fv = (2 * _tokens(q) * e * e, 2 * _tokens(k) * e * mha.kdim,
-                  2 * _tokens(v) * e * mha.vdim)
+    fq, fk, fv = (
+        2 * _tokens(q) * e * e,
+        2 * _tokens(k) * e * mha.kdim,
+        2 * _tokens(v) * e * mha.vdim,
+    )
     if mha._qkv_same_embed_dim:
-        inproj = {"in_proj_weight": [(fq, slice(0, e)), (fk, slice(e, 2 * e)),
-                                     (fv, slice(2 * e, 3 * e))]}
+        inproj = {
+            "in_proj_weight": [(fq, slice(0, e)), (fk, slice(e, 2 * e)), (fv, slice(2 * e, 3 * e))]
+        }
     else:
-        inproj = {"q_proj_weight": [(fq, slice(None))], "k_proj_weight": [(fk, slice(None))],
-                  "v_proj_weight": [(fv, slice(None))]}
+        inproj = {
+            "q_proj_weight": [(fq, slice(None))],
+            "k_proj_weight": [(fk, slice(None))],
+            "v_proj_weight": [(fv, slice(None))],
+        }
     inproj["out_proj"] = [(2 * _tokens(q) * e * e, slice(None))]
     return inproj
 
@@ -197,17 +219,24 @@ def _layer_flops(model: nn.Module, x: torch.Tensor) -> dict[str, list[_Piece]]:
     def on_layer(name: str):
         def hook(mod: nn.Module, inp: tuple, out: torch.Tensor) -> None:
             layer_inputs.setdefault(name, []).append(inp[0])
+
         return hook
 
     def on_attention(mha: nn.MultiheadAttention):
         def hook(mod: nn.Module, args: tuple, kwargs: dict, out: object) -> None:
-            q, k, v = (args[i] if len(args) > i else kwargs[key]
-                       for i, key in enumerate(("query", "key", "value")))
+            q, k, v = (
+                args[i] if len(args) > i else kwargs[key]
+                for i, key in enumerate(("query", "key", "value"))
+            )
             for attr, pieces in _attention_pieces(mha, q, k, v).items():
-                name = (names.get((id(mha.out_proj), "weight")) if attr == "out_proj"
-                        else names.get((id(mha), attr)))
+                name = (
+                    names.get((id(mha.out_proj), "weight"))
+                    if attr == "out_proj"
+                    else names.get((id(mha), attr))
+                )
                 if name is not None:
                     attention.setdefault(name, []).extend(pieces)
+
         return hook
 
     hooks = []
@@ -223,8 +252,10 @@ def _layer_flops(model: nn.Module, x: torch.Tensor) -> dict[str, list[_Piece]]:
         for h in hooks:
             h.remove()
     modules = {t.name: t.module for t in tensors}
-    out = {name: [(sum(_flops(modules[name], inp) for inp in inps), slice(None))]
-           for name, inps in layer_inputs.items()}
+    out = {
+        name: [(sum(_flops(modules[name], inp) for inp in inps), slice(None))]
+        for name, inps in layer_inputs.items()
+    }
     out.update(attention)
     return out
 
@@ -242,13 +273,27 @@ def _latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20) -> float:
 
 
 # Every metric measure() can return (the last three for neuron/channel exports only).
-MEASURE_KEYS = ("params", "nonzero_params", "compression", "flops_dense", "flops_effective",
-                "file_bytes_dense", "file_bytes_sparse", "compact_params", "latency_ms_dense",
-                "latency_ms_compact")
+MEASURE_KEYS = (
+    "params",
+    "nonzero_params",
+    "compression",
+    "flops_dense",
+    "flops_effective",
+    "file_bytes_dense",
+    "file_bytes_sparse",
+    "compact_params",
+    "latency_ms_dense",
+    "latency_ms_compact",
+)
 
 
-def measure(model: nn.Module, example_input: torch.Tensor, export_path: str | os.PathLike,
-            *, structured: bool = False) -> dict[str, float]:
+def measure(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    export_path: str | os.PathLike,
+    *,
+    structured: bool = False,
+) -> dict[str, float]:
     """Parameters, non-zeros, compression, FLOPs dense vs effective, file sizes, and (for
     structured pruning) CPU latency of the dense versus the compacted network.
 
@@ -265,14 +310,19 @@ def measure(model: nn.Module, example_input: torch.Tensor, export_path: str | os
     nonzero = sum(int((p != 0).sum()) for p in plain.parameters())
     dense_flops = _flops(plain, x)
     weights = {t.name: t.weight.detach() for t in prunable_tensors(plain)}
-    saved = sum(f * float((weights[name][rows] == 0).float().mean())
-                for name, pieces in _layer_flops(plain, x).items() for f, rows in pieces)
+    saved = sum(
+        f * float((weights[name][rows] == 0).float().mean())
+        for name, pieces in _layer_flops(plain, x).items()
+        for f, rows in pieces
+    )
     buf = io.BytesIO()
     torch.save(plain.state_dict(), buf)
     out = {
-        "params": float(params), "nonzero_params": float(nonzero),
+        "params": float(params),
+        "nonzero_params": float(nonzero),
         "compression": params / max(nonzero, 1),
-        "flops_dense": float(dense_flops), "flops_effective": float(round(dense_flops - saved)),
+        "flops_dense": float(dense_flops),
+        "flops_effective": float(round(dense_flops - saved)),
         "file_bytes_dense": float(buf.getbuffer().nbytes),
         "file_bytes_sparse": float(Path(export_path).stat().st_size),
     }

@@ -93,8 +93,9 @@ class FidelityRung:
     :param n_startup_trials: rung points needed before the rung stops anyone.
     """
 
-    def __init__(self, epoch: int | None = None, eta: float = 3.0,
-                 n_startup_trials: int = 5) -> None:
+    def __init__(
+        self, epoch: int | None = None, eta: float = 3.0, n_startup_trials: int = 5
+    ) -> None:
         if epoch is not None and (isinstance(epoch, bool) or int(epoch) != epoch or epoch < 1):
             raise ValueError(f"epoch must be null or an integer >= 1, not {epoch!r}")
         if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta > 1):
@@ -109,8 +110,15 @@ class FidelityRung:
         """The rung's epoch for a pruning phase of ``epochs`` epochs."""
         return self.epoch if self.epoch is not None else max(1, math.ceil(epochs / 3))
 
-    def check(self, study: optuna.Study, trial_number: int, epoch: int, accuracy: float,
-              sparsity: float, objectives: Sequence[str] = _OBJECTIVES) -> RungDecision:
+    def check(
+        self,
+        study: optuna.Study,
+        trial_number: int,
+        epoch: int,
+        accuracy: float,
+        sparsity: float,
+        objectives: Sequence[str] = _OBJECTIVES,
+    ) -> RungDecision:
         """Rank trial ``trial_number``'s rung point (``accuracy``, ``sparsity`` after
         ``epoch``) against the other trials' ``rung_point`` attributes in ``study`` at
         the same epoch (points of another epoch, from a study resumed with another
@@ -141,19 +149,27 @@ class FidelityRung:
         size = len(others) + 1
         quota = max(1, math.ceil(size / self.eta))
         if not all(math.isfinite(v) for v in ours):
-            return RungDecision(False, size - 1, size, quota, None,
-                                f"rung point not finite ({label})")
+            return RungDecision(
+                False, size - 1, size, quota, None, f"rung point not finite ({label})"
+            )
         if len(others) < self.n_startup_trials:
-            return RungDecision(True, 0, size, quota, None,
-                                f"promoted: start-up ({len(others)} of "
-                                f"{self.n_startup_trials} rung points)")
+            return RungDecision(
+                True,
+                0,
+                size,
+                quota,
+                None,
+                f"promoted: start-up ({len(others)} of {self.n_startup_trials} rung points)",
+            )
         points = [p for _, p in others] + [ours]
         position = _position(points, len(points) - 1)
         dominated_by = most_dominating(others, ours)
         promoted = position < quota
         verdict = "promoted" if promoted else "stopped"
-        reason = (f"{verdict} at the fidelity rung: {label}; position {position} of {size} "
-                  f"rung points, top {quota} go on")
+        reason = (
+            f"{verdict} at the fidelity rung: {label}; position {position} of {size} "
+            f"rung points, top {quota} go on"
+        )
         if dominated_by is not None:
             reason += f"; dominated most by trial {dominated_by}"
         return RungDecision(promoted, position, size, quota, dominated_by, reason)
@@ -164,8 +180,11 @@ def _position(points: list[list[float]], i: int) -> int:
     remaining = list(range(len(points)))
     better = 0
     while remaining:
-        layer = [j for j in remaining
-                 if not any(dominates(points[k], points[j]) for k in remaining if k != j)]
+        layer = [
+            j
+            for j in remaining
+            if not any(dominates(points[k], points[j]) for k in remaining if k != j)
+        ]
         if i in layer:
             return better
         better += len(layer)

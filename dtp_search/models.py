@@ -37,7 +37,9 @@ MODELS = ("mlp", "lenet5", "simple_cnn", "vgg", "resnet20")  # the built-in netw
 
 
 class MLP(nn.Module):
-    def __init__(self, in_features: int, num_classes: int, hidden: Sequence[int] = (300, 100)) -> None:
+    def __init__(
+        self, in_features: int, num_classes: int, hidden: Sequence[int] = (300, 100)
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         prev = in_features
@@ -56,23 +58,37 @@ def _flat_size(features: nn.Module, in_shape: tuple[int, int, int], model: str) 
         try:
             out = features(torch.zeros(1, *in_shape))
         except RuntimeError as exc:
-            raise ValueError(f"model={model} cannot take {in_shape[1]}×{in_shape[2]} inputs "
-                             f"({exc}); raise model.padding or pick model=mlp/resnet20/vgg") from exc
+            raise ValueError(
+                f"model={model} cannot take {in_shape[1]}×{in_shape[2]} inputs "
+                f"({exc}); raise model.padding or pick model=mlp/resnet20/vgg"
+            ) from exc
     return out.numel()
 
 
 class LeNetStyle(nn.Module):
     """conv(c1, k) → ReLU → maxpool 2 → conv(c2, k) → ReLU → maxpool 2 → fc → fc → classifier."""
 
-    def __init__(self, in_shape: tuple[int, int, int], num_classes: int, *, conv: Sequence[int] = (6, 16),
-                 fc: Sequence[int] = (120, 84), kernel_size: int = 5, padding: Sequence[int] = (0, 0),
-                 name: str = "simple_cnn") -> None:
+    def __init__(
+        self,
+        in_shape: tuple[int, int, int],
+        num_classes: int,
+        *,
+        conv: Sequence[int] = (6, 16),
+        fc: Sequence[int] = (120, 84),
+        kernel_size: int = 5,
+        padding: Sequence[int] = (0, 0),
+        name: str = "simple_cnn",
+    ) -> None:
         super().__init__()
         c1, c2 = (int(c) for c in conv)
         p1, p2 = (int(p) for p in padding)
         self.features = nn.Sequential(
-            nn.Conv2d(in_shape[0], c1, kernel_size, padding=p1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, kernel_size, padding=p2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(in_shape[0], c1, kernel_size, padding=p1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, kernel_size, padding=p2),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
             nn.Flatten(),
         )
         prev = _flat_size(self.features, in_shape, name)
@@ -90,8 +106,12 @@ class LeNetStyle(nn.Module):
 class VGG(nn.Module):
     """Conv3×3-BN-ReLU blocks (``"M"`` = 2×2 max pool), global average pool, linear classifier."""
 
-    def __init__(self, in_channels: int, num_classes: int,
-                 widths: Sequence[int | str] = (32, 32, "M", 64, 64, "M", 128, 128, "M")) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        widths: Sequence[int | str] = (32, 32, "M", 64, 64, "M", 128, 128, "M"),
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         prev = in_channels
@@ -99,8 +119,11 @@ class VGG(nn.Module):
             if w == "M":
                 layers.append(nn.MaxPool2d(2))
             else:
-                layers += [nn.Conv2d(prev, int(w), 3, padding=1, bias=False),
-                           nn.BatchNorm2d(int(w)), nn.ReLU(inplace=True)]
+                layers += [
+                    nn.Conv2d(prev, int(w), 3, padding=1, bias=False),
+                    nn.BatchNorm2d(int(w)),
+                    nn.ReLU(inplace=True),
+                ]
                 prev = int(w)
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -138,7 +161,9 @@ class BasicBlock(nn.Module):
 class ResNetCifar(nn.Module):
     """ResNet-(6n+2) for CIFAR (He et al. 2016, §4.2); n=3 gives ResNet-20 (0.27 M parameters)."""
 
-    def __init__(self, in_channels: int, num_classes: int, n: int = 3, widths: Sequence[int] = (16, 32, 64)) -> None:
+    def __init__(
+        self, in_channels: int, num_classes: int, n: int = 3, widths: Sequence[int] = (16, 32, 64)
+    ) -> None:
         super().__init__()
         w0 = int(widths[0])
         self.conv1 = nn.Conv2d(in_channels, w0, 3, padding=1, bias=False)
@@ -162,8 +187,9 @@ class ResNetCifar(nn.Module):
         return self.fc(out)
 
 
-def build_model(settings: ModelSettings | Mapping[str, Any], in_shape: Sequence[int],
-                num_classes: int) -> nn.Module:
+def build_model(
+    settings: ModelSettings | Mapping[str, Any], in_shape: Sequence[int], num_classes: int
+) -> nn.Module:
     """Build the model the ``model`` settings describe (``arch`` picks the class; a
     mapping of some keys is read as :class:`~dtp_search.settings.ModelSettings`), with
     freshly initialised weights (:func:`start_model` adds ``model.checkpoint``)."""
@@ -176,19 +202,27 @@ def build_model(settings: ModelSettings | Mapping[str, Any], in_shape: Sequence[
         return MLP(c * h * w, num_classes, hidden=list(_or(cfg.hidden, (300, 100))))
     if arch in ("lenet5", "simple_cnn"):
         default_pad = (2, 0) if arch == "lenet5" else (0, 0)
-        return LeNetStyle((c, h, w), num_classes, conv=list(_or(cfg.conv, (6, 16))),
-                          fc=list(_or(cfg.fc, (120, 84))), kernel_size=int(_or(cfg.kernel_size, 5)),
-                          padding=list(cfg.padding or default_pad), name=arch)
+        return LeNetStyle(
+            (c, h, w),
+            num_classes,
+            conv=list(_or(cfg.conv, (6, 16))),
+            fc=list(_or(cfg.fc, (120, 84))),
+            kernel_size=int(_or(cfg.kernel_size, 5)),
+            padding=list(cfg.padding or default_pad),
+            name=arch,
+        )
     if arch == "vgg":
         return VGG(c, num_classes, widths=list(cfg.widths))
     if arch == "resnet20":
-        return ResNetCifar(c, num_classes, n=int(_or(cfg.depth_n, 3)),
-                           widths=list(_or(cfg.widths, (16, 32, 64))))
+        return ResNetCifar(
+            c, num_classes, n=int(_or(cfg.depth_n, 3)), widths=list(_or(cfg.widths, (16, 32, 64)))
+        )
     raise ValueError(f"model.arch={arch!r} is not supported; allowed: {[*MODELS, 'custom']}")
 
 
-def start_model(settings: ModelSettings | Mapping[str, Any], in_shape: Sequence[int],
-                num_classes: int) -> nn.Module:
+def start_model(
+    settings: ModelSettings | Mapping[str, Any], in_shape: Sequence[int], num_classes: int
+) -> nn.Module:
     """The network a trial (and the refit) starts from: :func:`build_model`, then the
     trained weights of ``model.checkpoint`` when it is set (:func:`load_checkpoint`)."""
     cfg = from_mapping(ModelSettings, settings, "model")
@@ -226,8 +260,10 @@ def build_custom(settings: ModelSettings | Mapping[str, Any], num_classes: int) 
     target = str(cfg._target_)
     factory = locate(target, "model._target_")
     if not callable(factory):
-        raise ConfigError(f"model._target_={target!r} is a {type(factory).__name__}, not a "
-                          "callable; allowed: a class or function that returns an nn.Module")
+        raise ConfigError(
+            f"model._target_={target!r} is a {type(factory).__name__}, not a "
+            "callable; allowed: a class or function that returns an nn.Module"
+        )
     kwargs = dict(cfg.args)
     named, via_kwargs = _takes_num_classes(factory)
     added = "num_classes" not in kwargs and (named or via_kwargs)
@@ -246,8 +282,10 @@ def build_custom(settings: ModelSettings | Mapping[str, Any], num_classes: int) 
     except Exception as exc:
         raise _factory_failed(target, exc) from exc
     if not isinstance(model, nn.Module):
-        raise ConfigError(f"model._target_={target!r} returned a {type(model).__name__}; "
-                          "allowed: a callable that returns an nn.Module")
+        raise ConfigError(
+            f"model._target_={target!r} returned a {type(model).__name__}; "
+            "allowed: a callable that returns an nn.Module"
+        )
     return model
 
 
@@ -267,20 +305,26 @@ def check_output(model: nn.Module, x: torch.Tensor, num_classes: int) -> None:
             out = model(x)
     except Exception as exc:
         text = " ".join(str(exc).split())[:300]
-        raise ConfigError(f"model: the network cannot take the dataset's input batch of "
-                          f"shape {batch} ({type(exc).__name__}: {text})") from exc
+        raise ConfigError(
+            f"model: the network cannot take the dataset's input batch of "
+            f"shape {batch} ({type(exc).__name__}: {text})"
+        ) from exc
     finally:
         model.train(was_training)
     if not isinstance(out, torch.Tensor):
-        raise ConfigError(f"model: the network returns a {type(out).__name__} for an input "
-                          f"batch of shape {batch}; allowed: a tensor of shape [batch, "
-                          f"num_classes] = {[batch[0], int(num_classes)]}")
+        raise ConfigError(
+            f"model: the network returns a {type(out).__name__} for an input "
+            f"batch of shape {batch}; allowed: a tensor of shape [batch, "
+            f"num_classes] = {[batch[0], int(num_classes)]}"
+        )
     if list(out.shape) != [batch[0], int(num_classes)]:
-        raise ConfigError(f"model: the network's output has shape {list(out.shape)} for an "
-                          f"input batch of shape {batch}; allowed: [batch, num_classes] = "
-                          f"{[batch[0], int(num_classes)]} (the dataset has {num_classes} "
-                          "classes: set the network's class count, e.g. +model.num_classes="
-                          f"{num_classes})")
+        raise ConfigError(
+            f"model: the network's output has shape {list(out.shape)} for an "
+            f"input batch of shape {batch}; allowed: [batch, num_classes] = "
+            f"{[batch[0], int(num_classes)]} (the dataset has {num_classes} "
+            "classes: set the network's class count, e.g. +model.num_classes="
+            f"{num_classes})"
+        )
 
 
 # ---------------------------------------------------------------------- trained weights
@@ -294,8 +338,10 @@ def checkpoint_digest(path: str | Path) -> str:
 def _file_key(path: str | Path) -> tuple[str, int, int]:
     p = Path(path).expanduser()
     if not p.is_file():
-        raise ConfigError(f"model.checkpoint={str(path)!r} does not exist; allowed: a file "
-                          "written by torch.save(model.state_dict(), path)")
+        raise ConfigError(
+            f"model.checkpoint={str(path)!r} does not exist; allowed: a file "
+            "written by torch.save(model.state_dict(), path)"
+        )
     st = p.stat()
     return str(p.resolve()), st.st_mtime_ns, st.st_size
 
@@ -324,9 +370,11 @@ def _load(path: str, mtime_ns: int, size: int) -> dict[str, torch.Tensor]:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"model.checkpoint={path!r} cannot be read with torch.load("
-                          f"weights_only=True) ({first[:200]}); allowed: a state_dict saved "
-                          "with torch.save") from exc
+        raise ConfigError(
+            f"model.checkpoint={path!r} cannot be read with torch.load("
+            f"weights_only=True) ({first[:200]}); allowed: a state_dict saved "
+            "with torch.save"
+        ) from exc
     state = blob
     if isinstance(blob, Mapping) and not _is_state(blob):
         for key in ("state_dict", "model"):
@@ -335,12 +383,14 @@ def _load(path: str, mtime_ns: int, size: int) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(state, Mapping) or not _is_state(state):
         keys = list(blob)[:5] if isinstance(blob, Mapping) else type(blob).__name__
-        raise ConfigError(f"model.checkpoint={path!r} holds no state_dict (found {keys}); "
-                          "allowed: a state_dict, or a dict holding one under 'state_dict' "
-                          "or 'model'")
+        raise ConfigError(
+            f"model.checkpoint={path!r} holds no state_dict (found {keys}); "
+            "allowed: a state_dict, or a dict holding one under 'state_dict' "
+            "or 'model'"
+        )
     state = dict(state)
     if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return state
 
 
@@ -354,17 +404,25 @@ def apply_checkpoint(model: nn.Module, state: Mapping[str, torch.Tensor], path: 
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in own
-              if k in state and state[k].shape != own[k].shape]
+    shapes = [
+        f"{k} {list(state[k].shape)} vs {list(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     problems = []
-    for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                        ("shape mismatches (checkpoint vs network)", shapes)):
+    for what, items in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("shape mismatches (checkpoint vs network)", shapes),
+    ):
         if items:
             more = f" and {len(items) - 3} more" if len(items) > 3 else ""
             problems.append(f"{len(items)} {what}: {', '.join(items[:3])}{more}")
     if problems:
-        raise ConfigError(f"model.checkpoint={path!r} does not fit the network ("
-                          f"{'; '.join(problems)}); allowed: a state_dict of this very network")
+        raise ConfigError(
+            f"model.checkpoint={path!r} does not fit the network ("
+            f"{'; '.join(problems)}); allowed: a state_dict of this very network"
+        )
     model.load_state_dict(state)
 
 

@@ -27,8 +27,19 @@ from dtp_search.settings import PrunerSettings, Settings
 # Config nodes (or keys) that define a study. Not in it: where things run and are stored
 # (paths, study.storage, tracking, device, threads, console, workers), the budget
 # (search.n_trials: a rerun tops up), the sampler, and the engine switches.
-DEFINING = ("seed", "dataset", "model", "policy", "cv", "train", "front",
-            "search.objectives", "search.directions", "search.min_sparsity", "search.space")
+DEFINING = (
+    "seed",
+    "dataset",
+    "model",
+    "policy",
+    "cv",
+    "train",
+    "front",
+    "search.objectives",
+    "search.directions",
+    "search.min_sparsity",
+    "search.space",
+)
 # A trial's config nodes that refit takes from the trial (the rest: today's run).
 TRIAL_NODES = ("seed", "model", "policy", "cv", "train", "front")
 # Where the data and the trained weights live may change between machines; their content
@@ -36,8 +47,11 @@ TRIAL_NODES = ("seed", "model", "policy", "cv", "train", "front")
 _DATA_LOCATION = ("path", "root", "download")
 # How the data is read (decoded into memory or streamed) does not change what it is.
 _DATA_ENGINE = ("in_memory", "memory_limit", "num_workers")
-_NOT_DEFINING = (*ENGINE_KEYS, *(f"dataset.{k}" for k in (*_DATA_LOCATION, *_DATA_ENGINE)),
-                 "model.checkpoint")
+_NOT_DEFINING = (
+    *ENGINE_KEYS,
+    *(f"dataset.{k}" for k in (*_DATA_LOCATION, *_DATA_ENGINE)),
+    "model.checkpoint",
+)
 _ABSENT = "(absent)"
 STUDY_ATTR = "config"
 TRIAL_ATTR = "config"
@@ -50,8 +64,11 @@ def _under(key: str, prefixes: Iterable[str]) -> bool:
 def defining_config(cfg: DictConfig, dataset_digest: str) -> dict[str, Any]:
     """The flat ``key → value`` that defines the study ``cfg`` runs, JSON-normalised."""
     full = OmegaConf.to_container(cfg, resolve=True)
-    flat = {k: v for k, v in flatten(full).items()
-            if _under(k, DEFINING) and not _under(k, _NOT_DEFINING)}
+    flat = {
+        k: v
+        for k, v in flatten(full).items()
+        if _under(k, DEFINING) and not _under(k, _NOT_DEFINING)
+    }
     flat["dataset.digest"] = dataset_digest
     checkpoint = OmegaConf.select(cfg, "model.checkpoint")
     if checkpoint:
@@ -59,21 +76,27 @@ def defining_config(cfg: DictConfig, dataset_digest: str) -> dict[str, Any]:
     return json.loads(json.dumps(flat, default=str))
 
 
-def changes(stored: Mapping[str, Any], current: Mapping[str, Any],
-            allowed: Iterable[str] = ()) -> dict[str, tuple[Any, Any]]:
+def changes(
+    stored: Mapping[str, Any], current: Mapping[str, Any], allowed: Iterable[str] = ()
+) -> dict[str, tuple[Any, Any]]:
     """``key → (stored, current)`` for every defining key that differs, except those
     under an ``allowed`` prefix (``train`` allows every ``train.*`` key)."""
     allowed = list(allowed)
     # ``policy.name`` and the like first: they say the most about what changed.
     keys = sorted(set(stored) | set(current), key=lambda k: (not k.endswith(".name"), k))
     defaults = _defaults()
-    return {k: (stored.get(k, _ABSENT), current.get(k, _ABSENT)) for k in keys
-            if stored.get(k, _ABSENT) != current.get(k, _ABSENT) and not _under(k, allowed)
-            and not _added_at_default(k, stored, current, defaults)}
+    return {
+        k: (stored.get(k, _ABSENT), current.get(k, _ABSENT))
+        for k in keys
+        if stored.get(k, _ABSENT) != current.get(k, _ABSENT)
+        and not _under(k, allowed)
+        and not _added_at_default(k, stored, current, defaults)
+    }
 
 
-def _added_at_default(key: str, stored: Mapping[str, Any], current: Mapping[str, Any],
-                      defaults: Mapping[str, Any]) -> bool:
+def _added_at_default(
+    key: str, stored: Mapping[str, Any], current: Mapping[str, Any], defaults: Mapping[str, Any]
+) -> bool:
     # A setting added to the schema after the study was stored (train.l1_start_epoch,
     # policy.exclude_classifier) changes nothing while it holds its default.
     if key in stored:
@@ -89,8 +112,9 @@ def _defaults() -> dict[str, Any]:
     return json.loads(json.dumps(flatten(tree), default=str))
 
 
-def check_unchanged(study: optuna.Study, current: Mapping[str, Any],
-                    allowed: Iterable[str] = ()) -> dict[str, tuple[Any, Any]]:
+def check_unchanged(
+    study: optuna.Study, current: Mapping[str, Any], allowed: Iterable[str] = ()
+) -> dict[str, tuple[Any, Any]]:
     """Raise :class:`ConfigError` when ``study`` was defined by another configuration
     (see :func:`changes`); return the changes that ``allowed`` lets through. A study
     without a stored definition (older than this check) passes."""
@@ -107,12 +131,14 @@ def check_unchanged(study: optuna.Study, current: Mapping[str, Any],
         raise ConfigError(
             f"study.name={study.study_name!r} was created with another configuration "
             f"({'; '.join(shown)}{more}); its trials would not be comparable. Use a new "
-            f"study.name, or study.allow_changes=[{keys}] to continue it with these changes")
+            f"study.name, or study.allow_changes=[{keys}] to continue it with these changes"
+        )
     return every
 
 
-def record_study(study: optuna.Study, current: Mapping[str, Any],
-                 allowed_changes: Mapping[str, tuple[Any, Any]]) -> None:
+def record_study(
+    study: optuna.Study, current: Mapping[str, Any], allowed_changes: Mapping[str, tuple[Any, Any]]
+) -> None:
     """Store ``current`` as the study's definition; log the allowed changes with it."""
     if allowed_changes:
         history = list(study.user_attrs.get("config_changes", []))
@@ -145,8 +171,9 @@ def stored_trial_config(cfg: DictConfig, trial: optuna.trial.FrozenTrial) -> Dic
     OmegaConf.update(out, "dataset", dataset, merge=False)
     if OmegaConf.select(out, "model.checkpoint") or OmegaConf.select(cfg, "model.checkpoint"):
         # the weights' content is checked by the study's digest; their place is today's
-        OmegaConf.update(out, "model.checkpoint", OmegaConf.select(cfg, "model.checkpoint"),
-                         merge=False)
+        OmegaConf.update(
+            out, "model.checkpoint", OmegaConf.select(cfg, "model.checkpoint"), merge=False
+        )
     return out
 
 

@@ -70,8 +70,9 @@ class RefitResult:
     reused: bool = False  # an earlier run's result
 
 
-def chosen_trials(study: optuna.Study, top_k: int | None,
-                  trials: str = "pareto") -> list[optuna.trial.FrozenTrial]:
+def chosen_trials(
+    study: optuna.Study, top_k: int | None, trials: str = "pareto"
+) -> list[optuna.trial.FrozenTrial]:
     """Pareto-optimal complete trials (``trials="all"``: every complete one, as a
     comparison study wants each of its cells tested), most accurate first, at most
     ``top_k`` of them."""
@@ -82,8 +83,9 @@ def chosen_trials(study: optuna.Study, top_k: int | None,
     return [by_number[r["trial"]] for r in rows]
 
 
-def trial_config(cfg: DictConfig, space: search_space.SearchSpace,
-                 trial: optuna.trial.FrozenTrial) -> DictConfig:
+def trial_config(
+    cfg: DictConfig, space: search_space.SearchSpace, trial: optuna.trial.FrozenTrial
+) -> DictConfig:
     """The config a trial ran with: its own stored config (:mod:`dtp_search.provenance`),
     or for a trial older than those, its policy and sampled values written into ``cfg``."""
     stored = provenance.stored_trial_config(cfg, trial)
@@ -97,15 +99,24 @@ def trial_config(cfg: DictConfig, space: search_space.SearchSpace,
 
 def export_config(tcfg: DictConfig, dataset: ImageDataset) -> dict[str, Any]:
     """What :func:`dtp_search.load_pruned` needs, plus the resolved trial config."""
-    return {"model": OmegaConf.to_container(tcfg.model, resolve=True),
-            "input_shape": list(dataset.input_shape), "num_classes": dataset.num_classes,
-            "mean": list(dataset.mean), "std": list(dataset.std),
-            "policy": OmegaConf.to_container(tcfg.policy, resolve=True),
-            "dataset": str(tcfg.dataset.name)}
+    return {
+        "model": OmegaConf.to_container(tcfg.model, resolve=True),
+        "input_shape": list(dataset.input_shape),
+        "num_classes": dataset.num_classes,
+        "mean": list(dataset.mean),
+        "std": list(dataset.std),
+        "policy": OmegaConf.to_container(tcfg.policy, resolve=True),
+        "dataset": str(tcfg.dataset.name),
+    }
 
 
-def refit_trial(tcfg: DictConfig, dataset: ImageDataset, device: torch.device,
-                on_epoch=None, warm_start: WarmStart | None = None):
+def refit_trial(
+    tcfg: DictConfig,
+    dataset: ImageDataset,
+    device: torch.device,
+    on_epoch=None,
+    warm_start: WarmStart | None = None,
+):
     """Train on the whole training split; return (model, pruner, history result, test acc, front).
 
     With ``warm_start``, refits that share their dense epochs (a post-pruning study's
@@ -118,30 +129,49 @@ def refit_trial(tcfg: DictConfig, dataset: ImageDataset, device: torch.device,
     example = torch.zeros(1, *dataset.input_shape, device=device)
     pruner = build_pruner(model, tcfg.policy, example)
     labels = dataset.train.labels.numpy()
-    idx = attach_feedback(pruner, model, dataset, np.arange(len(labels)), labels, seed,
-                          settings, device)
+    idx = attach_feedback(
+        pruner, model, dataset, np.arange(len(labels)), labels, seed, settings, device
+    )
     monitor_idx = stratified_subset(labels, MONITOR_SAMPLES, seed)
     train = train_batches(dataset, idx, settings, seed, device)
     monitor = eval_batches(dataset, dataset.train, monitor_idx, settings, device)
-    result = prune_and_train(model, pruner, train, monitor, settings,
-                             front=FrontSettings(points=0), on_epoch=on_epoch,
-                             warm_start=warm_start)
+    result = prune_and_train(
+        model,
+        pruner,
+        train,
+        monitor,
+        settings,
+        front=FrontSettings(points=0),
+        on_epoch=on_epoch,
+        warm_start=warm_start,
+    )
     # The one read of the test split: final accuracy and the sweep from the final masks.
-    test = eval_batches(dataset, dataset.test, np.arange(len(dataset.test.labels)), settings,
-                        device)
+    test = eval_batches(
+        dataset, dataset.test, np.arange(len(dataset.test.labels)), settings, device
+    )
     test_accuracy = evaluate(model, test)
     epochs = float(settings.epochs + settings.finetune_epochs)
     front = [FrontPoint(pruner.sparsity(), test_accuracy, pruner.mean_threshold(), epochs, "final")]
-    front += one_shot_sweep(pruner, lambda m: evaluate(m, test), n_points=int(tcfg.front.points),
-                            max_sparsity=float(tcfg.front.max_sparsity), epoch=epochs)
+    front += one_shot_sweep(
+        pruner,
+        lambda m: evaluate(m, test),
+        n_points=int(tcfg.front.points),
+        max_sparsity=float(tcfg.front.max_sparsity),
+        epoch=epochs,
+    )
     return model, pruner, result, test_accuracy, front
 
 
 BASELINE_METRIC = "checkpoint_test_accuracy"
 
 
-def checkpoint_baseline(cfg: DictConfig, study: optuna.Study, dataset: ImageDataset,
-                        tracker: StudyTracker, device: torch.device) -> FrontPoint | None:
+def checkpoint_baseline(
+    cfg: DictConfig,
+    study: optuna.Study,
+    dataset: ImageDataset,
+    tracker: StudyTracker,
+    device: torch.device,
+) -> FrontPoint | None:
     """With ``model.checkpoint``: the trained network *not pruned*, scored on the test split
     once per study (kept in the study's ``checkpoint_baseline`` attribute and logged as
     ``checkpoint_test_accuracy`` on the study run), as a point of every refit's test front.
@@ -152,19 +182,27 @@ def checkpoint_baseline(cfg: DictConfig, study: optuna.Study, dataset: ImageData
     if stored is None:
         settings = TrainSettings.from_config(cfg.train)
         model = start_model(cfg.model, dataset.input_shape, dataset.num_classes).to(device)
-        test = eval_batches(dataset, dataset.test, np.arange(len(dataset.test.labels)),
-                            settings, device)
+        test = eval_batches(
+            dataset, dataset.test, np.arange(len(dataset.test.labels)), settings, device
+        )
         stored = {"test_accuracy": evaluate(model, test), "sparsity": sparsity(model)}
         study.set_user_attr("checkpoint_baseline", stored)
         tracker.client.log_metric(tracker.parent_run_id, BASELINE_METRIC, stored["test_accuracy"])
         log.info("the checkpoint, not pruned: test accuracy %.4f", stored["test_accuracy"])
-    return FrontPoint(float(stored["sparsity"]), float(stored["test_accuracy"]), 0.0, 0.0,
-                      "checkpoint")
+    return FrontPoint(
+        float(stored["sparsity"]), float(stored["test_accuracy"]), 0.0, 0.0, "checkpoint"
+    )
 
 
-def refit_study(cfg: DictConfig, study: optuna.Study, space: search_space.SearchSpace,
-                dataset: ImageDataset, tracker: StudyTracker, device: torch.device,
-                console=None) -> list[RefitResult]:
+def refit_study(
+    cfg: DictConfig,
+    study: optuna.Study,
+    space: search_space.SearchSpace,
+    dataset: ImageDataset,
+    tracker: StudyTracker,
+    device: torch.device,
+    console=None,
+) -> list[RefitResult]:
     """Refit every chosen trial that has no finished refit run yet; returns all results."""
     results = []
     baseline = checkpoint_baseline(cfg, study, dataset, tracker, device)
@@ -178,14 +216,26 @@ def refit_study(cfg: DictConfig, study: optuna.Study, space: search_space.Search
         run = tracker.start_refit(trial.number, run_params(tcfg), policy, config_yaml(tcfg))
         try:
             if console is not None:
-                console.out.print(f"refit of trial {trial.number} ({policy}) on the whole "
-                                  "training split …")
+                console.out.print(
+                    f"refit of trial {trial.number} ({policy}) on the whole training split …"
+                )
             model, pruner, result, test_acc, front = refit_trial(
-                tcfg, dataset, device, warm_start=make_warm_start(cfg, tcfg),
+                tcfg,
+                dataset,
+                device,
+                warm_start=make_warm_start(cfg, tcfg),
                 on_epoch=lambda r, run=run: run.log_metrics(
-                    {"loss": r.loss, "train_accuracy": r.val_accuracy, "sparsity": r.sparsity,
-                     "threshold": r.threshold, "lr": r.lr, "recovered": r.recovered},
-                    step=r.epoch))
+                    {
+                        "loss": r.loss,
+                        "train_accuracy": r.val_accuracy,
+                        "sparsity": r.sparsity,
+                        "threshold": r.threshold,
+                        "lr": r.lr,
+                        "recovered": r.recovered,
+                    },
+                    step=r.epoch,
+                ),
+            )
             structured = str(tcfg.policy.get("granularity", "weight")) != "weight"
             example = torch.zeros(1, *dataset.input_shape, device=device)
             with tempfile.TemporaryDirectory() as tmp:
@@ -194,27 +244,42 @@ def refit_study(cfg: DictConfig, study: optuna.Study, space: search_space.Search
                 measures = measure(model, example, pruned, structured=structured)
                 run.log_artifact(pruned, "model")
                 if structured:
-                    run.log_artifact(save_pruned(model, config, Path(tmp) / "compact.pt",
-                                                 compact_input=example), "model")
-            model_uri = _log_mlflow_model(tracker.tracking_uri, run.run_id, model,
-                                          f"{cfg.study.name}-trial-{trial.number}")
+                    run.log_artifact(
+                        save_pruned(model, config, Path(tmp) / "compact.pt", compact_input=example),
+                        "model",
+                    )
+            model_uri = _log_mlflow_model(
+                tracker.tracking_uri, run.run_id, model, f"{cfg.study.name}-trial-{trial.number}"
+            )
             if model_uri:
                 run.set_tags({MODEL_URI_TAG: model_uri})
             # The trial's own CV figures under the names the trial runs use, then the test ones.
             cv = {k: trial.user_attrs[k] for k in CV_METRICS if k in trial.user_attrs}
-            metrics = {**cv, "test_accuracy": test_acc, "sparsity": pruner.sparsity(), **measures,
-                       # dense epochs taken from the warm-start cache (another refit's)
-                       "warm_start_epochs": result.warm_start_epochs}
+            metrics = {
+                **cv,
+                "test_accuracy": test_acc,
+                "sparsity": pruner.sparsity(),
+                **measures,
+                # dense epochs taken from the warm-start cache (another refit's)
+                "warm_start_epochs": result.warm_start_epochs,
+            }
             if baseline is not None:
                 metrics[BASELINE_METRIC] = baseline.accuracy
                 front = [*front, baseline]
             run.log_metrics(metrics)
-            run.log_front({0: front}, f"{cfg.study.name} · refit of trial {trial.number} · "
-                          f"{policy}", split="test")
+            run.log_front(
+                {0: front},
+                f"{cfg.study.name} · refit of trial {trial.number} · {policy}",
+                split="test",
+            )
             run.log_dict(result.layer_sparsity, "layer_sparsity.json")
-            run.log_figure(plot_layer_sparsity({trial.number: result.layer_sparsity},
-                                               f"refit of trial {trial.number} ({policy})"),
-                           "layer_sparsity.png")
+            run.log_figure(
+                plot_layer_sparsity(
+                    {trial.number: result.layer_sparsity},
+                    f"refit of trial {trial.number} ({policy})",
+                ),
+                "layer_sparsity.png",
+            )
             run.finish("COMPLETE")
         except LayerCollapse as exc:
             # The whole training split can move a threshold past what the folds saw; with
@@ -226,15 +291,27 @@ def refit_study(cfg: DictConfig, study: optuna.Study, space: search_space.Search
         except BaseException:
             run.finish("FAIL")
             raise
-        results.append(RefitResult(trial.number, run.run_id, test_acc, pruner.sparsity(),
-                                   measures, result.layer_sparsity))
+        results.append(
+            RefitResult(
+                trial.number,
+                run.run_id,
+                test_acc,
+                pruner.sparsity(),
+                measures,
+                result.layer_sparsity,
+            )
+        )
     prior = study.user_attrs.get("refit", {})
     record = {}
     for r in results:
         old = prior.get(str(r.trial), {})
-        record[str(r.trial)] = {"run_id": r.run_id, "test_accuracy": r.test_accuracy,
-                                "sparsity": r.sparsity, "measures": r.measures or old.get("measures", {}),
-                                "layer_sparsity": r.layer_sparsity or old.get("layer_sparsity", {})}
+        record[str(r.trial)] = {
+            "run_id": r.run_id,
+            "test_accuracy": r.test_accuracy,
+            "sparsity": r.sparsity,
+            "measures": r.measures or old.get("measures", {}),
+            "layer_sparsity": r.layer_sparsity or old.get("layer_sparsity", {}),
+        }
     study.set_user_attr("refit", record)
     if cfg.refit.get("register") and results:
         register_best(tracker, results, str(cfg.study.name))
@@ -255,9 +332,15 @@ def register_best(tracker: StudyTracker, results: list[RefitResult], name: str) 
     if any(v.run_id == best.run_id for v in versions):
         return uri
     mlflow.set_tracking_uri(tracker.tracking_uri)
-    mv = mlflow.register_model(uri, name, tags={"trial": str(best.trial),
-                                                "test_accuracy": f"{best.test_accuracy:.4f}",
-                                                "sparsity": f"{best.sparsity:.4f}"})
+    mv = mlflow.register_model(
+        uri,
+        name,
+        tags={
+            "trial": str(best.trial),
+            "test_accuracy": f"{best.test_accuracy:.4f}",
+            "sparsity": f"{best.sparsity:.4f}",
+        },
+    )
     log.info("registered %s version %s (refit of trial %d)", name, mv.version, best.trial)
     return uri
 
@@ -265,12 +348,20 @@ def register_best(tracker: StudyTracker, results: list[RefitResult], name: str) 
 def _from_run(trial: int, run) -> RefitResult:
     m = run.data.metrics
     measures = {k: v for k, v in m.items() if k in MEASURE_KEYS}
-    return RefitResult(trial, run.info.run_id, m.get("test_accuracy", float("nan")),
-                       m.get("sparsity", float("nan")), measures, {}, reused=True)
+    return RefitResult(
+        trial,
+        run.info.run_id,
+        m.get("test_accuracy", float("nan")),
+        m.get("sparsity", float("nan")),
+        measures,
+        {},
+        reused=True,
+    )
 
 
-def _log_mlflow_model(tracking_uri: str, run_id: str, model: torch.nn.Module,
-                      name: str) -> str | None:
+def _log_mlflow_model(
+    tracking_uri: str, run_id: str, model: torch.nn.Module, name: str
+) -> str | None:
     """Also log the (mask-free) model with ``mlflow.pytorch.log_model``, where that works.
 
     MLflow's default ``pt2`` format fixes the batch size of the traced example, so the
@@ -288,9 +379,12 @@ def _log_mlflow_model(tracking_uri: str, run_id: str, model: torch.nn.Module,
         mlflow_log.setLevel(logging.ERROR)  # the pickle-format caution, said once above
         mlflow.set_tracking_uri(tracking_uri)
         with mlflow.start_run(run_id=run_id):
-            info = mlflow.pytorch.log_model(strip_masks(model).cpu().eval(), name=name,
-                                            serialization_format="pickle",
-                                            pip_requirements=["torch"])
+            info = mlflow.pytorch.log_model(
+                strip_masks(model).cpu().eval(),
+                name=name,
+                serialization_format="pickle",
+                pip_requirements=["torch"],
+            )
         return info.model_uri
     except Exception as exc:
         log.warning("mlflow.pytorch.log_model failed for run %s: %s", run_id, exc)

@@ -43,8 +43,12 @@ def _png(fig) -> str:
 def pareto_figure(study: optuna.Study, rows: list[dict[str, Any]]):
     """Pareto front of the trials' CV results over every trial's own (fold-0) front."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    points = {t.number: [(t.user_attrs.get("cv_sparsity", math.nan),
-                          t.user_attrs.get("cv_accuracy", math.nan))] for t in complete}
+    points = {
+        t.number: [
+            (t.user_attrs.get("cv_sparsity", math.nan), t.user_attrs.get("cv_accuracy", math.nan))
+        ]
+        for t in complete
+    }
     policies = {t.number: t.user_attrs.get("policy", "") for t in complete}
     floored = [t.number for t in complete if t.user_attrs.get("floored_layers")]
     fig = plot_pareto(rows, points, study.study_name, policies, floored)
@@ -52,8 +56,16 @@ def pareto_figure(study: optuna.Study, rows: list[dict[str, Any]]):
     for t in complete:
         front = t.user_attrs.get("front") or []
         if front:
-            ax.plot([p[0] for p in front], [p[1] for p in front], "-", color="0.5", alpha=0.15,
-                    lw=0.8, zorder=0, label="_nolegend_")
+            ax.plot(
+                [p[0] for p in front],
+                [p[1] for p in front],
+                "-",
+                color="0.5",
+                alpha=0.15,
+                lw=0.8,
+                zorder=0,
+                label="_nolegend_",
+            )
     # Zoomed to the trials' own CV points: the faint per-trial fronts fall to chance at
     # their sparse end and would otherwise squeeze the Pareto points into a thin strip.
     accs = [p[1] for ps in points.values() for p in ps if not math.isnan(p[1])]
@@ -64,8 +76,15 @@ def pareto_figure(study: optuna.Study, rows: list[dict[str, Any]]):
     for marker, name in zip(("X", "P"), BASELINES, strict=True):
         base = [t for t in complete if policies[t.number] == name]
         if base:
-            ax.scatter([points[t.number][0][0] for t in base], [points[t.number][0][1] for t in base],
-                       marker=marker, s=90, color="k", zorder=6, label=f"baseline: {name}")
+            ax.scatter(
+                [points[t.number][0][0] for t in base],
+                [points[t.number][0][1] for t in base],
+                marker=marker,
+                s=90,
+                color="k",
+                zorder=6,
+                label=f"baseline: {name}",
+            )
     ax.legend(fontsize=7, loc="lower left")
     return fig
 
@@ -75,10 +94,14 @@ def _optuna_figures(study: optuna.Study) -> dict[str, str]:
     cannot draw yet (e.g. importances from too few trials) is skipped."""
     from optuna.visualization import matplotlib as ovm
 
-    names = study.user_attrs.get("objectives") or [f"objective {i}" for i in range(len(study.directions))]
+    names = study.user_attrs.get("objectives") or [
+        f"objective {i}" for i in range(len(study.directions))
+    ]
     out = {}
-    for title, fn in (("Optimisation history", ovm.plot_optimization_history),
-                      ("Parameter importances", ovm.plot_param_importances)):
+    for title, fn in (
+        ("Optimisation history", ovm.plot_optimization_history),
+        ("Parameter importances", ovm.plot_param_importances),
+    ):
         for i, name in enumerate(names):
             try:
                 with warnings.catch_warnings():
@@ -95,22 +118,36 @@ def _count(v: float) -> str:
     return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.4g}"
 
 
-def build_report(study: optuna.Study, rows: list[dict[str, Any]],
-                 refits: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+def build_report(
+    study: optuna.Study, rows: list[dict[str, Any]], refits: dict[str, dict[str, Any]]
+) -> tuple[str, dict[str, Any]]:
     """The HTML report and the figures in it (``name → matplotlib figure``, not yet closed)."""
     figures = {"pareto": pareto_figure(study, rows)}
     layers = {int(n): r["layer_sparsity"] for n, r in refits.items() if r.get("layer_sparsity")}
     if layers:
-        figures["layer_sparsity"] = plot_layer_sparsity(layers, "per-layer sparsity of the refit models")
+        figures["layer_sparsity"] = plot_layer_sparsity(
+            layers, "per-layer sparsity of the refit models"
+        )
     images = {k: _png(f) for k, f in figures.items()}
     images.update(_optuna_figures(study))
 
-    cols = ["trial", "policy", "params", "CV accuracy", "CV sparsity", "test accuracy",
-            "test sparsity", "non-zero / params", "FLOPs effective / dense",
-            "export bytes sparse / dense", "latency ms compact / dense"]
+    cols = [
+        "trial",
+        "policy",
+        "params",
+        "CV accuracy",
+        "CV sparsity",
+        "test accuracy",
+        "test sparsity",
+        "non-zero / params",
+        "FLOPs effective / dense",
+        "export bytes sparse / dense",
+        "latency ms compact / dense",
+    ]
     # Latency is measured for compact (neuron/channel) exports only: no column without one.
-    with_latency = any("latency_ms_compact" in refits.get(str(r["trial"]), {}).get("measures", {})
-                       for r in rows)
+    with_latency = any(
+        "latency_ms_compact" in refits.get(str(r["trial"]), {}).get("measures", {}) for r in rows
+    )
     if not with_latency:
         cols = cols[:-1]
     body = []
@@ -120,26 +157,42 @@ def build_report(study: optuna.Study, rows: list[dict[str, Any]],
 
         def ratio(a: str, b: str, m=m, fmt=_count) -> str:
             return f"{fmt(m[a])} / {fmt(m[b])}" if a in m and b in m else "—"
-        cells = [r["trial"], r["policy"], r["params"],
-                 f"{r['accuracy']:.4f} ± {r['accuracy_std']:.4f}",
-                 f"{r['sparsity']:.4f} ± {r['sparsity_std']:.4f}",
-                 f"{ref['test_accuracy']:.4f}" if "test_accuracy" in ref else "—",
-                 f"{ref['sparsity']:.4f}" if "sparsity" in ref else "—",
-                 ratio("nonzero_params", "params"), ratio("flops_effective", "flops_dense"),
-                 ratio("file_bytes_sparse", "file_bytes_dense")]
+
+        cells = [
+            r["trial"],
+            r["policy"],
+            r["params"],
+            f"{r['accuracy']:.4f} ± {r['accuracy_std']:.4f}",
+            f"{r['sparsity']:.4f} ± {r['sparsity_std']:.4f}",
+            f"{ref['test_accuracy']:.4f}" if "test_accuracy" in ref else "—",
+            f"{ref['sparsity']:.4f}" if "sparsity" in ref else "—",
+            ratio("nonzero_params", "params"),
+            ratio("flops_effective", "flops_dense"),
+            ratio("file_bytes_sparse", "file_bytes_dense"),
+        ]
         if with_latency:
             cells.append(ratio("latency_ms_compact", "latency_ms_dense", fmt=lambda v: f"{v:.2f}"))
         body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
-    table = ("<table><tr>" + "".join(f"<th>{c}</th>" for c in cols) + "</tr>"
-             + "".join(body) + "</table>")
-    imgs = "".join(f"<h2>{html.escape(k.replace('_', ' '))}</h2>"
-                   f"<img alt='{html.escape(k)}' src='data:image/png;base64,{v}'/>"
-                   for k, v in images.items())
+    table = (
+        "<table><tr>"
+        + "".join(f"<th>{c}</th>" for c in cols)
+        + "</tr>"
+        + "".join(body)
+        + "</table>"
+    )
+    imgs = "".join(
+        f"<h2>{html.escape(k.replace('_', ' '))}</h2>"
+        f"<img alt='{html.escape(k)}' src='data:image/png;base64,{v}'/>"
+        for k, v in images.items()
+    )
     n_complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     base = study.user_attrs.get("checkpoint_baseline")
-    baseline = ("" if base is None else
-                f"<p>The trained checkpoint the study started from, <b>not pruned</b>: test "
-                f"accuracy {base['test_accuracy']:.4f} at sparsity {base['sparsity']:.4f}.</p>")
+    baseline = (
+        ""
+        if base is None
+        else f"<p>The trained checkpoint the study started from, <b>not pruned</b>: test "
+        f"accuracy {base['test_accuracy']:.4f} at sparsity {base['sparsity']:.4f}.</p>"
+    )
     doc = f"""<!doctype html><html><head><meta charset="utf-8">
 <title>dtp_search report — {html.escape(study.study_name)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
@@ -172,8 +225,16 @@ def plot_comparison(fronts: dict[str, list[dict[str, Any]]]):
         rows = sorted(rows, key=lambda r: r["sparsity"])
         xs, ys = [r["sparsity"] for r in rows], [r["accuracy"] for r in rows]
         (line,) = ax.step(xs, ys, "-", where="pre", alpha=0.7)
-        ax.errorbar(xs, ys, yerr=[r.get("accuracy_std", 0.0) for r in rows], fmt="o",
-                    color=line.get_color(), capsize=2, ms=4, label=f"{name} ({len(rows)})")
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=[r.get("accuracy_std", 0.0) for r in rows],
+            fmt="o",
+            color=line.get_color(),
+            capsize=2,
+            ms=4,
+            label=f"{name} ({len(rows)})",
+        )
     ax.set_xlabel("CV sparsity")
     ax.set_ylabel("CV accuracy")
     ax.set_title("Pareto fronts compared", fontsize=10)

@@ -42,7 +42,9 @@ def pareto_rows(study: optuna.Study, front_only: bool = True) -> list[dict[str, 
     trials = feasible or trials
     if not trials:
         return []
-    names = study.user_attrs.get("objectives") or [f"value_{i}" for i in range(len(study.directions))]
+    names = study.user_attrs.get("objectives") or [
+        f"value_{i}" for i in range(len(study.directions))
+    ]
     signs = [1.0 if d == optuna.study.StudyDirection.MAXIMIZE else -1.0 for d in study.directions]
     vals = np.array([[s * v for s, v in zip(signs, t.values, strict=True)] for t in trials])
     keep = pareto_mask(vals)
@@ -54,21 +56,28 @@ def pareto_rows(study: optuna.Study, front_only: bool = True) -> list[dict[str, 
         ua = t.user_attrs
         values = dict(zip(names, t.values, strict=True))
         refit = refits.get(str(t.number), {})
-        rows.append({
-            "trial": t.number, "policy": ua.get("policy", ""),
-            "params": ", ".join(f"{key.split('.')[-1]}={_fmt(v)}" for key, v in t.params.items()),
-            "accuracy": ua.get("cv_accuracy", values.get("accuracy", math.nan)),
-            "accuracy_std": ua.get("cv_accuracy_std", 0.0),
-            "sparsity": ua.get("cv_sparsity", values.get("sparsity", math.nan)),
-            "sparsity_std": ua.get("cv_sparsity_std", 0.0),
-            "mlflow_run_id": ua.get("mlflow_run_id", ""),
-            "test_accuracy": refit.get("test_accuracy", math.nan),
-            "refit_run_id": refit.get("run_id", ""),
-        })
+        rows.append(
+            {
+                "trial": t.number,
+                "policy": ua.get("policy", ""),
+                "params": ", ".join(
+                    f"{key.split('.')[-1]}={_fmt(v)}" for key, v in t.params.items()
+                ),
+                "accuracy": ua.get("cv_accuracy", values.get("accuracy", math.nan)),
+                "accuracy_std": ua.get("cv_accuracy_std", 0.0),
+                "sparsity": ua.get("cv_sparsity", values.get("sparsity", math.nan)),
+                "sparsity_std": ua.get("cv_sparsity_std", 0.0),
+                "mlflow_run_id": ua.get("mlflow_run_id", ""),
+                "test_accuracy": refit.get("test_accuracy", math.nan),
+                "refit_run_id": refit.get("run_id", ""),
+            }
+        )
     return sorted(rows, key=lambda r: (r["sparsity"], r["accuracy"]))
 
 
-def hypervolume_2d(points: list[tuple[float, float]], ref: tuple[float, float] = (0.0, 0.0)) -> float:
+def hypervolume_2d(
+    points: list[tuple[float, float]], ref: tuple[float, float] = (0.0, 0.0)
+) -> float:
     """Area dominated by (sparsity, accuracy) points above ``ref`` (both maximised)."""
     pts = sorted({(s, a) for s, a in points if s > ref[0] and a > ref[1]}, reverse=True)
     area, best_a = 0.0, ref[1]
@@ -83,8 +92,12 @@ def refresh_pareto(study: optuna.Study, tracker: StudyTracker) -> list[dict[str,
     """Log the study's current Pareto front to its parent run; return its rows."""
     rows = pareto_rows(study)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    all_points = {t.number: [(t.user_attrs.get("cv_sparsity", math.nan),
-                              t.user_attrs.get("cv_accuracy", math.nan))] for t in complete}
+    all_points = {
+        t.number: [
+            (t.user_attrs.get("cv_sparsity", math.nan), t.user_attrs.get("cv_accuracy", math.nan))
+        ]
+        for t in complete
+    }
     policies = {t.number: t.user_attrs.get("policy", "") for t in complete}
     floored = [t.number for t in complete if t.user_attrs.get("floored_layers")]
     hv = hypervolume_2d([(r["sparsity"], r["accuracy"]) for r in rows])

@@ -34,8 +34,19 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 __all__ = [
-    "CONTINUE", "DATASET_KINDS", "LR_SCHEDULES", "MODEL_ARCHS", "PrunerSettings", "Settings",
-    "TrainSettings", "allowed", "check", "from_mapping", "register_schema", "rule", "split_args",
+    "CONTINUE",
+    "DATASET_KINDS",
+    "LR_SCHEDULES",
+    "MODEL_ARCHS",
+    "PrunerSettings",
+    "Settings",
+    "TrainSettings",
+    "allowed",
+    "check",
+    "from_mapping",
+    "register_schema",
+    "rule",
+    "split_args",
 ]
 
 LR_SCHEDULES = ("cosine", "onecycle", "step", "constant")
@@ -67,10 +78,12 @@ class Rule:
             return bool(items) and all(v in self.choices for v in items)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return True  # not a number: the type check is OmegaConf's
-        return (math.isfinite(value)
-                and (self.low is None or value >= self.low)
-                and (self.high is None or value < self.high)
-                and (self.above is None or value > self.above))
+        return (
+            math.isfinite(value)
+            and (self.low is None or value >= self.low)
+            and (self.high is None or value < self.high)
+            and (self.above is None or value > self.above)
+        )
 
 
 def rule(default: Any = MISSING, **limits: Any) -> Any:
@@ -94,7 +107,7 @@ def allowed(owner: type, name: str) -> str:
     if r.words is not None:
         return r.words
     if r.choices is not None:
-        text = (f"a non-empty list of {list(r.choices)}" if r.each else str(list(r.choices)))
+        text = f"a non-empty list of {list(r.choices)}" if r.each else str(list(r.choices))
         return ("null or " if null else "") + text
     if "bool" in hint:
         return "true, false"
@@ -112,7 +125,9 @@ def allowed(owner: type, name: str) -> str:
     if r.above is not None and r.high is not None:
         span = f" in ({r.above}, {r.high})"
     elif r.low is not None and r.high is not None:
-        span = f" in [{r.low}, {r.high - 1}]" if noun == "an integer" else f" in [{r.low}, {r.high})"
+        span = (
+            f" in [{r.low}, {r.high - 1}]" if noun == "an integer" else f" in [{r.low}, {r.high})"
+        )
     elif r.low is not None:
         span = f" >= {r.low}"
     elif r.above is not None:
@@ -141,7 +156,9 @@ def check(obj: Any, prefix: str = "") -> None:
             continue
         r = f.metadata.get("rule")
         if r is not None and not r.allows(value):
-            raise ValueError(f"{key}={_show(value)} is not allowed; allowed: {allowed(type(obj), f.name)}")
+            raise ValueError(
+                f"{key}={_show(value)} is not allowed; allowed: {allowed(type(obj), f.name)}"
+            )
     extra = getattr(obj, "_check", None)
     if extra is not None:
         extra(prefix)
@@ -166,15 +183,20 @@ class StudySettings:
     storage: str = MISSING
     workers: int = rule(1, low=1)
     names: list[str] | None = None  # mode=compare
-    allow_changes: list[str] = rule([], words="a list of config keys or nodes, e.g. "  # noqa: RUF009
-                                    "study.allow_changes=[train.epochs,policy]")
+    allow_changes: list[str] = rule(  # noqa: RUF009
+        [], words="a list of config keys or nodes, e.g. study.allow_changes=[train.epochs,policy]"
+    )
 
     def _check(self, prefix: str) -> None:
         if not self.name.strip():
-            raise ValueError(f"{prefix}name={self.name!r} is not allowed; allowed: a non-empty text")
+            raise ValueError(
+                f"{prefix}name={self.name!r} is not allowed; allowed: a non-empty text"
+            )
         if not all(k.strip() for k in self.allow_changes):
-            raise ValueError(f"{prefix}allow_changes={list(self.allow_changes)!r} is not allowed; "
-                             f"allowed: {allowed(StudySettings, 'allow_changes')}")
+            raise ValueError(
+                f"{prefix}allow_changes={list(self.allow_changes)!r} is not allowed; "
+                f"allowed: {allowed(StudySettings, 'allow_changes')}"
+            )
 
 
 @dataclass
@@ -215,13 +237,18 @@ class SearchSettings:
 
     def _check(self, prefix: str) -> None:
         if len(self.directions) != len(self.objectives):
-            raise ValueError(f"{prefix}directions={list(self.directions)} must give one of "
-                             f"{list(DIRECTIONS)} per objective {list(self.objectives)}")
+            raise ValueError(
+                f"{prefix}directions={list(self.directions)} must give one of "
+                f"{list(DIRECTIONS)} per objective {list(self.objectives)}"
+            )
         seed = (self.sampler or {}).get("seed") if isinstance(self.sampler, Mapping) else None
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
-                                 or not 0 <= seed < SEED_HIGH):
-            raise ValueError(f"{prefix}sampler.seed={seed!r} is not allowed; allowed: null or "
-                             f"an integer in [0, {SEED_HIGH - 1}]")
+        if seed is not None and (
+            isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_HIGH
+        ):
+            raise ValueError(
+                f"{prefix}sampler.seed={seed!r} is not allowed; allowed: null or "
+                f"an integer in [0, {SEED_HIGH - 1}]"
+            )
 
 
 @dataclass
@@ -259,8 +286,10 @@ class TrainSettings:
 
     def _check(self, prefix: str) -> None:
         if self.epochs + self.finetune_epochs < 1:
-            raise ValueError(f"{prefix}epochs={self.epochs!r} is not allowed; allowed: "
-                             "epochs + finetune_epochs >= 1")
+            raise ValueError(
+                f"{prefix}epochs={self.epochs!r} is not allowed; allowed: "
+                "epochs + finetune_epochs >= 1"
+            )
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first ``train.<key>`` whose value cannot work."""
@@ -327,16 +356,21 @@ class DatasetSettings:
     # source through a DataLoader; true/false force one path.
     in_memory: Any = rule("auto", choices=IN_MEMORY, words="auto, true, false")  # noqa: RUF009
     memory_limit: float | None = rule(None, above=0)  # GiB; null = a quarter of the RAM
-    num_workers: int | None = rule(None, low=0)  # streaming: DataLoader workers; null: min(4, cores)
+    num_workers: int | None = rule(
+        None, low=0
+    )  # streaming: DataLoader workers; null: min(4, cores)
     args: dict[str, Any] = field(default_factory=dict)  # the _target_'s keyword arguments
 
     def _check(self, prefix: str) -> None:
         if isinstance(self.in_memory, int) and not isinstance(self.in_memory, bool):
-            raise ValueError(f"{prefix}in_memory={self.in_memory!r} is not allowed; "
-                             "allowed: auto, true, false")
+            raise ValueError(
+                f"{prefix}in_memory={self.in_memory!r} is not allowed; allowed: auto, true, false"
+            )
         if self.kind in ("torchvision", "custom") and not self._target_:
-            raise ValueError(f"{prefix}_target_ is required for dataset={self.kind} (a dotted "
-                             "path, e.g. dataset._target_=torchvision.datasets.FakeData)")
+            raise ValueError(
+                f"{prefix}_target_ is required for dataset={self.kind} (a dotted "
+                "path, e.g. dataset._target_=torchvision.datasets.FakeData)"
+            )
 
 
 MODEL_ARCHS = ("mlp", "lenet5", "simple_cnn", "vgg", "resnet20", "custom")
@@ -352,7 +386,9 @@ class ModelSettings:
 
     name: str = MISSING
     arch: str = rule(MISSING, choices=MODEL_ARCHS)
-    _target_: str | None = None  # custom: dotted path of the factory, e.g. torchvision.models.resnet18
+    _target_: str | None = (
+        None  # custom: dotted path of the factory, e.g. torchvision.models.resnet18
+    )
     checkpoint: str | None = None  # trained weights to start from (any arch): a state_dict file
     hidden: list[int] | None = None  # mlp
     conv: list[int] | None = None  # lenet5, simple_cnn
@@ -365,18 +401,24 @@ class ModelSettings:
 
     def _check(self, prefix: str) -> None:
         if self.arch == "custom" and not self._target_:
-            raise ValueError(f"{prefix}_target_ is required for model=custom (a dotted path, "
-                             "e.g. model._target_=torchvision.models.resnet18)")
+            raise ValueError(
+                f"{prefix}_target_ is required for model=custom (a dotted path, "
+                "e.g. model._target_=torchvision.models.resnet18)"
+            )
         if self._target_ and self.arch != "custom":
-            raise ValueError(f"{prefix}_target_={self._target_!r} needs model=custom; "
-                             f"model.arch={self.arch!r} is a built-in network")
+            raise ValueError(
+                f"{prefix}_target_={self._target_!r} needs model=custom; "
+                f"model.arch={self.arch!r} is a built-in network"
+            )
 
 
 # Nodes whose keys beyond the schema's are the keyword arguments of their ``_target_``.
 OPEN_NODES: dict[str, type] = {"model": ModelSettings, "dataset": DatasetSettings}
 
 
-def split_args(owner: type, node: Mapping[str, Any], key: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def split_args(
+    owner: type, node: Mapping[str, Any], key: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(the schema's keys, the _target_'s keyword arguments)`` of an open node (a plain
     mapping). Extra keys are arguments only when the node has a ``_target_``; otherwise
     the first one raises ``ValueError`` naming it."""
@@ -384,9 +426,11 @@ def split_args(owner: type, node: Mapping[str, Any], key: str) -> tuple[dict[str
     extra = {k: v for k, v in node.items() if k not in known}
     if extra and not node.get("_target_"):
         first = sorted(extra)[0]
-        raise ValueError(f"{key}.{first} is not a setting; allowed keys of {key}: "
-                         f"{sorted(known - {'args'})} (keys of your own pass to a _target_: "
-                         f"{key}=custom)")
+        raise ValueError(
+            f"{key}.{first} is not a setting; allowed keys of {key}: "
+            f"{sorted(known - {'args'})} (keys of your own pass to a _target_: "
+            f"{key}=custom)"
+        )
     mine = {k: v for k, v in node.items() if k in known}
     args = {**dict(mine.pop("args", None) or {}), **extra}
     return mine, args
@@ -416,19 +460,25 @@ class PrunerSettings:
     @classmethod
     def split(cls, node: Mapping[str, Any] | DictConfig) -> tuple[PrunerSettings, dict[str, Any]]:
         """``(pruner settings, the policy's own arguments)`` of a policy node."""
-        data = (OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig)
-                else dict(node))
+        data = (
+            OmegaConf.to_container(node, resolve=True)
+            if isinstance(node, DictConfig)
+            else dict(node)
+        )
         data.pop("space", None)
         data.pop("options", None)
         keys = {f.name for f in dataclasses.fields(cls)}
         mine = {k: v for k, v in data.items() if k in keys}
         layers = mine.pop("layers", None) or {}
         if not isinstance(layers, Mapping) or set(layers) - {"include", "exclude"}:
-            raise ValueError(f"layers={layers!r} is not allowed; allowed: "
-                             "{include: [globs], exclude: [globs]}")
+            raise ValueError(
+                f"layers={layers!r} is not allowed; allowed: {{include: [globs], exclude: [globs]}}"
+            )
         if not isinstance(mine.get("criterion_args", {}), Mapping):
-            raise ValueError(f"criterion_args={mine['criterion_args']!r} is not allowed; "
-                             "allowed: a mapping, e.g. criterion_args={beta: 0}")
+            raise ValueError(
+                f"criterion_args={mine['criterion_args']!r} is not allowed; "
+                "allowed: a mapping, e.g. criterion_args={beta: 0}"
+            )
         pruner = cls(**mine, layers=LayerSettings(**{k: list(v or []) for k, v in layers.items()}))
         return pruner, {k: v for k, v in data.items() if k not in keys}
 
@@ -486,10 +536,16 @@ def _refuse_unknown(node: Any, owner: type, prefix: str) -> None:
     for key in node:
         f = fields.get(key)
         if f is None:
-            raise ValueError(f"{prefix}{key} is not a setting; allowed keys of "
-                             f"{prefix.rstrip('.') or 'the config'}: {sorted(fields)}")
+            raise ValueError(
+                f"{prefix}{key} is not a setting; allowed keys of "
+                f"{prefix.rstrip('.') or 'the config'}: {sorted(fields)}"
+            )
         sub = f.default_factory
-        if isinstance(sub, type) and dataclasses.is_dataclass(sub) and isinstance(node[key], DictConfig):
+        if (
+            isinstance(sub, type)
+            and dataclasses.is_dataclass(sub)
+            and isinstance(node[key], DictConfig)
+        ):
             _refuse_unknown(node[key], sub, f"{prefix}{key}.")
 
 
@@ -522,8 +578,9 @@ def from_mapping(cls: type[_S], value: _S | Mapping[str, Any], key: str) -> _S:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(value) - known)
     if unknown:
-        raise ValueError(f"{key}.{unknown[0]} is not a setting; allowed keys of {key}: "
-                         f"{sorted(known)}")
+        raise ValueError(
+            f"{key}.{unknown[0]} is not a setting; allowed keys of {key}: {sorted(known)}"
+        )
     return cls(**value)
 
 
@@ -535,8 +592,11 @@ def field_owner(key: str) -> tuple[type, str] | None:
     for node in nodes:
         fields = {f.name: f for f in dataclasses.fields(owner)}
         f = fields.get(node)
-        if f is None or not isinstance(f.default_factory, type) or not dataclasses.is_dataclass(
-                f.default_factory):
+        if (
+            f is None
+            or not isinstance(f.default_factory, type)
+            or not dataclasses.is_dataclass(f.default_factory)
+        ):
             return None
         owner = f.default_factory
     if name not in {f.name for f in dataclasses.fields(owner)}:

@@ -48,10 +48,13 @@ class Dimension:
 
     def suggest(self, trial: optuna.Trial) -> Any:
         if self.type == "float":
-            return trial.suggest_float(self.param, self.low, self.high, log=self.log, step=self.step)
+            return trial.suggest_float(
+                self.param, self.low, self.high, log=self.log, step=self.step
+            )
         if self.type == "int":
-            return trial.suggest_int(self.param, int(self.low), int(self.high), log=self.log,
-                                     step=int(self.step or 1))
+            return trial.suggest_int(
+                self.param, int(self.low), int(self.high), log=self.log, step=int(self.step or 1)
+            )
         return trial.suggest_categorical(self.param, list(self.choices))
 
 
@@ -64,8 +67,10 @@ def _dimension(key: str, spec: Mapping[str, Any], name: str = "") -> Dimension:
         raise ConfigError(f"{where}: type={kind!r} is not allowed; allowed: {list(TYPES)}")
     unknown = set(spec) - {"type", "low", "high", "log", "step", "choices"}
     if unknown:
-        raise ConfigError(f"{where}: unknown fields {sorted(unknown)}; allowed: "
-                          "type, low, high, log, step, choices")
+        raise ConfigError(
+            f"{where}: unknown fields {sorted(unknown)}; allowed: "
+            "type, low, high, log, step, choices"
+        )
     if kind == "categorical":
         choices = spec.get("choices")
         if not choices:
@@ -82,8 +87,9 @@ def _dimension(key: str, spec: Mapping[str, Any], name: str = "") -> Dimension:
     step = spec.get("step")
     if step is not None and log:
         raise ConfigError(f"{where}: 'step' and log=true cannot be combined")
-    return Dimension(key, kind, float(low), float(high), log,
-                     None if step is None else float(step), name=name)
+    return Dimension(
+        key, kind, float(low), float(high), log, None if step is None else float(step), name=name
+    )
 
 
 CHOICE = "choice"
@@ -110,8 +116,9 @@ def policy_nodes(cfg: DictConfig) -> dict[str, DictConfig]:
     choices = list(cfg.policy.get("choices") or [])
     bad = [c for c in choices if c not in options]
     if not choices or bad:
-        raise ConfigError(f"policy.choices={choices} is not allowed; allowed: a non-empty list "
-                          f"of {list(options)}")
+        raise ConfigError(
+            f"policy.choices={choices} is not allowed; allowed: a non-empty list of {list(options)}"
+        )
     return {c: options[c] for c in choices}
 
 
@@ -122,8 +129,10 @@ def parse_space(cfg: DictConfig) -> SearchSpace:
         if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
             raise ConfigError(f"search space key {key!r} is not a key of the config")
         if key.startswith("policy.") and cfg.policy.get("name") == CHOICE:
-            raise ConfigError(f"search.space key {key!r}: with policy=choice put policy "
-                              "dimensions in policy.options.<name>.space")
+            raise ConfigError(
+                f"search.space key {key!r}: with policy=choice put policy "
+                "dimensions in policy.options.<name>.space"
+            )
         common.append(_dimension(key, spec))
     choice = cfg.policy.get("name") == CHOICE
     policies: dict[str, list[Dimension]] = {}

@@ -36,8 +36,9 @@ def stratified_subset(labels: np.ndarray, limit: int | None, seed: int = 0) -> n
         return np.arange(n)
     from sklearn.model_selection import train_test_split
 
-    idx, _ = train_test_split(np.arange(n), train_size=int(limit), stratify=labels,
-                              random_state=seed)
+    idx, _ = train_test_split(
+        np.arange(n), train_size=int(limit), stratify=labels, random_state=seed
+    )
     return np.sort(idx)
 
 
@@ -62,31 +63,38 @@ class PixelSums:
         c = images.shape[1]
         hist = torch.zeros(c, 256, dtype=torch.int64)
         for start in range(0, len(images), chunk):
-            x = images[start:start + chunk]
+            x = images[start : start + chunk]
             for ch in range(c):
                 hist[ch] += torch.bincount(x[:, ch].reshape(-1), minlength=256)
         v = torch.arange(256, dtype=torch.int64)
         count = len(images) * images.shape[2] * images.shape[3]
-        return cls(tuple((hist * v).sum(dim=1).tolist()), tuple((hist * v * v).sum(dim=1).tolist()),
-                   int(count))
+        return cls(
+            tuple((hist * v).sum(dim=1).tolist()),
+            tuple((hist * v * v).sum(dim=1).tolist()),
+            int(count),
+        )
 
     def __add__(self, other: PixelSums) -> PixelSums:
         if not self.count:
             return other
         if not other.count:
             return self
-        return PixelSums(tuple(a + b for a, b in zip(self.total, other.total, strict=True)),
-                         tuple(a + b for a, b in zip(self.squares, other.squares, strict=True)),
-                         self.count + other.count)
+        return PixelSums(
+            tuple(a + b for a, b in zip(self.total, other.total, strict=True)),
+            tuple(a + b for a, b in zip(self.squares, other.squares, strict=True)),
+            self.count + other.count,
+        )
 
     def stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-channel mean and (unbiased) std in [0, 1] units; std at least 1e-6."""
         n = self.count
         mean = tuple(s / n / 255 for s in self.total)
         # Exact integer numerator, one rounding: (n·Σx² − (Σx)²) / (n(n−1)).
-        var = tuple((n * q - s * s) / (n * max(n - 1, 1)) for s, q in zip(self.total, self.squares,
-                                                                             strict=True))
-        std = tuple(max((v ** 0.5) / 255, 1e-6) for v in var)
+        var = tuple(
+            (n * q - s * s) / (n * max(n - 1, 1))
+            for s, q in zip(self.total, self.squares, strict=True)
+        )
+        std = tuple(max((v**0.5) / 255, 1e-6) for v in var)
         return mean, std
 
 

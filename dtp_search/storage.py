@@ -91,12 +91,16 @@ def check_storage(url: str, workers: int) -> None:
     """Refuse storages that cannot serve the requested workers, before anything is written."""
     kind = scheme(url)
     if kind not in SCHEMES:
-        raise ConfigError(f"study.storage={mask_url(url)!r} is not a storage URL dtp_search can "
-                          f"open; allowed schemes: {list(SCHEMES)} (e.g. sqlite:////abs/optuna.db, "
-                          "postgresql://user:pass@host/db, journal:///abs/optuna.log)")
+        raise ConfigError(
+            f"study.storage={mask_url(url)!r} is not a storage URL dtp_search can "
+            f"open; allowed schemes: {list(SCHEMES)} (e.g. sqlite:////abs/optuna.db, "
+            "postgresql://user:pass@host/db, journal:///abs/optuna.log)"
+        )
     if kind in ("sqlite", "journal") and local_path(url) is None:
-        raise ConfigError(f"study.storage={mask_url(url)!r} needs an absolute file path, "
-                          "e.g. sqlite:////abs/optuna.db")
+        raise ConfigError(
+            f"study.storage={mask_url(url)!r} needs an absolute file path, "
+            "e.g. sqlite:////abs/optuna.db"
+        )
     if kind == "sqlite" and workers > 1:
         path = local_path(url)
         raise ConfigError(
@@ -104,7 +108,8 @@ def check_storage(url: str, workers: int) -> None:
             "writer at a time and its workers would meet 'database is locked'. Allowed: "
             f"study.storage=journal://{path.with_suffix('.log')} (Optuna's JournalStorage, "
             "one machine, no server) or study.storage=postgresql://user:pass@host/db "
-            "(many machines; see docs/distributed.md)")
+            "(many machines; see docs/distributed.md)"
+        )
 
 
 # Seconds a probe waits for a database server. Without a limit, a connection to a port
@@ -126,23 +131,30 @@ def check_reachable(url: str, timeout: int = PROBE_TIMEOUT) -> None:
     try:
         driver = sqlalchemy.engine.make_url(url).get_dialect().driver
         connect_args = {"connect_timeout": timeout} if driver in _TIMEOUT_DRIVERS else {}
-        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool,
-                                          connect_args=connect_args)
+        engine = sqlalchemy.create_engine(
+            url, poolclass=sqlalchemy.pool.NullPool, connect_args=connect_args
+        )
     except ImportError as exc:  # the URL names a driver that is not installed
-        raise ConfigError(f"{where} needs a database driver that is not installed ({exc}); "
-                          "allowed: a URL whose driver is installed, e.g. postgresql+psycopg://"
-                          "user:pass@host/db (pip install 'psycopg[binary]')") from exc
+        raise ConfigError(
+            f"{where} needs a database driver that is not installed ({exc}); "
+            "allowed: a URL whose driver is installed, e.g. postgresql+psycopg://"
+            "user:pass@host/db (pip install 'psycopg[binary]')"
+        ) from exc
     except (sqlalchemy.exc.ArgumentError, ValueError) as exc:
-        raise ConfigError(f"{where} is not a database URL SQLAlchemy can read ({exc}); "
-                          "allowed: e.g. postgresql://user:pass@host:5432/db") from exc
+        raise ConfigError(
+            f"{where} is not a database URL SQLAlchemy can read ({exc}); "
+            "allowed: e.g. postgresql://user:pass@host:5432/db"
+        ) from exc
     try:
         with engine.connect():
             pass
     except sqlalchemy.exc.SQLAlchemyError as exc:
-        raise ConfigError(f"{where} cannot be opened ({_reason(exc, url)}); start the database "
-                          "server and check the URL's host, port, user, password and database, "
-                          "or use a file: study.storage=sqlite:////abs/optuna.db (one worker) "
-                          "or journal:///abs/optuna.log (workers on one machine)") from exc
+        raise ConfigError(
+            f"{where} cannot be opened ({_reason(exc, url)}); start the database "
+            "server and check the URL's host, port, user, password and database, "
+            "or use a file: study.storage=sqlite:////abs/optuna.db (one worker) "
+            "or journal:///abs/optuna.log (workers on one machine)"
+        ) from exc
     finally:
         engine.dispose()
 
@@ -158,8 +170,9 @@ def _reason(exc: Exception, url: str) -> str:
     return re.sub(rf"(?<!\w){re.escape(password)}(?!\w)", "***", line)
 
 
-def make_storage(url: str, *, heartbeat_interval: int = 30, grace_period: int = 120,
-                 max_retry: int | None = 2) -> BaseStorage:
+def make_storage(
+    url: str, *, heartbeat_interval: int = 30, grace_period: int = 120, max_retry: int | None = 2
+) -> BaseStorage:
     """Optuna's storage for ``url``; RDB storages beat a heartbeat and retry stale trials."""
     if scheme(url) == "journal":
         path = local_path(url)
@@ -178,9 +191,12 @@ def make_storage(url: str, *, heartbeat_interval: int = 30, grace_period: int = 
     # creates them while the others wait on the lock.
     with StudyLock(url, "", "schema"):
         return RDBStorage(
-            url=url, engine_kwargs=engine_kwargs,
-            heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry))
+            url=url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
+        )
 
 
 def has_heartbeat(storage: BaseStorage) -> bool:
@@ -227,8 +243,11 @@ def fail_dead_trials(study: optuna.Study, max_retry: int | None) -> list[int]:
         # set_trial_state_values returns False when another worker changed it first.
         # (No reason attribute: the retry inherits every user attribute of the trial.)
         if storage.set_trial_state_values(t._trial_id, TrialState.FAIL):
-            _log.warning("trial %d failed: its worker %s died; re-queued with the same "
-                         "parameters", t.number, worker)
+            _log.warning(
+                "trial %d failed: its worker %s died; re-queued with the same parameters",
+                t.number,
+                worker,
+            )
             retry(study, storage.get_trial(t._trial_id))
             failed.append(t.number)
     return failed
@@ -255,8 +274,9 @@ class StudyLock:
 
     def _pg_key(self) -> int:
         # Advisory locks take one signed 64-bit key.
-        return int.from_bytes(hashlib.blake2b(self.key.encode(), digest_size=8).digest(),
-                              "big", signed=True)
+        return int.from_bytes(
+            hashlib.blake2b(self.key.encode(), digest_size=8).digest(), "big", signed=True
+        )
 
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
         if self.held:
@@ -271,13 +291,17 @@ class StudyLock:
         engine = sqlalchemy.create_engine(self.url, poolclass=sqlalchemy.pool.NullPool)
         conn = engine.connect()
         if self._kind == "postgresql":
-            sql = "SELECT pg_advisory_lock(:k)" if blocking and timeout is None else \
-                  "SELECT pg_try_advisory_lock(:k)"
+            sql = (
+                "SELECT pg_advisory_lock(:k)"
+                if blocking and timeout is None
+                else "SELECT pg_try_advisory_lock(:k)"
+            )
             args = {"k": self._pg_key()}
         else:
-            sql, args = "SELECT GET_LOCK(:k, :t)", {"k": self.key[:64],
-                                                    "t": -1 if blocking and timeout is None
-                                                    else (timeout or 0)}
+            sql, args = (
+                "SELECT GET_LOCK(:k, :t)",
+                {"k": self.key[:64], "t": -1 if blocking and timeout is None else (timeout or 0)},
+            )
         waits = blocking and timeout is None  # the server blocks until it is ours
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -305,8 +329,9 @@ class StudyLock:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking and timeout is None
-                                                  else fcntl.LOCK_NB))
+                fcntl.flock(
+                    fd, fcntl.LOCK_EX | (0 if blocking and timeout is None else fcntl.LOCK_NB)
+                )
                 self._fd = fd
                 return True
             except BlockingIOError:
@@ -322,8 +347,9 @@ class StudyLock:
             conn, self._conn = self._conn, None
             try:
                 if self._kind == "postgresql":
-                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"),
-                                 {"k": self._pg_key()})
+                    conn.execute(
+                        sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self._pg_key()}
+                    )
                 else:
                     conn.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:k)"), {"k": self.key[:64]})
                 conn.commit()
@@ -338,6 +364,10 @@ class StudyLock:
         self.acquire()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.release()

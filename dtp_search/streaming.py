@@ -113,8 +113,7 @@ class FileDecoder:
         return self.paths[i]
 
 
-ALLOWED_ITEM = ("(image, label) with a PIL image or a tensor [C, H, W] (uint8, or float "
-                "in [0, 1])")
+ALLOWED_ITEM = "(image, label) with a PIL image or a tensor [C, H, W] (uint8, or float in [0, 1])"
 
 
 def image_channels(image: Any) -> int | None:
@@ -164,8 +163,9 @@ class DatasetDecoder:
 
     ``what`` names the split in messages, e.g. ``"dataset._target_=pkg.make: train"``."""
 
-    def __init__(self, dataset: Any, indices: np.ndarray, channels: int,
-                 size: list[int] | None, what: str) -> None:
+    def __init__(
+        self, dataset: Any, indices: np.ndarray, channels: int, size: list[int] | None, what: str
+    ) -> None:
         self.dataset, self.indices = dataset, np.asarray(indices, dtype=np.int64)
         self.channels, self.size, self.what = int(channels), size, what
 
@@ -176,15 +176,22 @@ class DatasetDecoder:
         j = int(self.indices[i])
         item = self.dataset[j]
         if not (isinstance(item, (tuple, list)) and len(item) == 2):
-            return BadItem(f"{self.what} item {j} is a {type(item).__name__}; allowed: {ALLOWED_ITEM}")
+            return BadItem(
+                f"{self.what} item {j} is a {type(item).__name__}; allowed: {ALLOWED_ITEM}"
+            )
         img = to_uint8(item[0], self.channels)
         if isinstance(img, str):
             return BadItem(f"{self.what} item {j}: {img}; allowed: {ALLOWED_ITEM}")
         return resized(img, self.size)
 
     def keep(self, positions: Sequence[int]) -> DatasetDecoder:
-        return DatasetDecoder(self.dataset, self.indices[np.asarray(positions, dtype=np.int64)],
-                              self.channels, self.size, self.what)
+        return DatasetDecoder(
+            self.dataset,
+            self.indices[np.asarray(positions, dtype=np.int64)],
+            self.channels,
+            self.size,
+            self.what,
+        )
 
     def where(self, i: int) -> str:
         return f"{self.what} item {int(self.indices[i])}"
@@ -218,29 +225,42 @@ def _stack(items: list[Any]) -> torch.Tensor | BadFile | BadItem:
     return torch.stack(items)
 
 
-def _loader(decoder: Decoder, chunks: list[list[int]], num_workers: int, collate: Any,
-            pin_memory: bool = False) -> Any:
+def _loader(
+    decoder: Decoder,
+    chunks: list[list[int]],
+    num_workers: int,
+    collate: Any,
+    pin_memory: bool = False,
+) -> Any:
     from torch.utils.data import DataLoader
 
     if not chunks:
         return iter(())
     workers = min(num_workers, len(chunks))
-    return DataLoader(decoder, batch_sampler=chunks, num_workers=workers, collate_fn=collate,
-                      pin_memory=pin_memory, prefetch_factor=2 if workers else None)
+    return DataLoader(
+        decoder,
+        batch_sampler=chunks,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        prefetch_factor=2 if workers else None,
+    )
 
 
-def decoded_chunks(decoder: Decoder, positions: Sequence[int] | np.ndarray, num_workers: int,
-                   chunk: int = CHUNK) -> Iterator[Sequence[torch.Tensor | BadFile | BadItem]]:
+def decoded_chunks(
+    decoder: Decoder, positions: Sequence[int] | np.ndarray, num_workers: int, chunk: int = CHUNK
+) -> Iterator[Sequence[torch.Tensor | BadFile | BadItem]]:
     """The decoder's items at ``positions``, in order, ``chunk`` at a time, decoded in
     ``num_workers`` worker processes (0: here): a stacked uint8 tensor when every item of
     the chunk is an image of one shape, else a list."""
     pos = [int(p) for p in positions]
-    chunks = [pos[i:i + chunk] for i in range(0, len(pos), chunk)]
+    chunks = [pos[i : i + chunk] for i in range(0, len(pos), chunk)]
     yield from _loader(decoder, chunks, num_workers, _pack)
 
 
-def stacked_chunks(decoder: Decoder, chunks: list[list[int]], num_workers: int,
-                   pin_memory: bool = False) -> Iterator[torch.Tensor]:
+def stacked_chunks(
+    decoder: Decoder, chunks: list[list[int]], num_workers: int, pin_memory: bool = False
+) -> Iterator[torch.Tensor]:
     """One uint8 ``[len(chunk), C, H, W]`` batch per chunk of positions, in order."""
     for x in _loader(decoder, chunks, num_workers, _stack, pin_memory):
         if isinstance(x, BadItem):
@@ -271,8 +291,9 @@ class StreamedSplit:
     ``shape`` (C, H, W) of every image, and the ``decoder`` the DataLoader runs in
     ``num_workers`` worker processes. No ``images`` tensor: see :class:`Split`."""
 
-    def __init__(self, decoder: Decoder, labels: torch.Tensor, shape: tuple[int, int, int],
-                 num_workers: int) -> None:
+    def __init__(
+        self, decoder: Decoder, labels: torch.Tensor, shape: tuple[int, int, int], num_workers: int
+    ) -> None:
         self.decoder, self.labels = decoder, labels
         self.shape = tuple(int(s) for s in shape)
         self.num_workers = int(num_workers)
@@ -296,7 +317,7 @@ def decode_into_memory(source: Source, num_workers: int) -> Split:
     at = 0
     for items in decoded_chunks(source.decoder, range(n), num_workers):
         if isinstance(items, torch.Tensor) and tuple(items.shape[1:]) == tuple(source.shape):
-            images[at:at + len(items)] = items
+            images[at : at + len(items)] = items
             at += len(items)
             continue
         for img in items:
@@ -312,7 +333,8 @@ def _check_item(decoder: Decoder, i: int, img: Any, shape: tuple[int, ...]) -> N
     if isinstance(img, torch.Tensor) and tuple(img.shape) != tuple(shape):
         raise DatasetError(
             f"images have different sizes: {decoder.where(i)} is {_shape(img.shape)}, the "
-            f"split's first image {_shape(shape)}; set dataset.image_size to resize them")
+            f"split's first image {_shape(shape)}; set dataset.image_size to resize them"
+        )
 
 
 def _shape(shape: Sequence[int]) -> str:
@@ -331,8 +353,9 @@ class ScanResult:
     skipped: dict[str, list[str]]
 
 
-def scan(train: Split | Source, test: Split | Source, num_workers: int,
-         bad_file_error: Any) -> ScanResult:
+def scan(
+    train: Split | Source, test: Split | Source, num_workers: int, bad_file_error: Any
+) -> ScanResult:
     """Decode every streamed split once: validate it (bad files, shapes), sum the training
     pixels and hash the content — the digest equals ``tensor_digest(train.images,
     train.labels, test.images, test.labels)`` of the same data decoded into memory.
@@ -367,8 +390,11 @@ def scan(train: Split | Source, test: Split | Source, num_workers: int,
                     batch.append(img)
                 at += 1
             if batch:
-                x = items if len(batch) == len(items) and isinstance(items, torch.Tensor) \
+                x = (
+                    items
+                    if len(batch) == len(items) and isinstance(items, torch.Tensor)
                     else torch.stack(batch)
+                )
                 h.update(x.numpy().tobytes())
                 if name == "train":
                     sums = sums + PixelSums.of(x)

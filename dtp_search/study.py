@@ -76,8 +76,12 @@ def run_study(cfg: DictConfig) -> optuna.Study:
     # One parent run per study, however many workers start at once: find-or-create runs
     # under the study's lock.
     with storages.StudyLock(url, s.study.name, "mlflow-parent"):
-        tracker = StudyTracker(s.tracking.uri, s.tracking.experiment, s.study.name,
-                               artifact_location=s.tracking.artifact_location)
+        tracker = StudyTracker(
+            s.tracking.uri,
+            s.tracking.experiment,
+            s.study.name,
+            artifact_location=s.tracking.artifact_location,
+        )
     tracker.set_dataset(info)
     if not is_worker:
         tracker.share_view(dict.fromkeys(d.key for d in space.dimensions))
@@ -120,8 +124,10 @@ def check_against_data(cfg: DictConfig, s: Settings, dataset: ImageDataset) -> N
     model/dataset or granularity/model mismatch fails before the study is opened."""
     smallest_class = int(torch.bincount(dataset.train.labels).min())
     if s.cv.folds > smallest_class:
-        raise ConfigError(f"cv.folds={s.cv.folds} exceeds the smallest class of the training "
-                          f"split ({smallest_class} samples); allowed: 2..{smallest_class}")
+        raise ConfigError(
+            f"cv.folds={s.cv.folds} exceeds the smallest class of the training "
+            f"split ({smallest_class} samples); allowed: 2..{smallest_class}"
+        )
     try:
         model = start_model(s.model, dataset.input_shape, dataset.num_classes)
     except ConfigError:
@@ -134,15 +140,18 @@ def check_against_data(cfg: DictConfig, s: Settings, dataset: ImageDataset) -> N
         try:
             build_pruner(copy.deepcopy(model), node, example)
         except ValueError as exc:
-            raise ConfigError(f"{policy_key(cfg, name)} with model={s.model.name}: "
-                              f"{exc}") from exc
+            raise ConfigError(f"{policy_key(cfg, name)} with model={s.model.name}: {exc}") from exc
 
 
 def _one_batch(dataset: ImageDataset, s: Settings) -> torch.Tensor:
     """Two training images, normalised as training will see them (the output check's batch)."""
-    batches = eval_batches(dataset, dataset.train, np.arange(min(2, len(dataset.train))),
-                           dataclasses.replace(s.train, eval_batch_size=2, channels_last=False),
-                           "cpu")
+    batches = eval_batches(
+        dataset,
+        dataset.train,
+        np.arange(min(2, len(dataset.train))),
+        dataclasses.replace(s.train, eval_batch_size=2, channels_last=False),
+        "cpu",
+    )
     return next(iter(batches))[0]
 
 
@@ -155,17 +164,22 @@ def _open_study(cfg: DictConfig, s: Settings, dataset_digest: str, is_worker: bo
     if s.mode == "refit":
         names = {summary.study_name for summary in optuna.get_all_study_summaries(storage)}
         if name not in names:
-            raise ConfigError(f"mode=refit: study.name={name!r} does not exist in "
-                              f"{storages.mask_url(url)}; allowed: {sorted(names)}")
+            raise ConfigError(
+                f"mode=refit: study.name={name!r} does not exist in "
+                f"{storages.mask_url(url)}; allowed: {sorted(names)}"
+            )
     # An existing study keeps its stored directions; a mismatch is caught before any write.
     # (create_study with load_if_exists is safe for concurrent workers: the unique study
     # name is the database's guard.)
-    study = optuna.create_study(study_name=name, storage=storage, directions=directions,
-                                load_if_exists=True)
+    study = optuna.create_study(
+        study_name=name, storage=storage, directions=directions, load_if_exists=True
+    )
     stored = [d.name.lower() for d in study.directions]
     if stored != directions:
-        raise ConfigError(f"study.name={name!r} already exists with directions "
-                          f"{stored}, not {directions}; pick another study.name")
+        raise ConfigError(
+            f"study.name={name!r} already exists with directions "
+            f"{stored}, not {directions}; pick another study.name"
+        )
     defining = provenance.defining_config(cfg, dataset_digest)
     allowed = provenance.check_unchanged(study, defining, list(s.study.allow_changes))
     study.sampler = make_sampler(s)
@@ -179,8 +193,9 @@ def _open_study(cfg: DictConfig, s: Settings, dataset_digest: str, is_worker: bo
 
 def _is_complete(study: optuna.Study, target: int) -> bool:
     trials = study.get_trials(deepcopy=False)
-    return (sum(t.state in FINISHED for t in trials) >= target
-            and not any(t.state == TrialState.RUNNING for t in trials))
+    return sum(t.state in FINISHED for t in trials) >= target and not any(
+        t.state == TrialState.RUNNING for t in trials
+    )
 
 
 def _fail_dead(study: optuna.Study, s: Settings) -> None:
@@ -208,6 +223,7 @@ def _search(ctx: SearchContext, target: int) -> bool:
     poll = max(1.0, min(5.0, float(s.search.heartbeat_interval)))
     failures, waiting_since = 0, None
     with console.trials(target, n_finished(study)) as advance:
+
         def after_trial(s: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
             nonlocal failures
             failures += t.state == TrialState.FAIL
@@ -232,17 +248,24 @@ def _search(ctx: SearchContext, target: int) -> bool:
                     ctx.admission.release()
                     if waiting_since is None:
                         waiting_since = time.monotonic()
-                        log.info("waiting for running trial(s) %s of other workers (a dead "
-                                 "worker's trial is retried after search.grace_period=%ss)",
-                                 [t.number for t in running], s.search.grace_period)
+                        log.info(
+                            "waiting for running trial(s) %s of other workers (a dead "
+                            "worker's trial is retried after search.grace_period=%ss)",
+                            [t.number for t in running],
+                            s.search.grace_period,
+                        )
                     tracker.close_orphans({t.number: t.state.name for t in trials})
                     time.sleep(poll)
                     continue
                 waiting_since = None
                 # objective() releases the lock once its trial exists and is sampled.
-                study.optimize(lambda trial: objective(trial, ctx), n_trials=1,
-                               catch=(DivergedError,), callbacks=[after_trial],
-                               gc_after_trial=False)
+                study.optimize(
+                    lambda trial: objective(trial, ctx),
+                    n_trials=1,
+                    catch=(DivergedError,),
+                    callbacks=[after_trial],
+                    gc_after_trial=False,
+                )
             finally:
                 ctx.admission.release()
     done = n_finished(study)
@@ -279,8 +302,11 @@ def compare(s: Settings) -> None:
     known = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
     missing = [n for n in names if n not in known]
     if not names or missing:
-        raise ConfigError(f"mode=compare: study.names={names} must list existing studies of "
-                          f"{mask_url(s.study.storage)}; allowed: {known}")
+        raise ConfigError(
+            f"mode=compare: study.names={names} must list existing studies of "
+            f"{mask_url(s.study.storage)}; allowed: {known}"
+        )
     path = compare_studies(storage, names, s.paths.root)
-    Console(enabled=False).out.print(f"Pareto fronts of {', '.join(names)} overlaid in {path}",
-                                     soft_wrap=True)
+    Console(enabled=False).out.print(
+        f"Pareto fronts of {', '.join(names)} overlaid in {path}", soft_wrap=True
+    )

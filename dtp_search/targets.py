@@ -13,8 +13,9 @@ __all__ = ["locate"]
 IMPORTABLE = "a dotted path importable from PYTHONPATH"
 
 
-def locate(path: str, key: str, *, error: type[ValueError] = ConfigError,
-           allowed: str = IMPORTABLE) -> Any:
+def locate(
+    path: str, key: str, *, error: type[ValueError] = ConfigError, allowed: str = IMPORTABLE
+) -> Any:
     """The object a dotted ``path`` names (``torchvision.models.resnet18``,
     ``mypackage.nets.MyNet``): the longest importable module prefix, then attributes.
 
@@ -46,8 +47,9 @@ def locate(path: str, key: str, *, error: type[ValueError] = ConfigError,
             raise fail(f"{type(exc).__name__}: {exc}") from exc
         for attr in parts[cut:]:
             if not hasattr(obj, attr):
-                raise fail(f"module {getattr(obj, '__name__', module_name)!r} has no "
-                           f"attribute {attr!r}")
+                raise fail(
+                    f"module {getattr(obj, '__name__', module_name)!r} has no attribute {attr!r}"
+                )
             obj = getattr(obj, attr)
         return obj
     raise fail(str(missing))

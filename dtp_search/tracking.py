@@ -90,8 +90,11 @@ def check_tracking_uri(uri: str, timeout: float = PROBE_TIMEOUT) -> None:
         return
     # Without user:password@ (urllib would read it as part of the host name).
     netloc = parts.netloc.rpartition("@")[2]
-    probe = urlunsplit(parts._replace(netloc=netloc, path=parts.path.rstrip("/") + "/health",
-                                      query="", fragment=""))
+    probe = urlunsplit(
+        parts._replace(
+            netloc=netloc, path=parts.path.rstrip("/") + "/health", query="", fragment=""
+        )
+    )
     try:
         # urllib, like MLflow's requests, honours http_proxy/https_proxy/no_proxy.
         with urllib.request.urlopen(probe, timeout=timeout):
@@ -106,21 +109,28 @@ def check_tracking_uri(uri: str, timeout: float = PROBE_TIMEOUT) -> None:
         if isinstance(getattr(exc, "reason", exc), ssl.SSLError):
             return
         text = reason(exc)
-    raise ConfigError(f"tracking.uri={mask_url(uri)!r} cannot be reached ({text}); start the "
-                      "tracking server (mlflow server --host 0.0.0.0 --port 5000 ...) or use a "
-                      "local store, e.g. tracking.uri=sqlite:////abs/mlflow.db")
+    raise ConfigError(
+        f"tracking.uri={mask_url(uri)!r} cannot be reached ({text}); start the "
+        "tracking server (mlflow server --host 0.0.0.0 --port 5000 ...) or use a "
+        "local store, e.g. tracking.uri=sqlite:////abs/mlflow.db"
+    )
 
 
 def _chunks(items: Sequence[Any], n: int) -> Iterable[Sequence[Any]]:
     for i in range(0, len(items), n):
-        yield items[i:i + n]
+        yield items[i : i + n]
 
 
 class StudyTracker:
     """Create-or-reuse the study's parent run and open child runs for trials."""
 
-    def __init__(self, tracking_uri: str, experiment: str, study_name: str,
-                 artifact_location: str | None = None) -> None:
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        study_name: str,
+        artifact_location: str | None = None,
+    ) -> None:
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.tracking_uri = tracking_uri
         self.study_name = study_name
@@ -137,11 +147,13 @@ class StudyTracker:
         # A tracking server stores artifacts where it was told (--artifacts-destination) and
         # proxies them to every worker; a local folder would split them across machines.
         remote = self.tracking_uri.split(":", 1)[0] in ("http", "https", "databricks")
-        location = (Path(artifact_location).resolve().as_uri()
-                    if artifact_location and not remote else None)
+        location = (
+            Path(artifact_location).resolve().as_uri() if artifact_location and not remote else None
+        )
         try:
-            return self.client.create_experiment(name, artifact_location=location,
-                                                 tags={KIND_TAG: TRAINING_KIND})
+            return self.client.create_experiment(
+                name, artifact_location=location, tags={KIND_TAG: TRAINING_KIND}
+            )
         except Exception:  # another worker created it first
             exp = self.client.get_experiment_by_name(name)
             if exp is None:
@@ -149,52 +161,79 @@ class StudyTracker:
             return exp.experiment_id
 
     def _find_runs(self, filter_string: str) -> list:
-        return self.client.search_runs([self.experiment_id], filter_string=filter_string,
-                                       order_by=["attributes.start_time ASC"], max_results=1000)
+        return self.client.search_runs(
+            [self.experiment_id],
+            filter_string=filter_string,
+            order_by=["attributes.start_time ASC"],
+            max_results=1000,
+        )
 
     def _parent_run(self) -> str:
-        existing = self._find_runs(f"tags.`{ROLE_TAG}` = 'study' and "
-                                   f"tags.`{STUDY_TAG}` = '{self.study_name}'")
+        existing = self._find_runs(
+            f"tags.`{ROLE_TAG}` = 'study' and tags.`{STUDY_TAG}` = '{self.study_name}'"
+        )
         if existing:
             run_id = existing[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
             return run_id
-        run = self.client.create_run(self.experiment_id, run_name=self.study_name,
-                                     tags={ROLE_TAG: "study", STUDY_TAG: self.study_name})
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=self.study_name,
+            tags={ROLE_TAG: "study", STUDY_TAG: self.study_name},
+        )
         return run.info.run_id
 
     # ------------------------------------------------------------------ trials
 
-    def start_trial(self, trial_number: int, params: dict[str, Any], sampled: Iterable[str],
-                    config_yaml: str) -> TrialRun:
+    def start_trial(
+        self, trial_number: int, params: dict[str, Any], sampled: Iterable[str], config_yaml: str
+    ) -> TrialRun:
         """A child run for a trial: its own configuration as params (the sampled keys
         named in a tag, not repeated), the whole config as ``config.yaml``, the dataset."""
         run = self.client.create_run(
-            self.experiment_id, run_name=f"trial-{trial_number}",
-            tags={"mlflow.parentRunId": self.parent_run_id, ROLE_TAG: "trial",
-                  STUDY_TAG: self.study_name, TRIAL_TAG: str(trial_number),
-                  STATE_TAG: "RUNNING", SAMPLED_TAG: ",".join(sorted(sampled)), **SOURCE_TAGS})
+            self.experiment_id,
+            run_name=f"trial-{trial_number}",
+            tags={
+                "mlflow.parentRunId": self.parent_run_id,
+                ROLE_TAG: "trial",
+                STUDY_TAG: self.study_name,
+                TRIAL_TAG: str(trial_number),
+                STATE_TAG: "RUNNING",
+                SAMPLED_TAG: ",".join(sorted(sampled)),
+                **SOURCE_TAGS,
+            },
+        )
         trial_run = TrialRun(self.client, run.info.run_id)
         trial_run.start(params, config_yaml, self.dataset)
         return trial_run
 
     def find_refit(self, trial_number: int):
         """The finished refit run of trial ``trial_number``, or ``None``."""
-        runs = self._find_runs(f"tags.`{ROLE_TAG}` = 'refit' and "
-                               f"tags.`{STUDY_TAG}` = '{self.study_name}' and "
-                               f"tags.`{REFIT_TAG}` = '{trial_number}' and "
-                               "attributes.status = 'FINISHED'")
+        runs = self._find_runs(
+            f"tags.`{ROLE_TAG}` = 'refit' and "
+            f"tags.`{STUDY_TAG}` = '{self.study_name}' and "
+            f"tags.`{REFIT_TAG}` = '{trial_number}' and "
+            "attributes.status = 'FINISHED'"
+        )
         return runs[0] if runs else None
 
-    def start_refit(self, trial_number: int, params: dict[str, Any], policy: str,
-                    config_yaml: str) -> TrialRun:
+    def start_refit(
+        self, trial_number: int, params: dict[str, Any], policy: str, config_yaml: str
+    ) -> TrialRun:
         """A child run for the refit of a trial. Its role is its ``dtp_search.role`` tag and
         its outcome MLflow's run status: it carries no Optuna trial state of its own."""
         run = self.client.create_run(
-            self.experiment_id, run_name=f"refit-{trial_number}",
-            tags={"mlflow.parentRunId": self.parent_run_id, ROLE_TAG: "refit",
-                  STUDY_TAG: self.study_name, REFIT_TAG: str(trial_number), "policy": policy,
-                  **SOURCE_TAGS})
+            self.experiment_id,
+            run_name=f"refit-{trial_number}",
+            tags={
+                "mlflow.parentRunId": self.parent_run_id,
+                ROLE_TAG: "refit",
+                STUDY_TAG: self.study_name,
+                REFIT_TAG: str(trial_number),
+                "policy": policy,
+                **SOURCE_TAGS,
+            },
+        )
         refit_run = TrialRun(self.client, run.info.run_id, state_tag=False)
         refit_run.start(params, config_yaml, self.dataset, context="train+test")
         return refit_run
@@ -202,9 +241,11 @@ class StudyTracker:
     def close_orphans(self, live_states: dict[int, str]) -> int:
         """Mark child runs left RUNNING by a dead process as FAILED; returns how many."""
         n = 0
-        for run in self._find_runs(f"tags.`{ROLE_TAG}` = 'trial' and "
-                                   f"tags.`{STUDY_TAG}` = '{self.study_name}' and "
-                                   "attributes.status = 'RUNNING'"):
+        for run in self._find_runs(
+            f"tags.`{ROLE_TAG}` = 'trial' and "
+            f"tags.`{STUDY_TAG}` = '{self.study_name}' and "
+            "attributes.status = 'RUNNING'"
+        ):
             number = int(run.data.tags.get(TRIAL_TAG, -1))
             state = live_states.get(number)
             if state != "RUNNING":
@@ -215,27 +256,38 @@ class StudyTracker:
 
     # ------------------------------------------------------------------ parent
 
-    def log_pareto(self, rows: list[dict[str, Any]], n_complete: int, hypervolume: float,
-                   trial_fronts: dict[int, list[tuple[float, float]]] | None = None,
-                   policies: dict[int, str] | None = None,
-                   floored: Iterable[int] = ()) -> None:
+    def log_pareto(
+        self,
+        rows: list[dict[str, Any]],
+        n_complete: int,
+        hypervolume: float,
+        trial_fronts: dict[int, list[tuple[float, float]]] | None = None,
+        policies: dict[int, str] | None = None,
+        floored: Iterable[int] = (),
+    ) -> None:
         """Refresh the study's Pareto table and plot (overwritten, not appended)."""
         df = pd.DataFrame(rows)
         # log_table appends to an existing file; the parent's table must be replaced on
         # every refresh, so it is written in log_table's JSON layout with log_dict and
         # declared a table the way log_table does it (the UI then shows it as one).
-        self.client.log_dict(self.parent_run_id, df.to_dict(orient="split", index=False),
-                             "pareto_front.json")
+        self.client.log_dict(
+            self.parent_run_id, df.to_dict(orient="split", index=False), "pareto_front.json"
+        )
         _declare_table(self.client, self.parent_run_id, "pareto_front.json")
-        fig = plot_pareto(rows, trial_fronts or {}, title=self.study_name, policies=policies,
-                          floored=floored)
+        fig = plot_pareto(
+            rows, trial_fronts or {}, title=self.study_name, policies=policies, floored=floored
+        )
         self.client.log_figure(self.parent_run_id, fig, "pareto_front.png")
         plt.close(fig)
         ts = int(time.time() * 1000)
-        self.client.log_batch(self.parent_run_id, metrics=[
-            Metric("n_complete", n_complete, ts, n_complete),
-            Metric("pareto_size", len(rows), ts, n_complete),
-            Metric("pareto_hypervolume", hypervolume, ts, n_complete)])
+        self.client.log_batch(
+            self.parent_run_id,
+            metrics=[
+                Metric("n_complete", n_complete, ts, n_complete),
+                Metric("pareto_size", len(rows), ts, n_complete),
+                Metric("pareto_hypervolume", hypervolume, ts, n_complete),
+            ],
+        )
 
     def set_dataset(self, dataset: DatasetInfo) -> None:
         """The study's dataset: an input of the parent run and of every run started after
@@ -255,8 +307,9 @@ class StudyTracker:
         on the fronts: the trials' ``cv_sparsity``/``cv_accuracy`` scatter, the overlay of
         every run's ``front/accuracy`` history and the grid of ``front`` images."""
         state = _view_state(list(param_keys))
-        self.client.set_experiment_tag(self.experiment_id, SHARED_VIEW_TAG + VIEW_KEY,
-                                       json.dumps(state, separators=(",", ":")))
+        self.client.set_experiment_tag(
+            self.experiment_id, SHARED_VIEW_TAG + VIEW_KEY, json.dumps(state, separators=(",", ":"))
+        )
 
     def runs_url(self, base: str = "http://127.0.0.1:5000", charts: bool = False) -> str:
         """The experiment's runs table (or with ``charts`` its chart tab) in the MLflow UI,
@@ -265,19 +318,25 @@ class StudyTracker:
 
     def ui_command(self) -> str:
         if self.tracking_uri.split(":", 1)[0] in ("http", "https"):
-            return (f"open {self.runs_url(self.tracking_uri.rstrip('/'))} "
-                    "(the MLflow server the workers log to)")
-        return (f"mlflow ui --backend-store-uri {mask_url(self.tracking_uri)} "
-                f"--host 127.0.0.1 --port 5000\n  then open {self.runs_url()}\n"
-                f"  fronts of every trial: {self.runs_url(charts=True)}")
+            return (
+                f"open {self.runs_url(self.tracking_uri.rstrip('/'))} "
+                "(the MLflow server the workers log to)"
+            )
+        return (
+            f"mlflow ui --backend-store-uri {mask_url(self.tracking_uri)} "
+            f"--host 127.0.0.1 --port 5000\n  then open {self.runs_url()}\n"
+            f"  fronts of every trial: {self.runs_url(charts=True)}"
+        )
 
 
 def runs_url(base: str, experiment_id: str, charts: bool = False) -> str:
     """``<base>/#/experiments/<id>/runs?workflowType=machine_learning&viewStateShareKey=…``:
     the runs table of an experiment, without the UI's GenAI/training toggle, in
     dtp_search's shared view; ``charts`` opens its chart tab."""
-    url = (f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-           f"&viewStateShareKey={VIEW_KEY}")
+    url = (
+        f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+        f"&viewStateShareKey={VIEW_KEY}"
+    )
     return url + ("&compareRunsMode=CHART" if charts else "")
 
 
@@ -286,23 +345,48 @@ def _view_state(param_keys: list[str]) -> dict[str, Any]:
     section = "dtp_search"
 
     def chart(uuid: str, kind: str, **fields: Any) -> dict[str, Any]:
-        return {"uuid": uuid, "type": kind, "runsCountToCompare": 100, "deleted": False,
-                "isGenerated": False, "metricSectionId": section, **fields}
+        return {
+            "uuid": uuid,
+            "type": kind,
+            "runsCountToCompare": 100,
+            "deleted": False,
+            "isGenerated": False,
+            "metricSectionId": section,
+            **fields,
+        }
 
     metrics = ["cv_accuracy", "cv_sparsity", "test_accuracy"]
     return {
-        "searchFilter": "", "orderByKey": "metrics.`cv_accuracy`", "orderByAsc": False,
-        "selectedColumns": (["attributes.`Dataset`"] + [f"metrics.`{m}`" for m in metrics]
-                            + [f"params.`{k}`" for k in ["policy.name", *param_keys]]),
-        "runsHiddenMode": "SHOW_ALL", "hideEmptyCharts": True, "isAccordionReordered": True,
-        "compareRunSections": [{"uuid": section, "name": "dtp_search: fronts", "display": True,
-                                "isReordered": False}],
+        "searchFilter": "",
+        "orderByKey": "metrics.`cv_accuracy`",
+        "orderByAsc": False,
+        "selectedColumns": (
+            ["attributes.`Dataset`"]
+            + [f"metrics.`{m}`" for m in metrics]
+            + [f"params.`{k}`" for k in ["policy.name", *param_keys]]
+        ),
+        "runsHiddenMode": "SHOW_ALL",
+        "hideEmptyCharts": True,
+        "isAccordionReordered": True,
+        "compareRunSections": [
+            {"uuid": section, "name": "dtp_search: fronts", "display": True, "isReordered": False}
+        ],
         "compareRunCharts": [
-            chart("dtp-cv-scatter", "SCATTER", xaxis={"key": "cv_sparsity", "type": "METRIC"},
-                  yaxis={"key": "cv_accuracy", "type": "METRIC"}),
-            chart("dtp-fronts", "LINE", metricKey="front/accuracy",
-                  selectedMetricKeys=["front/accuracy", "front/test_accuracy"], xAxisKey="step",
-                  scaleType="linear", lineSmoothness=0),
+            chart(
+                "dtp-cv-scatter",
+                "SCATTER",
+                xaxis={"key": "cv_sparsity", "type": "METRIC"},
+                yaxis={"key": "cv_accuracy", "type": "METRIC"},
+            ),
+            chart(
+                "dtp-fronts",
+                "LINE",
+                metricKey="front/accuracy",
+                selectedMetricKeys=["front/accuracy", "front/test_accuracy"],
+                xAxisKey="step",
+                scaleType="linear",
+                lineSmoothness=0,
+            ),
             chart("dtp-front-images", "IMAGE", imageKeys=["front"]),
         ],
     }
@@ -313,8 +397,10 @@ def print_runs_urls(tracking_uri: str, base: str = "http://127.0.0.1:5000") -> N
     client = MlflowClient(tracking_uri=tracking_uri)
     for exp in client.search_experiments():
         if exp.name != "Default" or client.search_runs([exp.experiment_id], max_results=1):
-            print(f"{exp.name}: {runs_url(base, exp.experiment_id)}\n"
-                  f"    fronts: {runs_url(base, exp.experiment_id, charts=True)}")
+            print(
+                f"{exp.name}: {runs_url(base, exp.experiment_id)}\n"
+                f"    fronts: {runs_url(base, exp.experiment_id, charts=True)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -328,9 +414,13 @@ class DatasetInfo:
     profile: dict[str, Any]
 
     def entity(self) -> Dataset:
-        return Dataset(name=self.name, digest=self.digest, source_type="local",
-                       source=json.dumps({"uri": self.source}),
-                       profile=json.dumps(self.profile))
+        return Dataset(
+            name=self.name,
+            digest=self.digest,
+            source_type="local",
+            source=json.dumps({"uri": self.source}),
+            profile=json.dumps(self.profile),
+        )
 
 
 def describe_dataset(dataset: ImageDataset, source: str) -> DatasetInfo:
@@ -342,14 +432,24 @@ def describe_dataset(dataset: ImageDataset, source: str) -> DatasetInfo:
     holding them in memory. Whether a split is streamed therefore never changes the
     digest, and the study's drift check compares the data, not the path it took."""
     digest = dataset.content_digest()
-    profile = {"train": len(dataset.train.labels), "test": len(dataset.test.labels),
-               "classes": dataset.num_classes, "shape": list(dataset.input_shape)}
+    profile = {
+        "train": len(dataset.train.labels),
+        "test": len(dataset.test.labels),
+        "classes": dataset.num_classes,
+        "shape": list(dataset.input_shape),
+    }
     return DatasetInfo(dataset.name, digest[:16], source, profile)
 
 
 def _log_dataset(client: MlflowClient, run_id: str, dataset: DatasetInfo, context: str) -> None:
-    client.log_inputs(run_id, datasets=[DatasetInput(
-        dataset.entity(), tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)])])
+    client.log_inputs(
+        run_id,
+        datasets=[
+            DatasetInput(
+                dataset.entity(), tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)]
+            )
+        ],
+    )
 
 
 def _declare_table(client: MlflowClient, run_id: str, artifact_file: str) -> None:
@@ -378,8 +478,13 @@ class TrialRun:
         self._synchronous = not client.tracking_uri.startswith(("http:", "https:"))
         self._pending: list[Any] = []  # RunOperations of async metric batches
 
-    def start(self, params: dict[str, Any], config_yaml: str, dataset: DatasetInfo | None,
-              context: str = "train") -> None:
+    def start(
+        self,
+        params: dict[str, Any],
+        config_yaml: str,
+        dataset: DatasetInfo | None,
+        context: str = "train",
+    ) -> None:
         self.log_params(params)
         self.client.log_text(self.run_id, config_yaml, "config.yaml")
         if dataset is not None:
@@ -394,8 +499,9 @@ class TrialRun:
         ts = int(time.time() * 1000)
         metrics = [Metric(k, float(v), ts, int(step)) for k, v in values.items()]
         for chunk in _chunks(metrics, 1000):
-            op = self.client.log_batch(self.run_id, metrics=list(chunk),
-                                       synchronous=self._synchronous)
+            op = self.client.log_batch(
+                self.run_id, metrics=list(chunk), synchronous=self._synchronous
+            )
             if op is not None:
                 self._pending.append(op)
 
@@ -409,8 +515,9 @@ class TrialRun:
         for k, v in tags.items():
             self.client.set_tag(self.run_id, k, str(v))
 
-    def log_front(self, fronts: dict[int, list[FrontPoint]], title: str, *,
-                  split: str = "validation") -> None:
+    def log_front(
+        self, fronts: dict[int, list[FrontPoint]], title: str, *, split: str = "validation"
+    ) -> None:
         """The run's accuracy-versus-sparsity front, four ways: ``front.json`` (a table, one
         row per point), ``front.png``, the image ``front`` (so that the chart view's image
         grid puts every run's front side by side) and the metric history ``front/accuracy``
@@ -481,19 +588,46 @@ def plot_trial_front(fronts: dict[int, list[FrontPoint]], title: str, split: str
         upd = [p for p in pts if p.source == "update"]
         tail = sorted((p for p in pts if p.source in ("final", "sweep")), key=lambda p: p.sparsity)
         if upd:
-            ax.scatter([p.sparsity for p in upd], [p.accuracy for p in upd], s=10, color=c,
-                       alpha=0.35, label=f"{who}: mask updates")
+            ax.scatter(
+                [p.sparsity for p in upd],
+                [p.accuracy for p in upd],
+                s=10,
+                color=c,
+                alpha=0.35,
+                label=f"{who}: mask updates",
+            )
         if tail:
-            ax.plot([p.sparsity for p in tail], [p.accuracy for p in tail], "-o", ms=3, color=c,
-                    label=f"{who}: one-shot sweep from the final masks")
+            ax.plot(
+                [p.sparsity for p in tail],
+                [p.accuracy for p in tail],
+                "-o",
+                ms=3,
+                color=c,
+                label=f"{who}: one-shot sweep from the final masks",
+            )
             final = [p for p in tail if p.source == "final"]
             if final:
-                ax.scatter([final[0].sparsity], [final[0].accuracy], marker="*", s=120,
-                           color=c, edgecolor="k", zorder=5, label=f"{who}: final model")
+                ax.scatter(
+                    [final[0].sparsity],
+                    [final[0].accuracy],
+                    marker="*",
+                    s=120,
+                    color=c,
+                    edgecolor="k",
+                    zorder=5,
+                    label=f"{who}: final model",
+                )
         base = [p for p in pts if p.source == "checkpoint"]
         if base:  # the trained network the study started from, not pruned (refit)
-            ax.scatter([base[0].sparsity], [base[0].accuracy], marker="D", s=60, color="k",
-                       zorder=6, label="checkpoint, not pruned")
+            ax.scatter(
+                [base[0].sparsity],
+                [base[0].accuracy],
+                marker="D",
+                s=60,
+                color="k",
+                zorder=6,
+                label="checkpoint, not pruned",
+            )
     ax.set_xlabel("sparsity (fraction of prunable weights = 0)")
     ax.set_ylabel(f"{split} accuracy")
     ax.set_title(title, fontsize=10)
@@ -504,8 +638,13 @@ def plot_trial_front(fronts: dict[int, list[FrontPoint]], title: str, split: str
     return fig
 
 
-def plot_pareto(rows: list[dict[str, Any]], trial_fronts: dict[int, list[tuple[float, float]]],
-                title: str, policies: dict[int, str] | None = None, floored: Iterable[int] = ()):
+def plot_pareto(
+    rows: list[dict[str, Any]],
+    trial_fronts: dict[int, list[tuple[float, float]]],
+    title: str,
+    policies: dict[int, str] | None = None,
+    floored: Iterable[int] = (),
+):
     """The study's Pareto-optimal trials over every trial's (CV sparsity, CV accuracy),
     trials coloured by policy when the study used more than one; trials that end with a
     layer held at the ``min_keep`` floor (``floored``) are crossed out in red."""
@@ -517,29 +656,59 @@ def plot_pareto(rows: list[dict[str, Any]], trial_fronts: dict[int, list[tuple[f
     for i, name in enumerate(names):
         pts = [p for n, ps in trial_fronts.items() if policies.get(n, "") == name for p in ps]
         single = len(names) == 1
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14 if single else 24,
-                   color="0.6" if single else colors[i % len(colors)],
-                   marker="o" if single else markers[(i // len(colors)) % len(markers)],
-                   alpha=0.6 if single else 0.75,
-                   label=("all trials" if single else name) + (f" ({name})" if single and name else ""))
+        ax.scatter(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            s=14 if single else 24,
+            color="0.6" if single else colors[i % len(colors)],
+            marker="o" if single else markers[(i // len(colors)) % len(markers)],
+            alpha=0.6 if single else 0.75,
+            label=("all trials" if single else name) + (f" ({name})" if single and name else ""),
+        )
     held = [p for n in floored for p in trial_fronts.get(n, [])]
     if held:
-        ax.scatter([p[0] for p in held], [p[1] for p in held], marker="x", s=60, color="tab:red",
-                   zorder=4, label="ends with a layer at the min_keep floor")
+        ax.scatter(
+            [p[0] for p in held],
+            [p[1] for p in held],
+            marker="x",
+            s=60,
+            color="tab:red",
+            zorder=4,
+            label="ends with a layer at the min_keep floor",
+        )
     pareto = sorted(rows, key=lambda r: r["sparsity"])
     if pareto:
         # Attainment boundary: between two Pareto points the best reachable accuracy is
         # that of the sparser one, so each step takes the value on its right ("pre").
-        ax.step([r["sparsity"] for r in pareto], [r["accuracy"] for r in pareto], "-",
-                where="pre", color="k", alpha=0.45)
+        ax.step(
+            [r["sparsity"] for r in pareto],
+            [r["accuracy"] for r in pareto],
+            "-",
+            where="pre",
+            color="k",
+            alpha=0.45,
+        )
         # Hollow rings, so that the policy colour of the trial underneath stays visible.
-        ax.errorbar([r["sparsity"] for r in pareto], [r["accuracy"] for r in pareto],
-                    yerr=[r.get("accuracy_std", 0.0) for r in pareto], fmt="o", color="k",
-                    mfc="none", ms=9, capsize=3, label="Pareto-optimal trials (± fold std)")
+        ax.errorbar(
+            [r["sparsity"] for r in pareto],
+            [r["accuracy"] for r in pareto],
+            yerr=[r.get("accuracy_std", 0.0) for r in pareto],
+            fmt="o",
+            color="k",
+            mfc="none",
+            ms=9,
+            capsize=3,
+            label="Pareto-optimal trials (± fold std)",
+        )
         # Neighbouring labels alternate above and below their ring, so close points stay legible.
         for i, r in enumerate(pareto):
-            ax.annotate(str(r["trial"]), (r["sparsity"], r["accuracy"]), fontsize=7,
-                        xytext=(4, 5) if i % 2 == 0 else (4, -11), textcoords="offset points")
+            ax.annotate(
+                str(r["trial"]),
+                (r["sparsity"], r["accuracy"]),
+                fontsize=7,
+                xytext=(4, 5) if i % 2 == 0 else (4, -11),
+                textcoords="offset points",
+            )
     ax.set_xlabel("CV sparsity")
     ax.set_ylabel("CV accuracy")
     ax.set_title(f"Pareto front — {title}", fontsize=10)

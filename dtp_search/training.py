@@ -99,8 +99,9 @@ def evaluate(model: nn.Module, batches: TensorBatches) -> float:
     return float(correct) / max(batches.num_samples, 1)
 
 
-def _make_optimizer(model: nn.Module, s: TrainSettings, lr: float,
-                    extra_groups: list[dict[str, Any]] = ()) -> torch.optim.Optimizer:
+def _make_optimizer(
+    model: nn.Module, s: TrainSettings, lr: float, extra_groups: list[dict[str, Any]] = ()
+) -> torch.optim.Optimizer:
     # Weight decay on weights only: decaying biases and batch-norm affine parameters
     # hurts accuracy and has nothing to do with sparsity. Parameters a pruning policy
     # adds (learned thresholds) come in their own groups with their own decay.
@@ -109,19 +110,23 @@ def _make_optimizer(model: nn.Module, s: TrainSettings, lr: float,
     for p in model.parameters():
         if p.requires_grad and id(p) not in claimed:
             (decay if p.ndim > 1 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": s.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": s.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     groups += [g for g in extra_groups if any(p.requires_grad for p in g["params"])]
     if s.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=s.momentum,
-                               nesterov=s.nesterov and s.momentum > 0)
+        return torch.optim.SGD(
+            groups, lr=lr, momentum=s.momentum, nesterov=s.nesterov and s.momentum > 0
+        )
     if s.optimizer == "adam":
         return torch.optim.AdamW(groups, lr=lr)
     raise ValueError(f"train.optimizer={s.optimizer!r} is not supported; allowed: ['sgd', 'adam']")
 
 
-def make_lr_scheduler(opt: torch.optim.Optimizer, schedule: str,
-                      total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+def make_lr_scheduler(
+    opt: torch.optim.Optimizer, schedule: str, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
     """The learning-rate schedule of one phase, stepped after every optimizer step.
 
     With η the learning rate the optimizer was built with and T = ``total_steps``:
@@ -138,16 +143,21 @@ def make_lr_scheduler(opt: torch.optim.Optimizer, schedule: str,
         return sched.CosineAnnealingLR(opt, T_max=total_steps)
     if schedule == "onecycle":
         momentum = "momentum" in opt.defaults and opt.defaults["momentum"] > 0
-        return sched.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
-                                total_steps=total_steps,
-                                cycle_momentum=momentum or "betas" in opt.defaults)
+        return sched.OneCycleLR(
+            opt,
+            max_lr=[g["lr"] for g in opt.param_groups],
+            total_steps=total_steps,
+            cycle_momentum=momentum or "betas" in opt.defaults,
+        )
     if schedule == "step":
-        return sched.MultiStepLR(opt, milestones=[total_steps // 2, (3 * total_steps) // 4],
-                                 gamma=0.1)
+        return sched.MultiStepLR(
+            opt, milestones=[total_steps // 2, (3 * total_steps) // 4], gamma=0.1
+        )
     if schedule == "constant":
         return sched.LambdaLR(opt, lambda _: 1.0)
-    raise ValueError(f"train.lr_schedule={schedule!r} is not supported; "
-                     f"allowed: {list(LR_SCHEDULES)}")
+    raise ValueError(
+        f"train.lr_schedule={schedule!r} is not supported; allowed: {list(LR_SCHEDULES)}"
+    )
 
 
 @dataclass
@@ -158,13 +168,19 @@ class WarmStart:
     context: Any = None  # hashed into every key: the dataset's config (the key sees only indices)
 
 
-def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatches,
-                    val: TensorBatches, settings: TrainSettings, *,
-                    front: FrontSettings | None = None,
-                    on_epoch: Callable[[EpochRecord], None] | None = None,
-                    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
-                    resume: dict[str, Any] | None = None,
-                    warm_start: WarmStart | None = None) -> FoldResult:
+def prune_and_train(
+    model: nn.Module,
+    pruner: DynamicPruner,
+    train: TensorBatches,
+    val: TensorBatches,
+    settings: TrainSettings,
+    *,
+    front: FrontSettings | None = None,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    resume: dict[str, Any] | None = None,
+    warm_start: WarmStart | None = None,
+) -> FoldResult:
     """Train ``model`` while ``pruner`` moves its masks, fine-tune, and measure its front.
 
     1. *Pruning phase* (``settings.epochs``): SGD/AdamW under ``settings.lr_schedule``
@@ -208,8 +224,17 @@ def prune_and_train(model: nn.Module, pruner: DynamicPruner, train: TensorBatche
     same data, model initialisation, optimiser settings and ``d`` stored it (their epoch
     records are passed to ``on_epoch`` as if trained), or stored there once trained.
     """
-    trainer = FoldTrainer(model, pruner, train, val, settings, front or FrontSettings(),
-                          on_epoch=on_epoch, on_checkpoint=on_checkpoint, warm_start=warm_start)
+    trainer = FoldTrainer(
+        model,
+        pruner,
+        train,
+        val,
+        settings,
+        front or FrontSettings(),
+        on_epoch=on_epoch,
+        on_checkpoint=on_checkpoint,
+        warm_start=warm_start,
+    )
     return trainer.run(resume)
 
 
@@ -218,11 +243,19 @@ class FoldTrainer:
     settings, and the state that changes while it trains (history, front, the live
     optimizer and schedule, the step counter)."""
 
-    def __init__(self, model: nn.Module, pruner: DynamicPruner, train: TensorBatches,
-                 val: TensorBatches, settings: TrainSettings, front: FrontSettings, *,
-                 on_epoch: Callable[[EpochRecord], None] | None = None,
-                 on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
-                 warm_start: WarmStart | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        pruner: DynamicPruner,
+        train: TensorBatches,
+        val: TensorBatches,
+        settings: TrainSettings,
+        front: FrontSettings,
+        *,
+        on_epoch: Callable[[EpochRecord], None] | None = None,
+        on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+        warm_start: WarmStart | None = None,
+    ) -> None:
         self.steps_per_epoch = len(train)
         if self.steps_per_epoch == 0:
             raise ValueError("the training fold is smaller than one batch; lower train.batch_size")
@@ -273,8 +306,15 @@ class FoldTrainer:
         self.dense_epochs = self.pruner.policy.dense_epochs(self.settings.epochs)
         if self.dense_epochs <= 0:
             return resume
-        self.warm_key = _warm_start_key(self.model, self.pruner, self.train, self.val,
-                                        self.settings, self.dense_epochs, self.warm_start.context)
+        self.warm_key = _warm_start_key(
+            self.model,
+            self.pruner,
+            self.train,
+            self.val,
+            self.settings,
+            self.dense_epochs,
+            self.warm_start.context,
+        )
         if resume is not None:
             return resume
         state = self.warm_start.cache.load(self.warm_key, self.train.device)
@@ -299,8 +339,11 @@ class FoldTrainer:
         self.done_epochs = int(state["epoch"])
 
     def _amp(self) -> contextlib.AbstractContextManager:
-        return (torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast
-                else contextlib.nullcontext())
+        return (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if self.autocast
+            else contextlib.nullcontext()
+        )
 
     def _score(self, m: nn.Module, batches: TensorBatches | None = None) -> float:
         """Accuracy of ``m`` on ``batches`` (default: the whole validation fold)."""
@@ -385,9 +428,16 @@ class FoldTrainer:
         mean_loss = float(loss_sum) / self.steps_per_epoch
         if not math.isfinite(mean_loss):
             raise DivergedError(f"loss became {mean_loss} in epoch {e} ({phase} phase)")
-        return EpochRecord(e, phase, mean_loss, self._score(self.model), pruner.sparsity(),
-                           pruner.mean_threshold(), opt.param_groups[0]["lr"],
-                           pruner.recovered - recovered_before)
+        return EpochRecord(
+            e,
+            phase,
+            mean_loss,
+            self._score(self.model),
+            pruner.sparsity(),
+            pruner.mean_threshold(),
+            opt.param_groups[0]["lr"],
+            pruner.recovered - recovered_before,
+        )
 
     def _update_masks(self) -> None:
         """Let the pruner act after this step; if it did, maybe add a front point."""
@@ -400,25 +450,43 @@ class FoldTrainer:
         if self.step - self.last_front_step < self.front_gap:
             return
         self.last_front_step = self.step
-        self.front.append(FrontPoint(self.pruner.sparsity(), self._score(self.model, self.update_val),
-                                     self.pruner.mean_threshold(), epoch_f, "update"))
+        self.front.append(
+            FrontPoint(
+                self.pruner.sparsity(),
+                self._score(self.model, self.update_val),
+                self.pruner.mean_threshold(),
+                epoch_f,
+                "update",
+            )
+        )
 
     def _checkpoint(self, e: int, phase: str) -> None:
         """After epoch ``e``: the state to ``on_checkpoint``, and to the warm-start cache
         at the end of the dense epochs."""
-        store_warm = (self.warm_key is not None and not self.warmed and phase == "prune"
-                      and e == self.dense_epochs)
+        store_warm = (
+            self.warm_key is not None
+            and not self.warmed
+            and phase == "prune"
+            and e == self.dense_epochs
+        )
         if self.on_checkpoint is None and not store_warm:
             return
-        state = {"epoch": e, "phase": phase, "model": self.model.state_dict(),
-                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                 "batches": self.train.generator.get_state(), "rng": _get_rng_state(),
-                 "history": [asdict(r) for r in self.history],
-                 "front": [p.as_dict() for p in self.front],
-                 "last_front_step": self.last_front_step}
+        state = {
+            "epoch": e,
+            "phase": phase,
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "batches": self.train.generator.get_state(),
+            "rng": _get_rng_state(),
+            "history": [asdict(r) for r in self.history],
+            "front": [p.as_dict() for p in self.front],
+            "last_front_step": self.last_front_step,
+        }
         if store_warm:
-            self.warm_start.cache.save(self.warm_key,
-                                       {**state, "criterion": self.pruner.criterion.state_dict()})
+            self.warm_start.cache.save(
+                self.warm_key, {**state, "criterion": self.pruner.criterion.state_dict()}
+            )
         if self.on_checkpoint is not None:
             self.on_checkpoint({**state, "pruner": self.pruner.state_dict()})
 
@@ -428,34 +496,64 @@ class FoldTrainer:
         total_epochs = float(s.epochs + s.finetune_epochs)
         # After fine-tuning the last epoch record already measured this very model.
         last = self.history[-1] if self.history else None
-        accuracy = (last.val_accuracy if last is not None and last.phase == "finetune"
-                    and last.epoch == s.epochs + s.finetune_epochs else self._score(self.model))
+        accuracy = (
+            last.val_accuracy
+            if last is not None
+            and last.phase == "finetune"
+            and last.epoch == s.epochs + s.finetune_epochs
+            else self._score(self.model)
+        )
         final_sparsity = pruner.sparsity()
-        self.front.append(FrontPoint(final_sparsity, accuracy, pruner.mean_threshold(),
-                                     total_epochs, "final"))
-        self.front += one_shot_sweep(pruner, self._score, n_points=self.front_settings.points,
-                                     max_sparsity=self.front_settings.max_sparsity,
-                                     epoch=total_epochs)
-        return FoldResult(accuracy, final_sparsity, self.history, self.front,
-                          layer_sparsity(self.model), self.warmed, dict(pruner.restored),
-                          sorted(pruner.floored))
+        self.front.append(
+            FrontPoint(final_sparsity, accuracy, pruner.mean_threshold(), total_epochs, "final")
+        )
+        self.front += one_shot_sweep(
+            pruner,
+            self._score,
+            n_points=self.front_settings.points,
+            max_sparsity=self.front_settings.max_sparsity,
+            epoch=total_epochs,
+        )
+        return FoldResult(
+            accuracy,
+            final_sparsity,
+            self.history,
+            self.front,
+            layer_sparsity(self.model),
+            self.warmed,
+            dict(pruner.restored),
+            sorted(pruner.floored),
+        )
 
 
-def _warm_start_key(model: nn.Module, pruner: DynamicPruner, train: TensorBatches,
-                    val: TensorBatches, settings: TrainSettings, dense_epochs: int,
-                    context: Any) -> str:
+def _warm_start_key(
+    model: nn.Module,
+    pruner: DynamicPruner,
+    train: TensorBatches,
+    val: TensorBatches,
+    settings: TrainSettings,
+    dense_epochs: int,
+    context: Any,
+) -> str:
     """Everything the dense epochs (and their epoch records) depend on. The initial
     weights, the fold's indices and the random states are hashed themselves, so the key
     holds whatever produced them (model config, seeds, feedback hold-out)."""
     return cache_key(
-        context=context, dense_epochs=dense_epochs, settings=_key_settings(settings),
+        context=context,
+        dense_epochs=dense_epochs,
+        settings=_key_settings(settings),
         weights=tensor_digest(*model.state_dict().values()),
-        train=tensor_digest(train.indices), val=tensor_digest(val.indices),
-        batch_size=train.batch_size, augment=[train.augment, train.crop_padding],
-        batches=tensor_digest(train.generator.get_state()), rng=tensor_digest(torch.get_rng_state()),
+        train=tensor_digest(train.indices),
+        val=tensor_digest(val.indices),
+        batch_size=train.batch_size,
+        augment=[train.augment, train.crop_padding],
+        batches=tensor_digest(train.generator.get_state()),
+        rng=tensor_digest(torch.get_rng_state()),
         criterion=[type(pruner.criterion).__name__, getattr(pruner.criterion, "beta", None)],
-        layers=sorted(pruner.masks), device=str(train.device),
-        torch=torch.__version__)
+        layers=sorted(pruner.masks),
+        device=str(train.device),
+        torch=torch.__version__,
+    )
 
 
 # TrainSettings fields younger than the cache: left out of the key at their defaults (which
@@ -465,8 +563,7 @@ _KEY_OPTIONAL = ("l1_start_epoch", "l1_bias")
 
 def _key_settings(settings: TrainSettings) -> dict[str, Any]:
     defaults = {f.name: f.default for f in fields(TrainSettings) if f.name in _KEY_OPTIONAL}
-    return {k: v for k, v in asdict(settings).items()
-            if k not in defaults or v != defaults[k]}
+    return {k: v for k, v in asdict(settings).items() if k not in defaults or v != defaults[k]}
 
 
 def _get_rng_state() -> dict[str, Any]:
@@ -488,12 +585,16 @@ def fold_to_dict(result: FoldResult) -> dict[str, Any]:
 
 
 def fold_from_dict(data: dict[str, Any]) -> FoldResult:
-    return FoldResult(data["accuracy"], data["sparsity"],
-                      [EpochRecord(**r) for r in data["history"]],
-                      [FrontPoint(**p) for p in data["front"]], dict(data["layer_sparsity"]),
-                      int(data.get("warm_start_epochs", 0)),
-                      dict(data.get("min_keep_restored", {})),
-                      list(data.get("floored_layers", [])))
+    return FoldResult(
+        data["accuracy"],
+        data["sparsity"],
+        [EpochRecord(**r) for r in data["history"]],
+        [FrontPoint(**p) for p in data["front"]],
+        dict(data["layer_sparsity"]),
+        int(data.get("warm_start_epochs", 0)),
+        dict(data.get("min_keep_restored", {})),
+        list(data.get("floored_layers", [])),
+    )
 
 
 @dataclass
@@ -537,25 +638,34 @@ class FoldHooks:
         """``on_epoch`` for :func:`prune_and_train` of fold ``k``."""
         return None if self.on_epoch is None else functools.partial(self.on_epoch, k)
 
-    def fold_checkpoint(self, k: int, finished: list[FoldResult]
-                        ) -> Callable[[dict[str, Any]], None] | None:
+    def fold_checkpoint(
+        self, k: int, finished: list[FoldResult]
+    ) -> Callable[[dict[str, Any]], None] | None:
         """``on_checkpoint`` for :func:`prune_and_train` of fold ``k``, after ``finished``."""
         if self.on_checkpoint is None:
             return None
         return functools.partial(self._checkpoint, k, finished)
 
     def _checkpoint(self, k: int, finished: list[FoldResult], train_state: dict[str, Any]) -> None:
-        self.on_checkpoint({"folds": [fold_to_dict(r) for r in finished], "fold": k,
-                            "train": train_state})
+        self.on_checkpoint(
+            {"folds": [fold_to_dict(r) for r in finished], "fold": k, "train": train_state}
+        )
 
 
-def cross_validate(dataset: ImageDataset, folds: int, seed: int,
-                   make_model: Callable[[], nn.Module],
-                   make_pruner: Callable[[nn.Module], DynamicPruner],
-                   settings: TrainSettings, *, device: torch.device | str = "cpu",
-                   front: FrontSettings | None = None, hooks: FoldHooks | None = None,
-                   resume: dict[str, Any] | None = None,
-                   warm_start: WarmStart | None = None) -> CVResult:
+def cross_validate(
+    dataset: ImageDataset,
+    folds: int,
+    seed: int,
+    make_model: Callable[[], nn.Module],
+    make_pruner: Callable[[nn.Module], DynamicPruner],
+    settings: TrainSettings,
+    *,
+    device: torch.device | str = "cpu",
+    front: FrontSettings | None = None,
+    hooks: FoldHooks | None = None,
+    resume: dict[str, Any] | None = None,
+    warm_start: WarmStart | None = None,
+) -> CVResult:
     """k-fold cross-validation of one pruning configuration on the *training* split.
 
     Folds come from ``sklearn.model_selection.StratifiedKFold(folds, shuffle=True,
@@ -603,14 +713,23 @@ def cross_validate(dataset: ImageDataset, folds: int, seed: int,
             torch.manual_seed(seed + k)
             model = make_model().to(device)
             pruner = make_pruner(model)
-            tr_idx = attach_feedback(pruner, model, dataset, tr_idx, labels, seed + k, settings,
-                                     device)
+            tr_idx = attach_feedback(
+                pruner, model, dataset, tr_idx, labels, seed + k, settings, device
+            )
             train = train_batches(dataset, tr_idx, settings, seed + k, device)
             val = eval_batches(dataset, dataset.train, va_idx, settings, device)
             result = prune_and_train(
-                model, pruner, train, val, settings, front=front, on_epoch=hooks.fold_epoch(k),
-                on_checkpoint=hooks.fold_checkpoint(k, results), resume=state,
-                warm_start=warm_start)
+                model,
+                pruner,
+                train,
+                val,
+                settings,
+                front=front,
+                on_epoch=hooks.fold_epoch(k),
+                on_checkpoint=hooks.fold_checkpoint(k, results),
+                resume=state,
+                warm_start=warm_start,
+            )
         results.append(result)
         if hooks.on_fold_end is not None:
             hooks.on_fold_end(k, result)
@@ -623,29 +742,61 @@ def _batches_class(split: Any) -> type[TensorBatches] | type[StreamBatches]:
     return StreamBatches if isinstance(split, StreamedSplit) else TensorBatches
 
 
-def train_batches(dataset: ImageDataset, idx: np.ndarray, settings: TrainSettings, seed: int,
-                  device: torch.device | str) -> TensorBatches | StreamBatches:
+def train_batches(
+    dataset: ImageDataset,
+    idx: np.ndarray,
+    settings: TrainSettings,
+    seed: int,
+    device: torch.device | str,
+) -> TensorBatches | StreamBatches:
     """Shuffled, augmented training batches over ``idx`` of the training split (in memory
     or streamed, as the split is)."""
     return _batches_class(dataset.train)(
-        dataset.train, idx, batch_size=settings.batch_size, mean=dataset.mean,
-        std=dataset.std, device=device, shuffle=True, augment=dataset.augment,
-        crop_padding=dataset.crop_padding, seed=seed, drop_last=len(idx) > settings.batch_size,
-        channels_last=settings.channels_last)
+        dataset.train,
+        idx,
+        batch_size=settings.batch_size,
+        mean=dataset.mean,
+        std=dataset.std,
+        device=device,
+        shuffle=True,
+        augment=dataset.augment,
+        crop_padding=dataset.crop_padding,
+        seed=seed,
+        drop_last=len(idx) > settings.batch_size,
+        channels_last=settings.channels_last,
+    )
 
 
-def eval_batches(dataset: ImageDataset, split: Any, idx: np.ndarray, settings: TrainSettings,
-                 device: torch.device | str) -> TensorBatches | StreamBatches:
+def eval_batches(
+    dataset: ImageDataset,
+    split: Any,
+    idx: np.ndarray,
+    settings: TrainSettings,
+    device: torch.device | str,
+) -> TensorBatches | StreamBatches:
     """Evaluation batches (no shuffling, no augmentation) over ``idx`` of ``split`` (in
     memory or streamed, as the split is)."""
     return _batches_class(split)(
-        split, idx, batch_size=settings.eval_batch_size, mean=dataset.mean, std=dataset.std,
-        device=device, channels_last=settings.channels_last)
+        split,
+        idx,
+        batch_size=settings.eval_batch_size,
+        mean=dataset.mean,
+        std=dataset.std,
+        device=device,
+        channels_last=settings.channels_last,
+    )
 
 
-def attach_feedback(pruner: DynamicPruner, model: nn.Module, dataset: ImageDataset,
-                    train_idx: np.ndarray, labels: np.ndarray, seed: int,
-                    settings: TrainSettings, device: torch.device | str) -> np.ndarray:
+def attach_feedback(
+    pruner: DynamicPruner,
+    model: nn.Module,
+    dataset: ImageDataset,
+    train_idx: np.ndarray,
+    labels: np.ndarray,
+    seed: int,
+    settings: TrainSettings,
+    device: torch.device | str,
+) -> np.ndarray:
     """Give a feedback policy its held-out accuracy; returns the indices left to train on.
 
     A policy that needs feedback reads accuracy on a stratified slice (``policy.holdout``)
@@ -653,14 +804,17 @@ def attach_feedback(pruner: DynamicPruner, model: nn.Module, dataset: ImageDatas
     """
     if not pruner.policy.needs_feedback:
         return train_idx
-    train_idx, ho_idx = holdout_split(train_idx, labels, getattr(pruner.policy, "holdout", 0.1), seed)
+    train_idx, ho_idx = holdout_split(
+        train_idx, labels, getattr(pruner.policy, "holdout", 0.1), seed
+    )
     holdout = eval_batches(dataset, dataset.train, ho_idx, settings, device)
     pruner.policy.feedback = lambda: evaluate(model, holdout)
     return train_idx
 
 
-def holdout_split(train_idx: np.ndarray, labels: np.ndarray, fraction: float,
-                  seed: int) -> tuple[np.ndarray, np.ndarray]:
+def holdout_split(
+    train_idx: np.ndarray, labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Split a fold's training indices into (train, held-out) parts, stratified by label."""
     from sklearn.model_selection import train_test_split
 

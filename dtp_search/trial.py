@@ -110,8 +110,9 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
         t.run.finish("FAIL", status="KILLED")
         # Queue the same parameters again, so that rerunning the command continues this
         # trial from its checkpoint rather than sampling a new one.
-        ctx.study.enqueue_trial(trial.params, user_attrs={"lineage": t.lineage,
-                                                          "trial": trial.number})
+        ctx.study.enqueue_trial(
+            trial.params, user_attrs={"lineage": t.lineage, "trial": trial.number}
+        )
         raise
     except BaseException as exc:
         reason = f"{type(exc).__name__}: {exc}"
@@ -143,8 +144,11 @@ def _start(trial: optuna.Trial, ctx: SearchContext) -> _Trial:
     lineage = int(inherited.get("lineage", trial.number))
     trial.set_user_attr("lineage", lineage)
     trial.set_user_attr("worker", storages.worker_id())
-    checkpoint = TrialCheckpoint(Path(cfg.paths.checkpoints) / cfg.study.name, lineage,
-                                 _config_key(tcfg)) if cfg.search.checkpoint else None
+    checkpoint = (
+        TrialCheckpoint(Path(cfg.paths.checkpoints) / cfg.study.name, lineage, _config_key(tcfg))
+        if cfg.search.checkpoint
+        else None
+    )
     resume = checkpoint.load(ctx.device) if checkpoint is not None else None
 
     run = ctx.tracker.start_trial(trial.number, run_params(tcfg), sampled, config_yaml(tcfg))
@@ -178,11 +182,14 @@ def _cross_validate(t: _Trial, ctx: SearchContext) -> tuple[CVResult, dict[int, 
     warm_start = make_warm_start(ctx.cfg, tcfg)
     rung = make_fidelity(ctx.settings)
     rung_epoch = None if rung is None else rung.rung_epoch(settings.epochs)
-    with ctx.console.folds(folds, settings.epochs + settings.finetune_epochs,
-                           trial.number) as progress:
+    with ctx.console.folds(
+        folds, settings.epochs + settings.finetune_epochs, trial.number
+    ) as progress:
+
         def on_epoch(fold: int, rec: EpochRecord) -> None:
-            run.log_metrics({f"fold_{fold}/{k}": getattr(rec, k) for k in EPOCH_METRICS},
-                            step=rec.epoch)
+            run.log_metrics(
+                {f"fold_{fold}/{k}": getattr(rec, k) for k in EPOCH_METRICS}, step=rec.epoch
+            )
             progress(fold, rec)
             if fold == 0 and rec.epoch == rung_epoch:
                 _judge_rung(t, ctx, rung, rec, objectives)
@@ -194,34 +201,54 @@ def _cross_validate(t: _Trial, ctx: SearchContext) -> tuple[CVResult, dict[int, 
             sparsities.append(result.sparsity)
             if pareto is not None:
                 # Read from the storage, so the front is every worker's (PostgreSQL).
-                decision = pareto.check(ctx.study, trial.number, folds, accuracies,
-                                        sparsities, objectives)
+                decision = pareto.check(
+                    ctx.study, trial.number, folds, accuracies, sparsities, objectives
+                )
                 if decision is not None:
                     trial.set_user_attr("dominated_by", decision.dominated_by)
                     run.set_tags({"dtp_search.dominated_by": decision.dominated_by})
-                    run.log_front(fronts, f"{ctx.settings.study.name} · trial {trial.number} · "
-                                  f"{t.policy}\nstopped early after {len(fronts)} of {folds} "
-                                  f"folds: a partial front")
+                    run.log_front(
+                        fronts,
+                        f"{ctx.settings.study.name} · trial {trial.number} · "
+                        f"{t.policy}\nstopped early after {len(fronts)} of {folds} "
+                        f"folds: a partial front",
+                    )
                     raise _pruned(trial, run, decision.reason)
             elif len(objectives) == 1:
                 value = {"accuracy": result.accuracy, "sparsity": result.sparsity}[objectives[0]]
                 trial.report(value, step=fold)
                 if fold + 1 < folds and trial.should_prune():
-                    raise _pruned(trial, run, f"stopped by {type(ctx.study.pruner).__name__} "
-                                  f"after fold {fold} ({objectives[0]} {value:.4f})")
+                    raise _pruned(
+                        trial,
+                        run,
+                        f"stopped by {type(ctx.study.pruner).__name__} "
+                        f"after fold {fold} ({objectives[0]} {value:.4f})",
+                    )
 
         try:
             result = cross_validate(
-                ctx.dataset, folds=folds, seed=int(tcfg.seed),
-                make_model=lambda: start_model(tcfg.model, ctx.dataset.input_shape,
-                                               ctx.dataset.num_classes),
+                ctx.dataset,
+                folds=folds,
+                seed=int(tcfg.seed),
+                make_model=lambda: start_model(
+                    tcfg.model, ctx.dataset.input_shape, ctx.dataset.num_classes
+                ),
                 make_pruner=lambda m: build_pruner(m, tcfg.policy, example),
-                settings=settings, device=ctx.device,
-                front=FrontSettings(int(tcfg.front.points), float(tcfg.front.max_sparsity),
-                                    tcfg.front.get("update_samples")),
-                hooks=FoldHooks(on_epoch=on_epoch, on_fold_end=on_fold_end,
-                                on_checkpoint=None if t.checkpoint is None else t.checkpoint.save),
-                resume=t.resume, warm_start=warm_start)
+                settings=settings,
+                device=ctx.device,
+                front=FrontSettings(
+                    int(tcfg.front.points),
+                    float(tcfg.front.max_sparsity),
+                    tcfg.front.get("update_samples"),
+                ),
+                hooks=FoldHooks(
+                    on_epoch=on_epoch,
+                    on_fold_end=on_fold_end,
+                    on_checkpoint=None if t.checkpoint is None else t.checkpoint.save,
+                ),
+                resume=t.resume,
+                warm_start=warm_start,
+            )
         except LayerCollapse as exc:
             # The sampled policy asked a layer for fewer units than min_keep allows and
             # policy.on_collapse=prune (or min_keep=0 and it emptied the layer); every
@@ -230,8 +257,9 @@ def _cross_validate(t: _Trial, ctx: SearchContext) -> tuple[CVResult, dict[int, 
     return result, fronts
 
 
-def _judge_rung(t: _Trial, ctx: SearchContext, rung: FidelityRung, rec: EpochRecord,
-                objectives: list[str]) -> None:
+def _judge_rung(
+    t: _Trial, ctx: SearchContext, rung: FidelityRung, rec: EpochRecord, objectives: list[str]
+) -> None:
     """Fold 0 has reached the reduced budget: store its rung point (read by the other
     trials' rung, :class:`~dtp_search.fidelity.FidelityRung`) and stop the trial there
     unless the rung promotes it."""
@@ -239,12 +267,17 @@ def _judge_rung(t: _Trial, ctx: SearchContext, rung: FidelityRung, rec: EpochRec
     point = {"epoch": rec.epoch, "accuracy": rec.val_accuracy, "sparsity": rec.sparsity}
     # Stored before the decision: a trial judged concurrently by another worker sees it.
     trial.set_user_attr(POINT_ATTR, point)
-    decision = rung.check(ctx.study, trial.number, rec.epoch, rec.val_accuracy, rec.sparsity,
-                          objectives)
+    decision = rung.check(
+        ctx.study, trial.number, rec.epoch, rec.val_accuracy, rec.sparsity, objectives
+    )
     log.info("trial %d: %s", trial.number, decision.reason)
     trial.set_user_attr(RUNG_ATTR, 1 if decision.promoted else 0)
-    run.set_tags({"dtp_search.rung": str(1 if decision.promoted else 0),
-                  "dtp_search.rung_reason": decision.reason})
+    run.set_tags(
+        {
+            "dtp_search.rung": str(1 if decision.promoted else 0),
+            "dtp_search.rung_reason": decision.reason,
+        }
+    )
     if not decision.promoted:
         if decision.dominated_by is not None:
             trial.set_user_attr("dominated_by", decision.dominated_by)
@@ -252,20 +285,27 @@ def _judge_rung(t: _Trial, ctx: SearchContext, rung: FidelityRung, rec: EpochRec
         raise _pruned(trial, run, decision.reason)
 
 
-def _record(t: _Trial, ctx: SearchContext, result: CVResult,
-            fronts: dict[int, list]) -> dict[str, float]:
+def _record(
+    t: _Trial, ctx: SearchContext, result: CVResult, fronts: dict[int, list]
+) -> dict[str, float]:
     """Log the trial's mean curves, CV summary, floor events and front; set its Optuna
     attributes and constraints; return its objective values."""
     trial, run, tcfg = t.trial, t.run, t.tcfg
     # Mean curves across folds, same integer steps as the per-fold ones.
     for i in range(max(len(f.history) for f in result.folds)):
         recs = [f.history[i] for f in result.folds if i < len(f.history)]
-        run.log_metrics({k: sum(getattr(r, k) for r in recs) / len(recs)
-                         for k in MEAN_EPOCH_METRICS}, step=recs[0].epoch)
-    summary = {"cv_accuracy": result.accuracy, "cv_accuracy_std": result.accuracy_std,
-               "cv_sparsity": result.sparsity, "cv_sparsity_std": result.sparsity_std,
-               # dense epochs this trial took from the warm-start cache, over all folds
-               "warm_start_epochs": sum(f.warm_start_epochs for f in result.folds)}
+        run.log_metrics(
+            {k: sum(getattr(r, k) for r in recs) / len(recs) for k in MEAN_EPOCH_METRICS},
+            step=recs[0].epoch,
+        )
+    summary = {
+        "cv_accuracy": result.accuracy,
+        "cv_accuracy_std": result.accuracy_std,
+        "cv_sparsity": result.sparsity,
+        "cv_sparsity_std": result.sparsity_std,
+        # dense epochs this trial took from the warm-start cache, over all folds
+        "warm_start_epochs": sum(f.warm_start_epochs for f in result.folds),
+    }
     run.log_metrics(summary)
     restored = dict(sum((Counter(f.min_keep_restored) for f in result.folds), Counter()))
     if restored:
@@ -294,9 +334,14 @@ def _record(t: _Trial, ctx: SearchContext, result: CVResult,
         # it ran the full budget all the same.
         trial.set_user_attr(RUNG_ATTR, 1)
     # Fold 0's final model and one-shot sweep, for the study report's faint per-trial fronts.
-    trial.set_user_attr("front", [[round(p.sparsity, 5), round(p.accuracy, 5)]
-                                  for p in sorted(fronts.get(0, []), key=lambda p: p.sparsity)
-                                  if p.source in ("final", "sweep")])
+    trial.set_user_attr(
+        "front",
+        [
+            [round(p.sparsity, 5), round(p.accuracy, 5)]
+            for p in sorted(fronts.get(0, []), key=lambda p: p.sparsity)
+            if p.source in ("final", "sweep")
+        ],
+    )
     if ctx.cfg.search.get("min_sparsity") is not None:
         # Feasible when <= 0; Optuna's samplers read it (Trial.set_constraint).
         trial.set_constraint("min_sparsity", float(ctx.cfg.search.min_sparsity) - result.sparsity)
@@ -313,8 +358,12 @@ def _pruned(trial: optuna.Trial, run: Any, reason: str) -> optuna.TrialPruned:
 
 def _config_key(tcfg: DictConfig) -> str:
     """Hash of what a trial's training depends on (not paths, tracking or console)."""
-    relevant = {k: OmegaConf.to_container(tcfg[k], resolve=True) if isinstance(tcfg[k], DictConfig)
-                else tcfg[k] for k in ("dataset", "model", "policy", "train", "cv", "front", "seed")}
+    relevant = {
+        k: OmegaConf.to_container(tcfg[k], resolve=True)
+        if isinstance(tcfg[k], DictConfig)
+        else tcfg[k]
+        for k in ("dataset", "model", "policy", "train", "cv", "front", "seed")
+    }
     relevant["policy"].pop("space", None)
     relevant["policy"].pop("options", None)
     if relevant["model"].get("checkpoint"):  # what the weights are, not where they lie

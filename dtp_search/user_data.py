@@ -48,13 +48,22 @@ _GENERIC = {"visiondataset", "datasetfolder", "imagefolder"}
 
 def locate(cfg: DatasetSettings) -> Any:
     """The object ``dataset._target_`` names; an import failure is a DatasetError naming it."""
-    what = ("a torchvision.datasets class, e.g. torchvision.datasets.FakeData"
-            if cfg.kind == "torchvision" else "a callable returning " + ALLOWED_RETURN)
-    obj = targets.locate(str(cfg._target_), "dataset._target_", error=DatasetError,
-                         allowed=f"a dotted path to {what}")
+    what = (
+        "a torchvision.datasets class, e.g. torchvision.datasets.FakeData"
+        if cfg.kind == "torchvision"
+        else "a callable returning " + ALLOWED_RETURN
+    )
+    obj = targets.locate(
+        str(cfg._target_),
+        "dataset._target_",
+        error=DatasetError,
+        allowed=f"a dotted path to {what}",
+    )
     if not callable(obj):
-        raise DatasetError(f"dataset._target_={cfg._target_!r} is a {type(obj).__name__}, not "
-                           "callable; allowed: a dotted path to a class or function")
+        raise DatasetError(
+            f"dataset._target_={cfg._target_!r} is a {type(obj).__name__}, not "
+            "callable; allowed: a dotted path to a class or function"
+        )
     return obj
 
 
@@ -65,8 +74,11 @@ def known_names() -> frozenset[str]:
     import torchvision.datasets as tvd
     from torch.utils.data import Dataset
 
-    names = {n.lower() for n in dir(tvd)
-             if isinstance(getattr(tvd, n), type) and issubclass(getattr(tvd, n), Dataset)}
+    names = {
+        n.lower()
+        for n in dir(tvd)
+        if isinstance(getattr(tvd, n), type) and issubclass(getattr(tvd, n), Dataset)
+    }
     return frozenset((names - _GENERIC) | {"digits", "cifar10", "mnist"})
 
 
@@ -81,11 +93,14 @@ def _call(target: str, fn: Any, **kwargs: Any) -> Any:
 
 
 def _is_map_style(ds: Any) -> bool:
-    return hasattr(ds, "__getitem__") and hasattr(ds, "__len__") and not isinstance(ds, (str, bytes))
+    return (
+        hasattr(ds, "__getitem__") and hasattr(ds, "__len__") and not isinstance(ds, (str, bytes))
+    )
 
 
-def build_splits(cfg: DatasetSettings) -> tuple[Any, Any, np.ndarray | None, np.ndarray | None,
-                                                np.ndarray | None]:
+def build_splits(
+    cfg: DatasetSettings,
+) -> tuple[Any, Any, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
     """``(train dataset, test dataset, train indices, test indices, labels)``: the indices
     are the held-out split of a class without ``train``/``split`` (None: the whole
     dataset), and ``labels`` that whole dataset's (read to stratify it; else None)."""
@@ -95,8 +110,9 @@ def build_splits(cfg: DatasetSettings) -> tuple[Any, Any, np.ndarray | None, np.
     if cfg.kind == "custom":
         out = _call(target, fn, **args)
         if not (isinstance(out, (tuple, list)) and len(out) == 2 and all(map(_is_map_style, out))):
-            raise DatasetError(f"dataset._target_={target} returned {_describe(out)}; "
-                               f"allowed: {ALLOWED_RETURN}")
+            raise DatasetError(
+                f"dataset._target_={target} returned {_describe(out)}; allowed: {ALLOWED_RETURN}"
+            )
         return out[0], out[1], None, None, None
     try:
         params = inspect.signature(fn).parameters
@@ -104,32 +120,52 @@ def build_splits(cfg: DatasetSettings) -> tuple[Any, Any, np.ndarray | None, np.
         params = {}
     for key in ("train", "split"):
         if key in args and key in params:
-            raise DatasetError(f"dataset.args.{key}={args[key]!r} is not allowed: {target} "
-                               f"builds both splits with its own {key}= argument")
+            raise DatasetError(
+                f"dataset.args.{key}={args[key]!r} is not allowed: {target} "
+                f"builds both splits with its own {key}= argument"
+            )
     if "root" in params:
         args.setdefault("root", str(Path(cfg.root or ".").expanduser()))
     if "download" in params:
         args.setdefault("download", bool(cfg.download))
     if "train" in params:
-        return (_call(target, fn, **args, train=True), _call(target, fn, **args, train=False),
-                None, None, None)
+        return (
+            _call(target, fn, **args, train=True),
+            _call(target, fn, **args, train=False),
+            None,
+            None,
+            None,
+        )
     if "split" in params:
-        return (_call(target, fn, **args, split="train"), _call(target, fn, **args, split="test"),
-                None, None, None)
+        return (
+            _call(target, fn, **args, split="train"),
+            _call(target, fn, **args, split="test"),
+            None,
+            None,
+            None,
+        )
     whole = _call(target, fn, **args)
     if not _is_map_style(whole):
-        raise DatasetError(f"dataset._target_={target} built {_describe(whole)}; allowed: a "
-                           "map-style dataset of (image, label)")
+        raise DatasetError(
+            f"dataset._target_={target} built {_describe(whole)}; allowed: a "
+            "map-style dataset of (image, label)"
+        )
     from sklearn.model_selection import train_test_split
 
     labels = labels_of(whole, None, f"dataset._target_={target}", cfg)
     try:
-        tr, te = train_test_split(np.arange(len(labels)), test_size=float(cfg.test_fraction),
-                                  stratify=labels, random_state=int(cfg.split_seed))
+        tr, te = train_test_split(
+            np.arange(len(labels)),
+            test_size=float(cfg.test_fraction),
+            stratify=labels,
+            random_state=int(cfg.split_seed),
+        )
     except ValueError as exc:
-        raise DatasetError(f"dataset._target_={target}: cannot hold out dataset.test_fraction="
-                           f"{cfg.test_fraction} of its {len(labels)} items as a stratified test "
-                           f"split ({exc})") from exc
+        raise DatasetError(
+            f"dataset._target_={target}: cannot hold out dataset.test_fraction="
+            f"{cfg.test_fraction} of its {len(labels)} items as a stratified test "
+            f"split ({exc})"
+        ) from exc
     return whole, whole, np.sort(tr), np.sort(te), labels
 
 
@@ -142,7 +178,11 @@ def _describe(obj: Any) -> str:
 
 def _label_only(dataset: Any, i: int) -> Any:
     item = dataset[i]
-    return item[1] if isinstance(item, (tuple, list)) and len(item) == 2 else _NotAPair(type(item).__name__)
+    return (
+        item[1]
+        if isinstance(item, (tuple, list)) and len(item) == 2
+        else _NotAPair(type(item).__name__)
+    )
 
 
 class _NotAPair(str):
@@ -162,8 +202,9 @@ class _Labels:
         return _label_only(self.dataset, int(self.indices[i]))
 
 
-def labels_of(dataset: Any, indices: np.ndarray | None, what: str, cfg: DatasetSettings,
-              split: str = "train") -> np.ndarray:
+def labels_of(
+    dataset: Any, indices: np.ndarray | None, what: str, cfg: DatasetSettings, split: str = "train"
+) -> np.ndarray:
     """The labels of ``dataset`` (at ``indices``) as int64: its ``targets`` when it has
     them for every item, else one pass over its items. Anything but an integer label is
     a DatasetError naming the split."""
@@ -180,8 +221,12 @@ def labels_of(dataset: Any, indices: np.ndarray | None, what: str, cfg: DatasetS
 
     from dtp_search.streaming import default_workers
 
-    loader = DataLoader(_Labels(dataset, idx), batch_size=256, collate_fn=list,
-                        num_workers=min(default_workers(cfg.num_workers), -(-len(idx) // 256)))
+    loader = DataLoader(
+        _Labels(dataset, idx),
+        batch_size=256,
+        collate_fn=list,
+        num_workers=min(default_workers(cfg.num_workers), -(-len(idx) // 256)),
+    )
     raw = [y for batch in loader for y in batch]
     return _as_labels(raw, idx, what, split)
 
@@ -190,25 +235,32 @@ def _as_labels(raw: Sequence[Any], idx: np.ndarray, what: str, split: str) -> np
     out = np.empty(len(raw), dtype=np.int64)
     for k, y in enumerate(raw):
         if isinstance(y, _NotAPair):
-            raise DatasetError(f"{what}: {split} item {int(idx[k])} is a {y}; allowed: {ALLOWED_ITEM}")
+            raise DatasetError(
+                f"{what}: {split} item {int(idx[k])} is a {y}; allowed: {ALLOWED_ITEM}"
+            )
         if isinstance(y, torch.Tensor) and y.numel() == 1 and not y.is_floating_point():
             y = y.item()
         if isinstance(y, (bool, np.bool_)) or not isinstance(y, (int, np.integer)):
-            raise DatasetError(f"{what}: {split} item {int(idx[k])} has the label {y!r}; allowed: "
-                               "integers 0..classes-1")
+            raise DatasetError(
+                f"{what}: {split} item {int(idx[k])} has the label {y!r}; allowed: "
+                "integers 0..classes-1"
+            )
         out[k] = int(y)
     return out
 
 
-def check_labels(labels: np.ndarray, num_classes: int, what: str, split: str,
-                 positions: np.ndarray) -> None:
+def check_labels(
+    labels: np.ndarray, num_classes: int, what: str, split: str, positions: np.ndarray
+) -> None:
     """Refuse a label outside ``0..num_classes-1``, naming the split and the label."""
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if len(bad):
         k = int(bad[0])
-        raise DatasetError(f"{what}: the {split} split holds the label {int(labels[k])} (item "
-                           f"{int(positions[k])}); allowed: 0..{num_classes - 1} "
-                           f"({num_classes} classes)")
+        raise DatasetError(
+            f"{what}: the {split} split holds the label {int(labels[k])} (item "
+            f"{int(positions[k])}); allowed: 0..{num_classes - 1} "
+            f"({num_classes} classes)"
+        )
 
 
 def load_user_sources(cfg: DatasetSettings) -> tuple[Source, Source, list[str]]:
@@ -220,11 +272,15 @@ def load_user_sources(cfg: DatasetSettings) -> tuple[Source, Source, list[str]]:
     labels, positions = {}, {}
     for split, ds, idx in (("train", train_ds, tr_idx), ("test", test_ds, te_idx)):
         positions[split] = np.arange(len(ds)) if idx is None else idx
-        labels[split] = (whole[positions[split]] if whole is not None
-                         else labels_of(ds, positions[split], what, cfg, split))
+        labels[split] = (
+            whole[positions[split]]
+            if whole is not None
+            else labels_of(ds, positions[split], what, cfg, split)
+        )
         if not len(labels[split]):
-            raise DatasetError(f"{what}: the {split} split is empty; allowed: "
-                               f"{ALLOWED_RETURN}, neither empty")
+            raise DatasetError(
+                f"{what}: the {split} split is empty; allowed: {ALLOWED_RETURN}, neither empty"
+            )
     classes = getattr(train_ds, "classes", None)
     if classes is not None and not isinstance(classes, (str, bytes)) and len(classes):
         classes = [str(c) for c in classes]
@@ -234,14 +290,20 @@ def load_user_sources(cfg: DatasetSettings) -> tuple[Source, Source, list[str]]:
         check_labels(labels[split], len(classes), what, split, positions[split])
     first = train_ds[int(positions["train"][0])]
     if not (isinstance(first, (tuple, list)) and len(first) == 2):
-        raise DatasetError(f"{what}: train item {int(positions['train'][0])} is a "
-                           f"{type(first).__name__}; allowed: {ALLOWED_ITEM}")
+        raise DatasetError(
+            f"{what}: train item {int(positions['train'][0])} is a "
+            f"{type(first).__name__}; allowed: {ALLOWED_ITEM}"
+        )
     channels = cfg.channels if cfg.channels is not None else image_channels(first[0])
     if channels not in (1, 3):
         if cfg.channels is not None:
-            raise DatasetError(f"dataset.channels={cfg.channels} is not supported; allowed: 1, 3, null")
-        raise DatasetError(f"{what}: train item {int(positions['train'][0])} holds a "
-                           f"{type(first[0]).__name__}; allowed: {ALLOWED_ITEM}")
+            raise DatasetError(
+                f"dataset.channels={cfg.channels} is not supported; allowed: 1, 3, null"
+            )
+        raise DatasetError(
+            f"{what}: train item {int(positions['train'][0])} holds a "
+            f"{type(first[0]).__name__}; allowed: {ALLOWED_ITEM}"
+        )
     size = size_pair(cfg.image_size)
     sources = []
     for split, ds in (("train", train_ds), ("test", test_ds)):
@@ -254,5 +316,12 @@ def load_user_sources(cfg: DatasetSettings) -> tuple[Source, Source, list[str]]:
     return sources[0], sources[1], classes
 
 
-__all__ = ["build_splits", "check_labels", "known_names", "labels_of", "load_user_sources",
-           "locate", "to_uint8"]
+__all__ = [
+    "build_splits",
+    "check_labels",
+    "known_names",
+    "labels_of",
+    "load_user_sources",
+    "locate",
+    "to_uint8",
+]

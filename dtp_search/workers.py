@@ -50,22 +50,35 @@ def _gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-def worker_commands(settings: Settings, overrides: list[str], log_dir: Path
-                    ) -> list[tuple[list[str], dict[str, str], Path]]:
+def worker_commands(
+    settings: Settings, overrides: list[str], log_dir: Path
+) -> list[tuple[list[str], dict[str, str], Path]]:
     """``(argv, environment, log file)`` for each of the ``study.workers`` processes."""
     n = settings.study.workers
     total_threads = settings.threads or os.cpu_count() or 1
     threads = max(1, total_threads // n)
     gpus = _gpus() if str(settings.device) in ("auto", "cuda") else []
-    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in
-            ("study.workers", "threads", "console.progress", "hydra.run.dir")]
+    keep = [
+        o
+        for o in overrides
+        if o.split("=", 1)[0].lstrip("+~")
+        not in ("study.workers", "threads", "console.progress", "hydra.run.dir")
+    ]
     out = []
     for i in range(n):
         env = dict(os.environ, **{WORKER_ENV: str(i)})
         if len(gpus) > 1:
             env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
-        argv = [sys.executable, "-m", "dtp_search", *keep, "study.workers=1", f"threads={threads}",
-                "console.progress=false", f"hydra.run.dir={log_dir / f'worker-{i}'}"]
+        argv = [
+            sys.executable,
+            "-m",
+            "dtp_search",
+            *keep,
+            "study.workers=1",
+            f"threads={threads}",
+            "console.progress=false",
+            f"hydra.run.dir={log_dir / f'worker-{i}'}",
+        ]
         out.append((argv, env, log_dir / f"worker-{i}.log"))
     return out
 
@@ -73,7 +86,11 @@ def worker_commands(settings: Settings, overrides: list[str], log_dir: Path
 def run_workers(settings: Settings, study: optuna.Study, target: int, console: Console) -> bool:
     """Start the workers, show the study's progress, wait for them; True when the study
     holds ``target`` finished trials."""
-    log_dir = Path(settings.paths.root) / "workers" / f"{settings.study.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    log_dir = (
+        Path(settings.paths.root)
+        / "workers"
+        / f"{settings.study.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     log_dir.mkdir(parents=True, exist_ok=True)
     commands = worker_commands(settings, _overrides(), log_dir)
     console.out.print(f"  {len(commands)} workers, logs in {log_dir}", soft_wrap=True)
@@ -86,8 +103,9 @@ def run_workers(settings: Settings, study: optuna.Study, target: int, console: C
     try:
         for argv, env, log_file in commands:
             with open(log_file, "wb") as f:
-                procs.append((subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT),
-                              log_file))
+                procs.append(
+                    (subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT), log_file)
+                )
         finished = lambda: sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))  # noqa: E731
         with console.trials(target, finished()) as advance:
             while any(p.poll() is None for p, _ in procs):
@@ -97,8 +115,9 @@ def run_workers(settings: Settings, study: optuna.Study, target: int, console: C
                 trials = study.get_trials(deepcopy=False)
                 done = [t for t in trials if t.state.is_finished()]
                 if done:
-                    advance(max(done, key=lambda t: t.datetime_complete or t.datetime_start),
-                            finished())
+                    advance(
+                        max(done, key=lambda t: t.datetime_complete or t.datetime_start), finished()
+                    )
     except BaseException:
         # Ctrl-C reaches the workers through the terminal's process group; SIGTERM and
         # other exits are passed on here, so no worker outlives this process.
@@ -116,8 +135,13 @@ def run_workers(settings: Settings, study: optuna.Study, target: int, console: C
     for i, (p, log_file) in enumerate(procs):
         if p.returncode != 0:
             tail = log_file.read_text(errors="replace").strip().splitlines()[-15:]
-            log.warning("worker %d exited with %d; last lines of %s:\n%s", i, p.returncode,
-                        log_file, "\n".join(tail))
+            log.warning(
+                "worker %d exited with %d; last lines of %s:\n%s",
+                i,
+                p.returncode,
+                log_file,
+                "\n".join(tail),
+            )
     done = finished()
     if done < target:
         log.warning("the workers stopped with %d/%d finished trials", done, target)

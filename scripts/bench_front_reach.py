@@ -24,31 +24,62 @@ import optuna
 
 from dtp_search.results import pareto_rows
 
-POLICIES = ("agp", "constant", "std_scaled", "scheduled", "feedback", "splicing",
-            "soft_threshold", "oneshot_global", "random")
+POLICIES = (
+    "agp",
+    "constant",
+    "std_scaled",
+    "scheduled",
+    "feedback",
+    "splicing",
+    "soft_threshold",
+    "oneshot_global",
+    "random",
+)
 
 
 def reach(root: Path, policy: str, n_trials: int, extra: list[str]) -> dict[str, object]:
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "dtp_search", f"paths.root={root}",
-                           "study.name=reach", f"policy={policy}", f"search.n_trials={n_trials}",
-                           "refit.enabled=false", "console.progress=false", *extra],
-                          cwd=root.parent, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dtp_search",
+            f"paths.root={root}",
+            "study.name=reach",
+            f"policy={policy}",
+            f"search.n_trials={n_trials}",
+            "refit.enabled=false",
+            "console.progress=false",
+            *extra,
+        ],
+        cwd=root.parent,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         sys.exit(f"{policy} failed:\n{proc.stderr[-3000:]}")
     study = optuna.load_study(study_name="reach", storage=f"sqlite:///{root}/optuna.db")
     rows = pareto_rows(study)
     high = [r for r in rows if r["sparsity"] >= 0.95]
     best = max(high, key=lambda r: r["accuracy"], default=None)
-    best98 = max((r for r in rows if r["sparsity"] >= 0.98), key=lambda r: r["accuracy"],
-                 default=None)
+    best98 = max(
+        (r for r in rows if r["sparsity"] >= 0.98), key=lambda r: r["accuracy"], default=None
+    )
     floored_trials = {t.number for t in study.trials if t.user_attrs.get("floored_layers")}
     floored = len(floored_trials)
     for row in rows:
         row["floored"] = row["trial"] in floored_trials
-    return {"policy": policy, "pareto": len(rows), "above_95": len(high),
-            "best_above_95": best, "best_above_98": best98,
-            "max_sparsity": max((r["sparsity"] for r in rows), default=0.0), "floored": floored, "trials": len(study.trials), "minutes": (time.time() - t0) / 60}
+    return {
+        "policy": policy,
+        "pareto": len(rows),
+        "above_95": len(high),
+        "best_above_95": best,
+        "best_above_98": best98,
+        "max_sparsity": max((r["sparsity"] for r in rows), default=0.0),
+        "floored": floored,
+        "trials": len(study.trials),
+        "minutes": (time.time() - t0) / 60,
+    }
 
 
 def _point(row: dict[str, object] | None) -> str:
@@ -64,15 +95,20 @@ def main() -> None:
     ap.add_argument("--n-trials", type=int, default=20)
     ap.add_argument("--args", nargs="*", default=[], help="extra overrides for every study")
     a = ap.parse_args()
-    print("| policy | Pareto points | of them ≥ 95 % | best ≥ 95 % (CV accuracy at sparsity) "
-          "| best ≥ 98 % | highest Pareto sparsity | floored trials | minutes |")
+    print(
+        "| policy | Pareto points | of them ≥ 95 % | best ≥ 95 % (CV accuracy at sparsity) "
+        "| best ≥ 98 % | highest Pareto sparsity | floored trials | minutes |"
+    )
     print("| --- | ---: | ---: | --- | --- | ---: | ---: | ---: |")
     for policy in a.policies.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             r = reach(Path(tmp) / "runs", policy, a.n_trials, a.args)
-        print(f"| {policy} | {r['pareto']} | {r['above_95']} | {_point(r['best_above_95'])} "
-              f"| {_point(r['best_above_98'])} | {r['max_sparsity']:.4f} "
-              f"| {r['floored']}/{r['trials']} | {r['minutes']:.1f} |", flush=True)
+        print(
+            f"| {policy} | {r['pareto']} | {r['above_95']} | {_point(r['best_above_95'])} "
+            f"| {_point(r['best_above_98'])} | {r['max_sparsity']:.4f} "
+            f"| {r['floored']}/{r['trials']} | {r['minutes']:.1f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

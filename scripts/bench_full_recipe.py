@@ -53,10 +53,15 @@ LR, BATCH = 0.05, 128
 SEARCH_LIMIT = 25000
 # The plain AGP loop as a point of the searched space (one OneCycle schedule over both
 # phases, pruning from epoch 2 to epoch 14).
-PLAIN_AGP_RECIPE = {"train.lr": LR, "train.lr_schedule": "onecycle",
-                    "train.finetune_lr_schedule": "continue", "policy.scope": "global",
-                    "policy.start_epoch": AGP_START, "policy.end_epoch": AGP_END,
-                    "policy.recover": False}
+PLAIN_AGP_RECIPE = {
+    "train.lr": LR,
+    "train.lr_schedule": "onecycle",
+    "train.finetune_lr_schedule": "continue",
+    "policy.scope": "global",
+    "policy.start_epoch": AGP_START,
+    "policy.end_epoch": AGP_END,
+    "policy.recover": False,
+}
 
 
 # ------------------------------------------------------------------ plain PyTorch loops
@@ -67,10 +72,20 @@ def _data(a: argparse.Namespace):
 
     from dtp_search.data import load_dataset
 
-    cfg = OmegaConf.create({"kind": "cifar10", "name": "cifar10", "path": str(a.data),
-                            "download": False, "channels": 3, "image_size": None,
-                            "mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616],
-                            "augment": True, "crop_padding": 4})
+    cfg = OmegaConf.create(
+        {
+            "kind": "cifar10",
+            "name": "cifar10",
+            "path": str(a.data),
+            "download": False,
+            "channels": 3,
+            "image_size": None,
+            "mean": [0.4914, 0.4822, 0.4465],
+            "std": [0.2470, 0.2435, 0.2616],
+            "augment": True,
+            "crop_padding": 4,
+        }
+    )
     return load_dataset(cfg, cache_dir=a.cache)
 
 
@@ -86,17 +101,21 @@ def _model(ds) -> nn.Module:
 def _optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.ndim > 1]
     rest = [p for p in model.parameters() if p.ndim <= 1]
-    return torch.optim.SGD([{"params": decay, "weight_decay": 5e-4},
-                            {"params": rest, "weight_decay": 0.0}],
-                           lr=lr, momentum=0.9, nesterov=True)
+    return torch.optim.SGD(
+        [{"params": decay, "weight_decay": 5e-4}, {"params": rest, "weight_decay": 0.0}],
+        lr=lr,
+        momentum=0.9,
+        nesterov=True,
+    )
 
 
 def _test(model: nn.Module, ds) -> float:
     from dtp_search.data import TensorBatches
     from dtp_search.training import evaluate
 
-    batches = TensorBatches(ds.test, None, batch_size=1024, mean=ds.mean, std=ds.std,
-                            channels_last=True)
+    batches = TensorBatches(
+        ds.test, None, batch_size=1024, mean=ds.mean, std=ds.std, channels_last=True
+    )
     return evaluate(model, batches)
 
 
@@ -114,13 +133,19 @@ def _prune_global(layers: list[tuple[nn.Module, str]], amount: float | int) -> N
         if not prune.is_pruned(m):
             prune.identity(m, n)
         setattr(m, n + "_mask", getattr(m, n + "_mask").contiguous())
-    prune.global_unstructured(layers, pruning_method=prune.L1Unstructured, amount=amount,
-                              importance_scores={(m, n): getattr(m, n).detach().contiguous()
-                                                 for m, n in layers})
+    prune.global_unstructured(
+        layers,
+        pruning_method=prune.L1Unstructured,
+        amount=amount,
+        importance_scores={(m, n): getattr(m, n).detach().contiguous() for m, n in layers},
+    )
     for m, n in layers:  # back to the weights' own layout, so the masked conv stays fast
         orig = getattr(m, n + "_orig")
-        fmt = torch.channels_last if orig.is_contiguous(memory_format=torch.channels_last) \
-            and orig.ndim == 4 else torch.contiguous_format
+        fmt = (
+            torch.channels_last
+            if orig.is_contiguous(memory_format=torch.channels_last) and orig.ndim == 4
+            else torch.contiguous_format
+        )
         setattr(m, n + "_mask", getattr(m, n + "_mask").contiguous(memory_format=fmt))
 
 
@@ -135,9 +160,18 @@ def plain(ds, arm: str, seed: int, target: float) -> dict[str, float]:
     model = _model(ds)
     layers = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     total = sum(m.weight.numel() for m, _ in layers)
-    train = TensorBatches(ds.train, None, batch_size=BATCH, mean=ds.mean, std=ds.std,
-                          shuffle=True, augment=True, seed=seed, drop_last=True,
-                          channels_last=True)
+    train = TensorBatches(
+        ds.train,
+        None,
+        batch_size=BATCH,
+        mean=ds.mean,
+        std=ds.std,
+        shuffle=True,
+        augment=True,
+        seed=seed,
+        drop_last=True,
+        channels_last=True,
+    )
     steps = len(train)
     loss_fn = nn.CrossEntropyLoss()
     main_epochs = PRUNE_EPOCHS if arm == "oneshot" else EPOCHS
@@ -170,11 +204,15 @@ def plain(ds, arm: str, seed: int, target: float) -> dict[str, float]:
         for _ in range(main_epochs):
             epoch(opt, sched, agp=arm == "agp")
     if arm == "oneshot":
-        _DENSE[seed] = {"model": {k: v.clone() for k, v in model.state_dict().items()},
-                        "batches": train.generator.get_state()}
+        _DENSE[seed] = {
+            "model": {k: v.clone() for k, v in model.state_dict().items()},
+            "batches": train.generator.get_state(),
+        }
         _prune_global(layers, target)
         opt = _optimizer(model, LR * 0.1)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=(EPOCHS - PRUNE_EPOCHS) * steps)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+            opt, T_max=(EPOCHS - PRUNE_EPOCHS) * steps
+        )
         for _ in range(EPOCHS - PRUNE_EPOCHS):
             epoch(opt, sched, agp=False)
     return {"test_accuracy": _test(model, ds), "sparsity": _sparsity(layers)}
@@ -184,21 +222,41 @@ def plain(ds, arm: str, seed: int, target: float) -> dict[str, float]:
 
 
 def _overrides(a: argparse.Namespace, target: float) -> list[str]:
-    return ["+experiment=cifar", f"dataset.path={a.data}", f"paths.cache_dir={a.cache}",
-            f"train.epochs={PRUNE_EPOCHS}", f"train.finetune_epochs={EPOCHS - PRUNE_EPOCHS}",
-            f"train.batch_size={BATCH}", "policy=agp", f"policy.final_sparsity={target}",
-            "~policy.space.final_sparsity", "console.progress=false"]
+    return [
+        "+experiment=cifar",
+        f"dataset.path={a.data}",
+        f"paths.cache_dir={a.cache}",
+        f"train.epochs={PRUNE_EPOCHS}",
+        f"train.finetune_epochs={EPOCHS - PRUNE_EPOCHS}",
+        f"train.batch_size={BATCH}",
+        "policy=agp",
+        f"policy.final_sparsity={target}",
+        "~policy.space.final_sparsity",
+        "console.progress=false",
+    ]
 
 
 # The second, narrowed round ("searched2"): what the first round's 12 trials at 90 % said
 # (global scope over layer scope, OneCycle over both phases, no low learning rates) fixed,
 # the rest searched: lr, the pruning window and recovery.
-NARROW_SPACE = ["policy.scope=global", "train.lr_schedule=onecycle",
-                "train.finetune_lr_schedule=continue", "~policy.space.scope",
-                "~search.space", "+search.space={train.lr: {type: float, low: 0.03, high: 0.15, log: true}}",
-                "policy.space.end_epoch.low=8"]
-NARROW_QUEUE = [{"train.lr": LR, "policy.start_epoch": AGP_START, "policy.end_epoch": AGP_END,
-                 "policy.recover": recover} for recover in (False, True)]
+NARROW_SPACE = [
+    "policy.scope=global",
+    "train.lr_schedule=onecycle",
+    "train.finetune_lr_schedule=continue",
+    "~policy.space.scope",
+    "~search.space",
+    "+search.space={train.lr: {type: float, low: 0.03, high: 0.15, log: true}}",
+    "policy.space.end_epoch.low=8",
+]
+NARROW_QUEUE = [
+    {
+        "train.lr": LR,
+        "policy.start_epoch": AGP_START,
+        "policy.end_epoch": AGP_END,
+        "policy.recover": recover,
+    }
+    for recover in (False, True)
+]
 
 
 def search(a: argparse.Namespace, target: float, narrow: bool = False) -> dict[str, object]:
@@ -206,13 +264,25 @@ def search(a: argparse.Namespace, target: float, narrow: bool = False) -> dict[s
     ``narrow``: the second round's space (``NARROW_SPACE``)."""
     root = a.work / (f"search2-{target}" if narrow else f"search-{target}")
     study_name = f"full-recipe{'-narrow' if narrow else ''}-{target}"
-    cmd = [sys.executable, "-m", "dtp_search", f"paths.root={root}", *_overrides(a, target),
-           *(NARROW_SPACE if narrow else []),
-           f"dataset.train_limit={a.search_limit}", "cv.folds=2",
-           "search.objectives=[accuracy]", "search.directions=[maximize]",
-           f"search.min_sparsity={target - 0.005}", "early_stop=none",
-           f"search.n_trials={a.trials}", "search.sampler.n_startup_trials=3",
-           "refit.enabled=false", "front.points=2", f"study.name={study_name}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dtp_search",
+        f"paths.root={root}",
+        *_overrides(a, target),
+        *(NARROW_SPACE if narrow else []),
+        f"dataset.train_limit={a.search_limit}",
+        "cv.folds=2",
+        "search.objectives=[accuracy]",
+        "search.directions=[maximize]",
+        f"search.min_sparsity={target - 0.005}",
+        "early_stop=none",
+        f"search.n_trials={a.trials}",
+        "search.sampler.n_startup_trials=3",
+        "refit.enabled=false",
+        "front.points=2",
+        f"study.name={study_name}",
+    ]
     import optuna
 
     # The study's first trial is the plain-AGP arm's recipe in dtp_search's terms, queued
@@ -220,8 +290,9 @@ def search(a: argparse.Namespace, target: float, narrow: bool = False) -> dict[s
     # hand and has to beat it in cross-validation to change the answer.
     root.mkdir(parents=True, exist_ok=True)
     storage = f"sqlite:///{root}/optuna.db"
-    study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
-                                load_if_exists=True)
+    study = optuna.create_study(
+        study_name=study_name, storage=storage, direction="maximize", load_if_exists=True
+    )
     if not study.trials:
         for params in NARROW_QUEUE if narrow else [PLAIN_AGP_RECIPE]:
             study.enqueue_trial(params)
@@ -231,14 +302,26 @@ def search(a: argparse.Namespace, target: float, narrow: bool = False) -> dict[s
         sys.exit(f"search at {target} failed:\n{proc.stderr[-3000:]}")
     study = optuna.load_study(study_name=study_name, storage=storage)
     best = study.best_trial
-    trials = [{"number": t.number, "state": t.state.name, "value": t.value,
-               "params": t.params} for t in study.trials]
-    return {"params": best.params, "cv_accuracy": best.value, "trials": trials,
-            "minutes": (time.time() - t0) / 60}
+    trials = [
+        {"number": t.number, "state": t.state.name, "value": t.value, "params": t.params}
+        for t in study.trials
+    ]
+    return {
+        "params": best.params,
+        "cv_accuracy": best.value,
+        "trials": trials,
+        "minutes": (time.time() - t0) / 60,
+    }
 
 
-def refit(a: argparse.Namespace, ds, target: float, params: dict[str, object],
-          seed: int, narrow: bool = False) -> dict[str, float]:
+def refit(
+    a: argparse.Namespace,
+    ds,
+    target: float,
+    params: dict[str, object],
+    seed: int,
+    narrow: bool = False,
+) -> dict[str, float]:
     """dtp_search's refit of the searched configuration on the whole training split."""
     from hydra import compose, initialize_config_dir
 
@@ -246,9 +329,16 @@ def refit(a: argparse.Namespace, ds, target: float, params: dict[str, object],
 
     values = [f"{k}={v}" for k, v in params.items()]
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[*_overrides(a, target),
-                                           *(NARROW_SPACE if narrow else []), *values,
-                                           f"seed={seed}", "front.points=0"])
+        cfg = compose(
+            "config",
+            overrides=[
+                *_overrides(a, target),
+                *(NARROW_SPACE if narrow else []),
+                *values,
+                f"seed={seed}",
+                "front.points=0",
+            ],
+        )
     _, pruner, _, accuracy, _ = refit_trial(cfg, ds, torch.device("cpu"))
     return {"test_accuracy": accuracy, "sparsity": pruner.sparsity()}
 
@@ -260,14 +350,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "cifar10")
     ap.add_argument("--work", type=Path, default=ROOT / "dtp_runs" / "bench_full_recipe")
-    ap.add_argument("--out", type=Path, default=None, help="results JSON (default: WORK/results.json)")
-    ap.add_argument("--arms", default="dense,oneshot,agp,searched,searched2",
-                    help="comma-separated; 'baselines' = dense,oneshot,agp")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="results JSON (default: WORK/results.json)"
+    )
+    ap.add_argument(
+        "--arms",
+        default="dense,oneshot,agp,searched,searched2",
+        help="comma-separated; 'baselines' = dense,oneshot,agp",
+    )
     ap.add_argument("--targets", default=",".join(str(t) for t in TARGETS))
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--trials", type=int, default=12, help="search trials per target")
-    ap.add_argument("--search-limit", type=int, default=SEARCH_LIMIT,
-                    help="training images the search's CV runs on (stratified)")
+    ap.add_argument(
+        "--search-limit",
+        type=int,
+        default=SEARCH_LIMIT,
+        help="training images the search's CV runs on (stratified)",
+    )
     a = ap.parse_args()
     if not (a.data / "train").is_dir():
         sys.exit(f"no ImageFolder tree at {a.data} (expected train/<class>/*.jpg)")
@@ -308,8 +407,11 @@ def main() -> None:
             if f"{tag}/{t}" not in results:
                 record(f"{tag}/{t}", search(a, t, narrow))
             found = results[f"{tag}/{t}"]
-            print(f"{tag} at {t:.0%}: best {found['params']} (CV {found['cv_accuracy']:.4f}, "
-                  f"{found['minutes']:.0f} min)", flush=True)
+            print(
+                f"{tag} at {t:.0%}: best {found['params']} (CV {found['cv_accuracy']:.4f}, "
+                f"{found['minutes']:.0f} min)",
+                flush=True,
+            )
             for seed in range(a.seeds):
                 key = f"{arm}/{t}/{seed}"
                 if key not in results:
@@ -324,12 +426,20 @@ def report(results: dict, targets: list[float], a: argparse.Namespace) -> None:
         if not runs:
             return math.nan, math.nan, math.nan, 0
         accs = [r["test_accuracy"] for r in runs]
-        return (statistics.fmean(accs), statistics.pstdev(accs),
-                statistics.fmean(r["sparsity"] for r in runs), len(runs))
+        return (
+            statistics.fmean(accs),
+            statistics.pstdev(accs),
+            statistics.fmean(r["sparsity"] for r in runs),
+            len(runs),
+        )
 
-    print(f"\nsimple_cnn, CIFAR-10 ImageFolder (50,000 training images, full test split), "
-          f"{EPOCHS} epochs at batch {BATCH}, test accuracy mean ± std over seeds")
-    print("| arm | target | test accuracy | sparsity | seeds |\n| --- | ---: | ---: | ---: | ---: |")
+    print(
+        f"\nsimple_cnn, CIFAR-10 ImageFolder (50,000 training images, full test split), "
+        f"{EPOCHS} epochs at batch {BATCH}, test accuracy mean ± std over seeds"
+    )
+    print(
+        "| arm | target | test accuracy | sparsity | seeds |\n| --- | ---: | ---: | ---: | ---: |"
+    )
     acc, sd, sp, n = stat("dense")
     print(f"| dense | — | {acc:.4f} ± {sd:.4f} | {sp:.4f} | {n} |")
     for t in targets:
@@ -341,8 +451,10 @@ def report(results: dict, targets: list[float], a: argparse.Namespace) -> None:
         for t in targets:
             found = results.get(f"{tag}/{t}")
             if found:
-                print(f"{tag} {t:.0%}: {found['params']} (CV accuracy {found['cv_accuracy']:.4f}, "
-                      f"{len(found['trials'])} trials, {found['minutes']:.0f} min)")
+                print(
+                    f"{tag} {t:.0%}: {found['params']} (CV accuracy {found['cv_accuracy']:.4f}, "
+                    f"{len(found['trials'])} trials, {found['minutes']:.0f} min)"
+                )
 
     def mean(prefix: str) -> float:
         return stat(prefix)[0]
@@ -350,9 +462,11 @@ def report(results: dict, targets: list[float], a: argparse.Namespace) -> None:
     agp95 = mean("agp/0.95")
     for arm in ("searched", "searched2"):
         s95, s98 = mean(f"{arm}/0.95"), mean(f"{arm}/0.98")
-        print(f"{arm}_at_95: {100 * s95:.1f} % (target >= 66.0); {arm}_at_98: {100 * s98:.1f} % "
-              f"(target >= 55); {arm} - plain AGP at 95: {100 * (s95 - agp95):+.1f} points "
-              "(target >= +2)")
+        print(
+            f"{arm}_at_95: {100 * s95:.1f} % (target >= 66.0); {arm}_at_98: {100 * s98:.1f} % "
+            f"(target >= 55); {arm} - plain AGP at 95: {100 * (s95 - agp95):+.1f} points "
+            "(target >= +2)"
+        )
 
 
 if __name__ == "__main__":

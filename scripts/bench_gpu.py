@@ -21,8 +21,17 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets.
-PEAK_BF16_TFLOPS = {"H100 SXM": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0,
-                    "H200": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
+PEAK_BF16_TFLOPS = {
+    "H100 SXM": 989.0,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H100": 989.0,
+    "H200": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10": 125.0,
+}
 
 
 def peak_tflops(name: str) -> float | None:
@@ -40,8 +49,10 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     a = ap.parse_args()
     if not torch.cuda.is_available():
-        print("gpu_images_per_second: skipped (no CUDA device) (target: report images/s and "
-              "share of peak)")
+        print(
+            "gpu_images_per_second: skipped (no CUDA device) (target: report images/s and "
+            "share of peak)"
+        )
         return
     if not (a.data / "train").is_dir():
         sys.exit(f"no ImageFolder tree at {a.data} (expected train/<class>/*.jpg)")
@@ -60,13 +71,24 @@ def main() -> None:
     )
 
     device = torch.device("cuda")
-    with tempfile.TemporaryDirectory() as cache, \
-            initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[
-            "+experiment=cifar", "model=resnet20", f"dataset.path={a.data.resolve()}",
-            f"paths.cache_dir={cache}", f"train.epochs={a.epochs}", "train.finetune_epochs=0",
-            f"train.batch_size={a.batch_size}", "policy.start_epoch=0",
-            f"train.compile={str(a.compile).lower()}"])
+    with (
+        tempfile.TemporaryDirectory() as cache,
+        initialize_config_dir(str(ROOT / "conf"), version_base="1.3"),
+    ):
+        cfg = compose(
+            "config",
+            overrides=[
+                "+experiment=cifar",
+                "model=resnet20",
+                f"dataset.path={a.data.resolve()}",
+                f"paths.cache_dir={cache}",
+                f"train.epochs={a.epochs}",
+                "train.finetune_epochs=0",
+                f"train.batch_size={a.batch_size}",
+                "policy.start_epoch=0",
+                f"train.compile={str(a.compile).lower()}",
+            ],
+        )
         ds = load_dataset(cfg.dataset, cache_dir=cfg.paths.cache_dir)
     from sklearn.model_selection import StratifiedKFold
 
@@ -90,11 +112,15 @@ def main() -> None:
     name = torch.cuda.get_device_name()
     peak = peak_tflops(name)
     share = f"{ips * train_flops / (peak * 1e12):.2%}" if peak else "unknown peak"
-    print(f"\nresnet20, CIFAR-10 fold 1 of 3 ({len(tr)} images), {a.epochs} epochs, batch "
-          f"{a.batch_size}, {name}, compile={a.compile}: {seconds:.1f} s (evaluations and "
-          f"mask updates included), val accuracy {result.accuracy:.3f}")
-    print(f"training FLOPs/image {train_flops / 1e6:.1f} M; peak bf16 "
-          f"{peak if peak else '?'} TFLOP/s; share of peak {share}")
+    print(
+        f"\nresnet20, CIFAR-10 fold 1 of 3 ({len(tr)} images), {a.epochs} epochs, batch "
+        f"{a.batch_size}, {name}, compile={a.compile}: {seconds:.1f} s (evaluations and "
+        f"mask updates included), val accuracy {result.accuracy:.3f}"
+    )
+    print(
+        f"training FLOPs/image {train_flops / 1e6:.1f} M; peak bf16 "
+        f"{peak if peak else '?'} TFLOP/s; share of peak {share}"
+    )
     print(f"gpu_images_per_second: {ips:.0f} ({share} of peak)")
 
 

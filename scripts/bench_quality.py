@@ -27,31 +27,53 @@ import optuna
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-SPACE = ("+search.space={policy.scope: {type: categorical, choices: [global, layer]}, "
-         "policy.start_epoch: {type: int, low: 0, high: %d}, "
-         "policy.end_epoch: {type: int, low: %d, high: %d}, "
-         "policy.criterion: {type: categorical, choices: [magnitude, taylor]}}")
+SPACE = (
+    "+search.space={policy.scope: {type: categorical, choices: [global, layer]}, "
+    "policy.start_epoch: {type: int, low: 0, high: %d}, "
+    "policy.end_epoch: {type: int, low: %d, high: %d}, "
+    "policy.criterion: {type: categorical, choices: [magnitude, taylor]}}"
+)
 
 
 def common(a: argparse.Namespace, cache: Path) -> list[str]:
-    return ["+experiment=cifar", f"dataset.path={a.data.resolve()}",
-            f"dataset.train_limit={a.limit}", f"paths.cache_dir={cache}",
-            f"train.epochs={a.epochs}", f"train.finetune_epochs={a.finetune}",
-            "front.points=2", "console.progress=false"]
+    return [
+        "+experiment=cifar",
+        f"dataset.path={a.data.resolve()}",
+        f"dataset.train_limit={a.limit}",
+        f"paths.cache_dir={cache}",
+        f"train.epochs={a.epochs}",
+        f"train.finetune_epochs={a.finetune}",
+        "front.points=2",
+        "console.progress=false",
+    ]
 
 
 def search(a: argparse.Namespace, root: Path, cache: Path, target: float) -> dict[str, object]:
     """The best trial's sampled values (policy keys) of a fresh single-objective study."""
-    overrides = [*common(a, cache), "policy=agp", f"policy.final_sparsity={target}",
-                 # AGP's own space without final_sparsity; this one instead.
-                 "~policy.space.final_sparsity", "~policy.space.scope",
-                 "~policy.space.start_epoch", SPACE % (a.epochs // 2, a.epochs // 2, a.epochs),
-                 "search.objectives=[accuracy]", "search.directions=[maximize]",
-                 f"search.min_sparsity={target - 0.005}", f"search.n_trials={a.trials}",
-                 "cv.folds=2", "refit.enabled=false", f"paths.warm_start={root}/warm_start",
-                 "study.name=quality"]
-    proc = subprocess.run([sys.executable, "-m", "dtp_search", f"paths.root={root}", *overrides],
-                          cwd=ROOT, capture_output=True, text=True)
+    overrides = [
+        *common(a, cache),
+        "policy=agp",
+        f"policy.final_sparsity={target}",
+        # AGP's own space without final_sparsity; this one instead.
+        "~policy.space.final_sparsity",
+        "~policy.space.scope",
+        "~policy.space.start_epoch",
+        SPACE % (a.epochs // 2, a.epochs // 2, a.epochs),
+        "search.objectives=[accuracy]",
+        "search.directions=[maximize]",
+        f"search.min_sparsity={target - 0.005}",
+        f"search.n_trials={a.trials}",
+        "cv.folds=2",
+        "refit.enabled=false",
+        f"paths.warm_start={root}/warm_start",
+        "study.name=quality",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "dtp_search", f"paths.root={root}", *overrides],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         sys.exit(f"search at {target} failed:\n{proc.stderr[-3000:]}")
     study = optuna.load_study(study_name="quality", storage=f"sqlite:///{root}/optuna.db")
@@ -59,8 +81,9 @@ def search(a: argparse.Namespace, root: Path, cache: Path, target: float) -> dic
     return {k.removeprefix("policy."): v for k, v in best.params.items()}
 
 
-def refit(a: argparse.Namespace, cache: Path, policy: str, params: dict[str, object],
-          seed: int) -> tuple[float, float]:
+def refit(
+    a: argparse.Namespace, cache: Path, policy: str, params: dict[str, object], seed: int
+) -> tuple[float, float]:
     """(test accuracy, sparsity) of one policy trained on the whole training subset."""
     from hydra import compose, initialize_config_dir
 
@@ -69,8 +92,9 @@ def refit(a: argparse.Namespace, cache: Path, policy: str, params: dict[str, obj
 
     extra = [f"policy.{k}={v}" for k, v in params.items()]
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[*common(a, cache), f"policy={policy}", *extra,
-                                           f"seed={seed}"])
+        cfg = compose(
+            "config", overrides=[*common(a, cache), f"policy={policy}", *extra, f"seed={seed}"]
+        )
     dataset = load_dataset(cfg.dataset, cache_dir=cfg.paths.cache_dir)
     _, pruner, _, accuracy, _ = refit_trial(cfg, dataset, torch.device("cpu"))
     return accuracy, pruner.sparsity()
@@ -98,18 +122,22 @@ def main() -> None:
             results.setdefault("dense", []).append(refit(a, cache, "dense", {}, seed))
             for t in targets:
                 results.setdefault(f"oneshot_global {t:.0%}", []).append(
-                    refit(a, cache, "oneshot_global", {"amount": t}, seed))
+                    refit(a, cache, "oneshot_global", {"amount": t}, seed)
+                )
                 results.setdefault(f"searched {t:.0%}", []).append(
-                    refit(a, cache, "agp", {"final_sparsity": t, **found[t]}, seed))
+                    refit(a, cache, "agp", {"final_sparsity": t, **found[t]}, seed)
+                )
             print(f"seed {seed} done", flush=True)
 
     def stat(name: str, i: int) -> tuple[float, float]:
         values = [r[i] for r in results[name]]
         return statistics.fmean(values), statistics.pstdev(values)
 
-    print(f"\nsimple_cnn, CIFAR-10 ImageFolder ({a.limit} training images, full test split), "
-          f"{a.epochs}+{a.finetune} epochs for every policy, {a.seeds} seeds, search "
-          f"{a.trials} trials per target")
+    print(
+        f"\nsimple_cnn, CIFAR-10 ImageFolder ({a.limit} training images, full test split), "
+        f"{a.epochs}+{a.finetune} epochs for every policy, {a.seeds} seeds, search "
+        f"{a.trials} trials per target"
+    )
     print("| policy | test accuracy | sparsity |\n| --- | ---: | ---: |")
     for name in results:
         (acc, acc_sd), (sp, _) = stat(name, 0), stat(name, 1)
@@ -118,8 +146,10 @@ def main() -> None:
     gain90 = stat("searched 90%", 0)[0] - stat("oneshot_global 90%", 0)[0]
     gap90 = dense - stat("searched 90%", 0)[0]
     gain95 = stat("searched 95%", 0)[0] - stat("oneshot_global 95%", 0)[0]
-    print(f"at 90%: searched - oneshot = {100 * gain90:+.1f} points; dense - searched = "
-          f"{100 * gap90:+.1f} points (target <= 2)")
+    print(
+        f"at 90%: searched - oneshot = {100 * gain90:+.1f} points; dense - searched = "
+        f"{100 * gap90:+.1f} points (target <= 2)"
+    )
     print(f"quality_gain_at_95: {100 * gain95:+.1f} points (target >= 8)")
 
 

@@ -23,16 +23,35 @@ import optuna
 
 from dtp_search.results import hypervolume_2d
 
-BUDGET = ["cv.folds=2", "train.epochs=6", "train.finetune_epochs=1", "front.points=2",
-          "refit.enabled=false", "console.progress=false", "search.warm_start=false"]
+BUDGET = [
+    "cv.folds=2",
+    "train.epochs=6",
+    "train.finetune_epochs=1",
+    "front.points=2",
+    "refit.enabled=false",
+    "console.progress=false",
+    "search.warm_start=false",
+]
 
 
 def hv_curve(root: Path, sampler: str, seed: int, n_trials: int) -> list[float]:
     """Hypervolume after 1..n_trials trials of one fresh study."""
-    proc = subprocess.run([sys.executable, "-m", "dtp_search", f"paths.root={root}",
-                           "study.name=bench", f"search={sampler}", f"seed={seed}",
-                           f"search.n_trials={n_trials}", *BUDGET], cwd=root.parent,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dtp_search",
+            f"paths.root={root}",
+            "study.name=bench",
+            f"search={sampler}",
+            f"seed={seed}",
+            f"search.n_trials={n_trials}",
+            *BUDGET,
+        ],
+        cwd=root.parent,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         sys.exit(f"{sampler} seed {seed} failed:\n{proc.stderr[-3000:]}")
     study = optuna.load_study(study_name="bench", storage=f"sqlite:///{root}/optuna.db")
@@ -57,16 +76,21 @@ def main() -> None:
             for sampler in curves:
                 root = Path(tmp) / f"{sampler}-{seed}"
                 curves[sampler].append(hv_curve(root, sampler, seed, a.n_trials))
-                print(f"{sampler} seed {seed}: HV after {a.n_trials} trials "
-                      f"{curves[sampler][-1][-1]:.4f}", flush=True)
+                print(
+                    f"{sampler} seed {seed}: HV after {a.n_trials} trials "
+                    f"{curves[sampler][-1][-1]:.4f}",
+                    flush=True,
+                )
 
     def mean_std(sampler: str, n: int) -> str:
         values = [c[n - 1] for c in curves[sampler]]
         std = statistics.pstdev(values) if len(values) > 1 else 0.0
         return f"{statistics.fmean(values):.4f} ± {std:.4f}"
 
-    print(f"\ndigits, lenet300, agp; {a.seeds} seeds; hypervolume of (sparsity, accuracy) "
-          "above (0, 0), mean ± std over seeds")
+    print(
+        f"\ndigits, lenet300, agp; {a.seeds} seeds; hypervolume of (sparsity, accuracy) "
+        "above (0, 0), mean ± std over seeds"
+    )
     print("| sampler | " + " | ".join(f"after {n} trials" for n in checkpoints) + " |")
     print("| --- |" + " ---: |" * len(checkpoints))
     for sampler in curves:

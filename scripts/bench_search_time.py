@@ -42,22 +42,44 @@ CONFIGS = {
     "tpe+pareto+fid": ["search=tpe", "search.fidelity.enabled=true"],
     "random": ["search=random", "early_stop=none"],
 }
-COMMON = ["cv.folds=3", "front.points=2", "refit.enabled=false", "console.progress=false",
-          "threads=1", "search.n_trials=1000"]
+COMMON = [
+    "cv.folds=3",
+    "front.points=2",
+    "refit.enabled=false",
+    "console.progress=false",
+    "threads=1",
+    "search.n_trials=1000",
+]
 DATASETS = {
     "digits": ["train.epochs=6", "train.finetune_epochs=1"],
     # benchmark 3's CIFAR-10 recipe and model (the cifar experiment), scaled down to fit
     # the CPU: 1,000 stratified training images, 3 + 1 epochs.
-    "cifar": ["+experiment=cifar", "dataset.train_limit=1000", "dataset.test_limit=500",
-              "train.epochs=3", "train.finetune_epochs=1"],
+    "cifar": [
+        "+experiment=cifar",
+        "dataset.train_limit=1000",
+        "dataset.test_limit=500",
+        "train.epochs=3",
+        "train.finetune_epochs=1",
+    ],
 }
 
 
-def run_study(root: Path, dataset: str, config: str, seed: int, budget: float,
-              extra: list[str]) -> list[tuple[float, float]]:
+def run_study(
+    root: Path, dataset: str, config: str, seed: int, budget: float, extra: list[str]
+) -> list[tuple[float, float]]:
     """Run one study for ``budget`` seconds; return (seconds, hypervolume) per complete trial."""
-    argv = [sys.executable, "-m", "dtp_search", f"paths.root={root}", "study.name=bench",
-            f"seed={seed}", *COMMON, *DATASETS[dataset], *CONFIGS[config], *extra]
+    argv = [
+        sys.executable,
+        "-m",
+        "dtp_search",
+        f"paths.root={root}",
+        "study.name=bench",
+        f"seed={seed}",
+        *COMMON,
+        *DATASETS[dataset],
+        *CONFIGS[config],
+        *extra,
+    ]
     with open(root.parent / f"{root.name}.log", "w") as log:
         proc = subprocess.Popen(argv, cwd=root.parent, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -74,8 +96,10 @@ def run_study(root: Path, dataset: str, config: str, seed: int, budget: float,
     if not trials:
         sys.exit(f"{dataset} {config} seed {seed}: no trial ran; see {root.parent / root.name}.log")
     t0 = min(t.datetime_start for t in trials if t.datetime_start is not None)
-    done = sorted((t for t in trials if t.state == optuna.trial.TrialState.COMPLETE),
-                  key=lambda t: t.datetime_complete)
+    done = sorted(
+        (t for t in trials if t.state == optuna.trial.TrialState.COMPLETE),
+        key=lambda t: t.datetime_complete,
+    )
     points, curve = [], []
     for t in done:
         seconds = (t.datetime_complete - t0).total_seconds()
@@ -85,9 +109,11 @@ def run_study(root: Path, dataset: str, config: str, seed: int, budget: float,
         points.append((sparsity, accuracy))
         curve.append((seconds, hypervolume_2d(points)))
     states = [t.state.name for t in trials]
-    print(f"  {dataset} {config:<15} seed {seed}: {len(curve)} complete, "
-          f"{states.count('PRUNED')} stopped early, HV {curve[-1][1] if curve else 0:.4f}",
-          flush=True)
+    print(
+        f"  {dataset} {config:<15} seed {seed}: {len(curve)} complete, "
+        f"{states.count('PRUNED')} stopped early, HV {curve[-1][1] if curve else 0:.4f}",
+        flush=True,
+    )
     return curve
 
 
@@ -100,15 +126,19 @@ def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
 
 
 def _ms(values: list[float]) -> str:
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0:.4f}"
+    return (
+        f"{statistics.mean(values):.4f} ± {statistics.stdev(values) if len(values) > 1 else 0:.4f}"
+    )
 
 
 def report(dataset: str, budget: float, curves: dict[str, list[list[tuple[float, float]]]]) -> str:
-    lines = [f"{dataset}: {budget:.0f} s per study, {len(curves['tpe'])} seeds; hypervolume "
-             "of (sparsity, accuracy) above (0, 0), mean ± std over seeds",
-             "| configuration | HV at 1/4 budget | HV at 1/2 | HV at budget | complete trials "
-             "| time to plain TPE's final HV (fraction of budget) |",
-             "| --- | ---: | ---: | ---: | ---: | --- |"]
+    lines = [
+        f"{dataset}: {budget:.0f} s per study, {len(curves['tpe'])} seeds; hypervolume "
+        "of (sparsity, accuracy) above (0, 0), mean ± std over seeds",
+        "| configuration | HV at 1/4 budget | HV at 1/2 | HV at budget | complete trials "
+        "| time to plain TPE's final HV (fraction of budget) |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
     targets = [hv_at(c, budget) for c in curves["tpe"]]
     for config, per_seed in curves.items():
         reach = []
@@ -119,7 +149,8 @@ def report(dataset: str, budget: float, curves: dict[str, list[list[tuple[float,
             f"| {config} | {_ms([hv_at(c, budget / 4) for c in per_seed])} "
             f"| {_ms([hv_at(c, budget / 2) for c in per_seed])} "
             f"| {_ms([hv_at(c, budget) for c in per_seed])} "
-            f"| {statistics.mean(len(c) for c in per_seed):.1f} | {', '.join(reach)} |")
+            f"| {statistics.mean(len(c) for c in per_seed):.1f} | {', '.join(reach)} |"
+        )
     return "\n".join(lines)
 
 
@@ -136,10 +167,14 @@ def plot(path: Path, budgets: dict[str, float], results: dict[str, dict]) -> Non
         for config, per_seed in curves.items():
             mean = np.mean([[hv_at(c, s) for s in grid] for c in per_seed], axis=0)
             ax.plot(grid / 60, mean, label=config)
-        ax.set(title=f"{dataset}: hypervolume against wall time (mean over seeds)",
-               xlabel="minutes (one torch thread)", ylabel="hypervolume")
-        low = min(min(hv for c in per_seed for _, hv in c[:1] or [(0, 0)])
-                  for per_seed in curves.values())
+        ax.set(
+            title=f"{dataset}: hypervolume against wall time (mean over seeds)",
+            xlabel="minutes (one torch thread)",
+            ylabel="hypervolume",
+        )
+        low = min(
+            min(hv for c in per_seed for _, hv in c[:1] or [(0, 0)]) for per_seed in curves.values()
+        )
         ax.set_ylim(bottom=low)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -153,8 +188,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--budget-digits", type=float, default=60.0, help="seconds per study")
     ap.add_argument("--budget-cifar", type=float, default=150.0, help="seconds per study")
-    ap.add_argument("--cifar", type=Path, default=None,
-                    help="CIFAR-10 ImageFolder tree (../shared/data/cifar10); omitted: digits only")
+    ap.add_argument(
+        "--cifar",
+        type=Path,
+        default=None,
+        help="CIFAR-10 ImageFolder tree (../shared/data/cifar10); omitted: digits only",
+    )
     ap.add_argument("--plot", type=Path, default=Path("docs/img/bench_search_time.png"))
     a = ap.parse_args()
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
@@ -171,11 +210,18 @@ def main() -> None:
                 for config in CONFIGS:
                     root = Path(tmp) / f"{dataset}-{config}-{seed}"
                     root.mkdir()
-                    curves[config].append(run_study(
-                        root, dataset, config, seed, budget,
-                        # decoded images shared; dense warm-up states per study, since
-                        # another study's would hand a later configuration free epochs
-                        [*extra, f"paths.cache_dir={cache}", f"paths.warm_start={root}/warm"]))
+                    curves[config].append(
+                        run_study(
+                            root,
+                            dataset,
+                            config,
+                            seed,
+                            budget,
+                            # decoded images shared; dense warm-up states per study, since
+                            # another study's would hand a later configuration free epochs
+                            [*extra, f"paths.cache_dir={cache}", f"paths.warm_start={root}/warm"],
+                        )
+                    )
             results[dataset], budgets[dataset] = curves, budget
             tables.append(report(dataset, budget, curves))
             print(tables[-1], flush=True)

@@ -95,21 +95,38 @@ class TreeSampler(threading.Thread):
 
 def study_args(data: Path, a: argparse.Namespace, in_memory: bool) -> list[str]:
     return [
-        "dataset=imagefolder", f"dataset.path={data}", f"dataset.image_size={a.image_size}",
-        f"dataset.train_limit={a.train_limit}", f"dataset.test_limit={a.test_limit}",
-        f"dataset.in_memory={str(in_memory).lower()}", f"dataset.num_workers={a.workers}",
+        "dataset=imagefolder",
+        f"dataset.path={data}",
+        f"dataset.image_size={a.image_size}",
+        f"dataset.train_limit={a.train_limit}",
+        f"dataset.test_limit={a.test_limit}",
+        f"dataset.in_memory={str(in_memory).lower()}",
+        f"dataset.num_workers={a.workers}",
         # A narrow MLP: the study's compute stays small next to the data it reads.
-        "model=mlp", "model.hidden=[16]", "search.n_trials=1", "cv.folds=2", "train.epochs=1",
-        "train.finetune_epochs=0", f"train.batch_size={a.batch_size}", "front.points=0",
-        "refit.enabled=false", "console.progress=false", "study.name=bench-stream",
+        "model=mlp",
+        "model.hidden=[16]",
+        "search.n_trials=1",
+        "cv.folds=2",
+        "train.epochs=1",
+        "train.finetune_epochs=0",
+        f"train.batch_size={a.batch_size}",
+        "front.points=0",
+        "refit.enabled=false",
+        "console.progress=false",
+        "study.name=bench-stream",
         f"threads={a.threads}",
     ]
 
 
 def run_one(data: Path, a: argparse.Namespace, in_memory: bool) -> dict[str, float]:
     root = Path(tempfile.mkdtemp(prefix=f"dtp-stream-{'mem' if in_memory else 'stream'}-"))
-    cmd = [sys.executable, "-m", "dtp_search", f"paths.root={root}",
-           *study_args(data, a, in_memory)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "dtp_search",
+        f"paths.root={root}",
+        *study_args(data, a, in_memory),
+    ]
     start = time.perf_counter()
     with open(root / "run.log", "wb") as log:
         proc = subprocess.Popen(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT)
@@ -123,12 +140,18 @@ def run_one(data: Path, a: argparse.Namespace, in_memory: bool) -> dict[str, flo
         sampler.join()
     wall = time.perf_counter() - start
     if code != 0:
-        sys.exit(f"in_memory={in_memory}: the study failed ({code}); its folder {root} is "
-                 f"kept:\n{(root / 'run.log').read_text()[-3000:]}")
+        sys.exit(
+            f"in_memory={in_memory}: the study failed ({code}); its folder {root} is "
+            f"kept:\n{(root / 'run.log').read_text()[-3000:]}"
+        )
     shutil.rmtree(root, ignore_errors=True)  # the decoded-tensor cache is as big as the data
-    return {"rss": sampler.peak_rss, "pss": sampler.peak_pss,
-            "largest": usage.ru_maxrss * 1024, "wall": wall,  # ru_maxrss: kB on Linux
-            "processes": sampler.peak_processes}
+    return {
+        "rss": sampler.peak_rss,
+        "pss": sampler.peak_pss,
+        "largest": usage.ru_maxrss * 1024,
+        "wall": wall,  # ru_maxrss: kB on Linux
+        "processes": sampler.peak_processes,
+    }
 
 
 def decoded_bytes(data: Path, a: argparse.Namespace) -> tuple[int, int]:
@@ -157,16 +180,23 @@ def smoke_tree(root: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, default=Path("../shared/data/cifar10"),
-                   help="ImageFolder tree with train/ and test/")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=Path("../shared/data/cifar10"),
+        help="ImageFolder tree with train/ and test/",
+    )
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--train-limit", type=int, default=40000)
     p.add_argument("--test-limit", type=int, default=8000)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2, help="dataset.num_workers when streaming")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the study")
-    p.add_argument("--smoke", action="store_true",
-                   help="a tiny tree of its own at 24 px: checks that both paths run")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a tiny tree of its own at 24 px: checks that both paths run",
+    )
     a = p.parse_args(argv)
     tmp = None
     if a.smoke:
@@ -178,25 +208,32 @@ def main(argv: list[str] | None = None) -> None:
     if not (data / "train").is_dir():
         sys.exit(f"no ImageFolder tree at {data} (needs train/<class>/* and test/<class>/*)")
     n, size = decoded_bytes(data, a)
-    print(f"data: {data}, {n} images at 3×{a.image_size}×{a.image_size}; "
-          f"decoded size {size / MiB:.0f} MiB; streaming with {a.workers} workers")
+    print(
+        f"data: {data}, {n} images at 3×{a.image_size}×{a.image_size}; "
+        f"decoded size {size / MiB:.0f} MiB; streaming with {a.workers} workers"
+    )
     rows = {}
     for in_memory in (True, False):
         rows[in_memory] = run_one(data, a, in_memory)
     print()
-    print("| dataset.in_memory | decoded size (MiB) | peak RSS, tree (MiB) | peak PSS, tree (MiB) "
-          "| peak RSS, largest process (MiB) | processes | wall (s) | PSS / decoded |")
+    print(
+        "| dataset.in_memory | decoded size (MiB) | peak RSS, tree (MiB) | peak PSS, tree (MiB) "
+        "| peak RSS, largest process (MiB) | processes | wall (s) | PSS / decoded |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for in_memory, r in rows.items():
-        print(f"| {str(in_memory).lower()} | {size / MiB:.0f} | {r['rss'] / MiB:.0f} | "
-              f"{r['pss'] / MiB:.0f} | {r['largest'] / MiB:.0f} | {r['processes']} | "
-              f"{r['wall']:.1f} | {r['pss'] / size:.2f} |")
+        print(
+            f"| {str(in_memory).lower()} | {size / MiB:.0f} | {r['rss'] / MiB:.0f} | "
+            f"{r['pss'] / MiB:.0f} | {r['largest'] / MiB:.0f} | {r['processes']} | "
+            f"{r['wall']:.1f} | {r['pss'] / size:.2f} |"
+        )
     mem, stream = rows[True], rows[False]
     print()
-    print(f"streamed / in memory: peak PSS {stream['pss'] / mem['pss']:.2f}x, "
-          f"peak RSS (tree) {stream['rss'] / mem['rss']:.2f}x, wall {stream['wall'] / mem['wall']:.2f}x")
-    print(f"streamed peak PSS over decoded size: {stream['pss'] / size:.2f} "
-          f"(target: well under 1)")
+    print(
+        f"streamed / in memory: peak PSS {stream['pss'] / mem['pss']:.2f}x, "
+        f"peak RSS (tree) {stream['rss'] / mem['rss']:.2f}x, wall {stream['wall'] / mem['wall']:.2f}x"
+    )
+    print(f"streamed peak PSS over decoded size: {stream['pss'] / size:.2f} (target: well under 1)")
     if tmp is not None:
         tmp.cleanup()
 

@@ -34,9 +34,12 @@ def run_study(root: Path, overrides: list[str]) -> tuple[float, float, int, list
     """(study wall seconds, trials per hour, warm-start epochs used, each trial's seconds in
     trial order) of one fresh study."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "dtp_search", f"paths.root={root}",
-                           "study.name=bench", *overrides], cwd=root.parent,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dtp_search", f"paths.root={root}", "study.name=bench", *overrides],
+        cwd=root.parent,
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"study failed:\n{proc.stderr[-3000:]}")
@@ -51,8 +54,7 @@ def _fastest(results: list[tuple[float, float, int, list[float]]]) -> tuple:
     """Repeats of one study (same seed, same trials) folded timeit-style: each trial's
     fastest time, the fastest wall time (noise on a shared VM only ever adds time)."""
     seconds = [min(ts) for ts in zip(*(r[3] for r in results), strict=True)]
-    return (min(r[0] for r in results), len(seconds) / sum(seconds) * 3600, results[0][2],
-            seconds)
+    return (min(r[0] for r in results), len(seconds) / sum(seconds) * 3600, results[0][2], seconds)
 
 
 def main() -> None:
@@ -61,22 +63,39 @@ def main() -> None:
     ap.add_argument("--n-trials", type=int, default=8)
     ap.add_argument("--limit", type=int, default=6000, help="training images (stratified)")
     ap.add_argument("--epochs", type=int, default=4, help="pruning-phase epochs")
-    ap.add_argument("--repeats", type=int, default=2,
-                    help="runs of each study; each trial's fastest time counts")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="runs of each study; each trial's fastest time counts",
+    )
     a = ap.parse_args()
     if not (a.data / "train").is_dir():
         sys.exit(f"no ImageFolder tree at {a.data} (expected train/<class>/*.jpg)")
     half = a.epochs // 2
-    common = ["+experiment=cifar", f"dataset.path={a.data.resolve()}",
-              f"dataset.train_limit={a.limit}", "dataset.test_limit=1000", "cv.folds=2",
-              f"train.epochs={a.epochs}", f"search.n_trials={a.n_trials}", "refit.enabled=false",
-              "console.progress=false", "front.points=4"]
+    common = [
+        "+experiment=cifar",
+        f"dataset.path={a.data.resolve()}",
+        f"dataset.train_limit={a.limit}",
+        "dataset.test_limit=1000",
+        "cv.folds=2",
+        f"train.epochs={a.epochs}",
+        f"search.n_trials={a.n_trials}",
+        "refit.enabled=false",
+        "console.progress=false",
+        "front.points=4",
+    ]
     cases = {
         f"agp, dense {half} of {a.epochs} epochs": [
-            "policy=agp", f"policy.start_epoch={half}", "~policy.space.start_epoch",
-            "train.finetune_epochs=0"],
+            "policy=agp",
+            f"policy.start_epoch={half}",
+            "~policy.space.start_epoch",
+            "train.finetune_epochs=0",
+        ],
         f"oneshot_global, dense {a.epochs} of {a.epochs + 1} epochs": [
-            "policy=oneshot_global", "train.finetune_epochs=1"],
+            "policy=oneshot_global",
+            "train.finetune_epochs=1",
+        ],
     }
     rows = []
     with tempfile.TemporaryDirectory(prefix="dtp-bench-study-") as tmp:
@@ -87,14 +106,27 @@ def main() -> None:
             for r in range(a.repeats):  # off and on alternate, so that drift hits both
                 for warm in (False, True):
                     root = Path(tmp) / f"{len(rows)}-{warm}-{r}"
-                    runs[warm].append(run_study(root, [
-                        *common, *extra, f"search.warm_start={warm}",
-                        f"paths.cache_dir={data_cache}", f"paths.warm_start={root}/warm_start"]))
+                    runs[warm].append(
+                        run_study(
+                            root,
+                            [
+                                *common,
+                                *extra,
+                                f"search.warm_start={warm}",
+                                f"paths.cache_dir={data_cache}",
+                                f"paths.warm_start={root}/warm_start",
+                            ],
+                        )
+                    )
             rows.append((name, {warm: _fastest(results) for warm, results in runs.items()}))
-    print(f"\ncifar experiment, simple_cnn, {a.limit} training images, 2 folds, "
-          f"{a.n_trials} trials per study, CPU")
-    print("| case | warm start | study wall time | trials/hour | dense epochs from cache | "
-          "dense share of a trial's time | speed-up |\n| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        f"\ncifar experiment, simple_cnn, {a.limit} training images, 2 folds, "
+        f"{a.n_trials} trials per study, CPU"
+    )
+    print(
+        "| case | warm start | study wall time | trials/hour | dense epochs from cache | "
+        "dense share of a trial's time | speed-up |\n| --- | --- | ---: | ---: | ---: | ---: | ---: |"
+    )
     headline = []
     for name, result in rows:
         ratio = result[True][1] / result[False][1]
@@ -106,13 +138,19 @@ def main() -> None:
         headline.append(f"{ratio:.2f} at a dense share of {share:.0%} ({name.split(',')[0]})")
         for warm in (False, True):
             wall, tph, used, _ = result[warm]
-            print(f"| {name} | {'on' if warm else 'off'} | {wall:.0f} s | {tph:.0f} | {used} | "
-                  + (f"{share:.0%} | {ratio:.2f}x |" if warm else "| 1.00x |"))
+            print(
+                f"| {name} | {'on' if warm else 'off'} | {wall:.0f} s | {tph:.0f} | {used} | "
+                + (f"{share:.0%} | {ratio:.2f}x |" if warm else "| 1.00x |")
+            )
     n = a.n_trials
-    print(f"ceiling at a dense share of exactly 1/2 with the first trial filling the cache: "
-          f"{n / (1 + (n - 1) / 2):.2f}x for {n} trials (2x only as the trials grow without end)")
-    print(f"warm_start_speedup: {'; '.join(headline)} "
-          "(target >= 2 when the dense phase is at least half of a trial)")
+    print(
+        f"ceiling at a dense share of exactly 1/2 with the first trial filling the cache: "
+        f"{n / (1 + (n - 1) / 2):.2f}x for {n} trials (2x only as the trials grow without end)"
+    )
+    print(
+        f"warm_start_speedup: {'; '.join(headline)} "
+        "(target >= 2 when the dense phase is at least half of a trial)"
+    )
 
 
 if __name__ == "__main__":

@@ -41,11 +41,20 @@ def compose(data: Path, cache: Path, limit: int, epochs: int, batch_size: int):
     from hydra import initialize_config_dir
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose("config", overrides=[
-            "+experiment=cifar", f"dataset.path={data}", f"dataset.train_limit={limit}",
-            f"paths.cache_dir={cache}", f"train.epochs={epochs}", "train.finetune_epochs=0",
-            f"train.batch_size={batch_size}", "policy.start_epoch=0",
-            f"policy.end_epoch={max(1, epochs)}"])
+        return hydra_compose(
+            "config",
+            overrides=[
+                "+experiment=cifar",
+                f"dataset.path={data}",
+                f"dataset.train_limit={limit}",
+                f"paths.cache_dir={cache}",
+                f"train.epochs={epochs}",
+                "train.finetune_epochs=0",
+                f"train.batch_size={batch_size}",
+                "policy.start_epoch=0",
+                f"policy.end_epoch={max(1, epochs)}",
+            ],
+        )
 
 
 def fold_indices(labels: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -79,9 +88,14 @@ def run_dtp(cfg, device: torch.device) -> tuple[float, float, int, float]:
     torch.manual_seed(0)
     model = build_model(cfg.model, ds.input_shape, ds.num_classes).to(device)
     pruner = build_pruner(model, cfg.policy, torch.zeros(1, *ds.input_shape, device=device))
-    result = prune_and_train(model, pruner, train_batches(ds, tr, settings, 0, device),
-                             eval_batches(ds, ds.train, va, settings, device), settings,
-                             front=FrontSettings(points=0))
+    result = prune_and_train(
+        model,
+        pruner,
+        train_batches(ds, tr, settings, 0, device),
+        eval_batches(ds, ds.train, va, settings, device),
+        settings,
+        front=FrontSettings(points=0),
+    )
     seconds = time.perf_counter() - start
     return seconds, result.accuracy, len(tr) // settings.batch_size * settings.batch_size, decode
 
@@ -96,8 +110,14 @@ def run_tutorial(cfg, device: torch.device) -> tuple[float, float, int]:
 
     start = time.perf_counter()
     mean, std = list(cfg.dataset.mean), list(cfg.dataset.std)
-    train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-                          T.Normalize(mean, std)])
+    train_tf = T.Compose(
+        [
+            T.RandomCrop(32, padding=4),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
     eval_tf = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
     root = Path(cfg.dataset.path) / "train"
     full = torchvision.datasets.ImageFolder(root, transform=train_tf)
@@ -106,20 +126,31 @@ def run_tutorial(cfg, device: torch.device) -> tuple[float, float, int]:
     labels = np.array([full.targets[i] for i in idx])
     tr, va = fold_indices(labels)
     train_set = torch.utils.data.Subset(full, idx[tr])
-    val_set = torch.utils.data.Subset(torchvision.datasets.ImageFolder(root, transform=eval_tf),
-                                      idx[va])
+    val_set = torch.utils.data.Subset(
+        torchvision.datasets.ImageFolder(root, transform=eval_tf), idx[va]
+    )
     bs = int(cfg.train.batch_size)
     workers = min(2, os.cpu_count() or 1)
-    train_loader = torch.utils.data.DataLoader(train_set, batch_size=bs, shuffle=True,
-                                               num_workers=workers, drop_last=True,
-                                               persistent_workers=True)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=int(cfg.train.eval_batch_size),
-                                             num_workers=workers, persistent_workers=True)
+    train_loader = torch.utils.data.DataLoader(
+        train_set,
+        batch_size=bs,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+        persistent_workers=True,
+    )
+    val_loader = torch.utils.data.DataLoader(
+        val_set,
+        batch_size=int(cfg.train.eval_batch_size),
+        num_workers=workers,
+        persistent_workers=True,
+    )
     torch.manual_seed(0)
     model = build_model(cfg.model, (3, 32, 32), 10).to(device)
     epochs = int(cfg.train.epochs)
-    opt = torch.optim.SGD(model.parameters(), lr=float(cfg.train.lr), momentum=0.9,
-                          nesterov=True, weight_decay=5e-4)
+    opt = torch.optim.SGD(
+        model.parameters(), lr=float(cfg.train.lr), momentum=0.9, nesterov=True, weight_decay=5e-4
+    )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * len(train_loader))
     loss_fn = nn.CrossEntropyLoss()
     accuracy = 0.0
@@ -165,13 +196,19 @@ def main() -> None:
         shutil.rmtree(cache, ignore_errors=True)
     ips_dtp = a.epochs * n_dtp / t_dtp
     ips_tut = a.epochs * n_tut / t_tut
-    print(f"\nsimple_cnn, CIFAR-10 ImageFolder ({a.limit} training images, fold 1 of 3), "
-          f"{a.epochs} epochs, batch {a.batch_size}, device {device}, {threads} torch threads")
+    print(
+        f"\nsimple_cnn, CIFAR-10 ImageFolder ({a.limit} training images, fold 1 of 3), "
+        f"{a.epochs} epochs, batch {a.batch_size}, device {device}, {threads} torch threads"
+    )
     print("| engine | fold wall time | images/s | val accuracy |\n| --- | ---: | ---: | ---: |")
-    print(f"| dtp_search (AGP pruning, cached tensors) | {t_dtp:.1f} s | {ips_dtp:.0f} | "
-          f"{acc_dtp:.3f} |")
-    print(f"| tutorial (ImageFolder + DataLoader + PIL, dense) | {t_tut:.1f} s | {ips_tut:.0f} | "
-          f"{acc_tut:.3f} |")
+    print(
+        f"| dtp_search (AGP pruning, cached tensors) | {t_dtp:.1f} s | {ips_dtp:.0f} | "
+        f"{acc_dtp:.3f} |"
+    )
+    print(
+        f"| tutorial (ImageFolder + DataLoader + PIL, dense) | {t_tut:.1f} s | {ips_tut:.0f} | "
+        f"{acc_tut:.3f} |"
+    )
     print(f"one-time decode into the cache: {decode:.1f} s")
     print(f"throughput_ratio: {ips_dtp / ips_tut:.2f} (target >= 5)")
 

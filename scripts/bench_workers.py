@@ -30,14 +30,23 @@ from mlflow.tracking import MlflowClient
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from servers import mlflow_server, postgres_cluster
 
-BUDGET = ["train.finetune_epochs=1", "front.points=4", "policy.update_every=5",
-          "console.progress=false", "refit.top_k=1"]
+BUDGET = [
+    "train.finetune_epochs=1",
+    "front.points=4",
+    "policy.update_every=5",
+    "console.progress=false",
+    "refit.top_k=1",
+]
 
 
 def launch(root: Path, args: list[str], log: Path) -> subprocess.Popen:
     with open(log, "ab") as f:
-        return subprocess.Popen([sys.executable, "-m", "dtp_search", f"paths.root={root}", *args],
-                                cwd=root, stdout=f, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "dtp_search", f"paths.root={root}", *args],
+            cwd=root,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def run(root: Path, name: str, processes: int, args: list[str]) -> float:
@@ -54,7 +63,9 @@ def journal(path: Path) -> optuna.storages.JournalStorage:
     return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
 
 
-def check(storage: str | optuna.storages.BaseStorage, tracking: str, study_name: str, n_trials: int) -> str:
+def check(
+    storage: str | optuna.storages.BaseStorage, tracking: str, study_name: str, n_trials: int
+) -> str:
     study = optuna.load_study(study_name=study_name, storage=storage)
     states = Counter(t.state.name for t in study.trials)
     workers = len({t.user_attrs.get("worker") for t in study.trials})
@@ -65,8 +76,10 @@ def check(storage: str | optuna.storages.BaseStorage, tracking: str, study_name:
     assert states == {"COMPLETE": n_trials}, states
     assert roles["trial"] == n_trials and roles["study"] == 1, roles
     seconds = sorted((t.datetime_complete - t.datetime_start).total_seconds() for t in study.trials)
-    return (f"{states['COMPLETE']} COMPLETE by {workers} worker(s), median trial "
-            f"{seconds[len(seconds) // 2]:.1f} s; MLflow runs: {dict(sorted(roles.items()))}")
+    return (
+        f"{states['COMPLETE']} COMPLETE by {workers} worker(s), median trial "
+        f"{seconds[len(seconds) // 2]:.1f} s; MLflow runs: {dict(sorted(roles.items()))}"
+    )
 
 
 def main() -> None:
@@ -77,25 +90,53 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=2, help="cv.folds")
     a = ap.parse_args()
     n = a.workers
-    common = [f"search.n_trials={a.n_trials}", f"train.epochs={a.epochs}", f"cv.folds={a.folds}",
-              *BUDGET]
+    common = [
+        f"search.n_trials={a.n_trials}",
+        f"train.epochs={a.epochs}",
+        f"cv.folds={a.folds}",
+        *BUDGET,
+    ]
     results = []
     with tempfile.TemporaryDirectory(prefix="dtp-bench-workers-") as tmp:
         tmp = Path(tmp)
         root = tmp / "sqlite"
         root.mkdir()
         t = run(root, "sqlite", 1, ["study.name=bench", *common])
-        results.append(("sqlite, 1 process", t, check(f"sqlite:///{root}/optuna.db",
-                                                      f"sqlite:///{root}/mlflow.db", "bench",
-                                                      a.n_trials)))
+        results.append(
+            (
+                "sqlite, 1 process",
+                t,
+                check(
+                    f"sqlite:///{root}/optuna.db",
+                    f"sqlite:///{root}/mlflow.db",
+                    "bench",
+                    a.n_trials,
+                ),
+            )
+        )
 
         root = tmp / "journal"
         root.mkdir()
-        t = run(root, "journal", 1, ["study.name=bench", f"study.workers={n}",
-                                     f"study.storage=journal://{root}/optuna.log", *common])
-        results.append((f"journal, study.workers={n}", t,
-                        check(journal(root / "optuna.log"), f"sqlite:///{root}/mlflow.db",
-                              "bench", a.n_trials)))
+        t = run(
+            root,
+            "journal",
+            1,
+            [
+                "study.name=bench",
+                f"study.workers={n}",
+                f"study.storage=journal://{root}/optuna.log",
+                *common,
+            ],
+        )
+        results.append(
+            (
+                f"journal, study.workers={n}",
+                t,
+                check(
+                    journal(root / "optuna.log"), f"sqlite:///{root}/mlflow.db", "bench", a.n_trials
+                ),
+            )
+        )
 
         root = tmp / "postgres"
         root.mkdir()
@@ -107,15 +148,31 @@ def main() -> None:
                 # Independent processes on one machine share its cores, as
                 # study.workers does for its own workers (torch would oversubscribe).
                 threads = max(1, (os.cpu_count() or 1) // n)
-                t = run(root, "postgres", n, ["study.name=bench", f"study.storage={storage}",
-                                              f"tracking.uri={tracking}", f"threads={threads}",
-                                              *common])
-                results.append((f"postgres + mlflow server, {n} processes", t,
-                                check(storage, tracking, "bench", a.n_trials)))
+                t = run(
+                    root,
+                    "postgres",
+                    n,
+                    [
+                        "study.name=bench",
+                        f"study.storage={storage}",
+                        f"tracking.uri={tracking}",
+                        f"threads={threads}",
+                        *common,
+                    ],
+                )
+                results.append(
+                    (
+                        f"postgres + mlflow server, {n} processes",
+                        t,
+                        check(storage, tracking, "bench", a.n_trials),
+                    )
+                )
 
     base = results[0][1]
-    print(f"\ndigits, lenet300, agp; {a.n_trials} trials of {a.folds} folds x {a.epochs}+1 "
-          f"epochs; {n} workers where several; {os.cpu_count()} CPU cores\n")
+    print(
+        f"\ndigits, lenet300, agp; {a.n_trials} trials of {a.folds} folds x {a.epochs}+1 "
+        f"epochs; {n} workers where several; {os.cpu_count()} CPU cores\n"
+    )
     print("| set-up | wall time | vs sqlite, 1 process | check |\n| --- | ---: | ---: | --- |")
     for name, t, note in results:
         print(f"| {name} | {t:.1f} s | {base / t:.2f}x | {note} |")

@@ -11,7 +11,9 @@ REPO = Path(__file__).resolve().parents[1]
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-CIFAR10_DIR = Path(os.environ.get("DTP_SEARCH_CIFAR10", REPO.parent / "shared" / "data" / "cifar10"))
+CIFAR10_DIR = Path(
+    os.environ.get("DTP_SEARCH_CIFAR10", REPO.parent / "shared" / "data" / "cifar10")
+)
 
 
 @pytest.fixture(autouse=True)

@@ -33,5 +33,7 @@ def tiny_cifar_tree(root: Path, train: int = 6, test: int = 2) -> Path:
             d = root / split / f"class{c}"
             d.mkdir(parents=True)
             for i in range(n):
-                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.png")
+                Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+                    d / f"{i}.png"
+                )
     return root

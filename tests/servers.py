@@ -76,11 +76,33 @@ def postgres_cluster() -> Iterator[str]:
         subprocess.run([*as_user, *cmd], check=True, capture_output=True, timeout=120)
 
     try:
-        run(initdb, "-D", str(data), "-U", "dtp", f"--pwfile={pwfile}", "--auth-local=trust",
-            "--auth-host=scram-sha-256", "-E", "UTF8", "--no-sync")
-        run(pg_ctl, "-D", str(data), "-l", str(root / "server.log"), "-w", "-t", "60", "-o",
+        run(
+            initdb,
+            "-D",
+            str(data),
+            "-U",
+            "dtp",
+            f"--pwfile={pwfile}",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        )
+        run(
+            pg_ctl,
+            "-D",
+            str(data),
+            "-l",
+            str(root / "server.log"),
+            "-w",
+            "-t",
+            "60",
+            "-o",
             f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off "
-            "-c max_connections=200", "start")
+            "-c max_connections=200",
+            "start",
+        )
         url = f"postgresql://dtp:{PASSWORD}@127.0.0.1:{port}"
         import sqlalchemy
 
@@ -104,11 +126,29 @@ def mlflow_server(backend_uri: str, artifacts: Path) -> Iterator[str]:
     log = open(artifacts.parent / "mlflow-server.log", "wb")  # noqa: SIM115
     # No job runner: it serves GenAI evaluation jobs (a huey consumer per job kind, each
     # importing MLflow), which these tests never submit; tracking is unaffected.
-    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    env = dict(
+        os.environ, MLFLOW_DISABLE_TELEMETRY="true", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"
+    )
     proc = subprocess.Popen(
-        [str(mlflow), "server", "--backend-store-uri", backend_uri, "--artifacts-destination",
-         str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        [
+            str(mlflow),
+            "server",
+            "--backend-store-uri",
+            backend_uri,
+            "--artifacts-destination",
+            str(artifacts),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180

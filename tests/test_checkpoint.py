@@ -27,19 +27,39 @@ def _roundtrip(state):
 
 
 POLICIES = {
-    "agp": {"name": "agp", "final_sparsity": 0.8, "start_epoch": 0.0, "end_epoch": 2,
-            "update_every": 5, "criterion": "taylor"},
+    "agp": {
+        "name": "agp",
+        "final_sparsity": 0.8,
+        "start_epoch": 0.0,
+        "end_epoch": 2,
+        "update_every": 5,
+        "criterion": "taylor",
+    },
     "splicing": {"name": "splicing", "c": 0.5, "gamma": 0.01, "power": 1.0, "seed": 3},
     "feedback": {"name": "feedback", "step": 0.3, "update_every": 5},
     "soft_threshold": {"name": "soft_threshold", "s_init": -3.0},
     "random": {"name": "random", "sparsity": 0.5, "start_epoch": 1.0},
-    "agp_neuron": {"name": "agp", "final_sparsity": 0.5, "end_epoch": 2, "update_every": 5,
-                   "granularity": "neuron", "scope": "layer", "criterion": "activation"},
+    "agp_neuron": {
+        "name": "agp",
+        "final_sparsity": 0.5,
+        "end_epoch": 2,
+        "update_every": 5,
+        "granularity": "neuron",
+        "scope": "layer",
+        "criterion": "activation",
+    },
     # Recovery, under one OneCycle schedule that runs on through fine-tuning.
-    "agp_recover_onecycle": {"name": "agp", "final_sparsity": 0.8, "end_epoch": 2,
-                             "update_every": 5, "recover": True},
+    "agp_recover_onecycle": {
+        "name": "agp",
+        "final_sparsity": 0.8,
+        "end_epoch": 2,
+        "update_every": 5,
+        "recover": True,
+    },
 }
-SCHEDULES = {"agp_recover_onecycle": {"lr_schedule": "onecycle", "finetune_lr_schedule": "continue"}}
+SCHEDULES = {
+    "agp_recover_onecycle": {"lr_schedule": "onecycle", "finetune_lr_schedule": "continue"}
+}
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))
@@ -47,15 +67,23 @@ def test_resume_from_any_epoch_reproduces_the_uninterrupted_run(policy):
     ds = load_dataset(OmegaConf.create({"kind": "digits", "name": "digits"}))
     model_cfg = OmegaConf.create({"arch": "mlp", "hidden": [32, 16]})
     policy_cfg = OmegaConf.create(POLICIES[policy])
-    settings = TrainSettings(epochs=3, finetune_epochs=2, lr=0.05, batch_size=128,
-                             **SCHEDULES.get(policy, {}))
+    settings = TrainSettings(
+        epochs=3, finetune_epochs=2, lr=0.05, batch_size=128, **SCHEDULES.get(policy, {})
+    )
     example = torch.zeros(1, *ds.input_shape)
 
     def run(resume=None, **hooks):
         return cross_validate(
-            ds, folds=2, seed=1, make_model=lambda: build_model(model_cfg, ds.input_shape, 10),
-            make_pruner=lambda m: build_pruner(m, policy_cfg, example), settings=settings,
-            front=FrontSettings(points=3), hooks=FoldHooks(**hooks), resume=resume)
+            ds,
+            folds=2,
+            seed=1,
+            make_model=lambda: build_model(model_cfg, ds.input_shape, 10),
+            make_pruner=lambda m: build_pruner(m, policy_cfg, example),
+            settings=settings,
+            front=FrontSettings(points=3),
+            hooks=FoldHooks(**hooks),
+            resume=resume,
+        )
 
     full = run()
     # Stop mid-pruning, in fine-tuning, and at the end of the pruning phase.
@@ -70,13 +98,16 @@ def test_resume_from_any_epoch_reproduces_the_uninterrupted_run(policy):
         with pytest.raises(Stop):
             run(on_checkpoint=on_checkpoint)
         replayed = []
-        resumed = run(resume=saved["state"], on_epoch=lambda k, r, out=replayed: out.append((k, r.epoch)))
+        resumed = run(
+            resume=saved["state"], on_epoch=lambda k, r, out=replayed: out.append((k, r.epoch))
+        )
         assert replayed == [(k, e) for k in range(2) for e in range(1, 6)]
         for a, b in zip(full.folds, resumed.folds, strict=True):
             assert a.accuracy == b.accuracy and a.sparsity == b.sparsity
             assert [r.loss for r in a.history] == [r.loss for r in b.history]
-            assert [(p.sparsity, p.accuracy) for p in a.front] == \
-                   [(p.sparsity, p.accuracy) for p in b.front]
+            assert [(p.sparsity, p.accuracy) for p in a.front] == [
+                (p.sparsity, p.accuracy) for p in b.front
+            ]
 
 
 def test_trial_checkpoint_is_atomic_keyed_and_cleared(tmp_path):
@@ -99,12 +130,18 @@ def test_lr_schedules_span_their_phase_or_both(schedule):
     example = torch.zeros(1, *ds.input_shape)
 
     def lrs(**kw):
-        settings = TrainSettings(epochs=4, finetune_epochs=2, lr=0.1, batch_size=256,
-                                 lr_schedule=schedule, **kw)
+        settings = TrainSettings(
+            epochs=4, finetune_epochs=2, lr=0.1, batch_size=256, lr_schedule=schedule, **kw
+        )
         result = cross_validate(
-            ds, folds=2, seed=0, make_model=lambda: build_model(model_cfg, ds.input_shape, 10),
+            ds,
+            folds=2,
+            seed=0,
+            make_model=lambda: build_model(model_cfg, ds.input_shape, 10),
             make_pruner=lambda m: build_pruner(m, OmegaConf.create({"name": "dense"}), example),
-            settings=settings, front=FrontSettings(points=0))
+            settings=settings,
+            front=FrontSettings(points=0),
+        )
         return [r.lr for r in result.folds[0].history]
 
     prune = lrs()[:4]

@@ -16,16 +16,32 @@ from inprocess import run_here
 from mlflow.tracking import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["cv.folds=2", "train.epochs=2", "train.finetune_epochs=1", "front.points=8",
-        "policy.update_every=5", "console.progress=false"]
+TINY = [
+    "cv.folds=2",
+    "train.epochs=2",
+    "train.finetune_epochs=1",
+    "front.points=8",
+    "policy.update_every=5",
+    "console.progress=false",
+]
 # Without policy.* keys, for commands that pick other policies.
-TINIEST = ["cv.folds=2", "train.epochs=2", "train.finetune_epochs=1", "front.points=4",
-           "console.progress=false"]
+TINIEST = [
+    "cv.folds=2",
+    "train.epochs=2",
+    "train.finetune_epochs=1",
+    "front.points=4",
+    "console.progress=false",
+]
 
 
 def run_cli(root: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dtp_search", f"paths.root={root}", *overrides],
-                          cwd=root.parent, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "dtp_search", f"paths.root={root}", *overrides],
+        cwd=root.parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _runs(root: Path, experiment: str):
@@ -42,7 +58,9 @@ def test_study_runs_then_resumes_to_the_requested_total(tmp_path):
     root = tmp_path / "runs"
     first = run_cli(root, "study.name=s", "search.n_trials=2", *TINY)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "Pareto-optimal trials" in first.stdout and "mlflow ui --backend-store-uri" in first.stdout
+    assert (
+        "Pareto-optimal trials" in first.stdout and "mlflow ui --backend-store-uri" in first.stdout
+    )
     _, parents, _ = _runs(root, "s")
     parent_id = parents[0].info.run_id
 
@@ -51,7 +69,9 @@ def test_study_runs_then_resumes_to_the_requested_total(tmp_path):
     assert "resuming" in second.stdout
 
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{root}/optuna.db")
-    finished = study.get_trials(states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))
+    finished = study.get_trials(
+        states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    )
     assert len(study.trials) == 3 and len(finished) == 3
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(complete) == 3  # the default space fits this budget: nothing pruned
@@ -71,13 +91,25 @@ def test_study_runs_then_resumes_to_the_requested_total(tmp_path):
         # The trial's own configuration, lean: sampled keys named once in a tag, not
         # repeated as sampled.*; no console, path or store keys; the rest in config.yaml.
         params = child.data.params
-        assert child.data.tags["dtp_search.sampled"] == ",".join(sorted(
-            ["policy.final_sparsity", "policy.scope", "policy.start_epoch", "policy.end_epoch",
-             "policy.recover"]))
+        assert child.data.tags["dtp_search.sampled"] == ",".join(
+            sorted(
+                [
+                    "policy.final_sparsity",
+                    "policy.scope",
+                    "policy.start_epoch",
+                    "policy.end_epoch",
+                    "policy.recover",
+                ]
+            )
+        )
         # (41 with train.l1_start_epoch and train.l1_bias; a little room, no more)
-        assert len(params) <= 42 and not any(k.startswith(("sampled.", "console.", "paths.",
-                                                            "tracking.", "study.")) for k in params)
-        assert "config.yaml" in arts and child.data.tags["mlflow.source.name"] == "python -m dtp_search"
+        assert len(params) <= 42 and not any(
+            k.startswith(("sampled.", "console.", "paths.", "tracking.", "study.")) for k in params
+        )
+        assert (
+            "config.yaml" in arts
+            and child.data.tags["mlflow.source.name"] == "python -m dtp_search"
+        )
         (dataset,) = child.inputs.dataset_inputs
         assert dataset.dataset.name == "digits" and '"train": 1437' in dataset.dataset.profile
         # The front as a metric history at step = 1000 * sparsity (MLflow overlays these).
@@ -88,20 +120,29 @@ def test_study_runs_then_resumes_to_the_requested_total(tmp_path):
         assert [m.step for m in history] == [1, 2, 3]
         for key in ("loss", "sparsity", "threshold"):
             assert client.get_metric_history(child.info.run_id, f"fold_1/{key}")
-        assert 0 < child.data.metrics["cv_accuracy"] <= 1 and child.data.metrics["cv_sparsity"] > 0.4
+        assert (
+            0 < child.data.metrics["cv_accuracy"] <= 1 and child.data.metrics["cv_sparsity"] > 0.4
+        )
     # (client.load_table would search the *global* tracking URI, so read the file itself)
     assert '"type": "table"' in children[0].data.tags["mlflow.loggedArtifacts"]
-    front = pd.read_json(client.download_artifacts(children[0].info.run_id, "front.json", str(tmp_path)),
-                         orient="split")
+    front = pd.read_json(
+        client.download_artifacts(children[0].info.run_id, "front.json", str(tmp_path)),
+        orient="split",
+    )
     assert len(front[front.source == "sweep"]) >= 8 * 2 and front.sparsity.max() >= 0.99
     parent_arts = {a.path for a in client.list_artifacts(parent_id)}
     assert {"pareto_front.json", "pareto_front.png"} <= parent_arts
-    assert '"pareto_front.json", "type": "table"' in client.get_run(parent_id).data.tags["mlflow.loggedArtifacts"]
+    assert (
+        '"pareto_front.json", "type": "table"'
+        in client.get_run(parent_id).data.tags["mlflow.loggedArtifacts"]
+    )
     exp = client.get_experiment(parents[0].info.experiment_id)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     assert "mlflow.sharedViewState.dtp_search" in exp.tags
-    assert (f"#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
-            "&viewStateShareKey=dtp_search") in first.stdout
+    assert (
+        f"#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+        "&viewStateShareKey=dtp_search"
+    ) in first.stdout
 
     third = run_here(root, "study.name=s", "search.n_trials=3", *TINY)  # already complete
     assert third.returncode == 0
@@ -109,8 +150,18 @@ def test_study_runs_then_resumes_to_the_requested_total(tmp_path):
     assert len(_runs(root, "s")[2]) == 3
 
 
-POLICIES = ["dense", "oneshot_global", "random", "constant", "std_scaled", "scheduled", "agp",
-            "feedback", "splicing", "soft_threshold"]
+POLICIES = [
+    "dense",
+    "oneshot_global",
+    "random",
+    "constant",
+    "std_scaled",
+    "scheduled",
+    "agp",
+    "feedback",
+    "splicing",
+    "soft_threshold",
+]
 
 
 @pytest.mark.slow
@@ -119,8 +170,9 @@ def test_every_policy_runs_from_the_cli(tmp_path, policy):
     root = tmp_path / "runs"
     res = run_here(root, f"policy={policy}", "search.n_trials=1", *TINIEST)
     assert res.returncode == 0, res.stderr[-3000:]
-    study = optuna.load_study(study_name=f"digits-lenet300-{policy}",
-                              storage=f"sqlite:///{root}/optuna.db")
+    study = optuna.load_study(
+        study_name=f"digits-lenet300-{policy}", storage=f"sqlite:///{root}/optuna.db"
+    )
     (trial,) = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     accuracy, sparsity = trial.values
     assert accuracy > 0.3
@@ -133,12 +185,21 @@ def test_every_policy_runs_from_the_cli(tmp_path, policy):
 @pytest.mark.parametrize("policy", ["constant", "std_scaled", "scheduled", "agp", "feedback"])
 def test_every_threshold_policy_recovers_from_the_cli(tmp_path, policy):
     root = tmp_path / "runs"
-    res = run_here(root, f"policy={policy}", "policy.recover=true", "~policy.space.recover",
-                   "policy.start_epoch=0", "policy.update_every=2", "search.n_trials=1",
-                   "refit.enabled=false", *TINIEST)
+    res = run_here(
+        root,
+        f"policy={policy}",
+        "policy.recover=true",
+        "~policy.space.recover",
+        "policy.start_epoch=0",
+        "policy.update_every=2",
+        "search.n_trials=1",
+        "refit.enabled=false",
+        *TINIEST,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
-    study = optuna.load_study(study_name=f"digits-lenet300-{policy}",
-                              storage=f"sqlite:///{root}/optuna.db")
+    study = optuna.load_study(
+        study_name=f"digits-lenet300-{policy}", storage=f"sqlite:///{root}/optuna.db"
+    )
     (trial,) = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert trial.values[0] > 0.3 and trial.values[1] > 0.0
     client, _, (child,) = _runs(root, f"digits-lenet300-{policy}")
@@ -152,8 +213,9 @@ def test_every_threshold_policy_recovers_from_the_cli(tmp_path, policy):
 @pytest.mark.slow
 def test_policy_searched_as_a_choice_across_all_policies(tmp_path):
     root = tmp_path / "runs"
-    res = run_here(root, "policy=choice", "study.name=mix", "search=random", "search.n_trials=6",
-                   *TINIEST)
+    res = run_here(
+        root, "policy=choice", "study.name=mix", "search=random", "search.n_trials=6", *TINIEST
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     study = optuna.load_study(study_name="mix", storage=f"sqlite:///{root}/optuna.db")
     trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
@@ -168,8 +230,10 @@ def test_policy_searched_as_a_choice_across_all_policies(tmp_path):
         run = by_number[t.number]
         assert run.data.tags["policy"] == t.params["policy"] == run.data.params["policy.name"]
         assert "policy.options.agp.final_sparsity" not in run.data.params  # only the trial's policy
-    pareto = pd.read_json(client.download_artifacts(parent.info.run_id, "pareto_front.json",
-                                                    str(tmp_path)), orient="split")
+    pareto = pd.read_json(
+        client.download_artifacts(parent.info.run_id, "pareto_front.json", str(tmp_path)),
+        orient="split",
+    )
     assert set(pareto.policy) <= used and len(pareto) >= 1
 
 
@@ -177,11 +241,21 @@ def test_policy_searched_as_a_choice_across_all_policies(tmp_path):
 @pytest.mark.cifar
 def test_cifar_experiment_runs_offline_on_the_local_copy(tmp_path, cifar10_dir):
     root = tmp_path / "runs"
-    res = run_here(root, "+experiment=cifar", f"dataset.path={cifar10_dir}", "search.n_trials=1",
-                   "dataset.train_limit=600", "dataset.test_limit=100", "train.batch_size=64",
-                   "train.epochs=2", *TINY)
+    res = run_here(
+        root,
+        "+experiment=cifar",
+        f"dataset.path={cifar10_dir}",
+        "search.n_trials=1",
+        "dataset.train_limit=600",
+        "dataset.test_limit=100",
+        "train.batch_size=64",
+        "train.epochs=2",
+        *TINY,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
-    study = optuna.load_study(study_name="cifar10-simple_cnn-agp", storage=f"sqlite:///{root}/optuna.db")
+    study = optuna.load_study(
+        study_name="cifar10-simple_cnn-agp", storage=f"sqlite:///{root}/optuna.db"
+    )
     (trial,) = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert trial.values[1] > 0.4  # sparsity reached
 
@@ -195,18 +269,34 @@ def test_a_killed_run_is_resumed_and_its_trial_retried(tmp_path):
     import time
 
     root = tmp_path / "runs"
-    args = ["study.name=k", "search.n_trials=2", "cv.folds=2", "train.epochs=60",
-            "train.finetune_epochs=1", "search.heartbeat_interval=1", "search.grace_period=2",
-            "console.progress=false"]
-    proc = subprocess.Popen([sys.executable, "-m", "dtp_search", f"paths.root={root}", *args],
-                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [
+        "study.name=k",
+        "search.n_trials=2",
+        "cv.folds=2",
+        "train.epochs=60",
+        "train.finetune_epochs=1",
+        "search.heartbeat_interval=1",
+        "search.grace_period=2",
+        "console.progress=false",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dtp_search", f"paths.root={root}", *args],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     running = 0
     while time.time() < deadline and not running:
         time.sleep(0.5)
         if (root / "optuna.db").exists():
-            with sqlite3.connect(root / "optuna.db") as db, contextlib.suppress(sqlite3.OperationalError):
-                running = db.execute("select count(*) from trials where state='RUNNING'").fetchone()[0]
+            with (
+                sqlite3.connect(root / "optuna.db") as db,
+                contextlib.suppress(sqlite3.OperationalError),
+            ):
+                running = db.execute(
+                    "select count(*) from trials where state='RUNNING'"
+                ).fetchone()[0]
     assert running, "no trial started"
     time.sleep(2)
     proc.send_signal(signal.SIGKILL)
@@ -214,8 +304,9 @@ def test_a_killed_run_is_resumed_and_its_trial_retried(tmp_path):
     time.sleep(3)  # past the grace period
 
     # A shorter rerun, so that the retry is quick: a change the study must be told of.
-    rerun = run_here(root, *args[:3], "train.epochs=2", *args[4:],
-                     "study.allow_changes=[train.epochs,policy]")
+    rerun = run_here(
+        root, *args[:3], "train.epochs=2", *args[4:], "study.allow_changes=[train.epochs,policy]"
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     study = optuna.load_study(study_name="k", storage=f"sqlite:///{root}/optuna.db")
     states = [t.state.name for t in study.trials]
@@ -234,10 +325,19 @@ def test_single_objective_study_stops_hopeless_trials_after_a_fold(tmp_path):
     root = tmp_path / "runs"
     # Accuracy under a sparsity constraint; final sparsities up to 0.999 make some trials
     # hopeless, and the median pruner (one trial to start from) stops them after fold 0.
-    proc = run_here(root, "study.name=single", "search.n_trials=8", "search.objectives=[accuracy]",
-                    "search.directions=[maximize]", "search.min_sparsity=0.6",
-                    "search.early_stop.n_startup_trials=1", "refit.enabled=false",
-                    "policy.space.final_sparsity.high=0.999", "cv.folds=3", *TINY[1:])
+    proc = run_here(
+        root,
+        "study.name=single",
+        "search.n_trials=8",
+        "search.objectives=[accuracy]",
+        "search.directions=[maximize]",
+        "search.min_sparsity=0.6",
+        "search.early_stop.n_startup_trials=1",
+        "refit.enabled=false",
+        "policy.space.final_sparsity.high=0.999",
+        "cv.folds=3",
+        *TINY[1:],
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     study = optuna.load_study(study_name="single", storage=f"sqlite:///{root}/optuna.db")
     states = [t.state for t in study.trials]

@@ -34,7 +34,7 @@ def test_random_crop_flip_is_a_per_sample_window_of_the_padded_image():
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
     shapes = set()
     for i in range(len(x)):
-        windows = [padded[i, :, r:r + 6, c:c + 6] for r in range(5) for c in range(5)]
+        windows = [padded[i, :, r : r + 6, c : c + 6] for r in range(5) for c in range(5)]
         windows += [w.flip(-1) for w in windows]
         match = [j for j, w in enumerate(windows) if torch.equal(out[i], w)]
         assert match, f"sample {i} is not a crop/flip of its padded image"
@@ -43,8 +43,9 @@ def test_random_crop_flip_is_a_per_sample_window_of_the_padded_image():
 
 
 def test_tensor_batches_cover_the_fold_once_and_normalise():
-    split = Split(torch.arange(20, dtype=torch.uint8).view(20, 1, 1, 1).repeat(1, 1, 2, 2),
-                  torch.arange(20))
+    split = Split(
+        torch.arange(20, dtype=torch.uint8).view(20, 1, 1, 1).repeat(1, 1, 2, 2), torch.arange(20)
+    )
     idx = np.array([1, 3, 5, 7, 9, 11, 13])
     batches = TensorBatches(split, idx, batch_size=3, mean=[0.5], std=[0.25], shuffle=True)
     seen = torch.cat([y for _, y in batches])
@@ -74,7 +75,9 @@ def _write_tree(root, n_per_class=6, size=(10, 10), mode="RGB"):
             d.mkdir(parents=True)
             for i in range(n_per_class):
                 shape = (*size, 3) if mode == "RGB" else size
-                Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(d / f"{i}.png")
+                Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8), mode).save(
+                    d / f"{i}.png"
+                )
 
 
 def test_imagefolder_decodes_caches_and_invalidates(tmp_path, monkeypatch):
@@ -113,8 +116,15 @@ def test_a_corrupt_image_is_named_and_nothing_is_cached(tmp_path, channels):
 def test_skip_bad_files_leaves_them_out_with_one_warning_also_from_the_cache(tmp_path, caplog):
     bad = tree_with_a_bad_file(tmp_path / "tree")
     cache = tmp_path / "cache"
-    cfg = OmegaConf.create({"kind": "imagefolder", "name": "t", "path": str(tmp_path / "tree"),
-                            "channels": None, "skip_bad_files": True})
+    cfg = OmegaConf.create(
+        {
+            "kind": "imagefolder",
+            "name": "t",
+            "path": str(tmp_path / "tree"),
+            "channels": None,
+            "skip_bad_files": True,
+        }
+    )
     for _ in range(2):  # decoded, then read from the cache
         caplog.clear()
         with caplog.at_level("WARNING", logger="dtp_search.data"):
@@ -140,8 +150,16 @@ def test_a_class_with_only_unreadable_files_is_an_error(tmp_path):
 
 def test_imagefolder_dataset_detects_grayscale(tmp_path):
     _write_tree(tmp_path / "g", mode="L")
-    cfg = OmegaConf.create({"kind": "imagefolder", "name": "g", "path": str(tmp_path / "g"),
-                            "channels": None, "mean": None, "std": None})
+    cfg = OmegaConf.create(
+        {
+            "kind": "imagefolder",
+            "name": "g",
+            "path": str(tmp_path / "g"),
+            "channels": None,
+            "mean": None,
+            "std": None,
+        }
+    )
     ds = load_dataset(cfg, cache_dir=tmp_path / "cache")
     assert ds.input_shape == (1, 10, 10) and ds.num_classes == 3 and len(ds.mean) == 1
 
@@ -153,9 +171,19 @@ def test_missing_imagefolder_path_says_what_to_do(tmp_path):
 
 
 def test_cifar10_imagefolder_copy_with_a_subset(cifar10_dir, tmp_path):
-    cfg = OmegaConf.create({"kind": "cifar10", "name": "cifar10", "path": str(cifar10_dir),
-                            "channels": 3, "train_limit": 200, "test_limit": 50,
-                            "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26], "augment": True})
+    cfg = OmegaConf.create(
+        {
+            "kind": "cifar10",
+            "name": "cifar10",
+            "path": str(cifar10_dir),
+            "channels": 3,
+            "train_limit": 200,
+            "test_limit": 50,
+            "mean": [0.49, 0.48, 0.45],
+            "std": [0.25, 0.24, 0.26],
+            "augment": True,
+        }
+    )
     ds = load_dataset(cfg, cache_dir=tmp_path)
     assert ds.input_shape == (3, 32, 32) and ds.num_classes == 10
     assert len(ds.train) == 200 and len(ds.test) == 50
@@ -190,16 +218,32 @@ def test_torchvision_cifar10_download_path_on_local_images(cifar10_dir, tmp_path
     with open(base / "batches.meta", "wb") as fh:
         pickle.dump({"label_names": classes}, fh)
     monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)
-    cfg = OmegaConf.create({"kind": "cifar10", "name": "cifar10", "path": None, "root": str(tmp_path),
-                            "download": True, "mean": [0.5] * 3, "std": [0.25] * 3})
+    cfg = OmegaConf.create(
+        {
+            "kind": "cifar10",
+            "name": "cifar10",
+            "path": None,
+            "root": str(tmp_path),
+            "download": True,
+            "mean": [0.5] * 3,
+            "std": [0.25] * 3,
+        }
+    )
     ds = load_dataset(cfg)
     assert ds.train.images.shape == (100, 3, 32, 32) and len(ds.test) == 30
     assert ds.classes == classes
 
 
 def test_torchvision_cifar10_missing_without_download_is_a_clear_error(tmp_path):
-    cfg = OmegaConf.create({"kind": "cifar10", "name": "cifar10", "path": None, "root": str(tmp_path),
-                            "download": False})
+    cfg = OmegaConf.create(
+        {
+            "kind": "cifar10",
+            "name": "cifar10",
+            "path": None,
+            "root": str(tmp_path),
+            "download": False,
+        }
+    )
     with pytest.raises(DatasetError, match=r"dataset\.path"):
         load_dataset(cfg)
 
@@ -210,8 +254,15 @@ def test_a_failed_cifar10_download_says_why_and_points_at_dataset_path(tmp_path,
 
     monkeypatch.setattr(CIFAR10, "url", "http://127.0.0.1:1/cifar-10-python.tar.gz")
     monkeypatch.setenv("no_proxy", "*")  # straight to 127.0.0.1:1, whatever proxy is set
-    cfg = OmegaConf.create({"kind": "cifar10", "name": "cifar10", "path": None,
-                            "root": str(tmp_path / "data"), "download": True})
+    cfg = OmegaConf.create(
+        {
+            "kind": "cifar10",
+            "name": "cifar10",
+            "path": None,
+            "root": str(tmp_path / "data"),
+            "download": True,
+        }
+    )
     with pytest.raises(DatasetError) as err:
         load_dataset(cfg)
     msg = str(err.value)
@@ -221,8 +272,15 @@ def test_a_failed_cifar10_download_says_why_and_points_at_dataset_path(tmp_path,
 
 def test_channels_last_batches_hold_the_same_values():
     split = Split(torch.randint(0, 255, (40, 3, 8, 8), dtype=torch.uint8), torch.arange(40) % 4)
-    kw = {"batch_size": 16, "mean": [0.5] * 3, "std": [0.25] * 3, "shuffle": True,
-          "augment": True, "crop_padding": 2, "seed": 3}
+    kw = {
+        "batch_size": 16,
+        "mean": [0.5] * 3,
+        "std": [0.25] * 3,
+        "shuffle": True,
+        "augment": True,
+        "crop_padding": 2,
+        "seed": 3,
+    }
     plain = list(TensorBatches(split, None, **kw))
     nhwc = list(TensorBatches(split, None, channels_last=True, **kw))
     for (xa, ya), (xb, yb) in zip(plain, nhwc, strict=True):

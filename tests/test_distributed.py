@@ -22,12 +22,28 @@ from dtp_search.storage import StudyLock
 
 pytestmark = pytest.mark.slow
 
-TINY = ["cv.folds=2", "train.epochs=2", "train.finetune_epochs=1", "front.points=4",
-        "policy.update_every=5", "console.progress=false", "threads=1"]
+TINY = [
+    "cv.folds=2",
+    "train.epochs=2",
+    "train.finetune_epochs=1",
+    "front.points=4",
+    "policy.update_every=5",
+    "console.progress=false",
+    "threads=1",
+]
 # Long enough per trial (2 folds x 10 epochs) that a kill lands mid-trial.
-SLOW = ["cv.folds=2", "train.epochs=8", "train.finetune_epochs=2", "front.points=4",
-        "policy.update_every=5", "console.progress=false", "threads=1", "refit.enabled=false",
-        "search.heartbeat_interval=1", "search.grace_period=4"]
+SLOW = [
+    "cv.folds=2",
+    "train.epochs=8",
+    "train.finetune_epochs=2",
+    "front.points=4",
+    "policy.update_every=5",
+    "console.progress=false",
+    "threads=1",
+    "refit.enabled=false",
+    "search.heartbeat_interval=1",
+    "search.grace_period=4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +58,12 @@ def servers(tmp_path_factory):
 
 def start_worker(root: Path, log: Path, *overrides: str) -> subprocess.Popen:
     with open(log, "ab") as f:
-        return subprocess.Popen([sys.executable, "-m", "dtp_search", f"paths.root={root}",
-                                 *overrides], cwd=root.parent, stdout=f, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "dtp_search", f"paths.root={root}", *overrides],
+            cwd=root.parent,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def wait_all(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 600) -> None:
@@ -58,8 +78,12 @@ def runs_of(tracking_uri: str, experiment: str):
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     role = lambda r: r.data.tags.get("dtp_search.role")  # noqa: E731
-    return (client, [r for r in runs if role(r) == "study"], [r for r in runs if role(r) == "trial"],
-            [r for r in runs if role(r) == "refit"])
+    return (
+        client,
+        [r for r in runs if role(r) == "study"],
+        [r for r in runs if role(r) == "trial"],
+        [r for r in runs if role(r) == "refit"],
+    )
 
 
 def kill_mid_trial(storage: str, study_name: str, checkpoints: Path, timeout: float = 300) -> int:
@@ -112,8 +136,14 @@ def test_three_workers_share_one_postgres_study_and_one_mlflow_server(servers, t
     storage, tracking = servers
     root = tmp_path / "runs"
     root.mkdir()
-    args = [f"study.storage={storage}", f"tracking.uri={tracking}", "study.name=shared",
-            "search.n_trials=9", "refit.top_k=1", *TINY]
+    args = [
+        f"study.storage={storage}",
+        f"tracking.uri={tracking}",
+        "study.name=shared",
+        "search.n_trials=9",
+        "refit.top_k=1",
+        *TINY,
+    ]
     logs = [tmp_path / f"w{i}.log" for i in range(3)]
     procs = [start_worker(root, log, *args) for log in logs]
     wait_all(procs, logs)
@@ -130,7 +160,9 @@ def test_three_workers_share_one_postgres_study_and_one_mlflow_server(servers, t
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert len(refits) == 1  # one worker refit the study, the others skipped
     # Artifacts went through the server (proxied), not to a worker's local folder.
-    assert {"front.json", "front.png"} <= {a.path for a in client.list_artifacts(children[0].info.run_id)}
+    assert {"front.json", "front.png"} <= {
+        a.path for a in client.list_artifacts(children[0].info.run_id)
+    }
     assert not (root / "mlartifacts").exists()
     # The database password is masked everywhere it is shown.
     for run in [*parents, *children]:
@@ -146,8 +178,13 @@ def test_killed_worker_trial_is_retried_from_its_checkpoint_by_another_worker(se
     storage, tracking = servers
     root = tmp_path / "runs"
     root.mkdir()
-    args = [f"study.storage={storage}", f"tracking.uri={tracking}", "study.name=killed",
-            "search.n_trials=4", *SLOW]
+    args = [
+        f"study.storage={storage}",
+        f"tracking.uri={tracking}",
+        "study.name=killed",
+        "search.n_trials=4",
+        *SLOW,
+    ]
     logs = [tmp_path / f"w{i}.log" for i in range(3)]
     procs = [start_worker(root, log, *args) for log in logs]
     killed = kill_mid_trial(storage, "killed", root / "checkpoints" / "killed")
@@ -164,9 +201,12 @@ def test_killed_single_worker_on_sqlite_resumes_on_rerun(tmp_path):
     root.mkdir()
     # A grace period far beyond the test's timeout: the rerun must see at once that the
     # killed trial's process is gone instead of waiting for its heartbeat to go stale.
-    args = ["study.name=solo", "search.n_trials=2",
-            *[a for a in SLOW if not a.startswith("search.grace_period")],
-            "search.grace_period=3600"]
+    args = [
+        "study.name=solo",
+        "search.n_trials=2",
+        *[a for a in SLOW if not a.startswith("search.grace_period")],
+        "search.grace_period=3600",
+    ]
     storage, tracking = f"sqlite:///{root}/optuna.db", f"sqlite:///{root}/mlflow.db"
     log = tmp_path / "solo.log"
     first = start_worker(root, log, *args)
@@ -185,8 +225,11 @@ def _assert_retried(storage: str, tracking: str, name: str, killed: int, n_trial
     assert [t.number for t in by_state[TrialState.FAIL]] == [killed]
     assert not by_state[TrialState.RUNNING]
     dead = by_state[TrialState.FAIL][0]
-    retry = next(t for t in by_state[TrialState.COMPLETE] if t.user_attrs.get("lineage") == killed
-                 and t.number != killed)
+    retry = next(
+        t
+        for t in by_state[TrialState.COMPLETE]
+        if t.user_attrs.get("lineage") == killed and t.number != killed
+    )
     assert retry.params == dead.params  # same parameters
     assert retry.user_attrs["resumed_from"].startswith(f"checkpoint of trial {killed} at fold ")
     assert "epoch 0" not in retry.user_attrs["resumed_from"]
@@ -195,9 +238,13 @@ def _assert_retried(storage: str, tracking: str, name: str, killed: int, n_trial
     status = {int(c.data.tags["optuna.trial_number"]): c for c in children}
     assert sorted(status) == sorted(t.number for t in study.trials)  # every trial logged once
     assert status[killed].info.status == "FAILED"
-    assert status[retry.number].data.tags["dtp_search.resumed_from"] == retry.user_attrs["resumed_from"]
+    assert (
+        status[retry.number].data.tags["dtp_search.resumed_from"]
+        == retry.user_attrs["resumed_from"]
+    )
     assert status[retry.number].data.tags["dtp_search.retry_of"] == str(killed)
     # The retry's run holds the whole curve, replayed epochs included.
-    history = MlflowClient(tracking).get_metric_history(status[retry.number].info.run_id,
-                                                       "fold_0/val_accuracy")
+    history = MlflowClient(tracking).get_metric_history(
+        status[retry.number].info.run_id, "fold_0/val_accuracy"
+    )
     assert [m.step for m in history] == list(range(1, 11))

@@ -300,11 +300,22 @@ def test_a_digits_study_stops_a_dominated_trial_early(tmp_path):
     from dtp_search.__main__ import CONFIG_DIR
     from dtp_search.study import run_study
 
-    argv = [f"paths.root={tmp_path}", "policy=choice", "policy.choices=[agp,random]", "early_stop=pareto",
-            "search.early_stop.n_startup_trials=3", "search.n_trials=10", "cv.folds=3",
-            "train.epochs=2", "train.finetune_epochs=0", "front.points=2",
-            "console.progress=false", "refit.enabled=false", "threads=1",
-            "seed=1"]
+    argv = [
+        f"paths.root={tmp_path}",
+        "policy=choice",
+        "policy.choices=[agp,random]",
+        "early_stop=pareto",
+        "search.early_stop.n_startup_trials=3",
+        "search.n_trials=10",
+        "cv.folds=3",
+        "train.epochs=2",
+        "train.finetune_epochs=0",
+        "front.points=2",
+        "console.progress=false",
+        "refit.enabled=false",
+        "threads=1",
+        "seed=1",
+    ]
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=argv)
     study = run_study(cfg)
@@ -330,13 +341,32 @@ def test_two_workers_on_postgres_stop_trials_against_the_shared_front(tmp_path):
 
     with postgres_cluster() as pg:
         storage = pg.replace("postgresql://", "postgresql+psycopg://") + "/optuna"
-        argv = [f"paths.root={tmp_path / 'runs'}", f"study.storage={storage}", "study.workers=2",
-                "study.name=shared-pareto", "policy=choice", "policy.choices=[agp,random]",
-                "early_stop=pareto", "search.early_stop.n_startup_trials=3", "search.n_trials=10",
-                "cv.folds=3", "train.epochs=2", "train.finetune_epochs=0", "front.points=2",
-                "console.progress=false", "refit.enabled=false", "threads=1", "seed=1"]
-        proc = subprocess.run([sys.executable, "-m", "dtp_search", *argv], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=600)
+        argv = [
+            f"paths.root={tmp_path / 'runs'}",
+            f"study.storage={storage}",
+            "study.workers=2",
+            "study.name=shared-pareto",
+            "policy=choice",
+            "policy.choices=[agp,random]",
+            "early_stop=pareto",
+            "search.early_stop.n_startup_trials=3",
+            "search.n_trials=10",
+            "cv.folds=3",
+            "train.epochs=2",
+            "train.finetune_epochs=0",
+            "front.points=2",
+            "console.progress=false",
+            "refit.enabled=false",
+            "threads=1",
+            "seed=1",
+        ]
+        proc = subprocess.run(
+            [sys.executable, "-m", "dtp_search", *argv],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-4000:]
         study = optuna.load_study(study_name="shared-pareto", storage=storage)
         trials = {t.number: t for t in study.trials}

@@ -25,10 +25,19 @@ def _run(root, args):
 def test_a_diverging_trial_fails_alone_and_the_study_completes(tmp_path):
     root = tmp_path / "runs"
     # Half the learning rates are absurd: those trials' loss overflows to NaN.
-    args = ["study.name=diverge", "search=random", "search.n_trials=3", "search.max_failures=10",
-            "+search.space={train.lr: {type: categorical, choices: [0.05, 1.0e+12]}}",
-            "cv.folds=2", "train.epochs=2", "train.finetune_epochs=0", "front.points=2",
-            "console.progress=false", "refit.enabled=false"]
+    args = [
+        "study.name=diverge",
+        "search=random",
+        "search.n_trials=3",
+        "search.max_failures=10",
+        "+search.space={train.lr: {type: categorical, choices: [0.05, 1.0e+12]}}",
+        "cv.folds=2",
+        "train.epochs=2",
+        "train.finetune_epochs=0",
+        "front.points=2",
+        "console.progress=false",
+        "refit.enabled=false",
+    ]
     _run(root, args)
     study = optuna.load_study(study_name="diverge", storage=f"sqlite:///{root}/optuna.db")
     failed = [t for t in study.trials if t.state == TrialState.FAIL]
@@ -43,11 +52,22 @@ def test_a_diverging_trial_fails_alone_and_the_study_completes(tmp_path):
     assert all(t.params["train.lr"] == 0.05 for t in done)
 
 
-COLLAPSE = ["search=random", "search.n_trials=4", "search.max_failures=10", "policy=constant",
-            # theta=10 takes every layer of LeNet-300-100 under its min_keep floor.
-            "~policy.space", "+policy.space={theta: {type: categorical, choices: [0.001, 10.0]}}",
-            "policy.start_epoch=0", "cv.folds=2", "train.epochs=2", "train.finetune_epochs=0",
-            "front.points=2", "console.progress=false", "refit.enabled=false"]
+COLLAPSE = [
+    "search=random",
+    "search.n_trials=4",
+    "search.max_failures=10",
+    "policy=constant",
+    # theta=10 takes every layer of LeNet-300-100 under its min_keep floor.
+    "~policy.space",
+    "+policy.space={theta: {type: categorical, choices: [0.001, 10.0]}}",
+    "policy.start_epoch=0",
+    "cv.folds=2",
+    "train.epochs=2",
+    "train.finetune_epochs=0",
+    "front.points=2",
+    "console.progress=false",
+    "refit.enabled=false",
+]
 
 
 @pytest.mark.slow
@@ -67,8 +87,10 @@ def test_a_collapsing_trial_is_pruned_with_its_reason_and_the_study_completes(tm
         run = client.get_run(t.user_attrs["mlflow_run_id"])
         assert run.info.status == "FINISHED" and run.data.tags["prune_reason"] == reason
         assert run.data.tags[STATE_TAG] == "PRUNED"
-    assert all(t.params["policy.theta"] == 0.001 and "min_keep_restored" not in t.user_attrs
-               for t in complete)
+    assert all(
+        t.params["policy.theta"] == 0.001 and "min_keep_restored" not in t.user_attrs
+        for t in complete
+    )
 
 
 @pytest.mark.slow

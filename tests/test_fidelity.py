@@ -18,20 +18,34 @@ EPOCH = 2
 RUNG = [(0.90, 0.50), (0.80, 0.70), (0.60, 0.85), (0.85, 0.45), (0.50, 0.40), (0.40, 0.30)]
 
 
-def make_study(points: Sequence[Sequence[float]], epoch: int = EPOCH,
-               directions: Sequence[str] = ("maximize", "maximize"),
-               state: TrialState = TrialState.PRUNED) -> optuna.Study:
+def make_study(
+    points: Sequence[Sequence[float]],
+    epoch: int = EPOCH,
+    directions: Sequence[str] = ("maximize", "maximize"),
+    state: TrialState = TrialState.PRUNED,
+) -> optuna.Study:
     """A study whose trials 0.. carry ``points`` as their rung points (at ``epoch``)."""
     study = optuna.create_study(directions=list(directions))
     for a, s in points:
         values = None if state != TrialState.COMPLETE else [a, s]
-        study.add_trial(create_trial(state=state, values=values, user_attrs={
-            POINT_ATTR: {"epoch": epoch, "accuracy": a, "sparsity": s}}))
+        study.add_trial(
+            create_trial(
+                state=state,
+                values=values,
+                user_attrs={POINT_ATTR: {"epoch": epoch, "accuracy": a, "sparsity": s}},
+            )
+        )
     return study
 
 
-def check(study: optuna.Study, accuracy: float, sparsity: float, rung: FidelityRung | None = None,
-          epoch: int = EPOCH, objectives: Sequence[str] = ("accuracy", "sparsity")) -> RungDecision:
+def check(
+    study: optuna.Study,
+    accuracy: float,
+    sparsity: float,
+    rung: FidelityRung | None = None,
+    epoch: int = EPOCH,
+    objectives: Sequence[str] = ("accuracy", "sparsity"),
+) -> RungDecision:
     rung = rung or FidelityRung(eta=3, n_startup_trials=5)
     return rung.check(study, 99, epoch, accuracy, sparsity, objectives)
 
@@ -121,9 +135,16 @@ def test_rung_epoch_defaults_to_a_third_of_the_pruning_phase() -> None:
     assert FidelityRung(epoch=7).rung_epoch(15) == 7
 
 
-@pytest.mark.parametrize("kwargs, key", [({"epoch": 0}, "epoch"), ({"epoch": 1.5}, "epoch"),
-                                         ({"eta": 1.0}, "eta"), ({"eta": float("inf")}, "eta"),
-                                         ({"n_startup_trials": -1}, "n_startup_trials")])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"epoch": 0}, "epoch"),
+        ({"epoch": 1.5}, "epoch"),
+        ({"eta": 1.0}, "eta"),
+        ({"eta": float("inf")}, "eta"),
+        ({"n_startup_trials": -1}, "n_startup_trials"),
+    ],
+)
 def test_bad_arguments(kwargs: dict, key: str) -> None:
     with pytest.raises(ValueError, match=key):
         FidelityRung(**kwargs)
@@ -141,11 +162,21 @@ def test_a_rung_past_the_last_epoch_is_a_config_error(tmp_path) -> None:
     from dtp_search.config import ConfigError, make_fidelity, settings_of
 
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[f"paths.root={tmp_path}", "search.fidelity.enabled=true",
-                                           "search.fidelity.epoch=4", "train.epochs=3",
-                                           "train.finetune_epochs=1"])
-    with pytest.raises(ConfigError, match=r"search.fidelity.epoch=4 is not allowed; allowed: "
-                                          r"an integer in \[1, 3\]"):
+        cfg = compose(
+            "config",
+            overrides=[
+                f"paths.root={tmp_path}",
+                "search.fidelity.enabled=true",
+                "search.fidelity.epoch=4",
+                "train.epochs=3",
+                "train.finetune_epochs=1",
+            ],
+        )
+    with pytest.raises(
+        ConfigError,
+        match=r"search.fidelity.epoch=4 is not allowed; allowed: "
+        r"an integer in \[1, 3\]",
+    ):
         make_fidelity(settings_of(cfg))
 
 
@@ -160,20 +191,37 @@ def test_a_digits_study_stops_trials_at_the_rung(tmp_path) -> None:
     from dtp_search.__main__ import CONFIG_DIR
     from dtp_search.study import run_study
 
-    argv = [f"paths.root={tmp_path}", "policy=random", "early_stop=none",
-            "search.fidelity.enabled=true", "search.fidelity.epoch=1", "search.fidelity.eta=2",
-            "search.fidelity.n_startup_trials=2", "search.n_trials=8", "cv.folds=2",
-            "train.epochs=2", "train.finetune_epochs=1", "front.points=0",
-            "console.progress=false", "refit.enabled=false", "threads=1", "seed=3"]
+    argv = [
+        f"paths.root={tmp_path}",
+        "policy=random",
+        "early_stop=none",
+        "search.fidelity.enabled=true",
+        "search.fidelity.epoch=1",
+        "search.fidelity.eta=2",
+        "search.fidelity.n_startup_trials=2",
+        "search.n_trials=8",
+        "cv.folds=2",
+        "train.epochs=2",
+        "train.finetune_epochs=1",
+        "front.points=0",
+        "console.progress=false",
+        "refit.enabled=false",
+        "threads=1",
+        "seed=3",
+    ]
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=argv)
     study = run_study(cfg)
     trials = study.get_trials(deepcopy=False)
-    assert all(POINT_ATTR in t.user_attrs and t.user_attrs[POINT_ATTR]["epoch"] == 1 for t in trials)
+    assert all(
+        POINT_ATTR in t.user_attrs and t.user_attrs[POINT_ATTR]["epoch"] == 1 for t in trials
+    )
     stopped = [t for t in trials if t.state == TrialState.PRUNED]
     assert stopped, [(t.number, t.user_attrs[POINT_ATTR]) for t in trials]
-    assert all(t.user_attrs[RUNG_ATTR] == 0 and "at the fidelity rung" in t.user_attrs["prune_reason"]
-               for t in stopped)
+    assert all(
+        t.user_attrs[RUNG_ATTR] == 0 and "at the fidelity rung" in t.user_attrs["prune_reason"]
+        for t in stopped
+    )
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert complete and all(t.user_attrs[RUNG_ATTR] == 1 for t in complete)
     mlflow.set_tracking_uri(cfg.tracking.uri)

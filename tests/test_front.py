@@ -43,11 +43,17 @@ def test_prune_and_train_records_a_front_and_meets_the_target():
     model = build_model(OmegaConf.create({"arch": "mlp", "hidden": [64]}), ds.input_shape, 10)
     pruner = DynamicPruner(model, AGPThreshold(0.8, start_epoch=1, end_epoch=3, update_every=5))
     idx = np.arange(len(ds.train))
-    train = TensorBatches(ds.train, idx[:1000], batch_size=64, mean=ds.mean, std=ds.std, shuffle=True)
+    train = TensorBatches(
+        ds.train, idx[:1000], batch_size=64, mean=ds.mean, std=ds.std, shuffle=True
+    )
     val = TensorBatches(ds.train, idx[1000:], batch_size=512, mean=ds.mean, std=ds.std)
-    res = prune_and_train(model, pruner, train, val, TrainSettings(epochs=4, finetune_epochs=1, lr=0.1))
+    res = prune_and_train(
+        model, pruner, train, val, TrainSettings(epochs=4, finetune_epochs=1, lr=0.1)
+    )
     sources = [p.source for p in res.front]
-    assert sources.count("update") >= 3 and sources.count("final") == 1 and sources.count("sweep") >= 8
+    assert (
+        sources.count("update") >= 3 and sources.count("final") == 1 and sources.count("sweep") >= 8
+    )
     assert max(p.sparsity for p in res.front) >= 0.99
     assert abs(res.sparsity - 0.8) < 0.01 and res.accuracy > 0.8
     assert [r.epoch for r in res.history] == [1, 2, 3, 4, 5]
@@ -60,11 +66,17 @@ def test_cross_validate_uses_stratified_folds_of_the_training_split_only():
     ds = _digits()
     seen = []
     res = cross_validate(
-        ds, folds=3, seed=0,
-        make_model=lambda: build_model(OmegaConf.create({"arch": "mlp", "hidden": [32]}), ds.input_shape, 10),
+        ds,
+        folds=3,
+        seed=0,
+        make_model=lambda: build_model(
+            OmegaConf.create({"arch": "mlp", "hidden": [32]}), ds.input_shape, 10
+        ),
         make_pruner=lambda m: DynamicPruner(m, AGPThreshold(0.5, start_epoch=0, end_epoch=1)),
-        settings=TrainSettings(epochs=1, finetune_epochs=0), front=FrontSettings(points=8),
-        hooks=FoldHooks(on_fold_end=lambda k, r: seen.append(k)))
+        settings=TrainSettings(epochs=1, finetune_epochs=0),
+        front=FrontSettings(points=8),
+        hooks=FoldHooks(on_fold_end=lambda k, r: seen.append(k)),
+    )
     assert seen == [0, 1, 2] and len(res.folds) == 3
     assert 0 <= res.accuracy_std < 0.2 and abs(res.sparsity - 0.5) < 0.01
 
@@ -81,10 +93,16 @@ def test_cross_validation_never_reads_the_test_split():
     ds = _digits()
     ds.test = _Untouchable()
     res = cross_validate(
-        ds, folds=2, seed=0,
-        make_model=lambda: build_model(OmegaConf.create({"arch": "mlp", "hidden": [16]}), ds.input_shape, 10),
+        ds,
+        folds=2,
+        seed=0,
+        make_model=lambda: build_model(
+            OmegaConf.create({"arch": "mlp", "hidden": [16]}), ds.input_shape, 10
+        ),
         make_pruner=lambda m: DynamicPruner(m, AGPThreshold(0.5, start_epoch=0, end_epoch=1)),
-        settings=TrainSettings(epochs=1, finetune_epochs=0), front=FrontSettings(points=8))
+        settings=TrainSettings(epochs=1, finetune_epochs=0),
+        front=FrontSettings(points=8),
+    )
     assert len(res.folds) == 2
 
 
@@ -92,8 +110,10 @@ def test_pruning_core_imports_neither_optuna_nor_mlflow():
     import subprocess
     import sys
 
-    code = ("import sys, dtp_search.pruning, dtp_search.training, dtp_search.data, dtp_search.models; "
-            "bad = [m for m in ('optuna', 'mlflow') if m in sys.modules]; assert not bad, bad")
+    code = (
+        "import sys, dtp_search.pruning, dtp_search.training, dtp_search.data, dtp_search.models; "
+        "bad = [m for m in ('optuna', 'mlflow') if m in sys.modules]; assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -124,16 +144,26 @@ def test_feedback_reads_a_slice_of_the_training_part_never_the_validation_part(m
             out = wrapped(_p, layers, epoch)
             feedback_sets.extend(calls[n:])  # the evaluate() calls made by the policy itself
             return out
+
         policy.masks = masks
         return pruner
 
     res = cross_validate(
-        ds, folds=2, seed=0,
-        make_model=lambda: build_model(OmegaConf.create({"arch": "mlp", "hidden": [32]}), ds.input_shape, 10),
-        make_pruner=make_pruner, settings=TrainSettings(epochs=2, finetune_epochs=0),
-        front=FrontSettings(points=2))
-    folds = list(StratifiedKFold(2, shuffle=True, random_state=0).split(
-        np.zeros(len(ds.train.labels)), ds.train.labels.numpy()))
+        ds,
+        folds=2,
+        seed=0,
+        make_model=lambda: build_model(
+            OmegaConf.create({"arch": "mlp", "hidden": [32]}), ds.input_shape, 10
+        ),
+        make_pruner=make_pruner,
+        settings=TrainSettings(epochs=2, finetune_epochs=0),
+        front=FrontSettings(points=2),
+    )
+    folds = list(
+        StratifiedKFold(2, shuffle=True, random_state=0).split(
+            np.zeros(len(ds.train.labels)), ds.train.labels.numpy()
+        )
+    )
     assert feedback_sets and res.sparsity > 0.3
     for seen in feedback_sets:
         fold = next(k for k, (tr, _) in enumerate(folds) if seen <= set(tr.tolist()))
@@ -153,8 +183,9 @@ def test_l1_penalty_adds_lr_times_lambda_times_sign_to_one_sgd_step():
         start = model.net[1].weight.detach().clone()
         pruner = DynamicPruner(model, ConstantThreshold(0.0, start_epoch=100), min_keep=0)
         train = TensorBatches(ds.train, idx, batch_size=64, mean=ds.mean, std=ds.std)
-        settings = TrainSettings(epochs=1, finetune_epochs=0, lr=0.5, momentum=0.0,
-                                 weight_decay=0.0, l1=l1)
+        settings = TrainSettings(
+            epochs=1, finetune_epochs=0, lr=0.5, momentum=0.0, weight_decay=0.0, l1=l1
+        )
         prune_and_train(model, pruner, train, train, settings, front=FrontSettings(points=1))
         results[l1] = model.net[1].weight.detach()
     assert torch.allclose(results[0.01] - results[0.0], -0.5 * 0.01 * torch.sign(start), atol=1e-6)
@@ -166,8 +197,9 @@ def test_activation_criterion_is_a_running_mean_of_absolute_outputs():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
     crit = Activation(beta=0.5)
-    DynamicPruner(net, ConstantThreshold(0.0), crit, granularity="neuron",
-                  example_input=torch.zeros(1, 4))
+    DynamicPruner(
+        net, ConstantThreshold(0.0), crit, granularity="neuron", example_input=torch.zeros(1, 4)
+    )
     xs = [torch.randn(5, 4), torch.randn(5, 4)]
     outs = []
     for x in xs:
@@ -191,7 +223,9 @@ def test_l1_starts_at_its_epoch_and_reaches_biases_only_when_asked():
         torch.manual_seed(0)
         model = build_model({"arch": "mlp", "hidden": [16]}, ds.input_shape, 10)
         pruner = DynamicPruner(model, build_policy("dense", {}))
-        tr = TensorBatches(ds.train, idx[:600], batch_size=64, mean=ds.mean, std=ds.std, shuffle=True)
+        tr = TensorBatches(
+            ds.train, idx[:600], batch_size=64, mean=ds.mean, std=ds.std, shuffle=True
+        )
         va = TensorBatches(ds.train, idx[600:900], batch_size=256, mean=ds.mean, std=ds.std)
         prune_and_train(model, pruner, tr, va, TrainSettings(lr=0.05, finetune_epochs=0, **kw))
         return model

@@ -31,8 +31,9 @@ def _imports(path: Path) -> list[str]:
         elif isinstance(node, ast.ImportFrom):
             assert not node.level, f"{path.name}: a relative import; write dtp_search.<module>"
             base = node.module or ""
-            out += [f"{base}.{a.name}" if _is_module(f"{base}.{a.name}") else base
-                    for a in node.names]
+            out += [
+                f"{base}.{a.name}" if _is_module(f"{base}.{a.name}") else base for a in node.names
+            ]
     return out
 
 
@@ -40,8 +41,10 @@ def _graph() -> dict[str, set[str]]:
     """Module → the package modules it imports, at module level or inside functions (an
     import moved into a function to dodge a cycle is still one)."""
     modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
-    return {name: {t for t in _imports(path) if t in modules and t != name}
-            for name, path in modules.items()}
+    return {
+        name: {t for t in _imports(path) if t in modules and t != name}
+        for name, path in modules.items()
+    }
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -94,8 +97,10 @@ def test_the_pruning_core_imports_neither_optuna_nor_mlflow():
     for path in (PACKAGE / "pruning").rglob("*.py"):
         roots = {target.split(".")[0] for target in _imports(path)}
         assert not roots & {"optuna", "mlflow", "hydra", "omegaconf"}, path.name
-        assert not any(t.startswith("dtp_search.") and not t.startswith("dtp_search.pruning")
-                       for t in _imports(path)), path.name
+        assert not any(
+            t.startswith("dtp_search.") and not t.startswith("dtp_search.pruning")
+            for t in _imports(path)
+        ), path.name
 
 
 def test_the_cycle_finder_finds_a_cycle():

@@ -16,15 +16,28 @@ from inprocess import run_here
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-ARGS = ["study.name=intr", "search.n_trials=2", "cv.folds=2", "train.epochs=8",
-        "train.finetune_epochs=2", "front.points=2", "policy.update_every=5",
-        "console.progress=false", "threads=1", "refit.enabled=false"]
+ARGS = [
+    "study.name=intr",
+    "search.n_trials=2",
+    "cv.folds=2",
+    "train.epochs=8",
+    "train.finetune_epochs=2",
+    "front.points=2",
+    "policy.update_every=5",
+    "console.progress=false",
+    "threads=1",
+    "refit.enabled=false",
+]
 
 
 def _start(root: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "dtp_search", f"paths.root={root}", *ARGS],
-                            cwd=root.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "dtp_search", f"paths.root={root}", *ARGS],
+        cwd=root.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for_checkpoint(folder: Path, timeout: float = 300) -> None:
@@ -69,6 +82,7 @@ def test_interrupted_trial_fails_cleanly_and_the_rerun_resumes_it(tmp_path, sig)
     states = [t.state for t in study.trials]
     assert states.count(TrialState.COMPLETE) == 2 and TrialState.RUNNING not in states
     assert TrialState.WAITING not in states
-    retry = next(t for t in study.trials if t.state == TrialState.COMPLETE
-                 and t.params == failed[0].params)
+    retry = next(
+        t for t in study.trials if t.state == TrialState.COMPLETE and t.params == failed[0].params
+    )
     assert retry.user_attrs["resumed_from"].startswith(f"checkpoint of trial {failed[0].number}")

@@ -30,10 +30,25 @@ from inprocess import run_here
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # As in the machine notes: headless, and no background traffic (the network is closed).
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-STUDY = ["search.n_trials=4", "cv.folds=2", "train.epochs=3", "train.finetune_epochs=1",
-         "front.points=4", "console.progress=false", "refit.top_k=1"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+STUDY = [
+    "search.n_trials=4",
+    "cv.folds=2",
+    "train.epochs=3",
+    "train.finetune_epochs=1",
+    "front.points=4",
+    "console.progress=false",
+    "refit.top_k=1",
+]
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +64,9 @@ def _need_browser() -> None:
     if missing:
         if os.environ.get("CI"):  # .ci/run installs both: a skip there would hide a failure
             pytest.fail(f"missing {', '.join(missing)}")
-        pytest.skip(f"missing {', '.join(missing)} (apt-get install chromium; pip install playwright)")
+        pytest.skip(
+            f"missing {', '.join(missing)} (apt-get install chromium; pip install playwright)"
+        )
 
 
 def _free_port() -> int:
@@ -71,10 +88,23 @@ def ui(tmp_path_factory):
     # (the pages are the same; four start-ups cost tens of seconds). In a session of its
     # own: the server's job runner starts huey consumers that a plain terminate() of
     # `mlflow ui` leaves behind, and the group is stopped whole.
-    server = subprocess.Popen([str(mlflow), "ui", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    server = subprocess.Popen(
+        [
+            str(mlflow),
+            "ui",
+            "--backend-store-uri",
+            f"sqlite:///{root}/mlflow.db",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120

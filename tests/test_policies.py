@@ -31,8 +31,11 @@ def _layers(*tensors):
     out = []
     for i, w in enumerate(tensors):
         w = torch.as_tensor(w, dtype=torch.float32)
-        out.append(LayerView(f"l{i}", w, w.abs(), torch.ones(w.shape, dtype=torch.bool),
-                             WeightMask(w.shape)))
+        out.append(
+            LayerView(
+                f"l{i}", w, w.abs(), torch.ones(w.shape, dtype=torch.bool), WeightMask(w.shape)
+            )
+        )
     return out
 
 
@@ -52,10 +55,18 @@ def test_std_scaled_uses_population_std_of_each_layer():
     assert b.mask.mask.tolist() == [1, 1, 1, 1]
 
 
-@pytest.mark.parametrize(("shape", "epoch", "expected"), [
-    ("linear", 0.0, 0.1), ("linear", 2.0, 0.1), ("linear", 4.0, 0.3), ("linear", 6.0, 0.5),
-    ("linear", 9.0, 0.5), ("cubic", 4.0, 0.1 + 0.4 * (1 - 0.5 ** 3)), ("cubic", 3.0, 0.1 + 0.4 * (1 - 0.75 ** 3)),
-])
+@pytest.mark.parametrize(
+    ("shape", "epoch", "expected"),
+    [
+        ("linear", 0.0, 0.1),
+        ("linear", 2.0, 0.1),
+        ("linear", 4.0, 0.3),
+        ("linear", 6.0, 0.5),
+        ("linear", 9.0, 0.5),
+        ("cubic", 4.0, 0.1 + 0.4 * (1 - 0.5**3)),
+        ("cubic", 3.0, 0.1 + 0.4 * (1 - 0.75**3)),
+    ],
+)
 def test_scheduled_threshold_ramp(shape, epoch, expected):
     p = ScheduledThreshold(0.1, 0.5, start_epoch=2, end_epoch=6, shape=shape)
     assert p.theta(epoch) == pytest.approx(expected)
@@ -66,15 +77,18 @@ def test_agp_target_follows_the_cubic_schedule():
     p = AGPThreshold(0.8, initial_sparsity=0.2, start_epoch=1, end_epoch=5)
     assert p.target_sparsity(0) == pytest.approx(0.2)
     assert p.target_sparsity(1) == pytest.approx(0.2)
-    assert p.target_sparsity(3) == pytest.approx(0.8 + (0.2 - 0.8) * 0.5 ** 3)
+    assert p.target_sparsity(3) == pytest.approx(0.8 + (0.2 - 0.8) * 0.5**3)
     assert p.target_sparsity(5) == pytest.approx(0.8)
     assert p.target_sparsity(50) == pytest.approx(0.8)
 
 
 @pytest.mark.parametrize("name", ["scheduled", "agp", "feedback"])
 def test_a_window_that_ends_before_it_starts_is_one_step_at_the_start(name):
-    params = {"scheduled": {"theta_start": 0.1, "theta_end": 0.5},
-              "agp": {"final_sparsity": 0.8}, "feedback": {}}[name]
+    params = {
+        "scheduled": {"theta_start": 0.1, "theta_end": 0.5},
+        "agp": {"final_sparsity": 0.8},
+        "feedback": {},
+    }[name]
     p = build_policy(name, {**params, "start_epoch": 3, "end_epoch": 1})
     assert p.end_epoch == p.final_epoch() == 3
     if name == "scheduled":
@@ -111,8 +125,9 @@ def test_global_magnitude_masks_match_torch_prune_global_unstructured():
     ref.load_state_dict(ours.state_dict())
     pruner = DynamicPruner(ours, AGPThreshold(0.7, start_epoch=0, end_epoch=0, scope="global"))
     pruner.update(epoch=1.0)
-    prune.global_unstructured([(ref[0], "weight"), (ref[2], "weight")],
-                              pruning_method=prune.L1Unstructured, amount=0.7)
+    prune.global_unstructured(
+        [(ref[0], "weight"), (ref[2], "weight")], pruning_method=prune.L1Unstructured, amount=0.7
+    )
     assert torch.equal(pruner.masks["0"].bool_mask, ref[0].weight_mask.bool())
     assert torch.equal(pruner.masks["2"].bool_mask, ref[2].weight_mask.bool())
 
@@ -125,7 +140,9 @@ def test_masks_only_tighten_for_threshold_policies():
     with torch.no_grad():
         lin.parametrizations.weight.original.mul_(100)  # pruned weights grow in the dense copy
     pruner.update(1)
-    assert not (pruner.masks[""].bool_mask & ~before).any()  # ... but score |w ⊙ m| = 0 keeps them pruned
+    assert not (
+        pruner.masks[""].bool_mask & ~before
+    ).any()  # ... but score |w ⊙ m| = 0 keeps them pruned
 
 
 def test_pruner_respects_update_grid_and_start_epoch():
@@ -135,18 +152,24 @@ def test_pruner_respects_update_grid_and_start_epoch():
     assert pruner.step(10, epoch=2.5) == {"": 0.1}
 
 
-@pytest.mark.parametrize(("name", "params"), [
-    ("constant", {"theta": -1}), ("std_scaled", {"q": -0.5}),
-    ("scheduled", {"theta_start": 0, "theta_end": 1, "end_epoch": 4, "shape": "square"}),
-    ("agp", {"final_sparsity": 1.0, "end_epoch": 3}), ("agp", {"final_sparsity": 0.5, "end_epoch": 3, "scope": "net"}),
-    ("nope", {}),
-])
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [
+        ("constant", {"theta": -1}),
+        ("std_scaled", {"q": -0.5}),
+        ("scheduled", {"theta_start": 0, "theta_end": 1, "end_epoch": 4, "shape": "square"}),
+        ("agp", {"final_sparsity": 1.0, "end_epoch": 3}),
+        ("agp", {"final_sparsity": 0.5, "end_epoch": 3, "scope": "net"}),
+        ("nope", {}),
+    ],
+)
 def test_invalid_policy_parameters_are_rejected(name, params):
     with pytest.raises(ValueError):
         build_policy(name, params)
 
 
 # --- weighted quantile ---------------------------------------------------------------
+
 
 def test_weighted_quantile_prunes_by_weight_not_by_count():
     scores = torch.tensor([0.1, 0.2, 0.3, 0.4])
@@ -158,6 +181,7 @@ def test_weighted_quantile_prunes_by_weight_not_by_count():
 
 
 # --- feedback ------------------------------------------------------------------------
+
 
 def _feedback(accuracies, **kw):
     p = FeedbackThreshold(step=0.5, tolerance=0.01, backoff=0.5, start_epoch=0, **kw)
@@ -211,6 +235,7 @@ def test_feedback_stops_raising_after_end_epoch():
 
 
 # --- splicing ------------------------------------------------------------------------
+
 
 def test_splicing_thresholds_and_hysteresis():
     w = torch.tensor([0.1, 0.2, 0.3, 0.4, 1.0])
@@ -339,8 +364,7 @@ def test_recover_brings_back_a_weight_that_grows_past_the_band():
 
 
 def test_feedback_recovers_with_the_band():
-    p = FeedbackThreshold(step=0.5, recover=True, start_epoch=0, target="theta",
-                          theta_start=0.4)
+    p = FeedbackThreshold(step=0.5, recover=True, start_epoch=0, target="theta", theta_start=0.4)
     p.feedback = lambda: 1.0
     w = torch.tensor([0.1, 0.41, 0.5, 0.7])
     keep = torch.tensor([True, False, True, True])
@@ -353,8 +377,11 @@ def test_feedback_recovers_with_the_band():
 @pytest.mark.parametrize("name", ["dense", "oneshot_global", "random", "soft_threshold"])
 def test_recover_is_refused_by_policies_that_cannot_recover(name):
     params = {"oneshot_global": {"amount": 0.5}, "random": {"sparsity": 0.5}}.get(name, {})
-    with pytest.raises(ValueError, match=f"recover=true is not supported by policy {name}; "
-                                         r"allowed with: \['constant', 'std_scaled'"):
+    with pytest.raises(
+        ValueError,
+        match=f"recover=true is not supported by policy {name}; "
+        r"allowed with: \['constant', 'std_scaled'",
+    ):
         build_policy(name, {**params, "recover": True})
     with pytest.raises(ValueError, match=r"band must be in \[0, 1\)"):
         build_policy("agp", {"final_sparsity": 0.5, "end_epoch": 2, "band": 1.5})
@@ -393,6 +420,7 @@ def test_splicing_update_probability_decays_and_stops():
 
 # --- soft threshold (STR) --------------------------------------------------------------
 
+
 def test_soft_threshold_shrinks_weights_and_hardens_into_a_mask():
     lin = nn.Linear(4, 1, bias=False)
     with torch.no_grad():
@@ -424,6 +452,7 @@ def test_soft_threshold_min_keep_restores_raw_weights_not_zeros():
 
 # --- baselines -----------------------------------------------------------------------
 
+
 def test_oneshot_global_is_torch_global_unstructured_after_dense_training():
     torch.manual_seed(2)
     ours = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 10))
@@ -432,8 +461,9 @@ def test_oneshot_global_is_torch_global_unstructured_after_dense_training():
     pruner = DynamicPruner(ours, OneShotGlobal(0.8), min_keep=0)
     assert not any(pruner.policy.should_update(s, 5.0) for s in range(1, 100))  # dense phase
     pruner.finalize()
-    prune.global_unstructured([(ref[0], "weight"), (ref[2], "weight")],
-                              pruning_method=prune.L1Unstructured, amount=0.8)
+    prune.global_unstructured(
+        [(ref[0], "weight"), (ref[2], "weight")], pruning_method=prune.L1Unstructured, amount=0.8
+    )
     assert torch.equal(pruner.masks["0"].bool_mask, ref[0].weight_mask.bool())
     assert torch.equal(pruner.masks["2"].bool_mask, ref[2].weight_mask.bool())
 
@@ -459,6 +489,7 @@ def test_dense_baseline_never_prunes():
 
 
 # --- criteria and safety ---------------------------------------------------------------
+
 
 def test_taylor_score_is_a_moving_average_of_weight_times_gradient():
     lin = nn.Linear(3, 1, bias=False)
@@ -497,12 +528,17 @@ def test_a_decision_under_min_keep_raises_when_on_collapse_is_prune():
         net[0].weight.mul_(1e-3)
         net[2].weight.fill_(1.0)
     pruner = DynamicPruner(net, ConstantThreshold(0.3), min_keep=0.01, on_collapse="prune")
-    with pytest.raises(LayerCollapse, match=r"layer 0 with 0 of 1000 weights at epoch 1\.50 "
-                                            r"\(min_keep allows no fewer than 10\)") as info:
+    with pytest.raises(
+        LayerCollapse,
+        match=r"layer 0 with 0 of 1000 weights at epoch 1\.50 "
+        r"\(min_keep allows no fewer than 10\)",
+    ) as info:
         pruner.update(1.5)
     assert (info.value.layer, info.value.kept, info.value.minimum) == ("0", 0, 10)
     # Within the floor nothing is raised: layer 2 keeps all of its weights.
-    ok = DynamicPruner(nn.Sequential(nn.Linear(10, 10)), ConstantThreshold(0.0), on_collapse="prune")
+    ok = DynamicPruner(
+        nn.Sequential(nn.Linear(10, 10)), ConstantThreshold(0.0), on_collapse="prune"
+    )
     ok.update(0)
     assert ok.restored == {}
 
@@ -514,8 +550,14 @@ def test_an_emptied_layer_raises_without_a_floor_to_restore():
         pruner.finalize()
     # Structured units are named as such.
     net = nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 2))
-    pruner = DynamicPruner(net, ConstantThreshold(1e9), granularity="neuron", min_keep=2,
-                           on_collapse="prune", example_input=torch.zeros(1, 10))
+    pruner = DynamicPruner(
+        net,
+        ConstantThreshold(1e9),
+        granularity="neuron",
+        min_keep=2,
+        on_collapse="prune",
+        example_input=torch.zeros(1, 10),
+    )
     with pytest.raises(LayerCollapse, match="0 of 10 neurons"):
         pruner.update(0)
 
@@ -523,12 +565,16 @@ def test_an_emptied_layer_raises_without_a_floor_to_restore():
 def test_bad_granularity_and_min_keep_are_rejected():
     net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     with pytest.raises(ValueError, match="granularity"):
-        DynamicPruner(net, OneShotGlobal(0.5), granularity="neuron",
-                      example_input=torch.zeros(1, 4))
+        DynamicPruner(
+            net, OneShotGlobal(0.5), granularity="neuron", example_input=torch.zeros(1, 4)
+        )
     with pytest.raises(ValueError, match="min_keep"):
         DynamicPruner(net, ConstantThreshold(0.1), min_keep=2.5)
-    with pytest.raises(ValueError, match=r"on_collapse='fail' is not allowed; "
-                                         r"allowed: \['restore', 'prune', 'penalize'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"on_collapse='fail' is not allowed; "
+        r"allowed: \['restore', 'prune', 'penalize'\]",
+    ):
         DynamicPruner(net, ConstantThreshold(0.1), on_collapse="fail")
     with pytest.raises(ValueError, match="allowed"):
         DynamicPruner(net, ConstantThreshold(0.1), Activation(), granularity="weight")

@@ -18,8 +18,15 @@ from dtp_search.__main__ import CONFIG_DIR, check_overrides
 from dtp_search.study import run_study
 
 PRESETS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("ref_*.yaml"))
-TINY = ["cv.folds=2", "train.epochs=2", "train.finetune_epochs=0", "front.points=2",
-        "console.progress=false", "search.n_trials=2", "threads=1"]
+TINY = [
+    "cv.folds=2",
+    "train.epochs=2",
+    "train.finetune_epochs=0",
+    "front.points=2",
+    "console.progress=false",
+    "search.n_trials=2",
+    "threads=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,15 +37,21 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 
 def test_every_reference_experiment_has_a_preset():
-    assert PRESETS == ["ref_cifar_l1", "ref_cifar_post", "ref_cifar_pre", "ref_criteria",
-                       "ref_granularity", "ref_mnist_mlp", "ref_mnist_recover"]
+    assert PRESETS == [
+        "ref_cifar_l1",
+        "ref_cifar_post",
+        "ref_cifar_pre",
+        "ref_criteria",
+        "ref_granularity",
+        "ref_mnist_mlp",
+        "ref_mnist_recover",
+    ]
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_a_preset_runs_a_study_on_a_tiny_budget(preset, data, tmp_path):
     kind = "mnist" if "mnist" in preset else "cifar10"
-    argv = [f"+experiment={preset}", f"paths.root={tmp_path}", f"dataset.path={data[kind]}",
-            *TINY]
+    argv = [f"+experiment={preset}", f"paths.root={tmp_path}", f"dataset.path={data[kind]}", *TINY]
     if preset == "ref_cifar_l1":
         argv.append("train.l1_start_epoch=1")  # the L1 phase starts inside the tiny budget
     assert check_overrides(argv) is None
@@ -50,6 +63,11 @@ def test_a_preset_runs_a_study_on_a_tiny_budget(preset, data, tmp_path):
     assert len(finished) == 2 and all(t.state != optuna.trial.TrialState.FAIL for t in finished)
     complete = [t for t in finished if t.state == optuna.trial.TrialState.COMPLETE]
     assert complete and all("cv_accuracy" in t.user_attrs for t in complete)
-    if preset in ("ref_cifar_pre", "ref_cifar_post", "ref_mnist_mlp", "ref_mnist_recover",
-                  "ref_cifar_l1"):
+    if preset in (
+        "ref_cifar_pre",
+        "ref_cifar_post",
+        "ref_mnist_mlp",
+        "ref_mnist_recover",
+        "ref_cifar_l1",
+    ):
         assert {p for t in complete for p in t.params} >= {"policy.theta"}

@@ -27,8 +27,9 @@ def test_defining_config_keeps_what_defines_a_study_and_drops_where_it_runs():
     assert flat["dataset.digest"] == "abc" and "cv.folds" in flat and "seed" in flat
     assert flat["search.objectives"] == ["accuracy", "sparsity"]
     for key in flat:
-        assert not key.startswith(("paths.", "study.", "tracking.", "console.", "search.sampler",
-                                   "search.n_trials")), key
+        assert not key.startswith(
+            ("paths.", "study.", "tracking.", "console.", "search.sampler", "search.n_trials")
+        ), key
     assert "train.eval_batch_size" not in flat and "train.compile" not in flat
     # The data's location is not part of it; its content (the digest) is.
     other = provenance.defining_config(_cfg("dataset=cifar10", "dataset.path=/a"), "d")
@@ -47,22 +48,28 @@ def test_changes_lists_differences_names_first_and_honours_allowed_prefixes():
 
 
 def test_a_resume_with_another_configuration_is_refused_unless_allowed(tmp_path):
-    study = optuna.create_study(storage=f"sqlite:///{tmp_path}/s.db", study_name="s",
-                                directions=["maximize", "maximize"])
+    study = optuna.create_study(
+        storage=f"sqlite:///{tmp_path}/s.db", study_name="s", directions=["maximize", "maximize"]
+    )
     first = provenance.defining_config(_cfg(), "abc")
     assert provenance.check_unchanged(study, first) == {}  # nothing stored yet
     provenance.record_study(study, first, {})
     assert provenance.check_unchanged(study, first) == {}
     changed = provenance.defining_config(_cfg("policy=splicing"), "abc")
-    with pytest.raises(ConfigError, match=r"policy.name: 'agp' -> 'splicing'.*"
-                                          r"study.allow_changes=\[policy\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"policy.name: 'agp' -> 'splicing'.*"
+        r"study.allow_changes=\[policy\]",
+    ):
         provenance.check_unchanged(study, changed)
     allowed = provenance.check_unchanged(study, changed, ["policy"])
     provenance.record_study(study, changed, allowed)
     assert study.user_attrs["config"] == changed
     assert study.user_attrs["config_changes"] == [sorted(allowed)]
     with pytest.raises(ConfigError, match=r"dataset.digest: 'abc' -> 'xyz'"):
-        provenance.check_unchanged(study, provenance.defining_config(_cfg("policy=splicing"), "xyz"))
+        provenance.check_unchanged(
+            study, provenance.defining_config(_cfg("policy=splicing"), "xyz")
+        )
 
 
 def test_refit_rebuilds_a_trial_from_its_own_config():

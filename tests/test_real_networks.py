@@ -57,8 +57,14 @@ class Block(nn.Module):
 class TinyTransformer(nn.Module):
     """A Conv1d token embedding over [B, C, L], two transformer blocks, a linear head."""
 
-    def __init__(self, num_classes: int = 5, in_channels: int = 3, dim: int = 16,
-                 heads: int = 2, depth: int = 2) -> None:
+    def __init__(
+        self,
+        num_classes: int = 5,
+        in_channels: int = 3,
+        dim: int = 16,
+        heads: int = 2,
+        depth: int = 2,
+    ) -> None:
         super().__init__()
         self.embed = nn.Conv1d(in_channels, dim, 3, padding=1)
         self.encoder = nn.ModuleList([Block(dim, heads) for _ in range(depth)])
@@ -108,7 +114,9 @@ def _random_masks(masks: dict, p: float = 0.5) -> None:
 # --------------------------------------------------------------- convolutions, any groups
 
 CONVS = [
-    (nn.Conv1d, (2, 8, 9)), (nn.Conv2d, (2, 8, 7, 7)), (nn.Conv3d, (1, 8, 4, 4, 4)),
+    (nn.Conv1d, (2, 8, 9)),
+    (nn.Conv2d, (2, 8, 7, 7)),
+    (nn.Conv3d, (1, 8, 4, 4, 4)),
 ]
 
 
@@ -119,12 +127,17 @@ def test_weight_masks_on_grouped_and_depthwise_convs_are_exact(conv, shape, grou
     layer = conv(8, 16, 3, padding=1, groups=groups)
     w = layer.weight.detach().clone()
     masks = attach_masks(layer)
-    assert list(masks) == [""] and masks[""].mask.shape == (16, 8 // groups) + (3,) * (len(shape) - 2)
+    assert list(masks) == [""] and masks[""].mask.shape == (16, 8 // groups) + (3,) * (
+        len(shape) - 2
+    )
     _random_masks(masks)
     keep = masks[""].mask
     x = torch.randn(shape)
-    f = {nn.Conv1d: nn.functional.conv1d, nn.Conv2d: nn.functional.conv2d,
-         nn.Conv3d: nn.functional.conv3d}[conv]
+    f = {
+        nn.Conv1d: nn.functional.conv1d,
+        nn.Conv2d: nn.functional.conv2d,
+        nn.Conv3d: nn.functional.conv3d,
+    }[conv]
     expected = f(x, w * keep, layer.bias, padding=1, groups=groups)
     torch.testing.assert_close(layer(x), expected)
     assert sparsity(layer) == pytest.approx(float((keep == 0).float().mean()))
@@ -132,30 +145,43 @@ def test_weight_masks_on_grouped_and_depthwise_convs_are_exact(conv, shape, grou
 
 def _grouped_net(conv: type[nn.Module], pool: type[nn.Module]) -> nn.Sequential:
     return nn.Sequential(
-        conv(3, 8, 3, padding=1), nn.ReLU(),
-        conv(8, 8, 3, padding=1, groups=8), nn.ReLU(),  # depthwise
-        conv(8, 16, 1), nn.ReLU(),  # feeds a grouped conv
-        conv(16, 8, 1, groups=2), nn.ReLU(),  # grouped producer
-        conv(8, 12, 1), nn.ReLU(),  # the only exactly removable channels
-        conv(12, 8, 1), nn.ReLU(),
-        pool(1), nn.Flatten(), nn.Linear(8, 4),
+        conv(3, 8, 3, padding=1),
+        nn.ReLU(),
+        conv(8, 8, 3, padding=1, groups=8),
+        nn.ReLU(),  # depthwise
+        conv(8, 16, 1),
+        nn.ReLU(),  # feeds a grouped conv
+        conv(16, 8, 1, groups=2),
+        nn.ReLU(),  # grouped producer
+        conv(8, 12, 1),
+        nn.ReLU(),  # the only exactly removable channels
+        conv(12, 8, 1),
+        nn.ReLU(),
+        pool(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
     )
 
 
-@pytest.mark.parametrize(("conv", "pool", "shape"), [
-    (nn.Conv1d, nn.AdaptiveAvgPool1d, (1, 3, 9)),
-    (nn.Conv2d, nn.AdaptiveAvgPool2d, (1, 3, 6, 6)),
-    (nn.Conv3d, nn.AdaptiveAvgPool3d, (1, 3, 4, 4, 4)),
-])
+@pytest.mark.parametrize(
+    ("conv", "pool", "shape"),
+    [
+        (nn.Conv1d, nn.AdaptiveAvgPool1d, (1, 3, 9)),
+        (nn.Conv2d, nn.AdaptiveAvgPool2d, (1, 3, 6, 6)),
+        (nn.Conv3d, nn.AdaptiveAvgPool3d, (1, 3, 4, 4, 4)),
+    ],
+)
 def test_grouped_convs_take_no_part_in_channel_pruning_and_stay_valid_when_compacted(
-        conv, pool, shape):
+    conv, pool, shape
+):
     torch.manual_seed(0)
     net = _grouped_net(conv, pool)
     x = torch.randn(shape)
     groups = trace_units(net, x)
     assert {n for n, g in groups.items() if g is not None} == {"8", "10"}
-    pruner = DynamicPruner(net, ConstantThreshold(0.0), granularity="channel", min_keep=1,
-                           example_input=x)
+    pruner = DynamicPruner(
+        net, ConstantThreshold(0.0), granularity="channel", min_keep=1, example_input=x
+    )
     assert pruner.layer_names == ["8", "10"]
     pruner.write({"8": torch.arange(12) % 3 != 0, "10": torch.arange(8) % 2 == 0})
     small = compact_model(net, x)
@@ -181,8 +207,9 @@ def _reference(mha: nn.MultiheadAttention) -> nn.MultiheadAttention:
 
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("training", [True, False])
-def test_in_projection_masks_reach_the_attention_forward_exactly(batch_first, training,
-                                                                 monkeypatch):
+def test_in_projection_masks_reach_the_attention_forward_exactly(
+    batch_first, training, monkeypatch
+):
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(8, 2, batch_first=batch_first)
     dense = mha.in_proj_weight.detach().clone()
@@ -240,8 +267,9 @@ def test_separate_query_key_value_projections_are_three_layers():
         assert (getattr(ref, attr) == 0).any()
     torch.testing.assert_close(out, ref(q, k, v)[0], atol=0, rtol=0)
     biases = {t.name: t.bias for t in prunable_tensors(mha)}
-    torch.testing.assert_close(torch.cat([biases[n] for n in ("q_proj", "k_proj", "v_proj")]),
-                               mha.in_proj_bias)
+    torch.testing.assert_close(
+        torch.cat([biases[n] for n in ("q_proj", "k_proj", "v_proj")]), mha.in_proj_bias
+    )
 
 
 def test_the_transformer_encoder_fast_path_sees_the_masked_in_projection(monkeypatch):
@@ -254,8 +282,11 @@ def test_the_transformer_encoder_fast_path_sees_the_masked_in_projection(monkeyp
 
     monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", spy)
     torch.manual_seed(0)
-    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True),
-                                num_layers=2, enable_nested_tensor=False).eval()
+    enc = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(8, 2, 16, batch_first=True),
+        num_layers=2,
+        enable_nested_tensor=False,
+    ).eval()
     names = [t.name for t in prunable_tensors(enc)]
     assert "layers.0.self_attn.in_proj" in names and "layers.1.linear2" in names
     masks = attach_masks(enc)
@@ -278,27 +309,49 @@ def test_the_transformer_encoder_fast_path_sees_the_masked_in_projection(monkeyp
 
 def test_layer_names_of_a_transformer_and_of_torchvision_networks():
     names = [t.name for t in prunable_tensors(TinyTransformer())]
-    assert names == ["embed", "encoder.0.self_attn.in_proj", "encoder.0.self_attn.out_proj",
-                     "encoder.0.mlp.0", "encoder.0.mlp.2", "encoder.1.self_attn.in_proj",
-                     "encoder.1.self_attn.out_proj", "encoder.1.mlp.0", "encoder.1.mlp.2", "head"]
+    assert names == [
+        "embed",
+        "encoder.0.self_attn.in_proj",
+        "encoder.0.self_attn.out_proj",
+        "encoder.0.mlp.0",
+        "encoder.0.mlp.2",
+        "encoder.1.self_attn.in_proj",
+        "encoder.1.self_attn.out_proj",
+        "encoder.1.mlp.0",
+        "encoder.1.mlp.2",
+        "head",
+    ]
     # prunable_layers keeps listing the Linear/Conv modules (whose tensor is .weight).
     assert [n for n, _ in prunable_layers(TinyTransformer())] == [
-        n for n in names if not n.endswith(".in_proj")]
+        n for n in names if not n.endswith(".in_proj")
+    ]
     mobilenet = [t.name for t in prunable_tensors(torchvision.models.mobilenet_v3_small())]
     assert mobilenet[0] == "features.0.0" and mobilenet[-1] == "classifier.3"
     assert "features.1.block.1.fc1" in mobilenet
 
 
-@pytest.mark.parametrize(("selection", "chosen"), [
-    (LayerSelection(include=["*.in_proj"]),
-     ["encoder.0.self_attn.in_proj", "encoder.1.self_attn.in_proj"]),
-    (LayerSelection(include=["encoder.1.*"], exclude=["*.mlp.*"]),
-     ["encoder.1.self_attn.in_proj", "encoder.1.self_attn.out_proj"]),
-    (LayerSelection(include=["*self_attn*"], exclude=["encoder.0.self_attn.in_proj"]),
-     ["encoder.0.self_attn.out_proj", "encoder.1.self_attn.in_proj",
-      "encoder.1.self_attn.out_proj"]),
-    (LayerSelection(exclude=["embed", "encoder.*"], exclude_classifier=True), None),
-])
+@pytest.mark.parametrize(
+    ("selection", "chosen"),
+    [
+        (
+            LayerSelection(include=["*.in_proj"]),
+            ["encoder.0.self_attn.in_proj", "encoder.1.self_attn.in_proj"],
+        ),
+        (
+            LayerSelection(include=["encoder.1.*"], exclude=["*.mlp.*"]),
+            ["encoder.1.self_attn.in_proj", "encoder.1.self_attn.out_proj"],
+        ),
+        (
+            LayerSelection(include=["*self_attn*"], exclude=["encoder.0.self_attn.in_proj"]),
+            [
+                "encoder.0.self_attn.out_proj",
+                "encoder.1.self_attn.in_proj",
+                "encoder.1.self_attn.out_proj",
+            ],
+        ),
+        (LayerSelection(exclude=["embed", "encoder.*"], exclude_classifier=True), None),
+    ],
+)
 def test_layer_selection_globs_reach_attention_projections(selection, chosen):
     torch.manual_seed(0)
     model = TinyTransformer()
@@ -317,16 +370,22 @@ def test_layer_selection_globs_reach_attention_projections(selection, chosen):
 
 def test_exclude_classifier_on_a_transformer_spares_its_head_only():
     model = TinyTransformer()
-    pruner = DynamicPruner(model, ConstantThreshold(0.05),
-                           layers=LayerSelection(exclude_classifier=True))
+    pruner = DynamicPruner(
+        model, ConstantThreshold(0.05), layers=LayerSelection(exclude_classifier=True)
+    )
     assert "head" not in pruner.masks and "encoder.1.mlp.2" in pruner.masks
     assert "encoder.0.self_attn.in_proj" in pruner.masks
 
 
 def test_a_glob_that_matches_no_layer_lists_the_attention_names():
-    with pytest.raises(ValueError, match=r"matches no prunable layer.*'encoder.0.self_attn.in_proj'"):
-        DynamicPruner(TinyTransformer(), ConstantThreshold(0.05),
-                      layers=LayerSelection(include=["*.in_proj_weight"]))
+    with pytest.raises(
+        ValueError, match=r"matches no prunable layer.*'encoder.0.self_attn.in_proj'"
+    ):
+        DynamicPruner(
+            TinyTransformer(),
+            ConstantThreshold(0.05),
+            layers=LayerSelection(include=["*.in_proj_weight"]),
+        )
 
 
 # ---------------------------------------------------------------- pruning to a target
@@ -337,8 +396,9 @@ def test_a_glob_that_matches_no_layer_lists_the_attention_names():
 def test_agp_reaches_its_target_sparsity_on_user_networks(build, scope):
     torch.manual_seed(0)
     model = build()
-    policy = build_policy("agp", {"final_sparsity": 0.7, "end_epoch": 1.0, "update_every": 1,
-                                  "scope": scope})
+    policy = build_policy(
+        "agp", {"final_sparsity": 0.7, "end_epoch": 1.0, "update_every": 1, "scope": scope}
+    )
     pruner = DynamicPruner(model, policy)
     assert pruner.step(1, 2.0) is not None
     assert sparsity(model) == pytest.approx(pruner.sparsity())
@@ -357,10 +417,12 @@ def test_agp_reaches_its_target_sparsity_on_user_networks(build, scope):
 def test_the_l1_penalty_covers_in_projections_and_their_biases():
     torch.manual_seed(0)
     model = TinyTransformer(depth=1)
-    pruner = DynamicPruner(model, ConstantThreshold(0.0),
-                           layers=LayerSelection(include=["*.in_proj", "head"]))
-    trainer = SimpleNamespace(l1_layers=list(pruner.tensors.values()),
-                              settings=SimpleNamespace(l1_bias=True))
+    pruner = DynamicPruner(
+        model, ConstantThreshold(0.0), layers=LayerSelection(include=["*.in_proj", "head"])
+    )
+    trainer = SimpleNamespace(
+        l1_layers=list(pruner.tensors.values()), settings=SimpleNamespace(l1_bias=True)
+    )
     terms = FoldTrainer._l1_terms(trainer)
     attn = model.encoder[0].self_attn
     assert len(terms) == 4
@@ -445,11 +507,13 @@ def _attention_flops(dim: int, tokens: int) -> int:
 def test_measure_counts_the_in_projection_flops_at_its_density(tmp_path):
     torch.manual_seed(0)
     model = TinyTransformer(depth=1).eval()
-    pruner = DynamicPruner(model, ConstantThreshold(0.0),
-                           layers=LayerSelection(include=["*.in_proj"]))
+    pruner = DynamicPruner(
+        model, ConstantThreshold(0.0), layers=LayerSelection(include=["*.in_proj"])
+    )
     # Half of every row of in_proj goes: the query, key and value blocks are each 50 % zero.
-    pruner.write({"encoder.0.self_attn.in_proj": (torch.arange(16) % 2 == 0).expand(48, 16)},
-                 protect=False)
+    pruner.write(
+        {"encoder.0.self_attn.in_proj": (torch.arange(16) % 2 == 0).expand(48, 16)}, protect=False
+    )
     x = torch.randn(1, 3, 6)
     path = export.save_pruned(model, {"model": {}}, tmp_path / "pruned.pt")
     m = export.measure(model, x, path)
@@ -482,8 +546,9 @@ def test_measure_of_a_neuron_pruned_transformer_and_its_compact_form(tmp_path):
     torch.manual_seed(0)
     model = TinyTransformer().eval()
     x = torch.randn(SEQ)
-    pruner = DynamicPruner(model, ConstantThreshold(0.0), granularity="neuron", min_keep=1,
-                           example_input=x)
+    pruner = DynamicPruner(
+        model, ConstantThreshold(0.0), granularity="neuron", min_keep=1, example_input=x
+    )
     pruner.write({n: torch.arange(32) % 2 == 0 for n in pruner.layer_names})
     path = export.save_pruned(model, {"model": {}}, tmp_path / "pruned.pt", compact_input=x)
     blob = torch.load(path, weights_only=True)
@@ -502,9 +567,9 @@ def test_measure_of_a_neuron_pruned_transformer_and_its_compact_form(tmp_path):
 def test_resnet18_and_mobilenet_units_follow_the_architecture():
     groups = trace_units(torchvision.models.resnet18(num_classes=10), torch.zeros(IMAGE))
     assert {n for n, g in groups.items() if g is not None} == {
-        f"layer{s}.{b}.conv1" for s in (1, 2, 3, 4) for b in (0, 1)}
-    groups = trace_units(torchvision.models.mobilenet_v3_small(num_classes=10),
-                         torch.zeros(IMAGE))
+        f"layer{s}.{b}.conv1" for s in (1, 2, 3, 4) for b in (0, 1)
+    }
+    groups = trace_units(torchvision.models.mobilenet_v3_small(num_classes=10), torch.zeros(IMAGE))
     prunable = {n for n, g in groups.items() if g is not None}
     # Squeeze-excitation: fc1 feeds fc2 through a ReLU; fc2's Hardsigmoid scales the
     # input (x * scale), which mixes the units with another tensor: fc2 stays dense.
@@ -541,11 +606,11 @@ def test_neuron_pruning_of_a_transformer_mlp_on_tokens_is_exact():
     groups = trace_units(model, x)
     # Units of a Linear on tokens [B, T, F] live on the last axis: the MLP's first Linear
     # feeds the second through a GELU; everything else meets a LayerNorm or a residual sum.
-    assert {n for n, g in groups.items() if g is not None} == {"encoder.0.mlp.0",
-                                                               "encoder.1.mlp.0"}
+    assert {n for n, g in groups.items() if g is not None} == {"encoder.0.mlp.0", "encoder.1.mlp.0"}
     criterion = Activation()
-    pruner = DynamicPruner(model, ConstantThreshold(0.0), criterion, granularity="neuron",
-                           min_keep=1, example_input=x)
+    pruner = DynamicPruner(
+        model, ConstantThreshold(0.0), criterion, granularity="neuron", min_keep=1, example_input=x
+    )
     model.train()
     model(x)
     assert criterion.unit_scores("encoder.0.mlp.0").shape == (32,)
@@ -564,8 +629,9 @@ def test_norms_that_mix_units_or_sit_on_another_axis_keep_a_layer_dense():
         "batchnorm over T": nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(5), nn.Linear(6, 3)),
         "groupnorm": nn.Sequential(nn.Conv1d(5, 6, 1), nn.GroupNorm(2, 6), nn.Conv1d(6, 3, 1)),
         "linear on positions": nn.Sequential(nn.Conv1d(5, 6, 1), nn.ReLU(), nn.Linear(4, 3)),
-        "hardsigmoid (0 -> 1/2)": nn.Sequential(nn.Conv1d(5, 6, 1), nn.Hardsigmoid(),
-                                                nn.Conv1d(6, 3, 1)),
+        "hardsigmoid (0 -> 1/2)": nn.Sequential(
+            nn.Conv1d(5, 6, 1), nn.Hardsigmoid(), nn.Conv1d(6, 3, 1)
+        ),
     }
     for why, net in cases.items():
         assert trace_units(net, x)["0"] is None, why
@@ -596,10 +662,15 @@ def test_user_subclasses_of_layers_and_attention_are_traced_whole():
     torch.manual_seed(0)
     net = Net().eval()
     x = torch.randn(2, 4, 8)
-    assert [t.name for t in prunable_tensors(net)] == ["attn.in_proj", "attn.out_proj", "fc1",
-                                                       "fc2"]
-    pruner = DynamicPruner(net, ConstantThreshold(0.0), granularity="neuron", min_keep=1,
-                           example_input=x)
+    assert [t.name for t in prunable_tensors(net)] == [
+        "attn.in_proj",
+        "attn.out_proj",
+        "fc1",
+        "fc2",
+    ]
+    pruner = DynamicPruner(
+        net, ConstantThreshold(0.0), granularity="neuron", min_keep=1, example_input=x
+    )
     assert pruner.layer_names == ["fc1"]
     pruner.write({"fc1": torch.arange(12) < 5})
     with torch.no_grad():

@@ -27,8 +27,11 @@ def test_sparse_export_round_trips_and_is_smaller():
     model = build_model(OmegaConf.create(mcfg), (1, 8, 8), 10)
     DynamicPruner(model, AGPThreshold(0.9, end_epoch=0)).update(1.0)
     x = torch.randn(5, 1, 8, 8)
-    path = save_pruned(model, {"model": mcfg, "input_shape": [1, 8, 8], "num_classes": 10},
-                       tempfile.mkdtemp() + "/m.pt")
+    path = save_pruned(
+        model,
+        {"model": mcfg, "input_shape": [1, 8, 8], "num_classes": 10},
+        tempfile.mkdtemp() + "/m.pt",
+    )
     blob = torch.load(path, weights_only=True)  # plain containers only
     assert set(blob["sparse"]) == {"net.1.weight", "net.3.weight", "net.5.weight"}
     loaded = load_pruned(path)
@@ -46,8 +49,9 @@ def test_refit_runs_once_per_chosen_trial_and_its_export_reproduces_test_accurac
     study = optuna.load_study(study_name="r", storage=f"sqlite:///{root}/optuna.db")
     refits = study.user_attrs["refit"]
     client, (parent,), _ = _runs(root, "r")
-    runs = client.search_runs([parent.info.experiment_id],
-                              filter_string="tags.`dtp_search.role` = 'refit'")
+    runs = client.search_runs(
+        [parent.info.experiment_id], filter_string="tags.`dtp_search.role` = 'refit'"
+    )
     chosen = sorted(int(n) for n in refits)
     assert sorted(int(r.data.tags["dtp_search.refit_of"]) for r in runs) == chosen  # one each
     for run in runs:
@@ -62,7 +66,11 @@ def test_refit_runs_once_per_chosen_trial_and_its_export_reproduces_test_accurac
         assert 0 < m["test_accuracy"] <= 1 and m["nonzero_params"] < m["params"]
         assert m["flops_effective"] < m["flops_dense"]
         assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {
-            "model", "front.json", "front.png", "layer_sparsity.png"}
+            "model",
+            "front.json",
+            "front.png",
+            "layer_sparsity.png",
+        }
 
     # The export reloads in a fresh process with weights_only=True and reproduces the
     # logged test accuracy.
@@ -77,7 +85,8 @@ def test_refit_runs_once_per_chosen_trial_and_its_export_reproduces_test_accurac
         "ds = load_dataset(OmegaConf.create({'kind': 'digits', 'name': 'digits'}))\n"
         "t = TensorBatches(ds.test, np.arange(len(ds.test.labels)), batch_size=4096,\n"
         "                  mean=m.dtp_config['mean'], std=m.dtp_config['std'])\n"
-        "print(evaluate(m, t))\n")
+        "print(evaluate(m, t))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.strip()) == pytest.approx(run.data.metrics["test_accuracy"], abs=1e-9)
@@ -86,12 +95,16 @@ def test_refit_runs_once_per_chosen_trial_and_its_export_reproduces_test_accurac
     again = run_here(root, "study.name=r", "mode=refit", *TINY)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "refit of trial" not in again.stdout
-    assert len(client.search_runs([parent.info.experiment_id],
-                                  filter_string="tags.`dtp_search.role` = 'refit'")) == len(runs)
+    assert len(
+        client.search_runs(
+            [parent.info.experiment_id], filter_string="tags.`dtp_search.role` = 'refit'"
+        )
+    ) == len(runs)
 
     # The report exists and names every Pareto trial.
-    report = Path(client.download_artifacts(parent.info.run_id, "report.html",
-                                            str(tmp_path))).read_text()
+    report = Path(
+        client.download_artifacts(parent.info.run_id, "report.html", str(tmp_path))
+    ).read_text()
     for n in chosen:
         assert f"<tr><td>{n}</td>" in report
     assert report.count("<img") >= 2 and "test accuracy" in report
@@ -101,10 +114,13 @@ def test_refit_runs_once_per_chosen_trial_and_its_export_reproduces_test_accurac
 
     with isolated():  # the global tracking URI (and MLFLOW_TRACKING_URI) set back after
         mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
-        models = mlflow.search_logged_models(experiment_ids=[parent.info.experiment_id],
-                                             output_format="list")
+        models = mlflow.search_logged_models(
+            experiment_ids=[parent.info.experiment_id], output_format="list"
+        )
     assert {m.source_run_id for m in models} == {r.info.run_id for r in runs}
-    assert {m.name for m in models} == {f"r-trial-{r.data.tags['dtp_search.refit_of']}" for r in runs}
+    assert {m.name for m in models} == {
+        f"r-trial-{r.data.tags['dtp_search.refit_of']}" for r in runs
+    }
 
     # refit.register=true: the most accurate refit's model becomes version 1 of "r", once.
     for _ in range(2):
@@ -132,12 +148,21 @@ def test_structured_export_is_compact():
     mcfg = {"arch": "mlp", "hidden": [64, 32]}
     model = build_model(OmegaConf.create(mcfg), (1, 8, 8), 10)
     x = torch.randn(3, 1, 8, 8)
-    DynamicPruner(model, AGPThreshold(0.5, end_epoch=0, scope="layer"), granularity="neuron",
-                  example_input=x[:1]).update(1.0)
-    path = save_pruned(model, {"model": mcfg, "input_shape": [1, 8, 8], "num_classes": 10},
-                       tempfile.mkdtemp() + "/c.pt", compact_input=x[:1])
+    DynamicPruner(
+        model,
+        AGPThreshold(0.5, end_epoch=0, scope="layer"),
+        granularity="neuron",
+        example_input=x[:1],
+    ).update(1.0)
+    path = save_pruned(
+        model,
+        {"model": mcfg, "input_shape": [1, 8, 8], "num_classes": 10},
+        tempfile.mkdtemp() + "/c.pt",
+        compact_input=x[:1],
+    )
     loaded = load_pruned(path)
     assert loaded.net[1].out_features == 32 and loaded.net[3].in_features == 32
     assert torch.allclose(loaded(x), model.eval()(x), atol=1e-6)
-    assert np.isclose(sum(p.numel() for p in loaded.parameters()),
-                      64 * 32 + 32 + 32 * 16 + 16 + 16 * 10 + 10)
+    assert np.isclose(
+        sum(p.numel() for p in loaded.parameters()), 64 * 32 + 32 + 32 * 16 + 16 + 16 * 10 + 10
+    )

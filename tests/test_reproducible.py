@@ -12,9 +12,17 @@ import optuna
 import pytest
 from inprocess import run_here
 
-ARGS = ["study.name=repro", "search.n_trials=3", "cv.folds=2", "train.epochs=2",
-        "train.finetune_epochs=1", "front.points=2", "console.progress=false",
-        "refit.enabled=false", "seed=7"]
+ARGS = [
+    "study.name=repro",
+    "search.n_trials=3",
+    "cv.folds=2",
+    "train.epochs=2",
+    "train.finetune_epochs=1",
+    "front.points=2",
+    "console.progress=false",
+    "refit.enabled=false",
+    "seed=7",
+]
 
 
 @pytest.mark.slow
@@ -23,8 +31,13 @@ def test_same_seed_same_trials(tmp_path):
     for name in ("a", "b"):
         root = tmp_path / name
         if name == "a":
-            proc = subprocess.run([sys.executable, "-m", "dtp_search", f"paths.root={root}", *ARGS],
-                                  cwd=tmp_path, capture_output=True, text=True, timeout=600)
+            proc = subprocess.run(
+                [sys.executable, "-m", "dtp_search", f"paths.root={root}", *ARGS],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
         else:
             proc = run_here(root, *ARGS, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -32,4 +45,6 @@ def test_same_seed_same_trials(tmp_path):
     a, b = (sorted(s.trials, key=lambda t: t.number) for s in studies)
     assert [t.params for t in a] == [t.params for t in b]
     assert [t.values for t in a] == [t.values for t in b]  # exact, not approximate
-    assert [t.user_attrs["cv_accuracy_std"] for t in a] == [t.user_attrs["cv_accuracy_std"] for t in b]
+    assert [t.user_attrs["cv_accuracy_std"] for t in a] == [
+        t.user_attrs["cv_accuracy_std"] for t in b
+    ]

@@ -40,16 +40,19 @@ class _Example:
     flag: bool = True
 
 
-@pytest.mark.parametrize(("key", "value", "words"), [
-    ("n", 0, "an integer >= 1"),
-    ("seed", 10, "an integer in [0, 9]"),
-    ("f", 1.0, "null or a number in [0, 1)"),
-    ("f", float("nan"), "null or a number in [0, 1)"),
-    ("lr", 0.0, "a number > 0"),
-    ("kind", "c", "['a', 'b']"),
-    ("tags", [], "a non-empty list of ['a', 'b']"),
-    ("tags", ["a", "c"], "a non-empty list of ['a', 'b']"),
-])
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        ("n", 0, "an integer >= 1"),
+        ("seed", 10, "an integer in [0, 9]"),
+        ("f", 1.0, "null or a number in [0, 1)"),
+        ("f", float("nan"), "null or a number in [0, 1)"),
+        ("lr", 0.0, "a number > 0"),
+        ("kind", "c", "['a', 'b']"),
+        ("tags", [], "a non-empty list of ['a', 'b']"),
+        ("tags", ["a", "c"], "a non-empty list of ['a', 'b']"),
+    ],
+)
 def test_a_broken_rule_names_the_key_the_value_and_what_is_allowed(key, value, words):
     obj = dataclasses.replace(_Example(), **{key: value})
     with pytest.raises(ValueError) as err:
@@ -72,9 +75,17 @@ def test_the_default_config_is_every_schema_key_and_nothing_else():
 
 
 def test_every_group_option_composes_into_the_schema():
-    for override in ("dataset=cifar10", "model=vgg", "model=resnet20", "model=lenet5",
-                     "policy=choice", "policy=splicing", "search=nsga2", "early_stop=none",
-                     "+experiment=cifar"):
+    for override in (
+        "dataset=cifar10",
+        "model=vgg",
+        "model=resnet20",
+        "model=lenet5",
+        "policy=choice",
+        "policy=splicing",
+        "search=nsga2",
+        "early_stop=none",
+        "+experiment=cifar",
+    ):
         settings_of(_cfg(override))
 
 

@@ -7,22 +7,39 @@ from dtp_search.space import apply, parse_space, sample
 
 
 def _cfg(policy_space=None, search_space=None):
-    return OmegaConf.create({
-        "train": {"epochs": 4, "lr": 0.1},
-        "policy": {"name": "agp", "final_sparsity": 0.9, "end_epoch": "${train.epochs}",
-                   "scope": "global", "space": policy_space or {}},
-        "search": {"space": search_space or {}},
-    })
+    return OmegaConf.create(
+        {
+            "train": {"epochs": 4, "lr": 0.1},
+            "policy": {
+                "name": "agp",
+                "final_sparsity": 0.9,
+                "end_epoch": "${train.epochs}",
+                "scope": "global",
+                "space": policy_space or {},
+            },
+            "search": {"space": search_space or {}},
+        }
+    )
 
 
 def test_space_is_sampled_by_optuna_and_written_into_the_trial_config():
-    cfg = _cfg({"final_sparsity": {"type": "float", "low": 0.5, "high": 0.9},
-                "scope": {"type": "categorical", "choices": ["global", "layer"]}},
-               {"train.lr": {"type": "float", "low": 1e-3, "high": 0.3, "log": True},
-                "train.epochs": {"type": "int", "low": 2, "high": 6}})
+    cfg = _cfg(
+        {
+            "final_sparsity": {"type": "float", "low": 0.5, "high": 0.9},
+            "scope": {"type": "categorical", "choices": ["global", "layer"]},
+        },
+        {
+            "train.lr": {"type": "float", "low": 1e-3, "high": 0.3, "log": True},
+            "train.epochs": {"type": "int", "low": 2, "high": 6},
+        },
+    )
     space = parse_space(cfg)
-    assert [d.key for d in space.dimensions] == ["train.lr", "train.epochs", "policy.final_sparsity",
-                                                 "policy.scope"]
+    assert [d.key for d in space.dimensions] == [
+        "train.lr",
+        "train.epochs",
+        "policy.final_sparsity",
+        "policy.scope",
+    ]
     trial = optuna.create_study().ask()
     policy, params = sample(trial, space)
     assert policy == "agp"
@@ -33,33 +50,47 @@ def test_space_is_sampled_by_optuna_and_written_into_the_trial_config():
     assert set(trial.params) == set(params)
 
 
-@pytest.mark.parametrize(("space", "fragment"), [
-    ({"final_sparsity": {"type": "float", "low": 0.9, "high": 0.5}}, "empty range"),
-    ({"final_sparsity": {"type": "gaussian", "low": 0, "high": 1}}, "allowed"),
-    ({"final_sparsity": {"type": "float", "low": 0, "high": 1, "log": True}}, "low > 0"),
-    ({"scope": {"type": "categorical", "choices": []}}, "choices"),
-    ({"sparsity_goal": {"type": "float", "low": 0, "high": 1}}, "not a key"),
-    ({"final_sparsity": {"type": "float", "low": 0, "hi": 1}}, "unknown fields"),
-])
+@pytest.mark.parametrize(
+    ("space", "fragment"),
+    [
+        ({"final_sparsity": {"type": "float", "low": 0.9, "high": 0.5}}, "empty range"),
+        ({"final_sparsity": {"type": "gaussian", "low": 0, "high": 1}}, "allowed"),
+        ({"final_sparsity": {"type": "float", "low": 0, "high": 1, "log": True}}, "low > 0"),
+        ({"scope": {"type": "categorical", "choices": []}}, "choices"),
+        ({"sparsity_goal": {"type": "float", "low": 0, "high": 1}}, "not a key"),
+        ({"final_sparsity": {"type": "float", "low": 0, "hi": 1}}, "unknown fields"),
+    ],
+)
 def test_bad_spaces_are_named(space, fragment):
     with pytest.raises(ConfigError, match=fragment):
         parse_space(_cfg(space))
 
 
 def _choice_cfg():
-    return OmegaConf.create({
-        "train": {"epochs": 4},
-        "policy": {
-            "name": "choice", "choices": ["agp", "constant"],
-            "options": {
-                "agp": {"name": "agp", "final_sparsity": 0.9, "end_epoch": "${train.epochs}",
-                        "space": {"final_sparsity": {"type": "float", "low": 0.5, "high": 0.9}}},
-                "constant": {"name": "constant", "theta": 0.1,
-                             "space": {"theta": {"type": "float", "low": 0.01, "high": 0.2}}},
-                "dense": {"name": "dense", "space": {}},
-            }},
-        "search": {"space": {}},
-    })
+    return OmegaConf.create(
+        {
+            "train": {"epochs": 4},
+            "policy": {
+                "name": "choice",
+                "choices": ["agp", "constant"],
+                "options": {
+                    "agp": {
+                        "name": "agp",
+                        "final_sparsity": 0.9,
+                        "end_epoch": "${train.epochs}",
+                        "space": {"final_sparsity": {"type": "float", "low": 0.5, "high": 0.9}},
+                    },
+                    "constant": {
+                        "name": "constant",
+                        "theta": 0.1,
+                        "space": {"theta": {"type": "float", "low": 0.01, "high": 0.2}},
+                    },
+                    "dense": {"name": "dense", "space": {}},
+                },
+            },
+            "search": {"space": {}},
+        }
+    )
 
 
 def test_choice_samples_the_policy_then_only_its_own_conditional_space():
@@ -74,7 +105,10 @@ def test_choice_samples_the_policy_then_only_its_own_conditional_space():
         seen.add(policy)
         tcfg = apply(cfg, params, policy)
         assert tcfg.policy.name == policy and "options" not in tcfg.policy
-        expected = {"agp": {"policy", "agp.final_sparsity"}, "constant": {"policy", "constant.theta"}}
+        expected = {
+            "agp": {"policy", "agp.final_sparsity"},
+            "constant": {"policy", "constant.theta"},
+        }
         assert set(trial.params) == expected[policy]
         key = "final_sparsity" if policy == "agp" else "theta"
         assert tcfg.policy[key] == params[f"policy.{key}"]
@@ -84,8 +118,9 @@ def test_choice_samples_the_policy_then_only_its_own_conditional_space():
     assert seen == {"agp", "constant"}
 
 
-@pytest.mark.parametrize(("choices", "fragment"), [(["agp", "nope"], "policy.choices"),
-                                                   ([], "policy.choices")])
+@pytest.mark.parametrize(
+    ("choices", "fragment"), [(["agp", "nope"], "policy.choices"), ([], "policy.choices")]
+)
 def test_bad_policy_choices_are_named(choices, fragment):
     cfg = _choice_cfg()
     cfg.policy.choices = choices

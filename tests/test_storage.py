@@ -25,8 +25,10 @@ from dtp_search.storage import (
 
 
 def test_mask_url_hides_only_the_password():
-    assert mask_url("postgresql+psycopg://dtp:s3cret@db:5432/optuna") == \
-        "postgresql+psycopg://dtp:***@db:5432/optuna"
+    assert (
+        mask_url("postgresql+psycopg://dtp:s3cret@db:5432/optuna")
+        == "postgresql+psycopg://dtp:***@db:5432/optuna"
+    )
     assert mask_url("sqlite:////tmp/optuna.db") == "sqlite:////tmp/optuna.db"
     assert mask_url("http://tracking:5000") == "http://tracking:5000"
 
@@ -70,8 +72,10 @@ def test_file_lock_excludes_a_second_holder_until_released(tmp_path):
 
 def test_file_lock_is_released_when_its_process_dies(tmp_path):
     url = f"sqlite:///{tmp_path}/optuna.db"
-    code = ("import os, sys; from dtp_search.storage import StudyLock; "
-            f"StudyLock({url!r}, 's', 'admit').acquire(); os._exit(0)")
+    code = (
+        "import os, sys; from dtp_search.storage import StudyLock; "
+        f"StudyLock({url!r}, 's', 'admit').acquire(); os._exit(0)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
     lock = StudyLock(url, "s", "admit")
     assert lock.acquire(blocking=False)

@@ -38,8 +38,13 @@ def test_trace_finds_removable_units_and_excludes_classifier_and_residual_output
 def test_neuron_masks_zero_the_row_its_bias_and_the_next_layers_columns():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
-    pruner = DynamicPruner(net, ConstantThreshold(0.0), granularity="neuron", min_keep=0,
-                           example_input=torch.zeros(1, 6))
+    pruner = DynamicPruner(
+        net,
+        ConstantThreshold(0.0),
+        granularity="neuron",
+        min_keep=0,
+        example_input=torch.zeros(1, 6),
+    )
     assert pruner.layer_names == ["0"]
     pruner.write({"0": torch.tensor([1, 0, 1, 1, 0, 1, 1, 1], dtype=torch.bool)})
     assert (net[0].weight[[1, 4]] == 0).all() and (net[0].bias[[1, 4]] == 0).all()
@@ -61,8 +66,12 @@ def test_compact_model_is_smaller_and_computes_the_same_function(arch, kw, granu
     torch.manual_seed(0)
     model = _model(arch, **kw)
     x = torch.randn(8, *CIFAR)
-    pruner = DynamicPruner(model, AGPThreshold(0.5, end_epoch=0, scope="layer"),
-                           granularity=granularity, example_input=x[:1])
+    pruner = DynamicPruner(
+        model,
+        AGPThreshold(0.5, end_epoch=0, scope="layer"),
+        granularity=granularity,
+        example_input=x[:1],
+    )
     pruner.update(1.0)
     model.train()
     with torch.no_grad():  # non-trivial batch-norm statistics
@@ -75,10 +84,15 @@ def test_compact_model_is_smaller_and_computes_the_same_function(arch, kw, granu
     assert torch.allclose(expected, got, atol=1e-5, rtol=1e-4)
     dense = count_parameters(_model(arch, **kw))
     assert count_parameters(compact) < 0.85 * dense
-    assert not any(isinstance(m, nn.utils.parametrize.ParametrizationList) for m in compact.modules())
+    assert not any(
+        isinstance(m, nn.utils.parametrize.ParametrizationList) for m in compact.modules()
+    )
     # Masked-model sparsity counts exactly the weights the compact model drops
     # (biases and norms aside).
     kept = sum(m.weight.numel() for m in compact.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
-    total = sum(m.weight.numel() for m in _model(arch, **kw).modules()
-                if isinstance(m, (nn.Linear, nn.Conv2d)))
+    total = sum(
+        m.weight.numel()
+        for m in _model(arch, **kw).modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d))
+    )
     assert 1 - kept / total == pytest.approx(sparsity(model), abs=1e-6)

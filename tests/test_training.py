@@ -28,21 +28,43 @@ def _run(ds, epochs: int, **settings):
     torch.manual_seed(0)
     model = build_model(OmegaConf.create({"arch": "mlp", "hidden": [8]}), ds.input_shape, 10)
     # net.1 is pruned (masked), the classifier net.3 stays dense.
-    pruner = DynamicPruner(model, ConstantThreshold(0.0, start_epoch=100), min_keep=0,
-                           layers=LayerSelection(exclude_classifier=True))
+    pruner = DynamicPruner(
+        model,
+        ConstantThreshold(0.0, start_epoch=100),
+        min_keep=0,
+        layers=LayerSelection(exclude_classifier=True),
+    )
     assert list(pruner.masks) == ["net.1"]
     train = TensorBatches(ds.train, np.arange(64), batch_size=64, mean=ds.mean, std=ds.std)
     snapshots = [_params(model)]
-    s = TrainSettings(epochs=epochs, finetune_epochs=0, lr=LR, momentum=0.0, weight_decay=0.0,
-                      lr_schedule="constant", **settings)
-    result = prune_and_train(model, pruner, train, train, s, front=FrontSettings(points=0),
-                             on_epoch=lambda r: snapshots.append(_params(model)))
+    s = TrainSettings(
+        epochs=epochs,
+        finetune_epochs=0,
+        lr=LR,
+        momentum=0.0,
+        weight_decay=0.0,
+        lr_schedule="constant",
+        **settings,
+    )
+    result = prune_and_train(
+        model,
+        pruner,
+        train,
+        train,
+        s,
+        front=FrontSettings(points=0),
+        on_epoch=lambda r: snapshots.append(_params(model)),
+    )
     return result.history, snapshots
 
 
 def _params(model) -> dict[str, torch.Tensor]:
-    layers = {"w1": model.net[1].weight, "b1": model.net[1].bias, "w3": model.net[3].weight,
-              "b3": model.net[3].bias}
+    layers = {
+        "w1": model.net[1].weight,
+        "b1": model.net[1].bias,
+        "w3": model.net[3].weight,
+        "b3": model.net[3].bias,
+    }
     return {k: v.detach().clone() for k, v in layers.items()}
 
 

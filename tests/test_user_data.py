@@ -21,8 +21,15 @@ from dtp_search.training import eval_batches, train_batches
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = __name__  # the module's import name, for dataset._target_
-FAKE = {"kind": "torchvision", "name": "fakedata", "_target_": "torchvision.datasets.FakeData",
-        "size": 60, "num_classes": 3, "args": {"image_size": [3, 10, 10]}, "num_workers": 0}
+FAKE = {
+    "kind": "torchvision",
+    "name": "fakedata",
+    "_target_": "torchvision.datasets.FakeData",
+    "size": 60,
+    "num_classes": 3,
+    "args": {"image_size": [3, 10, 10]},
+    "num_workers": 0,
+}
 
 
 # --------------------------------------------------------------- small datasets of our own
@@ -84,14 +91,18 @@ class Pairs(torch.utils.data.Dataset):
 
 def _pil(n: int, size: int, seed: int) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+    return [
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)
+    ]
 
 
 def pil_factory(n: int = 12, size: int = 8, test_size: int | None = None):
     """Custom factory: RGB PIL images, labels 0..2 and a ``classes`` attribute."""
     labels = [i % 3 for i in range(n)]
-    return (Pairs(_pil(n, size, 0), labels, ["a", "b", "c"]),
-            Pairs(_pil(6, test_size or size, 1), [i % 3 for i in range(6)], ["a", "b", "c"]))
+    return (
+        Pairs(_pil(n, size, 0), labels, ["a", "b", "c"]),
+        Pairs(_pil(6, test_size or size, 1), [i % 3 for i in range(6)], ["a", "b", "c"]),
+    )
 
 
 def tensor_factory(label_offset: int = 0):
@@ -117,8 +128,13 @@ def three_things():
 
 
 def _custom(target: str, **extra) -> dict:
-    return {"kind": "custom", "name": target.rpartition(".")[2].lower(), "_target_": target,
-            "num_workers": 0, **extra}
+    return {
+        "kind": "custom",
+        "name": target.rpartition(".")[2].lower(),
+        "_target_": target,
+        "num_workers": 0,
+        **extra,
+    }
 
 
 # ----------------------------------------------------------------------- torchvision kind
@@ -126,8 +142,16 @@ def _custom(target: str, **extra) -> dict:
 
 def test_a_class_with_train_builds_both_splits_with_root_and_download(tmp_path):
     TinyTrainSet.built.clear()
-    ds = load_dataset({"kind": "torchvision", "name": "tinytrainset", "_target_": f"{HERE}.TinyTrainSet",
-                       "root": str(tmp_path), "download": False, "args": {"n": 9}})
+    ds = load_dataset(
+        {
+            "kind": "torchvision",
+            "name": "tinytrainset",
+            "_target_": f"{HERE}.TinyTrainSet",
+            "root": str(tmp_path),
+            "download": False,
+            "args": {"n": 9},
+        }
+    )
     assert [b["train"] for b in TinyTrainSet.built] == [True, False]
     assert all(b["root"] == str(tmp_path) and b["download"] is False for b in TinyTrainSet.built)
     assert ds.classes == ["zero", "one", "two"] and ds.input_shape == (1, 8, 8)
@@ -138,8 +162,14 @@ def test_a_class_with_train_builds_both_splits_with_root_and_download(tmp_path):
 
 
 def test_a_class_with_split_quantises_float_tensors_and_reads_labels_in_one_pass():
-    ds = load_dataset({"kind": "torchvision", "name": "tinysplitset",
-                       "_target_": f"{HERE}.TinySplitSet", "num_workers": 1})
+    ds = load_dataset(
+        {
+            "kind": "torchvision",
+            "name": "tinysplitset",
+            "_target_": f"{HERE}.TinySplitSet",
+            "num_workers": 1,
+        }
+    )
     ref = TinySplitSet("test")
     assert len(ds.train) == 12 and len(ds.test) == 6
     assert ds.classes == ["0", "1", "2", "3"]  # no classes attribute: from the labels
@@ -155,8 +185,11 @@ def test_fakedata_holds_out_a_fixed_stratified_test_split():
     assert a.content_digest() == b.content_digest()
     other = load_dataset({**FAKE, "split_seed": 1})
     assert not torch.equal(other.test.images, a.test.images)
-    assert sorted(torch.bincount(a.test.labels).tolist()) == sorted(
-        torch.bincount(a.test.labels).tolist()) and torch.bincount(a.test.labels).min() >= 3
+    assert (
+        sorted(torch.bincount(a.test.labels).tolist())
+        == sorted(torch.bincount(a.test.labels).tolist())
+        and torch.bincount(a.test.labels).min() >= 3
+    )
 
 
 # ----------------------------------------------------------------------------- custom kind
@@ -179,30 +212,68 @@ def test_a_custom_factory_of_uint8_tensors_counts_classes_from_labels():
 # ------------------------------------------------------------------------- refused input
 
 
-@pytest.mark.parametrize(("settings", "fragments"), [
-    (_custom(f"{HERE}.three_things"),
-     [f"dataset._target_={HERE}.three_things returned a tuple of 3",
-      "allowed: (train, test), two map-style datasets of (image, label)"]),
-    (_custom(f"{HERE}.labelled_beyond_classes"),
-     ["the test split holds the label 7", "allowed: 0..2"]),
-    (_custom(f"{HERE}.tensor_factory", args={"label_offset": -10}),
-     ["the test split holds the label -5", "allowed: 0..3"]),
-    (_custom(f"{HERE}.no_such_factory"),
-     [f"dataset._target_='{HERE}.no_such_factory' cannot be imported", "allowed: a dotted path"]),
-    ({**FAKE, "_target_": "torchvision.datasets.NoSuchSet", "name": "x"},
-     ["dataset._target_='torchvision.datasets.NoSuchSet' cannot be imported"]),
-    ({"kind": "torchvision", "name": "tinytrainset", "_target_": f"{HERE}.TinyTrainSet",
-      "root": "missing"},
-     [f"dataset._target_={HERE}.TinyTrainSet raised RuntimeError: Dataset not found"]),
-    ({"kind": "digits", "name": "fashionmnist"},
-     ["dataset.name='fashionmnist' names another dataset than dataset=digits loads",
-      "allowed: any name that is not another dataset's, e.g. dataset.name=digits"]),
-    ({**FAKE, "name": "cifar10"},
-     ["dataset.name='cifar10' names another dataset than dataset=torchvision "
-      "(torchvision.datasets.FakeData)", "e.g. dataset.name=fakedata"]),
-    (_custom(f"{HERE}.pil_factory", args={"test_size": 12}),
-     ["the train images are 3×8×8 (C×H×W) but the test images 3×12×12", "dataset.image_size"]),
-])
+@pytest.mark.parametrize(
+    ("settings", "fragments"),
+    [
+        (
+            _custom(f"{HERE}.three_things"),
+            [
+                f"dataset._target_={HERE}.three_things returned a tuple of 3",
+                "allowed: (train, test), two map-style datasets of (image, label)",
+            ],
+        ),
+        (
+            _custom(f"{HERE}.labelled_beyond_classes"),
+            ["the test split holds the label 7", "allowed: 0..2"],
+        ),
+        (
+            _custom(f"{HERE}.tensor_factory", args={"label_offset": -10}),
+            ["the test split holds the label -5", "allowed: 0..3"],
+        ),
+        (
+            _custom(f"{HERE}.no_such_factory"),
+            [
+                f"dataset._target_='{HERE}.no_such_factory' cannot be imported",
+                "allowed: a dotted path",
+            ],
+        ),
+        (
+            {**FAKE, "_target_": "torchvision.datasets.NoSuchSet", "name": "x"},
+            ["dataset._target_='torchvision.datasets.NoSuchSet' cannot be imported"],
+        ),
+        (
+            {
+                "kind": "torchvision",
+                "name": "tinytrainset",
+                "_target_": f"{HERE}.TinyTrainSet",
+                "root": "missing",
+            },
+            [f"dataset._target_={HERE}.TinyTrainSet raised RuntimeError: Dataset not found"],
+        ),
+        (
+            {"kind": "digits", "name": "fashionmnist"},
+            [
+                "dataset.name='fashionmnist' names another dataset than dataset=digits loads",
+                "allowed: any name that is not another dataset's, e.g. dataset.name=digits",
+            ],
+        ),
+        (
+            {**FAKE, "name": "cifar10"},
+            [
+                "dataset.name='cifar10' names another dataset than dataset=torchvision "
+                "(torchvision.datasets.FakeData)",
+                "e.g. dataset.name=fakedata",
+            ],
+        ),
+        (
+            _custom(f"{HERE}.pil_factory", args={"test_size": 12}),
+            [
+                "the train images are 3×8×8 (C×H×W) but the test images 3×12×12",
+                "dataset.image_size",
+            ],
+        ),
+    ],
+)
 def test_refused_data_is_one_dataset_error_naming_what_is_wrong(settings, fragments):
     with pytest.raises(DatasetError) as err:
         load_dataset(settings)
@@ -212,7 +283,9 @@ def test_refused_data_is_one_dataset_error_naming_what_is_wrong(settings, fragme
 
 
 def test_names_of_user_data_and_of_matching_kinds_are_free():
-    assert load_dataset({"kind": "digits", "name": "my-digits", "train_limit": 50}).name == "my-digits"
+    assert (
+        load_dataset({"kind": "digits", "name": "my-digits", "train_limit": 50}).name == "my-digits"
+    )
     assert load_dataset(_custom(f"{HERE}.tensor_factory", name="mnist")).name == "mnist"
 
 
@@ -225,15 +298,24 @@ def test_an_imagefolder_tree_whose_test_images_differ_in_size_is_refused(tmp_pat
                 img.save(d / f"{i}.png")
     for in_memory in (True, False):
         with pytest.raises(DatasetError, match=r"train images are 3×8×8 .* test images 3×12×12"):
-            load_dataset({"kind": "imagefolder", "name": "t", "path": str(tmp_path),
-                          "in_memory": in_memory, "num_workers": 0})
+            load_dataset(
+                {
+                    "kind": "imagefolder",
+                    "name": "t",
+                    "path": str(tmp_path),
+                    "in_memory": in_memory,
+                    "num_workers": 0,
+                }
+            )
     ds = load_dataset({"kind": "imagefolder", "name": "t", "path": str(tmp_path), "image_size": 8})
     assert ds.input_shape == (3, 8, 8)
 
 
 def test_a_bad_item_or_float_outside_0_1_is_named():
     bad = Pairs([torch.full((3, 4, 4), 2.0)] * 4, [0, 1, 0, 1])
-    with pytest.raises(DatasetError, match=r"train item 0: its float image holds values in \[2, 2\]"):
+    with pytest.raises(
+        DatasetError, match=r"train item 0: its float image holds values in \[2, 2\]"
+    ):
         _load_pairs(bad, bad)
     with pytest.raises(DatasetError, match=r"train item 0 has the label 0.5; allowed: integers"):
         _load_pairs(Pairs([torch.zeros(3, 4, 4)] * 2, [0.5, 1]), bad)
@@ -285,8 +367,14 @@ def test_streamed_batches_equal_in_memory_batches_with_augmentation(channels_las
 
 def test_a_streamed_imagefolder_tree_trains_as_in_memory_and_digests_alike(tmp_path):
     tree = tiny_cifar_tree(tmp_path / "tree", train=4, test=2)
-    kw = {"kind": "imagefolder", "name": "t", "path": str(tree), "image_size": 12,
-          "augment": True, "num_workers": 1}
+    kw = {
+        "kind": "imagefolder",
+        "name": "t",
+        "path": str(tree),
+        "image_size": 12,
+        "augment": True,
+        "num_workers": 1,
+    }
     mem = load_dataset({**kw, "in_memory": True}, cache_dir=tmp_path / "cache")
     stream = load_dataset({**kw, "in_memory": False}, cache_dir=tmp_path / "cache")
     again = load_dataset({**kw, "in_memory": False}, cache_dir=tmp_path / "cache")  # scan cached
@@ -295,14 +383,23 @@ def test_a_streamed_imagefolder_tree_trains_as_in_memory_and_digests_alike(tmp_p
     assert mem.mean == stream.mean == again.mean and mem.classes == stream.classes
     s = TrainSettings(batch_size=8, eval_batch_size=16)
     idx = np.arange(len(mem.train))
-    assert _batches_equal(train_batches(mem, idx, s, 0, "cpu"),
-                          train_batches(stream, idx, s, 0, "cpu")) == 5
+    assert (
+        _batches_equal(
+            train_batches(mem, idx, s, 0, "cpu"), train_batches(stream, idx, s, 0, "cpu")
+        )
+        == 5
+    )
 
 
 def test_a_streamed_tree_with_a_bad_file_stops_or_leaves_it_out(tmp_path, caplog):
     bad = tree_with_a_bad_file(tmp_path / "tree")
-    kw = {"kind": "imagefolder", "name": "t", "path": str(tmp_path / "tree"),
-          "in_memory": False, "num_workers": 0}
+    kw = {
+        "kind": "imagefolder",
+        "name": "t",
+        "path": str(tmp_path / "tree"),
+        "in_memory": False,
+        "num_workers": 0,
+    }
     with pytest.raises(DatasetError, match=f"cannot decode the image {bad}"):
         load_dataset(kw)
     with caplog.at_level("WARNING", logger="dtp_search.data"):
@@ -332,18 +429,35 @@ def test_auto_streams_what_does_not_fit_the_memory_limit(tmp_path):
 @pytest.mark.slow
 def test_a_study_on_a_streamed_imagefolder_tree(tmp_path):
     tree = tiny_cifar_tree(tmp_path / "tree", train=4, test=2)
-    proc = run_here(tmp_path / "run", "dataset=imagefolder", f"dataset.path={tree}",
-                    "dataset.in_memory=false", "dataset.num_workers=1", "dataset.image_size=8",
-                    "model=mlp", "cv.folds=2", "train.epochs=1", "train.finetune_epochs=0",
-                    "train.batch_size=8", "front.points=2", "console.progress=false",
-                    "refit.enabled=false", "search.n_trials=1")
+    proc = run_here(
+        tmp_path / "run",
+        "dataset=imagefolder",
+        f"dataset.path={tree}",
+        "dataset.in_memory=false",
+        "dataset.num_workers=1",
+        "dataset.image_size=8",
+        "model=mlp",
+        "cv.folds=2",
+        "train.epochs=1",
+        "train.finetune_epochs=0",
+        "train.batch_size=8",
+        "front.points=2",
+        "console.progress=false",
+        "refit.enabled=false",
+        "search.n_trials=1",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @pytest.mark.slow
 def test_the_stream_memory_benchmark_runs_in_smoke_mode():
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_stream_memory.py"),
-                           "--smoke"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_stream_memory.py"), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     assert "| true |" in proc.stdout and "| false |" in proc.stdout
     assert "streamed peak PSS over decoded size" in proc.stdout

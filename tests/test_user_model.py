@@ -43,12 +43,15 @@ def test_keys_are_keyword_arguments_and_the_class_count_is_passed():
     assert build_custom(_custom("user_nets.no_class_count"), 7)[1].out_features == 10
 
 
-@pytest.mark.parametrize(("target", "fragment"), [
-    ("user_nets_nowhere.Net", "cannot be imported (No module named 'user_nets_nowhere')"),
-    ("user_nets.Nowhere", "cannot be imported (module 'user_nets' has no attribute 'Nowhere')"),
-    ("user_nets.broken", "raised RuntimeError: width must be even"),
-    ("user_nets.not_a_module", "returned a str; allowed: a callable that returns an nn.Module"),
-])
+@pytest.mark.parametrize(
+    ("target", "fragment"),
+    [
+        ("user_nets_nowhere.Net", "cannot be imported (No module named 'user_nets_nowhere')"),
+        ("user_nets.Nowhere", "cannot be imported (module 'user_nets' has no attribute 'Nowhere')"),
+        ("user_nets.broken", "raised RuntimeError: width must be even"),
+        ("user_nets.not_a_module", "returned a str; allowed: a callable that returns an nn.Module"),
+    ],
+)
 def test_factories_that_cannot_build_a_network_are_named(target, fragment):
     with pytest.raises(ConfigError, match=r"model\._target_=") as err:
         build_custom(_custom(target), 10)
@@ -75,15 +78,23 @@ def _trained_checkpoint(path: Path, width: int = 12, epochs: int = 20) -> float:
 
 def test_checkpoint_formats_and_misfits(tmp_path):
     net = TinyConvNet(10, width=6)
-    for name, blob in (("plain", net.state_dict()), ("wrapped", {"model": net.state_dict()}),
-                       ("parallel", {f"module.{k}": v for k, v in net.state_dict().items()})):
+    for name, blob in (
+        ("plain", net.state_dict()),
+        ("wrapped", {"model": net.state_dict()}),
+        ("parallel", {f"module.{k}": v for k, v in net.state_dict().items()}),
+    ):
         torch.save(blob, tmp_path / name)
         other = TinyConvNet(10, width=6)
         apply_checkpoint(other, load_checkpoint(tmp_path / name), name)
-        assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(),
-                                                     net.state_dict().values(), strict=True))
-    with pytest.raises(ConfigError, match=r"does not fit the network \(.*shape mismatches "
-                                          r"\(checkpoint vs network\): stem.0.weight \[6, 1, 3, 3\] vs \[8, 1, 3, 3\]"):
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(other.state_dict().values(), net.state_dict().values(), strict=True)
+        )
+    with pytest.raises(
+        ConfigError,
+        match=r"does not fit the network \(.*shape mismatches "
+        r"\(checkpoint vs network\): stem.0.weight \[6, 1, 3, 3\] vs \[8, 1, 3, 3\]",
+    ):
         apply_checkpoint(TinyConvNet(10, width=8), load_checkpoint(tmp_path / "plain"), "plain")
     with pytest.raises(ConfigError, match=r"missing keys: .*unexpected keys: "):
         apply_checkpoint(PatchAttention(10), load_checkpoint(tmp_path / "plain"), "plain")
@@ -105,12 +116,20 @@ def test_a_custom_network_from_a_checkpoint_end_to_end(tmp_path):
     root = tmp_path / "runs"
     # policy=dense with a learning rate too small to move anything: the folds score the
     # checkpoint itself, so a trial that started from it is plain to see.
-    start = [*CUSTOM, f"model.checkpoint={ckpt}", "policy=dense", "train.epochs=0",
-             "train.finetune_epochs=1", "train.lr=1e-7", *TINY]
+    start = [
+        *CUSTOM,
+        f"model.checkpoint={ckpt}",
+        "policy=dense",
+        "train.epochs=0",
+        "train.finetune_epochs=1",
+        "train.lr=1e-7",
+        *TINY,
+    ]
     first = run_here(root, *start)
     assert first.returncode == 0, first.stderr[-3000:]
-    study = optuna.load_study(study_name="digits-TinyConvNet-dense",
-                              storage=f"sqlite:///{root}/optuna.db")
+    study = optuna.load_study(
+        study_name="digits-TinyConvNet-dense", storage=f"sqlite:///{root}/optuna.db"
+    )
     (trial,) = study.trials
     assert trial.user_attrs["cv_accuracy"] > 0.6  # from scratch this is ~0.1
     assert study.user_attrs["config"]["model.width"] == 12
@@ -121,10 +140,13 @@ def test_a_custom_network_from_a_checkpoint_end_to_end(tmp_path):
 
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     (exp,) = [e for e in client.search_experiments() if e.name == study.study_name]
-    (refit,) = client.search_runs([exp.experiment_id],
-                                  filter_string="tags.`dtp_search.role` = 'refit'")
+    (refit,) = client.search_runs(
+        [exp.experiment_id], filter_string="tags.`dtp_search.role` = 'refit'"
+    )
     parent_id = refit.data.tags["mlflow.parentRunId"]
-    assert client.get_run(parent_id).data.metrics["checkpoint_test_accuracy"] == pytest.approx(trained)
+    assert client.get_run(parent_id).data.metrics["checkpoint_test_accuracy"] == pytest.approx(
+        trained
+    )
     assert refit.data.metrics["checkpoint_test_accuracy"] == pytest.approx(trained)
     # (a learning rate of 1e-7 moves no weight, but an epoch in training mode refreshes
     # the batch-norm statistics: close to the checkpoint, not equal)
@@ -167,17 +189,23 @@ def test_start_model_loads_the_checkpoint_for_built_in_networks_too(tmp_path):
     assert torch.equal(net(x), again(x))
 
 
-FAKE = ["dataset=torchvision", "dataset._target_=torchvision.datasets.FakeData",
-        "+dataset.size=96", "+dataset.args.image_size=[3,32,32]", "+dataset.num_classes=3",
-        "dataset.test_fraction=0.25"]
+FAKE = [
+    "dataset=torchvision",
+    "dataset._target_=torchvision.datasets.FakeData",
+    "+dataset.size=96",
+    "+dataset.args.image_size=[3,32,32]",
+    "+dataset.num_classes=3",
+    "dataset.test_fraction=0.25",
+]
 ONE_EPOCH = ["train.epochs=1", "train.finetune_epochs=1", "train.batch_size=16", *TINY]
 
 
 def _refit_run(root: Path, study_name: str):
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     (exp,) = [e for e in client.search_experiments() if e.name == study_name]
-    (refit,) = client.search_runs([exp.experiment_id],
-                                  filter_string="tags.`dtp_search.role` = 'refit'")
+    (refit,) = client.search_runs(
+        [exp.experiment_id], filter_string="tags.`dtp_search.role` = 'refit'"
+    )
     return client, refit
 
 
@@ -201,23 +229,37 @@ def test_a_torchvision_network_with_depthwise_convolutions_end_to_end(tmp_path):
     from torchvision.models import MobileNetV3
 
     root = tmp_path / "runs"
-    run = run_here(root, "model=custom", "model._target_=torchvision.models.mobilenet_v3_small",
-                   "policy.final_sparsity=0.6", "~policy.space.final_sparsity", *FAKE,
-                   *ONE_EPOCH)
+    run = run_here(
+        root,
+        "model=custom",
+        "model._target_=torchvision.models.mobilenet_v3_small",
+        "policy.final_sparsity=0.6",
+        "~policy.space.final_sparsity",
+        *FAKE,
+        *ONE_EPOCH,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     _, refit = _refit_run(root, "fakedata-mobilenet_v3_small-agp")
     pickled, sparse = _reloads_as(root, refit, MobileNetV3)
-    ds = load_dataset({"kind": "torchvision", "name": "fakedata",
-                       "_target_": "torchvision.datasets.FakeData", "test_fraction": 0.25,
-                       "args": {"size": 96, "image_size": [3, 32, 32], "num_classes": 3}})
-    test = TensorBatches(ds.test, None, batch_size=64, mean=sparse.dtp_config["mean"],
-                         std=sparse.dtp_config["std"])
+    ds = load_dataset(
+        {
+            "kind": "torchvision",
+            "name": "fakedata",
+            "_target_": "torchvision.datasets.FakeData",
+            "test_fraction": 0.25,
+            "args": {"size": 96, "image_size": [3, 32, 32], "num_classes": 3},
+        }
+    )
+    test = TensorBatches(
+        ds.test, None, batch_size=64, mean=sparse.dtp_config["mean"], std=sparse.dtp_config["std"]
+    )
     # (the refit scored channels-last tensors: a near tie may flip one prediction)
     one = 1.01 / len(ds.test)
     assert evaluate(sparse, test) == pytest.approx(refit.data.metrics["test_accuracy"], abs=one)
     assert evaluate(pickled, test) == pytest.approx(refit.data.metrics["test_accuracy"], abs=one)
-    depthwise = [n for n, m in sparse.named_modules()
-                 if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+    depthwise = [
+        n for n, m in sparse.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1
+    ]
     assert depthwise and any((sparse.get_submodule(n).weight == 0).any() for n in depthwise)
     assert refit.data.metrics["sparsity"] == pytest.approx(0.6, abs=0.02)
     assert refit.data.metrics["flops_effective"] < refit.data.metrics["flops_dense"]
@@ -229,13 +271,22 @@ def test_a_network_with_multi_head_attention_end_to_end(tmp_path):
     and output projections are pruned, selected by name; the refit reloads as the user's
     class with the same outputs from both exports."""
     root = tmp_path / "runs"
-    run = run_here(root, "model=custom", "model._target_=user_nets.PatchAttention",
-                   "policy.layers.include=[attn.*]", "policy.final_sparsity=0.5",
-                   "~policy.space.final_sparsity", *ONE_EPOCH)
+    run = run_here(
+        root,
+        "model=custom",
+        "model._target_=user_nets.PatchAttention",
+        "policy.layers.include=[attn.*]",
+        "policy.final_sparsity=0.5",
+        "~policy.space.final_sparsity",
+        *ONE_EPOCH,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     client, refit = _refit_run(root, "digits-PatchAttention-agp")
-    layers = json.loads(Path(client.download_artifacts(refit.info.run_id, "layer_sparsity.json",
-                                                       str(tmp_path))).read_text())
+    layers = json.loads(
+        Path(
+            client.download_artifacts(refit.info.run_id, "layer_sparsity.json", str(tmp_path))
+        ).read_text()
+    )
     selected = {"attn.in_proj", "attn.out_proj"}
     assert selected < set(layers) and {"patches", "mix", "classifier"} <= set(layers)
     assert all(v > 0.2 if name in selected else v == 0 for name, v in layers.items())

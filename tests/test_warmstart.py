@@ -22,25 +22,33 @@ def ds():
     return load_dataset(OmegaConf.create(DIGITS))
 
 
-def run(ds, policy: dict, settings: TrainSettings, cache: WarmStartCache | None = None,
-        on_epoch=None):
+def run(
+    ds, policy: dict, settings: TrainSettings, cache: WarmStartCache | None = None, on_epoch=None
+):
     model_cfg = OmegaConf.create({"arch": "mlp", "hidden": [32, 16]})
     example = torch.zeros(1, *ds.input_shape)
     return cross_validate(
-        ds, folds=2, seed=1, make_model=lambda: build_model(model_cfg, ds.input_shape, 10),
+        ds,
+        folds=2,
+        seed=1,
+        make_model=lambda: build_model(model_cfg, ds.input_shape, 10),
         make_pruner=lambda m: build_pruner(m, OmegaConf.create(policy), example),
-        settings=settings, front=FrontSettings(points=3),
+        settings=settings,
+        front=FrontSettings(points=3),
         hooks=FoldHooks(on_epoch=on_epoch),
-        warm_start=None if cache is None else WarmStart(cache, context=DIGITS))
+        warm_start=None if cache is None else WarmStart(cache, context=DIGITS),
+    )
 
 
 def same(a, b) -> None:
     for fa, fb in zip(a.folds, b.folds, strict=True):
         assert fa.accuracy == fb.accuracy and fa.sparsity == fb.sparsity
-        assert [(r.loss, r.val_accuracy, r.sparsity) for r in fa.history] == \
-               [(r.loss, r.val_accuracy, r.sparsity) for r in fb.history]
-        assert [(p.sparsity, p.accuracy) for p in fa.front] == \
-               [(p.sparsity, p.accuracy) for p in fb.front]
+        assert [(r.loss, r.val_accuracy, r.sparsity) for r in fa.history] == [
+            (r.loss, r.val_accuracy, r.sparsity) for r in fb.history
+        ]
+        assert [(p.sparsity, p.accuracy) for p in fa.front] == [
+            (p.sparsity, p.accuracy) for p in fb.front
+        ]
 
 
 AGP = {"name": "agp", "final_sparsity": 0.8, "start_epoch": 2, "end_epoch": 3, "update_every": 5}
@@ -70,18 +78,27 @@ def test_policies_that_differ_after_the_dense_epochs_share_them(ds, tmp_path):
     assert cache.hits == 2
     same(run(ds, other, SETTINGS), warm)
     # Another policy with the same dense warm-up shares it too.
-    scheduled = {"name": "scheduled", "theta_start": 0.0, "theta_end": 0.05, "start_epoch": 2,
-                 "end_epoch": 3, "update_every": 5}
+    scheduled = {
+        "name": "scheduled",
+        "theta_start": 0.0,
+        "theta_end": 0.05,
+        "start_epoch": 2,
+        "end_epoch": 3,
+        "update_every": 5,
+    }
     run(ds, scheduled, SETTINGS, cache)
     assert cache.hits == 4
 
 
-@pytest.mark.parametrize("change", [
-    {"settings": TrainSettings(epochs=4, finetune_epochs=1, lr=0.02, batch_size=128)},
-    {"settings": TrainSettings(epochs=5, finetune_epochs=1, lr=0.05, batch_size=128)},
-    {"policy": {**AGP, "start_epoch": 1}},
-    {"policy": {**AGP, "criterion": "taylor"}},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"settings": TrainSettings(epochs=4, finetune_epochs=1, lr=0.02, batch_size=128)},
+        {"settings": TrainSettings(epochs=5, finetune_epochs=1, lr=0.05, batch_size=128)},
+        {"policy": {**AGP, "start_epoch": 1}},
+        {"policy": {**AGP, "criterion": "taylor"}},
+    ],
+)
 def test_anything_the_dense_epochs_depend_on_misses_the_cache(ds, tmp_path, change):
     cache = WarmStartCache(tmp_path)
     run(ds, AGP, SETTINGS, cache)
@@ -90,10 +107,18 @@ def test_anything_the_dense_epochs_depend_on_misses_the_cache(ds, tmp_path, chan
 
 
 def test_dense_epochs_per_policy():
-    assert build_policy("agp", {"final_sparsity": 0.9, "start_epoch": 2.5,
-                                "end_epoch": 5}).dense_epochs(10) == 2
-    assert build_policy("agp", {"final_sparsity": 0.9, "start_epoch": 0,
-                                "end_epoch": 5}).dense_epochs(10) == 0
+    assert (
+        build_policy(
+            "agp", {"final_sparsity": 0.9, "start_epoch": 2.5, "end_epoch": 5}
+        ).dense_epochs(10)
+        == 2
+    )
+    assert (
+        build_policy("agp", {"final_sparsity": 0.9, "start_epoch": 0, "end_epoch": 5}).dense_epochs(
+            10
+        )
+        == 0
+    )
     assert build_policy("oneshot_global", {"amount": 0.9}).dense_epochs(10) == 10
     assert build_policy("soft_threshold", {"start_epoch": 3}).dense_epochs(10) == 0
 
@@ -118,11 +143,22 @@ def test_a_post_pruning_studys_refits_train_their_dense_epochs_once(tmp_path):
     from dtp_search.__main__ import CONFIG_DIR
     from dtp_search.study import run_study
 
-    argv = [f"paths.root={tmp_path}", "policy=constant", "policy.start_epoch=${train.epochs}",
-            "+policy.space.start_epoch={type: categorical, choices: ['${train.epochs}']}",
-            "search.n_trials=2", "refit.trials=all", "cv.folds=2", "train.epochs=2",
-            "train.finetune_epochs=0", "front.points=0", "early_stop=none",
-            "console.progress=false", "threads=1", "seed=2"]
+    argv = [
+        f"paths.root={tmp_path}",
+        "policy=constant",
+        "policy.start_epoch=${train.epochs}",
+        "+policy.space.start_epoch={type: categorical, choices: ['${train.epochs}']}",
+        "search.n_trials=2",
+        "refit.trials=all",
+        "cv.folds=2",
+        "train.epochs=2",
+        "train.finetune_epochs=0",
+        "front.points=0",
+        "early_stop=none",
+        "console.progress=false",
+        "threads=1",
+        "seed=2",
+    ]
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=argv)
     premake_store(tmp_path)  # an empty MLflow store: the run creates its experiment and runs
@@ -131,7 +167,8 @@ def test_a_post_pruning_studys_refits_train_their_dense_epochs_once(tmp_path):
         refits = study.user_attrs["refit"]
         assert len(refits) == 2
         mlflow.set_tracking_uri(cfg.tracking.uri)
-        warmed = sorted(mlflow.get_run(r["run_id"]).data.metrics["warm_start_epochs"]
-                        for r in refits.values())
+        warmed = sorted(
+            mlflow.get_run(r["run_id"]).data.metrics["warm_start_epochs"] for r in refits.values()
+        )
     assert warmed == [0.0, 2.0]
     assert len({r["sparsity"] for r in refits.values()}) == 2

@@ -14,10 +14,14 @@ class TinyConvNet(nn.Module):
 
     def __init__(self, num_classes: int, width: int = 8, in_channels: int = 1) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
-                                  nn.BatchNorm2d(width), nn.ReLU())
-        self.depthwise = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, groups=width),
-                                       nn.BatchNorm2d(width), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+        )
+        self.depthwise = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1, groups=width), nn.BatchNorm2d(width), nn.ReLU()
+        )
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -29,8 +33,9 @@ class PatchAttention(nn.Module):
     """A one-block vision transformer: patches by a strided Conv2d, a Conv1d mixer over the
     tokens, multi-head self-attention with layer norms, a linear classifier."""
 
-    def __init__(self, num_classes: int, in_channels: int = 1, dim: int = 16, patch: int = 2,
-                 heads: int = 2) -> None:
+    def __init__(
+        self, num_classes: int, in_channels: int = 1, dim: int = 16, patch: int = 2, heads: int = 2
+    ) -> None:
         super().__init__()
         self.patches = nn.Conv2d(in_channels, dim, patch, stride=patch)
         self.mix = nn.Conv1d(dim, dim, 3, padding=1)

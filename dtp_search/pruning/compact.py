@@ -44,9 +44,12 @@ def strip_masks(model: nn.Module) -> nn.Module:
     removal deletes the property from that class, breaking the original model. So the
     copy gets its plain class back and plain parameters here instead.
     """
-    baked = {(name, t): (getattr(m, t).detach().clone(), _trainable(m, t))
-             for name, m in model.named_modules() if parametrize.is_parametrized(m)
-             for t in m.parametrizations}
+    baked = {
+        (name, t): (getattr(m, t).detach().clone(), _trainable(m, t))
+        for name, m in model.named_modules()
+        if parametrize.is_parametrized(m)
+        for t in m.parametrizations
+    }
     plain = copy.deepcopy(model)
     for name, m in plain.named_modules():
         if not parametrize.is_parametrized(m):

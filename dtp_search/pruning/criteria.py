@@ -35,8 +35,10 @@ def _weight(t: PrunableTensor, dense: bool) -> torch.Tensor:
 
 def as_tensors(layers: Mapping[str, nn.Module | PrunableTensor]) -> dict[str, PrunableTensor]:
     """``{name: PrunableTensor}`` from ``{name: layer}``: a module stands for its ``weight``."""
-    return {name: t if isinstance(t, PrunableTensor) else PrunableTensor(name, t, "weight", name)
-            for name, t in layers.items()}
+    return {
+        name: t if isinstance(t, PrunableTensor) else PrunableTensor(name, t, "weight", name)
+        for name, t in layers.items()
+    }
 
 
 def _unit_dim(module: nn.Module, output: torch.Tensor) -> int:
@@ -221,6 +223,7 @@ class Activation(Criterion):
                 unit = _unit_dim(module, output)
                 dims = [d for d in range(output.ndim) if d != unit]
                 _ema(self._avg, name, output.detach().abs().mean(dim=dims), self.beta)
+
         return record
 
     def scores(self, name: str, dense: bool = False) -> torch.Tensor:

@@ -45,9 +45,14 @@ def sweep_targets(start: float, n_points: int = 10, max_sparsity: float = 0.995)
 
 
 @torch.no_grad()
-def one_shot_sweep(pruner: DynamicPruner, evaluate: Callable[[nn.Module], float], *,
-                   n_points: int = 10, max_sparsity: float = 0.995,
-                   epoch: float = float("nan")) -> list[FrontPoint]:
+def one_shot_sweep(
+    pruner: DynamicPruner,
+    evaluate: Callable[[nn.Module], float],
+    *,
+    n_points: int = 10,
+    max_sparsity: float = 0.995,
+    epoch: float = float("nan"),
+) -> list[FrontPoint]:
     """Accuracy at increasing one-shot global magnitude thresholds; masks are restored after.
 
     For each target sparsity s, θ is the global quantile of the magnitude scores of the
@@ -63,8 +68,9 @@ def one_shot_sweep(pruner: DynamicPruner, evaluate: Callable[[nn.Module], float]
     try:
         for target in sweep_targets(start, n_points, max_sparsity):
             theta = pruner.tighten_globally(target)
-            points.append(FrontPoint(pruner.sparsity(), float(evaluate(pruner.model)), theta,
-                                     epoch, "sweep"))
+            points.append(
+                FrontPoint(pruner.sparsity(), float(evaluate(pruner.model)), theta, epoch, "sweep")
+            )
     finally:
         pruner.restore(saved)
     return points

@@ -83,8 +83,14 @@ class WeightMask(nn.Module):
     fused multiply; :attr:`bool_mask` gives the boolean view.
     """
 
-    def __init__(self, shape: torch.Size, *, straight_through: bool = False,
-                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        shape: torch.Size,
+        *,
+        straight_through: bool = False,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.straight_through = straight_through
         self.register_buffer("mask", torch.ones(shape, device=device, dtype=dtype))
@@ -122,8 +128,9 @@ class SoftThresholdMask(WeightMask):
     def __init__(self, shape: torch.Size, *, s_init: float = -5.0, **kwargs) -> None:
         super().__init__(shape, **kwargs)
         dtype = kwargs.get("dtype") or torch.get_default_dtype()
-        self.s = nn.Parameter(torch.full((1,), float(s_init), device=kwargs.get("device"),
-                                         dtype=dtype))
+        self.s = nn.Parameter(
+            torch.full((1,), float(s_init), device=kwargs.get("device"), dtype=dtype)
+        )
         self.learning = True
 
     def threshold(self) -> float:
@@ -157,8 +164,12 @@ class SoftThresholdMask(WeightMask):
         return (original.abs() > torch.sigmoid(self.s)) & self.bool_mask
 
 
-_IN_PROJECTIONS = {"in_proj_weight": "in_proj", "q_proj_weight": "q_proj",
-                   "k_proj_weight": "k_proj", "v_proj_weight": "v_proj"}
+_IN_PROJECTIONS = {
+    "in_proj_weight": "in_proj",
+    "q_proj_weight": "q_proj",
+    "k_proj_weight": "k_proj",
+    "v_proj_weight": "v_proj",
+}
 
 
 @dataclass(frozen=True, eq=False)
@@ -218,7 +229,7 @@ class PrunableTensor:
             return b
         e = self.module.embed_dim
         i = ("q_proj_weight", "k_proj_weight", "v_proj_weight").index(self.attr)
-        return b[i * e:(i + 1) * e]
+        return b[i * e : (i + 1) * e]
 
 
 def prunable_tensors(model: nn.Module) -> Iterator[PrunableTensor]:
@@ -227,8 +238,11 @@ def prunable_tensors(model: nn.Module) -> Iterator[PrunableTensor]:
         if isinstance(module, PRUNABLE_TYPES):
             yield PrunableTensor(module_name, module, "weight", module_name)
         elif isinstance(module, nn.MultiheadAttention):
-            attrs = (("in_proj_weight",) if module._qkv_same_embed_dim
-                     else ("q_proj_weight", "k_proj_weight", "v_proj_weight"))
+            attrs = (
+                ("in_proj_weight",)
+                if module._qkv_same_embed_dim
+                else ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+            )
             for attr in attrs:
                 suffix = _IN_PROJECTIONS[attr]
                 name = f"{module_name}.{suffix}" if module_name else suffix
@@ -322,9 +336,13 @@ class LayerSelection:
         return chosen
 
 
-def attach_masks(model: nn.Module, *, straight_through: bool = False,
-                 mask_factory: Callable[..., WeightMask] = WeightMask,
-                 layers: Collection[str] | None = None) -> dict[str, WeightMask]:
+def attach_masks(
+    model: nn.Module,
+    *,
+    straight_through: bool = False,
+    mask_factory: Callable[..., WeightMask] = WeightMask,
+    layers: Collection[str] | None = None,
+) -> dict[str, WeightMask]:
     """Register a mask (``mask_factory(shape, ...)``, a :class:`WeightMask` by default) on
     every prunable tensor (:func:`prunable_tensors`), or on those whose layer names are in
     ``layers``.
@@ -341,13 +359,19 @@ def attach_masks(model: nn.Module, *, straight_through: bool = False,
             existing.straight_through = straight_through
             masks[t.name] = existing
             continue
-        masks[t.name] = attach_mask(t.module, t.attr, straight_through=straight_through,
-                                    mask_factory=mask_factory)
+        masks[t.name] = attach_mask(
+            t.module, t.attr, straight_through=straight_through, mask_factory=mask_factory
+        )
     return masks
 
 
-def attach_mask(module: nn.Module, tensor_name: str, *, straight_through: bool = False,
-                mask_factory: Callable[..., WeightMask] = WeightMask) -> WeightMask:
+def attach_mask(
+    module: nn.Module,
+    tensor_name: str,
+    *,
+    straight_through: bool = False,
+    mask_factory: Callable[..., WeightMask] = WeightMask,
+) -> WeightMask:
     """Register a mask on ``module.<tensor_name>`` (a weight, a bias, a norm's scale or shift)."""
     existing = get_mask(module, tensor_name)
     if existing is not None:
@@ -410,8 +434,11 @@ def sparsity(model: nn.Module, layers: Collection[str] | None = None) -> float:
 def layer_sparsity(model: nn.Module, layers: Collection[str] | None = None) -> dict[str, float]:
     """Per-layer fraction of zero effective weights: of every prunable layer (unmasked ones
     included, at their natural sparsity, ~0), or of those named in ``layers``."""
-    return {t.name: float((t.weight.detach() == 0).float().mean())
-            for t in prunable_tensors(model) if layers is None or t.name in layers}
+    return {
+        t.name: float((t.weight.detach() == 0).float().mean())
+        for t in prunable_tensors(model)
+        if layers is None or t.name in layers
+    }
 
 
 @torch.no_grad()

@@ -102,8 +102,14 @@ class ThresholdPolicy(ABC):
     # checkpointed fold resumes where it stopped (constructor arguments are not state).
     _state_attrs: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, *, start_epoch: float = 0.0, update_every: int = 50,
-                 recover: bool = False, band: float = 0.1) -> None:
+    def __init__(
+        self,
+        *,
+        start_epoch: float = 0.0,
+        update_every: int = 50,
+        recover: bool = False,
+        band: float = 0.1,
+    ) -> None:
         if start_epoch < 0:
             raise ValueError(f"start_epoch must be >= 0, got {start_epoch}")
         if update_every < 1:
@@ -112,8 +118,9 @@ class ThresholdPolicy(ABC):
             raise ValueError(f"recover must be true or false, got {recover!r}")
         if recover and not self.supports_recovery:
             able = [n for n, c in POLICIES.items() if c.supports_recovery]
-            raise ValueError(f"recover=true is not supported by policy {self.name}; "
-                             f"allowed with: {able}")
+            raise ValueError(
+                f"recover=true is not supported by policy {self.name}; allowed with: {able}"
+            )
         if isinstance(band, bool) or not isinstance(band, (int, float)) or not 0.0 <= band < 1.0:
             raise ValueError(f"band must be in [0, 1), got {band!r}")
         self.start_epoch = float(start_epoch)
@@ -151,7 +158,8 @@ class ThresholdPolicy(ABC):
         if not (self.recovers and hysteresis and self.band > 0):
             return layer.score >= theta
         return (layer.score >= (1.0 + self.band) * theta) | (
-            layer.keep & (layer.score >= (1.0 - self.band) * theta))
+            layer.keep & (layer.score >= (1.0 - self.band) * theta)
+        )
 
     def masks(self, layers: Sequence[LayerView], epoch: float) -> tuple[Keeps, Thresholds]:
         """New keep vectors (layers left out stay as they are) and the thresholds used."""
@@ -166,8 +174,9 @@ class ThresholdPolicy(ABC):
         if not self.recovers:
             return self.masks(layers, epoch)
         theta = self.thresholds(layers, epoch)
-        return {layer.name: self.keep(layer, theta[layer.name], hysteresis=False)
-                for layer in layers}, theta
+        return {
+            layer.name: self.keep(layer, theta[layer.name], hysteresis=False) for layer in layers
+        }, theta
 
     @torch.no_grad()
     def update_masks(self, layers: Sequence[LayerView], epoch: float) -> Thresholds:
@@ -215,7 +224,7 @@ def _copy_state(value: Any) -> Any:
 class ConstantThreshold(ThresholdPolicy):
     """One fixed threshold for every layer: a weight is pruned when |w| < θ.
 
-        θ_l(t) = θ   for all l, t ≥ start_epoch.
+    θ_l(t) = θ   for all l, t ≥ start_epoch.
     """
 
     name = "constant"
@@ -253,8 +262,9 @@ class StdScaledThreshold(ThresholdPolicy):
         self.q = float(q)
 
     def thresholds(self, layers: Sequence[LayerView], epoch: float) -> dict[str, float]:
-        return {layer.name: self.q * float(layer.weight.float().std(unbiased=False))
-                for layer in layers}
+        return {
+            layer.name: self.q * float(layer.weight.float().std(unbiased=False)) for layer in layers
+        }
 
 
 def _window_end(end_epoch: float, start_epoch: float) -> float:
@@ -286,8 +296,15 @@ class ScheduledThreshold(ThresholdPolicy):
     supports_recovery = True
     SHAPES: ClassVar[tuple[str, ...]] = ("linear", "cubic")
 
-    def __init__(self, theta_start: float, theta_end: float, *, end_epoch: float,
-                 shape: str = "linear", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        theta_start: float,
+        theta_end: float,
+        *,
+        end_epoch: float,
+        shape: str = "linear",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         if theta_start < 0 or theta_end < 0:
             raise ValueError(f"thresholds must be >= 0, got {theta_start}, {theta_end}")
@@ -315,8 +332,9 @@ _EXACT_QUANTILE_LIMIT = 1 << 25  # entries; beyond, thresholds come from a sampl
 _QUANTILE_SAMPLE = 1 << 22
 
 
-def quantile_threshold(scores: torch.Tensor, sparsity: float,
-                       weights: torch.Tensor | None = None) -> float:
+def quantile_threshold(
+    scores: torch.Tensor, sparsity: float, weights: torch.Tensor | None = None
+) -> float:
     """The smallest threshold θ such that ``keep = scores ≥ θ`` prunes a fraction ``sparsity``.
 
     Unweighted: θ is the (k+1)-th smallest score, k = ⌊sparsity · n⌋, so exactly k entries
@@ -374,8 +392,12 @@ def global_threshold(layers: Sequence[LayerView], sparsity: float) -> float:
     scores = torch.cat([layer.score.reshape(-1) for layer in layers])
     if all(layer.unit_size == 1 for layer in layers):
         return quantile_threshold(scores, sparsity)
-    weights = torch.cat([torch.full((layer.score.numel(),), float(layer.unit_size),
-                                    device=scores.device) for layer in layers])
+    weights = torch.cat(
+        [
+            torch.full((layer.score.numel(),), float(layer.unit_size), device=scores.device)
+            for layer in layers
+        ]
+    )
     return quantile_threshold(scores, sparsity, weights)
 
 
@@ -394,15 +416,24 @@ class AGPThreshold(ThresholdPolicy):
     supports_recovery = True
     SCOPES: ClassVar[tuple[str, ...]] = ("global", "layer")
 
-    def __init__(self, final_sparsity: float, *, end_epoch: float, initial_sparsity: float = 0.0,
-                 scope: str = "global", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        final_sparsity: float,
+        *,
+        end_epoch: float,
+        initial_sparsity: float = 0.0,
+        scope: str = "global",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         for key, s in (("final_sparsity", final_sparsity), ("initial_sparsity", initial_sparsity)):
             if not 0.0 <= s < 1.0:
                 raise ValueError(f"{key} must be in [0, 1), got {s}")
         if initial_sparsity > final_sparsity:
-            raise ValueError(f"initial_sparsity ({initial_sparsity}) must be <= "
-                             f"final_sparsity ({final_sparsity})")
+            raise ValueError(
+                f"initial_sparsity ({initial_sparsity}) must be <= "
+                f"final_sparsity ({final_sparsity})"
+            )
         if scope not in self.SCOPES:
             raise ValueError(f"scope must be one of {self.SCOPES}, got {scope!r}")
         self.final_sparsity = float(final_sparsity)
@@ -448,10 +479,21 @@ class FeedbackThreshold(ThresholdPolicy):
     _state_attrs = ("value", "best", "backoffs", "step", "_accepted_value", "_accepted", "_theta")
     TARGETS: ClassVar[tuple[str, ...]] = ("sparsity", "theta")
 
-    def __init__(self, *, step: float = 0.2, tolerance: float = 0.01, backoff: float = 0.5,
-                 min_step: float = 0.01, restore: bool = True, target: str = "sparsity",
-                 theta_start: float = 1e-3, scope: str = "global", end_epoch: float = math.inf,
-                 holdout: float = 0.1, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        step: float = 0.2,
+        tolerance: float = 0.01,
+        backoff: float = 0.5,
+        min_step: float = 0.01,
+        restore: bool = True,
+        target: str = "sparsity",
+        theta_start: float = 1e-3,
+        scope: str = "global",
+        end_epoch: float = math.inf,
+        holdout: float = 0.1,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         if not 0.0 < step < 1.0:
             raise ValueError(f"step must be in (0, 1), got {step}")
@@ -514,7 +556,9 @@ class FeedbackThreshold(ThresholdPolicy):
         if self.step >= self.min_step:
             self.value = self._raise(self.value)
         self._theta = self.thresholds(layers, epoch)
-        return {layer.name: self.keep(layer, self._theta[layer.name]) for layer in layers}, self._theta
+        return {
+            layer.name: self.keep(layer, self._theta[layer.name]) for layer in layers
+        }, self._theta
 
     def final_masks(self, layers: Sequence[LayerView]) -> tuple[Keeps, Thresholds]:
         """One last check: with ``restore``, masks that cost too much accuracy are undone."""
@@ -558,13 +602,22 @@ class SplicingThreshold(ThresholdPolicy):
     supports_recovery = True
     STATS: ClassVar[tuple[str, ...]] = ("frozen", "running")
 
-    def __init__(self, c: float = 1.0, *, gamma: float = 1e-2, power: float = 1.0,
-                 iter_stop: int | None = None, seed: int = 0, stats: str = "frozen",
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        c: float = 1.0,
+        *,
+        gamma: float = 1e-2,
+        power: float = 1.0,
+        iter_stop: int | None = None,
+        seed: int = 0,
+        stats: str = "frozen",
+        **kwargs: Any,
+    ) -> None:
         kwargs.setdefault("update_every", 1)
         if kwargs.setdefault("recover", True) is not True:
-            raise ValueError("recover must be true for splicing (it always recovers), "
-                             f"got {kwargs['recover']!r}")
+            raise ValueError(
+                f"recover must be true for splicing (it always recovers), got {kwargs['recover']!r}"
+            )
         super().__init__(**kwargs)
         if gamma < 0 or power < 0:
             raise ValueError(f"gamma and power must be >= 0, got {gamma}, {power}")
@@ -592,8 +645,9 @@ class SplicingThreshold(ThresholdPolicy):
         return (1.0 + self.gamma * step) ** (-self.power)
 
     def should_update(self, step: int, epoch: float) -> bool:
-        return (super().should_update(step, epoch)
-                and self._rng.random() < self.update_probability(step))
+        return super().should_update(step, epoch) and self._rng.random() < self.update_probability(
+            step
+        )
 
     def _statistic(self, layer: LayerView) -> float:
         s = layer.score.float()
@@ -626,8 +680,9 @@ class SoftThreshold(ThresholdPolicy):
     name = "soft_threshold"
     granularities = ("weight",)
 
-    def __init__(self, s_init: float = -5.0, *, threshold_decay: float = 5e-4,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, s_init: float = -5.0, *, threshold_decay: float = 5e-4, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         if threshold_decay < 0:
             raise ValueError(f"threshold_decay must be >= 0, got {threshold_decay}")
@@ -645,8 +700,11 @@ class SoftThreshold(ThresholdPolicy):
         return [{"params": params, "weight_decay": self.threshold_decay}] if params else []
 
     def thresholds(self, layers: Sequence[LayerView], epoch: float) -> Thresholds:
-        return {layer.name: layer.mask.threshold() for layer in layers
-                if isinstance(layer.mask, SoftThresholdMask)}
+        return {
+            layer.name: layer.mask.threshold()
+            for layer in layers
+            if isinstance(layer.mask, SoftThresholdMask)
+        }
 
     def masks(self, layers: Sequence[LayerView], epoch: float) -> tuple[Keeps, Thresholds]:
         return {}, self.thresholds(layers, epoch)  # the soft threshold acts in the forward pass
@@ -654,8 +712,11 @@ class SoftThreshold(ThresholdPolicy):
     def final_masks(self, layers: Sequence[LayerView]) -> tuple[Keeps, Thresholds]:
         """Keep what the learned thresholds let through; :meth:`finalized` then bakes it in."""
         theta = self.thresholds(layers, self.start_epoch)
-        return {layer.name: layer.mask.soft_keep(layer.original) for layer in layers
-                if isinstance(layer.mask, SoftThresholdMask)}, theta
+        return {
+            layer.name: layer.mask.soft_keep(layer.original)
+            for layer in layers
+            if isinstance(layer.mask, SoftThresholdMask)
+        }, theta
 
     def finalized(self, layers: Sequence[LayerView]) -> None:
         for layer in layers:
@@ -711,8 +772,11 @@ class OneShotGlobal(ThresholdPolicy):
 
     def masks(self, layers: Sequence[LayerView], epoch: float) -> tuple[Keeps, Thresholds]:
         holders = [_ScoreHolder(layer.score) for layer in layers]
-        prune.global_unstructured([(h, "weight") for h in holders],
-                                  pruning_method=prune.L1Unstructured, amount=self.amount)
+        prune.global_unstructured(
+            [(h, "weight") for h in holders],
+            pruning_method=prune.L1Unstructured,
+            amount=self.amount,
+        )
         keeps = {layer.name: h.weight_mask.bool() for layer, h in zip(layers, holders, strict=True)}
         kept = [layer.score[keeps[layer.name]] for layer in layers]
         theta = min((float(k.min()) for k in kept if k.numel()), default=math.inf)
@@ -727,8 +791,9 @@ class _ScoreHolder(nn.Module):
         super().__init__()
         # Contiguous: torch.nn.utils.prune flattens with view(-1), which channels-last
         # (NHWC) conv scores do not allow.
-        self.weight = nn.Parameter(score.detach().clone(memory_format=torch.contiguous_format),
-                                   requires_grad=False)
+        self.weight = nn.Parameter(
+            score.detach().clone(memory_format=torch.contiguous_format), requires_grad=False
+        )
 
 
 class RandomBaseline(ThresholdPolicy):
@@ -768,9 +833,18 @@ class RandomBaseline(ThresholdPolicy):
 
 POLICIES: dict[str, type[ThresholdPolicy]] = {
     cls.name: cls
-    for cls in (DenseBaseline, OneShotGlobal, RandomBaseline, ConstantThreshold,
-                StdScaledThreshold, ScheduledThreshold, AGPThreshold, FeedbackThreshold,
-                SplicingThreshold, SoftThreshold)
+    for cls in (
+        DenseBaseline,
+        OneShotGlobal,
+        RandomBaseline,
+        ConstantThreshold,
+        StdScaledThreshold,
+        ScheduledThreshold,
+        AGPThreshold,
+        FeedbackThreshold,
+        SplicingThreshold,
+        SoftThreshold,
+    )
 }
 
 
@@ -779,5 +853,7 @@ def build_policy(name: str, params: Mapping[str, Any]) -> ThresholdPolicy:
     try:
         cls = POLICIES[name]
     except KeyError:
-        raise ValueError(f"policy.name={name!r} is not supported; allowed: {list(POLICIES)}") from None
+        raise ValueError(
+            f"policy.name={name!r} is not supported; allowed: {list(POLICIES)}"
+        ) from None
     return cls(**params)

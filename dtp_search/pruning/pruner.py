@@ -86,25 +86,34 @@ class LayerCollapse(RuntimeError):
     """A policy asked a layer to keep fewer units than ``min_keep`` allows (see the module
     docstring). ``epoch`` is the training time of the decision (``None``: the final masks)."""
 
-    def __init__(self, layer: str, kept: int, total: int, minimum: int, unit: str,
-                 epoch: float | None) -> None:
+    def __init__(
+        self, layer: str, kept: int, total: int, minimum: int, unit: str, epoch: float | None
+    ) -> None:
         self.layer, self.kept, self.total, self.minimum = layer, kept, total, minimum
         self.epoch = epoch
         when = "in the final masks" if epoch is None else f"at epoch {epoch:.2f}"
         floor = f"min_keep allows no fewer than {minimum}" if minimum else "min_keep=0"
-        super().__init__(f"the policy would leave layer {layer} with {kept} of {total} "
-                         f"{unit}s {when} ({floor})")
+        super().__init__(
+            f"the policy would leave layer {layer} with {kept} of {total} {unit}s {when} ({floor})"
+        )
 
 
 def check_floor(min_keep: Any, on_collapse: Any) -> None:
     """Raise ``ValueError`` naming the setting unless ``min_keep`` and ``on_collapse`` are valid."""
-    if (isinstance(min_keep, bool) or not isinstance(min_keep, (int, float)) or min_keep < 0
-            or (min_keep >= 1 and not float(min_keep).is_integer())):
-        raise ValueError(f"min_keep={min_keep} is not allowed; allowed: a fraction in "
-                         "[0, 1) or a whole count >= 1")
+    if (
+        isinstance(min_keep, bool)
+        or not isinstance(min_keep, (int, float))
+        or min_keep < 0
+        or (min_keep >= 1 and not float(min_keep).is_integer())
+    ):
+        raise ValueError(
+            f"min_keep={min_keep} is not allowed; allowed: a fraction in "
+            "[0, 1) or a whole count >= 1"
+        )
     if on_collapse not in COLLAPSE_ACTIONS:
-        raise ValueError(f"on_collapse={on_collapse!r} is not allowed; "
-                         f"allowed: {list(COLLAPSE_ACTIONS)}")
+        raise ValueError(
+            f"on_collapse={on_collapse!r} is not allowed; allowed: {list(COLLAPSE_ACTIONS)}"
+        )
 
 
 _UNIT_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
@@ -147,24 +156,36 @@ class DynamicPruner:
             A selection that matches nothing raises ``ValueError`` (see :class:`LayerSelection`).
     """
 
-    def __init__(self, model: nn.Module, policy: ThresholdPolicy,
-                 criterion: Criterion | None = None, *, granularity: str = "weight",
-                 min_keep: float = 0.01, on_collapse: str = "restore",
-                 example_input: torch.Tensor | None = None,
-                 layers: LayerSelection | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        policy: ThresholdPolicy,
+        criterion: Criterion | None = None,
+        *,
+        granularity: str = "weight",
+        min_keep: float = 0.01,
+        on_collapse: str = "restore",
+        example_input: torch.Tensor | None = None,
+        layers: LayerSelection | None = None,
+    ) -> None:
         self.model = model
         self.policy = policy
         self.criterion = criterion or Magnitude()
         self.granularity = granularity
         self.min_keep = float(min_keep)
         if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity={granularity!r} is not supported; "
-                             f"allowed: {list(GRANULARITIES)}")
-        for who, allowed in ((f"policy {policy.name}", policy.granularities),
-                             (f"criterion {self.criterion.name}", self.criterion.granularities)):
+            raise ValueError(
+                f"granularity={granularity!r} is not supported; allowed: {list(GRANULARITIES)}"
+            )
+        for who, allowed in (
+            (f"policy {policy.name}", policy.granularities),
+            (f"criterion {self.criterion.name}", self.criterion.granularities),
+        ):
             if granularity not in allowed:
-                raise ValueError(f"granularity={granularity!r} is not supported by {who}; "
-                                 f"allowed: {list(allowed)}")
+                raise ValueError(
+                    f"granularity={granularity!r} is not supported by {who}; "
+                    f"allowed: {list(allowed)}"
+                )
         check_floor(min_keep, on_collapse)
         self.on_collapse = on_collapse
         self.selection = layers if layers is not None else LayerSelection()
@@ -179,10 +200,16 @@ class DynamicPruner:
         groups = {}
         if granularity != "weight":
             if example_input is None:
-                raise ValueError(f"granularity={granularity!r} needs example_input to trace the model")
+                raise ValueError(
+                    f"granularity={granularity!r} needs example_input to trace the model"
+                )
             groups = trace_units(model, example_input)
-        self.masks = attach_masks(model, straight_through=policy.recovers,
-                                  mask_factory=policy.mask_factory(), layers=set(selected))
+        self.masks = attach_masks(
+            model,
+            straight_through=policy.recovers,
+            mask_factory=policy.mask_factory(),
+            layers=set(selected),
+        )
         #: ``{layer name: PrunableTensor}`` of the selected (masked) layers, in model order.
         self.tensors: dict[str, PrunableTensor] = {n: tensors[n] for n in self.masks}
         modules = dict(model.named_modules())
@@ -200,15 +227,22 @@ class DynamicPruner:
             if not self._exact(group, modules):
                 continue
             out = mask.mask.shape[0]
-            layer = _Layer(name, tensor, mask, structured=True,
-                           units=torch.ones(out, dtype=torch.bool, device=mask.mask.device))
+            layer = _Layer(
+                name,
+                tensor,
+                mask,
+                structured=True,
+                units=torch.ones(out, dtype=torch.bool, device=mask.mask.device),
+            )
             if getattr(module, "bias", None) is not None:
                 layer.unit_masks.append(attach_mask(module, "bias"))
             for norm in group.norms:
                 norm_module = modules[norm]
                 if norm_module.affine:
-                    layer.unit_masks += [attach_mask(norm_module, "weight"),
-                                         attach_mask(norm_module, "bias")]
+                    layer.unit_masks += [
+                        attach_mask(norm_module, "weight"),
+                        attach_mask(norm_module, "bias"),
+                    ]
             self._layers[name] = layer
             for consumer in group.consumers:
                 if consumer.name in self.masks:  # unselected consumers stay untouched
@@ -216,12 +250,17 @@ class DynamicPruner:
         if not self._layers:
             kinds = "/".join(t.__name__ for t in _UNIT_TYPES.get(granularity, PRUNABLE_TYPES))
             among = "" if layers is None else f" among the selected layers {selected}"
-            selected_groups = {n: g for n, g in groups.items()
-                               if n in self.masks and g is not None and self._exact(g, modules)}
-            raise ValueError(f"granularity={granularity!r}: this model has no {kinds} layer whose "
-                             f"units can be removed exactly{among} (classifier and residual "
-                             "outputs are excluded); allowed here: "
-                             f"{self.allowed_granularities(selected_groups, modules)}")
+            selected_groups = {
+                n: g
+                for n, g in groups.items()
+                if n in self.masks and g is not None and self._exact(g, modules)
+            }
+            raise ValueError(
+                f"granularity={granularity!r}: this model has no {kinds} layer whose "
+                f"units can be removed exactly{among} (classifier and residual "
+                "outputs are excluded); allowed here: "
+                f"{self.allowed_granularities(selected_groups, modules)}"
+            )
         self.criterion.attach({name: layer.tensor for name, layer in self._layers.items()})
         self._magnitude = Magnitude()
         self._magnitude.attach({name: layer.tensor for name, layer in self._layers.items()})
@@ -251,8 +290,10 @@ class DynamicPruner:
 
     def layer_views(self) -> list[LayerView]:
         """What the policy sees; recovering policies get scores of the dense weights."""
-        return [self._view(layer, self.criterion, self.policy.recovers)
-                for layer in self._layers.values()]
+        return [
+            self._view(layer, self.criterion, self.policy.recovers)
+            for layer in self._layers.values()
+        ]
 
     def _view(self, layer: _Layer, criterion: Criterion, dense: bool) -> LayerView:
         mask = layer.mask
@@ -261,8 +302,9 @@ class DynamicPruner:
             score, keep = criterion.unit_scores(layer.name, dense), layer.units.clone()
         else:
             score, keep = criterion.scores(layer.name, dense), mask.bool_mask
-        return LayerView(layer.name, weight, score, keep, mask, layer.unit_size,
-                         layer.tensor.original)
+        return LayerView(
+            layer.name, weight, score, keep, mask, layer.unit_size, layer.tensor.original
+        )
 
     # -- writing masks ----------------------------------------------------------------
 
@@ -285,8 +327,11 @@ class DynamicPruner:
             raise LayerCollapse(layer.name, kept, keep.numel(), m, unit, self._epoch)
         self.restored[layer.name] = self.restored.get(layer.name, 0) + 1
         self.floored.add(layer.name)
-        dense = (self._magnitude.unit_scores(layer.name, dense=True) if layer.structured
-                 else self._magnitude.scores(layer.name, dense=True))
+        dense = (
+            self._magnitude.unit_scores(layer.name, dense=True)
+            if layer.structured
+            else self._magnitude.scores(layer.name, dense=True)
+        )
         # Flat indices are in logical (NCHW) order: work on a contiguous copy, whatever
         # the memory format of the scores (channels-last conv weights).
         keep = keep.clone(memory_format=torch.contiguous_format)
@@ -382,12 +427,14 @@ class DynamicPruner:
         return {
             "finalized": self.finalized,
             "last_thresholds": dict(self.last_thresholds),
-            "units": {n: layer.units.clone() for n, layer in self._layers.items()
-                      if layer.structured},
+            "units": {
+                n: layer.units.clone() for n, layer in self._layers.items() if layer.structured
+            },
             "policy": self.policy.state_dict(),
             "criterion": self.criterion.state_dict(),
-            "learning": {n: bool(m.learning) for n, m in self.masks.items()
-                         if hasattr(m, "learning")},
+            "learning": {
+                n: bool(m.learning) for n, m in self.masks.items() if hasattr(m, "learning")
+            },
             "restored": dict(self.restored),
             "floored": sorted(self.floored),
             "recovered": self.recovered,

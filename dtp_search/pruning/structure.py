@@ -50,24 +50,66 @@ from dtp_search.pruning.masks import PRUNABLE_TYPES
 
 # Element-wise and 0 ↦ 0: any axis.
 _ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Hardswish,
-    nn.Mish, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Tanh,
+    nn.Hardswish,
+    nn.Mish,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.Identity,
 )
 _ELEMENTWISE_FUNCTIONS = {
-    F.relu, torch.relu, F.relu6, F.leaky_relu, F.elu, F.gelu, F.silu, F.hardswish, F.mish,
-    torch.tanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+    F.relu,
+    torch.relu,
+    F.relu6,
+    F.leaky_relu,
+    F.elu,
+    F.gelu,
+    F.silu,
+    F.hardswish,
+    F.mish,
+    torch.tanh,
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
 }
 _ELEMENTWISE_METHODS = {"relu", "tanh", "contiguous"}
 # Pool over the positions of each channel (dimension 1 stays): the units must be on dim 1.
 _POOL_MODULES: tuple[type[nn.Module], ...] = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
 )
 _POOL_FUNCTIONS = {
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
-    F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+    F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d,
+    F.adaptive_max_pool3d,
 }
 _NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -81,7 +123,10 @@ class _Tracer(fx.Tracer):
     of ``nn.MultiheadAttention`` has data-dependent branches fx cannot trace through)."""
 
     _LEAVES: tuple[type[nn.Module], ...] = (
-        *PRUNABLE_TYPES, nn.MultiheadAttention, nn.modules.batchnorm._NormBase, nn.LayerNorm,
+        *PRUNABLE_TYPES,
+        nn.MultiheadAttention,
+        nn.modules.batchnorm._NormBase,
+        nn.LayerNorm,
         nn.GroupNorm,
     )
 
@@ -171,7 +216,8 @@ def _follow(producer: fx.Node, modules: dict[str, nn.Module]) -> UnitGroup | Non
                 group.norms.append(user.target)
                 stack.append((user, factor))
             elif kind == "unitwise" or (
-                    kind == "pool" and _on(axis, ndim, _CHANNEL) and (ndim or 0) >= 3):
+                kind == "pool" and _on(axis, ndim, _CHANNEL) and (ndim or 0) >= 3
+            ):
                 stack.append((user, factor))
             elif kind == "flatten" and _on(axis, ndim, _CHANNEL) and ndim is not None:
                 shape = node.meta["tensor_meta"].shape
