@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dtp_search.errors import ConfigError
+from dtp_search.pruning.layers import ChannelPadShortcut
 from dtp_search.settings import ModelSettings, from_mapping
 from dtp_search.targets import locate
 
@@ -134,7 +135,8 @@ class VGG(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """Two 3×3 conv-BN layers with an identity shortcut (option A: stride-2 subsample + zero channels)."""
+    """Two 3×3 conv-BN layers with an identity shortcut (option A: stride-2 subsample + zero
+    channels, :class:`ChannelPadShortcut`)."""
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
         super().__init__()
@@ -142,15 +144,12 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.stride = stride
-        self.pad_channels = planes - in_planes
-
-    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stride == 1 and self.pad_channels == 0:
-            return x
-        x = x[:, :, :: self.stride, :: self.stride]
-        half = self.pad_channels // 2
-        return F.pad(x, (0, 0, 0, 0, half, self.pad_channels - half))
+        pad = planes - in_planes
+        self.shortcut: nn.Module = (
+            nn.Identity()
+            if stride == 1 and pad == 0
+            else ChannelPadShortcut(stride, pad // 2, pad - pad // 2)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))

@@ -31,11 +31,20 @@ from dtp_search.pruning import (
     prunable_tensors,
     sparsity,
     strip_masks,
-    trace_units,
+    trace_channels,
 )
 from dtp_search.training import FoldTrainer
 
 IMAGE = (1, 3, 32, 32)
+
+
+def _producers(model: nn.Module, x: torch.Tensor) -> dict[str, list[str]]:
+    """``{group name: its producers}`` of the removable channel groups."""
+    return {g.name: g.producers for g in trace_channels(model, x).groups}
+
+
+def _group(model: nn.Module, x: torch.Tensor, name: str):
+    return next(g for g in trace_channels(model, x).groups if g.name == name)
 
 
 class Block(nn.Module):
@@ -171,19 +180,24 @@ def _grouped_net(conv: type[nn.Module], pool: type[nn.Module]) -> nn.Sequential:
         (nn.Conv3d, nn.AdaptiveAvgPool3d, (1, 3, 4, 4, 4)),
     ],
 )
-def test_grouped_convs_take_no_part_in_channel_pruning_and_stay_valid_when_compacted(
-    conv, pool, shape
-):
+def test_depthwise_convs_go_with_their_channels_and_grouped_convs_stay_whole(conv, pool, shape):
     torch.manual_seed(0)
     net = _grouped_net(conv, pool)
     x = torch.randn(shape)
-    groups = trace_units(net, x)
-    assert {n for n, g in groups.items() if g is not None} == {"8", "10"}
+    # The depthwise conv's filter j goes with its input channel j (conv 0's channel j);
+    # the grouped conv (groups=2) and the conv that feeds it keep all their channels.
+    assert _producers(net, x) == {"0": ["0", "2"], "8": ["8"], "10": ["10"]}
     pruner = DynamicPruner(
         net, ConstantThreshold(0.0), granularity="channel", min_keep=1, example_input=x
     )
-    assert pruner.layer_names == ["8", "10"]
-    pruner.write({"8": torch.arange(12) % 3 != 0, "10": torch.arange(8) % 2 == 0})
+    assert pruner.layer_names == ["0", "8", "10"]
+    pruner.write(
+        {
+            "0": torch.arange(8) % 4 != 0,
+            "8": torch.arange(12) % 3 != 0,
+            "10": torch.arange(8) % 2 == 0,
+        }
+    )
     small = compact_model(net, x)
     torch.testing.assert_close(small(x), net(x), atol=1e-5, rtol=1e-4)
     assert count_parameters(small) < count_parameters(strip_masks(net))
@@ -191,7 +205,8 @@ def test_grouped_convs_take_no_part_in_channel_pruning_and_stay_valid_when_compa
         if isinstance(m, nn.modules.conv._ConvNd):
             assert m.in_channels == m.weight.shape[1] * m.groups
             assert m.out_channels == m.weight.shape[0]
-    assert small[2].groups == 8 and small[6].groups == 2  # untouched
+    assert small[0].out_channels == 6 and small[2].groups == small[2].out_channels == 6
+    assert small[4].in_channels == 6 and small[6].groups == 2  # the grouped conv: untouched
     assert small[8].out_channels == 8 and small[10].in_channels == 8
 
 
@@ -565,20 +580,27 @@ def test_measure_of_a_neuron_pruned_transformer_and_its_compact_form(tmp_path):
 
 
 def test_resnet18_and_mobilenet_units_follow_the_architecture():
-    groups = trace_units(torchvision.models.resnet18(num_classes=10), torch.zeros(IMAGE))
-    assert {n for n, g in groups.items() if g is not None} == {
-        f"layer{s}.{b}.conv1" for s in (1, 2, 3, 4) for b in (0, 1)
-    }
-    groups = trace_units(torchvision.models.mobilenet_v3_small(num_classes=10), torch.zeros(IMAGE))
-    prunable = {n for n, g in groups.items() if g is not None}
-    # Squeeze-excitation: fc1 feeds fc2 through a ReLU; fc2's Hardsigmoid scales the
-    # input (x * scale), which mixes the units with another tensor: fc2 stays dense.
-    assert "features.4.block.2.fc1" in prunable and "features.4.block.2.fc2" not in prunable
-    # Depthwise convs and the expansions that feed them take no part.
-    assert "features.4.block.1.0" not in prunable and "features.4.block.0.0" not in prunable
-    assert groups["features.12.0"].norms == ["features.12.1"]  # the last conv -> pool -> fc
-    assert groups["classifier.0"].consumers[0].name == "classifier.3"
-    assert groups["classifier.3"] is None
+    x = torch.zeros(IMAGE)
+    groups = _producers(torchvision.models.resnet18(num_classes=10), x)
+    # The residual stream of each stage is one group: the stem (or the projection
+    # shortcut) and every block's second conv write into it.
+    assert groups["conv1"] == ["conv1", "layer1.0.conv2", "layer1.1.conv2"]
+    assert groups["layer4.0.conv2"] == ["layer4.0.conv2", "layer4.0.downsample.0", "layer4.1.conv2"]
+    assert {f"layer{s}.{b}.conv1" for s in (1, 2, 3, 4) for b in (0, 1)} <= set(groups)
+    assert not any("fc" in p for ps in groups.values() for p in ps)  # the output
+    net = torchvision.models.mobilenet_v3_small(num_classes=10)
+    groups = _producers(net, x)
+    # Inverted residual with squeeze-excitation: the expansion's channel j, the depthwise
+    # filter j and the excitation's output j (x * scale) are one unit; fc1 is its own.
+    assert groups["features.4.block.0.0"] == [
+        "features.4.block.0.0",
+        "features.4.block.1.0",
+        "features.4.block.2.fc2",
+    ]
+    assert groups["features.4.block.2.fc1"] == ["features.4.block.2.fc1"]
+    assert _group(net, x, "features.12.0").norms.keys() == {"features.12.1"}
+    assert "classifier.3" in _group(net, x, "classifier.0").columns
+    assert not any("classifier.3" in ps for ps in groups.values())
 
 
 @pytest.mark.parametrize("build", [_resnet18, _mobilenet], ids=["resnet18", "mobilenet"])
@@ -603,10 +625,9 @@ def test_neuron_pruning_of_a_transformer_mlp_on_tokens_is_exact():
     torch.manual_seed(0)
     model = TinyTransformer().eval()
     x = torch.randn(SEQ)
-    groups = trace_units(model, x)
     # Units of a Linear on tokens [B, T, F] live on the last axis: the MLP's first Linear
     # feeds the second through a GELU; everything else meets a LayerNorm or a residual sum.
-    assert {n for n, g in groups.items() if g is not None} == {"encoder.0.mlp.0", "encoder.1.mlp.0"}
+    assert set(_producers(model, x)) == {"encoder.0.mlp.0", "encoder.1.mlp.0"}
     criterion = Activation()
     pruner = DynamicPruner(
         model, ConstantThreshold(0.0), criterion, granularity="neuron", min_keep=1, example_input=x
@@ -629,14 +650,14 @@ def test_norms_that_mix_units_or_sit_on_another_axis_keep_a_layer_dense():
         "batchnorm over T": nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(5), nn.Linear(6, 3)),
         "groupnorm": nn.Sequential(nn.Conv1d(5, 6, 1), nn.GroupNorm(2, 6), nn.Conv1d(6, 3, 1)),
         "linear on positions": nn.Sequential(nn.Conv1d(5, 6, 1), nn.ReLU(), nn.Linear(4, 3)),
-        "hardsigmoid (0 -> 1/2)": nn.Sequential(
-            nn.Conv1d(5, 6, 1), nn.Hardsigmoid(), nn.Conv1d(6, 3, 1)
-        ),
     }
     for why, net in cases.items():
-        assert trace_units(net, x)["0"] is None, why
+        assert "0" not in _producers(net, x), why
     ok = nn.Sequential(nn.Conv1d(5, 6, 1), nn.BatchNorm1d(6), nn.Hardswish(), nn.Conv1d(6, 3, 1))
-    assert trace_units(ok, x)["0"].norms == ["1"]
+    assert _group(ok, x, "0").norms.keys() == {"1"} and not _group(ok, x, "0").inexact
+    # hardsigmoid(0) = 1/2: a removed channel is exact only with the consumer's columns masked.
+    lossy = nn.Sequential(nn.Conv1d(5, 6, 1), nn.Hardsigmoid(), nn.Conv1d(6, 3, 1))
+    assert _group(lossy, x, "0").inexact == {"2"}
 
 
 class MyAttention(nn.MultiheadAttention):

@@ -13,7 +13,7 @@ from dtp_search.pruning import (
     compact_model,
     count_parameters,
     sparsity,
-    trace_units,
+    trace_channels,
 )
 
 CIFAR = (3, 32, 32)
@@ -23,16 +23,49 @@ def _model(arch, **kw):
     return build_model(OmegaConf.create({"arch": arch, **kw}), CIFAR, 10)
 
 
-def test_trace_finds_removable_units_and_excludes_classifier_and_residual_outputs():
-    groups = trace_units(_model("resnet20"), torch.zeros(1, *CIFAR))
-    prunable = {n for n, g in groups.items() if g is not None}
-    assert prunable == {f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)}
-    g = groups["layer2.0.conv1"]
-    assert g.norms == ["layer2.0.bn1"] and [c.name for c in g.consumers] == ["layer2.0.conv2"]
-    groups = trace_units(_model("simple_cnn"), torch.zeros(1, *CIFAR))
-    assert groups["classifier.4"] is None  # the output layer
-    (c,) = groups["features.3"].consumers  # conv2 -> flatten (16×5×5) -> fc1
-    assert c.name == "classifier.0" and c.factor == 25
+def test_trace_couples_the_residual_stream_and_keeps_the_classifier():
+    groups = {g.name: g for g in trace_channels(_model("resnet20"), torch.zeros(1, *CIFAR)).groups}
+    stem = groups["conv1"]  # the stem and every block's second conv write one stream
+    assert stem.producers == ["conv1"] + [
+        f"layer{s}.{b}.conv2" for s in (1, 2, 3) for b in range(3)
+    ]
+    assert stem.size == 16 and "fc" in stem.columns and "layer3.2.conv1" in stem.columns
+    # Option-A shortcuts: stage-1 channel j is stage-2 channel 8 + j and stage-3 channel
+    # 24 + j; the zero channels a shortcut adds form groups of their own.
+    assert stem.rows["layer2.0.conv2"].flatten().tolist() == list(range(8, 24))
+    assert stem.rows["layer3.0.conv2"].flatten().tolist() == list(range(24, 40))
+    assert (
+        groups["layer2.0.conv2"].size == 16 and "layer2.0.shortcut" in groups["layer2.0.conv2"].pads
+    )
+    assert groups["layer3.0.conv2"].size == 32
+    assert groups["layer2.0.conv1"].producers == ["layer2.0.conv1"]
+    assert groups["layer2.0.conv1"].norms.keys() == {"layer2.0.bn1"}
+    assert not any("fc" in g.rows for g in groups.values())  # the output keeps its units
+    cnn = {g.name: g for g in trace_channels(_model("simple_cnn"), torch.zeros(1, *CIFAR)).groups}
+    assert "classifier.4" not in cnn
+    cols = cnn["features.3"].columns["classifier.0"]  # conv2 -> flatten (16×5×5) -> fc1
+    assert cols.shape == (16, 25) and cols[1].tolist() == list(range(25, 50))
+
+
+def test_channel_pruning_thins_the_resnet_residual_stream_and_the_compact_net_is_exact():
+    torch.manual_seed(0)
+    model = _model("resnet20")
+    x = torch.randn(4, *CIFAR)
+    pruner = DynamicPruner(
+        model, ConstantThreshold(0.0), granularity="channel", min_keep=1, example_input=x[:1]
+    )
+    pruner.write({v.name: torch.rand(v.keep.numel()) > 0.4 for v in pruner.layer_views()})
+    model.eval()
+    compact = compact_model(model, x[:1]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), model(x), atol=1e-4, rtol=1e-4)
+    stream = int(next(v.keep for v in pruner.layer_views() if v.name == "conv1").sum())
+    assert compact.conv1.out_channels == stream < 16
+    assert compact.layer1[0].conv2.out_channels == stream
+    assert compact.fc.in_features < 64
+    assert compact.layer2[0].shortcut.front + compact.layer2[0].shortcut.back + stream == (
+        compact.layer2[0].conv2.out_channels
+    )
 
 
 def test_neuron_masks_zero_the_row_its_bias_and_the_next_layers_columns():

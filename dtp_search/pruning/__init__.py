@@ -5,6 +5,14 @@ A plain PyTorch library — it imports neither Optuna nor MLflow, so it can be u
 """
 
 from dtp_search.pruning.compact import compact_model, count_parameters, strip_masks
+from dtp_search.pruning.cost import (
+    COSTS,
+    CostMeter,
+    StructuralCost,
+    count_flops,
+    median_latency_ms,
+    structural_cost,
+)
 from dtp_search.pruning.criteria import (
     CRITERIA,
     GRANULARITIES,
@@ -17,6 +25,7 @@ from dtp_search.pruning.criteria import (
     build_criterion,
 )
 from dtp_search.pruning.front import FrontPoint, one_shot_sweep, pareto_mask
+from dtp_search.pruning.layers import ChannelPadShortcut
 from dtp_search.pruning.masks import (
     LayerSelection,
     PrunableTensor,
@@ -48,17 +57,21 @@ from dtp_search.pruning.policies import (
     quantile_threshold,
 )
 from dtp_search.pruning.pruner import COLLAPSE_ACTIONS, DynamicPruner, LayerCollapse
-from dtp_search.pruning.structure import UnitGroup, trace_units
+from dtp_search.pruning.structure import ChannelGroup, Structure, trace_channels
 
 __all__ = [
     "COLLAPSE_ACTIONS",
+    "COSTS",
     "CRITERIA",
     "GRANULARITIES",
     "POLICIES",
     "AGPThreshold",
     "Activation",
     "ActivationGradient",
+    "ChannelGroup",
+    "ChannelPadShortcut",
     "ConstantThreshold",
+    "CostMeter",
     "Criterion",
     "DenseBaseline",
     "DynamicPruner",
@@ -77,18 +90,21 @@ __all__ = [
     "SoftThresholdMask",
     "SplicingThreshold",
     "StdScaledThreshold",
+    "StructuralCost",
+    "Structure",
     "Taylor",
     "ThresholdPolicy",
-    "UnitGroup",
     "WeightMask",
     "attach_masks",
     "build_criterion",
     "build_policy",
     "compact_model",
+    "count_flops",
     "count_parameters",
     "get_mask",
     "global_threshold",
     "layer_sparsity",
+    "median_latency_ms",
     "one_shot_sweep",
     "pareto_mask",
     "prunable_layers",
@@ -96,5 +112,6 @@ __all__ = [
     "quantile_threshold",
     "sparsity",
     "strip_masks",
-    "trace_units",
+    "structural_cost",
+    "trace_channels",
 ]

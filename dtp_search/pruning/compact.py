@@ -1,33 +1,34 @@
 """Export a structurally pruned network as a smaller dense one.
 
-A unit j of a layer (neuron or channel) is *dead* when everything it can emit is
-exactly zero: its weight row, its bias entry, and — when a batch norm follows — that
-norm's scale and shift entries are all zero, so the unit outputs 0 in every mode and
-its consumers' input columns multiply zeros. :func:`compact_model` removes dead units
-of every layer whose units are removable (see :mod:`dtp_search.pruning.structure`),
-the matching norm entries and the matching input columns of the consumers. The result
-is a plain ``nn.Module`` without parametrizations that computes the same function.
+A unit of a :class:`~dtp_search.pruning.structure.ChannelGroup` (a neuron, or a channel
+coupled across residual sums, concatenations, depthwise convolutions and norms) is
+*dead* when it contributes exactly nothing: every producer's weight row and bias entry
+and every affine norm's scale and shift entry on it are zero, so it emits 0 in every
+mode, and the consumers that read it through a path that loses that 0 have zero input
+columns for it. :func:`compact_model` removes dead units everywhere they appear —
+producer rows, norm entries, consumer columns, depthwise filters, zero channels of an
+option-A shortcut — and returns a plain ``nn.Module`` without parametrizations that
+computes the same function with smaller dense kernels.
 
-Grouped and depthwise convolutions are neither producers nor consumers of removable
-units (see :mod:`dtp_search.pruning.structure`), so they are copied unchanged and stay
-valid (``in_channels = W.shape[1] · groups``). Attention in-projections have no units and
-keep their shape; only their masks are baked in.
+Grouped convolutions that are not depthwise, attention and everything else the walk
+pins keep their shape; only their masks are baked in.
 
 Layers without a mask (left out of a pruner's layer selection) need no special case:
-deadness is read from the baked weights, not from masks, so such a layer keeps all of
-its own units and only loses the input columns that read a dead unit of a pruned
-producer — columns that multiply zeros, even though its weights there are not zero.
+deadness is read from the baked weights, not from masks, so such a layer keeps its own
+units unless they are all zero, and loses the input columns that read a dead unit of a
+pruned producer — columns that multiply zeros, even though its weights there are not zero.
 """
 
 from __future__ import annotations
 
 import copy
+from collections import defaultdict
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from dtp_search.pruning.structure import UnitGroup, trace_units
+from dtp_search.pruning.structure import ChannelGroup, is_depthwise, trace_channels
 
 
 @torch.no_grad()
@@ -70,20 +71,32 @@ def _trainable(module: nn.Module, tensor_name: str) -> bool:
 
 
 @torch.no_grad()
-def dead_units(model: nn.Module, group: UnitGroup) -> torch.Tensor:
-    """Boolean vector: which output units of ``group``'s layer emit exactly zero."""
+def dead_units(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
+    """Boolean vector: which units of ``group`` contribute exactly nothing.
+
+    A unit is dead when every producer row and bias entry, and the scale and shift of every
+    affine norm on it, are zero (it emits exactly 0), and every consumer that reads it
+    through a path that does not keep that 0 (``group.inexact``) has zero input columns
+    for it.
+    """
     modules = dict(model.named_modules())
-    layer = modules[group.name]
-    w = layer.weight
-    dead = (w.reshape(w.shape[0], -1) == 0).all(dim=1)
-    if layer.bias is not None:
-        dead &= layer.bias == 0
-    for norm_name in group.norms:
-        norm = modules[norm_name]
+    dead = torch.ones(group.size, dtype=torch.bool)
+    for name, rows in group.rows.items():
+        layer = modules[name]
+        w = layer.weight.detach().cpu()
+        zero = (w.reshape(w.shape[0], -1) == 0).all(dim=1)
+        if layer.bias is not None:
+            zero &= layer.bias.detach().cpu() == 0
+        dead &= zero[rows].all(dim=1)
+    for name, entries in group.norms.items():
+        norm = modules[name]
         if norm.affine:
-            dead &= (norm.weight == 0) & (norm.bias == 0)
-        else:  # without affine entries the norm maps 0 to −mean/σ, which is not 0
-            dead &= False
+            zero = (norm.weight.detach().cpu() == 0) & (norm.bias.detach().cpu() == 0)
+            dead &= zero[entries].all(dim=1)
+    for name in group.inexact:
+        w = modules[name].weight.detach().cpu()
+        cols = w.transpose(0, 1).reshape(w.shape[1], -1)
+        dead &= (cols == 0).all(dim=1)[group.columns[name]].all(dim=1)
     return dead
 
 
@@ -92,54 +105,91 @@ def compact_model(model: nn.Module, example_input: torch.Tensor) -> nn.Module:
     """A smaller copy of ``model`` with every dead unit removed; same outputs as ``model``.
 
     ``example_input`` (one batch, e.g. ``torch.zeros(1, C, H, W)``) is used to trace
-    the network and propagate shapes.
+    the network and propagate shapes. Every :class:`ChannelGroup` loses its dead units:
+    producer rows and bias entries, norm entries, consumer input columns, depthwise filters
+    (whose ``groups`` follow) and the zero channels of a
+    :class:`~dtp_search.pruning.layers.ChannelPadShortcut` (whose ``front``/``back``
+    follow). A group whose units are all dead keeps one, so every layer stays valid.
     """
     plain = strip_masks(model)
-    groups = {name: g for name, g in trace_units(plain, example_input).items() if g is not None}
+    structure = trace_channels(plain, example_input.to(_device(plain)))
     modules = dict(plain.named_modules())
-    keep_out: dict[str, torch.Tensor] = {}
-    keep_in: dict[str, torch.Tensor] = {}
-    for name, group in groups.items():
-        alive = ~dead_units(plain, group)
-        if alive.all():
+    drop_rows: dict[str, set[int]] = defaultdict(set)
+    drop_cols: dict[str, set[int]] = defaultdict(set)
+    drop_norm: dict[str, set[int]] = defaultdict(set)
+    drop_pad: dict[str, set[int]] = defaultdict(
+        set, {k: set(v) for k, v in structure.zero_channels.items()}
+    )
+    for group in structure.groups:
+        dead = dead_units(plain, group)
+        if dead.all():
+            dead[0] = False
+        if not dead.any():
             continue
-        if not alive.any():  # keep one unit so that every layer stays a valid module
-            alive[0] = True
-        keep_out[name] = alive.nonzero().flatten()
-        for consumer in group.consumers:
-            cols = alive.repeat_interleave(consumer.factor)
-            keep_in[consumer.name] = cols.nonzero().flatten()
-        for norm_name in group.norms:
-            _slice_norm(modules[norm_name], keep_out[name])
-    for name in set(keep_out) | set(keep_in):
-        _slice_layer(modules[name], keep_out.get(name), keep_in.get(name))
+        for table, drop in (
+            (group.rows, drop_rows),
+            (group.columns, drop_cols),
+            (group.norms, drop_norm),
+            (group.pads, drop_pad),
+        ):
+            for name, index in table.items():
+                drop[name].update(index[dead].flatten().tolist())
+    for name in set(drop_rows) | set(drop_cols):
+        layer = modules[name]
+        _slice_layer(
+            layer,
+            _kept(layer.weight.shape[0], drop_rows.get(name)),
+            None if is_depthwise(layer) else _kept(layer.weight.shape[1], drop_cols.get(name)),
+        )
+    for name, drop in drop_norm.items():
+        _slice_norm(modules[name], _kept(modules[name].num_features, drop))
+    for name, drop in drop_pad.items():
+        pad = modules[name]  # front zero channel j is entry j, back zero channel j is −(j+1)
+        pad.front -= sum(1 for i in drop if i >= 0)
+        pad.back -= sum(1 for i in drop if i < 0)
     return plain
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _kept(n: int, drop: set[int] | None) -> torch.Tensor | None:
+    if not drop:
+        return None
+    return torch.tensor([i for i in range(n) if i not in drop], dtype=torch.long)
 
 
 def _slice_layer(layer: nn.Module, rows: torch.Tensor | None, cols: torch.Tensor | None) -> None:
     w = layer.weight.data
+    depthwise = is_depthwise(layer)
     if rows is not None:
-        w = w.index_select(0, rows)
+        w = w.index_select(0, rows.to(w.device))
         if layer.bias is not None:
-            layer.bias = nn.Parameter(layer.bias.data.index_select(0, rows).clone())
+            layer.bias = nn.Parameter(layer.bias.data.index_select(0, rows.to(w.device)).clone())
     if cols is not None:
-        w = w.index_select(1, cols)
+        w = w.index_select(1, cols.to(w.device))
     layer.weight = nn.Parameter(w.clone())
     if isinstance(layer, nn.Linear):
         layer.out_features, layer.in_features = w.shape[0], w.shape[1]
-    else:
-        layer.out_channels, layer.in_channels = w.shape[0], w.shape[1] * layer.groups
+        return
+    if depthwise:  # one filter per remaining channel
+        layer.groups = w.shape[0]
+    layer.out_channels, layer.in_channels = w.shape[0], w.shape[1] * layer.groups
 
 
-def _slice_norm(norm: nn.Module, rows: torch.Tensor) -> None:
+def _slice_norm(norm: nn.Module, rows: torch.Tensor | None) -> None:
+    if rows is None:
+        return
     for key in ("weight", "bias"):
         t = getattr(norm, key)
         if t is not None:
-            setattr(norm, key, nn.Parameter(t.data.index_select(0, rows).clone()))
+            setattr(norm, key, nn.Parameter(t.data.index_select(0, rows.to(t.device)).clone()))
     for key in ("running_mean", "running_var"):
         t = getattr(norm, key)
         if t is not None:
-            setattr(norm, key, t.index_select(0, rows).clone())
+            setattr(norm, key, t.index_select(0, rows.to(t.device)).clone())
     norm.num_features = len(rows)
 
 

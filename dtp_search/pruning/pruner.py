@@ -56,7 +56,8 @@ layer that emits only its bias cuts the network (chance accuracy for the rest of
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -77,7 +78,7 @@ from dtp_search.pruning.masks import (
     sparsity,
 )
 from dtp_search.pruning.policies import LayerView, ThresholdPolicy, Thresholds, global_threshold
-from dtp_search.pruning.structure import UnitGroup, trace_units
+from dtp_search.pruning.structure import ChannelGroup, trace_channels
 
 COLLAPSE_ACTIONS = ("restore", "prune", "penalize")
 
@@ -124,20 +125,21 @@ _UNIT_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
 
 @dataclass
 class _Layer:
+    """What the pruner decides on: one masked tensor (``granularity="weight"``), or one
+    :class:`~dtp_search.pruning.structure.ChannelGroup` of coupled units, represented by
+    its first producer's ``tensor`` and ``mask``."""
+
     name: str
     tensor: PrunableTensor
     mask: WeightMask
     structured: bool
-    units: torch.Tensor | None = None  # structured: keep state per output unit
-    unit_masks: list[WeightMask] = field(default_factory=list)  # bias, norm scale and shift
+    group: ChannelGroup | None = None
+    units: torch.Tensor | None = None  # structured: keep state per unit
+    unit_size: int = 1  # weights per unit: the unit's rows in every producer
 
     @property
     def module(self) -> nn.Module:
         return self.tensor.module
-
-    @property
-    def unit_size(self) -> int:
-        return 1 if not self.structured else self.mask.mask[0].numel()
 
 
 class DynamicPruner:
@@ -154,6 +156,8 @@ class DynamicPruner:
         example_input: one input batch; needed to trace the network for structured units.
         layers: the prunable layers to mask (``None``: all of them); the rest stay dense.
             A selection that matches nothing raises ``ValueError`` (see :class:`LayerSelection`).
+        round_to: structured pruning keeps a multiple of this many units in every group
+            (rounding up with the group's best pruned units), where that helps the kernels.
     """
 
     def __init__(
@@ -167,6 +171,7 @@ class DynamicPruner:
         on_collapse: str = "restore",
         example_input: torch.Tensor | None = None,
         layers: LayerSelection | None = None,
+        round_to: int = 1,
     ) -> None:
         self.model = model
         self.policy = policy
@@ -197,13 +202,17 @@ class DynamicPruner:
         self.recovered = 0  # units the policy turned back on (0 → 1), over the whole run
         self._epoch: float | None = None  # time of the decision being written
 
-        groups = {}
+        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+            raise ValueError(f"round_to={round_to!r} is not allowed; allowed: a whole count >= 1")
+        self.round_to = round_to
+
+        groups: list[ChannelGroup] = []
         if granularity != "weight":
             if example_input is None:
                 raise ValueError(
                     f"granularity={granularity!r} needs example_input to trace the model"
                 )
-            groups = trace_units(model, example_input)
+            groups = trace_channels(model, example_input).groups
         self.masks = attach_masks(
             model,
             straight_through=policy.recovers,
@@ -212,74 +221,96 @@ class DynamicPruner:
         )
         #: ``{layer name: PrunableTensor}`` of the selected (masked) layers, in model order.
         self.tensors: dict[str, PrunableTensor] = {n: tensors[n] for n in self.masks}
-        modules = dict(model.named_modules())
         self._layers: dict[str, _Layer] = {}
-        self._inputs: dict[str, tuple[str, int]] = {}  # consumer -> (producer, factor)
-        for name, mask in self.masks.items():
-            tensor = self.tensors[name]
-            module = tensor.module
-            if granularity == "weight":
-                self._layers[name] = _Layer(name, tensor, mask, structured=False)
-                continue
-            group = groups.get(name) if tensor.has_units else None
-            if group is None or not isinstance(module, _UNIT_TYPES[granularity]):
-                continue
-            if not self._exact(group, modules):
-                continue
-            out = mask.mask.shape[0]
-            layer = _Layer(
-                name,
-                tensor,
-                mask,
-                structured=True,
-                units=torch.ones(out, dtype=torch.bool, device=mask.mask.device),
-            )
-            if getattr(module, "bias", None) is not None:
-                layer.unit_masks.append(attach_mask(module, "bias"))
-            for norm in group.norms:
-                norm_module = modules[norm]
-                if norm_module.affine:
-                    layer.unit_masks += [
-                        attach_mask(norm_module, "weight"),
-                        attach_mask(norm_module, "bias"),
-                    ]
-            self._layers[name] = layer
-            for consumer in group.consumers:
-                if consumer.name in self.masks:  # unselected consumers stay untouched
-                    self._inputs[consumer.name] = (name, consumer.factor)
+        modules = dict(model.named_modules())
+        if granularity == "weight":
+            for name, mask in self.masks.items():
+                self._layers[name] = _Layer(name, self.tensors[name], mask, structured=False)
+        else:
+            self._attach_groups([g for g in groups if self._takes_part(g, modules)], modules)
         if not self._layers:
             kinds = "/".join(t.__name__ for t in _UNIT_TYPES.get(granularity, PRUNABLE_TYPES))
             among = "" if layers is None else f" among the selected layers {selected}"
-            selected_groups = {
-                n: g
-                for n, g in groups.items()
-                if n in self.masks and g is not None and self._exact(g, modules)
-            }
             raise ValueError(
                 f"granularity={granularity!r}: this model has no {kinds} layer whose "
-                f"units can be removed exactly{among} (classifier and residual "
-                "outputs are excluded); allowed here: "
-                f"{self.allowed_granularities(selected_groups, modules)}"
+                f"units can be removed exactly{among} (channels that reach the output, or an "
+                "operation the structure walk does not know, stay); allowed here: "
+                f"{self.allowed_granularities(groups, modules, self.masks)}"
             )
-        self.criterion.attach({name: layer.tensor for name, layer in self._layers.items()})
+        producers = {n: self.tensors[n] for g in self._groups() for n in g.rows}
+        self.criterion.attach(producers if granularity != "weight" else self._weight_tensors())
         self._magnitude = Magnitude()
-        self._magnitude.attach({name: layer.tensor for name, layer in self._layers.items()})
+        self._magnitude.attach(producers if granularity != "weight" else self._weight_tensors())
         self.last_thresholds: Thresholds = {}
         self.finalized = False
 
-    def _exact(self, group: UnitGroup, modules: dict[str, nn.Module]) -> bool:
-        """Whether removing a unit of ``group`` is exact with this selection: a norm without
-        affine entries maps a pruned unit's 0 to a constant, which only the consumers'
-        masked columns cancel, so all of them must be selected."""
-        if all(getattr(modules[n], "affine", True) for n in group.norms):
-            return True
-        return all(c.name in self.masks for c in group.consumers)
+    def _weight_tensors(self) -> dict[str, PrunableTensor]:
+        return {name: layer.tensor for name, layer in self._layers.items()}
+
+    def _groups(self) -> list[ChannelGroup]:
+        return [layer.group for layer in self._layers.values() if layer.group is not None]
+
+    def _takes_part(self, group: ChannelGroup, modules: dict[str, nn.Module]) -> bool:
+        """Whether the pruner decides on ``group``: all of its producers are selected and of
+        the granularity's kind, and every consumer that reads it through a path that loses
+        a pruned unit's 0 (a norm without affine entries, a sigmoid) is selected too, so
+        that its input columns are masked."""
+        kinds = _UNIT_TYPES[self.granularity]
+        return all(n in self.masks and isinstance(modules[n], kinds) for n in group.rows) and all(
+            n in self.masks for n in group.inexact
+        )
+
+    def _attach_groups(self, groups: list[ChannelGroup], modules: dict[str, nn.Module]) -> None:
+        """One structured :class:`_Layer` per group, and the index maps that turn the unit
+        states into the rows and columns of weight masks, bias masks and norm masks."""
+        self._rows: dict[str, list[tuple[_Layer, torch.Tensor]]] = defaultdict(list)
+        self._cols: dict[str, list[tuple[_Layer, torch.Tensor]]] = defaultdict(list)
+        self._norms: dict[str, list[tuple[_Layer, torch.Tensor]]] = defaultdict(list)
+        self._unit_masks: dict[str, list[WeightMask]] = {}
+        for group in groups:
+            first = group.producers[0]
+            mask = self.masks[first]
+            device = mask.mask.device
+            layer = _Layer(
+                group.name,
+                self.tensors[first],
+                mask,
+                structured=True,
+                group=group,
+                units=torch.ones(group.size, dtype=torch.bool, device=device),
+                unit_size=sum(
+                    self.masks[n].mask[0].numel() * rows.shape[1] for n, rows in group.rows.items()
+                ),
+            )
+            self._layers[group.name] = layer
+            for name, rows in group.rows.items():
+                self._rows[name].append((layer, rows.to(device)))
+                module = modules[name]
+                if getattr(module, "bias", None) is not None and name not in self._unit_masks:
+                    self._unit_masks[name] = [attach_mask(module, "bias")]
+            for name, cols in group.columns.items():
+                if name in self.masks:  # unselected consumers stay untouched
+                    self._cols[name].append((layer, cols.to(device)))
+            for name, entries in group.norms.items():
+                norm = modules[name]
+                self._norms[name].append((layer, entries.to(device)))
+                if norm.affine and name not in self._unit_masks:
+                    self._unit_masks[name] = [
+                        attach_mask(norm, "weight"),
+                        attach_mask(norm, "bias"),
+                    ]
 
     @staticmethod
-    def allowed_granularities(groups: dict, modules: dict[str, nn.Module]) -> list[str]:
+    def allowed_granularities(
+        groups: list[ChannelGroup], modules: dict[str, nn.Module], masks: dict | None = None
+    ) -> list[str]:
         out = ["weight"]
         for g, types in _UNIT_TYPES.items():
-            if any(grp is not None and isinstance(modules[n], types) for n, grp in groups.items()):
+            if any(
+                all(isinstance(modules[n], types) for n in grp.rows)
+                and (masks is None or all(n in masks for n in grp.rows))
+                for grp in groups
+            ):
                 out.append(g)
         return out
 
@@ -299,12 +330,25 @@ class DynamicPruner:
         mask = layer.mask
         weight = layer.tensor.weight.detach()
         if layer.structured:
-            score, keep = criterion.unit_scores(layer.name, dense), layer.units.clone()
+            score, keep = self._group_scores(layer, criterion, dense), layer.units.clone()
         else:
             score, keep = criterion.scores(layer.name, dense), mask.bool_mask
         return LayerView(
             layer.name, weight, score, keep, mask, layer.unit_size, layer.tensor.original
         )
+
+    @staticmethod
+    def _group_scores(layer: _Layer, criterion: Criterion, dense: bool) -> torch.Tensor:
+        """A group's unit scores: the mean, over its producers' rows, of the criterion's
+        unit scores, S_u = mean_{(l, j) ∈ u} s_l(j) — one layer's unit scores when the
+        group has one producer, and on the same scale otherwise."""
+        total = None
+        count = 0
+        for name, rows in layer.group.rows.items():
+            scores = criterion.unit_scores(name, dense).to(rows.device)[rows]
+            total = scores.sum(dim=1) if total is None else total + scores.sum(dim=1)
+            count += rows.shape[1]
+        return total / count
 
     # -- writing masks ----------------------------------------------------------------
 
@@ -328,7 +372,7 @@ class DynamicPruner:
         self.restored[layer.name] = self.restored.get(layer.name, 0) + 1
         self.floored.add(layer.name)
         dense = (
-            self._magnitude.unit_scores(layer.name, dense=True)
+            self._group_scores(layer, self._magnitude, dense=True)
             if layer.structured
             else self._magnitude.scores(layer.name, dense=True)
         )
@@ -350,33 +394,55 @@ class DynamicPruner:
             if protect:
                 keep = self._protect(layer, keep)
             if layer.structured:
-                layer.units.copy_(keep)
+                layer.units.copy_(self._round(layer, keep))
             else:
                 layer.mask.set_(keep)
         if self.granularity != "weight":
             self._sync_structured()
 
     @torch.no_grad()
+    def _round(self, layer: _Layer, keep: torch.Tensor) -> torch.Tensor:
+        """Keep a multiple of ``round_to`` units (or all of them): the group's best pruned
+        units by dense magnitude come back until the count is rounded up."""
+        kept, n = int(keep.sum()), keep.numel()
+        target = min(n, math.ceil(kept / self.round_to) * self.round_to)
+        if self.round_to == 1 or target == kept:
+            return keep
+        dense = self._group_scores(layer, self._magnitude, dense=True).masked_fill(keep, -math.inf)
+        keep = keep.clone()
+        keep[torch.topk(dense, target - kept).indices] = True
+        return keep
+
+    @staticmethod
+    def _unit_keep(refs: list[tuple[_Layer, torch.Tensor]], n: int, device) -> torch.Tensor:
+        """One bool per row/column/entry of a tensor of length ``n``: the state of the unit
+        each belongs to (``True`` outside every group)."""
+        keep = torch.ones(n, dtype=torch.bool, device=device)
+        for layer, index in refs:
+            keep[index] = layer.units.view(-1, 1).expand_as(index)
+        return keep
+
+    @torch.no_grad()
     def _sync_structured(self) -> None:
-        """Rebuild weight/bias/norm masks from the unit states (rows) and producers (columns)."""
+        """Rebuild the weight, bias and norm masks from the unit states: rows of producers,
+        input columns of consumers, entries of biases and norms."""
         for name, mask in self.masks.items():
-            layer = self._layers.get(name)
-            rows = layer.units if layer is not None else None
-            cols = None
-            if name in self._inputs:
-                producer, factor = self._inputs[name]
-                cols = self._layers[producer].units.repeat_interleave(factor)
             m = mask.mask
+            rows = self._unit_keep(self._rows.get(name, []), m.shape[0], m.device)
             shape = (m.shape[0], m.shape[1]) + (1,) * (m.ndim - 2)
-            keep = torch.ones(shape, dtype=torch.bool, device=m.device)
-            if rows is not None:
-                keep = keep & rows.view(-1, 1, *([1] * (m.ndim - 2)))
-            if cols is not None:
+            keep = rows.view(-1, *([1] * (m.ndim - 1))).expand(shape)
+            if name in self._cols:
+                cols = self._unit_keep(self._cols[name], m.shape[1], m.device)
                 keep = keep & cols.view(1, -1, *([1] * (m.ndim - 2)))
             mask.set_(keep.expand_as(m))
-            if layer is not None:
-                for unit_mask in layer.unit_masks:
-                    unit_mask.set_(rows)
+            if name in self._unit_masks:
+                self._unit_masks[name][0].set_(rows)
+        for name, refs in self._norms.items():
+            if name in self._unit_masks:
+                n = self._unit_masks[name][0].mask.shape[0]
+                entries = self._unit_keep(refs, n, self._unit_masks[name][0].mask.device)
+                for unit_mask in self._unit_masks[name]:
+                    unit_mask.set_(entries)
 
     # -- the training-loop interface ------------------------------------------------------
 
@@ -478,7 +544,12 @@ class DynamicPruner:
         """Size-weighted mean of the last thresholds (the global θ when all layers share one)."""
         total, acc = 0, 0.0
         for name, theta in self.last_thresholds.items():
-            n = self.masks[name].mask.numel()
+            layer = self._layers.get(name)
+            n = (
+                layer.units.numel() * layer.unit_size
+                if layer is not None and layer.structured
+                else self.masks[name].mask.numel()
+            )
             if math.isfinite(theta):
                 acc += theta * n
                 total += n
