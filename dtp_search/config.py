@@ -127,13 +127,14 @@ def check_policy(policy_cfg: DictConfig) -> None:
                 f"{who} cannot prune granularity={pruner.granularity!r}; allowed: {list(allowed)}"
             )
     check_floor(pruner.min_keep, pruner.on_collapse)
+    check(pruner)  # round_to
     _selection(pruner)
 
 
 def build_pruner(model: Any, policy_cfg: DictConfig, example_input: Any) -> DynamicPruner:
     """The pruner a policy node describes: the policy with its own arguments, and the
-    criterion (with ``criterion_args``), granularity, ``min_keep``, ``on_collapse`` and
-    layer selection of :class:`~dtp_search.settings.PrunerSettings`."""
+    criterion (with ``criterion_args``), granularity, ``min_keep``, ``on_collapse``,
+    ``round_to`` and layer selection of :class:`~dtp_search.settings.PrunerSettings`."""
     pruner, params = PrunerSettings.split(policy_cfg)
     return DynamicPruner(
         model,
@@ -144,6 +145,7 @@ def build_pruner(model: Any, policy_cfg: DictConfig, example_input: Any) -> Dyna
         on_collapse=pruner.on_collapse,
         example_input=example_input,
         layers=_selection(pruner),
+        round_to=pruner.round_to,
     )
 
 

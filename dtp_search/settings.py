@@ -35,15 +35,20 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 __all__ = [
     "CONTINUE",
+    "COST_OBJECTIVES",
     "DATASET_KINDS",
     "LR_SCHEDULES",
     "MODEL_ARCHS",
+    "OBJECTIVES",
+    "OBJECTIVE_DIRECTIONS",
     "PrunerSettings",
     "Settings",
     "TrainSettings",
     "allowed",
     "check",
+    "cost_measures",
     "from_mapping",
+    "front_axis",
     "register_schema",
     "rule",
     "split_args",
@@ -52,8 +57,19 @@ __all__ = [
 LR_SCHEDULES = ("cosine", "onecycle", "step", "constant")
 CONTINUE = "continue"  # train.finetune_lr_schedule: the pruning phase's schedule runs on
 MODES = ("search", "refit", "compare")
-OBJECTIVES = ("accuracy", "sparsity")
 DIRECTIONS = ("maximize", "minimize")
+# search.objectives and the direction each must be given: accuracy and sparsity are
+# maximised; the costs of the compacted network (dtp_search.pruning.cost, fractions of the
+# dense network's FLOPs, parameters and latency) are minimised.
+OBJECTIVE_DIRECTIONS = {
+    "accuracy": "maximize",
+    "sparsity": "maximize",
+    "flops": "minimize",
+    "params": "minimize",
+    "latency": "minimize",
+}
+OBJECTIVES = tuple(OBJECTIVE_DIRECTIONS)
+COST_OBJECTIVES = ("flops", "params", "latency")  # == dtp_search.pruning.COSTS
 # Seeds go to scikit-learn and numpy, which take [0, 2**32).
 SEED_HIGH = 2**32
 
@@ -225,6 +241,8 @@ class SearchSettings:
     objectives: list[str] = rule(["accuracy", "sparsity"], choices=OBJECTIVES, each=True)  # noqa: RUF009
     directions: list[str] = rule(["maximize", "maximize"], choices=DIRECTIONS, each=True)  # noqa: RUF009
     min_sparsity: float | None = rule(None, low=0, high=1)
+    # A trial is feasible when its CV FLOPs fraction (compacted / dense) is <= this.
+    max_flops: float | None = rule(None, above=0, high=1)
     space: dict[str, Any] = field(default_factory=dict)
     max_failures: int = rule(3, low=1)
     # Optuna wants a heartbeat and a grace period of at least one second.
@@ -236,10 +254,23 @@ class SearchSettings:
     fidelity: FidelitySettings = field(default_factory=FidelitySettings)
 
     def _check(self, prefix: str) -> None:
-        if len(self.directions) != len(self.objectives):
+        objectives, directions = list(self.objectives), list(self.directions)
+        if len(set(objectives)) != len(objectives):
             raise ValueError(
-                f"{prefix}directions={list(self.directions)} must give one of "
-                f"{list(DIRECTIONS)} per objective {list(self.objectives)}"
+                f"{prefix}objectives={objectives} is not allowed; allowed: each of "
+                f"{list(OBJECTIVES)} at most once"
+            )
+        if len(directions) != len(objectives):
+            raise ValueError(
+                f"{prefix}directions={directions} must give one of "
+                f"{list(DIRECTIONS)} per objective {objectives}"
+            )
+        expected = [OBJECTIVE_DIRECTIONS[o] for o in objectives]
+        if directions != expected:
+            raise ValueError(
+                f"{prefix}directions={directions} is not allowed with {prefix}objectives="
+                f"{objectives}; allowed: {prefix}directions=[{','.join(expected)}] "
+                "(accuracy and sparsity are maximised; flops, params and latency minimised)"
             )
         seed = (self.sampler or {}).get("seed") if isinstance(self.sampler, Mapping) else None
         if seed is not None and (
@@ -249,6 +280,26 @@ class SearchSettings:
                 f"{prefix}sampler.seed={seed!r} is not allowed; allowed: null or "
                 f"an integer in [0, {SEED_HIGH - 1}]"
             )
+
+
+def front_axis(objectives: Sequence[str]) -> str:
+    """The x of a study's fronts and Pareto plots: its first objective other than
+    ``accuracy`` (``sparsity`` when it has none), e.g. ``flops`` for
+    ``search.objectives=[accuracy,flops]``."""
+    return next((o for o in objectives if o != "accuracy"), "sparsity")
+
+
+def cost_measures(search: SearchSettings | Mapping[str, Any]) -> tuple[str, ...]:
+    """The costs (:data:`COST_OBJECTIVES`) a study's trials measure: those among its
+    objectives, ``flops`` under ``search.max_flops``; ``flops`` and ``params`` come
+    together (one compaction gives both). Empty for accuracy and sparsity alone."""
+    get = search.get if isinstance(search, Mapping) else lambda k, d=None: getattr(search, k, d)
+    wanted = set(get("objectives") or ()) & set(COST_OBJECTIVES)
+    if get("max_flops") is not None:
+        wanted.add("flops")
+    if wanted & {"flops", "params"}:
+        wanted |= {"flops", "params"}
+    return tuple(c for c in COST_OBJECTIVES if c in wanted)
 
 
 @dataclass
@@ -315,6 +366,13 @@ class FrontSettings:
     points: int = rule(10, low=0)  # one-shot thresholds above the final one
     max_sparsity: float = rule(0.995, above=0, high=1)
     update_samples: int | None = rule(1000, low=1)
+
+
+@dataclass
+class ExportSettings:
+    """How a compacted network's cost is measured (search objectives and refit measures)."""
+
+    batch_size: int = rule(64, low=1)  # latency: the batch size the network is deployed with
 
 
 @dataclass
@@ -456,6 +514,14 @@ class PrunerSettings:
     on_collapse: str = "restore"
     layers: LayerSettings = field(default_factory=LayerSettings)
     exclude_classifier: bool = False
+    # Structured pruning: the channel counts of a coupled group are rounded up to a
+    # multiple of round_to (e.g. 8), where that helps the kernels.
+    round_to: int = 1
+
+    def _check(self, prefix: str) -> None:
+        r = self.round_to
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"{prefix}round_to={r!r} is not allowed; allowed: an integer >= 1")
 
     @classmethod
     def split(cls, node: Mapping[str, Any] | DictConfig) -> tuple[PrunerSettings, dict[str, Any]]:
@@ -499,6 +565,7 @@ class Settings:
     train: TrainSettings = field(default_factory=TrainSettings)
     refit: RefitSettings = field(default_factory=RefitSettings)
     front: FrontSettings = field(default_factory=FrontSettings)
+    export: ExportSettings = field(default_factory=ExportSettings)
     console: ConsoleSettings = field(default_factory=ConsoleSettings)
     dataset: DatasetSettings = field(default_factory=DatasetSettings)
     model: ModelSettings = field(default_factory=ModelSettings)
