@@ -37,7 +37,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dtp_search.models import build_model
-from dtp_search.pruning import compact_model, prunable_tensors, strip_masks
+from dtp_search.pruning import (
+    apply_layout,
+    compact_model,
+    layout,
+    prunable_tensors,
+    strip_masks,
+)
 
 FORMAT = "dtp_search.sparse/1"
 
@@ -87,6 +93,8 @@ def save_pruned(
             dense[key] = t.detach().cpu().clone()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if compact_input is not None:  # what no tensor records (depthwise groups, channel pads)
+        config = {**config, "layout": layout(plain)}
     torch.save({"format": FORMAT, "config": config, "dense": dense, "sparse": sparse}, path)
     return path
 
@@ -117,6 +125,7 @@ def load_pruned(
     model = build_model(OmegaConf.create(cfg["model"]), cfg["input_shape"], cfg["num_classes"])
     state = dict(blob["dense"])
     state.update({k: _unpack(v) for k, v in blob["sparse"].items()})
+    apply_layout(model, cfg.get("layout", {}))
     _resize_to(model, state)
     model.load_state_dict(state)
     model.dtp_config = cfg

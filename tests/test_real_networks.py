@@ -16,6 +16,7 @@ from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode
 
 from dtp_search import export
+from dtp_search.models import build_model
 from dtp_search.pruning import (
     Activation,
     ConstantThreshold,
@@ -699,3 +700,30 @@ def test_user_subclasses_of_layers_and_attention_are_traced_whole():
         torch.testing.assert_close(small(x), net(x), atol=1e-5, rtol=1e-4)
     assert type(small.attn) is MyAttention and type(small.fc1) is MyLinear
     assert small.fc1.out_features == 5
+
+
+@pytest.mark.parametrize("target", ["resnet18", "mobilenet_v3_small", "resnet20"])
+def test_channel_pruned_networks_reload_from_the_compact_export(target, tmp_path):
+    from dtp_search.export import load_pruned, save_pruned
+
+    torch.manual_seed(0)
+    settings = (
+        {"name": target, "arch": "resnet20", "depth_n": 3, "widths": [16, 32, 64]}
+        if target == "resnet20"
+        else {"name": target, "arch": "custom", "_target_": f"torchvision.models.{target}"}
+    )
+    model = build_model(settings, (3, 32, 32), 10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    pruner = DynamicPruner(
+        model, ConstantThreshold(0.0), granularity="channel", min_keep=1, example_input=x[:1]
+    )
+    pruner.write({v.name: torch.rand(v.keep.numel()) > 0.5 for v in pruner.layer_views()})
+    config = {"model": settings, "input_shape": [3, 32, 32], "num_classes": 10}
+    path = save_pruned(model, config, tmp_path / "pruned.pt", compact_input=x[:1])
+    loaded = load_pruned(path)
+    with torch.no_grad():
+        expected = model(x)
+        torch.testing.assert_close(loaded(x), expected, atol=1e-4, rtol=1e-4)
+    assert count_parameters(loaded) < 0.7 * count_parameters(strip_masks(model))
+    depthwise = [m for m in loaded.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert all(m.groups == m.in_channels == m.out_channels for m in depthwise)

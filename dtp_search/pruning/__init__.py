@@ -4,7 +4,13 @@ A plain PyTorch library — it imports neither Optuna nor MLflow, so it can be u
 (and tested) on its own.
 """
 
-from dtp_search.pruning.compact import compact_model, count_parameters, strip_masks
+from dtp_search.pruning.compact import (
+    apply_layout,
+    compact_model,
+    count_parameters,
+    layout,
+    strip_masks,
+)
 from dtp_search.pruning.cost import (
     COSTS,
     CostMeter,
@@ -95,6 +101,7 @@ __all__ = [
     "Taylor",
     "ThresholdPolicy",
     "WeightMask",
+    "apply_layout",
     "attach_masks",
     "build_criterion",
     "build_policy",
@@ -104,6 +111,7 @@ __all__ = [
     "get_mask",
     "global_threshold",
     "layer_sparsity",
+    "layout",
     "median_latency_ms",
     "one_shot_sweep",
     "pareto_mask",

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from dtp_search.pruning.layers import ChannelPadShortcut
 from dtp_search.pruning.structure import ChannelGroup, is_depthwise, trace_channels
 
 
@@ -191,6 +192,30 @@ def _slice_norm(norm: nn.Module, rows: torch.Tensor | None) -> None:
         if t is not None:
             setattr(norm, key, t.index_select(0, rows.to(t.device)).clone())
     norm.num_features = len(rows)
+
+
+def layout(model: nn.Module) -> dict[str, dict[str, int]]:
+    """The attributes of ``model`` that compaction changes and that no tensor records:
+    ``groups`` of depthwise convolutions and ``front``/``back`` of every
+    :class:`~dtp_search.pruning.layers.ChannelPadShortcut`. A compacted network rebuilt
+    from its constructor gets them back with :func:`apply_layout` before its weights load."""
+    out: dict[str, dict[str, int]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, ChannelPadShortcut):
+            out[name] = {"front": m.front, "back": m.back}
+        elif isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1:
+            out[name] = {"groups": m.groups}
+    return out
+
+
+def apply_layout(model: nn.Module, saved: dict[str, dict[str, int]]) -> None:
+    """Set the attributes :func:`layout` recorded (``ValueError`` for an unknown module)."""
+    modules = dict(model.named_modules())
+    for name, attrs in saved.items():
+        if name not in modules:
+            raise ValueError(f"the saved layout names module {name!r}, which the model lacks")
+        for key, value in attrs.items():
+            setattr(modules[name], key, int(value))
 
 
 def count_parameters(model: nn.Module) -> int:
