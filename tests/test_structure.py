@@ -129,3 +129,40 @@ def test_compact_model_is_smaller_and_computes_the_same_function(arch, kw, granu
         if isinstance(m, (nn.Linear, nn.Conv2d))
     )
     assert 1 - kept / total == pytest.approx(sparsity(model), abs=1e-6)
+
+
+def test_round_to_keeps_a_multiple_of_units_in_every_group():
+    torch.manual_seed(0)
+    model = _model("resnet20")
+    pruner = DynamicPruner(
+        model,
+        ConstantThreshold(0.0),
+        granularity="channel",
+        min_keep=1,
+        example_input=torch.zeros(1, *CIFAR),
+        round_to=8,
+    )
+    pruner.write({v.name: torch.rand(v.keep.numel()) > 0.7 for v in pruner.layer_views()})
+    for view in pruner.layer_views():
+        kept = int(view.keep.sum())
+        assert kept % 8 == 0 or kept == view.keep.numel(), (view.name, kept)
+    with pytest.raises(ValueError, match="round_to"):
+        DynamicPruner(_model("resnet20"), ConstantThreshold(0.0), round_to=0)
+
+
+def test_a_recovering_policy_turns_a_whole_group_back_on():
+    torch.manual_seed(0)
+    model = _model("resnet20")
+    policy = AGPThreshold(0.5, end_epoch=1, recover=True)
+    pruner = DynamicPruner(
+        model, policy, granularity="channel", min_keep=1, example_input=torch.zeros(1, *CIFAR)
+    )
+    off = torch.zeros(16, dtype=torch.bool)
+    off[0] = True
+    pruner.write({"conv1": off})
+    assert (model.layer2[1].conv2.weight[8 + 1] == 0).all()  # stream channel 1 in stage 2
+    assert (model.layer3[0].conv1.weight[:, 8 + 1] == 0).all()  # and its consumers' columns
+    assert (model.layer3[1].conv1.weight[:, 24 + 1] == 0).all()
+    pruner.write({"conv1": torch.ones(16, dtype=torch.bool)})
+    assert pruner.recovered == 15
+    assert (model.layer2[1].conv2.weight[8 + 1] != 0).any()
