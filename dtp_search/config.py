@@ -9,6 +9,7 @@ from typing import Any
 
 import hydra
 import optuna
+import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, ValidationError
 from optuna.storages import BaseStorage
@@ -20,16 +21,24 @@ from dtp_search.errors import ConfigError
 from dtp_search.fidelity import FidelityRung
 from dtp_search.pruning import (
     CRITERIA,
+    CostMeter,
     DynamicPruner,
     LayerSelection,
     build_criterion,
     build_policy,
 )
 from dtp_search.pruning.pruner import check_floor
-from dtp_search.settings import PrunerSettings, Settings, check, register_schema
+from dtp_search.settings import (
+    PrunerSettings,
+    Settings,
+    check,
+    cost_measures,
+    front_axis,
+    register_schema,
+)
 from dtp_search.storage import mask_url
 from dtp_search.tracking import check_tracking_uri
-from dtp_search.training import WarmStart
+from dtp_search.training import CostProbe, WarmStart
 from dtp_search.warmstart import WarmStartCache
 
 __all__ = ["ConfigError", "check_config", "make_early_stop", "make_sampler", "make_storage"]
@@ -244,6 +253,51 @@ def make_warm_start(cfg: DictConfig, tcfg: DictConfig) -> WarmStart | None:
         return None
     return WarmStart(
         WarmStartCache(cfg.paths.warm_start), OmegaConf.to_container(tcfg.dataset, resolve=True)
+    )
+
+
+def make_cost_meter(
+    measures: Any, policy_cfg: DictConfig, input_shape: Any, device: Any, batch_size: int
+) -> CostMeter | None:
+    """The meter of the costs ``measures`` (of ``flops``, ``params``, ``latency``) of
+    networks pruned as ``policy_cfg`` says, on ``device``: FLOPs and parameters at batch
+    1, latency at ``batch_size`` (``export.batch_size``) inputs of ``input_shape``; ``None``
+    when there is nothing to measure. Weight-level masks remove no unit: their compacted
+    network is the dense one (every fraction 1, nothing traced or timed)."""
+    measures = tuple(measures)
+    if not measures:
+        return None
+    example = torch.zeros(1, *input_shape, device=device)
+    batch = None
+    if "latency" in measures:
+        # Values do not change what dense kernels do; a fixed draw keeps runs alike.
+        gen = torch.Generator().manual_seed(0)
+        batch = torch.randn(int(batch_size), *input_shape, generator=gen).to(device)
+    granularity = PrunerSettings.split(policy_cfg)[0].granularity
+    return CostMeter(measures, example, batch=batch, structured=granularity != "weight")
+
+
+def make_cost_probe(
+    s: Settings, policy_cfg: DictConfig, input_shape: Any, device: Any, rung_epoch: int | None
+) -> CostProbe | None:
+    """What each fold of a trial measures of its network's cost (:class:`CostProbe`), or
+    ``None`` for a study of accuracy and sparsity alone: the final model's costs (those
+    the objectives and ``search.max_flops`` need, :func:`~dtp_search.settings.cost_measures`);
+    at each point of the one-shot sweep the front's axis (the study's second objective)
+    when it is a cost; at the fidelity rung (``rung_epoch`` of fold 0) the costs among the
+    objectives."""
+    meter = make_cost_meter(
+        cost_measures(s.search), policy_cfg, input_shape, device, s.export.batch_size
+    )
+    if meter is None:
+        return None
+    objectives = list(s.search.objectives)
+    axis = front_axis(objectives)
+    at_rung = rung_epoch is not None and any(o in meter.measures for o in objectives)
+    return CostProbe(
+        meter,
+        sweep=(axis,) if axis in meter.measures else (),
+        epochs={0: (rung_epoch,)} if at_rung else {},
     )
 
 

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from dtp_search.results import pareto_rows
-from dtp_search.settings import Settings
+from dtp_search.settings import COST_OBJECTIVES, Settings
 from dtp_search.storage import mask_url
 
 
@@ -88,13 +88,17 @@ class Console:
     def summary(self, study: Any, settings: Settings, ui_command: str) -> None:
         rows = pareto_rows(study)
         table = Table(title=f"Pareto-optimal trials — {settings.study.name}", show_lines=False)
-        numeric = ("trial", "CV accuracy", "sparsity", "test accuracy")
+        # The costs the trials measured (search.objectives, search.max_flops): the
+        # fractions of the dense network's FLOPs, parameters, latency.
+        costs = [c for c in COST_OBJECTIVES if any(f"cv_{c}" in r for r in rows)]
+        numeric = ("trial", "CV accuracy", "sparsity", *costs, "test accuracy")
         for col in (
             "trial",
             "policy",
             "sampled values",
             "CV accuracy",
             "sparsity",
+            *costs,
             "test accuracy",
         ):
             table.add_column(col, justify="right" if col in numeric else "left")
@@ -106,6 +110,10 @@ class Console:
                 r["params"],
                 f"{r['accuracy']:.4f} ± {r['accuracy_std']:.4f}",
                 f"{r['sparsity']:.4f} ± {r['sparsity_std']:.4f}",
+                *(
+                    f"{r.get(f'cv_{c}', float('nan')):.4f} ± {r.get(f'cv_{c}_std', 0.0):.4f}"
+                    for c in costs
+                ),
                 "—" if test != test else f"{test:.4f}",
             )
         self.out.print(table)

@@ -11,23 +11,26 @@ built by ``hydra.utils.instantiate``) and installed as the study's Optuna pruner
 does nothing (:meth:`ParetoFoldStop.prune` is always False). The trial calls
 :meth:`ParetoFoldStop.check` after each fold instead.
 
-This module needs Optuna only (no MLflow, no torch).
+This module needs Optuna only (no MLflow, no torch; the objective names come from
+:mod:`dtp_search.settings`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from dtp_search.settings import OBJECTIVES
+
 __all__ = ["ParetoFoldStop", "StopDecision", "dominates", "most_dominating", "objective_signs"]
 
-# What check() can be told about: the names of ``search.objectives``.
-_OBJECTIVES = ("accuracy", "sparsity")
+# The default objectives of check() (search.objectives' default).
+_DEFAULT = ("accuracy", "sparsity")
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,11 @@ class ParetoFoldStop(optuna.pruners.BasePruner):
     (``sparsity_std``) and no floor. ``sparsity_std=0`` (and a constant sparsity) gives
     no margin there at all.
 
+    *Costs* (``flops``, ``params``, ``latency``: fractions of the dense network's, minimised,
+    :mod:`dtp_search.pruning.cost`). FLOPs and parameters follow the masks as sparsity
+    does: prior ``cost_std``, no floor. Latency is a timing and varies with the load of the
+    machine between folds: prior ``latency_std``, larger.
+
     **Dominance.** A finished trial's point :math:`p` dominates the optimistic point
     :math:`o` when it is at least as good in every objective and strictly better in one,
     per the study's directions. Candidates are COMPLETE trials with all values set and
@@ -87,8 +95,8 @@ class ParetoFoldStop(optuna.pruners.BasePruner):
     the ``min_keep`` floor under ``on_collapse=penalize``, or below
     ``search.min_sparsity`` — is not a point the search wants, so it must not stop others.
     When several dominate, the one that dominates *by the most* is named: the largest sum
-    of its improvements over :math:`o` (accuracy and sparsity are both fractions, so the
-    sum is on one scale), ties to the lowest trial number.
+    of its improvements over :math:`o` (every objective is a fraction, so the sum is on
+    one scale), ties to the lowest trial number.
 
     **Start-up.** No trial stops before ``n_startup_trials`` trials are COMPLETE (feasible
     or not): a front of a handful of points is mostly luck.
@@ -105,6 +113,8 @@ class ParetoFoldStop(optuna.pruners.BasePruner):
         accuracy_std: float = 0.02,
         sparsity_std: float = 0.005,
         min_margin: float = 0.005,
+        cost_std: float = 0.005,
+        latency_std: float = 0.05,
     ) -> None:
         if int(n_startup_trials) != n_startup_trials or n_startup_trials < 0:
             raise ValueError(f"n_startup_trials must be an integer >= 0, not {n_startup_trials!r}")
@@ -113,13 +123,21 @@ class ParetoFoldStop(optuna.pruners.BasePruner):
             ("accuracy_std", accuracy_std),
             ("sparsity_std", sparsity_std),
             ("min_margin", min_margin),
+            ("cost_std", cost_std),
+            ("latency_std", latency_std),
         ):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
         self.n_startup_trials = int(n_startup_trials)
         self.z = float(z)
-        self._prior_std = {"accuracy": float(accuracy_std), "sparsity": float(sparsity_std)}
-        self._floor = {"accuracy": float(min_margin), "sparsity": 0.0}
+        self._prior_std = {
+            "accuracy": float(accuracy_std),
+            "sparsity": float(sparsity_std),
+            "flops": float(cost_std),
+            "params": float(cost_std),
+            "latency": float(latency_std),
+        }
+        self._floor = {"accuracy": float(min_margin)}
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         """Never: as the study's Optuna pruner this class is inert; see :meth:`check`."""
@@ -132,11 +150,13 @@ class ParetoFoldStop(optuna.pruners.BasePruner):
         folds_total: int,
         accuracies: Sequence[float],
         sparsities: Sequence[float],
-        objectives: Sequence[str] = _OBJECTIVES,
+        objectives: Sequence[str] = _DEFAULT,
+        costs: Mapping[str, Sequence[float]] | None = None,
     ) -> StopDecision | None:
         """Whether trial ``trial_number`` should stop, given its per-fold ``accuracies``
         and ``sparsities`` so far (one entry per fold seen, in fold order) out of
-        ``folds_total`` folds.
+        ``folds_total`` folds, and per fold the ``costs`` among its objectives
+        (``{"flops": [...]}``).
 
         ``objectives`` are the study's objectives in the order of its values
         (``search.objectives``); directions are the study's own. Returns ``None`` to
@@ -145,10 +165,15 @@ class ParetoFoldStop(optuna.pruners.BasePruner):
         rule's business).
         """
         seen = len(accuracies)
-        if len(sparsities) != seen:
-            raise ValueError(f"{seen} accuracies but {len(sparsities)} sparsities")
+        per_fold = {"accuracy": list(accuracies), "sparsity": list(sparsities)}
+        per_fold.update({k: list(v) for k, v in (costs or {}).items()})
         objectives = list(objectives)
         signs = objective_signs(study, objectives)
+        for name in objectives:
+            if len(per_fold.get(name, ())) != seen:
+                raise ValueError(
+                    f"{seen} accuracies but {len(per_fold.get(name, ()))} values of {name}"
+                )
         # No folds seen: nothing to judge. Last fold: the trial is done, stopping saves nothing.
         if seen == 0 or seen >= folds_total:
             return None
@@ -157,7 +182,6 @@ class ParetoFoldStop(optuna.pruners.BasePruner):
         if len(complete) < self.n_startup_trials:
             return None
 
-        per_fold = {"accuracy": list(accuracies), "sparsity": list(sparsities)}
         means, margins = {}, {}
         for name in objectives:
             means[name] = sum(per_fold[name]) / seen
@@ -205,7 +229,7 @@ class ParetoFoldStop(optuna.pruners.BasePruner):
             mean = sum(values) / k
             std = max(std, math.sqrt(sum((v - mean) ** 2 for v in values) / (k - 1)))
         margin = self.z * std * math.sqrt((big_k - k) / (big_k * k))
-        return max(margin, self._floor[objective])
+        return max(margin, self._floor.get(objective, 0.0))
 
 
 def _can_dominate(t: FrozenTrial, n_objectives: int) -> bool:
@@ -222,10 +246,10 @@ def objective_signs(study: optuna.Study, objectives: Sequence[str]) -> list[floa
     """+1 per maximised, -1 per minimised objective of ``study``, after checking that
     ``objectives`` (``search.objectives``) name one known objective per direction."""
     objectives, directions = list(objectives), list(study.directions)
-    if len(objectives) != len(directions) or any(o not in _OBJECTIVES for o in objectives):
+    if len(objectives) != len(directions) or any(o not in OBJECTIVES for o in objectives):
         raise ValueError(
             f"objectives {objectives} do not match the study's {len(directions)} "
-            f"direction(s); each must be one of {list(_OBJECTIVES)}"
+            f"direction(s); each must be one of {list(OBJECTIVES)}"
         )
     return [1.0 if d == StudyDirection.MAXIMIZE else -1.0 for d in directions]
 

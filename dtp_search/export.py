@@ -21,12 +21,8 @@ index lists (4–8 bytes per non-zero) at every sparsity a pruning study reaches
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
-import statistics
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +30,19 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from dtp_search.models import build_model
 from dtp_search.pruning import (
     apply_layout,
     compact_model,
+    count_flops,
     layout,
+    median_latency_ms,
     prunable_tensors,
     strip_masks,
+    structural_cost,
 )
+from dtp_search.pruning.cost import no_fastpath
 
 FORMAT = "dtp_search.sparse/1"
 
@@ -157,26 +156,6 @@ def _resize_to(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 # --------------------------------------------------------------------------- measures
 
 
-@contextlib.contextmanager
-def _no_fastpath() -> Iterator[None]:
-    """Switch off the fused inference kernels of ``nn.MultiheadAttention`` and
-    ``nn.TransformerEncoderLayer`` (``torch.backends.mha``) for a while: FlopCounterMode
-    has no formula for them (it would count their projections as 0 FLOPs), and the fused
-    encoder layer never calls its submodules, so their forward hooks would not run."""
-    was = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(was)
-
-
-def _flops(model: nn.Module, *inputs: torch.Tensor) -> int:
-    with torch.no_grad(), _no_fastpath(), FlopCounterMode(display=False) as counter:
-        model(*inputs)
-    return int(counter.get_total_flops())
-
-
 # One piece of a prunable tensor's FLOPs: the FLOPs and the rows of the tensor they use.
 _Piece = tuple[int, slice]
 
@@ -255,33 +234,23 @@ def _layer_flops(model: nn.Module, x: torch.Tensor) -> dict[str, list[_Piece]]:
         elif t.attr in ("in_proj_weight", "q_proj_weight"):  # one hook per attention
             hooks.append(t.module.register_forward_hook(on_attention(t.module), with_kwargs=True))
     try:
-        with torch.no_grad(), _no_fastpath():
+        with torch.no_grad(), no_fastpath():
             model(x)
     finally:
         for h in hooks:
             h.remove()
     modules = {t.name: t.module for t in tensors}
     out = {
-        name: [(sum(_flops(modules[name], inp) for inp in inps), slice(None))]
+        name: [(sum(count_flops(modules[name], inp) for inp in inps), slice(None))]
         for name, inps in layer_inputs.items()
     }
     out.update(attention)
     return out
 
 
-def _latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20) -> float:
-    with torch.inference_mode():
-        for _ in range(3):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - t0)
-    return 1000.0 * statistics.median(times)
-
-
-# Every metric measure() can return (the last three for neuron/channel exports only).
+# Every metric measure() can return. The compacted network's own figures (compact_params,
+# flops_compact, latency_ms_compact) exist for neuron/channel exports only; the fractions
+# (compacted / dense) for every export: weight-level masks remove no unit, so theirs are 1.
 MEASURE_KEYS = (
     "params",
     "nonzero_params",
@@ -290,8 +259,12 @@ MEASURE_KEYS = (
     "flops_effective",
     "file_bytes_dense",
     "file_bytes_sparse",
-    "compact_params",
     "latency_ms_dense",
+    "flops_fraction",
+    "params_fraction",
+    "latency_fraction",
+    "compact_params",
+    "flops_compact",
     "latency_ms_compact",
 )
 
@@ -302,9 +275,13 @@ def measure(
     export_path: str | os.PathLike,
     *,
     structured: bool = False,
+    batch_size: int = 64,
+    warmup: int = 3,
+    repeats: int = 20,
 ) -> dict[str, float]:
-    """Parameters, non-zeros, compression, FLOPs dense vs effective, file sizes, and (for
-    structured pruning) CPU latency of the dense versus the compacted network.
+    """Parameters, non-zeros, compression, FLOPs dense vs effective, file sizes, and the
+    cost of the network on ordinary dense kernels: the compacted network's FLOPs,
+    parameters and latency against the dense network's (:mod:`dtp_search.pruning.cost`).
 
     Effective FLOPs count a pruned layer at its weight density: total − Σ_l F_l·(1 − d_l),
     with F_l the layer's dense FLOPs from ``torch.utils.flop_counter.FlopCounterMode`` and
@@ -312,12 +289,22 @@ def measure(
     counts as three pieces, F_q·(1 − d_q) + F_k·(1 − d_k) + F_v·(1 − d_v) over the query,
     key and value rows (their token counts differ in cross-attention); attention's fused
     inference kernels are switched off while counting, so that every projection counts.
+    That is what sparse kernels could save; dense kernels save only what compaction removes:
+
+    with ``structured`` (neuron/channel masks, :func:`~dtp_search.pruning.compact_model`),
+    ``flops_compact``/``flops_dense`` at batch 1 (``flops_fraction``),
+    ``compact_params``/``params`` (``params_fraction``), and
+    ``latency_ms_compact``/``latency_ms_dense`` (``latency_fraction``): the median forward
+    time of a batch of ``batch_size`` copies of ``example_input`` over ``repeats`` runs
+    after ``warmup`` (:func:`~dtp_search.pruning.median_latency_ms`), on
+    ``example_input``'s device. Weight-level masks remove no unit: the compacted network
+    is the dense one, every fraction is 1, and only ``latency_ms_dense`` is timed.
     """
     plain = strip_masks(model).cpu().eval()
     x = example_input[:1].cpu()
     params = sum(p.numel() for p in plain.parameters())
     nonzero = sum(int((p != 0).sum()) for p in plain.parameters())
-    dense_flops = _flops(plain, x)
+    dense_flops = count_flops(plain, x)
     weights = {t.name: t.weight.detach() for t in prunable_tensors(plain)}
     saved = sum(
         f * float((weights[name][rows] == 0).float().mean())
@@ -335,10 +322,22 @@ def measure(
         "file_bytes_dense": float(buf.getbuffer().nbytes),
         "file_bytes_sparse": float(Path(export_path).stat().st_size),
     }
-    if structured:
-        compact = compact_model(model, example_input[:1]).cpu().eval()
-        batch = example_input[:1].cpu().expand(64, *example_input.shape[1:]).contiguous()
-        out["compact_params"] = float(sum(p.numel() for p in compact.parameters()))
-        out["latency_ms_dense"] = _latency_ms(plain, batch)
-        out["latency_ms_compact"] = _latency_ms(compact, batch)
+    one = example_input[:1]
+    batch = one.expand(batch_size, *one.shape[1:]).contiguous()
+
+    def time_ms(m: nn.Module) -> float:
+        return median_latency_ms(m, batch, warmup=warmup, repeats=repeats)
+
+    out["latency_ms_dense"] = time_ms(strip_masks(model).eval())
+    if not structured:
+        out.update(flops_fraction=1.0, params_fraction=1.0, latency_fraction=1.0)
+        return out
+    compact = compact_model(model, one).eval()
+    cost = structural_cost(model, one, compact=compact, dense=(dense_flops, params))
+    out["compact_params"] = float(cost.params_compact)
+    out["flops_compact"] = float(cost.flops_compact)
+    out["flops_fraction"] = cost.flops
+    out["params_fraction"] = cost.params
+    out["latency_ms_compact"] = time_ms(compact)
+    out["latency_fraction"] = out["latency_ms_compact"] / out["latency_ms_dense"]
     return out

@@ -2,7 +2,9 @@
 
 Before a trial spends its full budget (every epoch of every fold), fold 0 is judged at a
 reduced epoch budget :math:`r`: its point after epoch :math:`r` — the fold's validation
-accuracy and the network's sparsity at that epoch — is compared with the points the
+accuracy and the network's sparsity at that epoch, or the cost of the network at that
+epoch (its compacted FLOPs, parameters or latency) when that is an objective — is
+compared with the points the
 study's other trials had at the same epoch of their fold 0. Only trials whose rung point
 ranks in the top :math:`1/\\eta` of that rung go on (*promotion*); the others end PRUNED
 there. This is one asynchronous successive-halving rung (ASHA, Li et al. 2020) with the
@@ -26,7 +28,7 @@ the same rung. This module needs Optuna only (no MLflow, no torch).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import optuna
@@ -35,7 +37,9 @@ from dtp_search.early_stop import dominates, most_dominating, objective_signs
 
 __all__ = ["POINT_ATTR", "RUNG_ATTR", "FidelityRung", "RungDecision"]
 
-POINT_ATTR = "rung_point"  # trial user attr: {"epoch": r, "accuracy": a, "sparsity": s}
+# trial user attr: {"epoch": r, "accuracy": a, "sparsity": s} and the costs among the
+# study's objectives, e.g. "flops": f (dtp_search.pruning.cost)
+POINT_ATTR = "rung_point"
 RUNG_ATTR = "rung"  # trial user attr: 0 = stopped at the reduced budget, 1 = full budget
 
 _OBJECTIVES = ("accuracy", "sparsity")  # the default order of search.objectives
@@ -118,11 +122,13 @@ class FidelityRung:
         accuracy: float,
         sparsity: float,
         objectives: Sequence[str] = _OBJECTIVES,
+        costs: Mapping[str, float] | None = None,
     ) -> RungDecision:
-        """Rank trial ``trial_number``'s rung point (``accuracy``, ``sparsity`` after
-        ``epoch``) against the other trials' ``rung_point`` attributes in ``study`` at
-        the same epoch (points of another epoch, from a study resumed with another
-        ``search.fidelity.epoch``, are not comparable and are left out).
+        """Rank trial ``trial_number``'s rung point (``accuracy``, ``sparsity`` and the
+        ``costs`` among its objectives, e.g. ``{"flops": 0.4}``, after ``epoch``) against
+        the other trials' ``rung_point`` attributes in ``study`` at the same epoch (points
+        of another epoch, from a study resumed with another ``search.fidelity.epoch``, are
+        not comparable and are left out).
 
         ``objectives`` are ``search.objectives`` in the order of the study's directions. A
         point that is not finite is never promoted (a diverged run at the rung is as bad
@@ -131,6 +137,10 @@ class FidelityRung:
         objectives = list(objectives)
         signs = objective_signs(study, objectives)
         mine = {"accuracy": float(accuracy), "sparsity": float(sparsity)}
+        mine.update({k: float(v) for k, v in (costs or {}).items()})
+        missing = [n for n in objectives if n not in mine]
+        if missing:
+            raise ValueError(f"the rung point has no value of {missing} (pass costs=...)")
         ours = [s * mine[n] for s, n in zip(signs, objectives, strict=True)]
         label = ", ".join(f"{n} {mine[n]:.4f}" for n in objectives)
 

@@ -38,6 +38,7 @@ DEFINING = (
     "search.objectives",
     "search.directions",
     "search.min_sparsity",
+    "search.max_flops",
     "search.space",
 )
 # A trial's config nodes that refit takes from the trial (the rest: today's run).
@@ -70,6 +71,9 @@ def defining_config(cfg: DictConfig, dataset_digest: str) -> dict[str, Any]:
         if _under(k, DEFINING) and not _under(k, _NOT_DEFINING)
     }
     flat["dataset.digest"] = dataset_digest
+    if "latency" in (OmegaConf.select(cfg, "search.objectives") or []):
+        # A latency objective is timed at this batch size: other sizes, other values.
+        flat["export.batch_size"] = OmegaConf.select(cfg, "export.batch_size")
     checkpoint = OmegaConf.select(cfg, "model.checkpoint")
     if checkpoint:
         flat["model.checkpoint_digest"] = checkpoint_digest(checkpoint)

@@ -21,6 +21,7 @@ baseline drawn on every refit's test front and logged on the study run.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -34,20 +35,29 @@ from omegaconf import DictConfig, OmegaConf
 
 from dtp_search import provenance
 from dtp_search import space as search_space
-from dtp_search.config import build_pruner, config_yaml, make_warm_start, run_params
+from dtp_search.config import (
+    build_pruner,
+    config_yaml,
+    make_cost_meter,
+    make_warm_start,
+    run_params,
+)
 from dtp_search.data import ImageDataset, stratified_subset
 from dtp_search.export import MEASURE_KEYS, measure, save_pruned
 from dtp_search.models import start_model
-from dtp_search.pruning import FrontPoint, LayerCollapse, one_shot_sweep, sparsity, strip_masks
+from dtp_search.pruning import FrontPoint, LayerCollapse, sparsity, strip_masks
 from dtp_search.results import pareto_rows
+from dtp_search.settings import COST_OBJECTIVES, front_axis
 from dtp_search.tracking import StudyTracker, plot_layer_sparsity
 from dtp_search.training import (
+    CostProbe,
     FrontSettings,
     TrainSettings,
     WarmStart,
     attach_feedback,
     eval_batches,
     evaluate,
+    measured_sweep,
     prune_and_train,
     train_batches,
 )
@@ -55,7 +65,13 @@ from dtp_search.training import (
 log = logging.getLogger(__name__)
 
 MONITOR_SAMPLES = 2048  # training-split slice for per-epoch accuracy during a refit
-CV_METRICS = ("cv_accuracy", "cv_accuracy_std", "cv_sparsity", "cv_sparsity_std")
+CV_METRICS = (
+    "cv_accuracy",
+    "cv_accuracy_std",
+    "cv_sparsity",
+    "cv_sparsity_std",
+    *(f"cv_{c}{s}" for c in COST_OBJECTIVES for s in ("", "_std")),
+)
 MODEL_URI_TAG = "dtp_search.model_uri"
 
 
@@ -116,11 +132,13 @@ def refit_trial(
     device: torch.device,
     on_epoch=None,
     warm_start: WarmStart | None = None,
+    cost: CostProbe | None = None,
 ):
     """Train on the whole training split; return (model, pruner, history result, test acc, front).
 
     With ``warm_start``, refits that share their dense epochs (a post-pruning study's
-    thresholds, all trained dense to the end) train them once.
+    thresholds, all trained dense to the end) train them once. With ``cost`` the test
+    front's points carry the costs ``cost.sweep`` (the study's axis, when it is a cost).
     """
     settings = TrainSettings.from_config(tcfg.train)
     seed = int(tcfg.seed)
@@ -151,10 +169,16 @@ def refit_trial(
     )
     test_accuracy = evaluate(model, test)
     epochs = float(settings.epochs + settings.finetune_epochs)
-    front = [FrontPoint(pruner.sparsity(), test_accuracy, pruner.mean_threshold(), epochs, "final")]
-    front += one_shot_sweep(
+    costs = cost.meter.measure(model, remeasure_dense=True, only=cost.sweep) if cost else {}
+    front = [
+        FrontPoint(
+            pruner.sparsity(), test_accuracy, pruner.mean_threshold(), epochs, "final", costs
+        )
+    ]
+    front += measured_sweep(
         pruner,
         lambda m: evaluate(m, test),
+        cost,
         n_points=int(tcfg.front.points),
         max_sparsity=float(tcfg.front.max_sparsity),
         epoch=epochs,
@@ -206,6 +230,11 @@ def refit_study(
     """Refit every chosen trial that has no finished refit run yet; returns all results."""
     results = []
     baseline = checkpoint_baseline(cfg, study, dataset, tracker, device)
+    # The test fronts lie on the study's axis, as its trials' fronts do.
+    axis = front_axis(cfg.search.objectives)
+    batch_size = int(OmegaConf.select(cfg, "export.batch_size", default=64))
+    if baseline is not None and axis in COST_OBJECTIVES:
+        baseline = dataclasses.replace(baseline, costs={axis: 1.0})  # the dense network
     for trial in chosen_trials(study, cfg.refit.get("top_k"), cfg.refit.get("trials", "pareto")):
         existing = tracker.find_refit(trial.number)
         if existing is not None:
@@ -219,11 +248,19 @@ def refit_study(
                 console.out.print(
                     f"refit of trial {trial.number} ({policy}) on the whole training split …"
                 )
+            meter = make_cost_meter(
+                [axis] if axis in COST_OBJECTIVES else [],
+                tcfg.policy,
+                dataset.input_shape,
+                device,
+                batch_size,
+            )
             model, pruner, result, test_acc, front = refit_trial(
                 tcfg,
                 dataset,
                 device,
                 warm_start=make_warm_start(cfg, tcfg),
+                cost=None if meter is None else CostProbe(meter, sweep=(axis,)),
                 on_epoch=lambda r, run=run: run.log_metrics(
                     {
                         "loss": r.loss,
@@ -241,7 +278,9 @@ def refit_study(
             with tempfile.TemporaryDirectory() as tmp:
                 config = export_config(tcfg, dataset)
                 pruned = save_pruned(model, config, Path(tmp) / "pruned.pt")
-                measures = measure(model, example, pruned, structured=structured)
+                measures = measure(
+                    model, example, pruned, structured=structured, batch_size=batch_size
+                )
                 run.log_artifact(pruned, "model")
                 if structured:
                     run.log_artifact(
@@ -271,6 +310,7 @@ def refit_study(
                 {0: front},
                 f"{cfg.study.name} · refit of trial {trial.number} · {policy}",
                 split="test",
+                axis=axis,
             )
             run.log_dict(result.layer_sparsity, "layer_sparsity.json")
             run.log_figure(

@@ -1,7 +1,8 @@
 """The study report: one self-contained ``report.html`` on the study's parent MLflow run.
 
-It holds the Pareto table (CV and test accuracy, sparsity, measures of the refit models),
-the Pareto front over every trial's own front (drawn faintly) with the baselines marked,
+It holds the Pareto table (CV and test accuracy, sparsity, the costs the trials measured,
+measures of the refit models), the Pareto front — against the study's second objective,
+sparsity or a cost — over every trial's own front (drawn faintly) with the baselines marked,
 the per-layer sparsity of each refit model, and Optuna's optimisation-history and
 parameter-importance plots (``optuna.visualization.matplotlib``). Figures are embedded as
 base64 PNGs, so the file opens anywhere without the MLflow server.
@@ -25,8 +26,15 @@ import matplotlib.pyplot as plt
 import optuna
 from optuna.trial import TrialState
 
-from dtp_search.results import pareto_rows
-from dtp_search.tracking import StudyTracker, plot_layer_sparsity, plot_pareto
+from dtp_search.results import pareto_rows, study_axis
+from dtp_search.settings import COST_OBJECTIVES
+from dtp_search.tracking import (
+    AXIS_LABELS,
+    StudyTracker,
+    plot_layer_sparsity,
+    plot_pareto,
+    row_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +49,19 @@ def _png(fig) -> str:
 
 
 def pareto_figure(study: optuna.Study, rows: list[dict[str, Any]]):
-    """Pareto front of the trials' CV results over every trial's own (fold-0) front."""
+    """Pareto front of the trials' CV results over every trial's own (fold-0) front, both
+    against the study's axis (:func:`~dtp_search.results.study_axis`)."""
+    axis = study_axis(study)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     points = {
         t.number: [
-            (t.user_attrs.get("cv_sparsity", math.nan), t.user_attrs.get("cv_accuracy", math.nan))
+            (t.user_attrs.get(f"cv_{axis}", math.nan), t.user_attrs.get("cv_accuracy", math.nan))
         ]
         for t in complete
     }
     policies = {t.number: t.user_attrs.get("policy", "") for t in complete}
     floored = [t.number for t in complete if t.user_attrs.get("floored_layers")]
-    fig = plot_pareto(rows, points, study.study_name, policies, floored)
+    fig = plot_pareto(rows, points, study.study_name, policies, floored, axis=axis)
     ax = fig.axes[0]
     for t in complete:
         front = t.user_attrs.get("front") or []
@@ -131,16 +141,24 @@ def build_report(
     images = {k: _png(f) for k, f in figures.items()}
     images.update(_optuna_figures(study))
 
+    # The costs the trials measured (fractions of the dense network's), as CV columns.
+    costs = [c for c in COST_OBJECTIVES if any(f"cv_{c}" in r for r in rows)]
+    # Refits measured before the compacted network's FLOPs were: no column without them.
+    with_compact = any(
+        "flops_compact" in refits.get(str(r["trial"]), {}).get("measures", {}) for r in rows
+    )
     cols = [
         "trial",
         "policy",
         "params",
         "CV accuracy",
         "CV sparsity",
+        *(f"CV {c} (compact / dense)" for c in costs),
         "test accuracy",
         "test sparsity",
         "non-zero / params",
         "FLOPs effective / dense",
+        *(["FLOPs compact / dense"] if with_compact else []),
         "export bytes sparse / dense",
         "latency ms compact / dense",
     ]
@@ -164,10 +182,15 @@ def build_report(
             r["params"],
             f"{r['accuracy']:.4f} ± {r['accuracy_std']:.4f}",
             f"{r['sparsity']:.4f} ± {r['sparsity_std']:.4f}",
+            *(
+                f"{r[f'cv_{c}']:.4f} ± {r.get(f'cv_{c}_std', 0.0):.4f}" if f"cv_{c}" in r else "—"
+                for c in costs
+            ),
             f"{ref['test_accuracy']:.4f}" if "test_accuracy" in ref else "—",
             f"{ref['sparsity']:.4f}" if "sparsity" in ref else "—",
             ratio("nonzero_params", "params"),
             ratio("flops_effective", "flops_dense"),
+            *([ratio("flops_compact", "flops_dense")] if with_compact else []),
             ratio("file_bytes_sparse", "file_bytes_dense"),
         ]
         if with_latency:
@@ -218,13 +241,16 @@ def log_report(study: optuna.Study, tracker: StudyTracker) -> str:
     return doc
 
 
-def plot_comparison(fronts: dict[str, list[dict[str, Any]]]):
-    """Pareto fronts (CV sparsity, CV accuracy) of several studies overlaid."""
+def plot_comparison(fronts: dict[str, list[dict[str, Any]]], axis: str = "sparsity"):
+    """Pareto fronts (CV ``axis``, CV accuracy) of several studies overlaid; ``axis`` is
+    their second objective, sparsity or a cost."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    key = row_key(axis)
     for name, rows in fronts.items():
-        rows = sorted(rows, key=lambda r: r["sparsity"])
-        xs, ys = [r["sparsity"] for r in rows], [r["accuracy"] for r in rows]
-        (line,) = ax.step(xs, ys, "-", where="pre", alpha=0.7)
+        rows = sorted(rows, key=lambda r: r[key])
+        xs, ys = [r[key] for r in rows], [r["accuracy"] for r in rows]
+        where = "pre" if axis == "sparsity" else "post"
+        (line,) = ax.step(xs, ys, "-", where=where, alpha=0.7)
         ax.errorbar(
             xs,
             ys,
@@ -235,7 +261,7 @@ def plot_comparison(fronts: dict[str, list[dict[str, Any]]]):
             ms=4,
             label=f"{name} ({len(rows)})",
         )
-    ax.set_xlabel("CV sparsity")
+    ax.set_xlabel("CV sparsity" if axis == "sparsity" else f"CV {AXIS_LABELS.get(axis, axis)}")
     ax.set_ylabel("CV accuracy")
     ax.set_title("Pareto fronts compared", fontsize=10)
     ax.grid(alpha=0.3)
@@ -245,11 +271,19 @@ def plot_comparison(fronts: dict[str, list[dict[str, Any]]]):
 
 
 def compare_studies(storage: Any, names: list[str], out_dir: str) -> str:
-    """Overlay the Pareto fronts of the studies ``names``; returns the PNG's path."""
-    fronts = {n: pareto_rows(optuna.load_study(study_name=n, storage=storage)) for n in names}
+    """Overlay the Pareto fronts of the studies ``names``; returns the PNG's path. Raises
+    ``ValueError`` when their axes (second objectives: sparsity, flops, ...) differ."""
+    studies = {n: optuna.load_study(study_name=n, storage=storage) for n in names}
+    axes = {n: study_axis(s) for n, s in studies.items()}
+    if len(set(axes.values())) > 1:
+        raise ValueError(
+            f"the studies' fronts lie on different axes ({axes}); compare studies with the "
+            "same second objective"
+        )
+    fronts = {n: pareto_rows(s) for n, s in studies.items()}
     path = Path(out_dir) / f"compare-{'-vs-'.join(names)}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig = plot_comparison(fronts)
+    fig = plot_comparison(fronts, axis=next(iter(axes.values()), "sparsity"))
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return str(path)

@@ -16,7 +16,8 @@ import optuna
 from optuna.trial import TrialState
 
 from dtp_search.pruning import pareto_mask
-from dtp_search.tracking import StudyTracker
+from dtp_search.settings import COST_OBJECTIVES, front_axis
+from dtp_search.tracking import StudyTracker, row_key
 
 log = logging.getLogger(__name__)
 
@@ -30,21 +31,40 @@ def n_finished(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
+def objective_names(study: optuna.Study) -> list[str]:
+    """The study's ``search.objectives`` (``value_<i>`` for a study that did not store them)."""
+    return study.user_attrs.get("objectives") or [
+        f"value_{i}" for i in range(len(study.directions))
+    ]
+
+
+def study_axis(study: optuna.Study) -> str:
+    """The x of the study's fronts and Pareto plots (:func:`~dtp_search.settings.front_axis`):
+    its second objective when that is a cost (``flops``, ``params``, ``latency``), else
+    ``sparsity``."""
+    axis = front_axis(objective_names(study))
+    return axis if axis in COST_OBJECTIVES else "sparsity"
+
+
 def pareto_rows(study: optuna.Study, front_only: bool = True) -> list[dict[str, Any]]:
     """Pareto-optimal complete trials as table rows (non-domination per the study's
-    directions), sorted by sparsity; with ``front_only=False``, every candidate trial."""
+    directions), sorted by the study's axis (:func:`study_axis`: sparsity, or the cost
+    that is its second objective); with ``front_only=False``, every candidate trial.
+    A row has the CV ``accuracy`` and ``sparsity`` with their ``_std``, and each cost the
+    trial measured under its metric's name (``cv_flops``, ``cv_flops_std``, ...: ``params``
+    is the row's sampled values)."""
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     # A trial penalised for ending at the min_keep floor (policy.on_collapse=penalize)
-    # never counts. Under search.min_sparsity only feasible trials are candidates, as for
+    # never counts. Under search.min_sparsity or search.max_flops only feasible trials are
+    # candidates, as for
     # Optuna's own best_trial(s); with none feasible yet, all are shown.
     trials = [t for t in trials if t.constraints.get("min_keep_floor", 0.0) <= 0]
     feasible = [t for t in trials if all(c <= 0 for c in t.constraints.values())]
     trials = feasible or trials
     if not trials:
         return []
-    names = study.user_attrs.get("objectives") or [
-        f"value_{i}" for i in range(len(study.directions))
-    ]
+    names = objective_names(study)
+    axis = study_axis(study)
     signs = [1.0 if d == optuna.study.StudyDirection.MAXIMIZE else -1.0 for d in study.directions]
     vals = np.array([[s * v for s, v in zip(signs, t.values, strict=True)] for t in trials])
     keep = pareto_mask(vals)
@@ -67,18 +87,29 @@ def pareto_rows(study: optuna.Study, front_only: bool = True) -> list[dict[str, 
                 "accuracy_std": ua.get("cv_accuracy_std", 0.0),
                 "sparsity": ua.get("cv_sparsity", values.get("sparsity", math.nan)),
                 "sparsity_std": ua.get("cv_sparsity_std", 0.0),
+                **{
+                    key: v
+                    for c in COST_OBJECTIVES
+                    if f"cv_{c}" in ua or c in values
+                    for key, v in (
+                        (f"cv_{c}", ua.get(f"cv_{c}", values.get(c, math.nan))),
+                        (f"cv_{c}_std", ua.get(f"cv_{c}_std", 0.0)),
+                    )
+                },
                 "mlflow_run_id": ua.get("mlflow_run_id", ""),
                 "test_accuracy": refit.get("test_accuracy", math.nan),
                 "refit_run_id": refit.get("run_id", ""),
             }
         )
-    return sorted(rows, key=lambda r: (r["sparsity"], r["accuracy"]))
+    return sorted(rows, key=lambda r: (r.get(row_key(axis), math.nan), r["accuracy"]))
 
 
 def hypervolume_2d(
     points: list[tuple[float, float]], ref: tuple[float, float] = (0.0, 0.0)
 ) -> float:
-    """Area dominated by (sparsity, accuracy) points above ``ref`` (both maximised)."""
+    """Area dominated by (sparsity, accuracy) points above ``ref`` (both maximised). For
+    a cost axis pass (1 − cost, accuracy): the area then lies between the points and the
+    dense network's cost 1 (:func:`gain`)."""
     pts = sorted({(s, a) for s, a in points if s > ref[0] and a > ref[1]}, reverse=True)
     area, best_a = 0.0, ref[1]
     for s, a in pts:  # sweep from high sparsity to low
@@ -88,21 +119,30 @@ def hypervolume_2d(
     return area
 
 
+def gain(axis: str, x: float) -> float:
+    """An axis value in "larger is better" units from 0: sparsity itself, or 1 − cost (the
+    fraction of the dense network's FLOPs, parameters or latency saved)."""
+    return x if axis == "sparsity" else 1.0 - x
+
+
 def refresh_pareto(study: optuna.Study, tracker: StudyTracker) -> list[dict[str, Any]]:
-    """Log the study's current Pareto front to its parent run; return its rows."""
+    """Log the study's current Pareto front to its parent run; return its rows. The plot
+    and ``pareto_hypervolume`` are over (CV axis, CV accuracy), :func:`study_axis`."""
     rows = pareto_rows(study)
+    axis = study_axis(study)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     all_points = {
         t.number: [
-            (t.user_attrs.get("cv_sparsity", math.nan), t.user_attrs.get("cv_accuracy", math.nan))
+            (t.user_attrs.get(f"cv_{axis}", math.nan), t.user_attrs.get("cv_accuracy", math.nan))
         ]
         for t in complete
     }
     policies = {t.number: t.user_attrs.get("policy", "") for t in complete}
     floored = [t.number for t in complete if t.user_attrs.get("floored_layers")]
-    hv = hypervolume_2d([(r["sparsity"], r["accuracy"]) for r in rows])
+    x = row_key(axis)
+    hv = hypervolume_2d([(gain(axis, r[x]), r["accuracy"]) for r in rows if x in r])
     try:
-        tracker.log_pareto(rows, len(complete), hv, all_points, policies, floored)
+        tracker.log_pareto(rows, len(complete), hv, all_points, policies, floored, axis)
     except Exception as exc:  # tracking must not lose the study's own record
         log.warning("could not refresh the Pareto front in MLflow: %s", exc)
     return rows

@@ -39,7 +39,7 @@ from dtp_search.models import check_output, start_model
 from dtp_search.refit import refit_study
 from dtp_search.report import compare_studies, log_report
 from dtp_search.results import FINISHED, n_finished, refresh_pareto
-from dtp_search.settings import Settings
+from dtp_search.settings import Settings, front_axis
 from dtp_search.storage import mask_url
 from dtp_search.tracking import StudyTracker, describe_dataset
 from dtp_search.training import DivergedError, eval_batches, resolve_device, stop_requested
@@ -84,7 +84,9 @@ def run_study(cfg: DictConfig) -> optuna.Study:
         )
     tracker.set_dataset(info)
     if not is_worker:
-        tracker.share_view(dict.fromkeys(d.key for d in space.dimensions))
+        tracker.share_view(
+            dict.fromkeys(d.key for d in space.dimensions), axis=front_axis(s.search.objectives)
+        )
     _fail_dead(study, s)
     tracker.close_orphans({t.number: t.state.name for t in study.get_trials(deepcopy=False)})
     admission = storages.StudyLock(url, s.study.name, "admit")
@@ -306,7 +308,10 @@ def compare(s: Settings) -> None:
             f"mode=compare: study.names={names} must list existing studies of "
             f"{mask_url(s.study.storage)}; allowed: {known}"
         )
-    path = compare_studies(storage, names, s.paths.root)
+    try:
+        path = compare_studies(storage, names, s.paths.root)
+    except ValueError as exc:
+        raise ConfigError(f"mode=compare: study.names={names}: {exc}") from exc
     Console(enabled=False).out.print(
         f"Pareto fronts of {', '.join(names)} overlaid in {path}", soft_wrap=True
     )

@@ -19,7 +19,9 @@ runs table rather than its GenAI traces view):
   (step = epoch); the accuracy-versus-sparsity front as ``front.json`` (a table),
   ``front.png``, the image ``front`` (the chart view's image grid) and the metric history
   ``front/accuracy`` whose step is 1000 × sparsity, so that MLflow's own line chart
-  overlays the fronts of every trial.
+  overlays the fronts of every trial. When the study's second objective is a cost
+  (``flops``, ``params``, ``latency``: fractions of the dense network's), the fronts are
+  drawn against it instead (:func:`front_x`): step = 1000 × that fraction.
 * child run ``refit-<n>`` — tag ``dtp_search.role=refit`` (its MLflow status says how it
   ended), the trial's ``cv_*`` metrics, ``test_accuracy``, the test front as
   ``front/test_accuracy`` and the model, named ``<study>-trial-<n>``.
@@ -60,7 +62,28 @@ KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 # The runs table's Source column (MLflow's fluent API sets these from the script it runs in).
 SOURCE_TAGS = {"mlflow.source.name": "python -m dtp_search", "mlflow.source.type": "LOCAL"}
 SHARED_VIEW_TAG, VIEW_KEY = "mlflow.sharedViewState.", "dtp_search"
-FRONT_STEPS = 1000  # front/<metric> is logged at step = round(FRONT_STEPS * sparsity)
+FRONT_STEPS = 1000  # front/<metric> is logged at step = round(FRONT_STEPS * x), x: the axis
+# What the x of a front or a Pareto plot is, per axis (the study's second objective).
+AXIS_LABELS = {
+    "sparsity": "sparsity (fraction of prunable weights = 0)",
+    "flops": "FLOPs of the compacted network / dense",
+    "params": "parameters of the compacted network / dense",
+    "latency": "latency of the compacted network / dense",
+}
+
+
+def row_key(axis: str) -> str:
+    """The key of a Pareto row (:func:`dtp_search.results.pareto_rows`) that holds the CV
+    value of ``axis``: ``sparsity``, or the cost's metric name (``cv_flops``, ...)."""
+    return "sparsity" if axis == "sparsity" else f"cv_{axis}"
+
+
+def front_x(point: FrontPoint, axis: str) -> float | None:
+    """The x of a front point on a front drawn against ``axis``: its sparsity, or its cost
+    ``axis`` (``None`` where that was not measured: the mask updates during training)."""
+    return point.sparsity if axis == "sparsity" else point.costs.get(axis)
+
+
 _MAX_PARAM_LEN = 6000
 
 
@@ -264,8 +287,10 @@ class StudyTracker:
         trial_fronts: dict[int, list[tuple[float, float]]] | None = None,
         policies: dict[int, str] | None = None,
         floored: Iterable[int] = (),
+        axis: str = "sparsity",
     ) -> None:
-        """Refresh the study's Pareto table and plot (overwritten, not appended)."""
+        """Refresh the study's Pareto table and plot (overwritten, not appended); the plot's
+        x is ``axis`` (the study's second objective)."""
         df = pd.DataFrame(rows)
         # log_table appends to an existing file; the parent's table must be replaced on
         # every refresh, so it is written in log_table's JSON layout with log_dict and
@@ -275,7 +300,12 @@ class StudyTracker:
         )
         _declare_table(self.client, self.parent_run_id, "pareto_front.json")
         fig = plot_pareto(
-            rows, trial_fronts or {}, title=self.study_name, policies=policies, floored=floored
+            rows,
+            trial_fronts or {},
+            title=self.study_name,
+            policies=policies,
+            floored=floored,
+            axis=axis,
         )
         self.client.log_figure(self.parent_run_id, fig, "pareto_front.png")
         plt.close(fig)
@@ -298,15 +328,16 @@ class StudyTracker:
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.parent_run_id, status)
 
-    def share_view(self, param_keys: Iterable[str] = ()) -> None:
+    def share_view(self, param_keys: Iterable[str] = (), axis: str = "sparsity") -> None:
         """Store dtp_search's view of the experiment as an MLflow *shared view* (the UI's own
         mechanism behind its "Share" button: an experiment tag ``mlflow.sharedViewState.<key>``
         read when the URL carries ``viewStateShareKey=<key>``). The view lists every run flat
         (trials and refits are not folded under the study run), most accurate first, with
         the CV and test metrics and the searched params as columns, and opens its chart tab
-        on the fronts: the trials' ``cv_sparsity``/``cv_accuracy`` scatter, the overlay of
-        every run's ``front/accuracy`` history and the grid of ``front`` images."""
-        state = _view_state(list(param_keys))
+        on the fronts: the trials' ``cv_<axis>``/``cv_accuracy`` scatter (``axis``: the
+        study's second objective, sparsity by default), the overlay of every run's
+        ``front/accuracy`` history and the grid of ``front`` images."""
+        state = _view_state(list(param_keys), axis)
         self.client.set_experiment_tag(
             self.experiment_id, SHARED_VIEW_TAG + VIEW_KEY, json.dumps(state, separators=(",", ":"))
         )
@@ -340,7 +371,7 @@ def runs_url(base: str, experiment_id: str, charts: bool = False) -> str:
     return url + ("&compareRunsMode=CHART" if charts else "")
 
 
-def _view_state(param_keys: list[str]) -> dict[str, Any]:
+def _view_state(param_keys: list[str], axis: str = "sparsity") -> dict[str, Any]:
     """The shared view's state in the layout the UI reads (search facets + UI state)."""
     section = "dtp_search"
 
@@ -355,7 +386,7 @@ def _view_state(param_keys: list[str]) -> dict[str, Any]:
             **fields,
         }
 
-    metrics = ["cv_accuracy", "cv_sparsity", "test_accuracy"]
+    metrics = list(dict.fromkeys(["cv_accuracy", "cv_sparsity", f"cv_{axis}", "test_accuracy"]))
     return {
         "searchFilter": "",
         "orderByKey": "metrics.`cv_accuracy`",
@@ -375,7 +406,7 @@ def _view_state(param_keys: list[str]) -> dict[str, Any]:
             chart(
                 "dtp-cv-scatter",
                 "SCATTER",
-                xaxis={"key": "cv_sparsity", "type": "METRIC"},
+                xaxis={"key": f"cv_{axis}", "type": "METRIC"},
                 yaxis={"key": "cv_accuracy", "type": "METRIC"},
             ),
             chart(
@@ -516,30 +547,42 @@ class TrialRun:
             self.client.set_tag(self.run_id, k, str(v))
 
     def log_front(
-        self, fronts: dict[int, list[FrontPoint]], title: str, *, split: str = "validation"
+        self,
+        fronts: dict[int, list[FrontPoint]],
+        title: str,
+        *,
+        split: str = "validation",
+        axis: str = "sparsity",
     ) -> None:
-        """The run's accuracy-versus-sparsity front, four ways: ``front.json`` (a table, one
-        row per point), ``front.png``, the image ``front`` (so that the chart view's image
-        grid puts every run's front side by side) and the metric history ``front/accuracy``
-        (``front/test_accuracy`` when ``split="test"``) at step = round(1000 · sparsity),
-        so that one MLflow line chart overlays the fronts of every run.
+        """The run's accuracy-versus-``axis`` front (sparsity, or the cost that is the
+        study's second objective, :func:`front_x`), four ways: ``front.json`` (a table, one
+        row per point, its costs as columns), ``front.png``, the image ``front`` (so that
+        the chart view's image grid puts every run's front side by side) and the metric
+        history ``front/accuracy`` (``front/test_accuracy`` when ``split="test"``) at
+        step = round(1000 · x), so that one MLflow line chart overlays the fronts of every
+        run.
 
         The metric holds the final model and its one-shot sweep; where folds share a step,
         it is their mean accuracy.
         """
-        rows = [{"fold": k, **p.as_dict()} for k, pts in fronts.items() for p in pts]
+        rows = [
+            {"fold": k, **{n: v for n, v in p.as_dict().items() if n != "costs"}, **p.costs}
+            for k, pts in fronts.items()
+            for p in pts
+        ]
         self.client.log_table(self.run_id, data=pd.DataFrame(rows), artifact_file="front.json")
         by_step: dict[int, list[float]] = {}
         for pts in fronts.values():
             for p in pts:
-                if p.source in ("final", "sweep"):
-                    by_step.setdefault(round(FRONT_STEPS * p.sparsity), []).append(p.accuracy)
+                x = front_x(p, axis)
+                if p.source in ("final", "sweep") and x is not None:
+                    by_step.setdefault(round(FRONT_STEPS * x), []).append(p.accuracy)
         key = "front/test_accuracy" if split == "test" else "front/accuracy"
         ts = int(time.time() * 1000)
         metrics = [Metric(key, sum(a) / len(a), ts, step) for step, a in sorted(by_step.items())]
         for chunk in _chunks(metrics, 1000):
             self.client.log_batch(self.run_id, metrics=list(chunk))
-        fig = plot_trial_front(fronts, title, split=split)
+        fig = plot_trial_front(fronts, title, split=split, axis=axis)
         self.client.log_figure(self.run_id, fig, "front.png")
         self.client.log_image(self.run_id, _rgb(fig), key="front", step=0)
         plt.close(fig)
@@ -577,19 +620,28 @@ def _rgb(fig) -> np.ndarray:
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
-def plot_trial_front(fronts: dict[int, list[FrontPoint]], title: str, split: str = "validation"):
-    """Accuracy versus sparsity for each fold: updates during training, final model, sweep.
-    ``split="test"`` (a refit: one model, scored on the test split) labels it so."""
+def plot_trial_front(
+    fronts: dict[int, list[FrontPoint]],
+    title: str,
+    split: str = "validation",
+    axis: str = "sparsity",
+):
+    """Accuracy versus ``axis`` (:func:`front_x`) for each fold: updates during training,
+    final model, sweep; points without a value of ``axis`` (updates, against a cost) are
+    left out. ``split="test"`` (a refit: one model, scored on the test split) labels it so."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, pts in sorted(fronts.items()):
         c = colors[k % len(colors)]
         who = "refit" if split == "test" else f"fold {k}"
+        pts = [p for p in pts if front_x(p, axis) is not None]
         upd = [p for p in pts if p.source == "update"]
-        tail = sorted((p for p in pts if p.source in ("final", "sweep")), key=lambda p: p.sparsity)
+        tail = sorted(
+            (p for p in pts if p.source in ("final", "sweep")), key=lambda p: front_x(p, axis)
+        )
         if upd:
             ax.scatter(
-                [p.sparsity for p in upd],
+                [front_x(p, axis) for p in upd],
                 [p.accuracy for p in upd],
                 s=10,
                 color=c,
@@ -598,7 +650,7 @@ def plot_trial_front(fronts: dict[int, list[FrontPoint]], title: str, split: str
             )
         if tail:
             ax.plot(
-                [p.sparsity for p in tail],
+                [front_x(p, axis) for p in tail],
                 [p.accuracy for p in tail],
                 "-o",
                 ms=3,
@@ -608,7 +660,7 @@ def plot_trial_front(fronts: dict[int, list[FrontPoint]], title: str, split: str
             final = [p for p in tail if p.source == "final"]
             if final:
                 ax.scatter(
-                    [final[0].sparsity],
+                    [front_x(final[0], axis)],
                     [final[0].accuracy],
                     marker="*",
                     s=120,
@@ -620,7 +672,7 @@ def plot_trial_front(fronts: dict[int, list[FrontPoint]], title: str, split: str
         base = [p for p in pts if p.source == "checkpoint"]
         if base:  # the trained network the study started from, not pruned (refit)
             ax.scatter(
-                [base[0].sparsity],
+                [front_x(base[0], axis)],
                 [base[0].accuracy],
                 marker="D",
                 s=60,
@@ -628,7 +680,7 @@ def plot_trial_front(fronts: dict[int, list[FrontPoint]], title: str, split: str
                 zorder=6,
                 label="checkpoint, not pruned",
             )
-    ax.set_xlabel("sparsity (fraction of prunable weights = 0)")
+    ax.set_xlabel(AXIS_LABELS.get(axis, axis))
     ax.set_ylabel(f"{split} accuracy")
     ax.set_title(title, fontsize=10)
     ax.set_ylim(-0.02, 1.02)
@@ -644,9 +696,11 @@ def plot_pareto(
     title: str,
     policies: dict[int, str] | None = None,
     floored: Iterable[int] = (),
+    axis: str = "sparsity",
 ):
-    """The study's Pareto-optimal trials over every trial's (CV sparsity, CV accuracy),
-    trials coloured by policy when the study used more than one; trials that end with a
+    """The study's Pareto-optimal trials over every trial's (CV ``axis``, CV accuracy) —
+    ``axis`` is the study's second objective: sparsity (maximised) or a cost (minimised)
+    — trials coloured by policy when the study used more than one; trials that end with a
     layer held at the ``min_keep`` floor (``floored``) are crossed out in red."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
     policies = policies or {}
@@ -676,21 +730,23 @@ def plot_pareto(
             zorder=4,
             label="ends with a layer at the min_keep floor",
         )
-    pareto = sorted(rows, key=lambda r: r["sparsity"])
+    x = row_key(axis)
+    pareto = sorted(rows, key=lambda r: r[x])
     if pareto:
         # Attainment boundary: between two Pareto points the best reachable accuracy is
-        # that of the sparser one, so each step takes the value on its right ("pre").
+        # that of the sparser one, so each step takes the value on its right ("pre");
+        # against a cost (lower is better) that of the cheaper one, on its left ("post").
         ax.step(
-            [r["sparsity"] for r in pareto],
+            [r[x] for r in pareto],
             [r["accuracy"] for r in pareto],
             "-",
-            where="pre",
+            where="pre" if axis == "sparsity" else "post",
             color="k",
             alpha=0.45,
         )
         # Hollow rings, so that the policy colour of the trial underneath stays visible.
         ax.errorbar(
-            [r["sparsity"] for r in pareto],
+            [r[x] for r in pareto],
             [r["accuracy"] for r in pareto],
             yerr=[r.get("accuracy_std", 0.0) for r in pareto],
             fmt="o",
@@ -704,12 +760,12 @@ def plot_pareto(
         for i, r in enumerate(pareto):
             ax.annotate(
                 str(r["trial"]),
-                (r["sparsity"], r["accuracy"]),
+                (r[x], r["accuracy"]),
                 fontsize=7,
                 xytext=(4, 5) if i % 2 == 0 else (4, -11),
                 textcoords="offset points",
             )
-    ax.set_xlabel("CV sparsity")
+    ax.set_xlabel("CV sparsity" if axis == "sparsity" else f"CV {AXIS_LABELS.get(axis, axis)}")
     ax.set_ylabel("CV accuracy")
     ax.set_title(f"Pareto front — {title}", fontsize=10)
     ax.grid(alpha=0.3)

@@ -7,10 +7,11 @@ Neither function knows about Optuna or MLflow: callers observe progress through 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import statistics
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -27,6 +28,7 @@ from dtp_search.data import (
     tensor_digest,
 )
 from dtp_search.pruning import (
+    CostMeter,
     DynamicPruner,
     FrontPoint,
     layer_sparsity,
@@ -46,6 +48,7 @@ class EpochRecord:
     threshold: float
     lr: float
     recovered: int = 0  # units the policy turned back on (0 → 1) during this epoch
+    costs: dict[str, float] = field(default_factory=dict)  # at CostProbe.epochs only
 
 
 @dataclass
@@ -58,6 +61,7 @@ class FoldResult:
     warm_start_epochs: int = 0  # dense epochs taken from the warm-start cache
     min_keep_restored: dict[str, int] = field(default_factory=dict)  # see DynamicPruner.restored
     floored_layers: list[str] = field(default_factory=list)  # see DynamicPruner.floored
+    costs: dict[str, float] = field(default_factory=dict)  # the final model's (CostProbe)
 
 
 class DivergedError(FloatingPointError):
@@ -160,6 +164,46 @@ def make_lr_scheduler(
     )
 
 
+@dataclass(frozen=True)
+class CostProbe:
+    """What a fold measures of its pruned network's cost, as fractions of the dense
+    network (:class:`~dtp_search.pruning.CostMeter`): every measure of ``meter`` for the
+    final model (:attr:`FoldResult.costs`, and the final front point's); ``sweep``: the
+    measures each point of the one-shot sweep gets (the front's axis); ``epochs``: fold →
+    the epochs whose :class:`EpochRecord` carries every measure too (the fidelity rung)."""
+
+    meter: CostMeter
+    sweep: tuple[str, ...] = ()
+    epochs: Mapping[int, Collection[int]] = field(default_factory=dict)
+
+
+def measured_sweep(
+    pruner: DynamicPruner,
+    evaluate: Callable[[nn.Module], float],
+    cost: CostProbe | None,
+    *,
+    n_points: int,
+    max_sparsity: float,
+    epoch: float,
+) -> list[FrontPoint]:
+    """:func:`~dtp_search.pruning.one_shot_sweep`, each point with the costs ``cost.sweep``
+    of its swept network (the masks of the point, compacted), measured where it is scored."""
+    measures = cost.sweep if cost is not None else ()
+    costs: list[dict[str, float]] = []
+
+    def scored(model: nn.Module) -> float:
+        if measures:
+            costs.append(cost.meter.measure(model, only=measures))
+        return evaluate(model)
+
+    points = one_shot_sweep(
+        pruner, scored, n_points=n_points, max_sparsity=max_sparsity, epoch=epoch
+    )
+    if not measures:
+        return points
+    return [dataclasses.replace(p, costs=c) for p, c in zip(points, costs, strict=True)]
+
+
 @dataclass
 class WarmStart:
     """The dense warm-start cache of :func:`prune_and_train`, and what its keys cannot see."""
@@ -180,6 +224,8 @@ def prune_and_train(
     on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
     resume: dict[str, Any] | None = None,
     warm_start: WarmStart | None = None,
+    cost: CostProbe | None = None,
+    cost_epochs: Collection[int] = (),
 ) -> FoldResult:
     """Train ``model`` while ``pruner`` moves its masks, fine-tune, and measure its front.
 
@@ -223,6 +269,11 @@ def prune_and_train(
     is given, the state after those epochs is taken from its cache if a trial with the
     same data, model initialisation, optimiser settings and ``d`` stored it (their epoch
     records are passed to ``on_epoch`` as if trained), or stored there once trained.
+
+    Costs. With ``cost`` (:class:`CostProbe`) the final model's FLOPs, parameters and
+    latency as fractions of the dense network are measured (:attr:`FoldResult.costs`), the
+    sweep's points get those of ``cost.sweep``, and so do the epoch records of the epochs
+    ``cost_epochs``.
     """
     trainer = FoldTrainer(
         model,
@@ -234,6 +285,8 @@ def prune_and_train(
         on_epoch=on_epoch,
         on_checkpoint=on_checkpoint,
         warm_start=warm_start,
+        cost=cost,
+        cost_epochs=cost_epochs,
     )
     return trainer.run(resume)
 
@@ -255,6 +308,8 @@ class FoldTrainer:
         on_epoch: Callable[[EpochRecord], None] | None = None,
         on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
         warm_start: WarmStart | None = None,
+        cost: CostProbe | None = None,
+        cost_epochs: Collection[int] = (),
     ) -> None:
         self.steps_per_epoch = len(train)
         if self.steps_per_epoch == 0:
@@ -262,6 +317,7 @@ class FoldTrainer:
         self.model, self.pruner, self.train, self.val = model, pruner, train, val
         self.settings, self.front_settings = settings, front
         self.on_epoch, self.on_checkpoint, self.warm_start = on_epoch, on_checkpoint, warm_start
+        self.cost, self.cost_epochs = cost, frozenset(cost_epochs if cost is not None else ())
         self.autocast = train.device.type == "cuda" and settings.amp
         if settings.channels_last:
             model.to(memory_format=torch.channels_last)  # 4-d parameters only
@@ -437,6 +493,7 @@ class FoldTrainer:
             pruner.mean_threshold(),
             opt.param_groups[0]["lr"],
             pruner.recovered - recovered_before,
+            self.cost.meter.measure(self.model) if e in self.cost_epochs else {},
         )
 
     def _update_masks(self) -> None:
@@ -504,12 +561,18 @@ class FoldTrainer:
             else self._score(self.model)
         )
         final_sparsity = pruner.sparsity()
+        # The dense latency is timed again for each fold: the two times of the ratio are
+        # then taken minutes apart at most, under much the same load of the machine.
+        costs = self.cost.meter.measure(self.model, remeasure_dense=True) if self.cost else {}
         self.front.append(
-            FrontPoint(final_sparsity, accuracy, pruner.mean_threshold(), total_epochs, "final")
+            FrontPoint(
+                final_sparsity, accuracy, pruner.mean_threshold(), total_epochs, "final", costs
+            )
         )
-        self.front += one_shot_sweep(
+        self.front += measured_sweep(
             pruner,
             self._score,
+            self.cost,
             n_points=self.front_settings.points,
             max_sparsity=self.front_settings.max_sparsity,
             epoch=total_epochs,
@@ -523,6 +586,7 @@ class FoldTrainer:
             self.warmed,
             dict(pruner.restored),
             sorted(pruner.floored),
+            costs,
         )
 
 
@@ -594,6 +658,7 @@ def fold_from_dict(data: dict[str, Any]) -> FoldResult:
         int(data.get("warm_start_epochs", 0)),
         dict(data.get("min_keep_restored", {})),
         list(data.get("floored_layers", [])),
+        dict(data.get("costs", {})),
     )
 
 
@@ -616,6 +681,27 @@ class CVResult:
     @property
     def sparsity_std(self) -> float:
         return statistics.pstdev(f.sparsity for f in self.folds)
+
+    def cost(self, name: str) -> float:
+        """The mean over folds of the final models' cost ``name`` (``flops``, ...)."""
+        return statistics.fmean(f.costs[name] for f in self.folds)
+
+    def cost_std(self, name: str) -> float:
+        return statistics.pstdev(f.costs[name] for f in self.folds)
+
+    def value(self, objective: str) -> float:
+        """The mean over folds of an objective of ``search.objectives`` (:func:`fold_value`)."""
+        return statistics.fmean(fold_value(f, objective) for f in self.folds)
+
+
+def fold_value(result: FoldResult, objective: str) -> float:
+    """A fold's value of an objective of ``search.objectives``: its final model's
+    accuracy, sparsity, or a cost it measured (:attr:`FoldResult.costs`)."""
+    if objective == "accuracy":
+        return result.accuracy
+    if objective == "sparsity":
+        return result.sparsity
+    return result.costs[objective]
 
 
 @dataclass
@@ -665,6 +751,7 @@ def cross_validate(
     hooks: FoldHooks | None = None,
     resume: dict[str, Any] | None = None,
     warm_start: WarmStart | None = None,
+    cost: CostProbe | None = None,
 ) -> CVResult:
     """k-fold cross-validation of one pruning configuration on the *training* split.
 
@@ -682,6 +769,8 @@ def cross_validate(
     * ``hooks``: the callbacks (:class:`FoldHooks`; default none).
     * ``resume``: a state ``hooks.on_checkpoint`` received, to continue from.
     * ``warm_start``: the dense warm-start cache (:class:`WarmStart`; default none).
+    * ``cost``: the costs each fold measures of its network (:class:`CostProbe`; default
+      none: no compaction, no timing).
 
     A policy that needs feedback (``policy.needs_feedback``) reads accuracy on a
     stratified slice of ``policy.holdout`` of the fold's *training* part, which is then
@@ -729,6 +818,8 @@ def cross_validate(
                 on_checkpoint=hooks.fold_checkpoint(k, results),
                 resume=state,
                 warm_start=warm_start,
+                cost=cost,
+                cost_epochs=cost.epochs.get(k, ()) if cost is not None else (),
             )
         results.append(result)
         if hooks.on_fold_end is not None:

@@ -24,6 +24,7 @@ from dtp_search.config import (
     check_policy,
     config_yaml,
     floor_settings,
+    make_cost_probe,
     make_fidelity,
     make_sampler,
     make_warm_start,
@@ -35,8 +36,8 @@ from dtp_search.early_stop import ParetoFoldStop
 from dtp_search.fidelity import POINT_ATTR, RUNG_ATTR, FidelityRung
 from dtp_search.models import checkpoint_digest, start_model
 from dtp_search.pruning import LayerCollapse
-from dtp_search.settings import FrontSettings, Settings
-from dtp_search.tracking import StudyTracker
+from dtp_search.settings import COST_OBJECTIVES, FrontSettings, Settings, front_axis
+from dtp_search.tracking import StudyTracker, front_x
 from dtp_search.training import (
     CVResult,
     EpochRecord,
@@ -44,6 +45,7 @@ from dtp_search.training import (
     FoldResult,
     TrainSettings,
     cross_validate,
+    fold_value,
 )
 
 log = logging.getLogger(__name__)
@@ -96,10 +98,10 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
         except (ValueError, TypeError) as exc:
             raise _pruned(trial, t.run, f"invalid sampled policy: {exc}") from exc
         result, fronts = _cross_validate(t, ctx)
-        values = _record(t, ctx, result, fronts)
+        _record(t, ctx, result, fronts)
         t.run.finish("COMPLETE")
         t.clear_checkpoint()
-        return tuple(values[o] for o in ctx.cfg.search.objectives)
+        return tuple(result.value(o) for o in ctx.cfg.search.objectives)
     except optuna.TrialPruned:
         t.run.finish("PRUNED")
         t.clear_checkpoint()
@@ -174,14 +176,17 @@ def _cross_validate(t: _Trial, ctx: SearchContext) -> tuple[CVResult, dict[int, 
     settings = TrainSettings.from_config(tcfg.train)
     example = torch.zeros(1, *ctx.dataset.input_shape, device=ctx.device)
     objectives = list(ctx.cfg.search.objectives)
+    axis = front_axis(objectives)
     folds = int(tcfg.cv.folds)
     fronts: dict[int, list] = {}
-    accuracies: list[float] = []  # per fold, in fold order (replayed folds of a resume too)
-    sparsities: list[float] = []
+    done: list[FoldResult] = []  # in fold order (replayed folds of a resume too)
     pareto = ctx.study.pruner if isinstance(ctx.study.pruner, ParetoFoldStop) else None
     warm_start = make_warm_start(ctx.cfg, tcfg)
     rung = make_fidelity(ctx.settings)
     rung_epoch = None if rung is None else rung.rung_epoch(settings.epochs)
+    cost = make_cost_probe(
+        ctx.settings, tcfg.policy, ctx.dataset.input_shape, ctx.device, rung_epoch
+    )
     with ctx.console.folds(
         folds, settings.epochs + settings.finetune_epochs, trial.number
     ) as progress:
@@ -197,12 +202,21 @@ def _cross_validate(t: _Trial, ctx: SearchContext) -> tuple[CVResult, dict[int, 
         def on_fold_end(fold: int, result: FoldResult) -> None:
             # (fold_<k>/val_accuracy and fold_<k>/sparsity already end on this fold's result)
             fronts[fold] = result.front
-            accuracies.append(result.accuracy)
-            sparsities.append(result.sparsity)
+            done.append(result)
             if pareto is not None:
                 # Read from the storage, so the front is every worker's (PostgreSQL).
                 decision = pareto.check(
-                    ctx.study, trial.number, folds, accuracies, sparsities, objectives
+                    ctx.study,
+                    trial.number,
+                    folds,
+                    [f.accuracy for f in done],
+                    [f.sparsity for f in done],
+                    objectives,
+                    costs={
+                        o: [fold_value(f, o) for f in done]
+                        for o in objectives
+                        if o in COST_OBJECTIVES
+                    },
                 )
                 if decision is not None:
                     trial.set_user_attr("dominated_by", decision.dominated_by)
@@ -212,10 +226,11 @@ def _cross_validate(t: _Trial, ctx: SearchContext) -> tuple[CVResult, dict[int, 
                         f"{ctx.settings.study.name} · trial {trial.number} · "
                         f"{t.policy}\nstopped early after {len(fronts)} of {folds} "
                         f"folds: a partial front",
+                        axis=axis,
                     )
                     raise _pruned(trial, run, decision.reason)
             elif len(objectives) == 1:
-                value = {"accuracy": result.accuracy, "sparsity": result.sparsity}[objectives[0]]
+                value = fold_value(result, objectives[0])
                 trial.report(value, step=fold)
                 if fold + 1 < folds and trial.should_prune():
                     raise _pruned(
@@ -248,6 +263,7 @@ def _cross_validate(t: _Trial, ctx: SearchContext) -> tuple[CVResult, dict[int, 
                 ),
                 resume=t.resume,
                 warm_start=warm_start,
+                cost=cost,
             )
         except LayerCollapse as exc:
             # The sampled policy asked a layer for fewer units than min_keep allows and
@@ -264,11 +280,23 @@ def _judge_rung(
     trials' rung, :class:`~dtp_search.fidelity.FidelityRung`) and stop the trial there
     unless the rung promotes it."""
     trial, run = t.trial, t.run
-    point = {"epoch": rec.epoch, "accuracy": rec.val_accuracy, "sparsity": rec.sparsity}
+    costs = {o: rec.costs.get(o) for o in objectives if o in COST_OBJECTIVES}
+    if rec.sparsity == 0:
+        # A dense epoch (a replayed warm start's records carry no costs): the compacted
+        # network is the dense one.
+        costs = {o: 1.0 if v is None else v for o, v in costs.items()}
+    costs = {o: float("nan") if v is None else v for o, v in costs.items()}
+    point = {"epoch": rec.epoch, "accuracy": rec.val_accuracy, "sparsity": rec.sparsity, **costs}
     # Stored before the decision: a trial judged concurrently by another worker sees it.
     trial.set_user_attr(POINT_ATTR, point)
     decision = rung.check(
-        ctx.study, trial.number, rec.epoch, rec.val_accuracy, rec.sparsity, objectives
+        ctx.study,
+        trial.number,
+        rec.epoch,
+        rec.val_accuracy,
+        rec.sparsity,
+        objectives,
+        costs=costs,
     )
     log.info("trial %d: %s", trial.number, decision.reason)
     trial.set_user_attr(RUNG_ATTR, 1 if decision.promoted else 0)
@@ -285,11 +313,10 @@ def _judge_rung(
         raise _pruned(trial, run, decision.reason)
 
 
-def _record(
-    t: _Trial, ctx: SearchContext, result: CVResult, fronts: dict[int, list]
-) -> dict[str, float]:
-    """Log the trial's mean curves, CV summary, floor events and front; set its Optuna
-    attributes and constraints; return its objective values."""
+def _record(t: _Trial, ctx: SearchContext, result: CVResult, fronts: dict[int, list]) -> None:
+    """Log the trial's mean curves, CV summary (costs too: ``cv_flops``, ...), floor
+    events and front (against the study's second objective); set its Optuna attributes
+    and constraints."""
     trial, run, tcfg = t.trial, t.run, t.tcfg
     # Mean curves across folds, same integer steps as the per-fold ones.
     for i in range(max(len(f.history) for f in result.folds)):
@@ -303,6 +330,13 @@ def _record(
         "cv_accuracy_std": result.accuracy_std,
         "cv_sparsity": result.sparsity,
         "cv_sparsity_std": result.sparsity_std,
+        # FLOPs, parameters, latency of the compacted networks, fractions of the dense ones
+        **{
+            k: v
+            for c in COST_OBJECTIVES
+            if all(c in f.costs for f in result.folds)
+            for k, v in ((f"cv_{c}", result.cost(c)), (f"cv_{c}_std", result.cost_std(c)))
+        },
         # dense epochs this trial took from the warm-start cache, over all folds
         "warm_start_epochs": sum(f.warm_start_epochs for f in result.folds),
     }
@@ -326,26 +360,27 @@ def _record(
     title = f"{ctx.cfg.study.name} · trial {trial.number} · {t.policy}"
     if floored:
         title += f"\nends with {', '.join(floored)} at the min_keep floor"
-    run.log_front(fronts, title)
+    axis = front_axis(ctx.cfg.search.objectives)
+    run.log_front(fronts, title, axis=axis)
     for k, v in summary.items():
         trial.set_user_attr(k, v)
     if ctx.settings.search.fidelity.enabled and RUNG_ATTR not in trial.user_attrs:
         # Never judged (a retry resumed past the rung, or a budget that ends before it):
         # it ran the full budget all the same.
         trial.set_user_attr(RUNG_ATTR, 1)
-    # Fold 0's final model and one-shot sweep, for the study report's faint per-trial fronts.
-    trial.set_user_attr(
-        "front",
-        [
-            [round(p.sparsity, 5), round(p.accuracy, 5)]
-            for p in sorted(fronts.get(0, []), key=lambda p: p.sparsity)
-            if p.source in ("final", "sweep")
-        ],
-    )
+    # Fold 0's final model and one-shot sweep, for the study report's faint per-trial
+    # fronts: [x, accuracy] with x the front's axis (sparsity, or the cost objective).
+    points = [
+        [front_x(p, axis), p.accuracy]
+        for p in fronts.get(0, [])
+        if p.source in ("final", "sweep") and front_x(p, axis) is not None
+    ]
+    trial.set_user_attr("front", sorted([round(x, 5), round(a, 5)] for x, a in points))
+    # Constraints: feasible when <= 0; Optuna's samplers read them (Trial.set_constraint).
     if ctx.cfg.search.get("min_sparsity") is not None:
-        # Feasible when <= 0; Optuna's samplers read it (Trial.set_constraint).
         trial.set_constraint("min_sparsity", float(ctx.cfg.search.min_sparsity) - result.sparsity)
-    return {"accuracy": result.accuracy, "sparsity": result.sparsity}
+    if ctx.cfg.search.get("max_flops") is not None:
+        trial.set_constraint("max_flops", result.cost("flops") - float(ctx.cfg.search.max_flops))
 
 
 def _pruned(trial: optuna.Trial, run: Any, reason: str) -> optuna.TrialPruned:

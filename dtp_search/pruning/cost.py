@@ -205,26 +205,33 @@ class CostMeter:
         self._dense: tuple[int, int] | None = None
         self._dense_ms: float | None = None
 
-    def measure(self, model: nn.Module, *, remeasure_dense: bool = False) -> dict[str, float]:
-        """``{measure: fraction}`` for ``model`` with its current masks (see the class)."""
-        if not self.measures:
+    def measure(
+        self,
+        model: nn.Module,
+        *,
+        remeasure_dense: bool = False,
+        only: Sequence[str] | None = None,
+    ) -> dict[str, float]:
+        """``{measure: fraction}`` for ``model`` with its current masks (see the class);
+        ``only``: a subset of the meter's measures (a sweep point needs the front's axis)."""
+        measures = self.measures if only is None else tuple(dict.fromkeys(only))
+        if not set(measures) <= set(self.measures):
+            raise ValueError(f"measures {list(measures)} not among {list(self.measures)}")
+        if not measures:
             return {}
         if not self.structured:
-            return dict.fromkeys(self.measures, 1.0)
+            return dict.fromkeys(measures, 1.0)
         out: dict[str, float] = {}
         small = compact_model(model, self.example).eval()
-        if "flops" in self.measures or "params" in self.measures:
+        if "flops" in measures or "params" in measures:
             cost = structural_cost(model, self.example, compact=small, dense=self._dense)
             self._dense = (cost.flops_dense, cost.params_dense)
-            for name in ("flops", "params"):
-                if name in self.measures:
-                    out[name] = getattr(cost, name)
-        if "latency" in self.measures:
+            out["flops"], out["params"] = cost.flops, cost.params
+        if "latency" in measures:
             if self._dense_ms is None or remeasure_dense:
-                dense = strip_masks(model).eval()
-                self._dense_ms = self._time(dense)
+                self._dense_ms = self._time(strip_masks(model).eval())
             out["latency"] = self._time(small) / self._dense_ms
-        return {m: out[m] for m in self.measures}
+        return {m: out[m] for m in measures}
 
     def _time(self, model: nn.Module) -> float:
         return median_latency_ms(model, self.batch, warmup=self.warmup, repeats=self.repeats)

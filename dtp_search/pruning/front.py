@@ -3,13 +3,15 @@
 A fold records one :class:`FrontPoint` per mask update during training, one for the
 final (fine-tuned) model, and a one-shot *sweep*: global magnitude thresholds above
 the final one, applied without retraining, that trace how accuracy falls as more
-weights go — up to ≥ 99 % sparsity.
+weights go — up to ≥ 99 % sparsity. A point may also carry the costs of its network
+(``costs``: FLOPs, parameters, latency of the compacted network as fractions of the dense
+one, :mod:`dtp_search.pruning.cost`), so that a front can be drawn against them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -25,6 +27,7 @@ class FrontPoint:
     threshold: float
     epoch: float
     source: str  # "update" (during training), "final", or "sweep" (one-shot)
+    costs: dict[str, float] = field(default_factory=dict)  # e.g. {"flops": 0.4}; may be empty
 
     def as_dict(self) -> dict:
         return asdict(self)
