@@ -246,8 +246,8 @@ def test_a_study_of_accuracy_against_flops_with_channel_pruning(tmp_path):
         "policy.space.final_sparsity.low=0.4",
         "policy.space.final_sparsity.high=0.6",
         "front.points=3",
-        "dataset.train_limit=600",
-        "dataset.test_limit=300",
+        "dataset.train_limit=400",
+        "dataset.test_limit=200",
         *TINY[:3],
         *TINY[4:],
     )
