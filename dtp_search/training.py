@@ -561,8 +561,8 @@ class FoldTrainer:
             else self._score(self.model)
         )
         final_sparsity = pruner.sparsity()
-        # The dense latency is timed again for each fold: the two times of the ratio are
-        # then taken minutes apart at most, under much the same load of the machine.
+        # The dense latency is timed again at each fold's end (the sweep's points reuse it),
+        # so that the two times of a ratio are taken close together, under one load.
         costs = self.cost.meter.measure(self.model, remeasure_dense=True) if self.cost else {}
         self.front.append(
             FrontPoint(

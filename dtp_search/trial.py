@@ -280,12 +280,11 @@ def _judge_rung(
     trials' rung, :class:`~dtp_search.fidelity.FidelityRung`) and stop the trial there
     unless the rung promotes it."""
     trial, run = t.trial, t.run
-    costs = {o: rec.costs.get(o) for o in objectives if o in COST_OBJECTIVES}
-    if rec.sparsity == 0:
-        # A dense epoch (a replayed warm start's records carry no costs): the compacted
-        # network is the dense one.
-        costs = {o: 1.0 if v is None else v for o, v in costs.items()}
-    costs = {o: float("nan") if v is None else v for o, v in costs.items()}
+    # The costs among the objectives, measured at this epoch (CostProbe.epochs). A record
+    # without them at sparsity 0 is a dense epoch replayed from the warm start: its
+    # compacted network is the dense one.
+    missing = 1.0 if rec.sparsity == 0 else float("nan")
+    costs = {o: rec.costs.get(o, missing) for o in objectives if o in COST_OBJECTIVES}
     point = {"epoch": rec.epoch, "accuracy": rec.val_accuracy, "sparsity": rec.sparsity, **costs}
     # Stored before the decision: a trial judged concurrently by another worker sees it.
     trial.set_user_attr(POINT_ATTR, point)
