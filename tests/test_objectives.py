@@ -18,7 +18,13 @@ from test_cli import TINY, _runs
 from torch import nn
 
 from dtp_search.__main__ import CONFIG_DIR
-from dtp_search.config import ConfigError, check_config, register_resolvers, settings_of
+from dtp_search.config import (
+    ConfigError,
+    build_pruner,
+    check_config,
+    register_resolvers,
+    settings_of,
+)
 from dtp_search.early_stop import ParetoFoldStop
 from dtp_search.fidelity import POINT_ATTR, FidelityRung
 from dtp_search.pruning import (
@@ -169,7 +175,9 @@ def test_costs_the_settings_ask_for():
     assert cost_measures(s) == ("flops", "params") and front_axis(s.objectives) == "flops"
     assert cost_measures({"objectives": ["accuracy"], "max_flops": 0.5}) == ("flops", "params")
     assert cost_measures({"objectives": ["accuracy", "latency"]}) == ("latency",)
-    assert settings_of(_cfg("policy.round_to=8")).policy["round_to"] == 8
+    cfg = _cfg("policy.round_to=8")
+    assert settings_of(cfg).policy["round_to"] == 8
+    assert build_pruner(chain(), cfg.policy, X).round_to == 8  # passed to DynamicPruner
 
 
 # ------------------------------------------------------------------ the search layer
