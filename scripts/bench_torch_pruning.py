@@ -62,6 +62,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import shutil
 import statistics
 import subprocess
@@ -71,6 +72,12 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+# OpenMP threads that spin while waiting stall each other when the cores are shared with
+# other processes (a training step at 2 threads took 3x longer than at 1 on the shared
+# development VM); passive waiting must be set before torch loads OpenMP. The dtp_search
+# subprocesses inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import torch
@@ -137,11 +144,13 @@ def fit(
     seed: int,
     prune_points: int = 0,
     prune: Callable[[], None] | None = None,
+    log: str | None = None,
 ) -> None:
     """Train ``model`` for ``epochs`` on the augmented training split, one cosine schedule
     from ``lr`` over all optimizer steps. With ``prune_points`` = n, ``prune()`` runs
     before optimizer steps ⌊kK/n⌋, k = 0 … n−1 (K steps in all), and the optimizer is
-    rebuilt after each call (pruning replaces parameters)."""
+    rebuilt after each call (pruning replaces parameters). ``log``: print each epoch's
+    mean loss and time under that label."""
     from dtp_search.batches import TensorBatches
 
     torch.manual_seed(seed)
@@ -163,7 +172,8 @@ def fit(
     model.to(memory_format=torch.channels_last).train()
     opt = _optimizer(model, lr)
     step = 0
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        t0, losses = time.time(), []
         for x, y in batches:
             while points and points[0] <= step:
                 points.pop(0)
@@ -177,6 +187,13 @@ def fit(
             loss.backward()
             opt.step()
             step += 1
+            losses.append(loss.item())
+        if log:
+            print(
+                f"  {log} epoch {epoch + 1}/{epochs}: loss {statistics.fmean(losses):.3f} "
+                f"({time.time() - t0:.0f} s)",
+                flush=True,
+            )
     while points:  # fewer optimizer steps than pruning steps (a tiny smoke run)
         points.pop(0)
         prune()
@@ -444,10 +461,19 @@ def tp_arm(
     model = copy.deepcopy(dense)
     if iterative:
         pruner = tp_pruner(model, example, ratio, steps=a.steps)
-        fit(model, ds, a.finetune_epochs, a.lr, a.seed, prune_points=a.steps, prune=pruner.step)
+        fit(
+            model,
+            ds,
+            a.finetune_epochs,
+            a.lr,
+            a.seed,
+            prune_points=a.steps,
+            prune=pruner.step,
+            log=f"tp_iterative/{target}",
+        )
     else:
         tp_pruner(model, example, ratio).step()
-        fit(model, ds, a.finetune_epochs, a.lr, a.seed)
+        fit(model, ds, a.finetune_epochs, a.lr, a.seed, log=f"tp_oneshot/{target}")
     return {
         "pruning_ratio": ratio,
         "flops_fraction_planned": frac,
@@ -484,8 +510,8 @@ def dtp_overrides(a: argparse.Namespace, target: float) -> list[str]:
         "policy.start_epoch=0",
         "~policy.space.start_epoch",
         "~policy.space.recover",
-        "policy.space.final_sparsity.low=0.2",
-        "policy.space.final_sparsity.high=0.9",
+        "policy.space.final_sparsity.low=0.3",
+        "policy.space.final_sparsity.high=0.95",
         f"policy.space.end_epoch.high={pruning_epochs}",
         # The same training as Torch-Pruning's fine-tuning: epochs, batch, lr, one cosine.
         f"train.epochs={pruning_epochs}",
@@ -509,6 +535,8 @@ def dtp_overrides(a: argparse.Namespace, target: float) -> list[str]:
         f"threads={a.threads}",
         "console.progress=false",
         f"study.name=bench-tp-{target}",
+        # The refit's own latency measure (not used here): a small batch in a smoke run.
+        *(["export.batch_size=4"] if a.smoke else []),
     ]
 
 
@@ -536,8 +564,10 @@ def dtp_arm(a: argparse.Namespace, target: float) -> tuple[dict[str, Any], nn.Mo
     t0 = time.time()
     _cli([*args, "refit.enabled=false"], log)
     t1 = time.time()
+    print(f"  dtp/{target}: study of {a.trials} trials, {(t1 - t0) / 60:.1f} min", flush=True)
     _cli([*args, "mode=refit"], log)
     t2 = time.time()
+    print(f"  dtp/{target}: refit, {(t2 - t1) / 60:.1f} min", flush=True)
     study = optuna.load_study(
         study_name=f"bench-tp-{target}", storage=f"sqlite:///{root}/optuna.db"
     )
@@ -553,7 +583,7 @@ def dtp_arm(a: argparse.Namespace, target: float) -> tuple[dict[str, Any], nn.Mo
     best = next(t for t in study.trials if t.number == int(trial))
     return {
         "trial": int(trial),
-        "params": best.params,
+        "trial_params": best.params,
         "cv_accuracy": best.values[0] if best.values else None,
         "trials_complete": len(complete),
         "trials": len(study.trials),
@@ -616,7 +646,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "dtp_runs" / "bench_torch_pruning")
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--targets", default=",".join(map(str, TARGETS)), help="FLOPs fractions")
-    ap.add_argument("--train-limit", type=int, default=5000, help="training images (stratified)")
+    ap.add_argument("--train-limit", type=int, default=4000, help="training images (stratified)")
     ap.add_argument("--test-limit", type=int, default=None, help="test images (default: all)")
     ap.add_argument("--dense-epochs", type=int, default=20)
     ap.add_argument("--dense-lr", type=float, default=0.1)
@@ -646,7 +676,7 @@ def main(argv: list[str] | None = None) -> None:
         a.work = Path(tmp.name) / "work"
         a.train_limit, a.test_limit = 60, None
         a.dense_epochs, a.finetune_epochs, a.dtp_finetune = 1, 1, 0
-        a.trials, a.folds, a.steps = 2, 2, 2
+        a.trials, a.folds, a.steps, a.threads = 2, 2, 2, 1
         a.targets = "0.5"
     a.data, a.work = a.data.expanduser().resolve(), a.work.expanduser().resolve()
     if not (a.data / "train").is_dir():
@@ -686,7 +716,7 @@ def main(argv: list[str] | None = None) -> None:
     if "dense" not in results:
         t0 = time.time()
         dense = resnet20(ds)
-        fit(dense, ds, a.dense_epochs, a.dense_lr, a.seed)
+        fit(dense, ds, a.dense_epochs, a.dense_lr, a.seed, log="dense")
         torch.save(dense.state_dict(), a.work / "dense.pt")
         record("dense", {"minutes": (time.time() - t0) / 60}, dense)
     dense = load("dense").to(memory_format=torch.contiguous_format)
@@ -756,7 +786,7 @@ def report(
         d = results.get(f"dtp/{t}")
         if d:
             print(
-                f"dtp {t}: trial {d['trial']} {d['params']} (CV {d['cv_accuracy']}, "
+                f"dtp {t}: trial {d['trial']} {d['trial_params']} (CV {d['cv_accuracy']}, "
                 f"{d['trials_complete']} of {d['trials']} trials complete; search "
                 f"{d['search_minutes']:.1f} min, refit {d['refit_minutes']:.1f} min; "
                 f"refit-logged test accuracy {d['refit_test_accuracy']:.4f})"
