@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torch.nn.utils import parametrize
@@ -727,3 +728,45 @@ def test_channel_pruned_networks_reload_from_the_compact_export(target, tmp_path
     assert count_parameters(loaded) < 0.7 * count_parameters(strip_masks(model))
     depthwise = [m for m in loaded.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
     assert all(m.groups == m.in_channels == m.out_channels for m in depthwise)
+
+
+class TinyDenseNet(nn.Module):
+    """Two DenseNet layers: each concatenates its new channels to what came before."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.grow1 = nn.Sequential(nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+        self.grow2 = nn.Sequential(nn.BatchNorm2d(12), nn.ReLU(), nn.Conv2d(12, 4, 3, padding=1))
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.cat([x, self.grow1(x)], 1)
+        x = torch.cat([x, self.grow2(x)], dim=1)
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def test_concatenated_channels_keep_their_offsets_and_compact_exactly():
+    torch.manual_seed(0)
+    net = TinyDenseNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    groups = {g.name: g for g in trace_channels(net, x[:1]).groups}
+    assert groups["grow1.2"].columns["grow2.2"].flatten().tolist() == [8, 9, 10, 11]
+    assert groups["grow1.2"].columns["fc"].flatten().tolist() == [8, 9, 10, 11]
+    assert groups["grow2.2"].columns["fc"].flatten().tolist() == [12, 13, 14, 15]
+    assert groups["stem"].norms.keys() == {"grow1.0", "grow2.0"}
+    pruner = DynamicPruner(
+        net, ConstantThreshold(0.0), granularity="channel", min_keep=1, example_input=x[:1]
+    )
+    pruner.write(
+        {
+            "stem": torch.arange(8) % 2 == 0,
+            "grow1.2": torch.tensor([True, False, True, True]),
+            "grow2.2": torch.tensor([False, True, True, False]),
+        }
+    )
+    small = compact_model(net, x[:1]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), net(x), atol=1e-5, rtol=1e-4)
+    assert small.fc.in_features == 4 + 3 + 2 and small.grow2[2].in_channels == 4 + 3
