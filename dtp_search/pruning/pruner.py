@@ -1,18 +1,23 @@
 """The object a training loop talks to: masks + criterion + threshold policy + granularity.
 
 Units. With ``granularity="weight"`` every weight is a unit and its mask entry is set
-directly. With ``"neuron"`` (rows of Linear layers) or ``"channel"`` (filters of Conv
-layers) a unit is a whole output row, and removing unit j of layer L also zeroes
+directly. With ``"neuron"`` (Linear layers) or ``"channel"`` (Conv layers) a unit is one
+coupled channel of a :class:`~dtp_search.pruning.structure.ChannelGroup`: channel j of
+every layer that a residual sum, a product, a concatenation, a depthwise convolution or a
+norm ties together (:mod:`dtp_search.pruning.structure`). The pruner decides on groups
+as a policy decides on layers — one ``LayerView`` per group, named after its first
+producer, with one score per unit, the mean of the producers' unit scores (see
+:meth:`DynamicPruner._group_scores`) — and removing a unit zeroes
 
-* L's bias entry j and the scale/shift entry j of a batch norm that follows L, so the
-  unit emits exactly 0, and
-* the matching input columns of the layers that consume L's output (they only ever
+* every producer's row and bias entry and every batch norm's scale and shift entry on
+  it, so the unit emits exactly 0, and
+* the matching input columns of the selected layers that consume it (they only ever
   multiply zeros), so that the counted sparsity is what :func:`compact_model` removes.
 
-Only layers whose units are removable exactly take part (see
-:mod:`dtp_search.pruning.structure`): never the classifier, never a ResNet convolution
-that feeds a residual sum, never a grouped or depthwise convolution, nor an attention
-in-projection (a tensor without units: it is pruned weight by weight, or not at all).
+A group takes part only when all its producers are selected layers of the granularity's
+kind; channels that reach the output (the classifier's units) and everything the walk
+pins stay. An attention in-projection has no units: it is pruned weight by weight, or
+not at all. ``round_to`` keeps a multiple of that many units per group.
 
 Layers are the prunable tensors of :func:`~dtp_search.pruning.masks.prunable_tensors`,
 named as that function describes (``"layer1.0.conv1"``, ``"encoder.0.self_attn.in_proj"``);
@@ -21,12 +26,12 @@ named as that function describes (``"layer1.0.conv1"``, ``"encoder.0.self_attn.i
 Layer selection. ``layers`` (a :class:`~dtp_search.pruning.masks.LayerSelection`) names
 the prunable layers the pruner manages; only they get masks, and the others stay dense
 and are never written — not even the input columns of an unselected layer that consumes
-a pruned unit. That is still exact: a pruned unit emits exactly 0 (its row, bias and
+a pruned unit. That is still exact: a pruned unit emits exactly 0 (its rows, bias and
 norm entries are masked), so those columns multiply zeros, and :func:`compact_model`
-removes them with the unit. A unit followed by a norm without affine entries emits a
-constant instead of 0, so such a layer takes part only when all of its consumers are
-selected (their columns are then masked). The network is traced whole, so an unselected
-layer still counts as a consumer and does not make its producers unprunable.
+removes them with the unit. A unit that passes something that does not keep 0 (a norm
+without affine entries, a sigmoid) on its way to a consumer takes part only when that
+consumer is selected (its columns are then masked). The network is traced whole, so an
+unselected layer still counts as a consumer and does not make its producers unprunable.
 :meth:`DynamicPruner.sparsity` is over the selected layers; ``sparsity(model)`` over
 every prunable layer.
 
