@@ -16,9 +16,9 @@ it (``--finetune-epochs``), on the same data, normalisation and augmentation (on
   most the target fraction of the dense FLOPs; pruned once, then fine-tuned
   ``--finetune-epochs`` (the same loop, cosine from ``--lr``);
 * ``tp_iterative`` — the same pruner with ``iterative_steps=--steps``: the steps spread
-  evenly over the fine-tuning's optimizer steps (the first before any training), the
-  optimizer rebuilt after each (pruning replaces the parameters), one cosine schedule over
-  the whole fine-tuning;
+  evenly over the fine-tuning's optimizer steps (the first before any training), each
+  followed by its share of the fine-tuning under its own cosine from ``--lr`` (the
+  optimizer is rebuilt after each step: pruning replaces the parameters);
 * ``dtp`` — a real ``python -m dtp_search`` study per target in its own folder
   (``model.checkpoint=<dense>``, ``policy.granularity=channel``, single objective
   ``search.objectives=[accuracy]`` under ``search.max_flops=<target>``, ``--trials``
@@ -52,13 +52,14 @@ network, and CPU latency at batch 1 and 128 (``torch.inference_mode``, channels-
 Results go to ``--work``/results.json as they finish; a rerun skips what is there and
 measures everything again.
 
-    python scripts/bench_torch_pruning.py                 # ~1 hour on 2 CPU cores
-    python scripts/bench_torch_pruning.py --smoke         # a tiny tree of its own, well under a minute
+    python scripts/bench_torch_pruning.py                 # 73 min on 2 shared CPU cores (docs/benchmarks.md, 10)
+    python scripts/bench_torch_pruning.py --smoke         # a tiny tree of its own, about a minute
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import copy
 import json
 import math
@@ -74,9 +75,9 @@ from pathlib import Path
 from typing import Any
 
 # OpenMP threads that spin while waiting stall each other when the cores are shared with
-# other processes (a training step at 2 threads took 3x longer than at 1 on the shared
-# development VM); passive waiting must be set before torch loads OpenMP. The dtp_search
-# subprocesses inherit it.
+# other processes (a training step at 2 threads took twice as long as at 1 on the shared
+# development VM, 1.2 s instead of 3.6 with passive waiting); it must be set before torch
+# loads OpenMP. The dtp_search subprocesses inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
@@ -148,9 +149,11 @@ def fit(
 ) -> None:
     """Train ``model`` for ``epochs`` on the augmented training split, one cosine schedule
     from ``lr`` over all optimizer steps. With ``prune_points`` = n, ``prune()`` runs
-    before optimizer steps ⌊kK/n⌋, k = 0 … n−1 (K steps in all), and the optimizer is
-    rebuilt after each call (pruning replaces parameters). ``log``: print each epoch's
-    mean loss and time under that label."""
+    before optimizer steps ⌊kK/n⌋, k = 0 … n−1 (K steps in all), the optimizer is
+    rebuilt after each call (pruning replaces parameters), and the cosine restarts from
+    ``lr`` there: each pruning step is followed by its own share of fine-tuning, down to
+    a small learning rate before the next. ``log``: print each epoch's mean loss and time
+    under that label."""
     from dtp_search.batches import TensorBatches
 
     torch.manual_seed(seed)
@@ -169,6 +172,7 @@ def fit(
     )
     total = max(epochs * len(batches), 1)
     points = [k * total // prune_points for k in range(prune_points)]
+    bounds = [*points, total] if points else [0, total]  # the cosine's (re)starts and end
     model.to(memory_format=torch.channels_last).train()
     opt = _optimizer(model, lr)
     step = 0
@@ -180,8 +184,10 @@ def fit(
                 prune()
                 model.to(memory_format=torch.channels_last).train()
                 opt = _optimizer(model, lr)
+            seg = bisect.bisect_right(bounds, step) - 1
+            start, end = bounds[seg], bounds[min(seg + 1, len(bounds) - 1)]
             for g in opt.param_groups:
-                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * (step - start) / max(end - start, 1)))
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
