@@ -242,18 +242,17 @@ class DynamicPruner:
                 "operation the structure walk does not know, stay); allowed here: "
                 f"{self.allowed_granularities(groups, modules, self.masks)}"
             )
-        producers = {n: self.tensors[n] for g in self._groups() for n in g.rows}
-        self.criterion.attach(producers if granularity != "weight" else self._weight_tensors())
+        # The tensors whose scores decide: every masked layer, or every group's producers.
+        scored = (
+            {name: layer.tensor for name, layer in self._layers.items()}
+            if granularity == "weight"
+            else {n: self.tensors[n] for layer in self._layers.values() for n in layer.group.rows}
+        )
+        self.criterion.attach(scored)
         self._magnitude = Magnitude()
-        self._magnitude.attach(producers if granularity != "weight" else self._weight_tensors())
+        self._magnitude.attach(scored)
         self.last_thresholds: Thresholds = {}
         self.finalized = False
-
-    def _weight_tensors(self) -> dict[str, PrunableTensor]:
-        return {name: layer.tensor for name, layer in self._layers.items()}
-
-    def _groups(self) -> list[ChannelGroup]:
-        return [layer.group for layer in self._layers.values() if layer.group is not None]
 
     def _takes_part(self, group: ChannelGroup, modules: dict[str, nn.Module]) -> bool:
         """Whether the pruner decides on ``group``: all of its producers are selected and of
