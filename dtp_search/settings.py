@@ -198,6 +198,10 @@ class StudySettings:
     name: str = MISSING
     storage: str = MISSING
     workers: int = rule(1, low=1)
+    # Seconds a run keeps retrying a storage or tracking server that stopped answering
+    # (a restart, a failover) before it ends with one line and leaves the trial to the
+    # heartbeat's retry.
+    storage_patience: float = rule(300.0, low=0)
     names: list[str] | None = None  # mode=compare
     allow_changes: list[str] = rule(  # noqa: RUF009
         [], words="a list of config keys or nodes, e.g. study.allow_changes=[train.epochs,policy]"
