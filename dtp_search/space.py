@@ -19,12 +19,12 @@ samplers model each policy's parameters separately.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dtp_search.errors import ConfigError
 
@@ -148,6 +148,69 @@ def parse_space(cfg: DictConfig) -> SearchSpace:
 
 
 _MISSING = object()
+
+
+def fix_set_keys(cfg: DictConfig, overrides: Iterable[str]) -> list[str]:
+    """Take out of ``cfg``'s search spaces every key that the command line sets by hand,
+    and return one line per key saying so.
+
+    ``policy=constant policy.theta=1000`` means θ = 1000: a sampled θ would silently
+    ignore what the user wrote. The key's dimension is deleted from its space node
+    (``policy.space.theta``; ``policy.options.<name>.space.<key>`` for ``policy=choice``;
+    ``search.space.<key>``), so the study's definition (:mod:`dtp_search.provenance`)
+    holds the fixed value and the smaller space, and a rerun of a study that searched the
+    key is refused like any other change. A space node written on the same command line
+    as one of its keys contradicts it, and is refused.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(overrides))
+    given = {o.key_or_group: o for o in parsed if not o.is_delete() and o.package is None}
+    lines = []
+    for node_key, prefix in _space_nodes(cfg):
+        node = OmegaConf.select(cfg, node_key)
+        for k in list(node or {}):
+            key = f"{prefix}{k}"
+            if key not in given:
+                continue
+            # The space node itself, or a spec inside it (``policy.space.theta.high=5``);
+            # not its ancestors, which are config groups (``policy=constant``).
+            written = [n for n in given if n == node_key or n.startswith(node_key + ".")]
+            if written:
+                raise ConfigError(
+                    f"{key}={given[key].get_value_element_as_str()} and {written[0]}= are both "
+                    f"on the command line: {key} would be both fixed and searched; allowed: "
+                    f"one of them (drop {key} from {node_key} to fix it)"
+                )
+            spec = OmegaConf.to_container(node[k], resolve=True)
+            with open_dict(node):
+                del node[k]
+            value = OmegaConf.select(cfg, key)
+            lines.append(
+                f"{key}={value} is set on the command line: fixed, not searched "
+                f"(its space {_describe(spec)} in {node_key} is dropped)"
+            )
+    return lines
+
+
+def _space_nodes(cfg: DictConfig) -> list[tuple[str, str]]:
+    """``(space node key, prefix of its keys' config paths)`` of every search space."""
+    nodes = [("search.space", "")]
+    if cfg.policy.get("name") == CHOICE:
+        for name in cfg.policy.get("options") or {}:
+            nodes.append((f"policy.options.{name}.space", f"policy.options.{name}."))
+    else:
+        nodes.append(("policy.space", "policy."))
+    return nodes
+
+
+def _describe(spec: Any) -> str:
+    if not isinstance(spec, Mapping):
+        return repr(spec)
+    if spec.get("type") == "categorical":
+        return f"categorical {list(spec.get('choices') or [])}"
+    log = ", log" if spec.get("log") else ""
+    return f"{spec.get('type')} [{spec.get('low')}, {spec.get('high')}{log}]"
 
 
 def _container(node: Any) -> dict[str, Any]:

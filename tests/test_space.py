@@ -126,3 +126,107 @@ def test_bad_policy_choices_are_named(choices, fragment):
     cfg.policy.choices = choices
     with pytest.raises(ConfigError, match=fragment):
         parse_space(cfg)
+
+
+# ------------------------------------------------------------- keys set by hand
+
+
+def test_a_searched_key_set_on_the_command_line_is_fixed_and_said():
+    from dtp_search.space import fix_set_keys
+
+    cfg = _cfg(
+        {
+            "final_sparsity": {"type": "float", "low": 0.5, "high": 0.9},
+            "scope": {"type": "categorical", "choices": ["global", "layer"]},
+        },
+        {"train.lr": {"type": "float", "low": 1e-3, "high": 0.3, "log": True}},
+    )
+    lines = fix_set_keys(cfg, ["policy=agp", "policy.final_sparsity=0.75", "train.lr=0.05"])
+    assert [d.key for d in parse_space(cfg).dimensions] == ["policy.scope"]
+    assert lines == [
+        "train.lr=0.1 is set on the command line: fixed, not searched "
+        "(its space float [0.001, 0.3, log] in search.space is dropped)",
+        "policy.final_sparsity=0.9 is set on the command line: fixed, not searched "
+        "(its space float [0.5, 0.9] in policy.space is dropped)",
+    ]
+    # Keys that are not searched, and a group override, leave the space alone.
+    assert fix_set_keys(cfg, ["policy=agp", "train.epochs=3"]) == []
+
+
+def test_a_key_set_with_its_space_node_on_one_command_line_is_refused():
+    from dtp_search.space import fix_set_keys
+
+    cfg = _cfg({"final_sparsity": {"type": "float", "low": 0.5, "high": 0.9}})
+    with pytest.raises(ConfigError, match=r"policy.final_sparsity=0.8 and policy.space= are both"):
+        fix_set_keys(
+            cfg,
+            ["policy.final_sparsity=0.8", "policy.space={final_sparsity: {type: float}}"],
+        )
+
+
+def test_policy_choice_fixes_a_key_of_one_option():
+    from dtp_search.space import fix_set_keys
+
+    cfg = OmegaConf.create(
+        {
+            "search": {"space": {}},
+            "policy": {
+                "name": "choice",
+                "choices": ["agp", "constant"],
+                "options": {
+                    "agp": {
+                        "name": "agp",
+                        "final_sparsity": 0.9,
+                        "space": {"final_sparsity": {"type": "float", "low": 0.5, "high": 0.95}},
+                    },
+                    "constant": {
+                        "name": "constant",
+                        "theta": 0.02,
+                        "space": {
+                            "theta": {"type": "float", "low": 1e-3, "high": 0.2, "log": True}
+                        },
+                    },
+                },
+            },
+        }
+    )
+    (line,) = fix_set_keys(cfg, ["policy.options.constant.theta=0.05"])
+    assert line.startswith("policy.options.constant.theta=0.02 is set on the command line")
+    space = parse_space(cfg)
+    assert [d.param for d in space.dimensions] == ["agp.final_sparsity"]
+
+
+@pytest.mark.slow
+def test_cli_policy_theta_set_by_hand_holds_in_every_trial_and_a_rerun_without_it_is_refused(
+    tmp_path,
+):
+    from inprocess import run_here
+
+    root = tmp_path / "runs"
+    common = [
+        "study.name=fixed",
+        "policy=constant",
+        "search.n_trials=2",
+        "cv.folds=2",
+        "train.epochs=1",
+        "train.finetune_epochs=0",
+        "front.points=2",
+        "console.progress=false",
+        "refit.enabled=false",
+    ]
+    proc = run_here(root, *common, "policy.theta=0.05")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (
+        "policy.theta=0.05 is set on the command line: fixed, not searched "
+        "(its space float [0.001, 0.2, log] in policy.space is dropped)" in proc.stdout
+    )
+    study = optuna.load_study(study_name="fixed", storage=f"sqlite:///{root}/optuna.db")
+    assert len(study.trials) == 2
+    for t in study.trials:
+        assert "policy.theta" not in t.params and "policy.start_epoch" in t.params
+        assert t.user_attrs["config"]["policy"]["theta"] == 0.05
+    # The same study without the fixed value would search θ again: a changed definition.
+    proc = run_here(root, *common, "search.n_trials=3")
+    assert proc.returncode == 2
+    assert "policy.theta: 0.05 -> 0.02" in proc.stderr, proc.stderr
+    assert "policy.space.theta.type: (absent) -> 'float'" in proc.stderr
