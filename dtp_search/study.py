@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import optuna
@@ -49,9 +50,12 @@ from dtp_search.workers import WORKER_ENV, run_workers
 log = logging.getLogger(__name__)
 
 
-def run_study(cfg: DictConfig) -> optuna.Study:
+def run_study(cfg: DictConfig, overrides: Sequence[str] | None = None) -> optuna.Study:
     """Create or resume the study and run it until it holds ``search.n_trials`` finished
     trials, then refit the chosen trials and write the report.
+
+    ``overrides``: the command line's ``key=value`` overrides (default: those of the
+    running Hydra app); a searched key among them is fixed (:func:`space.fix_set_keys`).
 
     Any number of processes may run this on one study (``study.storage`` on a server,
     or ``study.workers=N`` here): they admit trials one at a time under a lock on the
@@ -59,9 +63,12 @@ def run_study(cfg: DictConfig) -> optuna.Study:
     """
     if cfg.get("mode") == "compare":
         return compare(settings_of(cfg))
+    fixed = search_space.fix_set_keys(cfg, _command_line(overrides))
     s, space = check_config(cfg)
     console = Console(enabled=s.console.progress)
     is_worker = os.environ.get(WORKER_ENV) is not None
+    for line in () if is_worker else fixed:  # (the parent process has said it)
+        console.out.print(line, soft_wrap=True, markup=False)
     if s.threads:
         torch.set_num_threads(s.threads)
     device = resolve_device(s.device)
@@ -117,6 +124,14 @@ def run_study(cfg: DictConfig) -> optuna.Study:
     if not is_worker:
         console.summary(study, s, tracker.ui_command())
     return study
+
+
+def _command_line(overrides: Sequence[str] | None) -> list[str]:
+    if overrides is not None:
+        return list(overrides)
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 def check_against_data(cfg: DictConfig, s: Settings, dataset: ImageDataset) -> None:

@@ -143,7 +143,7 @@ def run_here(
                 with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
                     cfg = compose("config", overrides=argv)
                 try:
-                    run_study(cfg)
+                    run_study(cfg, overrides=argv)
                 except (ConfigError, DatasetError) as exc:
                     print(f"error: {exc}", file=sys.stderr)
                     code = 2
