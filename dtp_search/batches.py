@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dtp_search.errors import DatasetError
 from dtp_search.splits import Split, stratified_subset
 from dtp_search.streaming import CHUNK, StreamedSplit, stacked_chunks
 
@@ -185,5 +186,18 @@ class StreamBatches(Batches):
         stream = stacked_chunks(self.split.decoder, chunks, self.num_workers, pin_memory=pin)
         for n in sizes:
             parts = [next(stream) for _ in range(n)]
+            for part in parts:
+                self._check_shape(part)
             x = parts[0] if n == 1 else torch.cat(parts)
             yield x.to(self.device, non_blocking=pin)
+
+    def _check_shape(self, part: torch.Tensor) -> None:
+        # The load checked every image against the split's shape; a file changed since
+        # (after the search started) would reach the network as a shape error of its own.
+        if tuple(part.shape[1:]) != tuple(self.split.shape):
+            show = lambda s: "×".join(map(str, s))  # noqa: E731
+            raise DatasetError(
+                f"a streamed image is now {show(part.shape[1:])} (C×H×W), the split was "
+                f"loaded as {show(self.split.shape)}: its files changed while it was read; "
+                "allowed: data that does not change during a run"
+            )

@@ -97,8 +97,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_CACHE_VERSION = 1
-_SCAN_VERSION = 1
+# 2: keyed by every file's stat (1: by folder mtimes, blind to files overwritten in place).
+_CACHE_VERSION = 2
+_SCAN_VERSION = 2
 KINDS = ("digits", "cifar10", "mnist", "imagefolder", "torchvision", "custom")
 # Kinds whose data is known: a dataset.name naming another dataset is refused.
 _KNOWN_DATA = ("digits", "cifar10", "mnist", "torchvision")
@@ -224,7 +225,7 @@ def load_dataset(
             "dataset.path is required for dataset=imagefolder "
             "(a folder with train/<class>/* and test/<class>/*)"
         )
-    _check_same_shape(train, test)
+    _check_same_shape(train, test, _where(cfg))
     digest, sums = None, None
     if isinstance(train, Source) or isinstance(test, Source):
         train, test, digest, sums = _scan(
@@ -267,20 +268,56 @@ def _check_name(cfg: DatasetSettings) -> None:
         )
 
 
+def _where(cfg: DatasetSettings) -> str:
+    """The key that says where the data comes from, for the cross-split errors."""
+    if cfg.kind in ("torchvision", "custom"):
+        return f"dataset._target_={cfg._target_}"
+    if cfg.path:
+        return f"dataset.path={str(Path(cfg.path).expanduser())!r}"
+    return f"dataset={cfg.kind}"
+
+
 def _shape_of(split: Split | Source | StreamedSplit) -> tuple[int, ...]:
     if isinstance(split, Split):
         return tuple(split.images.shape[1:])
     return tuple(split.shape)
 
 
-def _check_same_shape(train: Any, test: Any) -> None:
+def _check_same_shape(train: Any, test: Any, where: str) -> None:
+    """Refuse train and test images of different shapes (C×H×W) when the data is loaded:
+    a network is built for the training shape, and the test split is read only by the
+    refit, after the whole search."""
     a, b = _shape_of(train), _shape_of(test)
-    if a != b:
-        show = lambda s: "×".join(map(str, s))  # noqa: E731
-        raise DatasetError(
-            f"the train images are {show(a)} (C×H×W) but the test images "
-            f"{show(b)}; set dataset.image_size to resize both to one size"
-        )
+    if a == b:
+        return
+    show = lambda s: "×".join(map(str, s))  # noqa: E731
+    fixes = []
+    if a[0] != b[0]:
+        fixes.append(f"dataset.channels={a[0] if a[0] in (1, 3) else 3} to convert both")
+    if a[1:] != b[1:]:
+        fixes.append(f"dataset.image_size={a[1]} to resize both")
+    raise DatasetError(
+        f"{where}: the train images are {show(a)} (C×H×W) but the test images "
+        f"{show(b)}; allowed: one shape for both splits (set {' and '.join(fixes)})"
+    )
+
+
+def _check_same_classes(train: Sequence[str], test: Sequence[str], where: str) -> None:
+    """Refuse train and test splits with different class lists: label ``i`` would name
+    another class in each, and the test accuracy would be measured against wrong labels."""
+    if list(train) == list(test):
+        return
+    only_train = [c for c in train if c not in set(test)]
+    only_test = [c for c in test if c not in set(train)]
+    if only_train or only_test:
+        found = f"only in train: {only_train[:5]}, only in test: {only_test[:5]}"
+    else:
+        found = f"the same {len(train)} classes in another order"
+    raise DatasetError(
+        f"{where}: the train and test splits have different classes ({found}); allowed: "
+        "the same classes in both (an ImageFolder tree: the same class folders under "
+        "train/ and test/)"
+    )
 
 
 def _load_user_data(
@@ -291,7 +328,7 @@ def _load_user_data(
     from dtp_search.user_data import load_user_sources
 
     train, test, classes = load_user_sources(cfg)
-    _check_same_shape(train, test)  # before decoding anything
+    _check_same_shape(train, test, _where(cfg))  # before decoding anything
     out = []
     for source in (train, test):
         out.append(decode_into_memory(source, num_workers) if plan.keep(source.nbytes) else source)
@@ -543,12 +580,7 @@ def _load_mnist_path(
                 f"{label_file} holds {len(labels)} labels"
             )
         splits.append(_mnist_split(cfg, images, labels.long(), split, str(label_file)))
-    if splits[0].images.shape[1:] != splits[1].images.shape[1:]:
-        raise DatasetError(
-            f"MNIST train and test images under {folder} differ in size: "
-            f"{tuple(splits[0].images.shape[2:])} and {tuple(splits[1].images.shape[2:])}"
-        )
-    return splits[0], splits[1], _mnist_classes()
+    return splits[0], splits[1], _mnist_classes()  # (their shapes: load_dataset checks)
 
 
 def _mnist_classes() -> list[str]:
@@ -629,23 +661,51 @@ def _mirror_reasons(text: str) -> str:
 # ------------------------------------------------------------------ ImageFolder + cache
 
 
-def _tree_stamp(root: Path) -> list[tuple[str, int]]:
-    """(path, mtime_ns) of the split folder and its class folders: changes when files come or go."""
-    entries = [(str(root), root.stat().st_mtime_ns)]
-    for child in sorted(root.iterdir()):
-        if child.is_dir():
-            entries.append((child.name, child.stat().st_mtime_ns))
-    return entries
+def _files_stamp(root: Path) -> str:
+    """SHA-1 of ``(path under root, size, mtime_ns, ctime_ns)`` of every file under ``root``.
+
+    What the caches of a tree are keyed by, so that a file overwritten in place is decoded
+    again (a folder's mtime changes only when names come or go). One ``stat`` per file: on
+    CIFAR-10's 60,000 files about a tenth of a second, against minutes to decode them; a
+    content hash would read every byte. ``ctime`` is there because no tool can set it: an
+    edit that keeps the size and puts the old mtime back (``cp -p``, ``rsync -a``,
+    ``touch -r``) still changes it. A metadata-only change (``chmod``) costs one decode.
+
+    Written by hand: neither torchvision's ImageFolder (which lists, never stats) nor the
+    standard library (``filecmp`` compares two trees) stamps one. Symbolic links are
+    followed as ImageFolder follows them (``os.walk(followlinks=True)``).
+    """
+    h = hashlib.sha1()
+    folders = [(root, "")]
+    while folders:
+        folder, prefix = folders.pop()
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        lines = []
+        for entry in entries:
+            name = prefix + entry.name
+            try:
+                if entry.is_dir():
+                    folders.append((Path(entry.path), name + "/"))
+                    continue
+                st = entry.stat()
+            except OSError:  # a dangling link, a file gone meanwhile: what ImageFolder meets
+                lines.append(f"{name}\0-\n")
+                continue
+            lines.append(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n")
+        h.update("".join(lines).encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
 
 
 def _imagefolder_key(
     root: Path, channels: int | None, image_size: Any, limit: int | None, skip_bad_files: bool
 ) -> dict[str, Any]:
-    """What an ImageFolder split's decoded content depends on (the caches' key)."""
+    """What an ImageFolder split's decoded content depends on (the caches' key): its files
+    as :func:`_files_stamp` sees them, and how they are decoded."""
     key = {
         "v": _CACHE_VERSION,
         "root": str(root),
-        "stamp": _tree_stamp(root),
+        "files": _files_stamp(root),
         "channels": channels,
         "size": image_size,
         "limit": limit,
@@ -681,6 +741,9 @@ def _load_imagefolder_splits(
                 "tree needs train/<class>/* and test/<class>/*"
             )
         limit = getattr(cfg, f"{split}_limit")
+        keys[split] = _imagefolder_key(
+            split_root.resolve(), cfg.channels, cfg.image_size, limit, skip
+        )
         source = None
         if plan is not None and plan.mode is not True:
             source, split_classes = imagefolder_source(
@@ -693,22 +756,20 @@ def _load_imagefolder_splits(
             if plan.keep(source.nbytes):
                 source = None
         if source is None:
-            s, split_classes = load_imagefolder(
-                split_root,
-                channels=cfg.channels,
-                image_size=cfg.image_size,
-                limit=limit,
-                cache_dir=cache_dir,
-                skip_bad_files=skip,
+            s, split_classes = _decode_imagefolder(
+                split_root.resolve(),
+                keys[split],
+                cfg.channels,
+                cfg.image_size,
+                limit,
+                cache_dir,
+                skip,
             )
         else:
             s = source
-        if classes is not None and split_classes != classes:
-            raise DatasetError(f"train/ and test/ under {root} have different class folders")
+        if classes is not None:
+            _check_same_classes(classes, split_classes, _where(cfg))
         classes = split_classes
-        keys[split] = _imagefolder_key(
-            split_root.resolve(), cfg.channels, cfg.image_size, limit, skip
-        )
         out.append(s)
     if plan is not None:
         plan.scan_key = {"v": _SCAN_VERSION, **keys}
@@ -775,6 +836,21 @@ def load_imagefolder(
     """
     root = Path(root).resolve()
     key = _imagefolder_key(root, channels, image_size, limit, skip_bad_files)
+    return _decode_imagefolder(root, key, channels, image_size, limit, cache_dir, skip_bad_files)
+
+
+def _decode_imagefolder(
+    root: Path,
+    key: dict[str, Any],
+    channels: int | None,
+    image_size: Any,
+    limit: int | None,
+    cache_dir: Any,
+    skip_bad_files: bool,
+) -> tuple[Split, list[str]]:
+    """:func:`load_imagefolder` with its cache key made already (one stat walk per load).
+    The key is taken before the files are read: a file changed meanwhile leaves a cache
+    entry under a key that no longer matches, so it is decoded again next time."""
     cache_file = None
     if cache_dir is not None:
         digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]

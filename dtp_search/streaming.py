@@ -222,6 +222,13 @@ def _stack(items: list[Any]) -> torch.Tensor | BadFile | BadItem:
     for item in items:
         if not isinstance(item, torch.Tensor):
             return item
+    shapes = sorted({tuple(t.shape) for t in items})
+    if len(shapes) > 1:  # the load checked every image: a file changed since
+        return BadItem(
+            f"streamed images of different shapes {[_shape(s) for s in shapes[:3]]} (C×H×W): "
+            "the files changed since the split was loaded; allowed: data that does not "
+            "change during a run"
+        )
     return torch.stack(items)
 
 

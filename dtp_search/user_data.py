@@ -263,6 +263,24 @@ def check_labels(
         )
 
 
+def _declared_classes(dataset: Any) -> list[str] | None:
+    """The dataset's ``classes`` attribute as strings (torchvision's convention), or None."""
+    classes = getattr(dataset, "classes", None)
+    if classes is None or isinstance(classes, (str, bytes)):
+        return None
+    try:
+        return [str(c) for c in classes] or None
+    except TypeError:  # not iterable: not a class list
+        return None
+
+
+def _few(classes: Sequence[str]) -> str:
+    """A class list short enough for a one-line error (ImageNet has 1,000)."""
+    if len(classes) <= 6:
+        return str(list(classes))
+    return f"{str(list(classes[:6]))[:-1]}, ... ({len(classes)} in all)]"
+
+
 def load_user_sources(cfg: DatasetSettings) -> tuple[Source, Source, list[str]]:
     """The two splits of ``dataset=torchvision``/``custom`` as undecoded sources, with
     labels checked, limits applied and one image decoded to learn the shape."""
@@ -281,10 +299,15 @@ def load_user_sources(cfg: DatasetSettings) -> tuple[Source, Source, list[str]]:
             raise DatasetError(
                 f"{what}: the {split} split is empty; allowed: {ALLOWED_RETURN}, neither empty"
             )
-    classes = getattr(train_ds, "classes", None)
-    if classes is not None and not isinstance(classes, (str, bytes)) and len(classes):
-        classes = [str(c) for c in classes]
-    else:
+    classes = _declared_classes(train_ds)
+    test_classes = _declared_classes(test_ds)
+    if classes is not None and test_classes is not None and classes != test_classes:
+        raise DatasetError(
+            f"{what}: the train split's classes {_few(classes)} differ from the test "
+            f"split's {_few(test_classes)}; allowed: the same classes, in the same order, "
+            "in both (label i must name one class in train and test)"
+        )
+    if classes is None:
         classes = [str(c) for c in range(int(max(labels["train"].max(), labels["test"].max())) + 1)]
     for split in ("train", "test"):
         check_labels(labels[split], len(classes), what, split, positions[split])
