@@ -31,6 +31,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from dtp_search.checkpoint import atomic_save
 from dtp_search.models import build_model
 from dtp_search.pruning import (
     apply_layout,
@@ -91,10 +92,11 @@ def save_pruned(
         else:
             dense[key] = t.detach().cpu().clone()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if compact_input is not None:  # what no tensor records (depthwise groups, channel pads)
         config = {**config, "layout": layout(plain)}
-    torch.save({"format": FORMAT, "config": config, "dense": dense, "sparse": sparse}, path)
+    # atomic_save: a full disk is one DiskFullError naming the file, and no half-written
+    # export is left where a reader (MLflow's artifact copy) would take it for a whole one.
+    atomic_save({"format": FORMAT, "config": config, "dense": dense, "sparse": sparse}, path)
     return path
 
 
