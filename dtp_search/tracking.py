@@ -29,6 +29,7 @@ runs table rather than its GenAI traces view):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -336,16 +337,22 @@ class StudyTracker:
         the CV and test metrics and the searched params as columns, and opens its chart tab
         on the fronts: the trials' ``cv_<axis>``/``cv_accuracy`` scatter (``axis``: the
         study's second objective, sparsity by default), the overlay of every run's
-        ``front/accuracy`` history and the grid of ``front`` images."""
-        state = _view_state(list(param_keys), axis)
+        ``front/accuracy`` history and the grid of ``front`` images.
+
+        Several studies may share one experiment (``tracking.experiment``): each study
+        has a view of its own (key :func:`view_key`), filtered to its own runs.
+        """
+        state = _view_state(list(param_keys), axis, study_filter(self.study_name))
         self.client.set_experiment_tag(
-            self.experiment_id, SHARED_VIEW_TAG + VIEW_KEY, json.dumps(state, separators=(",", ":"))
+            self.experiment_id,
+            SHARED_VIEW_TAG + view_key(self.study_name),
+            json.dumps(state, separators=(",", ":")),
         )
 
     def runs_url(self, base: str = "http://127.0.0.1:5000", charts: bool = False) -> str:
-        """The experiment's runs table (or with ``charts`` its chart tab) in the MLflow UI,
-        in the model-training view, with dtp_search's shared view (:meth:`share_view`)."""
-        return runs_url(base, self.experiment_id, charts=charts)
+        """The study's runs table (or with ``charts`` its chart tab) in the MLflow UI, in
+        the model-training view, with its shared view (:meth:`share_view`)."""
+        return runs_url(base, self.experiment_id, charts=charts, study_name=self.study_name)
 
     def ui_command(self) -> str:
         if self.tracking_uri.split(":", 1)[0] in ("http", "https"):
@@ -360,18 +367,35 @@ class StudyTracker:
         )
 
 
-def runs_url(base: str, experiment_id: str, charts: bool = False) -> str:
+def view_key(study_name: str) -> str:
+    """The key of a study's shared view: ``dtp_search-<hash of the name>`` (tag keys and
+    URLs take a few characters only; a study name may hold others)."""
+    digest = hashlib.blake2b(study_name.encode(), digest_size=5).hexdigest()
+    return f"{VIEW_KEY}-{digest}"
+
+
+def study_filter(study_name: str) -> str:
+    """MLflow's search filter for the runs of one study (its parent, trials and refits)."""
+    quoted = "'" + study_name + "'" if "'" not in study_name else '"' + study_name + '"'
+    return f"tags.`{STUDY_TAG}` = {quoted}"
+
+
+def runs_url(
+    base: str, experiment_id: str, charts: bool = False, study_name: str | None = None
+) -> str:
     """``<base>/#/experiments/<id>/runs?workflowType=machine_learning&viewStateShareKey=…``:
     the runs table of an experiment, without the UI's GenAI/training toggle, in
-    dtp_search's shared view; ``charts`` opens its chart tab."""
+    dtp_search's shared view of ``study_name`` (which filters to that study's runs;
+    the UI shows the filter in its search box); ``charts`` opens its chart tab."""
+    key = VIEW_KEY if study_name is None else view_key(study_name)
     url = (
         f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-        f"&viewStateShareKey={VIEW_KEY}"
+        f"&viewStateShareKey={key}"
     )
     return url + ("&compareRunsMode=CHART" if charts else "")
 
 
-def _view_state(param_keys: list[str], axis: str = "sparsity") -> dict[str, Any]:
+def _view_state(param_keys: list[str], axis: str = "sparsity", search: str = "") -> dict[str, Any]:
     """The shared view's state in the layout the UI reads (search facets + UI state)."""
     section = "dtp_search"
 
@@ -388,7 +412,7 @@ def _view_state(param_keys: list[str], axis: str = "sparsity") -> dict[str, Any]
 
     metrics = list(dict.fromkeys(["cv_accuracy", "cv_sparsity", f"cv_{axis}", "test_accuracy"]))
     return {
-        "searchFilter": "",
+        "searchFilter": search,
         "orderByKey": "metrics.`cv_accuracy`",
         "orderByAsc": False,
         "selectedColumns": (
@@ -424,14 +448,26 @@ def _view_state(param_keys: list[str], axis: str = "sparsity") -> dict[str, Any]
 
 
 def print_runs_urls(tracking_uri: str, base: str = "http://127.0.0.1:5000") -> None:
-    """One line per experiment of a store: its name and runs URL (``make ui`` prints these)."""
+    """One line per study of a store: its name and runs URL, and its fronts' URL (``make
+    ui`` prints these); experiments that hold no study, one line each."""
     client = MlflowClient(tracking_uri=tracking_uri)
     for exp in client.search_experiments():
-        if exp.name != "Default" or client.search_runs([exp.experiment_id], max_results=1):
-            print(
-                f"{exp.name}: {runs_url(base, exp.experiment_id)}\n"
-                f"    fronts: {runs_url(base, exp.experiment_id, charts=True)}"
+        studies = [
+            r.data.tags[STUDY_TAG]
+            for r in client.search_runs(
+                [exp.experiment_id], f"tags.`{ROLE_TAG}` = 'study'", max_results=1000
             )
+        ]
+        for name in sorted(set(studies)):
+            where = name if name == exp.name else f"{name} (experiment {exp.name})"
+            print(
+                f"{where}: {runs_url(base, exp.experiment_id, study_name=name)}\n"
+                f"    fronts: {runs_url(base, exp.experiment_id, charts=True, study_name=name)}"
+            )
+        if not studies and (
+            exp.name != "Default" or client.search_runs([exp.experiment_id], max_results=1)
+        ):
+            print(f"{exp.name}: {runs_url(base, exp.experiment_id)}")
 
 
 @dataclass(frozen=True)

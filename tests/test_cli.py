@@ -15,6 +15,8 @@ import pytest
 from inprocess import run_here
 from mlflow.tracking import MlflowClient
 
+from dtp_search.tracking import view_key
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "cv.folds=2",
@@ -138,10 +140,11 @@ def test_study_runs_then_resumes_to_the_requested_total(tmp_path):
     )
     exp = client.get_experiment(parents[0].info.experiment_id)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
-    assert "mlflow.sharedViewState.dtp_search" in exp.tags
+    key = view_key("s")
+    assert f"mlflow.sharedViewState.{key}" in exp.tags
     assert (
         f"#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
-        "&viewStateShareKey=dtp_search"
+        f"&viewStateShareKey={key}"
     ) in first.stdout
 
     third = run_here(root, "study.name=s", "search.n_trials=3", *TINY)  # already complete

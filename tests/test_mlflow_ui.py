@@ -50,6 +50,19 @@ STUDY = [
     "refit.top_k=1",
 ]
 
+OTHER_STUDY = [
+    "study.name=other-study",
+    "tracking.experiment=digits-lenet300-agp",
+    "policy=constant",
+    "search.n_trials=1",
+    "cv.folds=2",
+    "train.epochs=1",
+    "train.finetune_epochs=0",
+    "front.points=2",
+    "console.progress=false",
+    "refit.enabled=false",
+]
+
 pytestmark = pytest.mark.slow
 
 
@@ -82,6 +95,10 @@ def ui(tmp_path_factory):
     root = tmp_path_factory.mktemp("ui") / "runs"
     proc = run_here(root, *STUDY)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # A second study in the same experiment, run last: the first study's printed links
+    # must still show its own runs and columns only.
+    other = run_here(root, *OTHER_STUDY)
+    assert other.returncode == 0, other.stderr[-3000:]
     port = _free_port()
     mlflow = Path(sys.executable).with_name("mlflow")
     # The printed command, on this test's port, with one uvicorn worker instead of four
@@ -176,6 +193,8 @@ def test_the_printed_urls_open_the_runs_table_and_the_fronts_side_by_side(ui, pa
         assert column in body, column
     assert "digits (" in body
     assert "Detect Issues" not in body and "0 traces" not in body
+    # The other study of the experiment is filtered out, and its columns are not shown.
+    assert "other-study" not in body and "policy.theta" not in body
     _shot(page, tmp_path, "mlflow-runs.png")
 
     # The fronts of every trial, side by side, on the chart tab: the second printed link,
