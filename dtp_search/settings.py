@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -193,6 +194,14 @@ class PathsSettings:
     checkpoints: str = MISSING  # per-trial checkpoints
 
 
+# study.name, in a form that is one folder name on every file system.
+_FOLDER_NAME = re.compile(r"\w[\w.+@,=-]{0,199}")
+_STUDY_NAME_WORDS = (
+    "a folder name of letters, digits and _ . - + @ , = (at most 200, the first a letter, "
+    "digit or _; no '..', / or \\), e.g. study.name=cifar10-resnet20-agp"
+)
+
+
 @dataclass
 class StudySettings:
     name: str = MISSING
@@ -211,6 +220,12 @@ class StudySettings:
         if not self.name.strip():
             raise ValueError(
                 f"{prefix}name={self.name!r} is not allowed; allowed: a non-empty text"
+            )
+        # The name is a folder under paths.checkpoints (and paths.root/workers): "..", a
+        # separator or a leading "-"/"." would put it elsewhere, hide it, or read as an option.
+        if not _FOLDER_NAME.fullmatch(self.name) or ".." in self.name:
+            raise ValueError(
+                f"{prefix}name={self.name!r} is not allowed; allowed: {_STUDY_NAME_WORDS}"
             )
         if not all(k.strip() for k in self.allow_changes):
             raise ValueError(

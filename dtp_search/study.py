@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig
 from optuna.trial import TrialState
 
-from dtp_search import provenance
+from dtp_search import preflight, provenance
 from dtp_search import space as search_space
 from dtp_search import storage as storages
 from dtp_search.config import (
@@ -65,6 +65,7 @@ def run_study(cfg: DictConfig, overrides: Sequence[str] | None = None) -> optuna
         return compare(settings_of(cfg))
     fixed = search_space.fix_set_keys(cfg, _command_line(overrides))
     s, space = check_config(cfg)
+    preflight.check_machine(s)  # stores readable, folders writable: before either opens
     console = Console(enabled=s.console.progress)
     is_worker = os.environ.get(WORKER_ENV) is not None
     for line in () if is_worker else fixed:  # (the parent process has said it)
@@ -75,6 +76,7 @@ def run_study(cfg: DictConfig, overrides: Sequence[str] | None = None) -> optuna
 
     dataset = load_dataset(s.dataset, cache_dir=s.paths.cache_dir)
     check_against_data(cfg, s, dataset)
+    preflight.check_free_space(s, dataset)  # a warning when checkpoints may not fit
     refit_only = s.mode == "refit"
     url = s.study.storage
     info = describe_dataset(dataset, s.dataset.path or s.dataset._target_ or s.dataset.kind)
