@@ -236,12 +236,14 @@ def policy_key(cfg: DictConfig, name: str) -> str:
 
 
 def make_storage(s: Settings) -> BaseStorage:
-    """The study's Optuna storage, with heartbeats and retries where Optuna has them."""
+    """The study's Optuna storage, with heartbeats and retries where Optuna has them, and
+    calls retried while a database server is away (``study.storage_patience``)."""
     return storages.make_storage(
         s.study.storage,
         heartbeat_interval=s.search.heartbeat_interval,
         grace_period=s.search.grace_period,
         max_retry=s.search.max_retry,
+        patience=s.study.storage_patience,
     )
 
 

@@ -113,7 +113,7 @@ class StorageUnavailable(BaseException):
     def __init__(self, role: str, url: str, seconds: float, why: str) -> None:
         self.role, self.url, self.seconds, self.why = role, url, seconds, why
         super().__init__(
-            f"{role} {url} did not answer for {seconds:.0f} s ({why}); start it again and "
+            f"{role} {url} did not answer for {seconds:g} s ({why}); start it again and "
             "rerun the same command: the trial that was running is retried (same "
             "parameters, from its checkpoint) once search.grace_period has passed"
         )

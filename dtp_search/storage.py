@@ -23,10 +23,18 @@ already offers: a PostgreSQL advisory lock (or MySQL ``GET_LOCK``) on the study'
 database, or ``flock`` on a file beside a SQLite/journal file. All of them are released
 by the operating system or the server when the holder dies, so a SIGKILLed worker never
 leaves a lock behind.
+
+Servers restart. Every call to an RDB storage goes through :class:`RetryingStorage`, and
+every lock operation through the same :class:`~dtp_search.outage.Patience`: a refused or
+dropped connection is retried for up to ``study.storage_patience`` seconds. A lock held
+on a server dies with its connection when the server restarts; :meth:`StudyLock.still_held`
+tells its holder, who takes it again and redoes the decision it guarded.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import fcntl
 import hashlib
 import logging
@@ -34,8 +42,12 @@ import os
 import re
 import socket
 import time
+import uuid
+from collections.abc import Callable, Container, Sequence
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import optuna
@@ -44,13 +56,18 @@ from optuna.storages import (
     JournalStorage,
     RDBStorage,
     RetryHeartbeatStaleTrialCallback,
+    _CachedStorage,
 )
+from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from dtp_search.errors import ConfigError
+from dtp_search.outage import Patience, is_transient
 
 RDB_SCHEMES = ("sqlite", "postgresql", "mysql")
+DEFAULT_PATIENCE = 300.0  # seconds (study.storage_patience's default)
+STORAGE_ROLE = "the study storage"
 SCHEMES = (*RDB_SCHEMES, "journal")
 _log = logging.getLogger(__name__)
 
@@ -171,9 +188,15 @@ def _reason(exc: Exception, url: str) -> str:
 
 
 def make_storage(
-    url: str, *, heartbeat_interval: int = 30, grace_period: int = 120, max_retry: int | None = 2
+    url: str,
+    *,
+    heartbeat_interval: int = 30,
+    grace_period: int = 120,
+    max_retry: int | None = 2,
+    patience: float = DEFAULT_PATIENCE,
 ) -> BaseStorage:
-    """Optuna's storage for ``url``; RDB storages beat a heartbeat and retry stale trials."""
+    """Optuna's storage for ``url``; RDB storages beat a heartbeat, retry stale trials, and
+    ride out a server that is away for up to ``patience`` seconds (:class:`RetryingStorage`)."""
     if scheme(url) == "journal":
         path = local_path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -184,12 +207,16 @@ def make_storage(
         path.parent.mkdir(parents=True, exist_ok=True)
     # Optuna's default pool keeps connections open between calls; several workers on one
     # PostgreSQL server are better served with a ping before reuse (a restarted server
-    # or a proxy that drops idle connections does not fail a trial).
-    engine_kwargs = {} if scheme(url) == "sqlite" else {"pool_pre_ping": True}
-    # RDBStorage creates its tables on first use; workers that start together on an empty
-    # database would race in CREATE TYPE/TABLE (a unique-violation error), so the first
-    # creates them while the others wait on the lock.
-    with StudyLock(url, "", "schema"):
+    # or a proxy that drops idle connections does not fail a trial). A connection attempt
+    # is bounded, so that a host that went away (packets dropped, not refused) costs one
+    # retry's wait rather than the operating system's two-minute TCP timeout.
+    engine_kwargs: dict[str, Any] = {}
+    if scheme(url) != "sqlite":
+        engine_kwargs["pool_pre_ping"] = True
+        engine_kwargs["connect_args"] = _connect_timeout(url, 2 * PROBE_TIMEOUT)
+    patient = Patience(STORAGE_ROLE, mask_url(url), patience)
+
+    def open_rdb() -> RDBStorage:
         return RDBStorage(
             url=url,
             engine_kwargs=engine_kwargs,
@@ -198,11 +225,167 @@ def make_storage(
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
         )
 
+    # RDBStorage creates its tables on first use; workers that start together on an empty
+    # database would race in CREATE TYPE/TABLE (a unique-violation error), so the first
+    # creates them while the others wait on the lock.
+    with StudyLock(url, "", "schema", patience=patience):
+        rdb = patient.call(open_rdb)
+    return RetryingStorage(_CachedStorage(rdb), patient)
+
+
+def _connect_timeout(url: str, seconds: int) -> dict[str, Any]:
+    """``connect_args`` that bound a connection attempt, for drivers that take libpq's or
+    MySQL's ``connect_timeout`` (others get none)."""
+    import sqlalchemy
+
+    try:
+        driver = sqlalchemy.engine.make_url(url).get_dialect().driver
+    except Exception:  # a URL SQLAlchemy cannot read fails, with its message, on first use
+        return {}
+    return {"connect_timeout": seconds} if driver in _TIMEOUT_DRIVERS else {}
+
 
 def has_heartbeat(storage: BaseStorage) -> bool:
-    # A study wraps its RDBStorage in Optuna's private _CachedStorage.
-    backend = getattr(storage, "_backend", storage)
-    return isinstance(backend, RDBStorage) and backend.heartbeat_interval is not None
+    """Whether ``storage`` beats Optuna's heartbeat (RDB storages; not the journal)."""
+    return isinstance(storage, BaseHeartbeat) and storage.get_heartbeat_interval() is not None
+
+
+# Marks the trial a create_new_trial call writes, so that a retry after a lost answer finds
+# it rather than creating a second one (which nobody would run or ever fail).
+_CREATION_ATTR = "dtp_search:creation"
+
+
+def _retried(name: str) -> Callable[..., Any]:
+    """A method that calls the wrapped storage's ``name`` through the patience."""
+
+    def method(self: RetryingStorage, *args: Any, **kwargs: Any) -> Any:
+        return self.patience.call(getattr(self._storage, name), *args, **kwargs)
+
+    method.__name__ = name
+    method.__doc__ = f"The wrapped storage's ``{name}``, retried while its server is away."
+    return method
+
+
+class RetryingStorage(BaseStorage, BaseHeartbeat):
+    """Optuna's storage (``_CachedStorage`` over ``RDBStorage``, as ``optuna.create_study``
+    would wrap it) with every call retried while the server cannot be reached
+    (:class:`~dtp_search.outage.Patience`), so that Optuna's own trial loop, its heartbeat
+    thread and dtp_search's calls all survive a database restart.
+
+    A write that may have reached the server although its answer did not is made safe to
+    repeat: a new trial carries a unique mark and a retry looks for it first; a state
+    change is not repeated once the trial holds it. The other writes (attributes, params,
+    intermediate values, heartbeats) are upserts and may simply be repeated.
+
+    Wraps the cache rather than subclassing RDBStorage: only Optuna's public storage
+    interface is overridden, and no retry sleeps while the cache holds its lock.
+    """
+
+    def __init__(self, storage: BaseStorage, patience: Patience) -> None:
+        self._storage = storage
+        self.patience = patience
+
+    create_new_study = _retried("create_new_study")
+    delete_study = _retried("delete_study")
+    set_study_user_attr = _retried("set_study_user_attr")
+    set_study_system_attr = _retried("set_study_system_attr")
+    get_study_id_from_name = _retried("get_study_id_from_name")
+    get_study_name_from_id = _retried("get_study_name_from_id")
+    get_study_directions = _retried("get_study_directions")
+    get_study_user_attrs = _retried("get_study_user_attrs")
+    get_study_system_attrs = _retried("get_study_system_attrs")
+    get_all_studies = _retried("get_all_studies")
+    set_trial_param = _retried("set_trial_param")
+    get_trial_id_from_study_id_trial_number = _retried("get_trial_id_from_study_id_trial_number")
+    get_best_trial = _retried("get_best_trial")
+    set_trial_intermediate_value = _retried("set_trial_intermediate_value")
+    set_trial_user_attr = _retried("set_trial_user_attr")
+    set_trial_system_attr = _retried("set_trial_system_attr")
+    get_trial = _retried("get_trial")
+    _get_stale_trial_ids = _retried("_get_stale_trial_ids")
+
+    def get_all_trials(
+        self,
+        study_id: int,
+        deepcopy: bool = True,
+        states: Container[TrialState] | None = None,
+    ) -> list[FrozenTrial]:
+        return self.patience.call(self._storage.get_all_trials, study_id, deepcopy, states)
+
+    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        """A new trial, created once however often the call must be repeated."""
+        mark = uuid.uuid4().hex
+        if template_trial is None:  # what RDBStorage creates without a template
+            template = FrozenTrial(
+                number=-1,
+                state=TrialState.RUNNING,
+                value=None,
+                values=None,
+                datetime_start=datetime.now(),
+                datetime_complete=None,
+                params={},
+                distributions={},
+                user_attrs={},
+                system_attrs={},
+                intermediate_values={},
+                trial_id=-1,
+            )
+        else:
+            template = copy.deepcopy(template_trial)
+        template.system_attrs[_CREATION_ATTR] = mark
+
+        def created() -> tuple[bool, int | None]:
+            for t in self._storage.get_all_trials(study_id, deepcopy=False):
+                if t.system_attrs.get(_CREATION_ATTR) == mark:
+                    return True, t._trial_id
+            return False, None
+
+        return self.patience.call(
+            self._storage.create_new_trial, study_id, template, applied=created
+        )
+
+    def set_trial_state_values(
+        self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
+    ) -> bool:
+        """Optuna's state change; a repeat after a lost answer reports the change made
+        (the trial already holds ``state`` and ``values``) rather than refusing to update
+        a finished trial."""
+
+        def made() -> tuple[bool, bool]:
+            t = self._storage.get_trial(trial_id)
+            if t.state != state:
+                return False, False
+            # A WAITING trial this call set RUNNING: taken for ours (another worker taking
+            # the same trial in the same instant is far rarer than a lost answer, and a
+            # RUNNING trial nobody runs would have no heartbeat to ever fail it).
+            return values is None or list(t.values or []) == list(values), True
+
+        return self.patience.call(
+            self._storage.set_trial_state_values, trial_id, state, values, applied=made
+        )
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        """One beat, not retried: Optuna's heartbeat thread beats again after
+        ``heartbeat_interval``, and a beat that waited for the server would hold up the
+        end of the trial (the thread is joined). A beat lost to an outage is what the
+        grace period is for."""
+        try:
+            self._storage.record_heartbeat(trial_id)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            _log.debug("heartbeat of trial %d skipped: the storage does not answer", trial_id)
+
+    def get_heartbeat_interval(self) -> int | None:
+        return self._storage.get_heartbeat_interval()
+
+    def get_heartbeat_stale_trial_callback(
+        self,
+    ) -> Callable[[optuna.Study, FrozenTrial], None] | None:
+        return self._storage.get_heartbeat_stale_trial_callback()
+
+    def remove_session(self) -> None:
+        self._storage.remove_session()
 
 
 # --------------------------------------------------------------------------- workers
@@ -260,13 +443,23 @@ class StudyLock:
     """A mutex named ``purpose`` shared by every worker of ``study_name`` in ``url``.
 
     Use as a context manager (blocking), or :meth:`acquire` with ``blocking=False`` to try.
+    On a database server, taking the lock is retried for up to ``patience`` seconds while
+    the server is away; a lock held there is lost when the server restarts (it belongs to
+    the connection), which :meth:`still_held` tells.
     """
 
-    def __init__(self, url: str, study_name: str, purpose: str) -> None:
+    def __init__(
+        self, url: str, study_name: str, purpose: str, *, patience: float = DEFAULT_PATIENCE
+    ) -> None:
         self.url, self.key = url, f"dtp_search:{study_name}:{purpose}"
         self._kind = scheme(url)
         self._conn = None
         self._fd: int | None = None
+        self._patience = (
+            Patience(STORAGE_ROLE, mask_url(url), patience)
+            if self._kind in ("postgresql", "mysql")
+            else None
+        )
 
     @property
     def held(self) -> bool:
@@ -281,15 +474,42 @@ class StudyLock:
     def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
         if self.held:
             return True
-        if self._kind in ("postgresql", "mysql"):
-            return self._acquire_server(blocking, timeout)
+        if self._patience is not None:
+            return self._patience.call(self._acquire_server, blocking, timeout)
         return self._acquire_file(blocking, timeout)
+
+    def still_held(self) -> bool:
+        """Whether this holder still has the lock. A server's lock lives as long as the
+        connection that took it: a restart ends both, and another worker may have taken the
+        lock since, so the decision it guarded must be taken again (after :meth:`acquire`).
+        A file lock cannot be lost."""
+        if self._conn is None:
+            return self._fd is not None
+        import sqlalchemy
+
+        try:
+            self._conn.execute(sqlalchemy.text("SELECT 1"))
+            self._conn.rollback()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            self._drop_connection()
+            return False
+        return True
 
     def _acquire_server(self, blocking: bool, timeout: float | None) -> bool:
         import sqlalchemy
 
-        engine = sqlalchemy.create_engine(self.url, poolclass=sqlalchemy.pool.NullPool)
-        conn = engine.connect()
+        engine = sqlalchemy.create_engine(
+            self.url,
+            poolclass=sqlalchemy.pool.NullPool,
+            connect_args=_connect_timeout(self.url, 2 * PROBE_TIMEOUT),
+        )
+        try:
+            conn = engine.connect()
+        except BaseException:
+            engine.dispose()
+            raise
         if self._kind == "postgresql":
             sql = (
                 "SELECT pg_advisory_lock(:k)"
@@ -304,18 +524,25 @@ class StudyLock:
             )
         waits = blocking and timeout is None  # the server blocks until it is ours
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            got = conn.execute(sqlalchemy.text(sql), args).scalar()
-            conn.commit()
-            # pg_advisory_lock returns void, which drivers read as None or "".
-            if (waits and self._kind == "postgresql") or got:
-                self._conn = conn
-                return True
-            if not blocking or (deadline is not None and time.monotonic() >= deadline):
+        try:
+            while True:
+                got = conn.execute(sqlalchemy.text(sql), args).scalar()
+                conn.commit()
+                # pg_advisory_lock returns void, which drivers read as None or "".
+                if (waits and self._kind == "postgresql") or got:
+                    self._conn = conn
+                    return True
+                if not blocking or (deadline is not None and time.monotonic() >= deadline):
+                    conn.close()
+                    engine.dispose()
+                    return False
+                time.sleep(0.1)
+        except BaseException:
+            # (a retry opens a connection of its own)
+            with contextlib.suppress(Exception):
                 conn.close()
-                engine.dispose()
-                return False
-            time.sleep(0.1)
+            engine.dispose()
+            raise
 
     def _lock_file(self) -> Path:
         path = local_path(self.url)
@@ -344,7 +571,7 @@ class StudyLock:
         if self._conn is not None:
             import sqlalchemy
 
-            conn, self._conn = self._conn, None
+            conn = self._conn
             try:
                 if self._kind == "postgresql":
                     conn.execute(
@@ -353,12 +580,23 @@ class StudyLock:
                 else:
                     conn.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:k)"), {"k": self.key[:64]})
                 conn.commit()
+            except Exception as exc:
+                # A connection the server dropped took the lock with it: released all the same.
+                if not is_transient(exc):
+                    raise
             finally:
-                conn.close()  # closing the session releases the lock in any case
+                self._drop_connection()  # closing the session releases the lock in any case
         if self._fd is not None:
             fd, self._fd = self._fd, None
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):  # a dead connection may fail to close
+                conn.close()
+            conn.engine.dispose()
 
     def __enter__(self) -> StudyLock:
         self.acquire()

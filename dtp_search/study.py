@@ -36,6 +36,7 @@ from dtp_search.config import (
 )
 from dtp_search.console import Console
 from dtp_search.data import ImageDataset, load_dataset
+from dtp_search.errors import StorageUnavailable
 from dtp_search.models import check_output, start_model
 from dtp_search.refit import refit_study
 from dtp_search.report import compare_studies, log_report
@@ -84,12 +85,14 @@ def run_study(cfg: DictConfig, overrides: Sequence[str] | None = None) -> optuna
 
     # One parent run per study, however many workers start at once: find-or-create runs
     # under the study's lock.
-    with storages.StudyLock(url, s.study.name, "mlflow-parent"):
+    patience = s.study.storage_patience
+    with storages.StudyLock(url, s.study.name, "mlflow-parent", patience=patience):
         tracker = StudyTracker(
             s.tracking.uri,
             s.tracking.experiment,
             s.study.name,
             artifact_location=s.tracking.artifact_location,
+            patience=patience,
         )
     tracker.set_dataset(info)
     if not is_worker:
@@ -98,7 +101,7 @@ def run_study(cfg: DictConfig, overrides: Sequence[str] | None = None) -> optuna
         )
     _fail_dead(study, s)
     tracker.close_orphans({t.number: t.state.name for t in study.get_trials(deepcopy=False)})
-    admission = storages.StudyLock(url, s.study.name, "admit")
+    admission = storages.StudyLock(url, s.study.name, "admit", patience=patience)
     ctx = SearchContext(cfg, s, dataset, space, tracker, console, device, study, admission)
 
     done = n_finished(study)
@@ -263,6 +266,10 @@ def _search(ctx: SearchContext, target: int) -> bool:
                 running = [t for t in trials if t.state == TrialState.RUNNING]
                 if finished >= target:
                     break
+                if not ctx.admission.still_held():
+                    # The server restarted while the lock was held (it died with its
+                    # connection): another worker may have counted meanwhile. Count again.
+                    continue
                 if finished + len(running) >= target:
                     ctx.admission.release()
                     if waiting_since is None:
@@ -278,13 +285,20 @@ def _search(ctx: SearchContext, target: int) -> bool:
                     continue
                 waiting_since = None
                 # objective() releases the lock once its trial exists and is sampled.
-                study.optimize(
-                    lambda trial: objective(trial, ctx),
-                    n_trials=1,
-                    catch=(DivergedError,),
-                    callbacks=[after_trial],
-                    gc_after_trial=False,
-                )
+                try:
+                    study.optimize(
+                        lambda trial: objective(trial, ctx),
+                        n_trials=1,
+                        catch=(DivergedError,),
+                        callbacks=[after_trial],
+                        gc_after_trial=False,
+                    )
+                except UnboundLocalError as exc:
+                    # Optuna 5's _run_trial reads the told state in a `finally` that a
+                    # failed tell left unset; the storage outage is what happened.
+                    if isinstance(exc.__context__, StorageUnavailable):
+                        raise exc.__context__ from None
+                    raise
             finally:
                 ctx.admission.release()
     done = n_finished(study)
@@ -298,7 +312,9 @@ def _finish(ctx: SearchContext, refit_only: bool) -> None:
     """Refit and report, once per study: the first worker to get here with no trial left
     running does it; the others see the lock taken (or the refits done) and skip."""
     s, study, tracker = ctx.settings, ctx.study, ctx.tracker
-    lock = storages.StudyLock(s.study.storage, s.study.name, "refit")
+    lock = storages.StudyLock(
+        s.study.storage, s.study.name, "refit", patience=s.study.storage_patience
+    )
     if not lock.acquire(blocking=False):
         log.info("another worker is refitting study %s", s.study.name)
         return

@@ -29,9 +29,11 @@ runs table rather than its GenAI traces view):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -50,8 +52,9 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_LOGGED_ARTIF
 
 from dtp_search.data import ImageDataset
 from dtp_search.errors import ConfigError, reason
+from dtp_search.outage import Patience, is_transient
 from dtp_search.pruning.front import FrontPoint
-from dtp_search.storage import PROBE_TIMEOUT, mask_url
+from dtp_search.storage import DEFAULT_PATIENCE, PROBE_TIMEOUT, mask_url
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +148,63 @@ def _chunks(items: Sequence[Any], n: int) -> Iterable[Sequence[Any]]:
         yield items[i : i + n]
 
 
+TRACKING_ROLE = "the tracking store"
+
+
+def _http_retries(patience: float) -> dict[str, str]:
+    """MLflow's own retries of a request to a tracking server (urllib3's: refused
+    connections, 5xx of a gateway), kept to a few seconds of ``patience``: they carry a
+    request over a blip, and :class:`~dtp_search.outage.Patience` waits out the rest of an
+    outage with the same clock as the storage's. (MLflow's alone could not: at most 10
+    retries of at most 120 s each, and its messages would not say what to do.)
+    urllib3 waits 0, 2, 4, 8 s ... × the backoff factor between attempts."""
+    retries = 1
+    while retries < 4 and 2 ** (retries + 1) - 2 <= patience / 4:
+        retries += 1
+    return {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    }
+
+
+class _PatientClient:
+    """An ``MlflowClient`` whose every call is retried while the tracking store cannot be
+    reached (:class:`~dtp_search.outage.Patience`): a tracking server, or the SQL database
+    of an ``sqlite:``/``postgresql:`` store, that restarts under a run. Attributes that are
+    not methods (``tracking_uri``) are the client's own."""
+
+    def __init__(self, client: MlflowClient, patience: Patience) -> None:
+        self._client, self._patience = client, patience
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+        patience = self._patience
+
+        @functools.wraps(attr)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return patience.call(attr, *args, **kwargs)
+
+        return call
+
+
+class _QuietOutage(logging.Filter):
+    """MLflow's SQL store logs every OperationalError with its traceback before raising
+    it; while the outage is being retried that is noise (one warning says it instead)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and is_transient(record.exc_info[1]))
+
+
+logging.getLogger("mlflow.store.db.utils").addFilter(_QuietOutage())
+
+
 class StudyTracker:
-    """Create-or-reuse the study's parent run and open child runs for trials."""
+    """Create-or-reuse the study's parent run and open child runs for trials.
+
+    Every MLflow call is retried for up to ``patience`` seconds while the store does not
+    answer (``study.storage_patience``)."""
 
     def __init__(
         self,
@@ -154,8 +212,13 @@ class StudyTracker:
         experiment: str,
         study_name: str,
         artifact_location: str | None = None,
+        patience: float = DEFAULT_PATIENCE,
     ) -> None:
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        if tracking_uri.split(":", 1)[0].lower() in ("http", "https"):
+            for key, value in _http_retries(patience).items():
+                os.environ.setdefault(key, value)  # the user's own settings win
+        patient = Patience(TRACKING_ROLE, mask_url(tracking_uri), patience)
+        self.client = _PatientClient(patient.call(MlflowClient, tracking_uri=tracking_uri), patient)
         self.tracking_uri = tracking_uri
         self.study_name = study_name
         self.experiment_id = self._experiment(experiment, artifact_location)

@@ -3,6 +3,7 @@ split, record it in Optuna and MLflow, and return its objectives."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -33,11 +34,12 @@ from dtp_search.config import (
 from dtp_search.console import Console
 from dtp_search.data import ImageDataset
 from dtp_search.early_stop import ParetoFoldStop
+from dtp_search.errors import StorageUnavailable
 from dtp_search.fidelity import POINT_ATTR, RUNG_ATTR, FidelityRung
 from dtp_search.models import checkpoint_digest, start_model
 from dtp_search.pruning import LayerCollapse
 from dtp_search.settings import COST_OBJECTIVES, FrontSettings, Settings, front_axis
-from dtp_search.tracking import StudyTracker, front_x
+from dtp_search.tracking import StudyTracker, TrialRun, front_x
 from dtp_search.training import (
     CVResult,
     EpochRecord,
@@ -106,6 +108,9 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
         t.run.finish("PRUNED")
         t.clear_checkpoint()
         raise
+    except StorageUnavailable as exc:
+        _left_to_heartbeat(t.run, exc)
+        raise
     except (KeyboardInterrupt, SystemExit):
         trial.set_user_attr("fail_reason", "interrupted")
         t.run.set_tags({"fail_reason": "interrupted"})
@@ -123,6 +128,17 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
         t.run.finish("FAIL")
         t.clear_checkpoint()
         raise
+
+
+def _left_to_heartbeat(run: TrialRun, exc: StorageUnavailable) -> None:
+    """End the MLflow run of a trial whose storage went away. Nothing is written to that
+    storage: the trial stays RUNNING there, its heartbeat stops, and once the server is
+    back a worker fails it and runs its retry from the checkpoint, which is kept. The run
+    ends now, unless the tracking store is what went away (the next run closes it then:
+    :meth:`~dtp_search.tracking.StudyTracker.close_orphans`)."""
+    with contextlib.suppress(Exception, StorageUnavailable):
+        run.set_tags({"fail_reason": str(exc)[:500]})
+        run.finish("FAIL")
 
 
 def _start(trial: optuna.Trial, ctx: SearchContext) -> _Trial:
@@ -154,6 +170,23 @@ def _start(trial: optuna.Trial, ctx: SearchContext) -> _Trial:
     resume = checkpoint.load(ctx.device) if checkpoint is not None else None
 
     run = ctx.tracker.start_trial(trial.number, run_params(tcfg), sampled, config_yaml(tcfg))
+    try:
+        _describe(trial, run, policy_name, lineage, inherited, resume)
+    except StorageUnavailable as exc:
+        _left_to_heartbeat(run, exc)
+        raise
+    return _Trial(trial, run, tcfg, policy_name, lineage, checkpoint, resume)
+
+
+def _describe(
+    trial: optuna.Trial,
+    run: TrialRun,
+    policy_name: str,
+    lineage: int,
+    inherited: dict[str, Any],
+    resume: dict[str, Any] | None,
+) -> None:
+    """Tag the new trial's run and attributes: its policy, worker, lineage and resume point."""
     run.set_tags({"policy": policy_name, "dtp_search.worker": storages.worker_id()})
     if "lineage" in inherited:
         run.set_tags({"dtp_search.retry_of": inherited.get("trial", lineage)})
@@ -165,7 +198,6 @@ def _start(trial: optuna.Trial, ctx: SearchContext) -> _Trial:
         log.warning("trial %d resumes from the %s", trial.number, where)
     trial.set_user_attr("mlflow_run_id", run.run_id)
     trial.set_user_attr("policy", policy_name)
-    return _Trial(trial, run, tcfg, policy_name, lineage, checkpoint, resume)
 
 
 def _cross_validate(t: _Trial, ctx: SearchContext) -> tuple[CVResult, dict[int, list]]:

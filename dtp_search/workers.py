@@ -22,6 +22,7 @@ import optuna
 import torch
 
 from dtp_search.console import Console
+from dtp_search.errors import StorageUnavailable
 from dtp_search.results import FINISHED
 from dtp_search.settings import Settings
 from dtp_search.training import stop_requested
@@ -112,7 +113,12 @@ def run_workers(settings: Settings, study: optuna.Study, target: int, console: C
                 time.sleep(1.0)
                 if stop_requested() is not None:  # Ctrl-C here (see dtp_search.__main__)
                     raise KeyboardInterrupt(stop_requested())
-                trials = study.get_trials(deepcopy=False)
+                try:
+                    trials = study.get_trials(deepcopy=False)
+                except StorageUnavailable:
+                    # The workers meet the same outage and decide for themselves (each
+                    # ends with its own error line); the progress waits for them.
+                    continue
                 done = [t for t in trials if t.state.is_finished()]
                 if done:
                     advance(

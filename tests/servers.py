@@ -19,7 +19,8 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -47,10 +48,29 @@ def _missing(what: str) -> None:
     pytest.skip(f"{what} not installed")
 
 
+@dataclass
+class PostgresServer:
+    """A running throwaway cluster: its URL (``postgresql://dtp:<password>@127.0.0.1:<port>``)
+    and :meth:`stop`/:meth:`start`, for tests of a server that restarts under a run."""
+
+    url: str
+    _pg_ctl: list[str]
+    _run: Callable[..., None]
+
+    def stop(self, mode: str = "fast") -> None:
+        """``pg_ctl -m <mode> stop``: ``fast`` ends every session ("terminating connection
+        due to administrator command") as a restart or a failover does."""
+        self._run(*self._pg_ctl, "-m", mode, "-w", "stop")
+
+    def start(self) -> None:
+        """Start it again on the same port and data (returns once it accepts connections)."""
+        self._run(*self._pg_ctl, "-w", "-t", "60", "start")
+
+
 @contextlib.contextmanager
-def postgres_cluster() -> Iterator[str]:
-    """Yields ``postgresql://dtp:<password>@127.0.0.1:<port>``; databases ``optuna`` and
-    ``mlflow`` exist."""
+def postgres_server() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL cluster on a free loopback port, removed afterwards; its
+    databases ``optuna`` and ``mlflow`` exist."""
     initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
     if not initdb or not pg_ctl:
         _missing("PostgreSQL (initdb, pg_ctl)")
@@ -75,6 +95,16 @@ def postgres_cluster() -> Iterator[str]:
     def run(*cmd: str) -> None:
         subprocess.run([*as_user, *cmd], check=True, capture_output=True, timeout=120)
 
+    # The server's options live in the start command, so a restart keeps port and socket.
+    control = [
+        pg_ctl,
+        "-D",
+        str(data),
+        "-l",
+        str(root / "server.log"),
+        "-o",
+        f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+    ]
     try:
         run(
             initdb,
@@ -89,33 +119,28 @@ def postgres_cluster() -> Iterator[str]:
             "UTF8",
             "--no-sync",
         )
-        run(
-            pg_ctl,
-            "-D",
-            str(data),
-            "-l",
-            str(root / "server.log"),
-            "-w",
-            "-t",
-            "60",
-            "-o",
-            f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off "
-            "-c max_connections=200",
-            "start",
-        )
-        url = f"postgresql://dtp:{PASSWORD}@127.0.0.1:{port}"
+        server = PostgresServer(f"postgresql://dtp:{PASSWORD}@127.0.0.1:{port}", control, run)
+        server.start()
         import sqlalchemy
 
-        engine = sqlalchemy.create_engine(f"{url}/postgres", isolation_level="AUTOCOMMIT")
+        engine = sqlalchemy.create_engine(f"{server.url}/postgres", isolation_level="AUTOCOMMIT")
         with engine.connect() as conn:
             for db in ("optuna", "mlflow"):
                 conn.execute(sqlalchemy.text(f"CREATE DATABASE {db}"))
         engine.dispose()
-        yield url
+        yield server
     finally:
         with contextlib.suppress(Exception):
             run(pg_ctl, "-D", str(data), "-m", "immediate", "stop")
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def postgres_cluster() -> Iterator[str]:
+    """Yields ``postgresql://dtp:<password>@127.0.0.1:<port>``; databases ``optuna`` and
+    ``mlflow`` exist (:func:`postgres_server` for a test that stops and starts it)."""
+    with postgres_server() as server:
+        yield server.url
 
 
 @contextlib.contextmanager
