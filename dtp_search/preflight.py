@@ -72,7 +72,7 @@ def check_free_space(s: Settings, dataset: ImageDataset) -> dict[str, int]:
         if free < nbytes:
             names = " and ".join(f"{k}={_folder_of(s, k)}" for k in keys)
             log.warning(
-                "%s: %s free on its disk, under the about %s this study's %s need "
+                "%s: %s free on its disk, less than the ~%s this study's %s need "
                 "(%d parameters); free space there or point %s at another disk",
                 names,
                 _size(free),
@@ -90,7 +90,8 @@ def space_needed(s: Settings, parameters: int, element_bytes: int = 4) -> dict[s
     One training state is the network's weights, its masks (one value per weight, the
     weights' dtype) and the optimizer's state (1 value per weight for SGD with momentum,
     2 for Adam): ``parameters × element_bytes × (2 + slots)``; the scheduler, batch order
-    and history are small beside it.
+    and history are small beside it (LeNet-300-100 on digits: 607 KB estimated, 623 KB
+    written with SGD; 810 KB and 829 KB with Adam).
 
     - ``paths.checkpoints`` (``search.checkpoint``): one state per running trial
       (``study.workers``), twice, because a checkpoint is replaced by writing the new file
