@@ -88,10 +88,12 @@ def _transient_one(exc: BaseException) -> bool | None:
         return True  # SQLAlchemy's dialect recognised a dropped connection
     if isinstance(exc, sqlalchemy.exc.DisconnectionError):
         return True
+    driver = type(exc).__module__.split(".")[0]
+    # (a driver's own: MLflow's exceptions carry a "sqlstate" of their own, XXM00)
     code = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)  # psycopg 3 / 2
-    if isinstance(code, str) and code:
+    if driver in ("psycopg", "psycopg2") and isinstance(code, str) and code:
         return code.startswith("08") or code in _PG_TRANSIENT
-    if type(exc).__module__.split(".")[0] in ("pymysql", "MySQLdb") and exc.args:
+    if driver in ("pymysql", "MySQLdb") and exc.args:
         return exc.args[0] in _MYSQL_TRANSIENT
     if isinstance(exc, (ConnectionError, TimeoutError)):  # refused, reset, broken pipe
         return True

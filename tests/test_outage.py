@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -17,6 +18,7 @@ import psycopg
 import pytest
 import requests
 import sqlalchemy.exc
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from servers import PASSWORD, postgres_server
@@ -73,6 +75,15 @@ REFUSED = 'connection failed: connection to server at "db", port 5432 failed: Co
             False,
         ),
         (ValueError("bad value"), False),
+        # MLflow's SQL store raises its own exception (with a "sqlstate" of its own) from
+        # SQLAlchemy's
+        (
+            _raised_from(
+                MlflowException("connection failed"),
+                _sa(psycopg.OperationalError(REFUSED)),
+            ),
+            True,
+        ),
     ],
 )
 def test_only_connection_level_errors_are_transient(exc, transient):
@@ -243,6 +254,34 @@ def _trial_runs(root: Path) -> list:
     exp = client.get_experiment_by_name("outage")
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     return [r for r in runs if r.data.tags.get("dtp_search.role") == "trial"]
+
+
+@pytest.mark.slow
+def test_mlflow_on_postgres_and_a_held_lock_survive_a_restart(pg, tmp_path, caplog):
+    from dtp_search.tracking import StudyTracker
+
+    url = pg.url.replace("postgresql://", "postgresql+psycopg://")
+    tracker = StudyTracker(f"{url}/mlflow", "e", "s", tmp_path / "artifacts", patience=60)
+    lock = StudyLock(f"{url}/optuna", "s", "admit", patience=60)
+    assert lock.acquire() and lock.still_held()
+    pg.stop()
+    restart = threading.Timer(3, pg.start)
+    restart.start()
+    try:
+        tracker.client.set_tag(tracker.parent_run_id, "after", "restart")  # waits for it
+    finally:
+        restart.join()
+    assert tracker.client.get_run(tracker.parent_run_id).data.tags["after"] == "restart"
+    # The advisory lock died with its session; its holder learns it and takes it again.
+    assert not lock.still_held()
+    assert lock.acquire() and lock.still_held()
+    other = StudyLock(f"{url}/optuna", "s", "admit")
+    assert not other.acquire(blocking=False)
+    lock.release()
+    assert other.acquire(blocking=False)
+    other.release()
+    # MLflow's own traceback of each failed attempt is not shown while the outage lasts.
+    assert not [r for r in caplog.records if r.name == "mlflow.store.db.utils" and r.exc_info]
 
 
 @pytest.mark.slow
