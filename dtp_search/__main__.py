@@ -1,4 +1,17 @@
-"""``python -m dtp_search [overrides]`` — run (or resume) a pruning-policy search."""
+"""``python -m dtp_search [overrides]`` — run (or resume) a pruning-policy search.
+
+Exit statuses (docs/troubleshooting.md lists the messages):
+
+====  ==========================================================================
+0     the study holds ``search.n_trials`` finished trials (and, when enabled, the
+      refit and report are done)
+1     an unexpected error (its traceback on stderr, passwords masked), or a full disk
+2     bad input: a configuration or data error, before any work (``error:`` line)
+3     the study is short: trials kept failing (``search.max_failures``)
+4     the study storage or tracking store did not answer for ``study.storage_patience``
+130   interrupted (Ctrl-C, SIGTERM); the same command resumes
+====  ==========================================================================
+"""
 
 from __future__ import annotations
 
@@ -6,7 +19,9 @@ import logging
 import os
 import signal
 import sys
+import traceback
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 # MLflow 3 reports usage telemetry by default; a tool that runs on clusters and offline
@@ -19,9 +34,16 @@ import optuna
 from omegaconf import DictConfig
 
 from dtp_search.config import register_resolvers
-from dtp_search.errors import ConfigError, DatasetError
+from dtp_search.errors import ConfigError, DatasetError, DiskFullError, StorageUnavailable
+from dtp_search.redaction import (
+    hide_passwords,
+    known_passwords,
+    redact,
+    redact_logging,
+    scrub_files,
+)
 from dtp_search.settings import allowed, field_owner, text_fields
-from dtp_search.study import run_study
+from dtp_search.study import RefitInterrupted, StudyIncomplete, run_study
 from dtp_search.training import request_stop, stop_requested
 
 register_resolvers()
@@ -30,13 +52,58 @@ log = logging.getLogger("dtp_search")
 # imported (the `dtp-search` console script) rather than run with `python -m`.
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
+EXIT_OK, EXIT_ERROR, EXIT_BAD_INPUT, EXIT_INCOMPLETE, EXIT_UNAVAILABLE = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+_INTERRUPTED_SEARCH = (
+    "interrupted: the running trial is marked FAILED (its MLflow run KILLED) and "
+    "queued again; run the same command to resume the study"
+)
+_INTERRUPTED_REFIT = (
+    "interrupted during the refit: the refit in progress stopped (its MLflow run and the "
+    "study's run KILLED); the search is complete, and running the same command refits the "
+    "trials still without a finished refit, then writes the report"
+)
+
+
+def main() -> None:
+    """The ``dtp-search`` console script and ``python -m dtp_search``."""
+    sys.exit(run(sys.argv[1:]))
+
+
+def run(argv: Sequence[str], launch: Callable[[list[str]], int] | None = None) -> int:
+    """The command line ``argv``, start to end; returns its exit status.
+
+    Deprecated keys are renamed, passwords in URLs moved into the environment
+    (:func:`~dtp_search.redaction.hide_passwords`: Hydra's run folder and the workers'
+    command lines see a reference), and the overrides checked; then ``launch(argv)``
+    runs the study. By default that is Hydra's app, which writes its run folder and
+    calls :func:`execute`; the tests compose the config in their own process instead
+    (``tests/inprocess.py``) and call :func:`execute` as well, so they see the same
+    statuses and messages.
+    """
+    argv = hide_passwords(rewrite_aliases(list(argv)))
+    problem = check_overrides(argv)
+    if problem is not None:
+        print(f"error: {redact(problem, known_passwords())}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return (launch or _launch_hydra)(argv)
+
+
+def _launch_hydra(argv: list[str]) -> int:
+    sys.argv[1:] = argv  # hydra.main reads its overrides from sys.argv
+    try:
+        _app()
+    except SystemExit as exc:  # _app's status, or Hydra's own (1) for its errors
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return EXIT_OK
+
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def _app(cfg: DictConfig) -> None:
-    # Heartbeats and metric names are marked experimental in Optuna but are the
-    # supported way to retry dead trials and label objectives; the warning is noise here.
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar reports trials
+    passwords = known_passwords(cfg)
+    _scrub_run_folder(passwords)
+    redact_logging(passwords)
     # Ctrl-C and SIGTERM (a scheduler's pre-emption, `kill`) stop the run at the next
     # training step (see _interrupt); the trial ends FAIL, its run KILLED, and it is
     # queued again so that rerunning the command resumes it from its checkpoint.
@@ -44,22 +111,65 @@ def _app(cfg: DictConfig) -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     # Optuna logs an interrupted trial with the KeyboardInterrupt's traceback: noise.
     logging.getLogger("optuna.study._optimize").addFilter(_drop_interrupt_traceback)
+    status = execute(cfg)
+    # Every outcome is handled by execute: Hydra's own report of a failed job ("Error
+    # executing job with overrides: [...]", the command line as typed) never prints.
+    if status != EXIT_OK:
+        sys.exit(status)
+
+
+def _scrub_run_folder(passwords: set[str]) -> None:
+    """Hydra has written the run's config files and opened its log before the app
+    starts; mask what :func:`hide_passwords` could not keep out, owner-only access."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    folder = Path(hc.runtime.output_dir)
+    files = [folder / f"{hc.job.name}.log"]
+    if hc.output_subdir is not None:
+        files += sorted((folder / hc.output_subdir).glob("*.yaml"))
+    scrub_files(files, passwords)
+
+
+def execute(cfg: DictConfig, overrides: Sequence[str] | None = None) -> int:
+    """Run the study ``cfg`` describes (``overrides``: the command line's, see
+    :func:`~dtp_search.study.run_study`) and return the exit status (the module's
+    table), having printed why on stderr in one line where it is not 0: the error, what
+    to do next, or for an unexpected error its traceback, passwords masked throughout.
+    ``DTP_SEARCH_DEBUG=1`` raises instead."""
+    # Heartbeats and metric names are marked experimental in Optuna but are the
+    # supported way to retry dead trials and label objectives; the warning is noise here.
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar reports trials
     try:
-        run_study(cfg)
-    except (ConfigError, DatasetError) as exc:
-        if os.environ.get("DTP_SEARCH_DEBUG"):
+        run_study(cfg, overrides=overrides)
+    except BaseException as exc:
+        outcome = _outcome(exc)
+        if outcome is None or os.environ.get("DTP_SEARCH_DEBUG"):
             raise
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        if os.environ.get("DTP_SEARCH_DEBUG"):
-            raise
-        print(
-            "interrupted: the running trial is marked FAILED (its MLflow run KILLED) and "
-            "queued again; run the same command to resume the study",
-            file=sys.stderr,
-        )
-        sys.exit(130)
+        print(redact(outcome[1], known_passwords(cfg)), file=sys.stderr)
+        return outcome[0]
+    return EXIT_OK
+
+
+def _outcome(exc: BaseException) -> tuple[int, str] | None:
+    """The exit status and message of a run that raised ``exc`` (called while it is
+    being handled); ``None`` for what is not a run's outcome (SystemExit)."""
+    if isinstance(exc, (ConfigError, DatasetError)):
+        return EXIT_BAD_INPUT, f"error: {exc}"
+    if isinstance(exc, StudyIncomplete):
+        return EXIT_INCOMPLETE, f"incomplete: {exc}"
+    if isinstance(exc, StorageUnavailable):
+        return EXIT_UNAVAILABLE, f"error: {exc}"
+    if isinstance(exc, DiskFullError):
+        return EXIT_ERROR, f"error: {exc}"
+    if isinstance(exc, RefitInterrupted):
+        return EXIT_INTERRUPTED, _INTERRUPTED_REFIT
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED, _INTERRUPTED_SEARCH
+    if isinstance(exc, Exception):
+        return EXIT_ERROR, traceback.format_exc().rstrip()
+    return None
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -214,15 +324,6 @@ def rewrite_aliases(argv: list[str]) -> list[str]:
                 break
         out.append(prefix + key + eq + value)
     return out
-
-
-def main() -> None:
-    sys.argv[1:] = rewrite_aliases(sys.argv[1:])
-    problem = check_overrides(sys.argv[1:])
-    if problem is not None:
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
-    _app()
 
 
 if __name__ == "__main__":

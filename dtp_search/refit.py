@@ -328,6 +328,9 @@ def refit_study(
             run.finish("FAIL")
             log.warning("refit of trial %d failed: layer collapse: %s", trial.number, exc)
             continue
+        except (KeyboardInterrupt, SystemExit):
+            run.finish("FAIL", status="KILLED")  # stopped, as an interrupted trial's run
+            raise
         except BaseException:
             run.finish("FAIL")
             raise

@@ -61,6 +61,11 @@ def run_study(cfg: DictConfig, overrides: Sequence[str] | None = None) -> optuna
     Any number of processes may run this on one study (``study.storage`` on a server,
     or ``study.workers=N`` here): they admit trials one at a time under a lock on the
     study (:func:`_search`), so together they stop at exactly ``search.n_trials``.
+
+    Raises :class:`StudyIncomplete` when too many trials failed to reach that count, and
+    :class:`RefitInterrupted` for an interrupt during the refit. The study's MLflow
+    parent run ends FINISHED, FAILED (a short study, an error) or KILLED (an interrupt),
+    never left RUNNING by the process that started it (:func:`_end_parent`).
     """
     if cfg.get("mode") == "compare":
         return compare(settings_of(cfg))
@@ -108,27 +113,82 @@ def run_study(cfg: DictConfig, overrides: Sequence[str] | None = None) -> optuna
     target = done if refit_only else s.search.n_trials
     if not is_worker:
         console.header(s, study, done, target, device)
-    status = "FINISHED"
+    outcome = "KILLED"  # the parent run's end should this process be stopped
     try:
         if refit_only or done >= target:
-            complete = True
+            pass
         elif s.study.workers > 1 and not is_worker:
-            complete = run_workers(s, study, target, console)
+            if not run_workers(s, study, target, console):
+                raise StudyIncomplete(
+                    f"the workers stopped with {n_finished(study)}/{target} finished trials "
+                    f"(their logs: {s.paths.root}/workers/); {_NEXT_STEP}"
+                )
         else:
-            complete = _search(ctx, target)
-        if not complete or is_worker:
-            return study
-        _finish(ctx, refit_only)
+            _search(ctx, target)
+        if not is_worker:
+            try:
+                _finish(ctx, refit_only)
+            except KeyboardInterrupt as exc:
+                raise RefitInterrupted(*exc.args) from None
+        outcome = "FINISHED"
+    except (KeyboardInterrupt, SystemExit):
+        raise
     except BaseException:
-        status = "KILLED"
+        outcome = "FAILED"
         raise
     finally:
-        refresh_pareto(study, tracker)
-        if status == "KILLED" or _is_complete(study, target):
-            tracker.finish(status)
+        # A worker of study.workers=N leaves the parent run to the process that started
+        # it: the other workers still log to it.
+        _end_parent(study, tracker, outcome, target if not is_worker else None)
     if not is_worker:
         console.summary(study, s, tracker.ui_command())
     return study
+
+
+class StudyIncomplete(RuntimeError):
+    """The run stopped before the study held ``search.n_trials`` finished trials (its
+    trials kept failing); ``python -m dtp_search`` exits with a status of its own."""
+
+
+class RefitInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during the refit (after the search): a rerun refits what is left."""
+
+
+# What a short study's message tells the user to do.
+_NEXT_STEP = (
+    "the failed trials' fail_reason (Optuna user attribute and MLflow tag) says why; fix "
+    "the cause and run the same command again to top the study up (a changed setting "
+    "needs a new study.name or study.allow_changes=[key]), or raise search.max_failures"
+)
+
+
+def _end_parent(
+    study: optuna.Study, tracker: StudyTracker, outcome: str, target: int | None
+) -> None:
+    """Refresh the study's Pareto front and end its parent run as ``outcome`` says:
+    FINISHED once the study is complete with no trial running (another process still
+    running trials ends it later), FAILED or KILLED at once. ``target=None`` (a worker
+    of ``study.workers=N``): the front only. A second Ctrl-C during the refresh still
+    ends the run (KILLED); a store that fails here must not hide why the run stopped."""
+    failing = outcome != "FINISHED"
+    try:
+        refresh_pareto(study, tracker)
+    except (Exception, StorageUnavailable) as exc:
+        if not failing:
+            outcome = "FAILED"
+            raise
+        log.warning("the study's Pareto front was not refreshed in MLflow (%s)", exc)
+    except BaseException:  # KeyboardInterrupt: a second signal
+        outcome = "KILLED"
+        raise
+    finally:
+        if target is not None and (outcome != "FINISHED" or _is_complete(study, target)):
+            try:
+                tracker.finish(outcome)
+            except (Exception, StorageUnavailable) as exc:
+                if not failing:
+                    raise
+                log.warning("the study's MLflow run was not marked %s (%s)", outcome, exc)
 
 
 def _command_line(overrides: Sequence[str] | None) -> list[str]:
@@ -232,8 +292,9 @@ def _fail_dead(study: optuna.Study, s: Settings) -> None:
         storages.fail_dead_trials(study, s.search.max_retry)
 
 
-def _search(ctx: SearchContext, target: int) -> bool:
-    """Run trials until the study holds ``target`` finished ones; True when it does.
+def _search(ctx: SearchContext, target: int) -> None:
+    """Run trials until the study holds ``target`` finished ones; raise
+    :class:`StudyIncomplete` when ``search.max_failures`` trials failed first.
 
     Admission: under the study's lock a worker counts finished and running trials and
     starts one only while finished + running < target, so that several workers never
@@ -303,9 +364,9 @@ def _search(ctx: SearchContext, target: int) -> bool:
                 ctx.admission.release()
     done = n_finished(study)
     if done < target:
-        log.warning("stopped after %d failed trials with %d/%d finished", failures, done, target)
-        return False
-    return True
+        raise StudyIncomplete(
+            f"stopped after {failures} failed trials with {done}/{target} finished; {_NEXT_STEP}"
+        )
 
 
 def _finish(ctx: SearchContext, refit_only: bool) -> None:

@@ -1,7 +1,8 @@
 """``python -m dtp_search`` run inside the test process: the command line's own steps
-(deprecated aliases renamed, the override check, Hydra's compose, ``run_study`` with the
-same one-line ``error:`` and exit status 2 for a configuration or data error), without
-the seconds each new process spends importing torch, MLflow and Optuna.
+(``dtp_search.__main__.run``: deprecated aliases renamed, passwords moved off the command
+line, the override check; then Hydra's compose and ``__main__.execute``, with the same
+messages and exit statuses), without the seconds each new process spends importing
+torch, MLflow and Optuna.
 
 What only a real process shows (signals, SIGKILL, several workers, the exit status and
 stderr of the interpreter itself, a fresh import, a store created from nothing) stays
@@ -102,8 +103,9 @@ def run_here(
     root: Path, *overrides: str, cwd: Path | None = None, premade_store: bool = True
 ) -> Result:
     """``python -m dtp_search paths.root=<root> <overrides>`` in this process, from ``cwd``
-    (``root``'s parent, as the subprocess runs do). Returns its exit status and output; an
-    unexpected exception propagates with its traceback (a process would exit 1).
+    (``root``'s parent, as the subprocess runs do): ``dtp_search.__main__.run``, the
+    command's own steps and exit statuses. Returns its exit status and output (an
+    unexpected error: status 1, its traceback in ``stderr``).
 
     ``premade_store``: where the run would create ``<root>/mlflow.db`` (the default
     ``tracking.uri``), an empty store is put there first (see the module's docstring);
@@ -111,44 +113,36 @@ def run_here(
 
     Not for runs whose environment matters at import or first use: urllib, for one, keeps
     the proxies it saw first (a download test needs a process of its own)."""
-    from hydra import compose, initialize_config_dir
-
-    from dtp_search.__main__ import CONFIG_DIR, check_overrides, rewrite_aliases
-    from dtp_search.errors import ConfigError, DatasetError
-    from dtp_search.study import run_study
+    from dtp_search.__main__ import run
 
     if premade_store and not any(
         o.lstrip("+").startswith(("tracking.uri=", "tracking=")) for o in overrides
     ):
         premake_store(root)
     out, err = io.StringIO(), io.StringIO()
-    code = 0
     try:
         with (
             isolated(),
             _chdir(cwd or Path(root).parent),
             contextlib.redirect_stdout(out),
             contextlib.redirect_stderr(err),
-            warnings.catch_warnings(),
+            warnings.catch_warnings(),  # (execute sets its filters, as for a run)
         ):
-            # As dtp_search.__main__._app sets them for a run.
-            warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-            optuna.logging.set_verbosity(optuna.logging.WARNING)
-            argv = rewrite_aliases([f"paths.root={root}", *overrides])
-            problem = check_overrides(argv)
-            if problem is not None:
-                print(f"error: {problem}", file=sys.stderr)
-                code = 2
-            else:
-                with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-                    cfg = compose("config", overrides=argv)
-                try:
-                    run_study(cfg, overrides=argv)
-                except (ConfigError, DatasetError) as exc:
-                    print(f"error: {exc}", file=sys.stderr)
-                    code = 2
+            code = run([f"paths.root={root}", *overrides], launch=_compose_and_execute)
     except BaseException:
         # Shown in the failing test's captured output, like a process's stderr.
         sys.stderr.write(out.getvalue() + err.getvalue())
         raise
     return Result(code, out.getvalue(), err.getvalue())
+
+
+def _compose_and_execute(argv: list[str]) -> int:
+    """What Hydra's app does for ``argv`` short of its run folder, logging set-up and
+    signal handlers: compose the config, then ``dtp_search.__main__.execute``."""
+    from hydra import compose, initialize_config_dir
+
+    from dtp_search.__main__ import CONFIG_DIR, execute
+
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=argv)
+    return execute(cfg, overrides=argv)

@@ -1,0 +1,198 @@
+"""Exit statuses that mean something to a batch script, and the study's MLflow parent run
+ending FINISHED, FAILED or KILLED, never left RUNNING (dtp_search.__main__'s table)."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from inprocess import run_here
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+
+from dtp_search import study as study_module
+from dtp_search.__main__ import execute
+from dtp_search.errors import ConfigError, StorageUnavailable
+from dtp_search.study import RefitInterrupted, StudyIncomplete, _end_parent
+
+TINY = [
+    "train.epochs=1",
+    "train.finetune_epochs=0",
+    "cv.folds=2",
+    "search.n_trials=2",
+    "front.points=2",
+    "console.progress=false",
+    "refit.enabled=false",
+]
+
+
+def _parent_status(root: Path, name: str) -> str:
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    runs = client.search_runs(
+        [client.get_experiment_by_name(name).experiment_id],
+        filter_string="tags.`dtp_search.role` = 'study'",
+    )
+    assert len(runs) == 1
+    return runs[0].info.status
+
+
+@pytest.mark.slow
+def test_a_complete_study_exits_0_and_its_parent_run_is_finished(tmp_path):
+    root = tmp_path / "runs"
+    proc = run_here(root, "study.name=ok", *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _parent_status(root, "ok") == "FINISHED"
+
+
+def test_a_study_whose_trials_diverge_exits_3_and_its_parent_run_is_failed(tmp_path):
+    root = tmp_path / "runs"
+    proc = run_here(root, "study.name=div", "train.lr=1000000", "search.max_failures=2", *TINY)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("incomplete:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert "stopped after 2 failed trials with 0/2 finished" in lines[0]
+    assert "fail_reason" in lines[0] and "search.max_failures" in lines[0]
+    assert _parent_status(root, "div") == "FAILED"
+
+
+def _cfg():
+    return OmegaConf.create({"study": {"storage": "postgresql://u:pw-abc-123@h/db"}})
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "start"),
+    [
+        (ConfigError("study.name='x': bad"), 2, "error: study.name='x': bad"),
+        (StudyIncomplete("stopped after 3 failed trials with 0/2 finished"), 3, "incomplete:"),
+        (
+            StorageUnavailable("study storage", "postgresql://u:***@h/db", 300, "refused"),
+            4,
+            "error:",
+        ),
+        (RefitInterrupted("SIGINT"), 130, "interrupted during the refit:"),
+        (KeyboardInterrupt("SIGINT"), 130, "interrupted: the running trial"),
+        (RuntimeError("lost postgresql://u:pw-abc-123@h/db"), 1, "Traceback"),
+    ],
+    ids=["config", "incomplete", "unavailable", "refit-interrupt", "interrupt", "unexpected"],
+)
+def test_each_outcome_has_its_status_and_one_message_without_the_password(
+    monkeypatch, capsys, exc, status, start
+):
+    def raises(cfg, overrides=None):
+        raise exc
+
+    monkeypatch.delenv("DTP_SEARCH_DEBUG", raising=False)
+    monkeypatch.setattr("dtp_search.__main__.run_study", raises)
+    assert execute(_cfg()) == status
+    err = capsys.readouterr().err
+    assert err.startswith(start) and "pw-abc-123" not in err, err
+    if status != 1:
+        assert len(err.strip().splitlines()) == 1, err
+
+
+class _Tracker:
+    def __init__(self) -> None:
+        self.ended: list[str] = []
+
+    def finish(self, status: str) -> None:
+        self.ended.append(status)
+
+
+@pytest.mark.parametrize(
+    ("outcome", "target", "ended"),
+    [
+        ("FINISHED", 0, ["FINISHED"]),
+        ("FAILED", 5, ["FAILED"]),
+        ("KILLED", 5, ["KILLED"]),
+        ("FINISHED", 5, []),  # not complete yet: another process ends it
+        ("FAILED", None, []),  # a worker of study.workers=N: the parent process decides
+        ("KILLED", None, []),
+    ],
+)
+def test_the_parent_run_is_ended_by_the_process_that_owns_it(monkeypatch, outcome, target, ended):
+    import optuna
+
+    monkeypatch.setattr(study_module, "refresh_pareto", lambda study, tracker: None)
+    tracker = _Tracker()
+    _end_parent(optuna.create_study(), tracker, outcome, target)
+    assert tracker.ended == ended
+
+
+def test_a_second_interrupt_while_the_front_is_refreshed_still_ends_the_run_killed(monkeypatch):
+    import optuna
+
+    def interrupted(study, tracker):
+        raise KeyboardInterrupt("SIGINT")
+
+    monkeypatch.setattr(study_module, "refresh_pareto", interrupted)
+    tracker = _Tracker()
+    with pytest.raises(KeyboardInterrupt):
+        _end_parent(optuna.create_study(), tracker, "FINISHED", 0)
+    assert tracker.ended == ["KILLED"]
+
+
+def _refit_started(db: Path) -> bool:
+    """A refit run has logged its first metrics (it is past its set-up, in training)."""
+    if not db.exists():
+        return False
+    try:
+        with sqlite3.connect(db, timeout=1) as conn:
+            return bool(
+                conn.execute(
+                    "SELECT 1 FROM metrics m JOIN tags t ON m.run_uuid = t.run_uuid "
+                    "WHERE t.key = 'dtp_search.role' AND t.value = 'refit'"
+                ).fetchone()
+            )
+    except sqlite3.Error:  # being migrated or written
+        return False
+
+
+@pytest.mark.slow
+def test_a_double_sigint_during_the_refit_exits_130_killed_and_the_rerun_refits(tmp_path):
+    root = tmp_path / "runs"
+    args = [
+        "study.name=refint",
+        "search.n_trials=1",
+        "cv.folds=2",
+        "train.epochs=1",
+        "train.finetune_epochs=0",
+        "front.points=2",
+        "console.progress=false",
+        "threads=1",
+        "refit.enabled=true",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dtp_search", f"paths.root={root}", *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not _refit_started(root / "mlflow.db"):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "interrupted during the refit:" in stderr and "queued again" not in stderr
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert _parent_status(root, "refint") == "KILLED"
+
+    rerun = run_here(root, *args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert _parent_status(root, "refint") == "FINISHED"
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    refits = client.search_runs(
+        [client.get_experiment_by_name("refint").experiment_id],
+        filter_string="tags.`dtp_search.role` = 'refit'",
+    )
+    # The interrupted refit ended KILLED; the rerun refit the trial again.
+    assert sorted(r.info.status for r in refits) == ["FINISHED", "KILLED"]
