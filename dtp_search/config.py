@@ -28,6 +28,7 @@ from dtp_search.pruning import (
     build_policy,
 )
 from dtp_search.pruning.pruner import check_floor
+from dtp_search.redaction import mask_urls
 from dtp_search.settings import (
     PrunerSettings,
     Settings,
@@ -36,7 +37,6 @@ from dtp_search.settings import (
     front_axis,
     register_schema,
 )
-from dtp_search.storage import mask_url
 from dtp_search.tracking import check_tracking_uri
 from dtp_search.training import CostProbe, WarmStart
 from dtp_search.warmstart import WarmStartCache
@@ -204,11 +204,19 @@ def loggable(cfg: DictConfig) -> dict[str, Any]:
     for node in ("policy", "search"):
         out.get(node, {}).pop("space", None)
     out.get("policy", {}).pop("options", None)
-    # Database passwords never reach MLflow params.
-    for node, key in (("study", "storage"), ("tracking", "uri")):
-        if isinstance(out.get(node, {}).get(key), str):
-            out[node][key] = mask_url(out[node][key])
-    return out
+    # Passwords never reach MLflow params or config.yaml: not only study.storage and
+    # tracking.uri carry URLs (an artifact location, a user's dataset argument can).
+    return _mask_passwords(out)
+
+
+def _mask_passwords(value: Any) -> Any:
+    if isinstance(value, str):
+        return mask_urls(value)
+    if isinstance(value, dict):
+        return {k: _mask_passwords(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask_passwords(v) for v in value]
+    return value
 
 
 def check_config(cfg: DictConfig) -> tuple[Settings, search_space.SearchSpace]:

@@ -10,6 +10,7 @@ from rich.console import Console as RichConsole
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from dtp_search.redaction import mask_urls
 from dtp_search.results import pareto_rows
 from dtp_search.settings import COST_OBJECTIVES, Settings
 from dtp_search.storage import mask_url
@@ -118,4 +119,5 @@ class Console:
             )
         self.out.print(table)
         self.out.print("Browse the study in MLflow:")
-        self.out.print(f"  {ui_command}", soft_wrap=True)
+        # An http tracking URI may carry user:password@ (MLflow's basic auth).
+        self.out.print(f"  {mask_urls(ui_command)}", soft_wrap=True)

@@ -39,6 +39,24 @@ def test_urls_in_any_text_have_their_password_masked():
     assert redact("password s3cret-x refused", {"s3cret-x"}) == "password *** refused"
 
 
+def test_no_url_in_a_run_config_keeps_its_password_in_mlflow():
+    from omegaconf import OmegaConf
+
+    from dtp_search.config import config_yaml, run_params
+
+    cfg = OmegaConf.create(
+        {
+            "study": {"storage": "postgresql://dtp:pw-3@db/optuna"},
+            "tracking": {"uri": "http://u:pw-4@h:5000", "artifact_location": "s3://k:pw-5@b/a"},
+            "policy": {"name": "agp", "note": "mysql://u:pw-6@h/x"},
+            "model": {"name": "mlp", "urls": ["http://u:pw-7@h/w"]},
+        }
+    )
+    written = config_yaml(cfg) + repr(run_params(cfg))
+    assert not any(f"pw-{i}" in written for i in range(3, 8)), written
+    assert "postgresql://dtp:***@db/optuna" in written
+
+
 def test_passwords_leave_the_command_line_for_the_environment(monkeypatch):
     monkeypatch.delenv(PASSWORD_ENV + "STUDY_STORAGE", raising=False)
     argv = hide_passwords(
