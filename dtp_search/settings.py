@@ -195,10 +195,12 @@ class PathsSettings:
 
 
 # study.name, in a form that is one folder name on every file system.
-_FOLDER_NAME = re.compile(r"\w[\w.+@,=-]{0,199}")
+# (Spaces inside are kept: names such as "lenet sweep" were allowed before this check.)
+_FOLDER_NAME = re.compile(r"\w(?:[\w .+@,=-]{0,198}[\w.+@,=-])?")
 _STUDY_NAME_WORDS = (
-    "a folder name of letters, digits and _ . - + @ , = (at most 200, the first a letter, "
-    "digit or _; no '..', / or \\), e.g. study.name=cifar10-resnet20-agp"
+    "a folder name of letters, digits, spaces and _ . - + @ , = (at most 200, the first a "
+    "letter, digit or _, the last no space; no '..', / or \\), e.g. "
+    "study.name=cifar10-resnet20-agp"
 )
 
 
