@@ -60,7 +60,7 @@ import torch
 
 from dtp_search.batches import Batches, StreamBatches, TensorBatches, random_crop_flip
 from dtp_search.checkpoint import atomic_save
-from dtp_search.errors import DatasetError, reason
+from dtp_search.errors import DatasetError, reason, writing
 from dtp_search.settings import DatasetSettings, from_mapping
 from dtp_search.splits import PixelSums, Split, channel_stats, stratified_subset, tensor_digest
 from dtp_search.streaming import (
@@ -367,16 +367,17 @@ def _scan(
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
         s = result.train_sums
-        tmp.write_text(
-            json.dumps(
-                {
-                    "digest": result.digest,
-                    "skipped": result.skipped,
-                    "sums": [list(s.total), list(s.squares), s.count],
-                }
-            )
-        )
-        os.replace(tmp, cache_file)
+        blob = {
+            "digest": result.digest,
+            "skipped": result.skipped,
+            "sums": [list(s.total), list(s.squares), s.count],
+        }
+        try:
+            with writing(cache_file):
+                tmp.write_text(json.dumps(blob))
+                os.replace(tmp, cache_file)
+        finally:
+            tmp.unlink(missing_ok=True)  # (a full disk leaves no half-written file behind)
     return result.train, result.test, result.digest, result.train_sums
 
 
