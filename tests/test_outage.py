@@ -6,6 +6,7 @@ retry; and, against a real PostgreSQL server stopped mid-study, a run that carri
 from __future__ import annotations
 
 import itertools
+import os
 import subprocess
 import sys
 import threading
@@ -21,7 +22,7 @@ import sqlalchemy.exc
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
-from servers import PASSWORD, postgres_server
+from servers import PASSWORD, free_port, postgres_server
 
 from dtp_search import outage
 from dtp_search.errors import StorageUnavailable
@@ -151,6 +152,23 @@ def test_patience_gives_up_with_one_line_naming_the_server_without_its_password(
     fn3, _ = _flaky(0, ValueError())
     assert Patience("the study storage", masked, 60).call(fn3) == "answer"
     assert not Patience("the study storage", masked, 60).gave_up
+
+
+def test_a_tracking_server_that_does_not_answer_is_retried_then_named(monkeypatch, no_wait):
+    from dtp_search.tracking import StudyTracker
+
+    for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):
+        monkeypatch.delenv(key, raising=False)  # (restored after the test)
+    url = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    with pytest.raises(StorageUnavailable) as info:
+        StudyTracker(url, "e", "s", patience=1)
+    assert 1 <= time.monotonic() - start < 30
+    assert str(info.value).startswith(
+        f"the tracking store {url} did not answer for 1 s (connection refused)"
+    )
+    # MLflow's own retries of a request are kept within the patience (a blip's worth)
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"
 
 
 class _LostAnswers:
