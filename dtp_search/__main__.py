@@ -34,7 +34,7 @@ import optuna
 from omegaconf import DictConfig
 
 from dtp_search.config import register_resolvers
-from dtp_search.errors import ConfigError, DatasetError, DiskFullError, StorageUnavailable
+from dtp_search.errors import ConfigError, DatasetError, StorageUnavailable, disk_full
 from dtp_search.redaction import (
     hide_passwords,
     known_passwords,
@@ -161,8 +161,9 @@ def _outcome(exc: BaseException) -> tuple[int, str] | None:
         return EXIT_INCOMPLETE, f"incomplete: {exc}"
     if isinstance(exc, StorageUnavailable):
         return EXIT_UNAVAILABLE, f"error: {exc}"
-    if isinstance(exc, DiskFullError):
-        return EXIT_ERROR, f"error: {exc}"
+    full = disk_full(exc)  # also one met inside a library (MLflow's artifacts, SQLite)
+    if full is not None:
+        return EXIT_ERROR, f"error: {full}"
     if isinstance(exc, RefitInterrupted):
         return EXIT_INTERRUPTED, _INTERRUPTED_REFIT
     if isinstance(exc, KeyboardInterrupt):
@@ -182,7 +183,10 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _drop_interrupt_traceback(record: logging.LogRecord) -> bool:
-    if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+    """Optuna logs a failed trial with its traceback; an interrupt and a full disk end the
+    run with their own one line instead (:func:`_outcome`)."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is not None and (isinstance(exc, KeyboardInterrupt) or disk_full(exc) is not None):
         record.exc_info, record.exc_text = None, None
     return True
 

@@ -34,7 +34,7 @@ from dtp_search.config import (
 from dtp_search.console import Console
 from dtp_search.data import ImageDataset
 from dtp_search.early_stop import ParetoFoldStop
-from dtp_search.errors import StorageUnavailable
+from dtp_search.errors import StorageUnavailable, disk_full
 from dtp_search.fidelity import POINT_ATTR, RUNG_ATTR, FidelityRung
 from dtp_search.models import checkpoint_digest, start_model
 from dtp_search.pruning import LayerCollapse
@@ -122,7 +122,8 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
         )
         raise
     except BaseException as exc:
-        reason = f"{type(exc).__name__}: {exc}"
+        full = disk_full(exc)  # one line naming the file, not torch's or SQLite's words
+        reason = str(full) if full is not None else f"{type(exc).__name__}: {exc}"
         trial.set_user_attr("fail_reason", reason[:500])
         t.run.set_tags({"fail_reason": reason[:500]})
         t.run.finish("FAIL")
