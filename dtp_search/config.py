@@ -255,15 +255,19 @@ def make_storage(s: Settings) -> BaseStorage:
     )
 
 
-def make_warm_start(cfg: DictConfig, tcfg: DictConfig) -> WarmStart | None:
+def make_warm_start(cfg: DictConfig, tcfg: DictConfig, data_digest: str) -> WarmStart | None:
     """The dense warm-start cache for the runs of ``tcfg`` (a trial's folds or a refit), or
-    ``None`` with ``search.warm_start=false``. The dataset's config is hashed into every
-    key: the keys see the sample indices, not which data set they index."""
+    ``None`` with ``search.warm_start=false``. The dataset's config and its content digest
+    (:meth:`~dtp_search.data.ImageDataset.content_digest`) are hashed into every key: the
+    keys see the sample indices, not which data set they index, nor whether its files
+    were edited since (a dense state trained on the old images must not be reused)."""
     if not cfg.search.get("warm_start", True):
         return None
-    return WarmStart(
-        WarmStartCache(cfg.paths.warm_start), OmegaConf.to_container(tcfg.dataset, resolve=True)
-    )
+    context = {
+        "dataset": OmegaConf.to_container(tcfg.dataset, resolve=True),
+        "digest": data_digest,
+    }
+    return WarmStart(WarmStartCache(cfg.paths.warm_start), context)
 
 
 def make_cost_meter(

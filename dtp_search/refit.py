@@ -259,7 +259,7 @@ def refit_study(
                 tcfg,
                 dataset,
                 device,
-                warm_start=make_warm_start(cfg, tcfg),
+                warm_start=make_warm_start(cfg, tcfg, dataset.content_digest()),
                 cost=None if meter is None else CostProbe(meter, sweep=(axis,)),
                 on_epoch=lambda r, run=run: run.log_metrics(
                     {

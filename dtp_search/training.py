@@ -209,7 +209,7 @@ class WarmStart:
     """The dense warm-start cache of :func:`prune_and_train`, and what its keys cannot see."""
 
     cache: WarmStartCache
-    context: Any = None  # hashed into every key: the dataset's config (the key sees only indices)
+    context: Any = None  # hashed into every key: the dataset's config and content digest
 
 
 def prune_and_train(

@@ -214,7 +214,7 @@ def _cross_validate(t: _Trial, ctx: SearchContext) -> tuple[CVResult, dict[int, 
     fronts: dict[int, list] = {}
     done: list[FoldResult] = []  # in fold order (replayed folds of a resume too)
     pareto = ctx.study.pruner if isinstance(ctx.study.pruner, ParetoFoldStop) else None
-    warm_start = make_warm_start(ctx.cfg, tcfg)
+    warm_start = make_warm_start(ctx.cfg, tcfg, ctx.dataset.content_digest())
     rung = make_fidelity(ctx.settings)
     rung_epoch = None if rung is None else rung.rung_epoch(settings.epochs)
     cost = make_cost_probe(

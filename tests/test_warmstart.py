@@ -172,3 +172,31 @@ def test_a_post_pruning_studys_refits_train_their_dense_epochs_once(tmp_path):
         )
     assert warmed == [0.0, 2.0]
     assert len({r["sparsity"] for r in refits.values()}) == 2
+
+
+def test_data_edited_in_place_misses_the_cache(ds, tmp_path):
+    """The same dataset config with other file contents (another content digest, as
+    config.make_warm_start passes it) trains its dense epochs anew."""
+    from dtp_search.config import make_warm_start
+
+    cfg = OmegaConf.create({"search": {"warm_start": True}, "paths": {"warm_start": str(tmp_path)}})
+    tcfg = OmegaConf.create({"dataset": DIGITS})
+    before = make_warm_start(cfg, tcfg, "digest-before")
+    after = make_warm_start(cfg, tcfg, "digest-after")
+    for warm in (before, after):
+        cross_validate(
+            ds,
+            folds=2,
+            seed=1,
+            make_model=lambda: build_model(
+                OmegaConf.create({"arch": "mlp", "hidden": [32, 16]}), ds.input_shape, 10
+            ),
+            make_pruner=lambda m: build_pruner(
+                m, OmegaConf.create(AGP), torch.zeros(1, *ds.input_shape)
+            ),
+            settings=SETTINGS,
+            front=FrontSettings(points=3),
+            warm_start=warm,
+        )
+    assert before.cache.hits == 0 and after.cache.hits == 0
+    assert len(list(tmp_path.glob("*.pt"))) == 4  # two states per data content
