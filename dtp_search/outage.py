@@ -158,6 +158,7 @@ class _Outage:
         self.lock = threading.Lock()
         self.since: float | None = None
         self.gave_up = False
+        self.recovered: float | None = None  # when the server last answered again
 
 
 _OUTAGES: dict[str, _Outage] = {}
@@ -267,7 +268,22 @@ class Patience:
             return
         with outage.lock:
             since, outage.since, outage.gave_up = outage.since, None, False
+            outage.recovered = time.monotonic()
         if since is not None:
             log.warning(
                 "%s %s answers again after %.0f s", self.role, self.url, time.monotonic() - since
             )
+
+
+def seconds_since_recovery(url: str) -> float | None:
+    """Seconds since the server of ``url`` answered again after an outage this process
+    saw; ``None`` when it saw none.
+
+    After an outage no worker's heartbeat has beaten for its whole length: a stale-trial
+    check made before the live workers have beaten again would fail their trials (and
+    queue retries of trials that are still running)."""
+    with _OUTAGES_LOCK:
+        outage = _OUTAGES.get(_server_key(url))
+    if outage is None or outage.recovered is None:
+        return None
+    return time.monotonic() - outage.recovered

@@ -38,6 +38,7 @@ from dtp_search.console import Console
 from dtp_search.data import ImageDataset, load_dataset
 from dtp_search.errors import StorageUnavailable
 from dtp_search.models import check_output, start_model
+from dtp_search.outage import seconds_since_recovery
 from dtp_search.refit import refit_study
 from dtp_search.report import compare_studies, log_report
 from dtp_search.results import FINISHED, n_finished, refresh_pareto
@@ -286,7 +287,11 @@ def _fail_dead(study: optuna.Study, s: Settings) -> None:
     machine, process liveness — at once, without waiting for the grace period (the
     journal has no heartbeat at all). Liveness is not used for servers: workers in
     containers can share a host name without sharing process ids."""
-    if storages.has_heartbeat(study._storage):
+    back = seconds_since_recovery(s.study.storage)
+    # Right after an outage every heartbeat is old: live workers beat again within one
+    # interval, and only then does a silent trial mean a dead worker.
+    settled = back is None or back > 2 * s.search.heartbeat_interval
+    if storages.has_heartbeat(study._storage) and settled:
         optuna.storages.fail_stale_trials(study)
     if storages.local_path(s.study.storage) is not None:
         storages.fail_dead_trials(study, s.search.max_retry)

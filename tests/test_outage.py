@@ -348,3 +348,41 @@ def test_a_longer_outage_ends_the_run_with_one_line_and_leaves_its_trial_to_the_
     states = [t.state for t in _trials(storage)]
     assert TrialState.FAIL not in states
     assert not [r for r in _trial_runs(root) if r.info.status == "RUNNING"]
+
+
+def test_no_stale_trial_check_right_after_an_outage(monkeypatch):
+    """Every heartbeat is old when a server comes back: the stale-trial check waits until
+    live workers have beaten again (two heartbeat intervals), or it would fail and
+    re-queue trials that are still running."""
+    from types import SimpleNamespace
+
+    from dtp_search import study as study_module
+    from dtp_search.outage import Patience, seconds_since_recovery
+
+    url = "postgresql://u:pw@db-recovery-test:5432/optuna"
+    assert seconds_since_recovery(url) is None
+    attempts = iter([ConnectionRefusedError("refused"), None])
+
+    def flaky():
+        exc = next(attempts)
+        if exc is not None:
+            raise exc
+        return "ok"
+
+    monkeypatch.setattr("dtp_search.outage.time.sleep", lambda s: None)
+    assert Patience("the study storage", url, 60).call(flaky) == "ok"
+    assert 0 <= seconds_since_recovery(url) < 5
+
+    checks = []
+    monkeypatch.setattr(study_module.optuna.storages, "fail_stale_trials", checks.append)
+    monkeypatch.setattr(study_module.storages, "has_heartbeat", lambda storage: True)
+    s = SimpleNamespace(
+        study=SimpleNamespace(storage=url),
+        search=SimpleNamespace(heartbeat_interval=30, max_retry=2),
+    )
+    fake = SimpleNamespace(_storage=None)
+    study_module._fail_dead(fake, s)
+    assert checks == []  # just recovered: not yet
+    s.search.heartbeat_interval = 0
+    study_module._fail_dead(fake, s)
+    assert checks == [fake]
