@@ -44,7 +44,7 @@ from dtp_search.redaction import (
 )
 from dtp_search.settings import allowed, field_owner, text_fields
 from dtp_search.study import RefitInterrupted, StudyIncomplete, run_study
-from dtp_search.training import request_stop, stop_requested
+from dtp_search.training import request_stop, stop_now, stop_requested, stopping
 
 register_resolvers()
 log = logging.getLogger("dtp_search")
@@ -68,7 +68,13 @@ _INTERRUPTED_REFIT = (
 
 def main() -> None:
     """The ``dtp-search`` console script and ``python -m dtp_search``."""
-    sys.exit(run(sys.argv[1:]))
+    status = run(sys.argv[1:])
+    if stopping():
+        # Python gives the default handlers back while it shuts down: one more Ctrl-C
+        # landing then would kill the process by the signal instead of exiting 130.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(status)
 
 
 def run(argv: Sequence[str], launch: Callable[[list[str]], int] | None = None) -> int:
@@ -175,10 +181,17 @@ def _outcome(exc: BaseException) -> tuple[int, str] | None:
 
 def _interrupt(signum: int, frame: object) -> None:
     """First signal: ask training to stop at its next step (a safe point). Second signal:
-    stop at once, wherever the program is."""
+    stop at once, wherever the program is. A signal that arrives once the stop is under
+    way (runs being closed, the message being printed) is not acted on, so that the run
+    still ends as it says; it gives the default handling back, and one more ends the
+    process at once."""
     name = signal.Signals(signum).name
+    if stopping():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        return
     if stop_requested() is not None:
-        raise KeyboardInterrupt(name)
+        stop_now()
     request_stop(name)
 
 

@@ -45,7 +45,13 @@ from dtp_search.results import FINISHED, n_finished, refresh_pareto
 from dtp_search.settings import Settings, front_axis
 from dtp_search.storage import mask_url
 from dtp_search.tracking import StudyTracker, describe_dataset
-from dtp_search.training import DivergedError, eval_batches, resolve_device, stop_requested
+from dtp_search.training import (
+    DivergedError,
+    eval_batches,
+    resolve_device,
+    stop_now,
+    stop_requested,
+)
 from dtp_search.trial import SearchContext, objective
 from dtp_search.workers import WORKER_ENV, run_workers
 
@@ -323,7 +329,7 @@ def _search(ctx: SearchContext, target: int) -> None:
 
         while failures < s.search.max_failures:
             if stop_requested() is not None:  # a signal arrived between trials
-                raise KeyboardInterrupt(stop_requested())
+                stop_now()
             _fail_dead(study, s)
             ctx.admission.acquire()
             try:

@@ -13,7 +13,7 @@ import math
 import statistics
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -81,6 +81,23 @@ def request_stop(reason: str) -> None:
 
 def stop_requested() -> str | None:
     return _stop_reason
+
+
+_stopping = False  # a stop's KeyboardInterrupt has been raised: the run is unwinding
+
+
+def stop_now() -> NoReturn:
+    """Raise the ``KeyboardInterrupt`` that stops the run for the requested reason (or a
+    second signal's), and remember that the run is unwinding (:func:`stopping`)."""
+    global _stopping
+    _stopping = True
+    raise KeyboardInterrupt(_stop_reason)
+
+
+def stopping() -> bool:
+    """Whether :func:`stop_now` has raised: the run is already on its way out (closing
+    its runs, saying why), and another signal must not cut that short."""
+    return _stopping
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -478,7 +495,7 @@ class FoldTrainer:
             loss_sum += loss.detach()
             self.step += 1
             if _stop_reason is not None:
-                raise KeyboardInterrupt(_stop_reason)
+                stop_now()
             if update_masks:
                 self._update_masks()
         mean_loss = float(loss_sum) / self.steps_per_epoch

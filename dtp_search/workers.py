@@ -25,7 +25,7 @@ from dtp_search.console import Console
 from dtp_search.errors import StorageUnavailable
 from dtp_search.results import FINISHED
 from dtp_search.settings import Settings
-from dtp_search.training import stop_requested
+from dtp_search.training import stop_now, stop_requested
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def run_workers(settings: Settings, study: optuna.Study, target: int, console: C
             while any(p.poll() is None for p, _ in procs):
                 time.sleep(1.0)
                 if stop_requested() is not None:  # Ctrl-C here (see dtp_search.__main__)
-                    raise KeyboardInterrupt(stop_requested())
+                    stop_now()
                 try:
                     trials = study.get_trials(deepcopy=False)
                 except StorageUnavailable:

@@ -32,6 +32,18 @@ from pathlib import Path
 import optuna
 import torch
 
+# The smallest study that runs every step (two 1-epoch trials on digits, two folds, no
+# refit), for tests of what surrounds the training rather than of the training.
+TINY = [
+    "train.epochs=1",
+    "train.finetune_epochs=0",
+    "cv.folds=2",
+    "search.n_trials=2",
+    "front.points=2",
+    "console.progress=false",
+    "refit.enabled=false",
+]
+
 
 @dataclass
 class Result:

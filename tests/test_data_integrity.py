@@ -20,7 +20,7 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from inprocess import run_here
+from inprocess import TINY, run_here
 from PIL import Image
 
 from dtp_search import data as data_mod
@@ -31,15 +31,6 @@ from dtp_search.errors import ConfigError
 from dtp_search.streaming import FileDecoder
 
 HERE = __name__  # the module's import name, for dataset._target_
-TINY = [
-    "train.epochs=1",
-    "train.finetune_epochs=0",
-    "cv.folds=2",
-    "search.n_trials=2",
-    "front.points=2",
-    "console.progress=false",
-    "refit.enabled=false",
-]
 
 
 # ------------------------------------------------------------------------------ trees

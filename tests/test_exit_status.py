@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from inprocess import run_here
+from inprocess import TINY, run_here
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
@@ -19,16 +19,6 @@ from dtp_search import study as study_module
 from dtp_search.__main__ import execute
 from dtp_search.errors import ConfigError, StorageUnavailable
 from dtp_search.study import RefitInterrupted, StudyIncomplete, _end_parent
-
-TINY = [
-    "train.epochs=1",
-    "train.finetune_epochs=0",
-    "cv.folds=2",
-    "search.n_trials=2",
-    "front.points=2",
-    "console.progress=false",
-    "refit.enabled=false",
-]
 
 
 def _parent_status(root: Path, name: str) -> str:
@@ -196,3 +186,30 @@ def test_a_double_sigint_during_the_refit_exits_130_killed_and_the_rerun_refits(
     )
     # The interrupted refit ended KILLED; the rerun refit the trial again.
     assert sorted(r.info.status for r in refits) == ["FINISHED", "KILLED"]
+
+
+def test_a_signal_during_the_stop_is_not_acted_on_and_a_further_one_ends_at_once(monkeypatch):
+    """First signal: stop at the next step. Second: stop at once. One that lands while the
+    stop unwinds (closing the runs, printing why) must not cut it short with an uncaught
+    KeyboardInterrupt (the process would die by SIGINT, not exit 130); it hands the
+    default handling back instead."""
+    import signal
+
+    from dtp_search import __main__ as cli
+    from dtp_search import training
+
+    monkeypatch.setattr(training, "_stop_reason", None)
+    monkeypatch.setattr(training, "_stopping", False)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        cli._interrupt(signal.SIGINT, None)
+        assert training.stop_requested() == "SIGINT" and not training.stopping()
+        with pytest.raises(KeyboardInterrupt):
+            cli._interrupt(signal.SIGINT, None)
+        assert training.stopping()
+        cli._interrupt(signal.SIGINT, None)  # while unwinding: nothing raised
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])

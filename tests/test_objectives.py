@@ -250,7 +250,6 @@ def test_a_study_of_accuracy_against_flops_with_channel_pruning(tmp_path):
         "model=lenet5",
         "model.padding=[2,2]",
         "policy.granularity=channel",
-        "policy.final_sparsity=0.5",
         "policy.space.final_sparsity.low=0.4",
         "policy.space.final_sparsity.high=0.6",
         "front.points=3",

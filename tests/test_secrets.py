@@ -13,22 +13,12 @@ from pathlib import Path
 
 import optuna
 import pytest
-from inprocess import run_here
+from inprocess import TINY, run_here
 from mlflow.tracking import MlflowClient
 from servers import PASSWORD, postgres_cluster
 
 from dtp_search.__main__ import run
 from dtp_search.redaction import PASSWORD_ENV, hide_passwords, known_passwords, mask_urls, redact
-
-TINY = [
-    "train.epochs=1",
-    "train.finetune_epochs=0",
-    "cv.folds=2",
-    "search.n_trials=2",
-    "front.points=2",
-    "console.progress=false",
-    "refit.enabled=false",
-]
 
 
 def test_urls_in_any_text_have_their_password_masked():
