@@ -25,7 +25,7 @@ from dtp_search.console import Console
 from dtp_search.errors import StorageUnavailable
 from dtp_search.results import FINISHED
 from dtp_search.settings import Settings
-from dtp_search.training import stop_now, stop_requested
+from dtp_search.training import request_stop, stop_now, stop_requested
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,10 @@ def run_workers(settings: Settings, study: optuna.Study, target: int, console: C
     procs: list[tuple[subprocess.Popen, Path]] = []
 
     def on_sigterm(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
+        # At once (not at the next poll): a scheduler's SIGTERM is followed by SIGKILL.
+        # An interrupt like Ctrl-C: exit status 130, the parent run KILLED.
+        request_stop(signal.Signals(signum).name)
+        stop_now()
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
