@@ -13,6 +13,7 @@ stored config, not from today's command line.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -78,6 +79,21 @@ def defining_config(cfg: DictConfig, dataset_digest: str) -> dict[str, Any]:
     if checkpoint:
         flat["model.checkpoint_digest"] = checkpoint_digest(checkpoint)
     return json.loads(json.dumps(flat, default=str))
+
+
+# Not part of what a trial trains: the search spaces (a trial holds its sampled values).
+_SPACES = ("policy.space", "policy.options", "search.space")
+
+
+def trial_key(tcfg: DictConfig, dataset_digest: str) -> str:
+    """Hash of what a trial's training depends on, the key of its checkpoint: the same
+    keys as the drift check compares (:func:`defining_config`), without the search spaces.
+    A change the drift check lets through unasked (``train.amp``, ``dataset.path``: how
+    or from where, not what) keeps the checkpoint; one it refuses changes the key."""
+    flat = {
+        k: v for k, v in defining_config(tcfg, dataset_digest).items() if not _under(k, _SPACES)
+    }
+    return hashlib.sha1(json.dumps(flat, sort_keys=True).encode()).hexdigest()
 
 
 def changes(

@@ -4,7 +4,6 @@ split, record it in Optuna and MLflow, and return its objectives."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 from collections import Counter
@@ -14,7 +13,7 @@ from typing import Any
 
 import optuna
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from dtp_search import provenance
 from dtp_search import space as search_space
@@ -36,7 +35,7 @@ from dtp_search.data import ImageDataset
 from dtp_search.early_stop import ParetoFoldStop
 from dtp_search.errors import StorageUnavailable, disk_full
 from dtp_search.fidelity import POINT_ATTR, RUNG_ATTR, FidelityRung
-from dtp_search.models import checkpoint_digest, start_model
+from dtp_search.models import start_model
 from dtp_search.pruning import LayerCollapse
 from dtp_search.settings import COST_OBJECTIVES, FrontSettings, Settings, front_axis
 from dtp_search.tracking import StudyTracker, TrialRun, front_x
@@ -164,7 +163,11 @@ def _start(trial: optuna.Trial, ctx: SearchContext) -> _Trial:
     trial.set_user_attr("lineage", lineage)
     trial.set_user_attr("worker", storages.worker_id())
     checkpoint = (
-        TrialCheckpoint(Path(cfg.paths.checkpoints) / cfg.study.name, lineage, _config_key(tcfg))
+        TrialCheckpoint(
+            Path(cfg.paths.checkpoints) / cfg.study.name,
+            lineage,
+            provenance.trial_key(tcfg, ctx.dataset.content_digest()),
+        )
         if cfg.search.checkpoint
         else None
     )
@@ -421,18 +424,3 @@ def _pruned(trial: optuna.Trial, run: Any, reason: str) -> optuna.TrialPruned:
     trial.set_user_attr("prune_reason", reason)
     run.set_tags({"prune_reason": reason})
     return optuna.TrialPruned(reason)
-
-
-def _config_key(tcfg: DictConfig) -> str:
-    """Hash of what a trial's training depends on (not paths, tracking or console)."""
-    relevant = {
-        k: OmegaConf.to_container(tcfg[k], resolve=True)
-        if isinstance(tcfg[k], DictConfig)
-        else tcfg[k]
-        for k in ("dataset", "model", "policy", "train", "cv", "front", "seed")
-    }
-    relevant["policy"].pop("space", None)
-    relevant["policy"].pop("options", None)
-    if relevant["model"].get("checkpoint"):  # what the weights are, not where they lie
-        relevant["model"]["checkpoint"] = checkpoint_digest(relevant["model"]["checkpoint"])
-    return hashlib.sha1(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()

@@ -95,3 +95,32 @@ def test_a_setting_added_since_the_study_was_stored_changes_nothing_at_its_defau
     assert changes(stored, current) == {}
     moved = {**current, "train.l1_start_epoch": 3}
     assert changes(stored, moved) == {"train.l1_start_epoch": ("(absent)", 3)}
+
+
+@pytest.mark.parametrize(
+    ("change", "same_key"),
+    [
+        ("train.amp=false", True),  # how it runs: the drift check lets it through
+        ("train.eval_batch_size=64", True),
+        ("policy.space.final_sparsity.high=0.9", True),  # the space, not the trial's values
+        ("train.lr=0.05", False),  # what it trains: refused by the drift check
+        ("policy.final_sparsity=0.5", False),
+        ("cv.folds=5", False),
+    ],
+)
+def test_the_checkpoint_key_and_the_drift_check_agree(change, same_key):
+    """A trial's checkpoint survives exactly the changes the drift check lets through
+    unasked: before, changing train.amp passed the check but silently discarded it."""
+    before, after = _cfg(), _cfg(change)
+    spaces = ("policy.space", "search.space")
+    refused = {
+        k
+        for k in provenance.changes(
+            provenance.defining_config(before, "d"), provenance.defining_config(after, "d")
+        )
+        if not k.startswith(spaces)
+    }
+    assert (not refused) == same_key
+    assert (provenance.trial_key(before, "d") == provenance.trial_key(after, "d")) == same_key
+    # The data's content is in the key, its location is not.
+    assert provenance.trial_key(before, "d") != provenance.trial_key(before, "e")
