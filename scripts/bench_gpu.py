@@ -7,6 +7,7 @@ forward FLOPs counted by ``torch.utils.flop_counter`` (forward + two backward ma
 
     python scripts/bench_gpu.py --epochs 3
     python scripts/bench_gpu.py --epochs 3 --compile
+    python scripts/bench_gpu.py --smoke   # on the CPU, a tiny generated tree: checks the script
 """
 
 from __future__ import annotations
@@ -47,7 +48,21 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="check the script in seconds: on the CPU (even with a GPU), a tiny generated "
+        "ImageFolder, 1 epoch, batch 16; its figures say nothing about a GPU",
+    )
     a = ap.parse_args()
+    if a.smoke:
+        with tempfile.TemporaryDirectory(prefix="dtp-bench-smoke-") as tmp:
+            from _smoke import tiny_cifar
+
+            a.data, a.epochs, a.batch_size = tiny_cifar(Path(tmp) / "cifar", 6, 2), 1, 16
+            print("smoke run: CPU, a tiny generated ImageFolder; not a GPU measurement")
+            measure(a, torch.device("cpu"))
+        return
     if not torch.cuda.is_available():
         print(
             "gpu_images_per_second: skipped (no CUDA device) (target: report images/s and "
@@ -56,10 +71,20 @@ def main() -> None:
         return
     if not (a.data / "train").is_dir():
         sys.exit(f"no ImageFolder tree at {a.data} (expected train/<class>/*.jpg)")
+    measure(a, torch.device("cuda"))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(a: argparse.Namespace, device: torch.device) -> None:
+    """One resnet20 fold through dtp_search's engine on ``device``; prints its figures."""
     from hydra import compose, initialize_config_dir
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dtp_search.config import build_pruner
+    from dtp_search.config import build_pruner, register_resolvers
     from dtp_search.data import load_dataset
     from dtp_search.models import build_model
     from dtp_search.training import (
@@ -70,7 +95,7 @@ def main() -> None:
         train_batches,
     )
 
-    device = torch.device("cuda")
+    register_resolvers()  # conf/config.yaml's ${abspath:...}, as the CLI does on start-up
     with (
         tempfile.TemporaryDirectory() as cache,
         initialize_config_dir(str(ROOT / "conf"), version_base="1.3"),
@@ -102,16 +127,16 @@ def main() -> None:
     pruner = build_pruner(model, cfg.policy, torch.zeros(1, *ds.input_shape, device=device))
     train = train_batches(ds, tr, settings, 0, device)
     val = eval_batches(ds, ds.train, va, settings, device)
-    torch.cuda.synchronize()
+    _sync(device)
     start = time.perf_counter()
     result = prune_and_train(model, pruner, train, val, settings, front=FrontSettings(points=0))
-    torch.cuda.synchronize()
+    _sync(device)
     seconds = time.perf_counter() - start
     images = a.epochs * len(train) * settings.batch_size
     ips = images / seconds
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     peak = peak_tflops(name)
-    share = f"{ips * train_flops / (peak * 1e12):.2%}" if peak else "unknown peak"
+    share = f"{ips * train_flops / (peak * 1e12):.2%}" if peak else "an unknown share"
     print(
         f"\nresnet20, CIFAR-10 fold 1 of 3 ({len(tr)} images), {a.epochs} epochs, batch "
         f"{a.batch_size}, {name}, compile={a.compile}: {seconds:.1f} s (evaluations and "

@@ -17,6 +17,7 @@ dtp_search: loading the cached split; the one-time decode is reported separately
 
     python scripts/bench_throughput.py                       # ../shared/data/cifar10
     python scripts/bench_throughput.py --limit 50000 --epochs 2
+    python scripts/bench_throughput.py --smoke     # seconds: a tiny generated tree, 1 epoch
 """
 
 from __future__ import annotations
@@ -40,6 +41,11 @@ def compose(data: Path, cache: Path, limit: int, epochs: int, batch_size: int):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    from dtp_search.config import register_resolvers
+
+    # conf/config.yaml's ${abspath:...}: the CLI registers its resolvers on start-up, a
+    # script that composes the config itself has to do the same.
+    register_resolvers()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         return hydra_compose(
             "config",
@@ -180,7 +186,18 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--device", default="auto")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="check the script in seconds: a tiny generated ImageFolder, 1 epoch, batch 16",
+    )
     a = ap.parse_args()
+    smoke_dir = None
+    if a.smoke:
+        from _smoke import tiny_cifar
+
+        smoke_dir = Path(tempfile.mkdtemp(prefix="dtp-bench-smoke-"))
+        a.data, a.limit, a.epochs, a.batch_size = tiny_cifar(smoke_dir / "cifar"), 90, 1, 16
     if not (a.data / "train").is_dir():
         sys.exit(f"no ImageFolder tree at {a.data} (expected train/<class>/*.jpg)")
     from dtp_search.training import resolve_device
@@ -194,6 +211,8 @@ def main() -> None:
         t_tut, acc_tut, n_tut = run_tutorial(cfg, device)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+        if smoke_dir is not None:
+            shutil.rmtree(smoke_dir, ignore_errors=True)
     ips_dtp = a.epochs * n_dtp / t_dtp
     ips_tut = a.epochs * n_tut / t_tut
     print(

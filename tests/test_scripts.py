@@ -1,0 +1,47 @@
+"""Every benchmark in scripts/ runs: ``python scripts/<x>.py --smoke`` (a tiny budget on
+digits or a tiny generated ImageFolder) exits 0 and prints its table and headline line.
+bench_torch_pruning.py and bench_stream_memory.py have their smoke runs in
+test_bench_torch_pruning.py and test_user_data.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# script -> (extra arguments, with {tmp} for the test's folder; lines its output must hold)
+SMOKE = {
+    "bench_throughput.py": (
+        [],
+        ["| dtp_search (AGP pruning, cached tensors) |", "throughput_ratio: "],
+    ),
+    "bench_gpu.py": (
+        [],
+        ["not a GPU measurement", "resnet20, CIFAR-10 fold 1 of 3", "gpu_images_per_second: "],
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(SMOKE))
+def test_the_benchmark_runs_in_smoke_mode(script, tmp_path):
+    args, expected = SMOKE[script]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / script), "--smoke"]
+        + [arg.format(tmp=tmp_path) for arg in args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        # From the test's folder, with every temporary folder in it: nothing is written
+        # into the repository.
+        cwd=tmp_path,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    for line in expected:
+        assert line in proc.stdout, proc.stdout[-3000:]
