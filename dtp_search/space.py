@@ -15,18 +15,38 @@ parameter ``policy`` from ``policy.choices``, the trial's ``policy`` node become
 ``policy.options.<name>``, and only that policy's space is sampled — a conditional
 space whose parameters are named ``<name>.<key>`` (``agp.final_sparsity``), so that
 samplers model each policy's parameters separately.
+
+A spec may take a bound from another key (``high: ${train.epochs}``). Such a dimension
+is resolved once, when the study is created, and stored with it (:func:`pin_derived`):
+a rerun that changes ``train.epochs`` (``study.allow_changes``) samples the same
+distribution as the first run, because Optuna treats one parameter name with two
+distributions as a mistake (a retried trial warns "Inconsistent parameter values") and
+its samplers cannot model the two as one.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import optuna
 from omegaconf import DictConfig, OmegaConf, open_dict
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+    distribution_to_json,
+    json_to_distribution,
+)
 
 from dtp_search.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 TYPES = ("float", "int", "categorical")
 
@@ -41,10 +61,37 @@ class Dimension:
     step: float | None = None
     choices: tuple[Any, ...] = ()
     name: str = ""  # Optuna parameter name; the key when empty
+    derived: bool = False  # the spec interpolates another key (high: ${train.epochs})
 
     @property
     def param(self) -> str:
         return self.name or self.key
+
+    @property
+    def distribution(self) -> BaseDistribution:
+        """The distribution :meth:`suggest` samples from (as Optuna stores it)."""
+        if self.type == "float":
+            return FloatDistribution(self.low, self.high, log=self.log, step=self.step)
+        if self.type == "int":
+            return IntDistribution(
+                int(self.low), int(self.high), log=self.log, step=int(self.step or 1)
+            )
+        return CategoricalDistribution(list(self.choices))
+
+    def with_distribution(self, dist: BaseDistribution) -> Dimension:
+        """This dimension sampling ``dist`` instead (a stored one, see :func:`pin_derived`)."""
+        if isinstance(dist, CategoricalDistribution):
+            return dataclasses.replace(self, type="categorical", choices=tuple(dist.choices))
+        kind = "int" if isinstance(dist, IntDistribution) else "float"
+        step = dist.step if kind == "float" or dist.step != 1 else None
+        return dataclasses.replace(
+            self,
+            type=kind,
+            low=float(dist.low),
+            high=float(dist.high),
+            log=dist.log,
+            step=None if step is None else float(step),
+        )
 
     def suggest(self, trial: optuna.Trial) -> Any:
         if self.type == "float":
@@ -58,7 +105,9 @@ class Dimension:
         return trial.suggest_categorical(self.param, list(self.choices))
 
 
-def _dimension(key: str, spec: Mapping[str, Any], name: str = "") -> Dimension:
+def _dimension(
+    key: str, spec: Mapping[str, Any], name: str = "", derived: bool = False
+) -> Dimension:
     where = f"search space key {name or key!r}"
     if not isinstance(spec, Mapping):
         raise ConfigError(f"{where}: expected a mapping with 'type', got {spec!r}")
@@ -75,7 +124,7 @@ def _dimension(key: str, spec: Mapping[str, Any], name: str = "") -> Dimension:
         choices = spec.get("choices")
         if not choices:
             raise ConfigError(f"{where}: categorical needs a non-empty 'choices' list")
-        return Dimension(key, kind, choices=tuple(choices), name=name)
+        return Dimension(key, kind, choices=tuple(choices), name=name, derived=derived)
     low, high = spec.get("low"), spec.get("high")
     if low is None or high is None:
         raise ConfigError(f"{where}: {kind} needs 'low' and 'high'")
@@ -87,9 +136,8 @@ def _dimension(key: str, spec: Mapping[str, Any], name: str = "") -> Dimension:
     step = spec.get("step")
     if step is not None and log:
         raise ConfigError(f"{where}: 'step' and log=true cannot be combined")
-    return Dimension(
-        key, kind, float(low), float(high), log, None if step is None else float(step), name=name
-    )
+    step = None if step is None else float(step)
+    return Dimension(key, kind, float(low), float(high), log, step, name=name, derived=derived)
 
 
 CHOICE = "choice"
@@ -133,7 +181,8 @@ def parse_space(cfg: DictConfig) -> SearchSpace:
                 f"search.space key {key!r}: with policy=choice put policy "
                 "dimensions in policy.options.<name>.space"
             )
-        common.append(_dimension(key, spec))
+        derived = _interpolates(cfg.search.space[key])
+        common.append(_dimension(key, spec, derived=derived))
     choice = cfg.policy.get("name") == CHOICE
     policies: dict[str, list[Dimension]] = {}
     for pname, node in policy_nodes(cfg).items():
@@ -142,12 +191,73 @@ def parse_space(cfg: DictConfig) -> SearchSpace:
             where = f"policy.options.{pname}.{k}" if choice else f"policy.{k}"
             if OmegaConf.select(node, k, default=_MISSING) is _MISSING:
                 raise ConfigError(f"search space key {where!r} is not a key of the config")
-            dims.append(_dimension(f"policy.{k}", spec, name=f"{pname}.{k}" if choice else ""))
+            name = f"{pname}.{k}" if choice else ""
+            derived = _interpolates(node.space[k])
+            dims.append(_dimension(f"policy.{k}", spec, name=name, derived=derived))
         policies[pname] = dims
     return SearchSpace(common, policies, tuple(policies) if choice else ())
 
 
 _MISSING = object()
+
+
+def _interpolates(spec: Any) -> bool:
+    """Whether a spec node takes any of its fields from another key (``${...}``)."""
+    if not isinstance(spec, DictConfig):
+        return False
+    raw = OmegaConf.to_container(spec, resolve=False)
+    return "${" in json.dumps(raw, default=str)
+
+
+# The study's user attribute that holds its space: {Optuna parameter: distribution JSON}.
+SPACE_ATTR = "search_space"
+
+
+def pin_derived(study: optuna.Study, space: SearchSpace, record: bool = True) -> SearchSpace:
+    """``space`` with every derived dimension (a spec that interpolates another key)
+    sampling the distribution its study first used, and the study's stored space
+    (user attribute ``search_space``) completed with today's dimensions.
+
+    The stored distribution of a parameter is the attribute's, or for a study made before
+    the attribute existed, that of the first trial holding the parameter. A dimension
+    written in full on the command line is not derived, and samples what it says.
+    ``record=False`` (a worker of ``study.workers=N``) only reads: its parent has written.
+    Two processes that create one study at the same moment with different derived bounds
+    may each write their own; they define the study differently, which
+    ``study.allow_changes`` was needed for.
+    """
+    stored: dict[str, str] = dict(study.user_attrs.get(SPACE_ATTR) or {})
+    known = dict(stored)
+    wanted = {d.param for d in space.dimensions if d.derived and d.param not in known}
+    for trial in study.get_trials(deepcopy=False) if wanted else ():
+        for param in wanted & set(trial.distributions):
+            known.setdefault(param, distribution_to_json(trial.distributions[param]))
+
+    def pinned(dims: list[Dimension]) -> list[Dimension]:
+        out = []
+        for d in dims:
+            if d.derived and d.param in known:
+                stored_dist = json_to_distribution(known[d.param])
+                if stored_dist != d.distribution:
+                    log.info(
+                        "%s samples %s as the study first did (its spec gives %s today)",
+                        d.param,
+                        stored_dist,
+                        d.distribution,
+                    )
+                d = d.with_distribution(stored_dist)
+            out.append(d)
+            known.setdefault(d.param, distribution_to_json(d.distribution))
+        return out
+
+    result = SearchSpace(
+        pinned(space.common),
+        {name: pinned(dims) for name, dims in space.policies.items()},
+        space.choices,
+    )
+    if record and known != stored:
+        study.set_user_attr(SPACE_ATTR, known)
+    return result
 
 
 def fix_set_keys(cfg: DictConfig, overrides: Iterable[str]) -> list[str]:

@@ -439,6 +439,10 @@ def fail_dead_trials(study: optuna.Study, max_retry: int | None) -> list[int]:
 # --------------------------------------------------------------------------- locks
 
 
+# Where the file locks of a SQLite or journal store live, beside the store.
+LOCK_DIR = ".locks"
+
+
 class StudyLock:
     """A mutex named ``purpose`` shared by every worker of ``study_name`` in ``url``.
 
@@ -545,9 +549,17 @@ class StudyLock:
             raise
 
     def _lock_file(self) -> Path:
+        """``<store folder>/.locks/<store file>.<digest of study and purpose>.lock``: one file
+        per lock, out of the way of the stores, reused by every later run.
+
+        The files are never removed, on purpose: a flock lives on the open file, so
+        unlinking a file that another process has opened (and may be blocked on) would let
+        a third process create a new file of that name and lock it too, and both would
+        hold "the" lock. A file that persists is the race-free pattern; the folder holds
+        one empty file per study and purpose."""
         path = local_path(self.url)
         digest = hashlib.sha1(self.key.encode()).hexdigest()[:12]
-        return path.with_name(f"{path.name}.{digest}.lock")
+        return path.parent / LOCK_DIR / f"{path.name}.{digest}.lock"
 
     def _acquire_file(self, blocking: bool, timeout: float | None) -> bool:
         path = self._lock_file()

@@ -94,6 +94,8 @@ def run_study(cfg: DictConfig, overrides: Sequence[str] | None = None) -> optuna
     url = s.study.storage
     info = describe_dataset(dataset, s.dataset.path or s.dataset._target_ or s.dataset.kind)
     study = _open_study(cfg, s, info.digest, is_worker)
+    # Bounds taken from other keys (high: ${train.epochs}) stay those the study began with.
+    space = search_space.pin_derived(study, space, record=not is_worker)
 
     # One parent run per study, however many workers start at once: find-or-create runs
     # under the study's lock.
