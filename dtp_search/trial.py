@@ -20,6 +20,7 @@ from dtp_search import space as search_space
 from dtp_search import storage as storages
 from dtp_search.checkpoint import TrialCheckpoint, describe
 from dtp_search.config import (
+    ConfigError,
     build_pruner,
     check_policy,
     config_yaml,
@@ -29,6 +30,7 @@ from dtp_search.config import (
     make_sampler,
     make_warm_start,
     run_params,
+    settings_of,
 )
 from dtp_search.console import Console
 from dtp_search.data import ImageDataset
@@ -44,7 +46,6 @@ from dtp_search.training import (
     EpochRecord,
     FoldHooks,
     FoldResult,
-    TrainSettings,
     cross_validate,
     fold_value,
 )
@@ -98,7 +99,13 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
             check_policy(t.tcfg.policy)  # sampled combinations can still be invalid
         except (ValueError, TypeError) as exc:
             raise _pruned(trial, t.run, f"invalid sampled policy: {exc}") from exc
-        result, fronts = _cross_validate(t, ctx)
+        try:
+            # The trial's config, sampled values in, through the run's own checker: a
+            # sampled value out of its key's range gets the same message as a typed one.
+            typed = settings_of(t.tcfg)
+        except ConfigError as exc:
+            raise _pruned(trial, t.run, f"invalid sampled config: {exc}") from exc
+        result, fronts = _cross_validate(t, ctx, typed)
         _record(t, ctx, result, fronts)
         t.run.finish("COMPLETE")
         t.clear_checkpoint()
@@ -204,12 +211,14 @@ def _describe(
     trial.set_user_attr("policy", policy_name)
 
 
-def _cross_validate(t: _Trial, ctx: SearchContext) -> tuple[CVResult, dict[int, list]]:
+def _cross_validate(
+    t: _Trial, ctx: SearchContext, typed: Settings
+) -> tuple[CVResult, dict[int, list]]:
     """The trial's k folds, each epoch logged. After each fold the study's early stopping
     may end it (:func:`dtp_search.config.make_early_stop`): Optuna's pruner for one
     objective, :class:`~dtp_search.early_stop.ParetoFoldStop` for several."""
     tcfg, trial, run = t.tcfg, t.trial, t.run
-    settings = TrainSettings.from_config(tcfg.train)
+    settings = typed.train
     example = torch.zeros(1, *ctx.dataset.input_shape, device=ctx.device)
     objectives = list(ctx.cfg.search.objectives)
     axis = front_axis(objectives)

@@ -230,3 +230,24 @@ def test_cli_policy_theta_set_by_hand_holds_in_every_trial_and_a_rerun_without_i
     assert proc.returncode == 2
     assert "policy.theta: 0.05 -> 0.02" in proc.stderr, proc.stderr
     assert "policy.space.theta.type: (absent) -> 'float'" in proc.stderr
+
+
+def test_a_sampled_value_out_of_its_keys_range_ends_the_trial_with_the_typed_message(tmp_path):
+    """The trial's config, sampled values in, goes through the run's own checker."""
+    from inprocess import TINY, run_here
+
+    root = tmp_path / "runs"
+    proc = run_here(
+        root,
+        *TINY,
+        "study.name=momentum",
+        "+search.space={train.momentum: {type: float, low: 1.5, high: 2.0}}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = optuna.load_study(study_name="momentum", storage=f"sqlite:///{root}/optuna.db")
+    for t in study.trials:
+        assert t.state == optuna.trial.TrialState.PRUNED
+        assert t.user_attrs["prune_reason"] == (
+            f"invalid sampled config: train.momentum={t.params['train.momentum']!r} is not "
+            "allowed; allowed: a number in [0, 1)"
+        )
