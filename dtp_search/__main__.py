@@ -20,7 +20,6 @@ import os
 import signal
 import sys
 import traceback
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -143,10 +142,15 @@ def execute(cfg: DictConfig, overrides: Sequence[str] | None = None) -> int:
     table), having printed why on stderr in one line where it is not 0: the error, what
     to do next, or for an unexpected error its traceback, passwords masked throughout.
     ``DTP_SEARCH_DEBUG=1`` raises instead."""
-    # Heartbeats and metric names are marked experimental in Optuna but are the
-    # supported way to retry dead trials and label objectives; the warning is noise here.
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar reports trials
+    # MLflow prints INFO lines on its own stderr handler when it opens a SQLite store
+    # ("Creating initial MLflow database tables...", "Updating database tables"), between
+    # the progress bar's redraws; alembic's migrations log the same way (MLflow sets it to
+    # WARNING, a version may not). At least WARNING: warnings and errors still print, and a
+    # quieter MLFLOW_LOGGING_LEVEL stays as set.
+    for name in ("mlflow.store.db.utils", "alembic"):
+        logger = logging.getLogger(name)
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
     try:
         run_study(cfg, overrides=overrides)
     except BaseException as exc:

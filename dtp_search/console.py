@@ -6,9 +6,12 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from rich.cells import cell_len
 from rich.console import Console as RichConsole
+from rich.console import Group
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from dtp_search.redaction import mask_urls
 from dtp_search.results import pareto_rows
@@ -87,37 +90,110 @@ class Console:
             progress.remove_task(task)
 
     def summary(self, study: Any, settings: Settings, ui_command: str) -> None:
+        """Print the study's Pareto-optimal trials and how to browse them in MLflow.
+
+        One line per trial (number, policy, CV accuracy ± std, sparsity ± std, each
+        measured cost, test accuracy where refit) with its sampled values beneath it,
+        wrapped at word boundaries: at 80 columns (a default terminal, CI logs) a table
+        cell for the sampled values would be cut to ``final_sparsi…``, which is what the
+        user came for. No cell is ever cut with an ellipsis: a row too wide for the
+        terminal wraps its numbers at their spaces instead."""
         rows = pareto_rows(study)
-        table = Table(title=f"Pareto-optimal trials — {settings.study.name}", show_lines=False)
         # The costs the trials measured (search.objectives, search.max_flops): the
         # fractions of the dense network's FLOPs, parameters, latency.
         costs = [c for c in COST_OBJECTIVES if any(f"cv_{c}" in r for r in rows)]
-        numeric = ("trial", "CV accuracy", "sparsity", *costs, "test accuracy")
-        for col in (
-            "trial",
-            "policy",
-            "sampled values",
-            "CV accuracy",
-            "sparsity",
-            *costs,
-            "test accuracy",
-        ):
-            table.add_column(col, justify="right" if col in numeric else "left")
-        for r in rows:
-            test = r.get("test_accuracy", float("nan"))
-            table.add_row(
-                str(r["trial"]),
-                r["policy"],
-                r["params"],
-                f"{r['accuracy']:.4f} ± {r['accuracy_std']:.4f}",
-                f"{r['sparsity']:.4f} ± {r['sparsity_std']:.4f}",
-                *(
-                    f"{r.get(f'cv_{c}', float('nan')):.4f} ± {r.get(f'cv_{c}_std', 0.0):.4f}"
-                    for c in costs
-                ),
-                "—" if test != test else f"{test:.4f}",
+        headers = ["trial", "policy", "CV accuracy", "sparsity", *costs, "test accuracy"]
+
+        def cells(pm: str) -> list[list[str]]:
+            return [
+                [
+                    str(r["trial"]),
+                    r["policy"],
+                    f"{r['accuracy']:.4f}{pm}{r['accuracy_std']:.4f}",
+                    f"{r['sparsity']:.4f}{pm}{r['sparsity_std']:.4f}",
+                    *(
+                        f"{r.get(f'cv_{c}', float('nan')):.4f}{pm}{r.get(f'cv_{c}_std', 0.0):.4f}"
+                        for c in costs
+                    ),
+                    _or_dash(r.get("test_accuracy", float("nan"))),
+                ]
+                for r in rows
+            ]
+
+        # Every trial is a grid of its own (rich tables have no cell spanning a row, which
+        # the sampled values need), with the same fixed column widths so that the grids'
+        # columns line up. A header may wrap at its space ("test / accuracy"). The widest
+        # layout that fits the terminal: every number on one line ("0.9123 ± 0.0100"),
+        # else without the spaces round "±", else the "±std" beneath each value.
+        for pm, longest in ((" ± ", cell_len), ("±", cell_len), ("\n±", _widest_line)):
+            table = cells(pm)
+            widths = [
+                max([longest(row[i]) for row in table] + [_longest_word(h)])
+                for i, h in enumerate(headers)
+            ]
+            if sum(widths) + _GAP * (len(widths) - 1) <= self.out.width:
+                break
+        indent = widths[0] + _GAP
+        parts: list[Any] = [
+            Text(f"Pareto-optimal trials — {settings.study.name}", style="bold"),
+            *self._line(headers, widths, style="bold", vertical="bottom"),
+        ]
+        for r, row in zip(rows, table, strict=True):
+            parts += self._line(row, widths)
+            # Wrapped here, not in a padded renderable: rich would pad every line with
+            # spaces to the widest one, trailing blanks in every log.
+            params = Text(r["params"]).wrap(
+                self.out, max(self.out.width - indent, 1), overflow="fold"
             )
-        self.out.print(table)
+            for line in params:
+                line.rstrip()  # (the space after a comma where the line breaks)
+                parts.append(Text(" " * indent) + line)
+        if not rows:
+            parts.append(Text("(no complete trial)", style="dim"))
+        self.out.print(Group(*parts))
         self.out.print("Browse the study in MLflow:")
         # An http tracking URI may carry user:password@ (MLflow's basic auth).
         self.out.print(f"  {mask_urls(ui_command)}", soft_wrap=True)
+
+    def _line(
+        self, cells: list[str], widths: list[int], style: str = "", vertical: str = "top"
+    ) -> list[Text]:
+        """One row of the Pareto table, as its lines: the trial number and numbers
+        right-aligned (digits line up), the policy left-aligned; the header's one-word
+        titles ``vertical="bottom"``, on the line of a wrapped title's last word."""
+        grid = Table.grid(padding=(0, _GAP, 0, 0))
+        for i, width in enumerate(widths):
+            grid.add_column(
+                justify="left" if i == 1 else "right",
+                vertical=vertical,
+                width=width,
+                overflow="fold",
+                style=style,
+            )
+        grid.add_row(*cells)
+        # A wrapped cell pads its neighbours' lines with blanks; none left trailing.
+        lines = []
+        for segments in self.out.render_lines(grid, self.out.options, pad=False):
+            line = Text.assemble(*((seg.text, seg.style) for seg in segments if not seg.control))
+            line.rstrip()
+            lines.append(line)
+        return lines
+
+
+# Spaces between the Pareto table's columns.
+_GAP = 2
+
+
+def _widest_line(text: str) -> int:
+    return max(cell_len(line) for line in text.split("\n"))
+
+
+def _longest_word(text: str) -> int:
+    """The width of ``text``'s longest word: the narrowest column that wraps a header at
+    its spaces without cutting a word."""
+    return max((cell_len(w) for w in text.split()), default=0)
+
+
+def _or_dash(value: float) -> str:
+    """A test accuracy, or "—" for a trial that was not refit (NaN)."""
+    return "—" if value != value else f"{value:.4f}"
