@@ -96,8 +96,8 @@ class Console:
         measured cost, test accuracy where refit) with its sampled values beneath it,
         wrapped at word boundaries: at 80 columns (a default terminal, CI logs) a table
         cell for the sampled values would be cut to ``final_sparsi…``, which is what the
-        user came for. No cell is ever cut with an ellipsis: a row too wide for the
-        terminal wraps its numbers at their spaces instead."""
+        user came for. No cell is ever cut with an ellipsis: where the numbers do not fit
+        on one line they lose their spaces round "±", then put "±std" beneath."""
         rows = pareto_rows(study)
         # The costs the trials measured (search.objectives, search.max_flops): the
         # fractions of the dense network's FLOPs, parameters, latency.
@@ -185,6 +185,7 @@ _GAP = 2
 
 
 def _widest_line(text: str) -> int:
+    """The width of ``text``'s widest line (a value over its "±std")."""
     return max(cell_len(line) for line in text.split("\n"))
 
 
