@@ -9,6 +9,7 @@ kept off the Pareto table under ``policy.on_collapse=penalize``, and marked othe
 
     python scripts/bench_front_reach.py                      # every threshold policy, 20 trials
     python scripts/bench_front_reach.py --policies splicing --n-trials 12 --args train.epochs=60
+    python scripts/bench_front_reach.py --smoke    # checks the script: agp, 1 one-epoch trial
 """
 
 from __future__ import annotations
@@ -94,7 +95,19 @@ def main() -> None:
     ap.add_argument("--policies", default=",".join(POLICIES))
     ap.add_argument("--n-trials", type=int, default=20)
     ap.add_argument("--args", nargs="*", default=[], help="extra overrides for every study")
+    ap.add_argument(
+        "--smoke", action="store_true", help="check the script: agp, 1 one-epoch trial, 2 folds"
+    )
     a = ap.parse_args()
+    if a.smoke:
+        a.policies, a.n_trials = "agp", 1
+        a.args = [
+            "train.epochs=1",
+            "train.finetune_epochs=0",
+            "cv.folds=2",
+            "front.points=2",
+            *a.args,
+        ]
     print(
         "| policy | Pareto points | of them ≥ 95 % | best ≥ 95 % (CV accuracy at sparsity) "
         "| best ≥ 98 % | highest Pareto sparsity | floored trials | minutes |"

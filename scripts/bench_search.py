@@ -8,6 +8,7 @@ above (sparsity 0, accuracy 0), from the trials' cross-validated values, countin
 the order they were run.
 
     python scripts/bench_search.py --seeds 3 --n-trials 40
+    python scripts/bench_search.py --smoke     # checks the script: 1 seed, 2 one-epoch trials
 """
 
 from __future__ import annotations
@@ -34,7 +35,13 @@ BUDGET = [
 ]
 
 
-def hv_curve(root: Path, sampler: str, seed: int, n_trials: int) -> list[float]:
+# --smoke: the budget of the tests' tiny studies (tests/inprocess.py TINY).
+SMOKE = ("train.epochs=1", "train.finetune_epochs=0")
+
+
+def hv_curve(
+    root: Path, sampler: str, seed: int, n_trials: int, extra: tuple[str, ...] = ()
+) -> list[float]:
     """Hypervolume after 1..n_trials trials of one fresh study."""
     proc = subprocess.run(
         [
@@ -47,6 +54,7 @@ def hv_curve(root: Path, sampler: str, seed: int, n_trials: int) -> list[float]:
             f"seed={seed}",
             f"search.n_trials={n_trials}",
             *BUDGET,
+            *extra,
         ],
         cwd=root.parent,
         capture_output=True,
@@ -68,14 +76,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--n-trials", type=int, default=40)
+    ap.add_argument(
+        "--smoke", action="store_true", help="check the script: 1 seed, 2 one-epoch trials"
+    )
     a = ap.parse_args()
+    if a.smoke:
+        a.seeds, a.n_trials = 1, 2
     checkpoints = [n for n in (10, 20, 40) if n <= a.n_trials] or [a.n_trials]
     curves: dict[str, list[list[float]]] = {"tpe": [], "random": []}
     with tempfile.TemporaryDirectory(prefix="dtp-bench-search-") as tmp:
         for seed in range(a.seeds):
             for sampler in curves:
                 root = Path(tmp) / f"{sampler}-{seed}"
-                curves[sampler].append(hv_curve(root, sampler, seed, a.n_trials))
+                curves[sampler].append(
+                    hv_curve(root, sampler, seed, a.n_trials, SMOKE if a.smoke else ())
+                )
                 print(
                     f"{sampler} seed {seed}: HV after {a.n_trials} trials "
                     f"{curves[sampler][-1][-1]:.4f}",
