@@ -20,7 +20,6 @@ import os
 import signal
 import sys
 import traceback
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -143,9 +142,6 @@ def execute(cfg: DictConfig, overrides: Sequence[str] | None = None) -> int:
     table), having printed why on stderr in one line where it is not 0: the error, what
     to do next, or for an unexpected error its traceback, passwords masked throughout.
     ``DTP_SEARCH_DEBUG=1`` raises instead."""
-    # Heartbeats and metric names are marked experimental in Optuna but are the
-    # supported way to retry dead trials and label objectives; the warning is noise here.
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar reports trials
     # MLflow prints INFO lines on its own stderr handler when it opens a SQLite store
     # ("Creating initial MLflow database tables...", "Updating database tables"), between

@@ -5,6 +5,7 @@ factories of the Optuna storage, sampler and early stopping and of the weight pr
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import hydra
@@ -374,6 +375,10 @@ def make_sampler(s: Settings, offset: int = 0) -> optuna.samplers.BaseSampler:
     if sampler.get("seed") is not None:
         sampler["seed"] = int(sampler["seed"]) + offset
     try:
-        return hydra.utils.instantiate(sampler)
+        # The sampler's arguments are the config's choice (TPE's experimental `group`,
+        # for the conditional space of policy=choice): not news on every run.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return hydra.utils.instantiate(sampler)
     except Exception as exc:
         raise ConfigError(f"search.sampler could not be built ({exc})") from exc

@@ -43,6 +43,7 @@ import re
 import socket
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Container, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -217,13 +218,19 @@ def make_storage(
     patient = Patience(STORAGE_ROLE, mask_url(url), patience)
 
     def open_rdb() -> RDBStorage:
-        return RDBStorage(
-            url=url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
-        )
+        # Heartbeats and their retry callback are marked experimental in Optuna, and are
+        # its only way to find and retry the trials of a dead worker: chosen on purpose.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(
+                url=url,
+                engine_kwargs=engine_kwargs,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                    max_retry=max_retry
+                ),
+            )
 
     # RDBStorage creates its tables on first use; workers that start together on an empty
     # database would race in CREATE TYPE/TABLE (a unique-violation error), so the first
@@ -418,7 +425,9 @@ def fail_dead_trials(study: optuna.Study, max_retry: int | None) -> list[int]:
     """
     storage = study._storage  # the study's own storage object; Optuna exposes no getter
     failed = []
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+    with warnings.catch_warnings():  # experimental in Optuna; its retry is the one we want
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker")
         if worker is None or _alive_here(worker) is not False:

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import time
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -277,7 +278,9 @@ def _open_study(cfg: DictConfig, s: Settings, dataset_digest: str, is_worker: bo
     study.pruner = make_early_stop(s)
     if not is_worker:
         provenance.record_study(study, defining, allowed)
-        study.set_metric_names(list(s.search.objectives))
+        with warnings.catch_warnings():  # experimental in Optuna; labels the objectives
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(list(s.search.objectives))
         study.set_user_attr("objectives", list(s.search.objectives))
     return study
 
@@ -300,7 +303,9 @@ def _fail_dead(study: optuna.Study, s: Settings) -> None:
     # interval, and only then does a silent trial mean a dead worker.
     settled = back is None or back > 2 * s.search.heartbeat_interval
     if storages.has_heartbeat(study._storage) and settled:
-        optuna.storages.fail_stale_trials(study)
+        with warnings.catch_warnings():  # experimental in Optuna; the heartbeat's own check
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
     if storages.local_path(s.study.storage) is not None:
         storages.fail_dead_trials(study, s.search.max_retry)
 
