@@ -18,6 +18,7 @@ reaches it counts as 1.0+, shown as ">1"). A plot of the mean curves goes to --p
 
     python scripts/bench_search_time.py --seeds 3 --budget-digits 60 --budget-cifar 150 \\
         --cifar ../shared/data/cifar10
+    python scripts/bench_search_time.py --smoke --plot /tmp/hv.png   # checks the script
 """
 
 from __future__ import annotations
@@ -62,6 +63,16 @@ DATASETS = {
         "train.finetune_epochs=1",
     ],
 }
+
+
+def smoke() -> None:
+    """--smoke: tpe and random only, one seed, one 1-epoch trial of 2 folds per study (each
+    study ends by itself, well inside its budget), digits only."""
+    for key in ("tpe+pareto", "tpe+pareto+fid"):
+        del CONFIGS[key]
+    COMMON[COMMON.index("cv.folds=3")] = "cv.folds=2"
+    COMMON[COMMON.index("search.n_trials=1000")] = "search.n_trials=1"
+    DATASETS["digits"] = ["train.epochs=1", "train.finetune_epochs=0"]
 
 
 def run_study(
@@ -194,8 +205,20 @@ def main() -> None:
         default=None,
         help="CIFAR-10 ImageFolder tree (../shared/data/cifar10); omitted: digits only",
     )
-    ap.add_argument("--plot", type=Path, default=Path("docs/img/bench_search_time.png"))
+    ap.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="docs/img/bench_search_time.png; with --smoke, one in the temporary folder",
+    )
+    ap.add_argument("--smoke", action="store_true", help=smoke.__doc__.split(":")[1].strip())
     a = ap.parse_args()
+    if a.smoke:
+        smoke()
+        a.seeds, a.budget_digits, a.cifar = 1, 300.0, None
+    if a.plot is None:  # (a smoke run's plot never replaces the documentation's)
+        default = Path("docs/img/bench_search_time.png")
+        a.plot = Path(tempfile.gettempdir()) / "bench_search_time-smoke.png" if a.smoke else default
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     datasets = {"digits": ([], a.budget_digits)}
     if a.cifar is not None:

@@ -14,6 +14,7 @@ trial's training), and ``oneshot_global`` (dense for the whole pruning phase, th
 fine-tuning epoch).
 
     python scripts/bench_study.py --n-trials 8 --limit 6000 --repeats 2
+    python scripts/bench_study.py --smoke     # checks the script: agp only, a tiny generated tree
 """
 
 from __future__ import annotations
@@ -69,7 +70,24 @@ def main() -> None:
         default=2,
         help="runs of each study; each trial's fastest time counts",
     )
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="check the script: the agp case only, 2 trials of 2 epochs, one run each, "
+        "on a tiny generated ImageFolder",
+    )
     a = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="dtp-bench-study-") as tmp:
+        if a.smoke:
+            from _smoke import tiny_cifar
+
+            a.data, a.limit, a.n_trials = tiny_cifar(Path(tmp) / "cifar"), 120, 2
+            a.epochs, a.repeats = 2, 1
+        bench(a, Path(tmp))
+
+
+def bench(a: argparse.Namespace, tmp: Path) -> None:
+    """The cases of the module's docstring, each study in a fresh folder under ``tmp``."""
     if not (a.data / "train").is_dir():
         sys.exit(f"no ImageFolder tree at {a.data} (expected train/<class>/*.jpg)")
     half = a.epochs // 2
@@ -84,6 +102,8 @@ def main() -> None:
         "refit.enabled=false",
         "console.progress=false",
         "front.points=4",
+        # --smoke: a fold of the tiny tree is a few batches of 16, AGP updating every step
+        *(["train.batch_size=16"] if a.smoke else []),
     ]
     cases = {
         f"agp, dense {half} of {a.epochs} epochs": [
@@ -91,34 +111,36 @@ def main() -> None:
             f"policy.start_epoch={half}",
             "~policy.space.start_epoch",
             "train.finetune_epochs=0",
+            *(["policy.update_every=1"] if a.smoke else []),
         ],
         f"oneshot_global, dense {a.epochs} of {a.epochs + 1} epochs": [
             "policy=oneshot_global",
             "train.finetune_epochs=1",
         ],
     }
+    if a.smoke:  # (two studies, not four)
+        cases = dict(list(cases.items())[:1])
     rows = []
-    with tempfile.TemporaryDirectory(prefix="dtp-bench-study-") as tmp:
-        # One shared decoded-data cache: decoding is not what is measured here.
-        data_cache = Path(tmp) / "data-cache"
-        for name, extra in cases.items():
-            runs: dict[bool, list] = {False: [], True: []}
-            for r in range(a.repeats):  # off and on alternate, so that drift hits both
-                for warm in (False, True):
-                    root = Path(tmp) / f"{len(rows)}-{warm}-{r}"
-                    runs[warm].append(
-                        run_study(
-                            root,
-                            [
-                                *common,
-                                *extra,
-                                f"search.warm_start={warm}",
-                                f"paths.cache_dir={data_cache}",
-                                f"paths.warm_start={root}/warm_start",
-                            ],
-                        )
+    # One shared decoded-data cache: decoding is not what is measured here.
+    data_cache = tmp / "data-cache"
+    for name, extra in cases.items():
+        runs: dict[bool, list] = {False: [], True: []}
+        for r in range(a.repeats):  # off and on alternate, so that drift hits both
+            for warm in (False, True):
+                root = tmp / f"{len(rows)}-{warm}-{r}"
+                runs[warm].append(
+                    run_study(
+                        root,
+                        [
+                            *common,
+                            *extra,
+                            f"search.warm_start={warm}",
+                            f"paths.cache_dir={data_cache}",
+                            f"paths.warm_start={root}/warm_start",
+                        ],
                     )
-            rows.append((name, {warm: _fastest(results) for warm, results in runs.items()}))
+                )
+        rows.append((name, {warm: _fastest(results) for warm, results in runs.items()}))
     print(
         f"\ncifar experiment, simple_cnn, {a.limit} training images, 2 folds, "
         f"{a.n_trials} trials per study, CPU"

@@ -11,6 +11,7 @@ Each set-up is checked as it ends: exactly ``n_trials`` COMPLETE trials, one MLf
 trial. Usage::
 
     python scripts/bench_workers.py --workers 2 --n-trials 8 --epochs 10
+    python scripts/bench_workers.py --smoke   # checks the script: sqlite and journal, 2 trials
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ BUDGET = [
     "policy.update_every=5",
     "console.progress=false",
     "refit.top_k=1",
+]
+# --smoke: the tests' tiny budget (tests/inprocess.py TINY), no refit.
+SMOKE = [
+    "train.finetune_epochs=0",
+    "front.points=2",
+    "console.progress=false",
+    "refit.enabled=false",
 ]
 
 
@@ -88,13 +96,20 @@ def main() -> None:
     ap.add_argument("--n-trials", type=int, default=9)
     ap.add_argument("--epochs", type=int, default=2, help="train.epochs of each fold")
     ap.add_argument("--folds", type=int, default=2, help="cv.folds")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="check the script: 2 one-epoch trials, 2 workers, no PostgreSQL set-up",
+    )
     a = ap.parse_args()
+    if a.smoke:
+        a.workers, a.n_trials, a.epochs, a.folds = 2, 2, 1, 2
     n = a.workers
     common = [
         f"search.n_trials={a.n_trials}",
         f"train.epochs={a.epochs}",
         f"cv.folds={a.folds}",
-        *BUDGET,
+        *(SMOKE if a.smoke else BUDGET),
     ]
     results = []
     with tempfile.TemporaryDirectory(prefix="dtp-bench-workers-") as tmp:
@@ -138,39 +153,42 @@ def main() -> None:
             )
         )
 
-        root = tmp / "postgres"
-        root.mkdir()
-        (root / "artifacts").mkdir()
-        with postgres_cluster() as pg:
-            pg = pg.replace("postgresql://", "postgresql+psycopg://")
-            with mlflow_server(f"{pg}/mlflow", root / "artifacts") as tracking:
-                storage = f"{pg}/optuna"
-                # Independent processes on one machine share its cores, as
-                # study.workers does for its own workers (torch would oversubscribe).
-                threads = max(1, (os.cpu_count() or 1) // n)
-                t = run(
-                    root,
-                    "postgres",
-                    n,
-                    [
-                        "study.name=bench",
-                        f"study.storage={storage}",
-                        f"tracking.uri={tracking}",
-                        f"threads={threads}",
-                        *common,
-                    ],
-                )
-                results.append(
-                    (
-                        f"postgres + mlflow server, {n} processes",
-                        t,
-                        check(storage, tracking, "bench", a.n_trials),
+        if a.smoke:  # (it needs PostgreSQL's binaries and a minute to start its servers)
+            print("smoke run: the postgres set-up is left out")
+        if not a.smoke:
+            root = tmp / "postgres"
+            root.mkdir()
+            (root / "artifacts").mkdir()
+            with postgres_cluster() as pg:
+                pg = pg.replace("postgresql://", "postgresql+psycopg://")
+                with mlflow_server(f"{pg}/mlflow", root / "artifacts") as tracking:
+                    storage = f"{pg}/optuna"
+                    # Independent processes on one machine share its cores, as
+                    # study.workers does for its own workers (torch would oversubscribe).
+                    threads = max(1, (os.cpu_count() or 1) // n)
+                    t = run(
+                        root,
+                        "postgres",
+                        n,
+                        [
+                            "study.name=bench",
+                            f"study.storage={storage}",
+                            f"tracking.uri={tracking}",
+                            f"threads={threads}",
+                            *common,
+                        ],
                     )
-                )
+                    results.append(
+                        (
+                            f"postgres + mlflow server, {n} processes",
+                            t,
+                            check(storage, tracking, "bench", a.n_trials),
+                        )
+                    )
 
     base = results[0][1]
     print(
-        f"\ndigits, lenet300, agp; {a.n_trials} trials of {a.folds} folds x {a.epochs}+1 "
+        f"\ndigits, lenet300, agp; {a.n_trials} trials of {a.folds} folds x {a.epochs}+{0 if a.smoke else 1} "
         f"epochs; {n} workers where several; {os.cpu_count()} CPU cores\n"
     )
     print("| set-up | wall time | vs sqlite, 1 process | check |\n| --- | ---: | ---: | --- |")
