@@ -25,6 +25,7 @@ table. ``--arms`` picks arms (``baselines`` = dense, oneshot, agp).
 
     python scripts/bench_full_recipe.py                         # everything, ~75 min
     python scripts/bench_full_recipe.py --arms baselines        # the plain loops only
+    python scripts/bench_full_recipe.py --smoke --work /tmp/x   # checks the script, tiny data
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import math
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -233,8 +235,16 @@ def _overrides(a: argparse.Namespace, target: float) -> list[str]:
         f"policy.final_sparsity={target}",
         "~policy.space.final_sparsity",
         "console.progress=false",
+        *SMOKE_OVERRIDES,
     ]
 
+
+# A trial counts at a target when its CV sparsity is this close (AGP's last step lands just
+# under the target when the layers' floors and the quantile's rounding hold a few weights).
+SPARSITY_SLACK = 0.005
+# --smoke: AGP updates its masks every step (a fold of the tiny tree is a few steps long,
+# under the default update_every of 10).
+SMOKE_OVERRIDES: list[str] = []
 
 # The second, narrowed round ("searched2"): what the first round's 12 trials at 90 % said
 # (global scope over layer scope, OneCycle over both phases, no low learning rates) fixed,
@@ -275,7 +285,7 @@ def search(a: argparse.Namespace, target: float, narrow: bool = False) -> dict[s
         "cv.folds=2",
         "search.objectives=[accuracy]",
         "search.directions=[maximize]",
-        f"search.min_sparsity={target - 0.005}",
+        f"search.min_sparsity={target - SPARSITY_SLACK}",
         "early_stop=none",
         f"search.n_trials={a.trials}",
         "search.sampler.n_startup_trials=3",
@@ -325,8 +335,10 @@ def refit(
     """dtp_search's refit of the searched configuration on the whole training split."""
     from hydra import compose, initialize_config_dir
 
+    from dtp_search.config import register_resolvers
     from dtp_search.refit import refit_trial
 
+    register_resolvers()  # conf/config.yaml's ${abspath:...}, as the CLI does on start-up
     values = [f"{k}={v}" for k, v in params.items()]
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(
@@ -346,10 +358,34 @@ def refit(
 # ------------------------------------------------------------------ driver
 
 
+def smoke(a: argparse.Namespace, tmp: Path) -> None:
+    """--smoke: every step at a tiny size: a generated ImageFolder, 2 epochs (1 pruning +
+    1 fine-tuning) at batch 16, target 90 % only, 1 seed, a 1-trial search; the narrowed
+    round (searched2) left out. Results under ``tmp`` unless --work says where."""
+    global EPOCHS, PRUNE_EPOCHS, AGP_START, AGP_END, BATCH, SPARSITY_SLACK
+    from _smoke import tiny_cifar
+
+    EPOCHS, PRUNE_EPOCHS, AGP_START, AGP_END, BATCH = 2, 1, 0, 1, 16
+    SMOKE_OVERRIDES.append("policy.update_every=1")
+    SPARSITY_SLACK = 0.02  # (one AGP step on a tiny network lands at 0.893 for 0.9)
+    PLAIN_AGP_RECIPE.update({"policy.start_epoch": AGP_START, "policy.end_epoch": AGP_END})
+    a.data = tiny_cifar(tmp / "cifar")
+    a.work = a.work or tmp / "work"
+    a.arms, a.targets, a.seeds, a.trials, a.search_limit = (
+        "dense,oneshot,agp,searched",
+        "0.9",
+        1,
+        1,
+        120,
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "cifar10")
-    ap.add_argument("--work", type=Path, default=ROOT / "dtp_runs" / "bench_full_recipe")
+    ap.add_argument(
+        "--work", type=Path, default=None, help="results and stores (dtp_runs/bench_full_recipe)"
+    )
     ap.add_argument(
         "--out", type=Path, default=None, help="results JSON (default: WORK/results.json)"
     )
@@ -367,7 +403,17 @@ def main() -> None:
         default=SEARCH_LIMIT,
         help="training images the search's CV runs on (stratified)",
     )
+    ap.add_argument("--smoke", action="store_true", help=smoke.__doc__.split(":")[1].strip())
     a = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="dtp-bench-full-recipe-") as tmp:
+        if a.smoke:
+            smoke(a, Path(tmp))
+        a.work = a.work or ROOT / "dtp_runs" / "bench_full_recipe"
+        bench(a)
+
+
+def bench(a: argparse.Namespace) -> None:
+    """The arms of the module's docstring; results to ``a.out`` as they finish."""
     if not (a.data / "train").is_dir():
         sys.exit(f"no ImageFolder tree at {a.data} (expected train/<class>/*.jpg)")
     a.data, a.work = a.data.resolve(), a.work.resolve()

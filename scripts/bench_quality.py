@@ -12,6 +12,7 @@ with ``simple_cnn``, side by side in one run.
 
     python scripts/bench_quality.py                       # ~10 min on 2 CPU cores
     python scripts/bench_quality.py --limit 50000 --epochs 20 --finetune 5 --trials 20
+    python scripts/bench_quality.py --smoke   # checks the script: a tiny generated tree, 1 trial
 """
 
 from __future__ import annotations
@@ -45,11 +46,13 @@ def common(a: argparse.Namespace, cache: Path) -> list[str]:
         f"train.finetune_epochs={a.finetune}",
         "front.points=2",
         "console.progress=false",
+        *(["train.batch_size=16"] if a.smoke else []),
     ]
 
 
 def search(a: argparse.Namespace, root: Path, cache: Path, target: float) -> dict[str, object]:
-    """The best trial's sampled values (policy keys) of a fresh single-objective study."""
+    """The best trial's sampled values (full keys: the cifar experiment samples the training
+    recipe, ``train.lr`` and the rest, along with the policy) of a fresh study."""
     overrides = [
         *common(a, cache),
         "policy=agp",
@@ -61,12 +64,15 @@ def search(a: argparse.Namespace, root: Path, cache: Path, target: float) -> dic
         SPACE % (a.epochs // 2, a.epochs // 2, a.epochs),
         "search.objectives=[accuracy]",
         "search.directions=[maximize]",
-        f"search.min_sparsity={target - 0.005}",
+        # (--smoke: the few AGP steps of a tiny fold land further under the target)
+        f"search.min_sparsity={target - (0.02 if a.smoke else 0.005)}",
         f"search.n_trials={a.trials}",
         "cv.folds=2",
         "refit.enabled=false",
         f"paths.warm_start={root}/warm_start",
         "study.name=quality",
+        # --smoke: a fold of the tiny tree is a few steps, under AGP's update_every of 10
+        *(["policy.update_every=1"] if a.smoke else []),
     ]
     proc = subprocess.run(
         [sys.executable, "-m", "dtp_search", f"paths.root={root}", *overrides],
@@ -78,19 +84,22 @@ def search(a: argparse.Namespace, root: Path, cache: Path, target: float) -> dic
         sys.exit(f"search at {target} failed:\n{proc.stderr[-3000:]}")
     study = optuna.load_study(study_name="quality", storage=f"sqlite:///{root}/optuna.db")
     best = study.best_trial
-    return {k.removeprefix("policy."): v for k, v in best.params.items()}
+    return dict(best.params)
 
 
 def refit(
     a: argparse.Namespace, cache: Path, policy: str, params: dict[str, object], seed: int
 ) -> tuple[float, float]:
-    """(test accuracy, sparsity) of one policy trained on the whole training subset."""
+    """(test accuracy, sparsity) of one policy trained on the whole training subset;
+    ``params``: overrides by full key (``policy.amount``, ``train.lr``)."""
     from hydra import compose, initialize_config_dir
 
+    from dtp_search.config import register_resolvers
     from dtp_search.data import load_dataset
     from dtp_search.refit import refit_trial
 
-    extra = [f"policy.{k}={v}" for k, v in params.items()]
+    register_resolvers()  # conf/config.yaml's ${abspath:...}, as the CLI does on start-up
+    extra = [f"{k}={v}" for k, v in params.items()]
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(
             "config", overrides=[*common(a, cache), f"policy={policy}", *extra, f"seed={seed}"]
@@ -108,26 +117,42 @@ def main() -> None:
     ap.add_argument("--finetune", type=int, default=2)
     ap.add_argument("--trials", type=int, default=6, help="search trials per target")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="check the script: a tiny generated ImageFolder, 1 trial of 2 epochs, 1 seed",
+    )
     a = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="dtp-bench-quality-") as tmp:
+        if a.smoke:
+            from _smoke import tiny_cifar
+
+            a.data, a.limit, a.epochs, a.finetune = tiny_cifar(Path(tmp) / "cifar"), 120, 2, 0
+            a.trials, a.seeds = 1, 1
+        bench(a, Path(tmp))
+
+
+def bench(a: argparse.Namespace, tmp: Path) -> None:
+    """Search, refit and test (the module's docstring), every store under ``tmp``."""
     if not (a.data / "train").is_dir():
         sys.exit(f"no ImageFolder tree at {a.data} (expected train/<class>/*.jpg)")
     targets = (0.9, 0.95)
     results: dict[str, list[tuple[float, float]]] = {}
-    with tempfile.TemporaryDirectory(prefix="dtp-bench-quality-") as tmp:
-        cache = Path(tmp) / "cache"
-        found = {t: search(a, Path(tmp) / f"search-{t}", cache, t) for t in targets}
+    cache = tmp / "cache"
+    smoke_agp = {"policy.update_every": 1} if a.smoke else {}
+    found = {t: search(a, tmp / f"search-{t}", cache, t) for t in targets}
+    for t in targets:
+        print(f"search at {t:.0%}: best {found[t]}", flush=True)
+    for seed in range(a.seeds):
+        results.setdefault("dense", []).append(refit(a, cache, "dense", {}, seed))
         for t in targets:
-            print(f"search at {t:.0%}: best {found[t]}", flush=True)
-        for seed in range(a.seeds):
-            results.setdefault("dense", []).append(refit(a, cache, "dense", {}, seed))
-            for t in targets:
-                results.setdefault(f"oneshot_global {t:.0%}", []).append(
-                    refit(a, cache, "oneshot_global", {"amount": t}, seed)
-                )
-                results.setdefault(f"searched {t:.0%}", []).append(
-                    refit(a, cache, "agp", {"final_sparsity": t, **found[t]}, seed)
-                )
-            print(f"seed {seed} done", flush=True)
+            results.setdefault(f"oneshot_global {t:.0%}", []).append(
+                refit(a, cache, "oneshot_global", {"policy.amount": t}, seed)
+            )
+            results.setdefault(f"searched {t:.0%}", []).append(
+                refit(a, cache, "agp", {"policy.final_sparsity": t, **found[t], **smoke_agp}, seed)
+            )
+        print(f"seed {seed} done", flush=True)
 
     def stat(name: str, i: int) -> tuple[float, float]:
         values = [r[i] for r in results[name]]

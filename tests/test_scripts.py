@@ -24,6 +24,31 @@ SMOKE = {
         [],
         ["not a GPU measurement", "resnet20, CIFAR-10 fold 1 of 3", "gpu_images_per_second: "],
     ),
+    "bench_front_reach.py": ([], ["| agp | ", "| policy | Pareto points |"]),
+    "bench_search.py": (
+        [],
+        ["tpe seed 0: HV after 2 trials", "| random | ", "trials_to_random_2_hv: "],
+    ),
+    "bench_search_time.py": (
+        ["--plot", "{tmp}/hv.png"],
+        ["digits tpe ", "| random | ", "plot: "],
+    ),
+    "bench_study.py": (
+        [],
+        ["| agp, dense 1 of 2 epochs | on |", "warm_start_speedup: "],
+    ),
+    "bench_quality.py": (
+        [],
+        ["| searched 95% | ", "at 90%: searched - oneshot = ", "quality_gain_at_95: "],
+    ),
+    "bench_workers.py": (
+        [],
+        ["postgres set-up is left out", "| sqlite, 1 process |", "| journal, study.workers=2 |"],
+    ),
+    "bench_full_recipe.py": (
+        ["--work", "{tmp}/work"],
+        ["| dense | — |", "| agp | 90% |", "| searched | 90% |", "searched_at_95: "],
+    ),
 }
 
 
@@ -45,3 +70,7 @@ def test_the_benchmark_runs_in_smoke_mode(script, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     for line in expected:
         assert line in proc.stdout, proc.stdout[-3000:]
+    if script == "bench_search_time.py":
+        assert (tmp_path / "hv.png").stat().st_size > 0
+    if script == "bench_full_recipe.py":
+        assert (tmp_path / "work" / "results.json").is_file()
