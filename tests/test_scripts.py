@@ -74,3 +74,10 @@ def test_the_benchmark_runs_in_smoke_mode(script, tmp_path):
         assert (tmp_path / "hv.png").stat().st_size > 0
     if script == "bench_full_recipe.py":
         assert (tmp_path / "work" / "results.json").is_file()
+
+
+def test_every_benchmark_has_a_smoke_run_in_the_suite():
+    # A new scripts/bench_*.py joins SMOKE (or has its own test, like these two).
+    elsewhere = {"bench_torch_pruning.py", "bench_stream_memory.py"}
+    scripts = {p.name for p in (REPO / "scripts").glob("bench_*.py")}
+    assert scripts == set(SMOKE) | elsewhere
