@@ -187,12 +187,11 @@ def _interrupt(signum: int, frame: object) -> None:
     """First signal: ask training to stop at its next step (a safe point). Second signal:
     stop at once, wherever the program is. A signal that arrives once the stop is under
     way (runs being closed, the message being printed) is not acted on, so that the run
-    still ends as it says; it gives the default handling back, and one more ends the
-    process at once."""
+    still ends as it says: it and any later one are ignored (the stop is under way)."""
     name = signal.Signals(signum).name
     if stopping():
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return
     if stop_requested() is not None:
         stop_now()
