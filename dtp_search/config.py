@@ -4,6 +4,7 @@ factories of the Optuna storage, sampler and early stopping and of the weight pr
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from typing import Any
@@ -256,19 +257,17 @@ def make_storage(s: Settings) -> BaseStorage:
     )
 
 
-def make_warm_start(cfg: DictConfig, tcfg: DictConfig, data_digest: str) -> WarmStart | None:
-    """The dense warm-start cache for the runs of ``tcfg`` (a trial's folds or a refit), or
-    ``None`` with ``search.warm_start=false``. The dataset's config and its content digest
-    (:meth:`~dtp_search.data.ImageDataset.content_digest`) are hashed into every key: the
-    keys see the sample indices, not which data set they index, nor whether its files
-    were edited since (a dense state trained on the old images must not be reused)."""
-    if not cfg.search.get("warm_start", True):
+def make_warm_start(s: Settings, data_digest: str) -> WarmStart | None:
+    """The dense warm-start cache for the runs of a trial's settings ``s`` (its folds or
+    its refit), or ``None`` with ``search.warm_start=false``. The dataset's settings and
+    its content digest (:meth:`~dtp_search.data.ImageDataset.content_digest`) are hashed
+    into every key: the keys see the sample indices, not which data set they index, nor
+    whether its files were edited since (a dense state trained on the old images must
+    not be reused)."""
+    if not s.search.warm_start:
         return None
-    context = {
-        "dataset": OmegaConf.to_container(tcfg.dataset, resolve=True),
-        "digest": data_digest,
-    }
-    return WarmStart(WarmStartCache(cfg.paths.warm_start), context)
+    context = {"dataset": dataclasses.asdict(s.dataset), "digest": data_digest}
+    return WarmStart(WarmStartCache(s.paths.warm_start), context)
 
 
 def make_cost_meter(

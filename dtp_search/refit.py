@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import optuna
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from dtp_search import provenance
 from dtp_search import space as search_space
@@ -41,18 +41,18 @@ from dtp_search.config import (
     make_cost_meter,
     make_warm_start,
     run_params,
+    settings_of,
 )
 from dtp_search.data import ImageDataset, stratified_subset
 from dtp_search.export import MEASURE_KEYS, measure, save_pruned
 from dtp_search.models import start_model
 from dtp_search.pruning import FrontPoint, LayerCollapse, sparsity, strip_masks
 from dtp_search.results import pareto_rows
-from dtp_search.settings import COST_OBJECTIVES, front_axis
+from dtp_search.settings import COST_OBJECTIVES, PrunerSettings, Settings, front_axis
 from dtp_search.tracking import StudyTracker, plot_layer_sparsity
 from dtp_search.training import (
     CostProbe,
     FrontSettings,
-    TrainSettings,
     WarmStart,
     attach_feedback,
     eval_batches,
@@ -113,39 +113,41 @@ def trial_config(
     return search_space.apply(cfg, params, policy)
 
 
-def export_config(tcfg: DictConfig, dataset: ImageDataset) -> dict[str, Any]:
-    """What :func:`dtp_search.load_pruned` needs, plus the resolved trial config."""
+def export_config(ts: Settings, dataset: ImageDataset) -> dict[str, Any]:
+    """What :func:`dtp_search.load_pruned` needs (the trial's model settings, the input's
+    shape and normalisation), plus its policy and data set."""
     return {
-        "model": OmegaConf.to_container(tcfg.model, resolve=True),
+        "model": dataclasses.asdict(ts.model),
         "input_shape": list(dataset.input_shape),
         "num_classes": dataset.num_classes,
         "mean": list(dataset.mean),
         "std": list(dataset.std),
-        "policy": OmegaConf.to_container(tcfg.policy, resolve=True),
-        "dataset": str(tcfg.dataset.name),
+        "policy": dict(ts.policy),
+        "dataset": ts.dataset.name,
     }
 
 
 def refit_trial(
-    tcfg: DictConfig,
+    ts: Settings,
     dataset: ImageDataset,
     device: torch.device,
     on_epoch=None,
     warm_start: WarmStart | None = None,
     cost: CostProbe | None = None,
 ):
-    """Train on the whole training split; return (model, pruner, history result, test acc, front).
+    """Train the trial of settings ``ts`` on the whole training split; return (model,
+    pruner, history result, test acc, front).
 
     With ``warm_start``, refits that share their dense epochs (a post-pruning study's
     thresholds, all trained dense to the end) train them once. With ``cost`` the test
     front's points carry the costs ``cost.sweep`` (the study's axis, when it is a cost).
     """
-    settings = TrainSettings.from_config(tcfg.train)
-    seed = int(tcfg.seed)
+    settings = ts.train
+    seed = ts.seed
     torch.manual_seed(seed)
-    model = start_model(tcfg.model, dataset.input_shape, dataset.num_classes).to(device)
+    model = start_model(ts.model, dataset.input_shape, dataset.num_classes).to(device)
     example = torch.zeros(1, *dataset.input_shape, device=device)
-    pruner = build_pruner(model, tcfg.policy, example)
+    pruner = build_pruner(model, ts.policy, example)
     labels = dataset.train.labels.numpy()
     idx = attach_feedback(
         pruner, model, dataset, np.arange(len(labels)), labels, seed, settings, device
@@ -179,8 +181,8 @@ def refit_trial(
         pruner,
         lambda m: evaluate(m, test),
         cost,
-        n_points=int(tcfg.front.points),
-        max_sparsity=float(tcfg.front.max_sparsity),
+        n_points=ts.front.points,
+        max_sparsity=ts.front.max_sparsity,
         epoch=epochs,
     )
     return model, pruner, result, test_accuracy, front
@@ -190,7 +192,7 @@ BASELINE_METRIC = "checkpoint_test_accuracy"
 
 
 def checkpoint_baseline(
-    cfg: DictConfig,
+    s: Settings,
     study: optuna.Study,
     dataset: ImageDataset,
     tracker: StudyTracker,
@@ -200,14 +202,13 @@ def checkpoint_baseline(
     once per study (kept in the study's ``checkpoint_baseline`` attribute and logged as
     ``checkpoint_test_accuracy`` on the study run), as a point of every refit's test front.
     ``None`` without a checkpoint."""
-    if not cfg.model.get("checkpoint"):
+    if not s.model.checkpoint:
         return None
     stored = study.user_attrs.get("checkpoint_baseline")
     if stored is None:
-        settings = TrainSettings.from_config(cfg.train)
-        model = start_model(cfg.model, dataset.input_shape, dataset.num_classes).to(device)
+        model = start_model(s.model, dataset.input_shape, dataset.num_classes).to(device)
         test = eval_batches(
-            dataset, dataset.test, np.arange(len(dataset.test.labels)), settings, device
+            dataset, dataset.test, np.arange(len(dataset.test.labels)), s.train, device
         )
         stored = {"test_accuracy": evaluate(model, test), "sparsity": sparsity(model)}
         study.set_user_attr("checkpoint_baseline", stored)
@@ -220,6 +221,7 @@ def checkpoint_baseline(
 
 def refit_study(
     cfg: DictConfig,
+    s: Settings,
     study: optuna.Study,
     space: search_space.SearchSpace,
     dataset: ImageDataset,
@@ -227,21 +229,24 @@ def refit_study(
     device: torch.device,
     console=None,
 ) -> list[RefitResult]:
-    """Refit every chosen trial that has no finished refit run yet; returns all results."""
+    """Refit every chosen trial that has no finished refit run yet; returns all results.
+    ``s`` is the run's typed settings; ``cfg``, the composed config they came from, is
+    what an old trial's sampled values are written into (:func:`trial_config`)."""
     results = []
-    baseline = checkpoint_baseline(cfg, study, dataset, tracker, device)
+    baseline = checkpoint_baseline(s, study, dataset, tracker, device)
     # The test fronts lie on the study's axis, as its trials' fronts do.
-    axis = front_axis(cfg.search.objectives)
-    batch_size = int(OmegaConf.select(cfg, "export.batch_size", default=64))
+    axis = front_axis(s.search.objectives)
+    batch_size = s.export.batch_size
     if baseline is not None and axis in COST_OBJECTIVES:
         baseline = dataclasses.replace(baseline, costs={axis: 1.0})  # the dense network
-    for trial in chosen_trials(study, cfg.refit.get("top_k"), cfg.refit.get("trials", "pareto")):
+    for trial in chosen_trials(study, s.refit.top_k, s.refit.trials):
         existing = tracker.find_refit(trial.number)
         if existing is not None:
             results.append(_from_run(trial.number, existing))
             continue
         tcfg = trial_config(cfg, space, trial)
-        policy = str(tcfg.policy.name)
+        ts = settings_of(tcfg)
+        policy = str(ts.policy["name"])
         run = tracker.start_refit(trial.number, run_params(tcfg), policy, config_yaml(tcfg))
         try:
             if console is not None:
@@ -250,16 +255,16 @@ def refit_study(
                 )
             meter = make_cost_meter(
                 [axis] if axis in COST_OBJECTIVES else [],
-                tcfg.policy,
+                ts.policy,
                 dataset.input_shape,
                 device,
                 batch_size,
             )
             model, pruner, result, test_acc, front = refit_trial(
-                tcfg,
+                ts,
                 dataset,
                 device,
-                warm_start=make_warm_start(cfg, tcfg, dataset.content_digest()),
+                warm_start=make_warm_start(ts, dataset.content_digest()),
                 cost=None if meter is None else CostProbe(meter, sweep=(axis,)),
                 on_epoch=lambda r, run=run: run.log_metrics(
                     {
@@ -273,10 +278,10 @@ def refit_study(
                     step=r.epoch,
                 ),
             )
-            structured = str(tcfg.policy.get("granularity", "weight")) != "weight"
+            structured = PrunerSettings.split(ts.policy)[0].granularity != "weight"
             example = torch.zeros(1, *dataset.input_shape, device=device)
             with tempfile.TemporaryDirectory() as tmp:
-                config = export_config(tcfg, dataset)
+                config = export_config(ts, dataset)
                 pruned = save_pruned(model, config, Path(tmp) / "pruned.pt")
                 measures = measure(
                     model, example, pruned, structured=structured, batch_size=batch_size
@@ -288,7 +293,7 @@ def refit_study(
                         "model",
                     )
             model_uri = _log_mlflow_model(
-                tracker.tracking_uri, run.run_id, model, f"{cfg.study.name}-trial-{trial.number}"
+                tracker.tracking_uri, run.run_id, model, f"{s.study.name}-trial-{trial.number}"
             )
             if model_uri:
                 run.set_tags({MODEL_URI_TAG: model_uri})
@@ -308,7 +313,7 @@ def refit_study(
             run.log_metrics(metrics)
             run.log_front(
                 {0: front},
-                f"{cfg.study.name} · refit of trial {trial.number} · {policy}",
+                f"{s.study.name} · refit of trial {trial.number} · {policy}",
                 split="test",
                 axis=axis,
             )
@@ -356,8 +361,8 @@ def refit_study(
             "layer_sparsity": r.layer_sparsity or old.get("layer_sparsity", {}),
         }
     study.set_user_attr("refit", record)
-    if cfg.refit.get("register") and results:
-        register_best(tracker, results, str(cfg.study.name))
+    if s.refit.register and results:
+        register_best(tracker, results, s.study.name)
     return results
 
 

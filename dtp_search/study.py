@@ -75,8 +75,9 @@ def run_study(cfg: DictConfig, overrides: Sequence[str] | None = None) -> optuna
     parent run ends FINISHED, FAILED (a short study, an error) or KILLED (an interrupt),
     never left RUNNING by the process that started it (:func:`_end_parent`).
     """
-    if cfg.get("mode") == "compare":
-        return compare(settings_of(cfg))
+    typed = settings_of(cfg)
+    if typed.mode == "compare":
+        return compare(typed)
     fixed = search_space.fix_set_keys(cfg, _command_line(overrides))
     s, space = check_config(cfg)
     preflight.check_machine(s)  # stores readable, folders writable: before either opens
@@ -402,7 +403,16 @@ def _finish(ctx: SearchContext, refit_only: bool) -> None:
             log.info("trials are still running in other workers; the last one to finish refits")
             return
         if refit_only or s.refit.enabled:
-            refit_study(ctx.cfg, study, ctx.space, ctx.dataset, tracker, ctx.device, ctx.console)
+            refit_study(
+                ctx.cfg,
+                ctx.settings,
+                study,
+                ctx.space,
+                ctx.dataset,
+                tracker,
+                ctx.device,
+                ctx.console,
+            )
         log_report(study, tracker)
     finally:
         lock.release()

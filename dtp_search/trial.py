@@ -39,7 +39,7 @@ from dtp_search.errors import StorageUnavailable, disk_full
 from dtp_search.fidelity import POINT_ATTR, RUNG_ATTR, FidelityRung
 from dtp_search.models import start_model
 from dtp_search.pruning import LayerCollapse
-from dtp_search.settings import COST_OBJECTIVES, FrontSettings, Settings, front_axis
+from dtp_search.settings import COST_OBJECTIVES, Settings, front_axis
 from dtp_search.tracking import StudyTracker, TrialRun, front_x
 from dtp_search.training import (
     CVResult,
@@ -96,20 +96,21 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
     t = _start(trial, ctx)
     try:
         try:
-            check_policy(t.tcfg.policy)  # sampled combinations can still be invalid
-        except (ValueError, TypeError) as exc:
-            raise _pruned(trial, t.run, f"invalid sampled policy: {exc}") from exc
-        try:
             # The trial's config, sampled values in, through the run's own checker: a
             # sampled value out of its key's range gets the same message as a typed one.
+            # From here on the trial reads only these typed settings.
             typed = settings_of(t.tcfg)
         except ConfigError as exc:
             raise _pruned(trial, t.run, f"invalid sampled config: {exc}") from exc
+        try:
+            check_policy(typed.policy)  # sampled combinations can still be invalid
+        except (ValueError, TypeError) as exc:
+            raise _pruned(trial, t.run, f"invalid sampled policy: {exc}") from exc
         result, fronts = _cross_validate(t, ctx, typed)
-        _record(t, ctx, result, fronts)
+        _record(t, ctx, typed, result, fronts)
         t.run.finish("COMPLETE")
         t.clear_checkpoint()
-        return tuple(result.value(o) for o in ctx.cfg.search.objectives)
+        return tuple(result.value(o) for o in ctx.settings.search.objectives)
     except optuna.TrialPruned:
         t.run.finish("PRUNED")
         t.clear_checkpoint()
@@ -150,17 +151,17 @@ def _left_to_heartbeat(run: TrialRun, exc: StorageUnavailable) -> None:
 
 def _start(trial: optuna.Trial, ctx: SearchContext) -> _Trial:
     """Sample the trial, release the admission lock, and open its checkpoint and run."""
-    cfg = ctx.cfg
-    if (ctx.settings.search.sampler or {}).get("seed") is not None:
+    s = ctx.settings
+    if (s.search.sampler or {}).get("seed") is not None:
         # A set seed is offset by the trial number: reproducible for one worker, and
         # distinct for workers that start together (no duplicated random start-up
         # points) and for resumed runs (no replayed samples).
-        ctx.study.sampler = make_sampler(ctx.settings, offset=trial.number)
+        ctx.study.sampler = make_sampler(s, offset=trial.number)
     policy_name, sampled = search_space.sample(trial, ctx.space)
     # The trial exists (RUNNING) and holds its parameters: other workers may now count
     # it and sample around it (constant liar).
     ctx.admission.release()
-    tcfg = search_space.apply(cfg, sampled, policy_name)
+    tcfg = search_space.apply(ctx.cfg, sampled, policy_name)
     provenance.record_trial(trial, tcfg)
     # A retry (RetryHeartbeatStaleTrialCallback, or a trial re-queued after an
     # interrupt) inherits the user attributes of the trial it repeats, "lineage" among
@@ -171,11 +172,11 @@ def _start(trial: optuna.Trial, ctx: SearchContext) -> _Trial:
     trial.set_user_attr("worker", storages.worker_id())
     checkpoint = (
         TrialCheckpoint(
-            Path(cfg.paths.checkpoints) / cfg.study.name,
+            Path(s.paths.checkpoints) / s.study.name,
             lineage,
             provenance.trial_key(tcfg, ctx.dataset.content_digest()),
         )
-        if cfg.search.checkpoint
+        if s.search.checkpoint
         else None
     )
     resume = checkpoint.load(ctx.device) if checkpoint is not None else None
@@ -217,20 +218,20 @@ def _cross_validate(
     """The trial's k folds, each epoch logged. After each fold the study's early stopping
     may end it (:func:`dtp_search.config.make_early_stop`): Optuna's pruner for one
     objective, :class:`~dtp_search.early_stop.ParetoFoldStop` for several."""
-    tcfg, trial, run = t.tcfg, t.trial, t.run
+    trial, run = t.trial, t.run
     settings = typed.train
     example = torch.zeros(1, *ctx.dataset.input_shape, device=ctx.device)
-    objectives = list(ctx.cfg.search.objectives)
+    objectives = list(typed.search.objectives)
     axis = front_axis(objectives)
-    folds = int(tcfg.cv.folds)
+    folds = typed.cv.folds
     fronts: dict[int, list] = {}
     done: list[FoldResult] = []  # in fold order (replayed folds of a resume too)
     pareto = ctx.study.pruner if isinstance(ctx.study.pruner, ParetoFoldStop) else None
-    warm_start = make_warm_start(ctx.cfg, tcfg, ctx.dataset.content_digest())
+    warm_start = make_warm_start(typed, ctx.dataset.content_digest())
     rung = make_fidelity(ctx.settings)
     rung_epoch = None if rung is None else rung.rung_epoch(settings.epochs)
     cost = make_cost_probe(
-        ctx.settings, tcfg.policy, ctx.dataset.input_shape, ctx.device, rung_epoch
+        ctx.settings, typed.policy, ctx.dataset.input_shape, ctx.device, rung_epoch
     )
     with ctx.console.folds(
         folds, settings.epochs + settings.finetune_epochs, trial.number
@@ -289,18 +290,14 @@ def _cross_validate(
             result = cross_validate(
                 ctx.dataset,
                 folds=folds,
-                seed=int(tcfg.seed),
+                seed=typed.seed,
                 make_model=lambda: start_model(
-                    tcfg.model, ctx.dataset.input_shape, ctx.dataset.num_classes
+                    typed.model, ctx.dataset.input_shape, ctx.dataset.num_classes
                 ),
-                make_pruner=lambda m: build_pruner(m, tcfg.policy, example),
+                make_pruner=lambda m: build_pruner(m, typed.policy, example),
                 settings=settings,
                 device=ctx.device,
-                front=FrontSettings(
-                    int(tcfg.front.points),
-                    float(tcfg.front.max_sparsity),
-                    tcfg.front.get("update_samples"),
-                ),
+                front=typed.front,
                 hooks=FoldHooks(
                     on_epoch=on_epoch,
                     on_fold_end=on_fold_end,
@@ -357,11 +354,13 @@ def _judge_rung(
         raise _pruned(trial, run, decision.reason)
 
 
-def _record(t: _Trial, ctx: SearchContext, result: CVResult, fronts: dict[int, list]) -> None:
+def _record(
+    t: _Trial, ctx: SearchContext, typed: Settings, result: CVResult, fronts: dict[int, list]
+) -> None:
     """Log the trial's mean curves, CV summary (costs too: ``cv_flops``, ...), floor
     events and front (against the study's second objective); set its Optuna attributes
     and constraints."""
-    trial, run, tcfg = t.trial, t.run, t.tcfg
+    trial, run = t.trial, t.run
     # Mean curves across folds, same integer steps as the per-fold ones.
     for i in range(max(len(f.history) for f in result.folds)):
         recs = [f.history[i] for f in result.folds if i < len(f.history)]
@@ -399,12 +398,12 @@ def _record(t: _Trial, ctx: SearchContext, result: CVResult, fronts: dict[int, l
     if floored:
         trial.set_user_attr("floored_layers", floored)
         run.set_tags({"dtp_search.floored_layers": ",".join(floored)})
-    if floor_settings(tcfg.policy)[1] == "penalize":
+    if floor_settings(typed.policy)[1] == "penalize":
         trial.set_constraint("min_keep_floor", float(len(floored)))
-    title = f"{ctx.cfg.study.name} · trial {trial.number} · {t.policy}"
+    title = f"{typed.study.name} · trial {trial.number} · {t.policy}"
     if floored:
         title += f"\nends with {', '.join(floored)} at the min_keep floor"
-    axis = front_axis(ctx.cfg.search.objectives)
+    axis = front_axis(typed.search.objectives)
     run.log_front(fronts, title, axis=axis)
     for k, v in summary.items():
         trial.set_user_attr(k, v)
@@ -421,10 +420,11 @@ def _record(t: _Trial, ctx: SearchContext, result: CVResult, fronts: dict[int, l
     ]
     trial.set_user_attr("front", sorted([round(x, 5), round(a, 5)] for x, a in points))
     # Constraints: feasible when <= 0; Optuna's samplers read them (Trial.set_constraint).
-    if ctx.cfg.search.get("min_sparsity") is not None:
-        trial.set_constraint("min_sparsity", float(ctx.cfg.search.min_sparsity) - result.sparsity)
-    if ctx.cfg.search.get("max_flops") is not None:
-        trial.set_constraint("max_flops", result.cost("flops") - float(ctx.cfg.search.max_flops))
+    search = typed.search
+    if search.min_sparsity is not None:
+        trial.set_constraint("min_sparsity", search.min_sparsity - result.sparsity)
+    if search.max_flops is not None:
+        trial.set_constraint("max_flops", result.cost("flops") - search.max_flops)
 
 
 def _pruned(trial: optuna.Trial, run: Any, reason: str) -> optuna.TrialPruned:

@@ -335,7 +335,7 @@ def refit(
     """dtp_search's refit of the searched configuration on the whole training split."""
     from hydra import compose, initialize_config_dir
 
-    from dtp_search.config import register_resolvers
+    from dtp_search.config import register_resolvers, settings_of
     from dtp_search.refit import refit_trial
 
     register_resolvers()  # conf/config.yaml's ${abspath:...}, as the CLI does on start-up
@@ -351,7 +351,7 @@ def refit(
                 "front.points=0",
             ],
         )
-    _, pruner, _, accuracy, _ = refit_trial(cfg, ds, torch.device("cpu"))
+    _, pruner, _, accuracy, _ = refit_trial(settings_of(cfg), ds, torch.device("cpu"))
     return {"test_accuracy": accuracy, "sparsity": pruner.sparsity()}
 
 

@@ -94,7 +94,7 @@ def refit(
     ``params``: overrides by full key (``policy.amount``, ``train.lr``)."""
     from hydra import compose, initialize_config_dir
 
-    from dtp_search.config import register_resolvers
+    from dtp_search.config import register_resolvers, settings_of
     from dtp_search.data import load_dataset
     from dtp_search.refit import refit_trial
 
@@ -105,7 +105,7 @@ def refit(
             "config", overrides=[*common(a, cache), f"policy={policy}", *extra, f"seed={seed}"]
         )
     dataset = load_dataset(cfg.dataset, cache_dir=cfg.paths.cache_dir)
-    _, pruner, _, accuracy, _ = refit_trial(cfg, dataset, torch.device("cpu"))
+    _, pruner, _, accuracy, _ = refit_trial(settings_of(cfg), dataset, torch.device("cpu"))
     return accuracy, pruner.sparsity()
 
 

@@ -10,7 +10,7 @@ from dtp_search.config import build_pruner
 from dtp_search.data import load_dataset
 from dtp_search.models import build_model
 from dtp_search.pruning import build_policy
-from dtp_search.settings import FrontSettings
+from dtp_search.settings import DatasetSettings, FrontSettings, Settings
 from dtp_search.training import FoldHooks, TrainSettings, WarmStart, cross_validate
 from dtp_search.warmstart import WarmStartCache
 
@@ -179,10 +179,10 @@ def test_data_edited_in_place_misses_the_cache(ds, tmp_path):
     config.make_warm_start passes it) trains its dense epochs anew."""
     from dtp_search.config import make_warm_start
 
-    cfg = OmegaConf.create({"search": {"warm_start": True}, "paths": {"warm_start": str(tmp_path)}})
-    tcfg = OmegaConf.create({"dataset": DIGITS})
-    before = make_warm_start(cfg, tcfg, "digest-before")
-    after = make_warm_start(cfg, tcfg, "digest-after")
+    s = Settings(dataset=DatasetSettings(**DIGITS))
+    s.paths.warm_start = str(tmp_path)
+    before = make_warm_start(s, "digest-before")
+    after = make_warm_start(s, "digest-after")
     for warm in (before, after):
         cross_validate(
             ds,
