@@ -33,7 +33,14 @@ import optuna
 from omegaconf import DictConfig
 
 from dtp_search.config import register_resolvers
-from dtp_search.errors import ConfigError, DatasetError, StorageUnavailable, disk_full
+from dtp_search.errors import (
+    ConfigError,
+    DatasetError,
+    RefitInterrupted,
+    StorageUnavailable,
+    StudyIncomplete,
+    disk_full,
+)
 from dtp_search.redaction import (
     hide_passwords,
     known_passwords,
@@ -42,7 +49,7 @@ from dtp_search.redaction import (
     scrub_files,
 )
 from dtp_search.settings import allowed, field_owner, text_fields
-from dtp_search.study import RefitInterrupted, StudyIncomplete, run_study
+from dtp_search.study import run_study
 from dtp_search.training import request_stop, stop_now, stop_requested, stopping
 
 register_resolvers()

@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from dtp_search import records
 from dtp_search.redaction import mask_urls
 from dtp_search.results import pareto_rows
 from dtp_search.settings import COST_OBJECTIVES, Settings
@@ -101,7 +102,7 @@ class Console:
         rows = pareto_rows(study)
         # The costs the trials measured (search.objectives, search.max_flops): the
         # fractions of the dense network's FLOPs, parameters, latency.
-        costs = [c for c in COST_OBJECTIVES if any(f"cv_{c}" in r for r in rows)]
+        costs = [c for c in COST_OBJECTIVES if any(records.cv(c) in r for r in rows)]
         headers = ["trial", "policy", "CV accuracy", "sparsity", *costs, "test accuracy"]
 
         def cells(pm: str) -> list[list[str]]:
@@ -112,7 +113,7 @@ class Console:
                     f"{r['accuracy']:.4f}{pm}{r['accuracy_std']:.4f}",
                     f"{r['sparsity']:.4f}{pm}{r['sparsity_std']:.4f}",
                     *(
-                        f"{r.get(f'cv_{c}', float('nan')):.4f}{pm}{r.get(f'cv_{c}_std', 0.0):.4f}"
+                        f"{r.get(records.cv(c), float('nan')):.4f}{pm}{r.get(records.cv_std(c), 0.0):.4f}"
                         for c in costs
                     ),
                     _or_dash(r.get("test_accuracy", float("nan"))),

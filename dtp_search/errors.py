@@ -117,3 +117,12 @@ class StorageUnavailable(BaseException):
             "rerun the same command: the trial that was running is retried (same "
             "parameters, from its checkpoint) once search.grace_period has passed"
         )
+
+
+class StudyIncomplete(RuntimeError):
+    """The run stopped before the study held ``search.n_trials`` finished trials (its
+    trials kept failing); ``python -m dtp_search`` exits with a status of its own."""
+
+
+class RefitInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during the refit (after the search): a rerun refits what is left."""

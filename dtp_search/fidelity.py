@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import optuna
 
+from dtp_search import records
 from dtp_search.early_stop import dominates, most_dominating, objective_signs
 
 __all__ = ["POINT_ATTR", "RUNG_ATTR", "FidelityRung", "RungDecision"]
@@ -40,7 +41,7 @@ __all__ = ["POINT_ATTR", "RUNG_ATTR", "FidelityRung", "RungDecision"]
 # trial user attr: {"epoch": r, "accuracy": a, "sparsity": s} and the costs among the
 # study's objectives, e.g. "flops": f (dtp_search.pruning.cost)
 POINT_ATTR = "rung_point"
-RUNG_ATTR = "rung"  # trial user attr: 0 = stopped at the reduced budget, 1 = full budget
+RUNG_ATTR = records.RUNG  # trial user attr: 0 = stopped at the reduced budget, 1 = full budget
 
 _OBJECTIVES = ("accuracy", "sparsity")  # the default order of search.objectives
 

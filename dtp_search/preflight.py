@@ -1,5 +1,5 @@
-"""Checks on this machine before a study opens: store files readable, folders writable,
-free space.
+"""Checks before a study opens: store files readable, folders writable, free space on
+this machine; and the config against the loaded data (:func:`check_against_data`).
 
 :func:`check_machine` runs once per run, after the config's own checks and before the
 data is loaded or either store is opened, so that a problem of the machine ends the run
@@ -13,6 +13,8 @@ the estimate is an upper bound, and a study that fills the disk anyway stops wit
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import os
@@ -21,11 +23,18 @@ import sqlite3
 import tempfile
 from pathlib import Path
 
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from dtp_search import space as search_space
 from dtp_search import storage as storages
+from dtp_search.config import build_pruner, policy_key
 from dtp_search.data import ImageDataset
 from dtp_search.errors import ConfigError
-from dtp_search.models import build_model
+from dtp_search.models import build_model, check_output, start_model
 from dtp_search.settings import Settings
+from dtp_search.training import eval_batches
 
 log = logging.getLogger(__name__)
 
@@ -256,3 +265,41 @@ def _corrupt(exc: sqlite3.Error) -> str | None:
     ):
         return f"SQLite: {text}"
     return None
+
+
+def check_against_data(cfg: DictConfig, s: Settings, dataset: ImageDataset) -> None:
+    """Checks that need the data: fold count against the smallest class; the network
+    built once (the user's factory, ``model.checkpoint`` loaded) and its output checked
+    on one batch of training images; and every policy's pruner built on it, so that a
+    model/dataset or granularity/model mismatch fails before the study is opened."""
+    smallest_class = int(torch.bincount(dataset.train.labels).min())
+    if s.cv.folds > smallest_class:
+        raise ConfigError(
+            f"cv.folds={s.cv.folds} exceeds the smallest class of the training "
+            f"split ({smallest_class} samples); allowed: 2..{smallest_class}"
+        )
+    try:
+        model = start_model(s.model, dataset.input_shape, dataset.num_classes)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(f"model={s.model.name}: {exc}") from exc
+    check_output(model, _one_batch(dataset, s), dataset.num_classes)
+    example = torch.zeros(1, *dataset.input_shape)
+    for name, node in search_space.policy_nodes(cfg).items():
+        try:
+            build_pruner(copy.deepcopy(model), node, example)
+        except ValueError as exc:
+            raise ConfigError(f"{policy_key(cfg, name)} with model={s.model.name}: {exc}") from exc
+
+
+def _one_batch(dataset: ImageDataset, s: Settings) -> torch.Tensor:
+    """Two training images, normalised as training will see them (the output check's batch)."""
+    batches = eval_batches(
+        dataset,
+        dataset.train,
+        np.arange(min(2, len(dataset.train))),
+        dataclasses.replace(s.train, eval_batch_size=2, channels_last=False),
+        "cpu",
+    )
+    return next(iter(batches))[0]

@@ -21,6 +21,7 @@ from typing import Any
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
+from dtp_search import records
 from dtp_search.config import ENGINE_KEYS, ConfigError, flatten, loggable
 from dtp_search.models import checkpoint_digest
 from dtp_search.settings import PrunerSettings, Settings
@@ -161,9 +162,9 @@ def record_study(
 ) -> None:
     """Store ``current`` as the study's definition; log the allowed changes with it."""
     if allowed_changes:
-        history = list(study.user_attrs.get("config_changes", []))
+        history = list(study.user_attrs.get(records.CONFIG_CHANGES, []))
         history.append(sorted(allowed_changes))
-        study.set_user_attr("config_changes", history)
+        study.set_user_attr(records.CONFIG_CHANGES, history)
     if study.user_attrs.get(STUDY_ATTR) != current:
         study.set_user_attr(STUDY_ATTR, dict(current))
 

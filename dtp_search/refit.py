@@ -33,7 +33,7 @@ import optuna
 import torch
 from omegaconf import DictConfig
 
-from dtp_search import provenance
+from dtp_search import provenance, records
 from dtp_search import space as search_space
 from dtp_search.config import (
     build_pruner,
@@ -45,8 +45,9 @@ from dtp_search.config import (
 )
 from dtp_search.data import ImageDataset, stratified_subset
 from dtp_search.export import MEASURE_KEYS, measure, save_pruned
+from dtp_search.logged_models import MODEL_URI_TAG, log_model, register
 from dtp_search.models import start_model
-from dtp_search.pruning import FrontPoint, LayerCollapse, sparsity, strip_masks
+from dtp_search.pruning import FrontPoint, LayerCollapse, sparsity
 from dtp_search.results import pareto_rows
 from dtp_search.settings import COST_OBJECTIVES, PrunerSettings, Settings, front_axis
 from dtp_search.tracking import StudyTracker, plot_layer_sparsity
@@ -66,13 +67,12 @@ log = logging.getLogger(__name__)
 
 MONITOR_SAMPLES = 2048  # training-split slice for per-epoch accuracy during a refit
 CV_METRICS = (
-    "cv_accuracy",
-    "cv_accuracy_std",
-    "cv_sparsity",
-    "cv_sparsity_std",
+    records.CV_ACCURACY,
+    records.CV_ACCURACY_STD,
+    records.CV_SPARSITY,
+    records.CV_SPARSITY_STD,
     *(f"cv_{c}{s}" for c in COST_OBJECTIVES for s in ("", "_std")),
 )
-MODEL_URI_TAG = "dtp_search.model_uri"
 
 
 @dataclass
@@ -204,14 +204,14 @@ def checkpoint_baseline(
     ``None`` without a checkpoint."""
     if not s.model.checkpoint:
         return None
-    stored = study.user_attrs.get("checkpoint_baseline")
+    stored = study.user_attrs.get(records.CHECKPOINT_BASELINE)
     if stored is None:
         model = start_model(s.model, dataset.input_shape, dataset.num_classes).to(device)
         test = eval_batches(
             dataset, dataset.test, np.arange(len(dataset.test.labels)), s.train, device
         )
         stored = {"test_accuracy": evaluate(model, test), "sparsity": sparsity(model)}
-        study.set_user_attr("checkpoint_baseline", stored)
+        study.set_user_attr(records.CHECKPOINT_BASELINE, stored)
         tracker.client.log_metric(tracker.parent_run_id, BASELINE_METRIC, stored["test_accuracy"])
         log.info("the checkpoint, not pruned: test accuracy %.4f", stored["test_accuracy"])
     return FrontPoint(
@@ -292,7 +292,7 @@ def refit_study(
                         save_pruned(model, config, Path(tmp) / "compact.pt", compact_input=example),
                         "model",
                     )
-            model_uri = _log_mlflow_model(
+            model_uri = log_model(
                 tracker.tracking_uri, run.run_id, model, f"{s.study.name}-trial-{trial.number}"
             )
             if model_uri:
@@ -329,7 +329,7 @@ def refit_study(
         except LayerCollapse as exc:
             # The whole training split can move a threshold past what the folds saw; with
             # policy.on_collapse=prune that ends this refit, not the others.
-            run.set_tags({"fail_reason": f"layer collapse: {exc}"})
+            run.set_tags({records.FAIL_REASON: f"layer collapse: {exc}"})
             run.finish("FAIL")
             log.warning("refit of trial %d failed: layer collapse: %s", trial.number, exc)
             continue
@@ -349,7 +349,7 @@ def refit_study(
                 result.layer_sparsity,
             )
         )
-    prior = study.user_attrs.get("refit", {})
+    prior = study.user_attrs.get(records.REFIT, {})
     record = {}
     for r in results:
         old = prior.get(str(r.trial), {})
@@ -360,37 +360,20 @@ def refit_study(
             "measures": r.measures or old.get("measures", {}),
             "layer_sparsity": r.layer_sparsity or old.get("layer_sparsity", {}),
         }
-    study.set_user_attr("refit", record)
+    study.set_user_attr(records.REFIT, record)
     if s.refit.register and results:
-        register_best(tracker, results, s.study.name)
+        best = max(results, key=lambda r: r.test_accuracy)
+        register(
+            tracker,
+            best.run_id,
+            s.study.name,
+            {
+                "trial": str(best.trial),
+                "test_accuracy": f"{best.test_accuracy:.4f}",
+                "sparsity": f"{best.sparsity:.4f}",
+            },
+        )
     return results
-
-
-def register_best(tracker: StudyTracker, results: list[RefitResult], name: str) -> str | None:
-    """Register the most accurate refit's model in the MLflow Model Registry as ``name``
-    (a new version each time a different run is registered); returns its model URI."""
-    import mlflow
-
-    best = max(results, key=lambda r: r.test_accuracy)
-    uri = tracker.client.get_run(best.run_id).data.tags.get(MODEL_URI_TAG)
-    if not uri:
-        log.warning("refit.register: the refit of trial %d logged no MLflow model", best.trial)
-        return None
-    versions = tracker.client.search_model_versions(f"name = '{name}'")
-    if any(v.run_id == best.run_id for v in versions):
-        return uri
-    mlflow.set_tracking_uri(tracker.tracking_uri)
-    mv = mlflow.register_model(
-        uri,
-        name,
-        tags={
-            "trial": str(best.trial),
-            "test_accuracy": f"{best.test_accuracy:.4f}",
-            "sparsity": f"{best.sparsity:.4f}",
-        },
-    )
-    log.info("registered %s version %s (refit of trial %d)", name, mv.version, best.trial)
-    return uri
 
 
 def _from_run(trial: int, run) -> RefitResult:
@@ -405,37 +388,3 @@ def _from_run(trial: int, run) -> RefitResult:
         {},
         reused=True,
     )
-
-
-def _log_mlflow_model(
-    tracking_uri: str, run_id: str, model: torch.nn.Module, name: str
-) -> str | None:
-    """Also log the (mask-free) model with ``mlflow.pytorch.log_model``, where that works.
-
-    MLflow's default ``pt2`` format fixes the batch size of the traced example, so the
-    pickle format is used: it needs dtp_search importable to load, and unpickling runs
-    code — the sparse ``model/pruned.pt`` read with ``weights_only=True`` stays the safe
-    export. Failures are logged, not raised: the refit's own record is what matters.
-    The model is named ``name`` (``<study>-trial-<n>``); returns its URI.
-    """
-    import mlflow
-    import mlflow.pytorch
-
-    mlflow_log = logging.getLogger("mlflow.pytorch")
-    level = mlflow_log.level
-    try:
-        mlflow_log.setLevel(logging.ERROR)  # the pickle-format caution, said once above
-        mlflow.set_tracking_uri(tracking_uri)
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pytorch.log_model(
-                strip_masks(model).cpu().eval(),
-                name=name,
-                serialization_format="pickle",
-                pip_requirements=["torch"],
-            )
-        return info.model_uri
-    except Exception as exc:
-        log.warning("mlflow.pytorch.log_model failed for run %s: %s", run_id, exc)
-        return None
-    finally:
-        mlflow_log.setLevel(level)

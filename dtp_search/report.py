@@ -26,7 +26,8 @@ import matplotlib.pyplot as plt
 import optuna
 from optuna.trial import TrialState
 
-from dtp_search.results import pareto_rows, study_axis
+from dtp_search import records
+from dtp_search.results import pareto_rows, study_axis, trial_points
 from dtp_search.settings import COST_OBJECTIVES
 from dtp_search.tracking import (
     AXIS_LABELS,
@@ -52,19 +53,11 @@ def pareto_figure(study: optuna.Study, rows: list[dict[str, Any]]):
     """Pareto front of the trials' CV results over every trial's own (fold-0) front, both
     against the study's axis (:func:`~dtp_search.results.study_axis`)."""
     axis = study_axis(study)
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    points = {
-        t.number: [
-            (t.user_attrs.get(f"cv_{axis}", math.nan), t.user_attrs.get("cv_accuracy", math.nan))
-        ]
-        for t in complete
-    }
-    policies = {t.number: t.user_attrs.get("policy", "") for t in complete}
-    floored = [t.number for t in complete if t.user_attrs.get("floored_layers")]
+    complete, points, policies, floored = trial_points(study, axis)
     fig = plot_pareto(rows, points, study.study_name, policies, floored, axis=axis)
     ax = fig.axes[0]
     for t in complete:
-        front = t.user_attrs.get("front") or []
+        front = t.user_attrs.get(records.FRONT) or []
         if front:
             ax.plot(
                 [p[0] for p in front],
@@ -104,7 +97,7 @@ def _optuna_figures(study: optuna.Study) -> dict[str, str]:
     cannot draw yet (e.g. importances from too few trials) is skipped."""
     from optuna.visualization import matplotlib as ovm
 
-    names = study.user_attrs.get("objectives") or [
+    names = study.user_attrs.get(records.OBJECTIVES) or [
         f"objective {i}" for i in range(len(study.directions))
     ]
     out = {}
@@ -142,7 +135,7 @@ def build_report(
     images.update(_optuna_figures(study))
 
     # The costs the trials measured (fractions of the dense network's), as CV columns.
-    costs = [c for c in COST_OBJECTIVES if any(f"cv_{c}" in r for r in rows)]
+    costs = [c for c in COST_OBJECTIVES if any(records.cv(c) in r for r in rows)]
     # Refits measured before the compacted network's FLOPs were: no column without them.
     with_compact = any(
         "flops_compact" in refits.get(str(r["trial"]), {}).get("measures", {}) for r in rows
@@ -183,7 +176,9 @@ def build_report(
             f"{r['accuracy']:.4f} ± {r['accuracy_std']:.4f}",
             f"{r['sparsity']:.4f} ± {r['sparsity_std']:.4f}",
             *(
-                f"{r[f'cv_{c}']:.4f} ± {r.get(f'cv_{c}_std', 0.0):.4f}" if f"cv_{c}" in r else "—"
+                f"{r[records.cv(c)]:.4f} ± {r.get(records.cv_std(c), 0.0):.4f}"
+                if records.cv(c) in r
+                else "—"
                 for c in costs
             ),
             f"{ref['test_accuracy']:.4f}" if "test_accuracy" in ref else "—",
@@ -209,7 +204,7 @@ def build_report(
         for k, v in images.items()
     )
     n_complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    base = study.user_attrs.get("checkpoint_baseline")
+    base = study.user_attrs.get(records.CHECKPOINT_BASELINE)
     baseline = (
         ""
         if base is None
@@ -232,7 +227,7 @@ training split.</p>{baseline}
 def log_report(study: optuna.Study, tracker: StudyTracker) -> str:
     """Build the report and log it (with its figures) on the study's parent run."""
     rows = pareto_rows(study)
-    doc, figures = build_report(study, rows, study.user_attrs.get("refit", {}))
+    doc, figures = build_report(study, rows, study.user_attrs.get(records.REFIT, {}))
     tracker.client.log_text(tracker.parent_run_id, doc, "report.html")
     for name, fig in figures.items():
         if name != "pareto":  # pareto_front.png is logged by refresh_pareto

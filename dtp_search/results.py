@@ -15,6 +15,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from dtp_search import records
 from dtp_search.pruning import pareto_mask
 from dtp_search.settings import COST_OBJECTIVES, front_axis
 from dtp_search.tracking import StudyTracker, row_key
@@ -33,7 +34,7 @@ def n_finished(study: optuna.Study) -> int:
 
 def objective_names(study: optuna.Study) -> list[str]:
     """The study's ``search.objectives`` (``value_<i>`` for a study that did not store them)."""
-    return study.user_attrs.get("objectives") or [
+    return study.user_attrs.get(records.OBJECTIVES) or [
         f"value_{i}" for i in range(len(study.directions))
     ]
 
@@ -68,7 +69,7 @@ def pareto_rows(study: optuna.Study, front_only: bool = True) -> list[dict[str, 
     signs = [1.0 if d == optuna.study.StudyDirection.MAXIMIZE else -1.0 for d in study.directions]
     vals = np.array([[s * v for s, v in zip(signs, t.values, strict=True)] for t in trials])
     keep = pareto_mask(vals)
-    refits = study.user_attrs.get("refit", {})
+    refits = study.user_attrs.get(records.REFIT, {})
     rows = []
     for t, k in zip(trials, keep, strict=True):
         if front_only and not k:
@@ -79,24 +80,24 @@ def pareto_rows(study: optuna.Study, front_only: bool = True) -> list[dict[str, 
         rows.append(
             {
                 "trial": t.number,
-                "policy": ua.get("policy", ""),
+                "policy": ua.get(records.POLICY, ""),
                 "params": ", ".join(
                     f"{key.split('.')[-1]}={_fmt(v)}" for key, v in t.params.items()
                 ),
-                "accuracy": ua.get("cv_accuracy", values.get("accuracy", math.nan)),
-                "accuracy_std": ua.get("cv_accuracy_std", 0.0),
-                "sparsity": ua.get("cv_sparsity", values.get("sparsity", math.nan)),
-                "sparsity_std": ua.get("cv_sparsity_std", 0.0),
+                "accuracy": ua.get(records.CV_ACCURACY, values.get("accuracy", math.nan)),
+                "accuracy_std": ua.get(records.CV_ACCURACY_STD, 0.0),
+                "sparsity": ua.get(records.CV_SPARSITY, values.get("sparsity", math.nan)),
+                "sparsity_std": ua.get(records.CV_SPARSITY_STD, 0.0),
                 **{
                     key: v
                     for c in COST_OBJECTIVES
-                    if f"cv_{c}" in ua or c in values
+                    if records.cv(c) in ua or c in values
                     for key, v in (
-                        (f"cv_{c}", ua.get(f"cv_{c}", values.get(c, math.nan))),
-                        (f"cv_{c}_std", ua.get(f"cv_{c}_std", 0.0)),
+                        (records.cv(c), ua.get(records.cv(c), values.get(c, math.nan))),
+                        (records.cv_std(c), ua.get(records.cv_std(c), 0.0)),
                     )
                 },
-                "mlflow_run_id": ua.get("mlflow_run_id", ""),
+                "mlflow_run_id": ua.get(records.MLFLOW_RUN_ID, ""),
                 "test_accuracy": refit.get("test_accuracy", math.nan),
                 "refit_run_id": refit.get("run_id", ""),
             }
@@ -125,20 +126,32 @@ def gain(axis: str, x: float) -> float:
     return x if axis == "sparsity" else 1.0 - x
 
 
+def trial_points(
+    study: optuna.Study, axis: str
+) -> tuple[list[optuna.trial.FrozenTrial], dict[int, list], dict[int, str], list[int]]:
+    """The study's complete trials and, for its Pareto plot, each one's CV point
+    ``(axis, accuracy)``, its policy, and the trials that ended at the min_keep floor."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    points = {
+        t.number: [
+            (
+                t.user_attrs.get(records.cv(axis), math.nan),
+                t.user_attrs.get(records.CV_ACCURACY, math.nan),
+            )
+        ]
+        for t in complete
+    }
+    policies = {t.number: t.user_attrs.get(records.POLICY, "") for t in complete}
+    floored = [t.number for t in complete if t.user_attrs.get(records.FLOORED_LAYERS)]
+    return complete, points, policies, floored
+
+
 def refresh_pareto(study: optuna.Study, tracker: StudyTracker) -> list[dict[str, Any]]:
     """Log the study's current Pareto front to its parent run; return its rows. The plot
     and ``pareto_hypervolume`` are over (CV axis, CV accuracy), :func:`study_axis`."""
     rows = pareto_rows(study)
     axis = study_axis(study)
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    all_points = {
-        t.number: [
-            (t.user_attrs.get(f"cv_{axis}", math.nan), t.user_attrs.get("cv_accuracy", math.nan))
-        ]
-        for t in complete
-    }
-    policies = {t.number: t.user_attrs.get("policy", "") for t in complete}
-    floored = [t.number for t in complete if t.user_attrs.get("floored_layers")]
+    complete, all_points, policies, floored = trial_points(study, axis)
     x = row_key(axis)
     hv = hypervolume_2d([(gain(axis, r[x]), r["accuracy"]) for r in rows if x in r])
     try:

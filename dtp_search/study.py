@@ -8,37 +8,31 @@ what a finished study says is :mod:`dtp_search.results`.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import logging
 import os
 import time
 import warnings
 from collections.abc import Sequence
 
-import numpy as np
 import optuna
 import torch
 from omegaconf import DictConfig
 from optuna.trial import TrialState
 
-from dtp_search import preflight, provenance
+from dtp_search import preflight, provenance, records
 from dtp_search import space as search_space
 from dtp_search import storage as storages
 from dtp_search.config import (
     ConfigError,
-    build_pruner,
     check_config,
     make_early_stop,
     make_sampler,
     make_storage,
-    policy_key,
     settings_of,
 )
 from dtp_search.console import Console
-from dtp_search.data import ImageDataset, load_dataset
-from dtp_search.errors import StorageUnavailable
-from dtp_search.models import check_output, start_model
+from dtp_search.data import load_dataset
+from dtp_search.errors import RefitInterrupted, StorageUnavailable, StudyIncomplete
 from dtp_search.outage import seconds_since_recovery
 from dtp_search.refit import refit_study
 from dtp_search.report import compare_studies, log_report
@@ -48,7 +42,6 @@ from dtp_search.storage import mask_url
 from dtp_search.tracking import StudyTracker, describe_dataset
 from dtp_search.training import (
     DivergedError,
-    eval_batches,
     resolve_device,
     stop_now,
     stop_requested,
@@ -90,7 +83,7 @@ def run_study(cfg: DictConfig, overrides: Sequence[str] | None = None) -> optuna
     device = resolve_device(s.device)
 
     dataset = load_dataset(s.dataset, cache_dir=s.paths.cache_dir)
-    check_against_data(cfg, s, dataset)
+    preflight.check_against_data(cfg, s, dataset)
     preflight.check_free_space(s, dataset)  # a warning when checkpoints may not fit
     refit_only = s.mode == "refit"
     url = s.study.storage
@@ -156,15 +149,6 @@ def run_study(cfg: DictConfig, overrides: Sequence[str] | None = None) -> optuna
     return study
 
 
-class StudyIncomplete(RuntimeError):
-    """The run stopped before the study held ``search.n_trials`` finished trials (its
-    trials kept failing); ``python -m dtp_search`` exits with a status of its own."""
-
-
-class RefitInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM during the refit (after the search): a rerun refits what is left."""
-
-
 # What a short study's message tells the user to do.
 _NEXT_STEP = (
     "the failed trials' fail_reason (Optuna user attribute and MLflow tag) says why; fix "
@@ -210,44 +194,6 @@ def _command_line(overrides: Sequence[str] | None) -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def check_against_data(cfg: DictConfig, s: Settings, dataset: ImageDataset) -> None:
-    """Checks that need the data: fold count against the smallest class; the network
-    built once (the user's factory, ``model.checkpoint`` loaded) and its output checked
-    on one batch of training images; and every policy's pruner built on it, so that a
-    model/dataset or granularity/model mismatch fails before the study is opened."""
-    smallest_class = int(torch.bincount(dataset.train.labels).min())
-    if s.cv.folds > smallest_class:
-        raise ConfigError(
-            f"cv.folds={s.cv.folds} exceeds the smallest class of the training "
-            f"split ({smallest_class} samples); allowed: 2..{smallest_class}"
-        )
-    try:
-        model = start_model(s.model, dataset.input_shape, dataset.num_classes)
-    except ConfigError:
-        raise
-    except ValueError as exc:
-        raise ConfigError(f"model={s.model.name}: {exc}") from exc
-    check_output(model, _one_batch(dataset, s), dataset.num_classes)
-    example = torch.zeros(1, *dataset.input_shape)
-    for name, node in search_space.policy_nodes(cfg).items():
-        try:
-            build_pruner(copy.deepcopy(model), node, example)
-        except ValueError as exc:
-            raise ConfigError(f"{policy_key(cfg, name)} with model={s.model.name}: {exc}") from exc
-
-
-def _one_batch(dataset: ImageDataset, s: Settings) -> torch.Tensor:
-    """Two training images, normalised as training will see them (the output check's batch)."""
-    batches = eval_batches(
-        dataset,
-        dataset.train,
-        np.arange(min(2, len(dataset.train))),
-        dataclasses.replace(s.train, eval_batch_size=2, channels_last=False),
-        "cpu",
-    )
-    return next(iter(batches))[0]
-
-
 def _open_study(cfg: DictConfig, s: Settings, dataset_digest: str, is_worker: bool) -> optuna.Study:
     """Create the study, or open it and refuse a configuration that differs from the one
     that defined it (:mod:`dtp_search.provenance`), before writing anything to it."""
@@ -282,7 +228,7 @@ def _open_study(cfg: DictConfig, s: Settings, dataset_digest: str, is_worker: bo
         with warnings.catch_warnings():  # experimental in Optuna; labels the objectives
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names(list(s.search.objectives))
-        study.set_user_attr("objectives", list(s.search.objectives))
+        study.set_user_attr(records.OBJECTIVES, list(s.search.objectives))
     return study
 
 

@@ -15,7 +15,7 @@ import optuna
 import torch
 from omegaconf import DictConfig
 
-from dtp_search import provenance
+from dtp_search import provenance, records
 from dtp_search import space as search_space
 from dtp_search import storage as storages
 from dtp_search.checkpoint import TrialCheckpoint, describe
@@ -51,10 +51,6 @@ from dtp_search.training import (
 )
 
 log = logging.getLogger(__name__)
-
-# What a trial logs per epoch (per fold as fold_<k>/<name>, and as the mean over folds).
-EPOCH_METRICS = ("loss", "val_accuracy", "sparsity", "threshold", "lr", "recovered")
-MEAN_EPOCH_METRICS = ("loss", "val_accuracy", "sparsity", "threshold", "recovered")
 
 
 @dataclass
@@ -119,8 +115,8 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
         _left_to_heartbeat(t.run, exc)
         raise
     except (KeyboardInterrupt, SystemExit):
-        trial.set_user_attr("fail_reason", "interrupted")
-        t.run.set_tags({"fail_reason": "interrupted"})
+        trial.set_user_attr(records.FAIL_REASON, "interrupted")
+        t.run.set_tags({records.FAIL_REASON: "interrupted"})
         t.run.finish("FAIL", status="KILLED")
         # Queue the same parameters again, so that rerunning the command continues this
         # trial from its checkpoint rather than sampling a new one.
@@ -131,8 +127,8 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
     except BaseException as exc:
         full = disk_full(exc)  # one line naming the file, not torch's or SQLite's words
         reason = str(full) if full is not None else f"{type(exc).__name__}: {exc}"
-        trial.set_user_attr("fail_reason", reason[:500])
-        t.run.set_tags({"fail_reason": reason[:500]})
+        trial.set_user_attr(records.FAIL_REASON, reason[:500])
+        t.run.set_tags({records.FAIL_REASON: reason[:500]})
         t.run.finish("FAIL")
         t.clear_checkpoint()
         raise
@@ -145,7 +141,7 @@ def _left_to_heartbeat(run: TrialRun, exc: StorageUnavailable) -> None:
     ends now, unless the tracking store is what went away (the next run closes it then:
     :meth:`~dtp_search.tracking.StudyTracker.close_orphans`)."""
     with contextlib.suppress(Exception, StorageUnavailable):
-        run.set_tags({"fail_reason": str(exc)[:500]})
+        run.set_tags({records.FAIL_REASON: str(exc)[:500]})
         run.finish("FAIL")
 
 
@@ -167,9 +163,9 @@ def _start(trial: optuna.Trial, ctx: SearchContext) -> _Trial:
     # interrupt) inherits the user attributes of the trial it repeats, "lineage" among
     # them: the number of the first trial of the chain, which names its checkpoint.
     inherited = dict(trial.user_attrs)
-    lineage = int(inherited.get("lineage", trial.number))
-    trial.set_user_attr("lineage", lineage)
-    trial.set_user_attr("worker", storages.worker_id())
+    lineage = int(inherited.get(records.LINEAGE, trial.number))
+    trial.set_user_attr(records.LINEAGE, lineage)
+    trial.set_user_attr(records.WORKER, storages.worker_id())
     checkpoint = (
         TrialCheckpoint(
             Path(s.paths.checkpoints) / s.study.name,
@@ -199,17 +195,17 @@ def _describe(
     resume: dict[str, Any] | None,
 ) -> None:
     """Tag the new trial's run and attributes: its policy, worker, lineage and resume point."""
-    run.set_tags({"policy": policy_name, "dtp_search.worker": storages.worker_id()})
-    if "lineage" in inherited:
-        run.set_tags({"dtp_search.retry_of": inherited.get("trial", lineage)})
-    trial.set_user_attr("trial", trial.number)
+    run.set_tags({records.POLICY: policy_name, records.tag(records.WORKER): storages.worker_id()})
+    if records.LINEAGE in inherited:
+        run.set_tags({records.tag(records.RETRY_OF): inherited.get(records.TRIAL, lineage)})
+    trial.set_user_attr(records.TRIAL, trial.number)
     if resume is not None:
         where = f"checkpoint of trial {lineage} at {describe(resume)}"
-        trial.set_user_attr("resumed_from", where)
-        run.set_tags({"dtp_search.resumed_from": where})
+        trial.set_user_attr(records.RESUMED_FROM, where)
+        run.set_tags({records.tag(records.RESUMED_FROM): where})
         log.warning("trial %d resumes from the %s", trial.number, where)
-    trial.set_user_attr("mlflow_run_id", run.run_id)
-    trial.set_user_attr("policy", policy_name)
+    trial.set_user_attr(records.MLFLOW_RUN_ID, run.run_id)
+    trial.set_user_attr(records.POLICY, policy_name)
 
 
 def _cross_validate(
@@ -239,7 +235,7 @@ def _cross_validate(
 
         def on_epoch(fold: int, rec: EpochRecord) -> None:
             run.log_metrics(
-                {f"fold_{fold}/{k}": getattr(rec, k) for k in EPOCH_METRICS}, step=rec.epoch
+                {f"fold_{fold}/{k}": getattr(rec, k) for k in records.EPOCH_METRICS}, step=rec.epoch
             )
             progress(fold, rec)
             if fold == 0 and rec.epoch == rung_epoch:
@@ -265,8 +261,8 @@ def _cross_validate(
                     },
                 )
                 if decision is not None:
-                    trial.set_user_attr("dominated_by", decision.dominated_by)
-                    run.set_tags({"dtp_search.dominated_by": decision.dominated_by})
+                    trial.set_user_attr(records.DOMINATED_BY, decision.dominated_by)
+                    run.set_tags({records.tag(records.DOMINATED_BY): decision.dominated_by})
                     run.log_front(
                         fronts,
                         f"{ctx.settings.study.name} · trial {trial.number} · "
@@ -343,14 +339,14 @@ def _judge_rung(
     trial.set_user_attr(RUNG_ATTR, 1 if decision.promoted else 0)
     run.set_tags(
         {
-            "dtp_search.rung": str(1 if decision.promoted else 0),
-            "dtp_search.rung_reason": decision.reason,
+            records.tag(records.RUNG): str(1 if decision.promoted else 0),
+            records.tag(records.RUNG_REASON): decision.reason,
         }
     )
     if not decision.promoted:
         if decision.dominated_by is not None:
-            trial.set_user_attr("dominated_by", decision.dominated_by)
-            run.set_tags({"dtp_search.dominated_by": decision.dominated_by})
+            trial.set_user_attr(records.DOMINATED_BY, decision.dominated_by)
+            run.set_tags({records.tag(records.DOMINATED_BY): decision.dominated_by})
         raise _pruned(trial, run, decision.reason)
 
 
@@ -365,20 +361,20 @@ def _record(
     for i in range(max(len(f.history) for f in result.folds)):
         recs = [f.history[i] for f in result.folds if i < len(f.history)]
         run.log_metrics(
-            {k: sum(getattr(r, k) for r in recs) / len(recs) for k in MEAN_EPOCH_METRICS},
+            {k: sum(getattr(r, k) for r in recs) / len(recs) for k in records.MEAN_EPOCH_METRICS},
             step=recs[0].epoch,
         )
     summary = {
-        "cv_accuracy": result.accuracy,
-        "cv_accuracy_std": result.accuracy_std,
-        "cv_sparsity": result.sparsity,
-        "cv_sparsity_std": result.sparsity_std,
+        records.CV_ACCURACY: result.accuracy,
+        records.CV_ACCURACY_STD: result.accuracy_std,
+        records.CV_SPARSITY: result.sparsity,
+        records.CV_SPARSITY_STD: result.sparsity_std,
         # FLOPs, parameters, latency of the compacted networks, fractions of the dense ones
         **{
             k: v
             for c in COST_OBJECTIVES
             if all(c in f.costs for f in result.folds)
-            for k, v in ((f"cv_{c}", result.cost(c)), (f"cv_{c}_std", result.cost_std(c)))
+            for k, v in ((records.cv(c), result.cost(c)), (records.cv_std(c), result.cost_std(c)))
         },
         # dense epochs this trial took from the warm-start cache, over all folds
         "warm_start_epochs": sum(f.warm_start_epochs for f in result.folds),
@@ -388,16 +384,16 @@ def _record(
     if restored:
         # The min_keep floor overrode the policy (policy.on_collapse=restore): say so
         # where the trial is inspected, since its sparsity is then the floor's too.
-        trial.set_user_attr("min_keep_restored", restored)
-        run.set_tags({"dtp_search.min_keep_restored": json.dumps(restored, sort_keys=True)})
+        trial.set_user_attr(records.MIN_KEEP_RESTORED, restored)
+        run.set_tags({records.tag(records.MIN_KEEP_RESTORED): json.dumps(restored, sort_keys=True)})
     # Layers that *end* the run at the floor: the trial's point is the floor's result,
     # not the policy's. Marked in its front and in the Pareto plot; with
     # policy.on_collapse=penalize it is also infeasible (an Optuna constraint), so it
     # stays out of the Pareto table and the samplers steer away from it.
     floored = sorted({name for f in result.folds for name in f.floored_layers})
     if floored:
-        trial.set_user_attr("floored_layers", floored)
-        run.set_tags({"dtp_search.floored_layers": ",".join(floored)})
+        trial.set_user_attr(records.FLOORED_LAYERS, floored)
+        run.set_tags({records.tag(records.FLOORED_LAYERS): ",".join(floored)})
     if floor_settings(typed.policy)[1] == "penalize":
         trial.set_constraint("min_keep_floor", float(len(floored)))
     title = f"{typed.study.name} · trial {trial.number} · {t.policy}"
@@ -418,7 +414,7 @@ def _record(
         for p in fronts.get(0, [])
         if p.source in ("final", "sweep") and front_x(p, axis) is not None
     ]
-    trial.set_user_attr("front", sorted([round(x, 5), round(a, 5)] for x, a in points))
+    trial.set_user_attr(records.FRONT, sorted([round(x, 5), round(a, 5)] for x, a in points))
     # Constraints: feasible when <= 0; Optuna's samplers read them (Trial.set_constraint).
     search = typed.search
     if search.min_sparsity is not None:
@@ -430,6 +426,6 @@ def _record(
 def _pruned(trial: optuna.Trial, run: Any, reason: str) -> optuna.TrialPruned:
     """Record why ``trial`` stops early (Optuna user attribute and MLflow tag
     ``prune_reason``) and return the exception that ends it as PRUNED."""
-    trial.set_user_attr("prune_reason", reason)
-    run.set_tags({"prune_reason": reason})
+    trial.set_user_attr(records.PRUNE_REASON, reason)
+    run.set_tags({records.PRUNE_REASON: reason})
     return optuna.TrialPruned(reason)
