@@ -7,7 +7,6 @@ from images import tree_with_a_bad_file
 from omegaconf import OmegaConf
 from PIL import Image
 
-from dtp_search import data as data_mod
 from dtp_search.data import (
     DatasetError,
     Split,
@@ -16,6 +15,7 @@ from dtp_search.data import (
     load_imagefolder,
     random_crop_flip,
 )
+from dtp_search.data import dataset as data_mod
 
 
 def test_digits_is_uint8_with_a_fixed_stratified_split():

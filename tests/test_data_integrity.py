@@ -23,10 +23,10 @@ import torch
 from inprocess import TINY, run_here
 from PIL import Image
 
-from dtp_search import data as data_mod
 from dtp_search import provenance
 from dtp_search.batches import StreamBatches
 from dtp_search.data import DatasetError, StreamedSplit, load_dataset, load_imagefolder
+from dtp_search.data import dataset as data_mod
 from dtp_search.errors import ConfigError
 from dtp_search.streaming import FileDecoder
 

@@ -1,0 +1,48 @@
+"""Datasets as whole uint8 tensors — or, when they do not fit in memory, streamed
+(:mod:`dtp_search.data.dataset`)."""
+
+from dtp_search.data.dataset import (
+    IDX_IMAGES,
+    IDX_LABELS,
+    KINDS,
+    MNIST_FILES,
+    Batches,
+    DatasetError,
+    ImageDataset,
+    PixelSums,
+    Source,
+    Split,
+    StreamBatches,
+    StreamedSplit,
+    TensorBatches,
+    channel_stats,
+    load_dataset,
+    load_imagefolder,
+    random_crop_flip,
+    read_idx,
+    stratified_subset,
+    tensor_digest,
+)
+
+__all__ = [
+    "IDX_IMAGES",
+    "IDX_LABELS",
+    "KINDS",
+    "MNIST_FILES",
+    "Batches",
+    "DatasetError",
+    "ImageDataset",
+    "PixelSums",
+    "Source",
+    "Split",
+    "StreamBatches",
+    "StreamedSplit",
+    "TensorBatches",
+    "channel_stats",
+    "load_dataset",
+    "load_imagefolder",
+    "random_crop_flip",
+    "read_idx",
+    "stratified_subset",
+    "tensor_digest",
+]
