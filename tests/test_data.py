@@ -7,7 +7,6 @@ from images import tree_with_a_bad_file
 from omegaconf import OmegaConf
 from PIL import Image
 
-from dtp_search import data as data_mod
 from dtp_search.data import (
     DatasetError,
     Split,
@@ -16,6 +15,7 @@ from dtp_search.data import (
     load_imagefolder,
     random_crop_flip,
 )
+from dtp_search.data import imagefolder as imagefolder_mod
 
 
 def test_digits_is_uint8_with_a_fixed_stratified_split():
@@ -92,7 +92,7 @@ def test_imagefolder_decodes_caches_and_invalidates(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("decoded again despite the cache")
 
-    monkeypatch.setattr(data_mod, "_decode_all", boom)
+    monkeypatch.setattr(imagefolder_mod, "_decode_all", boom)
     again, _ = load_imagefolder(tmp_path / "tree" / "train", cache_dir=cache)
     assert torch.equal(again.images, split.images)
     monkeypatch.undo()
@@ -127,7 +127,7 @@ def test_skip_bad_files_leaves_them_out_with_one_warning_also_from_the_cache(tmp
     )
     for _ in range(2):  # decoded, then read from the cache
         caplog.clear()
-        with caplog.at_level("WARNING", logger="dtp_search.data"):
+        with caplog.at_level("WARNING", logger="dtp_search.data.decode"):
             ds = load_dataset(cfg, cache_dir=cache)
         assert len(ds.train) == 8 and len(ds.test) == 8 and ds.input_shape == (3, 10, 10)
         assert torch.bincount(ds.train.labels).tolist() == [4, 4]

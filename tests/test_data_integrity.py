@@ -23,10 +23,16 @@ import torch
 from inprocess import TINY, run_here
 from PIL import Image
 
-from dtp_search import data as data_mod
 from dtp_search import provenance
 from dtp_search.batches import StreamBatches
-from dtp_search.data import DatasetError, StreamedSplit, load_dataset, load_imagefolder
+from dtp_search.data import (
+    MNIST_FILES,
+    DatasetError,
+    StreamedSplit,
+    load_dataset,
+    load_imagefolder,
+)
+from dtp_search.data import imagefolder as imagefolder_mod
 from dtp_search.errors import ConfigError
 from dtp_search.streaming import FileDecoder
 
@@ -89,13 +95,13 @@ def _imagefolder(tree: Path, **keys) -> dict:
 def test_the_files_stamp_sees_each_file_and_nothing_else(tmp_path):
     tree = _tree(tmp_path / "tree")
     root = tree / "train"
-    stamp = data_mod._files_stamp(root)
-    assert data_mod._files_stamp(root) == stamp  # nothing changed, nothing seen
+    stamp = imagefolder_mod._files_stamp(root)
+    assert imagefolder_mod._files_stamp(root) == stamp  # nothing changed, nothing seen
     _overwrite_in_place(root / "dog" / "2.png", seed=99)
-    edited = data_mod._files_stamp(root)
+    edited = imagefolder_mod._files_stamp(root)
     assert edited != stamp
     (root / "dog" / "2.png").rename(root / "dog" / "9.png")  # same file, another name
-    assert data_mod._files_stamp(root) not in (stamp, edited)
+    assert imagefolder_mod._files_stamp(root) not in (stamp, edited)
 
 
 def test_an_image_overwritten_in_place_is_decoded_again(tmp_path, monkeypatch):
@@ -105,8 +111,10 @@ def test_an_image_overwritten_in_place_is_decoded_again(tmp_path, monkeypatch):
     first, _ = load_imagefolder(tree / "train", cache_dir=cache)
     _overwrite_in_place(target, seed=99)
     decoded = []
-    real = data_mod._decode_all
-    monkeypatch.setattr(data_mod, "_decode_all", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    real = imagefolder_mod._decode_all
+    monkeypatch.setattr(
+        imagefolder_mod, "_decode_all", lambda *a, **k: decoded.append(1) or real(*a, **k)
+    )
     again, _ = load_imagefolder(tree / "train", cache_dir=cache)
     assert decoded == [1]
     position = 4 + 1  # cat/0..3, then dog/0, dog/1
@@ -187,7 +195,7 @@ def _mnist_idx(root: Path, train_size: int, test_size: int) -> Path:
     root.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for split, size in (("train", train_size), ("test", test_size)):
-        images, labels = data_mod.MNIST_FILES[split]
+        images, labels = MNIST_FILES[split]
         _idx(root / images, rng.integers(0, 255, (20, size, size)))
         _idx(root / labels, np.arange(20) % 10)
     return root

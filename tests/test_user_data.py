@@ -402,7 +402,7 @@ def test_a_streamed_tree_with_a_bad_file_stops_or_leaves_it_out(tmp_path, caplog
     }
     with pytest.raises(DatasetError, match=f"cannot decode the image {bad}"):
         load_dataset(kw)
-    with caplog.at_level("WARNING", logger="dtp_search.data"):
+    with caplog.at_level("WARNING", logger="dtp_search.data.decode"):
         ds = load_dataset({**kw, "skip_bad_files": True})
     mem = load_dataset({**kw, "skip_bad_files": True, "in_memory": True})
     assert isinstance(ds.train, StreamedSplit) and len(ds.train) == len(mem.train) == 8
