@@ -1,0 +1,145 @@
+"""dtp_search's view of an experiment in the MLflow UI (a *shared view*: columns, order,
+the fronts' charts, one study's runs) and the links that open it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+from dtp_search.tracking.tags import ROLE_TAG, STUDY_TAG
+
+SHARED_VIEW_TAG, VIEW_KEY = "mlflow.sharedViewState.", "dtp_search"
+
+
+def share_view(
+    client: MlflowClient,
+    experiment_id: str,
+    study_name: str,
+    param_keys: Iterable[str] = (),
+    axis: str = "sparsity",
+) -> None:
+    """Store dtp_search's view of the experiment as an MLflow *shared view* (the UI's own
+    mechanism behind its "Share" button: an experiment tag ``mlflow.sharedViewState.<key>``
+    read when the URL carries ``viewStateShareKey=<key>``). The view lists every run flat
+    (trials and refits are not folded under the study run), most accurate first, with
+    the CV and test metrics and the searched params as columns, and opens its chart tab
+    on the fronts: the trials' ``cv_<axis>``/``cv_accuracy`` scatter (``axis``: the
+    study's second objective, sparsity by default), the overlay of every run's
+    ``front/accuracy`` history and the grid of ``front`` images.
+
+    Several studies may share one experiment (``tracking.experiment``): each study
+    has a view of its own (key :func:`view_key`), filtered to its own runs.
+    """
+    state = _view_state(list(param_keys), axis, study_filter(study_name))
+    client.set_experiment_tag(
+        experiment_id,
+        SHARED_VIEW_TAG + view_key(study_name),
+        json.dumps(state, separators=(",", ":")),
+    )
+
+
+def view_key(study_name: str) -> str:
+    """The key of a study's shared view: ``dtp_search-<hash of the name>`` (tag keys and
+    URLs take a few characters only; a study name may hold others)."""
+    digest = hashlib.blake2b(study_name.encode(), digest_size=5).hexdigest()
+    return f"{VIEW_KEY}-{digest}"
+
+
+def study_filter(study_name: str) -> str:
+    """MLflow's search filter for the runs of one study (its parent, trials and refits)."""
+    quoted = "'" + study_name + "'" if "'" not in study_name else '"' + study_name + '"'
+    return f"tags.`{STUDY_TAG}` = {quoted}"
+
+
+def runs_url(
+    base: str, experiment_id: str, charts: bool = False, study_name: str | None = None
+) -> str:
+    """``<base>/#/experiments/<id>/runs?workflowType=machine_learning&viewStateShareKey=…``:
+    the runs table of an experiment, without the UI's GenAI/training toggle, in
+    dtp_search's shared view of ``study_name`` (which filters to that study's runs;
+    the UI shows the filter in its search box); ``charts`` opens its chart tab."""
+    key = VIEW_KEY if study_name is None else view_key(study_name)
+    url = (
+        f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+        f"&viewStateShareKey={key}"
+    )
+    return url + ("&compareRunsMode=CHART" if charts else "")
+
+
+def _view_state(param_keys: list[str], axis: str = "sparsity", search: str = "") -> dict[str, Any]:
+    """The shared view's state in the layout the UI reads (search facets + UI state)."""
+    section = "dtp_search"
+
+    def chart(uuid: str, kind: str, **fields: Any) -> dict[str, Any]:
+        return {
+            "uuid": uuid,
+            "type": kind,
+            "runsCountToCompare": 100,
+            "deleted": False,
+            "isGenerated": False,
+            "metricSectionId": section,
+            **fields,
+        }
+
+    metrics = list(dict.fromkeys(["cv_accuracy", "cv_sparsity", f"cv_{axis}", "test_accuracy"]))
+    return {
+        "searchFilter": search,
+        "orderByKey": "metrics.`cv_accuracy`",
+        "orderByAsc": False,
+        "selectedColumns": (
+            ["attributes.`Dataset`"]
+            + [f"metrics.`{m}`" for m in metrics]
+            + [f"params.`{k}`" for k in ["policy.name", *param_keys]]
+        ),
+        "runsHiddenMode": "SHOW_ALL",
+        "hideEmptyCharts": True,
+        "isAccordionReordered": True,
+        "compareRunSections": [
+            {"uuid": section, "name": "dtp_search: fronts", "display": True, "isReordered": False}
+        ],
+        "compareRunCharts": [
+            chart(
+                "dtp-cv-scatter",
+                "SCATTER",
+                xaxis={"key": f"cv_{axis}", "type": "METRIC"},
+                yaxis={"key": "cv_accuracy", "type": "METRIC"},
+            ),
+            chart(
+                "dtp-fronts",
+                "LINE",
+                metricKey="front/accuracy",
+                selectedMetricKeys=["front/accuracy", "front/test_accuracy"],
+                xAxisKey="step",
+                scaleType="linear",
+                lineSmoothness=0,
+            ),
+            chart("dtp-front-images", "IMAGE", imageKeys=["front"]),
+        ],
+    }
+
+
+def print_runs_urls(tracking_uri: str, base: str = "http://127.0.0.1:5000") -> None:
+    """One line per study of a store: its name and runs URL, and its fronts' URL (``make
+    ui`` prints these); experiments that hold no study, one line each."""
+    client = MlflowClient(tracking_uri=tracking_uri)
+    for exp in client.search_experiments():
+        studies = [
+            r.data.tags[STUDY_TAG]
+            for r in client.search_runs(
+                [exp.experiment_id], f"tags.`{ROLE_TAG}` = 'study'", max_results=1000
+            )
+        ]
+        for name in sorted(set(studies)):
+            where = name if name == exp.name else f"{name} (experiment {exp.name})"
+            print(
+                f"{where}: {runs_url(base, exp.experiment_id, study_name=name)}\n"
+                f"    fronts: {runs_url(base, exp.experiment_id, charts=True, study_name=name)}"
+            )
+        if not studies and (
+            exp.name != "Default" or client.search_runs([exp.experiment_id], max_results=1)
+        ):
+            print(f"{exp.name}: {runs_url(base, exp.experiment_id)}")
