@@ -34,6 +34,7 @@ from omegaconf import DictConfig
 
 from dtp_search.config import register_resolvers
 from dtp_search.errors import ConfigError, DatasetError, StorageUnavailable, disk_full
+from dtp_search.interrupts import request_stop, stop_now, stop_requested, stopping
 from dtp_search.redaction import (
     hide_passwords,
     known_passwords,
@@ -43,7 +44,6 @@ from dtp_search.redaction import (
 )
 from dtp_search.settings import allowed, field_owner, text_fields
 from dtp_search.study import RefitInterrupted, StudyIncomplete, run_study
-from dtp_search.training import request_stop, stop_now, stop_requested, stopping
 
 register_resolvers()
 log = logging.getLogger("dtp_search")

@@ -47,12 +47,10 @@ from dtp_search.export import MEASURE_KEYS, measure, save_pruned
 from dtp_search.models import start_model
 from dtp_search.pruning import FrontPoint, LayerCollapse, sparsity, strip_masks
 from dtp_search.results import pareto_rows
-from dtp_search.settings import COST_OBJECTIVES, front_axis
+from dtp_search.settings import COST_OBJECTIVES, FrontSettings, TrainSettings, front_axis
 from dtp_search.tracking import StudyTracker, plot_layer_sparsity
 from dtp_search.training import (
     CostProbe,
-    FrontSettings,
-    TrainSettings,
     WarmStart,
     attach_feedback,
     eval_batches,
