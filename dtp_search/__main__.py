@@ -41,6 +41,7 @@ from dtp_search.errors import (
     StudyIncomplete,
     disk_full,
 )
+from dtp_search.interrupts import request_stop, stop_now, stop_requested, stopping
 from dtp_search.redaction import (
     hide_passwords,
     known_passwords,
@@ -50,7 +51,6 @@ from dtp_search.redaction import (
 )
 from dtp_search.settings import allowed, field_owner, text_fields
 from dtp_search.study import run_study
-from dtp_search.training import request_stop, stop_now, stop_requested, stopping
 
 register_resolvers()
 log = logging.getLogger("dtp_search")

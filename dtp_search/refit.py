@@ -49,11 +49,16 @@ from dtp_search.logged_models import MODEL_URI_TAG, log_model, register
 from dtp_search.models import start_model
 from dtp_search.pruning import FrontPoint, LayerCollapse, sparsity
 from dtp_search.results import pareto_rows
-from dtp_search.settings import COST_OBJECTIVES, PrunerSettings, Settings, front_axis
+from dtp_search.settings import (
+    COST_OBJECTIVES,
+    FrontSettings,
+    PrunerSettings,
+    Settings,
+    front_axis,
+)
 from dtp_search.tracking import StudyTracker, plot_layer_sparsity
 from dtp_search.training import (
     CostProbe,
-    FrontSettings,
     WarmStart,
     attach_feedback,
     eval_batches,

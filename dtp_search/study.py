@@ -33,6 +33,7 @@ from dtp_search.config import (
 from dtp_search.console import Console
 from dtp_search.data import load_dataset
 from dtp_search.errors import RefitInterrupted, StorageUnavailable, StudyIncomplete
+from dtp_search.interrupts import stop_now, stop_requested
 from dtp_search.outage import seconds_since_recovery
 from dtp_search.refit import refit_study
 from dtp_search.report import compare_studies, log_report
@@ -40,12 +41,7 @@ from dtp_search.results import FINISHED, n_finished, refresh_pareto
 from dtp_search.settings import Settings, front_axis
 from dtp_search.storage import mask_url
 from dtp_search.tracking import StudyTracker, describe_dataset
-from dtp_search.training import (
-    DivergedError,
-    resolve_device,
-    stop_now,
-    stop_requested,
-)
+from dtp_search.training import DivergedError, resolve_device
 from dtp_search.trial import SearchContext, objective
 from dtp_search.workers import WORKER_ENV, run_workers
 

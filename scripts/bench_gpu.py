@@ -87,13 +87,8 @@ def measure(a: argparse.Namespace, device: torch.device) -> None:
     from dtp_search.config import build_pruner, register_resolvers
     from dtp_search.data import load_dataset
     from dtp_search.models import build_model
-    from dtp_search.training import (
-        FrontSettings,
-        TrainSettings,
-        eval_batches,
-        prune_and_train,
-        train_batches,
-    )
+    from dtp_search.settings import FrontSettings, TrainSettings
+    from dtp_search.training import eval_batches, prune_and_train, train_batches
 
     register_resolvers()  # conf/config.yaml's ${abspath:...}, as the CLI does on start-up
     with (

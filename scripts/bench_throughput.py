@@ -75,13 +75,8 @@ def run_dtp(cfg, device: torch.device) -> tuple[float, float, int, float]:
     from dtp_search.config import build_pruner
     from dtp_search.data import load_dataset
     from dtp_search.models import build_model
-    from dtp_search.training import (
-        FrontSettings,
-        TrainSettings,
-        eval_batches,
-        prune_and_train,
-        train_batches,
-    )
+    from dtp_search.settings import FrontSettings, TrainSettings
+    from dtp_search.training import eval_batches, prune_and_train, train_batches
 
     start = time.perf_counter()
     load_dataset(cfg.dataset, cache_dir=cfg.paths.cache_dir)  # decode once into the cache

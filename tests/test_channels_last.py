@@ -8,8 +8,8 @@ from omegaconf import OmegaConf
 from dtp_search.config import build_pruner
 from dtp_search.data import load_dataset
 from dtp_search.models import build_model
-from dtp_search.settings import FrontSettings
-from dtp_search.training import TrainSettings, cross_validate
+from dtp_search.settings import FrontSettings, TrainSettings
+from dtp_search.training import cross_validate
 
 POLICIES = {
     "oneshot_global": {"name": "oneshot_global", "amount": 0.9},

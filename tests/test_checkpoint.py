@@ -11,8 +11,8 @@ from dtp_search.checkpoint import TrialCheckpoint
 from dtp_search.config import build_pruner
 from dtp_search.data import load_dataset
 from dtp_search.models import build_model
-from dtp_search.settings import FrontSettings
-from dtp_search.training import FoldHooks, TrainSettings, cross_validate
+from dtp_search.settings import FrontSettings, TrainSettings
+from dtp_search.training import FoldHooks, cross_validate
 
 
 class Stop(Exception):

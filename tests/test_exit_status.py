@@ -198,17 +198,17 @@ def test_a_signal_during_the_stop_is_ignored(monkeypatch):
     import signal
 
     from dtp_search import __main__ as cli
-    from dtp_search import training
+    from dtp_search import interrupts
 
-    monkeypatch.setattr(training, "_stop_reason", None)
-    monkeypatch.setattr(training, "_stopping", False)
+    monkeypatch.setattr(interrupts, "_stop_reason", None)
+    monkeypatch.setattr(interrupts, "_stopping", False)
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
         cli._interrupt(signal.SIGINT, None)
-        assert training.stop_requested() == "SIGINT" and not training.stopping()
+        assert interrupts.stop_requested() == "SIGINT" and not interrupts.stopping()
         with pytest.raises(KeyboardInterrupt):
             cli._interrupt(signal.SIGINT, None)
-        assert training.stopping()
+        assert interrupts.stopping()
         cli._interrupt(signal.SIGINT, None)  # while unwinding: nothing raised
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN

@@ -9,8 +9,8 @@ from dtp_search.data import TensorBatches, load_dataset
 from dtp_search.models import build_model
 from dtp_search.pruning import AGPThreshold, DynamicPruner, pareto_mask, sparsity
 from dtp_search.pruning.front import one_shot_sweep, sweep_targets
-from dtp_search.settings import FrontSettings
-from dtp_search.training import FoldHooks, TrainSettings, cross_validate, prune_and_train
+from dtp_search.settings import FrontSettings, TrainSettings
+from dtp_search.training import FoldHooks, cross_validate, prune_and_train
 
 
 def test_sweep_targets_rise_to_the_cap():
@@ -120,18 +120,18 @@ def test_pruning_core_imports_neither_optuna_nor_mlflow():
 def test_feedback_reads_a_slice_of_the_training_part_never_the_validation_part(monkeypatch):
     from sklearn.model_selection import StratifiedKFold
 
-    from dtp_search import training
     from dtp_search.pruning import FeedbackThreshold
+    from dtp_search.training import batching
 
     ds = _digits()
     calls = []
-    real_evaluate = training.evaluate
+    real_evaluate = batching.evaluate
 
     def spy(model, batches):
         calls.append(set(batches.indices.tolist()))
         return real_evaluate(model, batches)
 
-    monkeypatch.setattr(training, "evaluate", spy)
+    monkeypatch.setattr(batching, "evaluate", spy)  # attach_feedback's
     feedback_sets = []
 
     def make_pruner(m):

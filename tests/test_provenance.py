@@ -11,8 +11,8 @@ from dtp_search import provenance
 from dtp_search.__main__ import CONFIG_DIR
 from dtp_search.config import ConfigError, loggable, register_resolvers
 from dtp_search.refit import trial_config
+from dtp_search.settings import TrainSettings
 from dtp_search.space import parse_space
-from dtp_search.training import TrainSettings
 
 
 def _cfg(*overrides: str):

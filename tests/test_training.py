@@ -11,8 +11,8 @@ from dtp_search.data import TensorBatches, load_dataset
 from dtp_search.models import build_model
 from dtp_search.pruning import ConstantThreshold, DynamicPruner
 from dtp_search.pruning.masks import LayerSelection
-from dtp_search.settings import FrontSettings
-from dtp_search.training import TrainSettings, prune_and_train
+from dtp_search.settings import FrontSettings, TrainSettings
+from dtp_search.training import prune_and_train
 
 LR, L1 = 0.5, 0.01
 

@@ -10,8 +10,8 @@ from dtp_search.config import build_pruner
 from dtp_search.data import load_dataset
 from dtp_search.models import build_model
 from dtp_search.pruning import build_policy
-from dtp_search.settings import DatasetSettings, FrontSettings, Settings
-from dtp_search.training import FoldHooks, TrainSettings, WarmStart, cross_validate
+from dtp_search.settings import DatasetSettings, FrontSettings, Settings, TrainSettings
+from dtp_search.training import FoldHooks, WarmStart, cross_validate
 from dtp_search.warmstart import WarmStartCache
 
 DIGITS = {"kind": "digits", "name": "digits"}
