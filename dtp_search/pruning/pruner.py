@@ -82,7 +82,8 @@ from dtp_search.pruning.masks import (
     snapshot_masks,
     sparsity,
 )
-from dtp_search.pruning.policies import LayerView, ThresholdPolicy, Thresholds, global_threshold
+from dtp_search.pruning.policies.base import LayerView, ThresholdPolicy, Thresholds
+from dtp_search.pruning.policies.quantile import global_threshold
 from dtp_search.pruning.structure import ChannelGroup, trace_channels
 
 COLLAPSE_ACTIONS = ("restore", "prune", "penalize")
