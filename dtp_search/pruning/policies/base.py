@@ -20,10 +20,11 @@ so a pruned unit comes back once its score clears the upper edge, and a unit nea
 does not flip at every update. The final masks (end of the pruning phase) use the
 plain rule ``1[S ≥ θ]`` on the dense scores, so a sparsity target is met exactly.
 
-The family (one module per kind): baselines (``dense``, ``oneshot_global``, ``random``), fixed and scheduled
-thresholds (``constant``, ``std_scaled``, ``scheduled``), sparsity targets (``agp``),
-accuracy feedback (``feedback``), recovery (``splicing``) and learned thresholds
-(``soft_threshold``); this module has what they share. docs/policies.md has every rule with its parameters and sources.
+The family, one module per kind: baselines (``dense``, ``oneshot_global``, ``random``),
+fixed and scheduled thresholds (``constant``, ``std_scaled``, ``scheduled``), sparsity
+targets (``agp``), accuracy feedback (``feedback``), recovery (``splicing``) and learned
+thresholds (``soft_threshold``); this module has what they share. docs/policies.md has
+every rule with its parameters and sources.
 
 Time is measured in (fractional) epochs so that the same config means the same
 schedule whatever the batch size. No policy updates masks until ``start_epoch`` has
