@@ -1,23 +1,7 @@
 """The object a training loop talks to: masks + criterion + threshold policy + granularity.
 
-Units. With ``granularity="weight"`` every weight is a unit and its mask entry is set
-directly. With ``"neuron"`` (Linear layers) or ``"channel"`` (Conv layers) a unit is one
-coupled channel of a :class:`~dtp_search.pruning.structure.ChannelGroup`: channel j of
-every layer that a residual sum, a product, a concatenation, a depthwise convolution or a
-norm ties together (:mod:`dtp_search.pruning.structure`). The pruner decides on groups
-as a policy decides on layers — one ``LayerView`` per group, named after its first
-producer, with one score per unit, the mean of the producers' unit scores (see
-:meth:`DynamicPruner._group_scores`) — and removing a unit zeroes
-
-* every producer's row and bias entry and every batch norm's scale and shift entry on
-  it, so the unit emits exactly 0, and
-* the matching input columns of the selected layers that consume it (they only ever
-  multiply zeros), so that the counted sparsity is what :func:`compact_model` removes.
-
-A group takes part only when all its producers are selected layers of the granularity's
-kind; channels that reach the output (the classifier's units) and everything the walk
-pins stay. An attention in-projection has no units: it is pruned weight by weight, or
-not at all. ``round_to`` keeps a multiple of that many units per group.
+Units (weights, or coupled channels: :mod:`.units`) and collapse under ``min_keep``
+(:mod:`.collapse`) have their own modules.
 
 Layers are the prunable tensors of :func:`~dtp_search.pruning.masks.prunable_tensors`,
 named as that function describes (``"layer1.0.conv1"``, ``"encoder.0.self_attn.in_proj"``);
@@ -35,46 +19,22 @@ unselected layer still counts as a consumer and does not make its producers unpr
 :meth:`DynamicPruner.sparsity` is over the selected layers; ``sparsity(model)`` over
 every prunable layer.
 
-Collapse. ``min_keep`` is the fewest units a layer may keep — a fraction of the layer
-when < 1, a count when ≥ 1, nothing when 0. A policy decision that asks a layer for fewer
-is a *collapse*, handled as ``on_collapse`` says:
-
-* ``"restore"`` (default): the layer's largest-magnitude units are restored up to the
-  floor and training goes on; :attr:`DynamicPruner.restored` counts how often, per layer.
-  Global thresholds routinely take a large, redundant layer under a 1 % floor at high
-  sparsity (a CIFAR ``simple_cnn`` classifier at 95 %) and the restored network is a
-  useful point of the front.
-* ``"prune"``: :class:`LayerCollapse` is raised at once, so a search spends no more
-  time on a configuration whose result the floor, not the policy, would decide.
-* ``"penalize"``: restored as with ``"restore"``; the pruner behaves the same, and the
-  search layer records the result but keeps it out of the Pareto front when the run
-  *ends* with a layer at the floor (:attr:`DynamicPruner.floored`).
-
-Either way a restored network is not what the policy asked for: :attr:`DynamicPruner.floored`
-names the layers whose current mask is the floor's, not the policy's.
-
-A decision that leaves a layer with no unit at all raises :class:`LayerCollapse`
-whatever ``on_collapse`` says when ``min_keep`` is 0: there is nothing to restore, and a
-layer that emits only its bias cuts the network (chance accuracy for the rest of the trial).
+Collapse: see :mod:`dtp_search.pruning.pruner.collapse`.
 """
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from dtp_search.pruning.criteria import GRANULARITIES, Criterion, Magnitude
+from dtp_search.pruning.criteria import Criterion, Magnitude
 from dtp_search.pruning.masks import (
     PRUNABLE_TYPES,
     LayerSelection,
     PrunableTensor,
-    WeightMask,
-    attach_mask,
     attach_masks,
     layer_sparsity,
     prunable_tensors,
@@ -82,69 +42,18 @@ from dtp_search.pruning.masks import (
     snapshot_masks,
     sparsity,
 )
-from dtp_search.pruning.policies import LayerView, ThresholdPolicy, Thresholds, global_threshold
+from dtp_search.pruning.policies.base import LayerView, ThresholdPolicy, Thresholds
+from dtp_search.pruning.policies.quantile import global_threshold
+from dtp_search.pruning.pruner.collapse import LayerCollapse, check_floor, min_units
+from dtp_search.pruning.pruner.units import (
+    UNIT_TYPES,
+    Layer,
+    UnitMasks,
+    check_granularity,
+    group_scores,
+    round_units,
+)
 from dtp_search.pruning.structure import ChannelGroup, trace_channels
-
-COLLAPSE_ACTIONS = ("restore", "prune", "penalize")
-
-
-class LayerCollapse(RuntimeError):
-    """A policy asked a layer to keep fewer units than ``min_keep`` allows (see the module
-    docstring). ``epoch`` is the training time of the decision (``None``: the final masks)."""
-
-    def __init__(
-        self, layer: str, kept: int, total: int, minimum: int, unit: str, epoch: float | None
-    ) -> None:
-        self.layer, self.kept, self.total, self.minimum = layer, kept, total, minimum
-        self.epoch = epoch
-        when = "in the final masks" if epoch is None else f"at epoch {epoch:.2f}"
-        floor = f"min_keep allows no fewer than {minimum}" if minimum else "min_keep=0"
-        super().__init__(
-            f"the policy would leave layer {layer} with {kept} of {total} {unit}s {when} ({floor})"
-        )
-
-
-def check_floor(min_keep: Any, on_collapse: Any) -> None:
-    """Raise ``ValueError`` naming the setting unless ``min_keep`` and ``on_collapse`` are valid."""
-    if (
-        isinstance(min_keep, bool)
-        or not isinstance(min_keep, (int, float))
-        or min_keep < 0
-        or (min_keep >= 1 and not float(min_keep).is_integer())
-    ):
-        raise ValueError(
-            f"min_keep={min_keep} is not allowed; allowed: a fraction in "
-            "[0, 1) or a whole count >= 1"
-        )
-    if on_collapse not in COLLAPSE_ACTIONS:
-        raise ValueError(
-            f"on_collapse={on_collapse!r} is not allowed; allowed: {list(COLLAPSE_ACTIONS)}"
-        )
-
-
-_UNIT_TYPES: dict[str, tuple[type[nn.Module], ...]] = {
-    "neuron": (nn.Linear,),
-    "channel": (nn.Conv1d, nn.Conv2d, nn.Conv3d),
-}
-
-
-@dataclass
-class _Layer:
-    """What the pruner decides on: one masked tensor (``granularity="weight"``), or one
-    :class:`~dtp_search.pruning.structure.ChannelGroup` of coupled units, represented by
-    its first producer's ``tensor`` and ``mask``."""
-
-    name: str
-    tensor: PrunableTensor
-    mask: WeightMask
-    structured: bool
-    group: ChannelGroup | None = None
-    units: torch.Tensor | None = None  # structured: keep state per unit
-    unit_size: int = 1  # weights per unit: the unit's rows in every producer
-
-    @property
-    def module(self) -> nn.Module:
-        return self.tensor.module
 
 
 class DynamicPruner:
@@ -155,7 +64,7 @@ class DynamicPruner:
     when it did nothing). Call :meth:`finalize` when the pruning phase ends.
 
     Args:
-        granularity: ``"weight"``, ``"neuron"`` or ``"channel"`` (see the module docstring).
+        granularity: ``"weight"``, ``"neuron"`` or ``"channel"`` (see :mod:`.units`).
         min_keep: units every layer keeps (fraction < 1, count ≥ 1, 0 = no protection).
         on_collapse: ``"restore"`` or ``"prune"``: what a decision under ``min_keep`` does.
         example_input: one input batch; needed to trace the network for structured units.
@@ -183,19 +92,7 @@ class DynamicPruner:
         self.criterion = criterion or Magnitude()
         self.granularity = granularity
         self.min_keep = float(min_keep)
-        if granularity not in GRANULARITIES:
-            raise ValueError(
-                f"granularity={granularity!r} is not supported; allowed: {list(GRANULARITIES)}"
-            )
-        for who, allowed in (
-            (f"policy {policy.name}", policy.granularities),
-            (f"criterion {self.criterion.name}", self.criterion.granularities),
-        ):
-            if granularity not in allowed:
-                raise ValueError(
-                    f"granularity={granularity!r} is not supported by {who}; "
-                    f"allowed: {list(allowed)}"
-                )
+        check_granularity(granularity, policy, self.criterion)
         check_floor(min_keep, on_collapse)
         self.on_collapse = on_collapse
         self.selection = layers if layers is not None else LayerSelection()
@@ -226,15 +123,15 @@ class DynamicPruner:
         )
         #: ``{layer name: PrunableTensor}`` of the selected (masked) layers, in model order.
         self.tensors: dict[str, PrunableTensor] = {n: tensors[n] for n in self.masks}
-        self._layers: dict[str, _Layer] = {}
+        self._layers: dict[str, Layer] = {}
         modules = dict(model.named_modules())
         if granularity == "weight":
             for name, mask in self.masks.items():
-                self._layers[name] = _Layer(name, self.tensors[name], mask, structured=False)
+                self._layers[name] = Layer(name, self.tensors[name], mask, structured=False)
         else:
             self._attach_groups([g for g in groups if self._takes_part(g, modules)], modules)
         if not self._layers:
-            kinds = "/".join(t.__name__ for t in _UNIT_TYPES.get(granularity, PRUNABLE_TYPES))
+            kinds = "/".join(t.__name__ for t in UNIT_TYPES.get(granularity, PRUNABLE_TYPES))
             among = "" if layers is None else f" among the selected layers {selected}"
             raise ValueError(
                 f"granularity={granularity!r}: this model has no {kinds} layer whose "
@@ -259,23 +156,21 @@ class DynamicPruner:
         the granularity's kind, and every consumer that reads it through a path that loses
         a pruned unit's 0 (a norm without affine entries, a sigmoid) is selected too, so
         that its input columns are masked."""
-        kinds = _UNIT_TYPES[self.granularity]
+        kinds = UNIT_TYPES[self.granularity]
         return all(n in self.masks and isinstance(modules[n], kinds) for n in group.rows) and all(
             n in self.masks for n in group.inexact
         )
 
     def _attach_groups(self, groups: list[ChannelGroup], modules: dict[str, nn.Module]) -> None:
-        """One structured :class:`_Layer` per group, and the index maps that turn the unit
-        states into the rows and columns of weight masks, bias masks and norm masks."""
-        self._rows: dict[str, list[tuple[_Layer, torch.Tensor]]] = defaultdict(list)
-        self._cols: dict[str, list[tuple[_Layer, torch.Tensor]]] = defaultdict(list)
-        self._norms: dict[str, list[tuple[_Layer, torch.Tensor]]] = defaultdict(list)
-        self._unit_masks: dict[str, list[WeightMask]] = {}
+        """One structured :class:`~dtp_search.pruning.pruner.units.Layer` per group, and the
+        index maps that turn the unit states into the rows and columns of weight masks, bias
+        masks and norm masks."""
+        self._unit_masks = UnitMasks()
         for group in groups:
             first = group.producers[0]
             mask = self.masks[first]
             device = mask.mask.device
-            layer = _Layer(
+            layer = Layer(
                 group.name,
                 self.tensors[first],
                 mask,
@@ -287,29 +182,14 @@ class DynamicPruner:
                 ),
             )
             self._layers[group.name] = layer
-            for name, rows in group.rows.items():
-                self._rows[name].append((layer, rows.to(device)))
-                module = modules[name]
-                if getattr(module, "bias", None) is not None and name not in self._unit_masks:
-                    self._unit_masks[name] = [attach_mask(module, "bias")]
-            for name, cols in group.columns.items():
-                if name in self.masks:  # unselected consumers stay untouched
-                    self._cols[name].append((layer, cols.to(device)))
-            for name, entries in group.norms.items():
-                norm = modules[name]
-                self._norms[name].append((layer, entries.to(device)))
-                if norm.affine and name not in self._unit_masks:
-                    self._unit_masks[name] = [
-                        attach_mask(norm, "weight"),
-                        attach_mask(norm, "bias"),
-                    ]
+            self._unit_masks.add(layer, self.masks, modules)
 
     @staticmethod
     def allowed_granularities(
         groups: list[ChannelGroup], modules: dict[str, nn.Module], masks: dict | None = None
     ) -> list[str]:
         out = ["weight"]
-        for g, types in _UNIT_TYPES.items():
+        for g, types in UNIT_TYPES.items():
             if any(
                 all(isinstance(modules[n], types) for n in grp.rows)
                 and (masks is None or all(n in masks for n in grp.rows))
@@ -330,42 +210,22 @@ class DynamicPruner:
             for layer in self._layers.values()
         ]
 
-    def _view(self, layer: _Layer, criterion: Criterion, dense: bool) -> LayerView:
+    def _view(self, layer: Layer, criterion: Criterion, dense: bool) -> LayerView:
         mask = layer.mask
         weight = layer.tensor.weight.detach()
         if layer.structured:
-            score, keep = self._group_scores(layer, criterion, dense), layer.units.clone()
+            score, keep = group_scores(layer, criterion, dense), layer.units.clone()
         else:
             score, keep = criterion.scores(layer.name, dense), mask.bool_mask
         return LayerView(
             layer.name, weight, score, keep, mask, layer.unit_size, layer.tensor.original
         )
 
-    @staticmethod
-    def _group_scores(layer: _Layer, criterion: Criterion, dense: bool) -> torch.Tensor:
-        """A group's unit scores: the mean, over its producers' rows, of the criterion's
-        unit scores, S_u = mean_{(l, j) ∈ u} s_l(j) — one layer's unit scores when the
-        group has one producer, and on the same scale otherwise."""
-        total = None
-        count = 0
-        for name, rows in layer.group.rows.items():
-            scores = criterion.unit_scores(name, dense).to(rows.device)[rows]
-            total = scores.sum(dim=1) if total is None else total + scores.sum(dim=1)
-            count += rows.shape[1]
-        return total / count
-
     # -- writing masks ----------------------------------------------------------------
 
-    def _min_units(self, n: int) -> int:
-        if self.min_keep == 0:
-            return 0
-        if self.min_keep < 1:
-            return min(max(math.ceil(self.min_keep * n), 1), n)
-        return min(int(self.min_keep), n)
-
     @torch.no_grad()
-    def _protect(self, layer: _Layer, keep: torch.Tensor) -> torch.Tensor:
-        m = self._min_units(keep.numel())
+    def _protect(self, layer: Layer, keep: torch.Tensor) -> torch.Tensor:
+        m = min_units(self.min_keep, keep.numel())
         kept = int(keep.sum())
         if kept >= max(m, 1):
             self.floored.discard(layer.name)
@@ -376,7 +236,7 @@ class DynamicPruner:
         self.restored[layer.name] = self.restored.get(layer.name, 0) + 1
         self.floored.add(layer.name)
         dense = (
-            self._group_scores(layer, self._magnitude, dense=True)
+            group_scores(layer, self._magnitude, dense=True)
             if layer.structured
             else self._magnitude.scores(layer.name, dense=True)
         )
@@ -398,55 +258,11 @@ class DynamicPruner:
             if protect:
                 keep = self._protect(layer, keep)
             if layer.structured:
-                layer.units.copy_(self._round(layer, keep))
+                layer.units.copy_(round_units(layer, keep, self.round_to, self._magnitude))
             else:
                 layer.mask.set_(keep)
         if self.granularity != "weight":
-            self._sync_structured()
-
-    @torch.no_grad()
-    def _round(self, layer: _Layer, keep: torch.Tensor) -> torch.Tensor:
-        """Keep a multiple of ``round_to`` units (or all of them): the group's best pruned
-        units by dense magnitude come back until the count is rounded up."""
-        kept, n = int(keep.sum()), keep.numel()
-        target = min(n, math.ceil(kept / self.round_to) * self.round_to)
-        if self.round_to == 1 or target == kept:
-            return keep
-        dense = self._group_scores(layer, self._magnitude, dense=True).masked_fill(keep, -math.inf)
-        keep = keep.clone()
-        keep[torch.topk(dense, target - kept).indices] = True
-        return keep
-
-    @staticmethod
-    def _unit_keep(refs: list[tuple[_Layer, torch.Tensor]], n: int, device) -> torch.Tensor:
-        """One bool per row/column/entry of a tensor of length ``n``: the state of the unit
-        each belongs to (``True`` outside every group)."""
-        keep = torch.ones(n, dtype=torch.bool, device=device)
-        for layer, index in refs:
-            keep[index] = layer.units.view(-1, 1).expand_as(index)
-        return keep
-
-    @torch.no_grad()
-    def _sync_structured(self) -> None:
-        """Rebuild the weight, bias and norm masks from the unit states: rows of producers,
-        input columns of consumers, entries of biases and norms."""
-        for name, mask in self.masks.items():
-            m = mask.mask
-            rows = self._unit_keep(self._rows.get(name, []), m.shape[0], m.device)
-            shape = (m.shape[0], m.shape[1]) + (1,) * (m.ndim - 2)
-            keep = rows.view(-1, *([1] * (m.ndim - 1))).expand(shape)
-            if name in self._cols:
-                cols = self._unit_keep(self._cols[name], m.shape[1], m.device)
-                keep = keep & cols.view(1, -1, *([1] * (m.ndim - 2)))
-            mask.set_(keep.expand_as(m))
-            if name in self._unit_masks:
-                self._unit_masks[name][0].set_(rows)
-        for name, refs in self._norms.items():
-            if name in self._unit_masks:
-                n = self._unit_masks[name][0].mask.shape[0]
-                entries = self._unit_keep(refs, n, self._unit_masks[name][0].mask.device)
-                for unit_mask in self._unit_masks[name]:
-                    unit_mask.set_(entries)
+            self._unit_masks.sync(self.masks)
 
     # -- the training-loop interface ------------------------------------------------------
 
@@ -581,4 +397,3 @@ class DynamicPruner:
         views = [self._view(layer, self._magnitude, dense=False) for layer in self._layers.values()]
         theta = global_threshold(views, target)
         self.write({v.name: v.keep & (v.score >= theta) for v in views}, protect=False)
-        return theta
