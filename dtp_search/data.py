@@ -60,20 +60,17 @@ import torch
 
 from dtp_search.batches import Batches, StreamBatches, TensorBatches, random_crop_flip
 from dtp_search.checkpoint import atomic_save
+from dtp_search.decoders import BadFile, FileDecoder, read_file, size_pair
 from dtp_search.errors import DatasetError, reason, writing
 from dtp_search.settings import DatasetSettings, from_mapping
 from dtp_search.splits import PixelSums, Split, channel_stats, stratified_subset, tensor_digest
 from dtp_search.streaming import (
-    BadFile,
-    FileDecoder,
     Source,
     StreamedSplit,
     decode_into_memory,
     default_workers,
     memory_budget,
-    read_file,
     scan,
-    size_pair,
 )
 
 __all__ = [
@@ -946,7 +943,7 @@ def _decode_all(
 ) -> tuple[torch.Tensor, list[int], list[str]]:
     """``(images, indices of the decoded paths, skipped paths)``; a bad file raises
     :class:`DatasetError` unless ``skip_bad_files``. Decodes exactly as
-    :class:`~dtp_search.streaming.FileDecoder` does (the streamed path), on threads."""
+    :class:`~dtp_search.decoders.FileDecoder` does (the streamed path), on threads."""
     decoder = FileDecoder(
         paths, _file_channels(paths, channels, skip_bad_files), size_pair(image_size)
     )

@@ -27,8 +27,8 @@ from dtp_search import data as data_mod
 from dtp_search import provenance
 from dtp_search.batches import StreamBatches
 from dtp_search.data import DatasetError, StreamedSplit, load_dataset, load_imagefolder
+from dtp_search.decoders import FileDecoder
 from dtp_search.errors import ConfigError
-from dtp_search.streaming import FileDecoder
 
 HERE = __name__  # the module's import name, for dataset._target_
 
