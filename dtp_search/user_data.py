@@ -29,17 +29,11 @@ import numpy as np
 import torch
 
 from dtp_search import targets
+from dtp_search.decoders import ALLOWED_ITEM, DatasetDecoder, image_channels, size_pair, to_uint8
 from dtp_search.errors import DatasetError
 from dtp_search.settings import DatasetSettings
 from dtp_search.splits import stratified_subset
-from dtp_search.streaming import (
-    ALLOWED_ITEM,
-    DatasetDecoder,
-    Source,
-    image_channels,
-    size_pair,
-    to_uint8,
-)
+from dtp_search.streaming import Source
 
 ALLOWED_RETURN = "(train, test), two map-style datasets of (image, label)"
 # torchvision.datasets classes that are building blocks, not datasets of their own.

@@ -29,7 +29,7 @@ it (``--finetune-epochs``), on the same data, normalisation and augmentation (on
   :func:`dtp_search.export.load_pruned`) measured here.
 
 Torch-Pruning and the option-A shortcut. ResNet-20's shortcut is
-:class:`~dtp_search.models.ChannelPadShortcut` (subsample, then zero channels before and
+:class:`~dtp_search.pruning.layers.ChannelPadShortcut` (subsample, then zero channels before and
 after): input channel j is output channel ``front + j``. Torch-Pruning's dependency graph
 sees the ``F.pad`` inside it as an element-wise op (its ``_ElementWiseOp``, identity index
 mapping), so by default it couples stem channel j with stage-2 channel j and stage-3
@@ -243,9 +243,9 @@ def _tp():
 
 
 def _shortcut_class() -> type[nn.Module]:
-    from dtp_search import models
+    from dtp_search.pruning.layers import ChannelPadShortcut
 
-    return models.ChannelPadShortcut
+    return ChannelPadShortcut
 
 
 class _PadIndexMap:

@@ -33,8 +33,8 @@ from dtp_search.data import (
     load_imagefolder,
 )
 from dtp_search.data import imagefolder as imagefolder_mod
+from dtp_search.decoders import FileDecoder
 from dtp_search.errors import ConfigError
-from dtp_search.streaming import FileDecoder
 
 HERE = __name__  # the module's import name, for dataset._target_
 

@@ -24,10 +24,11 @@ from dtp_search.data.decode import (
     _warn_skipped,
 )
 from dtp_search.data.scan import _SCAN_VERSION, _Plan
+from dtp_search.decoders import FileDecoder, size_pair
 from dtp_search.errors import DatasetError
 from dtp_search.settings import DatasetSettings
 from dtp_search.splits import Split, stratified_subset
-from dtp_search.streaming import FileDecoder, Source, size_pair
+from dtp_search.streaming import Source
 
 log = logging.getLogger(__name__)
 
