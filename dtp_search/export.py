@@ -31,7 +31,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from dtp_search.checkpoint import atomic_save
+from dtp_search.files import atomic_save
 from dtp_search.models import build_model
 from dtp_search.pruning import (
     apply_layout,

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from dtp_search.checkpoint import atomic_save
+from dtp_search.files import atomic_save
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from inprocess import run_here
 from mlflow.tracking import MlflowClient
 
 from dtp_search.__main__ import CONFIG_DIR
-from dtp_search.checkpoint import atomic_save
 from dtp_search.config import ConfigError, register_resolvers, settings_of
 from dtp_search.errors import DiskFullError, disk_full, writing
+from dtp_search.files import atomic_save
 from dtp_search.models import build_model
 from dtp_search.preflight import SQLITE_HEADER, check_free_space, check_machine, space_needed
 

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from dtp_search.checkpoint import atomic_save
 from dtp_search.data.checks import _check_same_classes, _where
 from dtp_search.data.decode import (
     _bad_file_error,
@@ -26,6 +25,7 @@ from dtp_search.data.decode import (
 from dtp_search.data.scan import _SCAN_VERSION, _Plan
 from dtp_search.decoders import FileDecoder, size_pair
 from dtp_search.errors import DatasetError
+from dtp_search.files import atomic_save
 from dtp_search.settings import DatasetSettings
 from dtp_search.splits import Split, stratified_subset
 from dtp_search.streaming import Source
