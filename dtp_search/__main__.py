@@ -32,7 +32,6 @@ import hydra
 import optuna
 from omegaconf import DictConfig
 
-from dtp_search.config import register_resolvers
 from dtp_search.errors import (
     ConfigError,
     DatasetError,
@@ -49,8 +48,9 @@ from dtp_search.redaction import (
     redact_logging,
     scrub_files,
 )
+from dtp_search.search.config import register_resolvers
+from dtp_search.search.study import run_study
 from dtp_search.settings import allowed, field_owner, text_fields
-from dtp_search.study import run_study
 
 register_resolvers()
 log = logging.getLogger("dtp_search")
@@ -145,7 +145,7 @@ def _scrub_run_folder(passwords: set[str]) -> None:
 
 def execute(cfg: DictConfig, overrides: Sequence[str] | None = None) -> int:
     """Run the study ``cfg`` describes (``overrides``: the command line's, see
-    :func:`~dtp_search.study.run_study`) and return the exit status (the module's
+    :func:`~dtp_search.search.study.run_study`) and return the exit status (the module's
     table), having printed why on stderr in one line where it is not 0: the error, what
     to do next, or for an unexpected error its traceback, passwords masked throughout.
     ``DTP_SEARCH_DEBUG=1`` raises instead."""

@@ -100,7 +100,7 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
 
 class StorageUnavailable(BaseException):
     """The study storage or the tracking store did not answer for ``study.storage_patience``
-    seconds (:class:`dtp_search.outage.Patience`). ``python -m dtp_search`` prints it as one
+    seconds (:class:`dtp_search.storage.outage.Patience`). ``python -m dtp_search`` prints it as one
     ``error:`` line with its own exit status.
 
     A BaseException, like KeyboardInterrupt, on purpose: Optuna's trial loop catches every

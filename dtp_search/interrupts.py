@@ -1,6 +1,6 @@
 """The stop flag: a signal asks the running work to stop at its next safe point.
 
-Set by a signal handler (see :mod:`dtp_search.__main__` and :mod:`dtp_search.workers`);
+Set by a signal handler (see :mod:`dtp_search.__main__` and :mod:`dtp_search.search.workers`);
 the training loop checks it after every optimizer step, and the study between trials.
 """
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import optuna
 
-from dtp_search.results import pareto_rows
+from dtp_search.tracking.results import pareto_rows
 
 POLICIES = (
     "agp",

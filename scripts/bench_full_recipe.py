@@ -335,8 +335,8 @@ def refit(
     """dtp_search's refit of the searched configuration on the whole training split."""
     from hydra import compose, initialize_config_dir
 
-    from dtp_search.config import register_resolvers, settings_of
-    from dtp_search.refit import refit_trial
+    from dtp_search.search.config import register_resolvers, settings_of
+    from dtp_search.search.refit import refit_trial
 
     register_resolvers()  # conf/config.yaml's ${abspath:...}, as the CLI does on start-up
     values = [f"{k}={v}" for k, v in params.items()]

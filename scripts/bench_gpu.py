@@ -84,9 +84,9 @@ def measure(a: argparse.Namespace, device: torch.device) -> None:
     from hydra import compose, initialize_config_dir
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dtp_search.config import build_pruner, register_resolvers
     from dtp_search.data import load_dataset
     from dtp_search.models import build_model
+    from dtp_search.search.config import build_pruner, register_resolvers
     from dtp_search.settings import FrontSettings, TrainSettings
     from dtp_search.training import eval_batches, prune_and_train, train_batches
 

@@ -94,9 +94,9 @@ def refit(
     ``params``: overrides by full key (``policy.amount``, ``train.lr``)."""
     from hydra import compose, initialize_config_dir
 
-    from dtp_search.config import register_resolvers, settings_of
     from dtp_search.data import load_dataset
-    from dtp_search.refit import refit_trial
+    from dtp_search.search.config import register_resolvers, settings_of
+    from dtp_search.search.refit import refit_trial
 
     register_resolvers()  # conf/config.yaml's ${abspath:...}, as the CLI does on start-up
     extra = [f"{k}={v}" for k, v in params.items()]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import optuna
 
-from dtp_search.results import hypervolume_2d
+from dtp_search.tracking.results import hypervolume_2d
 
 BUDGET = [
     "cv.folds=2",

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import optuna
 
-from dtp_search.results import hypervolume_2d
+from dtp_search.tracking.results import hypervolume_2d
 
 CONFIGS = {
     "tpe": ["search=tpe", "early_stop=none"],

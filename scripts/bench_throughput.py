@@ -41,7 +41,7 @@ def compose(data: Path, cache: Path, limit: int, epochs: int, batch_size: int):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from dtp_search.config import register_resolvers
+    from dtp_search.search.config import register_resolvers
 
     # conf/config.yaml's ${abspath:...}: the CLI registers its resolvers on start-up, a
     # script that composes the config itself has to do the same.
@@ -72,9 +72,9 @@ def fold_indices(labels: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndar
 
 def run_dtp(cfg, device: torch.device) -> tuple[float, float, int, float]:
     """(seconds, validation accuracy, training images, seconds of the one-time decode)."""
-    from dtp_search.config import build_pruner
     from dtp_search.data import load_dataset
     from dtp_search.models import build_model
+    from dtp_search.search.config import build_pruner
     from dtp_search.settings import FrontSettings, TrainSettings
     from dtp_search.training import eval_batches, prune_and_train, train_batches
 

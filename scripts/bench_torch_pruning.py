@@ -26,7 +26,7 @@ it (``--finetune-epochs``), on the same data, normalisation and augmentation (on
   magnitude schedule with its final sparsity and window searched), then ``mode=refit``: the
   best trial retrained on the whole training subset for ``--finetune-epochs`` epochs from
   the checkpoint, and its exported compacted network (``model/compact.pt``, read with
-  :func:`dtp_search.export.load_pruned`) measured here.
+  :func:`dtp_search.models.export.load_pruned`) measured here.
 
 Torch-Pruning and the option-A shortcut. ResNet-20's shortcut is
 :class:`~dtp_search.pruning.layers.ChannelPadShortcut` (subsample, then zero channels before and
@@ -154,7 +154,7 @@ def fit(
     ``lr`` there: each pruning step is followed by its own share of fine-tuning, down to
     a small learning rate before the next. ``log``: print each epoch's mean loss and time
     under that label."""
-    from dtp_search.batches import TensorBatches
+    from dtp_search.data.batches import TensorBatches
 
     torch.manual_seed(seed)
     batches = TensorBatches(
@@ -207,7 +207,7 @@ def fit(
 
 
 def test_accuracy(model: nn.Module, ds) -> float:
-    from dtp_search.batches import TensorBatches
+    from dtp_search.data.batches import TensorBatches
     from dtp_search.training import evaluate
 
     batches = TensorBatches(
@@ -560,7 +560,7 @@ def dtp_arm(a: argparse.Namespace, target: float) -> tuple[dict[str, Any], nn.Mo
     """The study, its refit, and the refit's exported compacted network."""
     import optuna
 
-    from dtp_search.export import load_pruned
+    from dtp_search.models.export import load_pruned
 
     root = a.work / f"dtp-{target}"
     shutil.rmtree(root, ignore_errors=True)

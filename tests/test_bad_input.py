@@ -21,10 +21,10 @@ from images import tree_with_a_bad_file
 from inprocess import run_here
 
 from dtp_search.__main__ import CONFIG_DIR, check_overrides, rewrite_aliases
-from dtp_search.config import ConfigError
 from dtp_search.errors import DatasetError
+from dtp_search.search.config import ConfigError
+from dtp_search.search.study import run_study
 from dtp_search.storage import check_reachable
-from dtp_search.study import run_study
 from dtp_search.tracking import check_tracking_uri
 
 TINY = [

@@ -7,12 +7,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dtp_search.checkpoint import TrialCheckpoint
-from dtp_search.config import build_pruner
 from dtp_search.data import load_dataset
 from dtp_search.models import build_model
+from dtp_search.search.config import build_pruner
 from dtp_search.settings import FrontSettings, TrainSettings
 from dtp_search.training import FoldHooks, cross_validate
+from dtp_search.training.checkpoint import TrialCheckpoint
 
 
 class Stop(Exception):

@@ -12,7 +12,7 @@ import pytest
 from inprocess import TINY, run_here
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from dtp_search.console import Console
+from dtp_search.tracking.console import Console
 
 SPACE = {
     "policy.final_sparsity": FloatDistribution(0.0, 1.0),

@@ -23,8 +23,6 @@ import torch
 from inprocess import TINY, run_here
 from PIL import Image
 
-from dtp_search import provenance
-from dtp_search.batches import StreamBatches
 from dtp_search.data import (
     MNIST_FILES,
     DatasetError,
@@ -33,8 +31,10 @@ from dtp_search.data import (
     load_imagefolder,
 )
 from dtp_search.data import imagefolder as imagefolder_mod
-from dtp_search.decoders import FileDecoder
+from dtp_search.data.batches import StreamBatches
+from dtp_search.data.decoders import FileDecoder
 from dtp_search.errors import ConfigError
+from dtp_search.search import provenance
 
 HERE = __name__  # the module's import name, for dataset._target_
 

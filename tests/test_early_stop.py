@@ -1,4 +1,4 @@
-"""ParetoFoldStop on hand-made fronts (dtp_search.early_stop)."""
+"""ParetoFoldStop on hand-made fronts (dtp_search.search.early_stop)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 from optuna.trial import TrialState, create_trial
 
-from dtp_search.early_stop import ParetoFoldStop, StopDecision
+from dtp_search.search.early_stop import ParetoFoldStop, StopDecision
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -298,7 +298,7 @@ def test_a_digits_study_stops_a_dominated_trial_early(tmp_path):
     from hydra import compose, initialize_config_dir
 
     from dtp_search.__main__ import CONFIG_DIR
-    from dtp_search.study import run_study
+    from dtp_search.search.study import run_study
 
     argv = [
         f"paths.root={tmp_path}",

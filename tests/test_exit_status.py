@@ -15,10 +15,10 @@ from inprocess import TINY, run_here
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from dtp_search import study as study_module
 from dtp_search.__main__ import execute
 from dtp_search.errors import ConfigError, RefitInterrupted, StorageUnavailable, StudyIncomplete
-from dtp_search.study import _end_parent
+from dtp_search.search import study as study_module
+from dtp_search.search.study import _end_parent
 
 
 def _parent_status(root: Path, name: str) -> str:

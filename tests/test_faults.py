@@ -117,7 +117,7 @@ def test_the_min_keep_floor_restores_by_default_and_says_so(tmp_path):
 
 @pytest.mark.slow
 def test_penalize_keeps_floored_trials_off_the_pareto_front(tmp_path):
-    from dtp_search.results import pareto_rows
+    from dtp_search.tracking.results import pareto_rows
 
     root = tmp_path / "runs"
     _run(root, ["study.name=penalize", "policy.on_collapse=penalize", *COLLAPSE])

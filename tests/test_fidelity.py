@@ -1,4 +1,4 @@
-"""FidelityRung on hand-made rungs (dtp_search.fidelity), and wired into a digits study."""
+"""FidelityRung on hand-made rungs (dtp_search.search.fidelity), and wired into a digits study."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
 
-from dtp_search.fidelity import POINT_ATTR, RUNG_ATTR, FidelityRung, RungDecision
+from dtp_search.search.fidelity import POINT_ATTR, RUNG_ATTR, FidelityRung, RungDecision
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -159,7 +159,7 @@ def test_a_rung_past_the_last_epoch_is_a_config_error(tmp_path) -> None:
     from hydra import compose, initialize_config_dir
 
     from dtp_search.__main__ import CONFIG_DIR
-    from dtp_search.config import ConfigError, make_fidelity, settings_of
+    from dtp_search.search.config import ConfigError, make_fidelity, settings_of
 
     with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
         cfg = compose(
@@ -189,7 +189,7 @@ def test_a_digits_study_stops_trials_at_the_rung(tmp_path) -> None:
     from hydra import compose, initialize_config_dir
 
     from dtp_search.__main__ import CONFIG_DIR
-    from dtp_search.study import run_study
+    from dtp_search.search.study import run_study
 
     argv = [
         f"paths.root={tmp_path}",

@@ -10,7 +10,7 @@ from inprocess import TINY, run_here
 from omegaconf import OmegaConf
 from optuna.exceptions import ExperimentalWarning
 
-from dtp_search.space import SPACE_ATTR, parse_space, pin_derived
+from dtp_search.search.space import SPACE_ATTR, parse_space, pin_derived
 from dtp_search.storage import LOCK_DIR, StudyLock
 
 
@@ -93,7 +93,7 @@ def test_a_rerun_with_more_epochs_samples_the_distribution_the_study_began_with(
 def test_a_runtime_warning_from_dtp_search_fails_the_test_that_meets_it():
     """pyproject's filter: dtp_search's own RuntimeWarnings are errors, others' are not."""
     with pytest.raises(RuntimeWarning):
-        warnings.warn_explicit("x", RuntimeWarning, "space.py", 1, module="dtp_search.space")
+        warnings.warn_explicit("x", RuntimeWarning, "space.py", 1, module="dtp_search.search.space")
     with warnings.catch_warnings(record=True) as caught:
         warnings.warn_explicit("y", RuntimeWarning, "other.py", 1, module="dtp_searchlike")
     assert len(caught) == 1

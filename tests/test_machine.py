@@ -21,11 +21,11 @@ from inprocess import run_here
 from mlflow.tracking import MlflowClient
 
 from dtp_search.__main__ import CONFIG_DIR
-from dtp_search.config import ConfigError, register_resolvers, settings_of
 from dtp_search.errors import DiskFullError, disk_full, writing
 from dtp_search.files import atomic_save
 from dtp_search.models import build_model
-from dtp_search.preflight import SQLITE_HEADER, check_free_space, check_machine, space_needed
+from dtp_search.search.config import ConfigError, register_resolvers, settings_of
+from dtp_search.search.preflight import SQLITE_HEADER, check_free_space, check_machine, space_needed
 
 register_resolvers()
 
@@ -163,14 +163,14 @@ def test_too_little_free_space_is_one_warning_naming_the_folders(tmp_path, monke
     s = _settings(tmp_path)
     digits = SimpleNamespace(input_shape=(1, 8, 8), num_classes=10)
     parameters = sum(p.numel() for p in build_model(s.model, (1, 8, 8), 10).parameters())
-    with caplog.at_level("WARNING", logger="dtp_search.preflight"):
+    with caplog.at_level("WARNING", logger="dtp_search.search.preflight"):
         need = check_free_space(s, digits)
     assert sum(need.values()) == 2 * parameters * 12 + s.cv.folds * parameters * 12
     assert not caplog.records  # this disk has room
     monkeypatch.setattr(
-        "dtp_search.preflight.shutil.disk_usage", lambda p: SimpleNamespace(free=1000)
+        "dtp_search.search.preflight.shutil.disk_usage", lambda p: SimpleNamespace(free=1000)
     )
-    with caplog.at_level("WARNING", logger="dtp_search.preflight"):
+    with caplog.at_level("WARNING", logger="dtp_search.search.preflight"):
         check_free_space(s, digits)
     (record,) = caplog.records
     text = record.getMessage()

@@ -4,9 +4,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dtp_search.config import register_resolvers
 from dtp_search.models import build_model
 from dtp_search.pruning import attach_masks, prunable_layers
+from dtp_search.search.config import register_resolvers
 
 register_resolvers()
 

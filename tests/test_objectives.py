@@ -18,15 +18,6 @@ from test_cli import TINY, _runs
 from torch import nn
 
 from dtp_search.__main__ import CONFIG_DIR
-from dtp_search.config import (
-    ConfigError,
-    build_pruner,
-    check_config,
-    register_resolvers,
-    settings_of,
-)
-from dtp_search.early_stop import ParetoFoldStop
-from dtp_search.fidelity import POINT_ATTR, FidelityRung
 from dtp_search.pruning import (
     COSTS,
     ConstantThreshold,
@@ -36,8 +27,17 @@ from dtp_search.pruning import (
     median_latency_ms,
     structural_cost,
 )
-from dtp_search.results import pareto_rows, study_axis
+from dtp_search.search.config import (
+    ConfigError,
+    build_pruner,
+    check_config,
+    register_resolvers,
+    settings_of,
+)
+from dtp_search.search.early_stop import ParetoFoldStop
+from dtp_search.search.fidelity import POINT_ATTR, FidelityRung
 from dtp_search.settings import COST_OBJECTIVES, cost_measures, front_axis
+from dtp_search.tracking.results import pareto_rows, study_axis
 
 register_resolvers()
 optuna.logging.set_verbosity(optuna.logging.WARNING)

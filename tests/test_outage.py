@@ -24,10 +24,9 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from servers import PASSWORD, free_port, postgres_server
 
-from dtp_search import outage
 from dtp_search.errors import StorageUnavailable
-from dtp_search.outage import Patience, is_transient
-from dtp_search.storage import RetryingStorage, StudyLock, make_storage
+from dtp_search.storage import RetryingStorage, StudyLock, make_storage, outage
+from dtp_search.storage.outage import Patience, is_transient
 
 
 def _sa(exc: Exception) -> sqlalchemy.exc.DBAPIError:
@@ -356,8 +355,8 @@ def test_no_stale_trial_check_right_after_an_outage(monkeypatch):
     re-queue trials that are still running."""
     from types import SimpleNamespace
 
-    from dtp_search import study as study_module
-    from dtp_search.outage import Patience, seconds_since_recovery
+    from dtp_search.search import study as study_module
+    from dtp_search.storage.outage import Patience, seconds_since_recovery
 
     url = "postgresql://u:pw@db-recovery-test:5432/optuna"
     assert seconds_since_recovery(url) is None
@@ -369,7 +368,7 @@ def test_no_stale_trial_check_right_after_an_outage(monkeypatch):
             raise exc
         return "ok"
 
-    monkeypatch.setattr("dtp_search.outage.time.sleep", lambda s: None)
+    monkeypatch.setattr("dtp_search.storage.outage.time.sleep", lambda s: None)
     assert Patience("the study storage", url, 60).call(flaky) == "ok"
     assert 0 <= seconds_since_recovery(url) < 5
 

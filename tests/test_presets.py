@@ -15,7 +15,7 @@ from inprocess import premake_store
 from test_mnist import write_mnist
 
 from dtp_search.__main__ import CONFIG_DIR, check_overrides
-from dtp_search.study import run_study
+from dtp_search.search.study import run_study
 
 PRESETS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("ref_*.yaml"))
 TINY = [

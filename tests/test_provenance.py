@@ -1,5 +1,5 @@
 """A study knows its own configuration: the defining keys, the drift check on resume, and
-each trial's own config for refit (dtp_search.provenance)."""
+each trial's own config for refit (dtp_search.search.provenance)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import optuna
 import pytest
 from hydra import compose, initialize_config_dir
 
-from dtp_search import provenance
 from dtp_search.__main__ import CONFIG_DIR
-from dtp_search.config import ConfigError, loggable, register_resolvers
-from dtp_search.refit import trial_config
+from dtp_search.search import provenance
+from dtp_search.search.config import ConfigError, loggable, register_resolvers
+from dtp_search.search.refit import trial_config
+from dtp_search.search.space import parse_space
 from dtp_search.settings import TrainSettings
-from dtp_search.space import parse_space
 
 
 def _cfg(*overrides: str):
@@ -88,7 +88,7 @@ def test_one_set_of_training_defaults():
 
 
 def test_a_setting_added_since_the_study_was_stored_changes_nothing_at_its_default():
-    from dtp_search.provenance import changes
+    from dtp_search.search.provenance import changes
 
     current = {"train.epochs": 15, "train.l1_start_epoch": 0, "policy.exclude_classifier": False}
     stored = {"train.epochs": 15}  # written before those keys existed

@@ -16,8 +16,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.flop_counter import FlopCounterMode
 
-from dtp_search import export
-from dtp_search.models import build_model
+from dtp_search.models import build_model, export
 from dtp_search.pruning import (
     Activation,
     ConstantThreshold,
@@ -705,7 +704,7 @@ def test_user_subclasses_of_layers_and_attention_are_traced_whole():
 
 @pytest.mark.parametrize("target", ["resnet18", "mobilenet_v3_small", "resnet20"])
 def test_channel_pruned_networks_reload_from_the_compact_export(target, tmp_path):
-    from dtp_search.export import load_pruned, save_pruned
+    from dtp_search.models.export import load_pruned, save_pruned
 
     torch.manual_seed(0)
     settings = (

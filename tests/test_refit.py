@@ -16,8 +16,8 @@ from inprocess import isolated, run_here
 from omegaconf import OmegaConf
 from test_cli import TINY, _runs
 
-from dtp_search.export import load_pruned, save_pruned
 from dtp_search.models import build_model
+from dtp_search.models.export import load_pruned, save_pruned
 from dtp_search.pruning import AGPThreshold, DynamicPruner
 
 

@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from dtp_search.__main__ import CONFIG_DIR
-from dtp_search.config import ConfigError, register_resolvers, settings_of
+from dtp_search.search.config import ConfigError, register_resolvers, settings_of
 from dtp_search.settings import (
     Settings,
     TrainSettings,

@@ -2,8 +2,8 @@ import optuna
 import pytest
 from omegaconf import OmegaConf
 
-from dtp_search.config import ConfigError
-from dtp_search.space import apply, parse_space, sample
+from dtp_search.search.config import ConfigError
+from dtp_search.search.space import apply, parse_space, sample
 
 
 def _cfg(policy_space=None, search_space=None):
@@ -132,7 +132,7 @@ def test_bad_policy_choices_are_named(choices, fragment):
 
 
 def test_a_searched_key_set_on_the_command_line_is_fixed_and_said():
-    from dtp_search.space import fix_set_keys
+    from dtp_search.search.space import fix_set_keys
 
     cfg = _cfg(
         {
@@ -154,7 +154,7 @@ def test_a_searched_key_set_on_the_command_line_is_fixed_and_said():
 
 
 def test_a_key_set_with_its_space_node_on_one_command_line_is_refused():
-    from dtp_search.space import fix_set_keys
+    from dtp_search.search.space import fix_set_keys
 
     cfg = _cfg({"final_sparsity": {"type": "float", "low": 0.5, "high": 0.9}})
     with pytest.raises(ConfigError, match=r"policy.final_sparsity=0.8 and policy.space= are both"):
@@ -165,7 +165,7 @@ def test_a_key_set_with_its_space_node_on_one_command_line_is_refused():
 
 
 def test_policy_choice_fixes_a_key_of_one_option():
-    from dtp_search.space import fix_set_keys
+    from dtp_search.search.space import fix_set_keys
 
     cfg = OmegaConf.create(
         {

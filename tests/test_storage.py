@@ -12,7 +12,7 @@ import pytest
 from inprocess import run_here
 from optuna.trial import TrialState
 
-from dtp_search.config import ConfigError
+from dtp_search.search.config import ConfigError
 from dtp_search.storage import (
     StudyLock,
     check_storage,

@@ -19,8 +19,8 @@ from user_nets import PatchAttention, TinyConvNet
 
 from dtp_search.data import TensorBatches, load_dataset
 from dtp_search.errors import ConfigError
-from dtp_search.export import load_pruned
 from dtp_search.models import apply_checkpoint, build_custom, load_checkpoint, start_model
+from dtp_search.models.export import load_pruned
 from dtp_search.training import evaluate
 
 TINY = ["cv.folds=2", "front.points=2", "console.progress=false", "search.n_trials=1"]

@@ -6,13 +6,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dtp_search.config import build_pruner
 from dtp_search.data import load_dataset
 from dtp_search.models import build_model
 from dtp_search.pruning import build_policy
+from dtp_search.search.config import build_pruner
 from dtp_search.settings import DatasetSettings, FrontSettings, Settings, TrainSettings
 from dtp_search.training import FoldHooks, WarmStart, cross_validate
-from dtp_search.warmstart import WarmStartCache
+from dtp_search.training.warmstart import WarmStartCache
 
 DIGITS = {"kind": "digits", "name": "digits"}
 
@@ -141,7 +141,7 @@ def test_a_post_pruning_studys_refits_train_their_dense_epochs_once(tmp_path):
     from inprocess import isolated, premake_store
 
     from dtp_search.__main__ import CONFIG_DIR
-    from dtp_search.study import run_study
+    from dtp_search.search.study import run_study
 
     argv = [
         f"paths.root={tmp_path}",
@@ -177,7 +177,7 @@ def test_a_post_pruning_studys_refits_train_their_dense_epochs_once(tmp_path):
 def test_data_edited_in_place_misses_the_cache(ds, tmp_path):
     """The same dataset config with other file contents (another content digest, as
     config.make_warm_start passes it) trains its dense epochs anew."""
-    from dtp_search.config import make_warm_start
+    from dtp_search.search.config import make_warm_start
 
     s = Settings(dataset=DatasetSettings(**DIGITS))
     s.paths.warm_start = str(tmp_path)

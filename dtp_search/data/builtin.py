@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from dtp_search.data.splits import Split, stratified_subset
 from dtp_search.errors import DatasetError, reason
 from dtp_search.settings import DatasetSettings
-from dtp_search.splits import Split, stratified_subset
 
 
 def _load_digits(cfg: DatasetSettings) -> tuple[Split, Split, list[str]]:

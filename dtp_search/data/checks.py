@@ -8,10 +8,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dtp_search.data.splits import Split
+from dtp_search.data.streaming import Source, StreamedSplit
 from dtp_search.errors import DatasetError
 from dtp_search.settings import DatasetSettings
-from dtp_search.splits import Split
-from dtp_search.streaming import Source, StreamedSplit
 
 # Kinds whose data is known: a dataset.name naming another dataset is refused.
 _KNOWN_DATA = ("digits", "cifar10", "mnist", "torchvision")
@@ -22,7 +22,7 @@ def _check_name(cfg: DatasetSettings) -> None:
     (``dataset=digits dataset.name=fashionmnist``); imagefolder/custom: any name."""
     if cfg.kind not in _KNOWN_DATA:
         return
-    from dtp_search.user_data import known_names
+    from dtp_search.data.user_data import known_names
 
     if cfg.kind == "torchvision":
         own = str(cfg._target_).rpartition(".")[2].lower()

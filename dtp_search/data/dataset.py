@@ -11,14 +11,14 @@ per-sample Python work that dominates small-model training on CPU.
 Data larger than memory (``dataset.in_memory``): ``auto`` decodes a split into memory
 only when its decoded size fits what is left of ``dataset.memory_limit`` (GiB; null = a
 quarter of the RAM; the training split is planned first); otherwise the split is a
-:class:`~dtp_search.streaming.StreamedSplit`, decoded batch by batch in
+:class:`~dtp_search.data.streaming.StreamedSplit`, decoded batch by batch in
 ``dataset.num_workers`` DataLoader worker processes (:class:`StreamBatches`), with the
 same folds, augmentation and seeds: both paths yield the same batches. ``true`` / ``false``
 force one path. This applies to ImageFolder trees (``imagefolder``, and ``cifar10`` /
 ``mnist`` given one as ``path``) and to ``torchvision`` / ``custom``; ``digits``, MNIST's
 IDX files and torchvision's CIFAR-10 / MNIST arrays are in memory already.
 
-A streamed split is decoded once when the dataset is loaded (:func:`~dtp_search.streaming.scan`):
+A streamed split is decoded once when the dataset is loaded (:func:`~dtp_search.data.streaming.scan`):
 that validates it (undecodable files, sizes), and gives the training split's channel
 statistics and the dataset's content digest *exactly* as the in-memory path computes
 them, so a study's drift check and its training do not depend on the path (``auto`` may
@@ -37,7 +37,7 @@ Sources:
 * ``imagefolder`` — any ImageFolder tree with ``train/`` and ``test/`` (RGB or grayscale).
   A file that cannot be decoded stops the load with its path, or, with
   ``skip_bad_files``, is left out (one warning says how many were).
-* ``torchvision`` / ``custom`` — the user's own data (:mod:`dtp_search.user_data`).
+* ``torchvision`` / ``custom`` — the user's own data (:mod:`dtp_search.data.user_data`).
 """
 
 from __future__ import annotations
@@ -53,10 +53,10 @@ from dtp_search.data.checks import _check_name, _check_same_shape, _where
 from dtp_search.data.imagefolder import _load_imagefolder_splits
 from dtp_search.data.mnist import _load_mnist_path, _load_torchvision_mnist
 from dtp_search.data.scan import _Plan, _scan
+from dtp_search.data.splits import Split, channel_stats, tensor_digest
+from dtp_search.data.streaming import Source, StreamedSplit, decode_into_memory, default_workers
 from dtp_search.errors import DatasetError
 from dtp_search.settings import DatasetSettings, from_mapping
-from dtp_search.splits import Split, channel_stats, tensor_digest
-from dtp_search.streaming import Source, StreamedSplit, decode_into_memory, default_workers
 
 KINDS = ("digits", "cifar10", "mnist", "imagefolder", "torchvision", "custom")
 
@@ -186,9 +186,9 @@ def load_dataset(
 def _load_user_data(
     cfg: DatasetSettings, plan: _Plan, num_workers: int
 ) -> tuple[Split | Source, Split | Source, list[str]]:
-    """``dataset=torchvision``/``custom`` (:mod:`dtp_search.user_data`), each split decoded
+    """``dataset=torchvision``/``custom`` (:mod:`dtp_search.data.user_data`), each split decoded
     into memory when the plan keeps it there (else a source, streamed after the scan)."""
-    from dtp_search.user_data import load_user_sources
+    from dtp_search.data.user_data import load_user_sources
 
     train, test, classes = load_user_sources(cfg)
     _check_same_shape(train, test, _where(cfg))  # before decoding anything

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from dtp_search.decoders import BadFile, FileDecoder, read_file, size_pair
+from dtp_search.data.decoders import BadFile, FileDecoder, read_file, size_pair
 from dtp_search.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def _decode_all(
 ) -> tuple[torch.Tensor, list[int], list[str]]:
     """``(images, indices of the decoded paths, skipped paths)``; a bad file raises
     :class:`DatasetError` unless ``skip_bad_files``. Decodes exactly as
-    :class:`~dtp_search.decoders.FileDecoder` does (the streamed path), on threads."""
+    :class:`~dtp_search.data.decoders.FileDecoder` does (the streamed path), on threads."""
     decoder = FileDecoder(
         paths, _file_channels(paths, channels, skip_bad_files), size_pair(image_size)
     )

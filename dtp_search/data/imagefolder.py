@@ -22,13 +22,13 @@ from dtp_search.data.decode import (
     _nothing_decoded,
     _warn_skipped,
 )
+from dtp_search.data.decoders import FileDecoder, size_pair
 from dtp_search.data.scan import _SCAN_VERSION, _Plan
-from dtp_search.decoders import FileDecoder, size_pair
+from dtp_search.data.splits import Split, stratified_subset
+from dtp_search.data.streaming import Source
 from dtp_search.errors import DatasetError
 from dtp_search.files import atomic_save
 from dtp_search.settings import DatasetSettings
-from dtp_search.splits import Split, stratified_subset
-from dtp_search.streaming import Source
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def imagefolder_source(
     limit: int | None = None,
     skip_bad_files: bool = False,
 ) -> tuple[Source, list[str]]:
-    """An ImageFolder split as a :class:`~dtp_search.streaming.Source` to stream: its
+    """An ImageFolder split as a :class:`~dtp_search.data.streaming.Source` to stream: its
     files (the same stratified subset :func:`load_imagefolder` decodes), labels, and the
     shape of one image (the first readable one is decoded to learn it)."""
     root = Path(root).resolve()

@@ -16,10 +16,10 @@ import torch
 from dtp_search.data.builtin import _download_failed
 from dtp_search.data.imagefolder import _load_imagefolder_splits
 from dtp_search.data.scan import _Plan
+from dtp_search.data.splits import Split, stratified_subset
+from dtp_search.data.streaming import Source
 from dtp_search.errors import DatasetError, reason
 from dtp_search.settings import DatasetSettings
-from dtp_search.splits import Split, stratified_subset
-from dtp_search.streaming import Source
 
 IDX_IMAGES = 0x00000803  # IDX magic numbers: unsigned bytes, 3 dimensions (N, rows, cols) ...
 IDX_LABELS = 0x00000801  # ... and 1 dimension (N)

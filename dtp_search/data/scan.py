@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from dtp_search.data.decode import _bad_file_error, _warn_skipped
+from dtp_search.data.splits import PixelSums, Split
+from dtp_search.data.streaming import Source, StreamedSplit, memory_budget, scan
 from dtp_search.errors import DatasetError, writing
 from dtp_search.settings import DatasetSettings
-from dtp_search.splits import PixelSums, Split
-from dtp_search.streaming import Source, StreamedSplit, memory_budget, scan
 
 _SCAN_VERSION = 2
 
@@ -49,7 +49,7 @@ def _scan(
     cache_dir: Any,
     classes: Sequence[str],
 ) -> tuple[Split | StreamedSplit, Split | StreamedSplit, str, PixelSums]:
-    """:func:`~dtp_search.streaming.scan`, through a JSON cache when ``key`` says what
+    """:func:`~dtp_search.data.streaming.scan`, through a JSON cache when ``key`` says what
     the splits are (ImageFolder trees): the digest, the training sums and the left-out files."""
     cache_file = None
     if key is not None and cache_dir is not None:

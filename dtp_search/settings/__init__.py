@@ -17,7 +17,7 @@ The code past the CLI takes these objects (``Settings.of(cfg)``), not the raw
 - ``search.sampler`` and ``search.early_stop``: any Optuna class, built by
   ``hydra.utils.instantiate`` from its ``_target_``.
 
-The search layer (:mod:`dtp_search.space`) keeps working on the ``DictConfig``, because
+The search layer (:mod:`dtp_search.search.space`) keeps working on the ``DictConfig``, because
 sampled values are merged into it and interpolations such as a policy's
 ``end_epoch: ${train.epochs}`` must follow them; ``Settings.of`` is taken after that.
 """

@@ -74,7 +74,7 @@ class TrackingSettings:
 
 @dataclass
 class FidelitySettings:
-    """A reduced-budget rung on fold 0 (:class:`dtp_search.fidelity.FidelityRung`)."""
+    """A reduced-budget rung on fold 0 (:class:`dtp_search.search.fidelity.FidelityRung`)."""
 
     enabled: bool = False
     epoch: int | None = rule(None, low=1)  # the rung's epoch; null = a third of train.epochs

@@ -25,7 +25,7 @@ by the operating system or the server when the holder dies, so a SIGKILLed worke
 leaves a lock behind.
 
 Servers restart. Every call to an RDB storage goes through :class:`RetryingStorage`, and
-every lock operation through the same :class:`~dtp_search.outage.Patience`: a refused or
+every lock operation through the same :class:`~dtp_search.storage.outage.Patience`: a refused or
 dropped connection is retried for up to ``study.storage_patience`` seconds. A lock held
 on a server dies with its connection when the server restarts; :meth:`StudyLock.still_held`
 tells its holder, who takes it again and redoes the decision it guarded.

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from dtp_search.outage import Patience, is_transient
+from dtp_search.storage.outage import Patience, is_transient
 from dtp_search.storage.urls import (
     DEFAULT_PATIENCE,
     PROBE_TIMEOUT,

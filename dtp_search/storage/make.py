@@ -16,8 +16,8 @@ from optuna.storages import (
 )
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
-from dtp_search.outage import Patience
 from dtp_search.storage.lock import StudyLock
+from dtp_search.storage.outage import Patience
 from dtp_search.storage.retrying import RetryingStorage
 from dtp_search.storage.urls import (
     DEFAULT_PATIENCE,

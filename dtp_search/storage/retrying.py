@@ -1,4 +1,4 @@
-"""The Optuna side of :mod:`dtp_search.outage`'s decisions: a storage whose every call
+"""The Optuna side of :mod:`dtp_search.storage.outage`'s decisions: a storage whose every call
 is retried while its server is away, with creations and state changes safe to repeat."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from optuna.storages import BaseStorage
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial, TrialState
 
-from dtp_search.outage import Patience, is_transient
+from dtp_search.storage.outage import Patience, is_transient
 
 _log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def _retried(name: str) -> Callable[..., Any]:
 class RetryingStorage(BaseStorage, BaseHeartbeat):
     """Optuna's storage (``_CachedStorage`` over ``RDBStorage``, as ``optuna.create_study``
     would wrap it) with every call retried while the server cannot be reached
-    (:class:`~dtp_search.outage.Patience`), so that Optuna's own trial loop, its heartbeat
+    (:class:`~dtp_search.storage.outage.Patience`), so that Optuna's own trial loop, its heartbeat
     thread and dtp_search's calls all survive a database restart.
 
     A write that may have reached the server although its answer did not is made safe to

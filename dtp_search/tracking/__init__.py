@@ -8,12 +8,12 @@ Layout in MLflow (experiment = ``tracking.experiment``, tagged as a model-traini
 experiment, ``mlflow.experimentKind=custom_model_development``, so that the UI opens on its
 runs table rather than its GenAI traces view):
 
-* parent run ``<study name>`` — tags ``dtp_search.role=study``, ``dtp_search.study``;
+* parent run ``<study name>`` — tags ``dtp_search.role=study``, ``dtp_search.search.study``;
   artifacts ``pareto_front.json`` (a table), ``pareto_front.png``; metrics
   ``n_complete``, ``pareto_size``, ``pareto_hypervolume`` (step = complete trials).
 * child run ``trial-<n>`` — tags ``mlflow.parentRunId``, ``dtp_search.role=trial``,
   ``optuna.trial_number``, ``optuna.trial_state``, ``dtp_search.sampled`` (the sampled
-  keys); params = the trial's own configuration (:func:`dtp_search.config.run_params`),
+  keys); params = the trial's own configuration (:func:`dtp_search.search.config.run_params`),
   the whole resolved config as ``config.yaml``; the dataset as a run input; per-epoch
   metrics ``fold_<k>/{loss,val_accuracy,sparsity,threshold,lr,recovered}`` and fold means
   (step = epoch); the accuracy-versus-sparsity front as ``front.json`` (a table),

@@ -40,7 +40,7 @@ def describe_dataset(dataset: ImageDataset, source: str) -> DatasetInfo:
 
     The digest is :meth:`ImageDataset.content_digest`: for splits in memory the hash of
     their tensors; for streamed splits the same hash, computed while the load decoded
-    them once (:func:`dtp_search.streaming.scan`; cached for ImageFolder trees) without
+    them once (:func:`dtp_search.data.streaming.scan`; cached for ImageFolder trees) without
     holding them in memory. Whether a split is streamed therefore never changes the
     digest, and the study's drift check compares the data, not the path it took."""
     digest = dataset.content_digest()

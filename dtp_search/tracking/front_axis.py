@@ -16,7 +16,7 @@ AXIS_LABELS = {
 
 
 def row_key(axis: str) -> str:
-    """The key of a Pareto row (:func:`dtp_search.results.pareto_rows`) that holds the CV
+    """The key of a Pareto row (:func:`dtp_search.tracking.results.pareto_rows`) that holds the CV
     value of ``axis``: ``sparsity``, or the cost's metric name (``cv_flops``, ...)."""
     return "sparsity" if axis == "sparsity" else f"cv_{axis}"
 

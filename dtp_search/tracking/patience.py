@@ -1,5 +1,5 @@
 """The MLflow side of an outage: a client whose every call is retried while the tracking
-store cannot be reached (:mod:`dtp_search.outage` decides what is transient and how long
+store cannot be reached (:mod:`dtp_search.storage.outage` decides what is transient and how long
 to wait), and MLflow's own HTTP retries kept short."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from dtp_search.outage import Patience, is_transient
 from dtp_search.storage import mask_url
+from dtp_search.storage.outage import Patience, is_transient
 
 TRACKING_ROLE = "the tracking store"
 
@@ -20,7 +20,7 @@ TRACKING_ROLE = "the tracking store"
 def _http_retries(patience: float) -> dict[str, str]:
     """MLflow's own retries of a request to a tracking server (urllib3's: refused
     connections, 5xx of a gateway), kept to a few seconds of ``patience``: they carry a
-    request over a blip, and :class:`~dtp_search.outage.Patience` waits out the rest of an
+    request over a blip, and :class:`~dtp_search.storage.outage.Patience` waits out the rest of an
     outage with the same clock as the storage's. (MLflow's alone could not: at most 10
     retries of at most 120 s each, and its messages would not say what to do.)
     urllib3 waits 0, 2, 4, 8 s ... × the backoff factor between attempts."""
@@ -35,7 +35,7 @@ def _http_retries(patience: float) -> dict[str, str]:
 
 class _PatientClient:
     """An ``MlflowClient`` whose every call is retried while the tracking store cannot be
-    reached (:class:`~dtp_search.outage.Patience`): a tracking server, or the SQL database
+    reached (:class:`~dtp_search.storage.outage.Patience`): a tracking server, or the SQL database
     of an ``sqlite:``/``postgresql:`` store, that restarts under a run. Attributes that are
     not methods (``tracking_uri``) are the client's own."""
 

@@ -17,7 +17,7 @@ from dtp_search.training.evaluation import evaluate
 
 def _batches_class(split: Any) -> type[TensorBatches] | type[StreamBatches]:
     """:class:`StreamBatches` for a split streamed from its source, else :class:`TensorBatches`
-    (both yield the same batches; see :mod:`dtp_search.batches`)."""
+    (both yield the same batches; see :mod:`dtp_search.data.batches`)."""
     return StreamBatches if isinstance(split, StreamedSplit) else TensorBatches
 
 

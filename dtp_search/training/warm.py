@@ -12,7 +12,7 @@ from torch import nn
 from dtp_search.data import TensorBatches, tensor_digest
 from dtp_search.pruning import DynamicPruner
 from dtp_search.settings import TrainSettings
-from dtp_search.warmstart import WarmStartCache, cache_key
+from dtp_search.training.warmstart import WarmStartCache, cache_key
 
 
 @dataclass

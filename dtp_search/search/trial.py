@@ -15,11 +15,14 @@ import optuna
 import torch
 from omegaconf import DictConfig
 
-from dtp_search import provenance, records
-from dtp_search import space as search_space
 from dtp_search import storage as storages
-from dtp_search.checkpoint import TrialCheckpoint, describe
-from dtp_search.config import (
+from dtp_search.data import ImageDataset
+from dtp_search.errors import StorageUnavailable, disk_full
+from dtp_search.models import start_model
+from dtp_search.pruning import LayerCollapse
+from dtp_search.search import provenance
+from dtp_search.search import space as search_space
+from dtp_search.search.config import (
     ConfigError,
     build_pruner,
     check_policy,
@@ -32,15 +35,11 @@ from dtp_search.config import (
     run_params,
     settings_of,
 )
-from dtp_search.console import Console
-from dtp_search.data import ImageDataset
-from dtp_search.early_stop import ParetoFoldStop
-from dtp_search.errors import StorageUnavailable, disk_full
-from dtp_search.fidelity import POINT_ATTR, RUNG_ATTR, FidelityRung
-from dtp_search.models import start_model
-from dtp_search.pruning import LayerCollapse
+from dtp_search.search.early_stop import ParetoFoldStop
+from dtp_search.search.fidelity import POINT_ATTR, RUNG_ATTR, FidelityRung
 from dtp_search.settings import COST_OBJECTIVES, Settings, front_axis
-from dtp_search.tracking import StudyTracker, TrialRun, front_x
+from dtp_search.tracking import StudyTracker, TrialRun, front_x, records
+from dtp_search.tracking.console import Console
 from dtp_search.training import (
     CVResult,
     EpochRecord,
@@ -49,6 +48,7 @@ from dtp_search.training import (
     cross_validate,
     fold_value,
 )
+from dtp_search.training.checkpoint import TrialCheckpoint, describe
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +212,8 @@ def _cross_validate(
     t: _Trial, ctx: SearchContext, typed: Settings
 ) -> tuple[CVResult, dict[int, list]]:
     """The trial's k folds, each epoch logged. After each fold the study's early stopping
-    may end it (:func:`dtp_search.config.make_early_stop`): Optuna's pruner for one
-    objective, :class:`~dtp_search.early_stop.ParetoFoldStop` for several."""
+    may end it (:func:`dtp_search.search.config.make_early_stop`): Optuna's pruner for one
+    objective, :class:`~dtp_search.search.early_stop.ParetoFoldStop` for several."""
     trial, run = t.trial, t.run
     settings = typed.train
     example = torch.zeros(1, *ctx.dataset.input_shape, device=ctx.device)
@@ -315,7 +315,7 @@ def _judge_rung(
     t: _Trial, ctx: SearchContext, rung: FidelityRung, rec: EpochRecord, objectives: list[str]
 ) -> None:
     """Fold 0 has reached the reduced budget: store its rung point (read by the other
-    trials' rung, :class:`~dtp_search.fidelity.FidelityRung`) and stop the trial there
+    trials' rung, :class:`~dtp_search.search.fidelity.FidelityRung`) and stop the trial there
     unless the rung promotes it."""
     trial, run = t.trial, t.run
     # The costs among the objectives, measured at this epoch (CostProbe.epochs). A record

@@ -2,8 +2,8 @@
 
 ``run_study(cfg)`` opens (or resumes) the study named ``study.name`` in
 ``study.storage``, tops it up to ``search.n_trials`` complete trials, tracks every
-trial in MLflow, and returns the study. One trial is :func:`dtp_search.trial.objective`;
-what a finished study says is :mod:`dtp_search.results`.
+trial in MLflow, and returns the study. One trial is :func:`dtp_search.search.trial.objective`;
+what a finished study says is :mod:`dtp_search.tracking.results`.
 """
 
 from __future__ import annotations
@@ -19,10 +19,13 @@ import torch
 from omegaconf import DictConfig
 from optuna.trial import TrialState
 
-from dtp_search import preflight, provenance, records
-from dtp_search import space as search_space
 from dtp_search import storage as storages
-from dtp_search.config import (
+from dtp_search.data import load_dataset
+from dtp_search.errors import RefitInterrupted, StorageUnavailable, StudyIncomplete
+from dtp_search.interrupts import stop_now, stop_requested
+from dtp_search.search import preflight, provenance
+from dtp_search.search import space as search_space
+from dtp_search.search.config import (
     ConfigError,
     check_config,
     make_early_stop,
@@ -30,20 +33,17 @@ from dtp_search.config import (
     make_storage,
     settings_of,
 )
-from dtp_search.console import Console
-from dtp_search.data import load_dataset
-from dtp_search.errors import RefitInterrupted, StorageUnavailable, StudyIncomplete
-from dtp_search.interrupts import stop_now, stop_requested
-from dtp_search.outage import seconds_since_recovery
-from dtp_search.refit import refit_study
-from dtp_search.report import compare_studies, log_report
-from dtp_search.results import FINISHED, n_finished, refresh_pareto
+from dtp_search.search.refit import refit_study
+from dtp_search.search.trial import SearchContext, objective
+from dtp_search.search.workers import WORKER_ENV, run_workers
 from dtp_search.settings import Settings, front_axis
 from dtp_search.storage import mask_url
-from dtp_search.tracking import StudyTracker, describe_dataset
+from dtp_search.storage.outage import seconds_since_recovery
+from dtp_search.tracking import StudyTracker, describe_dataset, records
+from dtp_search.tracking.console import Console
+from dtp_search.tracking.report import compare_studies, log_report
+from dtp_search.tracking.results import FINISHED, n_finished, refresh_pareto
 from dtp_search.training import DivergedError, resolve_device
-from dtp_search.trial import SearchContext, objective
-from dtp_search.workers import WORKER_ENV, run_workers
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def _command_line(overrides: Sequence[str] | None) -> list[str]:
 
 def _open_study(cfg: DictConfig, s: Settings, dataset_digest: str, is_worker: bool) -> optuna.Study:
     """Create the study, or open it and refuse a configuration that differs from the one
-    that defined it (:mod:`dtp_search.provenance`), before writing anything to it."""
+    that defined it (:mod:`dtp_search.search.provenance`), before writing anything to it."""
     directions = list(s.search.directions)
     name, url = s.study.name, s.study.storage
     storage = make_storage(s)

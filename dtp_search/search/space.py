@@ -267,7 +267,7 @@ def fix_set_keys(cfg: DictConfig, overrides: Iterable[str]) -> list[str]:
     ``policy=constant policy.theta=1000`` means θ = 1000: a sampled θ would silently
     ignore what the user wrote. The key's dimension is deleted from its space node
     (``policy.space.theta``; ``policy.options.<name>.space.<key>`` for ``policy=choice``;
-    ``search.space.<key>``), so the study's definition (:mod:`dtp_search.provenance`)
+    ``search.space.<key>``), so the study's definition (:mod:`dtp_search.search.provenance`)
     holds the fixed value and the smaller space, and a rerun of a study that searched the
     key is refused like any other change. A space node written on the same command line
     as one of its keys contradicts it, and is refused.

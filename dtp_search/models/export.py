@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from dtp_search.files import atomic_save
-from dtp_search.models import build_model
+from dtp_search.models.build import build_model
 from dtp_search.pruning import (
     apply_layout,
     compact_model,

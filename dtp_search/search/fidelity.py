@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import optuna
 
-from dtp_search import records
-from dtp_search.early_stop import dominates, most_dominating, objective_signs
+from dtp_search.search.early_stop import dominates, most_dominating, objective_signs
+from dtp_search.tracking import records
 
 __all__ = ["POINT_ATTR", "RUNG_ATTR", "FidelityRung", "RungDecision"]
 

@@ -21,11 +21,11 @@ from pathlib import Path
 import optuna
 import torch
 
-from dtp_search.console import Console
 from dtp_search.errors import StorageUnavailable
 from dtp_search.interrupts import request_stop, stop_now, stop_requested
-from dtp_search.results import FINISHED
 from dtp_search.settings import Settings
+from dtp_search.tracking.console import Console
+from dtp_search.tracking.results import FINISHED
 
 log = logging.getLogger(__name__)
 

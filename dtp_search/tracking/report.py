@@ -26,16 +26,12 @@ import matplotlib.pyplot as plt
 import optuna
 from optuna.trial import TrialState
 
-from dtp_search import records
-from dtp_search.results import pareto_rows, study_axis, trial_points
 from dtp_search.settings import COST_OBJECTIVES
-from dtp_search.tracking import (
-    AXIS_LABELS,
-    StudyTracker,
-    plot_layer_sparsity,
-    plot_pareto,
-    row_key,
-)
+from dtp_search.tracking import records
+from dtp_search.tracking.front_axis import AXIS_LABELS, row_key
+from dtp_search.tracking.plots import plot_layer_sparsity, plot_pareto
+from dtp_search.tracking.results import pareto_rows, study_axis, trial_points
+from dtp_search.tracking.study_run import StudyTracker
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +47,7 @@ def _png(fig) -> str:
 
 def pareto_figure(study: optuna.Study, rows: list[dict[str, Any]]):
     """Pareto front of the trials' CV results over every trial's own (fold-0) front, both
-    against the study's axis (:func:`~dtp_search.results.study_axis`)."""
+    against the study's axis (:func:`~dtp_search.tracking.results.study_axis`)."""
     axis = study_axis(study)
     complete, points, policies, floored = trial_points(study, axis)
     fig = plot_pareto(rows, points, study.study_name, policies, floored, axis=axis)

@@ -15,10 +15,11 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from dtp_search import records
 from dtp_search.pruning import pareto_mask
 from dtp_search.settings import COST_OBJECTIVES, front_axis
-from dtp_search.tracking import StudyTracker, row_key
+from dtp_search.tracking import records
+from dtp_search.tracking.front_axis import row_key
+from dtp_search.tracking.study_run import StudyTracker
 
 log = logging.getLogger(__name__)
 

@@ -6,15 +6,15 @@ shape of one image, and a *decoder* — a map-style dataset whose item ``i`` is 
 ``i`` decoded and resized to uint8 ``[C, H, W]``. A torch ``DataLoader`` runs the decoder
 in ``num_workers`` worker processes (:func:`decoded_chunks`); everything random
 (shuffling, crop/flip) happens on the main process, which is what makes streamed batches
-equal to in-memory ones (:class:`dtp_search.batches.StreamBatches`).
+equal to in-memory ones (:class:`dtp_search.data.batches.StreamBatches`).
 
-The decoders themselves (:class:`~dtp_search.decoders.FileDecoder`,
-:class:`~dtp_search.decoders.DatasetDecoder`) live in :mod:`dtp_search.decoders`.
+The decoders themselves (:class:`~dtp_search.data.decoders.FileDecoder`,
+:class:`~dtp_search.data.decoders.DatasetDecoder`) live in :mod:`dtp_search.data.decoders`.
 
 :func:`scan` decodes a dataset's streamed splits once when it is loaded: it finds the
 files that cannot be decoded, checks that every image has the split's shape, sums the
 training pixels for the channel statistics, and hashes the content exactly as
-:func:`~dtp_search.splits.tensor_digest` hashes the in-memory tensors.
+:func:`~dtp_search.data.splits.tensor_digest` hashes the in-memory tensors.
 
 Worker processes are forked on Linux (the DataLoader default); where they are spawned
 (macOS, Windows) a user's dataset must be picklable.
@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from dtp_search.decoders import BadFile, BadItem, Decoder
+from dtp_search.data.decoders import BadFile, BadItem, Decoder
+from dtp_search.data.splits import PixelSums, Split
 from dtp_search.errors import DatasetError
-from dtp_search.splits import PixelSums, Split
 
 # Images a worker decodes per task: bounds what is in flight (workers × 2 chunks),
 # whatever the batch size.

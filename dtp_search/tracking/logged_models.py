@@ -1,6 +1,6 @@
 """The refits' networks as MLflow logged models, and the Model Registry.
 
-``model/pruned.pt`` (:func:`dtp_search.export.save_pruned`) is each refit's own export;
+``model/pruned.pt`` (:func:`dtp_search.models.export.save_pruned`) is each refit's own export;
 the logged model is MLflow's view of the same network, so that the UI's Models tab and
 ``mlflow.pytorch.load_model`` find it.
 """
@@ -11,9 +11,9 @@ import logging
 
 import torch
 
-from dtp_search import records
 from dtp_search.pruning import strip_masks
-from dtp_search.tracking import StudyTracker
+from dtp_search.tracking import records
+from dtp_search.tracking.study_run import StudyTracker
 
 log = logging.getLogger(__name__)
 

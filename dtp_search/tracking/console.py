@@ -13,11 +13,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from dtp_search import records
 from dtp_search.redaction import mask_urls
-from dtp_search.results import pareto_rows
 from dtp_search.settings import COST_OBJECTIVES, Settings
 from dtp_search.storage import mask_url
+from dtp_search.tracking import records
+from dtp_search.tracking.results import pareto_rows
 
 
 class Console:

@@ -1,6 +1,6 @@
 """The user's own data: ``dataset=torchvision`` (any ``torchvision.datasets`` class) and
 ``dataset=custom`` (a factory returning ``(train, test)``), as two
-:class:`~dtp_search.streaming.Source` splits ready to be decoded into memory or streamed.
+:class:`~dtp_search.data.streaming.Source` splits ready to be decoded into memory or streamed.
 
 * ``torchvision``: ``dataset._target_`` names the class; its train and test splits come
   from its own ``train=True/False`` or ``split="train"/"test"`` argument (``root`` and
@@ -28,12 +28,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from dtp_search import targets
-from dtp_search.decoders import ALLOWED_ITEM, DatasetDecoder, image_channels, size_pair, to_uint8
+from dtp_search.data.decoders import (
+    ALLOWED_ITEM,
+    DatasetDecoder,
+    image_channels,
+    size_pair,
+    to_uint8,
+)
+from dtp_search.data.splits import stratified_subset
+from dtp_search.data.streaming import Source
 from dtp_search.errors import DatasetError
+from dtp_search.models import targets
 from dtp_search.settings import DatasetSettings
-from dtp_search.splits import stratified_subset
-from dtp_search.streaming import Source
 
 ALLOWED_RETURN = "(train, test), two map-style datasets of (image, label)"
 # torchvision.datasets classes that are building blocks, not datasets of their own.
@@ -213,7 +219,7 @@ def labels_of(
             return _as_labels([raw[int(i)] for i in idx], idx, what, split)
     from torch.utils.data import DataLoader
 
-    from dtp_search.streaming import default_workers
+    from dtp_search.data.streaming import default_workers
 
     loader = DataLoader(
         _Labels(dataset, idx),

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from dtp_search import space as search_space
 from dtp_search import storage as storages
-from dtp_search.config import build_pruner, policy_key
 from dtp_search.data import ImageDataset
 from dtp_search.errors import ConfigError
 from dtp_search.models import build_model, check_output, start_model
+from dtp_search.search import space as search_space
+from dtp_search.search.config import build_pruner, policy_key
 from dtp_search.settings import Settings
 from dtp_search.training import eval_batches
 
@@ -104,7 +104,7 @@ def space_needed(s: Settings, parameters: int, element_bytes: int = 4) -> dict[s
 
     - ``paths.checkpoints`` (``search.checkpoint``): one state per running trial
       (``study.workers``), twice, because a checkpoint is replaced by writing the new file
-      beside the old one (:func:`dtp_search.checkpoint.atomic_save`).
+      beside the old one (:func:`dtp_search.training.checkpoint.atomic_save`).
     - ``paths.warm_start`` (``search.warm_start``): one dense state per fold (``cv.folds``)
       — for one dense-epoch count; a search over a policy's start epoch stores one set per
       value it tries.

@@ -1,5 +1,5 @@
 """Decoders: map-style datasets whose item ``i`` is image ``i`` decoded and resized to
-uint8 ``[C, H, W]`` — what a streamed split reads its images with (:mod:`dtp_search.streaming`).
+uint8 ``[C, H, W]`` — what a streamed split reads its images with (:mod:`dtp_search.data.streaming`).
 
 * :class:`FileDecoder` — ImageFolder files, decoded by ``torchvision.io.decode_image``
   exactly as the in-memory ImageFolder loader decodes them (same pixels);

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dtp_search.data.splits import Split, stratified_subset
+from dtp_search.data.streaming import CHUNK, StreamedSplit, stacked_chunks
 from dtp_search.errors import DatasetError
-from dtp_search.splits import Split, stratified_subset
-from dtp_search.streaming import CHUNK, StreamedSplit, stacked_chunks
 
 
 def random_crop_flip(
@@ -156,9 +156,9 @@ class TensorBatches(Batches):
 
 
 class StreamBatches(Batches):
-    """Batches over ``indices`` of a :class:`~dtp_search.streaming.StreamedSplit`: worker
+    """Batches over ``indices`` of a :class:`~dtp_search.data.streaming.StreamedSplit`: worker
     processes decode each batch (in chunks of at most
-    :data:`~dtp_search.streaming.CHUNK` images, so what is in flight stays small whatever
+    :data:`~dtp_search.data.streaming.CHUNK` images, so what is in flight stays small whatever
     the batch size); shuffling, augmentation and normalisation run here, exactly as in
     :class:`TensorBatches`. ``num_workers``: the split's unless given."""
 

@@ -10,7 +10,7 @@ slice of the *training* split.
 
 Each refit is an MLflow child run ``refit-<n>`` (tags ``dtp_search.role=refit``,
 ``dtp_search.refit_of=<n>``) holding the test metrics, the measures of
-:func:`dtp_search.export.measure`, the sparse export ``model/pruned.pt`` (and
+:func:`dtp_search.models.export.measure`, the sparse export ``model/pruned.pt`` (and
 ``model/compact.pt`` for neuron/channel pruning), the test front and the per-layer
 sparsity. A trial that already has a finished refit run is not refitted again.
 
@@ -33,9 +33,13 @@ import optuna
 import torch
 from omegaconf import DictConfig
 
-from dtp_search import provenance, records
-from dtp_search import space as search_space
-from dtp_search.config import (
+from dtp_search.data import ImageDataset, stratified_subset
+from dtp_search.models import start_model
+from dtp_search.models.export import MEASURE_KEYS, measure, save_pruned
+from dtp_search.pruning import FrontPoint, LayerCollapse, sparsity
+from dtp_search.search import provenance
+from dtp_search.search import space as search_space
+from dtp_search.search.config import (
     build_pruner,
     config_yaml,
     make_cost_meter,
@@ -43,12 +47,6 @@ from dtp_search.config import (
     run_params,
     settings_of,
 )
-from dtp_search.data import ImageDataset, stratified_subset
-from dtp_search.export import MEASURE_KEYS, measure, save_pruned
-from dtp_search.logged_models import MODEL_URI_TAG, log_model, register
-from dtp_search.models import start_model
-from dtp_search.pruning import FrontPoint, LayerCollapse, sparsity
-from dtp_search.results import pareto_rows
 from dtp_search.settings import (
     COST_OBJECTIVES,
     FrontSettings,
@@ -56,7 +54,9 @@ from dtp_search.settings import (
     Settings,
     front_axis,
 )
-from dtp_search.tracking import StudyTracker, plot_layer_sparsity
+from dtp_search.tracking import StudyTracker, plot_layer_sparsity, records
+from dtp_search.tracking.logged_models import MODEL_URI_TAG, log_model, register
+from dtp_search.tracking.results import pareto_rows
 from dtp_search.training import (
     CostProbe,
     WarmStart,
@@ -107,7 +107,7 @@ def chosen_trials(
 def trial_config(
     cfg: DictConfig, space: search_space.SearchSpace, trial: optuna.trial.FrozenTrial
 ) -> DictConfig:
-    """The config a trial ran with: its own stored config (:mod:`dtp_search.provenance`),
+    """The config a trial ran with: its own stored config (:mod:`dtp_search.search.provenance`),
     or for a trial older than those, its policy and sampled values written into ``cfg``."""
     stored = provenance.stored_trial_config(cfg, trial)
     if stored is not None:

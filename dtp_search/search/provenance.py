@@ -21,10 +21,10 @@ from typing import Any
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
-from dtp_search import records
-from dtp_search.config import ENGINE_KEYS, ConfigError, flatten, loggable
 from dtp_search.models import checkpoint_digest
+from dtp_search.search.config import ENGINE_KEYS, ConfigError, flatten, loggable
 from dtp_search.settings import PrunerSettings, Settings
+from dtp_search.tracking import records
 
 # Config nodes (or keys) that define a study. Not in it: where things run and are stored
 # (paths, study.storage, tracking, device, threads, console, workers), the budget

@@ -16,11 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, ValidationError
 from optuna.storages import BaseStorage
 
-from dtp_search import space as search_space
 from dtp_search import storage as storages
-from dtp_search.early_stop import ParetoFoldStop
 from dtp_search.errors import ConfigError
-from dtp_search.fidelity import FidelityRung
 from dtp_search.pruning import (
     CRITERIA,
     CostMeter,
@@ -31,6 +28,9 @@ from dtp_search.pruning import (
 )
 from dtp_search.pruning.pruner import check_floor
 from dtp_search.redaction import mask_urls
+from dtp_search.search import space as search_space
+from dtp_search.search.early_stop import ParetoFoldStop
+from dtp_search.search.fidelity import FidelityRung
 from dtp_search.settings import (
     PrunerSettings,
     Settings,
@@ -41,7 +41,7 @@ from dtp_search.settings import (
 )
 from dtp_search.tracking import check_tracking_uri
 from dtp_search.training import CostProbe, WarmStart
-from dtp_search.warmstart import WarmStartCache
+from dtp_search.training.warmstart import WarmStartCache
 
 __all__ = ["ConfigError", "check_config", "make_early_stop", "make_sampler", "make_storage"]
 
@@ -344,7 +344,7 @@ def make_early_stop(s: Settings) -> optuna.pruners.BasePruner:
     Steps are folds. One objective: the configured Optuna pruner (``median``,
     ``wilcoxon``, ``pareto``, ``none`` or any ``optuna.pruners`` class) sees each fold's
     value through ``trial.report``. Several objectives: Optuna's ``report`` and
-    ``should_prune`` do not exist there, so :class:`~dtp_search.early_stop.ParetoFoldStop`
+    ``should_prune`` do not exist there, so :class:`~dtp_search.search.early_stop.ParetoFoldStop`
     decides — the configured one (``early_stop=pareto``), or one with its defaults when
     a single-objective pruner is configured (``median``, the default); ``early_stop=none``
     runs every fold.
@@ -369,7 +369,7 @@ def make_early_stop(s: Settings) -> optuna.pruners.BasePruner:
 
 def make_sampler(s: Settings, offset: int = 0) -> optuna.samplers.BaseSampler:
     """The configured sampler; a set seed is offset by ``offset`` (the trial number, see
-    :func:`dtp_search.trial.objective`)."""
+    :func:`dtp_search.search.trial.objective`)."""
     sampler = dict(s.search.sampler)
     if sampler.get("seed") is not None:
         sampler["seed"] = int(sampler["seed"]) + offset
