@@ -87,7 +87,7 @@ def measure(a: argparse.Namespace, device: torch.device) -> None:
     from dtp_search.data import load_dataset
     from dtp_search.models import build_model
     from dtp_search.search.config import build_pruner, register_resolvers
-    from dtp_search.settings import FrontSettings, TrainSettings
+    from dtp_search.settings import FrontSettings, TrainSettings, from_mapping
     from dtp_search.training import eval_batches, prune_and_train, train_batches
 
     register_resolvers()  # conf/config.yaml's ${abspath:...}, as the CLI does on start-up
@@ -114,7 +114,7 @@ def measure(a: argparse.Namespace, device: torch.device) -> None:
 
     labels = ds.train.labels.numpy()
     tr, va = next(StratifiedKFold(3, shuffle=True, random_state=0).split(labels, labels))
-    settings = TrainSettings.from_config(cfg.train)
+    settings = from_mapping(TrainSettings, cfg.train, "train")
     model = build_model(cfg.model, ds.input_shape, ds.num_classes).to(device)
     with FlopCounterMode(display=False) as counter:
         model(torch.zeros(1, *ds.input_shape, device=device))

@@ -75,7 +75,7 @@ def run_dtp(cfg, device: torch.device) -> tuple[float, float, int, float]:
     from dtp_search.data import load_dataset
     from dtp_search.models import build_model
     from dtp_search.search.config import build_pruner
-    from dtp_search.settings import FrontSettings, TrainSettings
+    from dtp_search.settings import FrontSettings, TrainSettings, from_mapping
     from dtp_search.training import eval_batches, prune_and_train, train_batches
 
     start = time.perf_counter()
@@ -85,7 +85,7 @@ def run_dtp(cfg, device: torch.device) -> tuple[float, float, int, float]:
     start = time.perf_counter()
     ds = load_dataset(cfg.dataset, cache_dir=cfg.paths.cache_dir)
     tr, va = fold_indices(ds.train.labels.numpy())
-    settings = TrainSettings.from_config(cfg.train)
+    settings = from_mapping(TrainSettings, cfg.train, "train")
     torch.manual_seed(0)
     model = build_model(cfg.model, ds.input_shape, ds.num_classes).to(device)
     pruner = build_pruner(model, cfg.policy, torch.zeros(1, *ds.input_shape, device=device))

@@ -12,7 +12,7 @@ from dtp_search.search import provenance
 from dtp_search.search.config import ConfigError, loggable, register_resolvers
 from dtp_search.search.refit import trial_config
 from dtp_search.search.space import parse_space
-from dtp_search.settings import TrainSettings
+from dtp_search.settings import TrainSettings, from_mapping
 
 
 def _cfg(*overrides: str):
@@ -84,7 +84,7 @@ def test_refit_rebuilds_a_trial_from_its_own_config():
 
 def test_one_set_of_training_defaults():
     """conf/config.yaml's ``train`` node and TrainSettings' defaults are the same values."""
-    assert TrainSettings.from_config(_cfg().train) == TrainSettings()
+    assert from_mapping(TrainSettings, _cfg().train, "train") == TrainSettings()
 
 
 def test_a_setting_added_since_the_study_was_stored_changes_nothing_at_its_default():

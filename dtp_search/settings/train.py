@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
-from dtp_search.settings.rules import check, rule
+from dtp_search.settings.rules import rule
 
 LR_SCHEDULES = ("cosine", "onecycle", "step", "constant")
 CONTINUE = "continue"  # train.finetune_lr_schedule: the pruning phase's schedule runs on
@@ -52,16 +50,6 @@ class TrainSettings:
                 f"{prefix}epochs={self.epochs!r} is not allowed; allowed: "
                 "epochs + finetune_epochs >= 1"
             )
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the first ``train.<key>`` whose value cannot work."""
-        check(self, "train.")
-
-    @classmethod
-    def from_config(cls, node: Any) -> TrainSettings:
-        """The settings of a ``train`` node (a ``DictConfig`` or mapping)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: node[k] for k in node if k in known})
 
 
 @dataclass
