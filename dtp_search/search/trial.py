@@ -4,9 +4,7 @@ split, record it in Optuna and MLflow, and return its objectives."""
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,6 @@ from dtp_search.search.config import (
     build_pruner,
     check_policy,
     config_yaml,
-    floor_settings,
     make_cost_probe,
     make_fidelity,
     make_sampler,
@@ -37,8 +34,9 @@ from dtp_search.search.config import (
 )
 from dtp_search.search.early_stop import ParetoFoldStop
 from dtp_search.search.fidelity import POINT_ATTR, RUNG_ATTR, FidelityRung
+from dtp_search.search.trial_record import record
 from dtp_search.settings import COST_OBJECTIVES, Settings, front_axis
-from dtp_search.tracking import StudyTracker, TrialRun, front_x, records
+from dtp_search.tracking import StudyTracker, TrialRun, records
 from dtp_search.tracking.console import Console
 from dtp_search.training import (
     CVResult,
@@ -103,7 +101,7 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
         except (ValueError, TypeError) as exc:
             raise _pruned(trial, t.run, f"invalid sampled policy: {exc}") from exc
         result, fronts = _cross_validate(t, ctx, typed)
-        _record(t, ctx, typed, result, fronts)
+        record(t.trial, t.run, t.policy, typed, result, fronts)
         t.run.finish("COMPLETE")
         t.clear_checkpoint()
         return tuple(result.value(o) for o in ctx.settings.search.objectives)
@@ -348,79 +346,6 @@ def _judge_rung(
             trial.set_user_attr(records.DOMINATED_BY, decision.dominated_by)
             run.set_tags({records.tag(records.DOMINATED_BY): decision.dominated_by})
         raise _pruned(trial, run, decision.reason)
-
-
-def _record(
-    t: _Trial, ctx: SearchContext, typed: Settings, result: CVResult, fronts: dict[int, list]
-) -> None:
-    """Log the trial's mean curves, CV summary (costs too: ``cv_flops``, ...), floor
-    events and front (against the study's second objective); set its Optuna attributes
-    and constraints."""
-    trial, run = t.trial, t.run
-    # Mean curves across folds, same integer steps as the per-fold ones.
-    for i in range(max(len(f.history) for f in result.folds)):
-        recs = [f.history[i] for f in result.folds if i < len(f.history)]
-        run.log_metrics(
-            {k: sum(getattr(r, k) for r in recs) / len(recs) for k in records.MEAN_EPOCH_METRICS},
-            step=recs[0].epoch,
-        )
-    summary = {
-        records.CV_ACCURACY: result.accuracy,
-        records.CV_ACCURACY_STD: result.accuracy_std,
-        records.CV_SPARSITY: result.sparsity,
-        records.CV_SPARSITY_STD: result.sparsity_std,
-        # FLOPs, parameters, latency of the compacted networks, fractions of the dense ones
-        **{
-            k: v
-            for c in COST_OBJECTIVES
-            if all(c in f.costs for f in result.folds)
-            for k, v in ((records.cv(c), result.cost(c)), (records.cv_std(c), result.cost_std(c)))
-        },
-        # dense epochs this trial took from the warm-start cache, over all folds
-        "warm_start_epochs": sum(f.warm_start_epochs for f in result.folds),
-    }
-    run.log_metrics(summary)
-    restored = dict(sum((Counter(f.min_keep_restored) for f in result.folds), Counter()))
-    if restored:
-        # The min_keep floor overrode the policy (policy.on_collapse=restore): say so
-        # where the trial is inspected, since its sparsity is then the floor's too.
-        trial.set_user_attr(records.MIN_KEEP_RESTORED, restored)
-        run.set_tags({records.tag(records.MIN_KEEP_RESTORED): json.dumps(restored, sort_keys=True)})
-    # Layers that *end* the run at the floor: the trial's point is the floor's result,
-    # not the policy's. Marked in its front and in the Pareto plot; with
-    # policy.on_collapse=penalize it is also infeasible (an Optuna constraint), so it
-    # stays out of the Pareto table and the samplers steer away from it.
-    floored = sorted({name for f in result.folds for name in f.floored_layers})
-    if floored:
-        trial.set_user_attr(records.FLOORED_LAYERS, floored)
-        run.set_tags({records.tag(records.FLOORED_LAYERS): ",".join(floored)})
-    if floor_settings(typed.policy)[1] == "penalize":
-        trial.set_constraint("min_keep_floor", float(len(floored)))
-    title = f"{typed.study.name} · trial {trial.number} · {t.policy}"
-    if floored:
-        title += f"\nends with {', '.join(floored)} at the min_keep floor"
-    axis = front_axis(typed.search.objectives)
-    run.log_front(fronts, title, axis=axis)
-    for k, v in summary.items():
-        trial.set_user_attr(k, v)
-    if ctx.settings.search.fidelity.enabled and RUNG_ATTR not in trial.user_attrs:
-        # Never judged (a retry resumed past the rung, or a budget that ends before it):
-        # it ran the full budget all the same.
-        trial.set_user_attr(RUNG_ATTR, 1)
-    # Fold 0's final model and one-shot sweep, for the study report's faint per-trial
-    # fronts: [x, accuracy] with x the front's axis (sparsity, or the cost objective).
-    points = [
-        [front_x(p, axis), p.accuracy]
-        for p in fronts.get(0, [])
-        if p.source in ("final", "sweep") and front_x(p, axis) is not None
-    ]
-    trial.set_user_attr(records.FRONT, sorted([round(x, 5), round(a, 5)] for x, a in points))
-    # Constraints: feasible when <= 0; Optuna's samplers read them (Trial.set_constraint).
-    search = typed.search
-    if search.min_sparsity is not None:
-        trial.set_constraint("min_sparsity", search.min_sparsity - result.sparsity)
-    if search.max_flops is not None:
-        trial.set_constraint("max_flops", result.cost("flops") - search.max_flops)
 
 
 def _pruned(trial: optuna.Trial, run: Any, reason: str) -> optuna.TrialPruned:

@@ -4,8 +4,9 @@
 Neither function knows about Optuna or MLflow: callers observe progress through the
 ``on_epoch`` callback and get plain dataclasses back.
 
-Modules, lowest first: ``records`` (what a fold returns), ``device``, ``optim``
-(optimizer and schedules), ``warm`` (the dense warm start), ``evaluation`` (accuracy,
+Modules, lowest first: ``history`` (what a fold returns), ``device``, ``optim``
+(optimizer and schedules), ``warmstart`` (the dense warm-start cache and its keys),
+``checkpoint`` (per-trial checkpoints for resumed retries), ``evaluation`` (accuracy,
 costs, the one-shot sweep), ``batching`` (a fold's batches and feedback hold-out),
 ``trainer`` (the loop, :class:`FoldTrainer`), ``fold`` (:func:`prune_and_train`), ``cv``
 (:func:`cross_validate`).
@@ -16,9 +17,9 @@ from dtp_search.training.cv import CVResult, FoldHooks, cross_validate, fold_val
 from dtp_search.training.device import resolve_device
 from dtp_search.training.evaluation import CostProbe, evaluate, measured_sweep
 from dtp_search.training.fold import prune_and_train
-from dtp_search.training.records import DivergedError, EpochRecord, FoldResult
+from dtp_search.training.history import DivergedError, EpochRecord, FoldResult
 from dtp_search.training.trainer import FoldTrainer
-from dtp_search.training.warm import WarmStart
+from dtp_search.training.warmstart import WarmStart
 
 __all__ = [
     "CVResult",

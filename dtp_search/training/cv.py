@@ -23,8 +23,8 @@ from dtp_search.settings import FrontSettings, TrainSettings
 from dtp_search.training.batching import attach_feedback, eval_batches, train_batches
 from dtp_search.training.evaluation import CostProbe
 from dtp_search.training.fold import prune_and_train
-from dtp_search.training.records import EpochRecord, FoldResult, fold_from_dict, fold_to_dict
-from dtp_search.training.warm import WarmStart
+from dtp_search.training.history import EpochRecord, FoldResult, fold_from_dict, fold_to_dict
+from dtp_search.training.warmstart import WarmStart
 
 
 @dataclass

@@ -15,9 +15,9 @@ from dtp_search.data import TensorBatches
 from dtp_search.pruning import DynamicPruner
 from dtp_search.settings import FrontSettings, TrainSettings
 from dtp_search.training.evaluation import CostProbe
-from dtp_search.training.records import EpochRecord, FoldResult
+from dtp_search.training.history import EpochRecord, FoldResult
 from dtp_search.training.trainer import FoldTrainer
-from dtp_search.training.warm import WarmStart
+from dtp_search.training.warmstart import WarmStart
 
 
 def prune_and_train(

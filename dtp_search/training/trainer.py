@@ -19,9 +19,9 @@ from dtp_search.interrupts import stop_now, stop_requested
 from dtp_search.pruning import DynamicPruner, FrontPoint, layer_sparsity
 from dtp_search.settings import CONTINUE, FrontSettings, TrainSettings
 from dtp_search.training.evaluation import CostProbe, evaluate, measured_sweep
+from dtp_search.training.history import DivergedError, EpochRecord, FoldResult
 from dtp_search.training.optim import make_lr_scheduler, make_optimizer
-from dtp_search.training.records import DivergedError, EpochRecord, FoldResult
-from dtp_search.training.warm import WarmStart, warm_start_key
+from dtp_search.training.warmstart import WarmStart, warm_start_key
 
 
 class FoldTrainer:
