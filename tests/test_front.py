@@ -29,6 +29,16 @@ def test_one_shot_sweep_restores_masks_and_reaches_99_percent():
     assert sparsity(net) == 0.0  # restored
 
 
+def test_each_sweep_point_records_the_global_threshold_it_cut_at():
+    """tighten_globally returns its θ: a sweep point's threshold is that θ, rising with it."""
+    net = nn.Sequential(nn.Linear(30, 40), nn.ReLU(), nn.Linear(40, 5))
+    pruner = DynamicPruner(net, AGPThreshold(0.5, end_epoch=1), min_keep=0)
+    points = one_shot_sweep(pruner, lambda m: 0.5, n_points=4)
+    thetas = [p.threshold for p in points]
+    assert all(isinstance(t, float) and t > 0 for t in thetas)
+    assert thetas == sorted(thetas)
+
+
 def test_pareto_mask():
     v = np.array([[0.9, 0.5], [0.8, 0.6], [0.7, 0.4], [0.9, 0.5]])
     assert pareto_mask(v).tolist() == [True, True, False, True]

@@ -1,4 +1,4 @@
-"""The typed schema (dtp_search/settings.py): its rules, their one-line messages, and
+"""The typed schema (dtp_search/settings/): its rules, their one-line messages, and
 that the YAML files and the dataclasses describe the same keys with the same defaults."""
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dtp_search import targets
 from dtp_search.data.decoders import (
     ALLOWED_ITEM,
     DatasetDecoder,
@@ -38,7 +39,6 @@ from dtp_search.data.decoders import (
 from dtp_search.data.splits import stratified_subset
 from dtp_search.data.streaming import Source
 from dtp_search.errors import DatasetError
-from dtp_search.models import targets
 from dtp_search.settings import DatasetSettings
 
 ALLOWED_RETURN = "(train, test), two map-style datasets of (image, label)"

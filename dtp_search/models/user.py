@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from dtp_search.errors import ConfigError
-from dtp_search.models.targets import locate
 from dtp_search.settings import ModelSettings, from_mapping
+from dtp_search.targets import locate
 
 
 def _takes_num_classes(factory: Callable[..., Any]) -> tuple[bool, bool]:

@@ -104,7 +104,7 @@ def space_needed(s: Settings, parameters: int, element_bytes: int = 4) -> dict[s
 
     - ``paths.checkpoints`` (``search.checkpoint``): one state per running trial
       (``study.workers``), twice, because a checkpoint is replaced by writing the new file
-      beside the old one (:func:`dtp_search.training.checkpoint.atomic_save`).
+      beside the old one (:func:`dtp_search.files.atomic_save`).
     - ``paths.warm_start`` (``search.warm_start``): one dense state per fold (``cv.folds``)
       — for one dense-epoch count; a search over a policy's start epoch stores one set per
       value it tries.

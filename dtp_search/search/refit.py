@@ -76,7 +76,7 @@ CV_METRICS = (
     records.CV_ACCURACY_STD,
     records.CV_SPARSITY,
     records.CV_SPARSITY_STD,
-    *(f"cv_{c}{s}" for c in COST_OBJECTIVES for s in ("", "_std")),
+    *(name(c) for c in COST_OBJECTIVES for name in (records.cv, records.cv_std)),
 )
 
 

@@ -119,7 +119,7 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
         # Queue the same parameters again, so that rerunning the command continues this
         # trial from its checkpoint rather than sampling a new one.
         ctx.study.enqueue_trial(
-            trial.params, user_attrs={"lineage": t.lineage, "trial": trial.number}
+            trial.params, user_attrs={records.LINEAGE: t.lineage, records.TRIAL: trial.number}
         )
         raise
     except BaseException as exc:

@@ -31,7 +31,7 @@ def front_axis(objectives: Sequence[str]) -> str:
 
 def cost_measures(search: Any) -> tuple[str, ...]:
     """The costs (:data:`COST_OBJECTIVES`) a study's trials measure (``search``: its
-    :class:`~dtp_search.settings.SearchSettings` or a mapping): those among its
+    :class:`~dtp_search.settings.study.SearchSettings` or a mapping): those among its
     objectives, ``flops`` under ``search.max_flops``; ``flops`` and ``params`` come
     together (one compaction gives both). Empty for accuracy and sparsity alone."""
     get = search.get if isinstance(search, Mapping) else lambda k, d=None: getattr(search, k, d)

@@ -8,7 +8,7 @@ Layout in MLflow (experiment = ``tracking.experiment``, tagged as a model-traini
 experiment, ``mlflow.experimentKind=custom_model_development``, so that the UI opens on its
 runs table rather than its GenAI traces view):
 
-* parent run ``<study name>`` — tags ``dtp_search.role=study``, ``dtp_search.search.study``;
+* parent run ``<study name>`` — tags ``dtp_search.role=study``, ``dtp_search.study``;
   artifacts ``pareto_front.json`` (a table), ``pareto_front.png``; metrics
   ``n_complete``, ``pareto_size``, ``pareto_hypervolume`` (step = complete trials).
 * child run ``trial-<n>`` — tags ``mlflow.parentRunId``, ``dtp_search.role=trial``,

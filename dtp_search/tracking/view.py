@@ -10,6 +10,7 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
+from dtp_search.tracking import records
 from dtp_search.tracking.tags import ROLE_TAG, STUDY_TAG
 
 SHARED_VIEW_TAG, VIEW_KEY = "mlflow.sharedViewState.", "dtp_search"
@@ -85,10 +86,12 @@ def _view_state(param_keys: list[str], axis: str = "sparsity", search: str = "")
             **fields,
         }
 
-    metrics = list(dict.fromkeys(["cv_accuracy", "cv_sparsity", f"cv_{axis}", "test_accuracy"]))
+    metrics = list(
+        dict.fromkeys([records.CV_ACCURACY, records.CV_SPARSITY, records.cv(axis), "test_accuracy"])
+    )
     return {
         "searchFilter": search,
-        "orderByKey": "metrics.`cv_accuracy`",
+        "orderByKey": f"metrics.`{records.CV_ACCURACY}`",
         "orderByAsc": False,
         "selectedColumns": (
             ["attributes.`Dataset`"]
@@ -105,8 +108,8 @@ def _view_state(param_keys: list[str], axis: str = "sparsity", search: str = "")
             chart(
                 "dtp-cv-scatter",
                 "SCATTER",
-                xaxis={"key": f"cv_{axis}", "type": "METRIC"},
-                yaxis={"key": "cv_accuracy", "type": "METRIC"},
+                xaxis={"key": records.cv(axis), "type": "METRIC"},
+                yaxis={"key": records.CV_ACCURACY, "type": "METRIC"},
             ),
             chart(
                 "dtp-fronts",

@@ -397,3 +397,4 @@ class DynamicPruner:
         views = [self._view(layer, self._magnitude, dense=False) for layer in self._layers.values()]
         theta = global_threshold(views, target)
         self.write({v.name: v.keep & (v.score >= theta) for v in views}, protect=False)
+        return theta
