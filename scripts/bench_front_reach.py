@@ -15,13 +15,13 @@ kept off the Pareto table under ``policy.on_collapse=penalize``, and marked othe
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import optuna
+from _cli import dtp_search
 
 from dtp_search.tracking.results import pareto_rows
 
@@ -40,11 +40,8 @@ POLICIES = (
 
 def reach(root: Path, policy: str, n_trials: int, extra: list[str]) -> dict[str, object]:
     t0 = time.time()
-    proc = subprocess.run(
+    proc = dtp_search(
         [
-            sys.executable,
-            "-m",
-            "dtp_search",
             f"paths.root={root}",
             "study.name=reach",
             f"policy={policy}",
@@ -54,11 +51,9 @@ def reach(root: Path, policy: str, n_trials: int, extra: list[str]) -> dict[str,
             *extra,
         ],
         cwd=root.parent,
-        capture_output=True,
-        text=True,
     )
     if proc.returncode != 0:
-        sys.exit(f"{policy} failed:\n{proc.stderr[-3000:]}")
+        sys.exit(f"{policy} failed:\n{proc.output[-3000:]}")
     study = optuna.load_study(study_name="reach", storage=f"sqlite:///{root}/optuna.db")
     rows = pareto_rows(study)
     high = [r for r in rows if r["sparsity"] >= 0.95]

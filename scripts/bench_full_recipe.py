@@ -34,7 +34,6 @@ import argparse
 import json
 import math
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _cli import dtp_search
 from torch import nn
 from torch.nn.utils import prune
 
@@ -275,9 +275,6 @@ def search(a: argparse.Namespace, target: float, narrow: bool = False) -> dict[s
     root = a.work / (f"search2-{target}" if narrow else f"search-{target}")
     study_name = f"full-recipe{'-narrow' if narrow else ''}-{target}"
     cmd = [
-        sys.executable,
-        "-m",
-        "dtp_search",
         f"paths.root={root}",
         *_overrides(a, target),
         *(NARROW_SPACE if narrow else []),
@@ -307,9 +304,9 @@ def search(a: argparse.Namespace, target: float, narrow: bool = False) -> dict[s
         for params in NARROW_QUEUE if narrow else [PLAIN_AGP_RECIPE]:
             study.enqueue_trial(params)
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = dtp_search(cmd, cwd=ROOT)
     if proc.returncode != 0:
-        sys.exit(f"search at {target} failed:\n{proc.stderr[-3000:]}")
+        sys.exit(f"search at {target} failed:\n{proc.output[-3000:]}")
     study = optuna.load_study(study_name=study_name, storage=storage)
     best = study.best_trial
     trials = [

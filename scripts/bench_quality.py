@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import optuna
 import torch
+from _cli import dtp_search
 
 ROOT = Path(__file__).resolve().parent.parent
 SPACE = (
@@ -74,14 +74,9 @@ def search(a: argparse.Namespace, root: Path, cache: Path, target: float) -> dic
         # --smoke: a fold of the tiny tree is a few steps, under AGP's update_every of 10
         *(["policy.update_every=1"] if a.smoke else []),
     ]
-    proc = subprocess.run(
-        [sys.executable, "-m", "dtp_search", f"paths.root={root}", *overrides],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    proc = dtp_search([f"paths.root={root}", *overrides], cwd=ROOT)
     if proc.returncode != 0:
-        sys.exit(f"search at {target} failed:\n{proc.stderr[-3000:]}")
+        sys.exit(f"search at {target} failed:\n{proc.output[-3000:]}")
     study = optuna.load_study(study_name="quality", storage=f"sqlite:///{root}/optuna.db")
     best = study.best_trial
     return dict(best.params)

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import optuna
+from _cli import dtp_search
 
 from dtp_search.tracking.results import hypervolume_2d
 
@@ -43,11 +43,8 @@ def hv_curve(
     root: Path, sampler: str, seed: int, n_trials: int, extra: tuple[str, ...] = ()
 ) -> list[float]:
     """Hypervolume after 1..n_trials trials of one fresh study."""
-    proc = subprocess.run(
+    proc = dtp_search(
         [
-            sys.executable,
-            "-m",
-            "dtp_search",
             f"paths.root={root}",
             "study.name=bench",
             f"search={sampler}",
@@ -57,11 +54,9 @@ def hv_curve(
             *extra,
         ],
         cwd=root.parent,
-        capture_output=True,
-        text=True,
     )
     if proc.returncode != 0:
-        sys.exit(f"{sampler} seed {seed} failed:\n{proc.stderr[-3000:]}")
+        sys.exit(f"{sampler} seed {seed} failed:\n{proc.output[-3000:]}")
     study = optuna.load_study(study_name="bench", storage=f"sqlite:///{root}/optuna.db")
     points, curve = [], []
     for t in sorted(study.trials, key=lambda t: t.number):

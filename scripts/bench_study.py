@@ -20,13 +20,13 @@ fine-tuning epoch).
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import optuna
+from _cli import dtp_search
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,15 +35,10 @@ def run_study(root: Path, overrides: list[str]) -> tuple[float, float, int, list
     """(study wall seconds, trials per hour, warm-start epochs used, each trial's seconds in
     trial order) of one fresh study."""
     start = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "dtp_search", f"paths.root={root}", "study.name=bench", *overrides],
-        cwd=root.parent,
-        capture_output=True,
-        text=True,
-    )
+    proc = dtp_search([f"paths.root={root}", "study.name=bench", *overrides], cwd=root.parent)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
-        sys.exit(f"study failed:\n{proc.stderr[-3000:]}")
+        sys.exit(f"study failed:\n{proc.output[-3000:]}")
     study = optuna.load_study(study_name="bench", storage=f"sqlite:///{root}/optuna.db")
     trials = [t for t in study.trials if t.state.is_finished()]
     seconds = [(t.datetime_complete - t.datetime_start).total_seconds() for t in trials]

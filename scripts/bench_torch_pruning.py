@@ -66,7 +66,6 @@ import math
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -83,6 +82,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _cli import dtp_search
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -547,11 +547,7 @@ def dtp_overrides(a: argparse.Namespace, target: float) -> list[str]:
 
 
 def _cli(args: list[str], log: Path) -> None:
-    cmd = [sys.executable, "-m", "dtp_search", *args]
-    with open(log, "a") as fh:
-        fh.write("$ " + " ".join(cmd) + "\n")
-        fh.flush()
-        proc = subprocess.run(cmd, cwd=log.parent, stdout=fh, stderr=subprocess.STDOUT)
+    proc = dtp_search(args, cwd=log.parent, log=log)
     if proc.returncode != 0:
         sys.exit(f"dtp_search failed ({proc.returncode}); see {log}:\n{log.read_text()[-3000:]}")
 

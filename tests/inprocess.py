@@ -125,22 +125,31 @@ def run_here(
 
     Not for runs whose environment matters at import or first use: urllib, for one, keeps
     the proxies it saw first (a download test needs a process of its own)."""
+    return run_command([f"paths.root={root}", *overrides], cwd or Path(root).parent, premade_store)
+
+
+def run_command(argv: list[str], cwd: Path, premade_store: bool = True) -> Result:
+    """``python -m dtp_search <argv>`` in this process, from ``cwd``: :func:`run_here` for
+    a whole command line (``paths.root``, where given, is where the store is premade)."""
     from dtp_search.__main__ import run
 
-    if premade_store and not any(
-        o.lstrip("+").startswith(("tracking.uri=", "tracking=")) for o in overrides
+    root = next((a.split("=", 1)[1] for a in argv if a.startswith("paths.root=")), None)
+    if (
+        premade_store
+        and root is not None
+        and not any(a.lstrip("+").startswith(("tracking.uri=", "tracking=")) for a in argv)
     ):
-        premake_store(root)
+        premake_store(Path(cwd, root))
     out, err = io.StringIO(), io.StringIO()
     try:
         with (
             isolated(),
-            _chdir(cwd or Path(root).parent),
+            _chdir(cwd),
             contextlib.redirect_stdout(out),
             contextlib.redirect_stderr(err),
             warnings.catch_warnings(),  # (execute sets its filters, as for a run)
         ):
-            code = run([f"paths.root={root}", *overrides], launch=_compose_and_execute)
+            code = run(list(argv), launch=_compose_and_execute)
     except BaseException:
         # Shown in the failing test's captured output, like a process's stderr.
         sys.stderr.write(out.getvalue() + err.getvalue())

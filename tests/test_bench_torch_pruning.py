@@ -1,12 +1,10 @@
 """scripts/bench_torch_pruning.py: Torch-Pruning's handling of ResNet-20's option-A shortcut
-(the customized pruner prunes exactly the channel-masked network), and the benchmark's
-smoke run."""
+(the customized pruner prunes exactly the channel-masked network). The benchmark's smoke
+run is in tests/test_scripts.py."""
 
 from __future__ import annotations
 
 import importlib.util
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -61,18 +59,3 @@ def test_the_pruning_ratio_meets_the_flops_target():
     dense = bench.count_flops(model, (3, 32, 32))
     pruned = bench.count_flops(bench.prune_once(model, example, ratio), (3, 32, 32))
     assert pruned / dense == pytest.approx(fraction) and 0.4 < fraction <= 0.5
-
-
-@pytest.mark.slow
-def test_the_torch_pruning_benchmark_runs_in_smoke_mode():
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
-    for arm in ("dense", "tp_oneshot", "tp_iterative", "dtp"):
-        assert f"| {arm} |" in proc.stdout
-    assert "bench_torch_pruning: dtp - best TP at 0.5" in proc.stdout

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 from typing import ClassVar
 
@@ -447,17 +445,3 @@ def test_a_study_on_a_streamed_imagefolder_tree(tmp_path):
         "search.n_trials=1",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-
-
-@pytest.mark.slow
-def test_the_stream_memory_benchmark_runs_in_smoke_mode():
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench_stream_memory.py"), "--smoke"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
-    assert "| true |" in proc.stdout and "| false |" in proc.stdout
-    assert "streamed peak PSS over decoded size" in proc.stdout
