@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from dtp_search.data import load_dataset
 from dtp_search.models import build_model
 from dtp_search.search.config import build_pruner
-from dtp_search.settings import FrontSettings, TrainSettings
+from dtp_search.settings import DistillSettings, FrontSettings, TrainSettings
 from dtp_search.training import FoldHooks, cross_validate
 from dtp_search.training.checkpoint import TrialCheckpoint
 
@@ -48,6 +48,7 @@ POLICIES = {
         "scope": "layer",
         "criterion": "activation",
     },
+    "agp_distill": {"name": "agp", "final_sparsity": 0.8, "start_epoch": 1, "end_epoch": 2},
     # Recovery, under one OneCycle schedule that runs on through fine-tuning.
     "agp_recover_onecycle": {
         "name": "agp",
@@ -58,7 +59,9 @@ POLICIES = {
     },
 }
 SCHEDULES = {
-    "agp_recover_onecycle": {"lr_schedule": "onecycle", "finetune_lr_schedule": "continue"}
+    "agp_recover_onecycle": {"lr_schedule": "onecycle", "finetune_lr_schedule": "continue"},
+    # the teacher (taken after the dense epoch) travels in the checkpoint
+    "agp_distill": {"distill": DistillSettings(alpha=0.5, temperature=2.0)},
 }
 
 

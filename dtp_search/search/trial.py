@@ -97,7 +97,7 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
         except ConfigError as exc:
             raise _pruned(trial, t.run, f"invalid sampled config: {exc}") from exc
         try:
-            check_policy(typed.policy)  # sampled combinations can still be invalid
+            check_policy(typed.policy, typed)  # sampled combinations can still be invalid
         except (ValueError, TypeError) as exc:
             raise _pruned(trial, t.run, f"invalid sampled policy: {exc}") from exc
         result, fronts = _cross_validate(t, ctx, typed)

@@ -45,7 +45,13 @@ from dtp_search.settings.schema import (
     register_schema,
     text_fields,
 )
-from dtp_search.settings.train import CONTINUE, LR_SCHEDULES, FrontSettings, TrainSettings
+from dtp_search.settings.train import (
+    CONTINUE,
+    LR_SCHEDULES,
+    DistillSettings,
+    FrontSettings,
+    TrainSettings,
+)
 
 __all__ = [
     "CONTINUE",
@@ -56,6 +62,7 @@ __all__ = [
     "OBJECTIVES",
     "OBJECTIVE_DIRECTIONS",
     "DatasetSettings",
+    "DistillSettings",
     "FrontSettings",
     "ModelSettings",
     "PrunerSettings",

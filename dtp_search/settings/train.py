@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dtp_search.settings.rules import rule
 
@@ -14,6 +14,22 @@ CONTINUE = "continue"  # train.finetune_lr_schedule: the pruning phase's schedul
 @dataclass
 class CVSettings:
     folds: int = rule(3, low=2)  # StratifiedKFold over the training split
+
+
+@dataclass
+class DistillSettings:
+    """Knowledge distillation from the dense network (``train.distill``; Hinton et al. 2015):
+    the loss is (1 − α)·CE(y) + α·T²·KL(softmax(t/T) ‖ softmax(s/T)), t the teacher's and
+    s the student's logits. α = 0 (the default) is plain CE."""
+
+    alpha: float = rule(0.0, low=0, words="a number in [0, 1]; 0 = off")
+    temperature: float = rule(4.0, above=0)
+
+    def _check(self, prefix: str) -> None:
+        if self.alpha > 1:
+            raise ValueError(
+                f"{prefix}alpha={self.alpha!r} is not allowed; allowed: a number in [0, 1]; 0 = off"
+            )
 
 
 @dataclass
@@ -37,6 +53,8 @@ class TrainSettings:
     finetune_lr_schedule: str = rule("cosine", choices=(*LR_SCHEDULES, CONTINUE))
     finetune_lr_scale: float = rule(0.1, low=0)
     label_smoothing: float = rule(0.0, low=0, high=1)
+    # Distillation from the dense network of the fold (training/distill.py)
+    distill: DistillSettings = field(default_factory=DistillSettings)
     l1: float = rule(0.0, low=0)  # λ of the penalty λ·Σ|W ⊙ M| over the pruned layers' weights
     l1_start_epoch: int = rule(0, low=0)  # epochs (from the first) trained without the penalty
     l1_bias: bool = False  # the penalty covers the pruned layers' biases too

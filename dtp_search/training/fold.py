@@ -60,6 +60,12 @@ def prune_and_train(
     0-based index ``settings.l1_start_epoch`` on (``EpochRecord.epoch − 1``: counted from
     the pruning phase's first epoch, on through fine-tuning); before it, plain CE.
 
+    With ``settings.distill.alpha = α > 0`` the CE term (with the penalty, if any) becomes
+    (1 − α)·CE + α·T²·KL(softmax(t/T) ‖ softmax(s/T)) (:mod:`dtp_search.training.distill`)
+    from the first epoch after the policy's dense ones on; the teacher t is a frozen copy
+    of the network taken then (the dense warm start, or the starting weights of a policy
+    that prunes from the first step), run in eval mode on the same augmented batch.
+
     Conv nets run on channels-last tensors (``settings.channels_last``: the batches come
     so from :func:`train_batches`/:func:`eval_batches`); on CUDA the forward passes run
     under bf16 autocast (``settings.amp``); ``settings.compile`` trains through
