@@ -159,6 +159,8 @@ def test_lr_schedules_span_their_phase_or_both(schedule):
     # "continue": the pruning phase's schedule spans both phases, one optimizer throughout.
     both = lrs(finetune_lr_schedule="continue")
     separate = lrs(finetune_lr_schedule="constant", finetune_lr_scale=0.5)
+    # "rewind": fine-tuning replays the pruning phase's schedule from its start
+    assert lrs(finetune_lr_schedule="rewind")[4:] == pytest.approx(prune[:2], rel=1e-12)
     assert separate[4:] == pytest.approx([0.05, 0.05])
     if schedule == "constant":
         assert both == [0.1] * 6

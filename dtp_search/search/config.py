@@ -181,7 +181,7 @@ def run_params(cfg: DictConfig) -> dict[str, Any]:
     (console, paths, stores, sampler, engine switches), so that the runs table compares
     what differs between trials. The whole config goes to the run as ``config.yaml``."""
     flat = flatten(loggable(cfg))
-    keep = {"seed", "cv.folds", "dataset.name"}
+    keep = {"seed", "cv.folds", "cv.repeats", "dataset.name"}
     out = {
         k: v
         for k, v in flat.items()
@@ -195,7 +195,19 @@ def run_params(cfg: DictConfig) -> dict[str, Any]:
     out = {k: v for k, v in out.items() if not (k.startswith("model.") and v is None)}
     if out.get("model.arch") == out.get("model.name"):
         out.pop("model.arch", None)  # says nothing more than the name
+    # Nor do a switched-off feature's settings, nor the scope an allocation supersedes.
+    for switch, off, implied in _IMPLIED:
+        if out.get(switch, off) == off:
+            out = {k: v for k, v in out.items() if k not in implied}
+    out.pop("policy.scope" if out.get("policy.allocation") else "policy.allocation", None)
     return out
+
+
+_IMPLIED = (
+    ("train.distill.alpha", 0.0, ("train.distill.temperature",)),
+    ("train.l1", 0.0, ("train.l1_start_epoch", "train.l1_bias")),
+    ("cv.repeats", 1, ("cv.repeats",)),
+)
 
 
 def config_yaml(cfg: DictConfig) -> str:

@@ -48,6 +48,7 @@ from dtp_search.settings.schema import (
 from dtp_search.settings.train import (
     CONTINUE,
     LR_SCHEDULES,
+    REWIND,
     DistillSettings,
     FrontSettings,
     TrainSettings,
@@ -61,6 +62,7 @@ __all__ = [
     "MODEL_ARCHS",
     "OBJECTIVES",
     "OBJECTIVE_DIRECTIONS",
+    "REWIND",
     "DatasetSettings",
     "DistillSettings",
     "FrontSettings",

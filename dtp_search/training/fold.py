@@ -44,7 +44,10 @@ def prune_and_train(
        threshold is applied once, then the masks are frozen while the surviving
        weights are fine-tuned: a fresh optimizer at ``lr · finetune_lr_scale`` under
        ``settings.finetune_lr_schedule``, or, with ``"continue"``, the pruning phase's
-       optimizer and schedule, which then span both phases.
+       optimizer and schedule, which then span both phases, or, with ``"rewind"``
+       (learning-rate rewinding, Renda et al. 2020), a fresh optimizer under the pruning
+       phase's own schedule replayed from its start: fine-tuning epoch i has the
+       learning rates of pruning epoch i.
     3. *Front* (``front``, default :class:`FrontSettings()`): (sparsity, validation
        accuracy) after mask updates (at most four per epoch: policies such as splicing
        update at almost every step), for the final model, and for a one-shot sweep of

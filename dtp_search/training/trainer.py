@@ -17,7 +17,7 @@ from torch.nn.utils import parametrize
 from dtp_search.data import TensorBatches
 from dtp_search.interrupts import stop_now, stop_requested
 from dtp_search.pruning import DynamicPruner, FrontPoint, layer_sparsity
-from dtp_search.settings import CONTINUE, FrontSettings, TrainSettings
+from dtp_search.settings import CONTINUE, REWIND, FrontSettings, TrainSettings
 from dtp_search.training.distill import distillation_loss, make_teacher, teacher_logits
 from dtp_search.training.evaluation import CostProbe, evaluate, measured_sweep
 from dtp_search.training.history import DivergedError, EpochRecord, FoldResult
@@ -188,7 +188,8 @@ class FoldTrainer:
             return self.opt, self.sched
         if continued:  # one optimizer and one schedule over both phases
             lr, schedule, epochs = s.lr, s.lr_schedule, s.epochs + s.finetune_epochs
-        elif phase == "prune":
+        elif phase == "prune" or s.finetune_lr_schedule == REWIND:
+            # (rewind: fine-tuning replays the pruning phase's schedule from its start)
             lr, schedule, epochs = s.lr, s.lr_schedule, s.epochs
         else:
             lr, schedule = s.lr * s.finetune_lr_scale, s.finetune_lr_schedule
