@@ -15,7 +15,7 @@ from dtp_search.models import build_model
 from dtp_search.pruning import AGPThreshold, DynamicPruner
 from dtp_search.settings import DistillSettings, FrontSettings, TrainSettings, check
 from dtp_search.training import FoldTrainer, check_teacher
-from dtp_search.training.distill import distillation_loss, make_teacher
+from dtp_search.training.distill import distillation_loss, load_teacher, make_teacher
 
 
 def _kl(p: list[float], q: list[float]) -> float:
@@ -125,3 +125,48 @@ def test_a_distilled_fold_trains_from_the_network_at_the_end_of_its_dense_epochs
         assert torch.equal(w, after_dense[key]), name
     assert kd_result.sparsity == pytest.approx(0.8, abs=0.01)
     assert kd_result.accuracy > 0.6  # ten classes: it learned, pruned at 80 %
+
+
+def test_a_teacher_file_is_loaded_into_the_masked_copy_and_a_misfit_names_the_key(tmp_path):
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    path = tmp_path / "dense.pt"
+    torch.save(dense.state_dict(), path)
+    torch.manual_seed(1)
+    student = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+    DynamicPruner(student, AGPThreshold(0.5, end_epoch=1), min_keep=0)
+    teacher = load_teacher(student, str(path))
+    x = torch.randn(6, 4)
+    assert torch.equal(teacher(x), dense(x)) and not torch.equal(teacher(x), student(x))
+    torch.save(nn.Linear(4, 3).state_dict(), tmp_path / "other.pt")
+    with pytest.raises(ConfigError, match=r"train.distill.teacher=.*does not fit"):
+        load_teacher(student, str(tmp_path / "other.pt"))
+    at_once = AGPThreshold(0.9, end_epoch=4, start_epoch=0)
+    given = TrainSettings(epochs=4, distill=DistillSettings(alpha=0.5, teacher=str(path)))
+    check_teacher(given, at_once, None)  # a given teacher needs no dense epochs
+    missing = TrainSettings(distill=DistillSettings(alpha=0.5, teacher=str(tmp_path / "no.pt")))
+    with pytest.raises(ConfigError, match=r"train.distill.teacher=.*does not exist"):
+        check_teacher(missing, at_once, None)
+
+
+def test_run_params_leave_out_what_a_switched_off_feature_or_superseded_key_says():
+    from omegaconf import OmegaConf
+
+    from dtp_search.search.config import run_params
+
+    cfg = OmegaConf.create(
+        {
+            "seed": 0,
+            "cv": {"folds": 3, "repeats": 2},
+            "train": {"l1": 0.0, "l1_bias": False, "distill": {"alpha": 0.0, "temperature": 4.0}},
+            "policy": {"name": "agp", "scope": "global", "allocation": "erk"},
+        }
+    )
+    params = run_params(cfg)
+    assert "train.distill.alpha" in params and "policy.allocation" in params
+    for gone in ("train.distill.temperature", "train.l1_bias", "policy.scope", "cv.repeats"):
+        assert gone not in params
+    cfg.train.distill.alpha, cfg.policy.allocation = 0.5, None
+    params = run_params(cfg)
+    assert params["train.distill.temperature"] == 4.0 and params["policy.scope"] == "global"
+    assert "policy.allocation" not in params

@@ -181,7 +181,7 @@ def run_params(cfg: DictConfig) -> dict[str, Any]:
     (console, paths, stores, sampler, engine switches), so that the runs table compares
     what differs between trials. The whole config goes to the run as ``config.yaml``."""
     flat = flatten(loggable(cfg))
-    keep = {"seed", "cv.folds", "cv.repeats", "dataset.name"}
+    keep = {"seed", "cv.folds", "dataset.name"}  # (cv.repeats: the cv_folds metric has it)
     out = {
         k: v
         for k, v in flat.items()
@@ -204,9 +204,9 @@ def run_params(cfg: DictConfig) -> dict[str, Any]:
 
 
 _IMPLIED = (
-    ("train.distill.alpha", 0.0, ("train.distill.temperature",)),
+    ("train.distill.alpha", 0.0, ("train.distill.temperature", "train.distill.teacher")),
+    ("train.distill.teacher", None, ("train.distill.teacher",)),
     ("train.l1", 0.0, ("train.l1_start_epoch", "train.l1_bias")),
-    ("cv.repeats", 1, ("cv.repeats",)),
 )
 
 

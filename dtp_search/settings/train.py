@@ -26,6 +26,9 @@ class DistillSettings:
 
     alpha: float = rule(0.0, low=0, words="a number in [0, 1]; 0 = off")
     temperature: float = rule(4.0, above=0)
+    # A state_dict of this very network to distil from (e.g. the dense network trained
+    # once, by hand); null: the fold's own dense network when pruning begins.
+    teacher: str | None = None
 
     def _check(self, prefix: str) -> None:
         if self.alpha > 1:

@@ -18,7 +18,12 @@ from dtp_search.data import TensorBatches
 from dtp_search.interrupts import stop_now, stop_requested
 from dtp_search.pruning import DynamicPruner, FrontPoint, layer_sparsity
 from dtp_search.settings import CONTINUE, REWIND, FrontSettings, TrainSettings
-from dtp_search.training.distill import distillation_loss, make_teacher, teacher_logits
+from dtp_search.training.distill import (
+    distillation_loss,
+    load_teacher,
+    make_teacher,
+    teacher_logits,
+)
 from dtp_search.training.evaluation import CostProbe, evaluate, measured_sweep
 from dtp_search.training.history import DivergedError, EpochRecord, FoldResult
 from dtp_search.training.optim import make_lr_scheduler, make_optimizer
@@ -211,7 +216,10 @@ class FoldTrainer:
         self.step = (begin - 1) * self.steps_per_epoch
         for e in range(begin, first_epoch + epochs):
             if self.distill is not None and self.teacher is None and e >= self.teacher_epoch:
-                self.teacher = make_teacher(self.model)
+                given = self.distill.teacher
+                self.teacher = (
+                    load_teacher(self.model, given) if given else make_teacher(self.model)
+                )
             record = self._train_epoch(phase, e, update_masks)
             self.history.append(record)
             if self.on_epoch is not None:
