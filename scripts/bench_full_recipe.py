@@ -455,8 +455,8 @@ def _teacher(a: argparse.Namespace, ds, seed: int) -> Path:
 
 def smoke(a: argparse.Namespace, tmp: Path) -> None:
     """--smoke: every step at a tiny size: a generated ImageFolder, 2 epochs (1 pruning +
-    1 fine-tuning) at batch 16, target 90 % only, 1 seed, a 1-trial search; the narrowed
-    round (searched2) left out. Results under ``tmp`` unless --work says where."""
+    1 fine-tuning) at batch 16, target 90 % only, 1 seed, a 1-trial search (round 3, whose
+    code rounds 1 and 2 share); the rounds 1 and 2 left out. Results under ``tmp`` unless --work says where."""
     global EPOCHS, PRUNE_EPOCHS, AGP_START, AGP_END, BATCH, SPARSITY_SLACK, SEARCH3_TARGETS
     from _smoke import tiny_cifar
 
@@ -468,7 +468,7 @@ def smoke(a: argparse.Namespace, tmp: Path) -> None:
     a.work = a.work or tmp / "work"
     SEARCH3_TARGETS = (0.9,)
     a.arms, a.targets, a.seeds, a.trials, a.search_limit = (
-        "dense,oneshot,agp,agp_distill,searched,searched3",
+        "dense,oneshot,agp,agp_distill,searched3",  # (searched: the same code, another space)
         "0.9",
         1,
         1,

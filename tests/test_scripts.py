@@ -51,7 +51,6 @@ SMOKE = {
             "| dense | — |",
             "| agp | 90% |",
             "| agp_distill | 90% |",
-            "| searched | 90% |",
             "| searched3 | 90% |",
             "searched_at_95: ",
             "searched3 - agp_distill at 95: ",
