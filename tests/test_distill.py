@@ -170,3 +170,15 @@ def test_run_params_leave_out_what_a_switched_off_feature_or_superseded_key_says
     params = run_params(cfg)
     assert params["train.distill.temperature"] == 4.0 and params["policy.scope"] == "global"
     assert "policy.allocation" not in params
+
+
+def test_the_config_check_refuses_distillation_without_a_teacher_before_any_training():
+    from test_objectives import _cfg
+
+    from dtp_search.search.config import check_config
+
+    with pytest.raises(ConfigError, match=r"^train.distill.alpha=0.5 needs a trained dense"):
+        check_config(_cfg("train.distill.alpha=0.5", "policy.start_epoch=0"))
+    check_config(_cfg("train.distill.alpha=0.5", "policy.start_epoch=1"))
+    with pytest.raises(ConfigError, match=r"train.distill.alpha=1.5 is not allowed"):
+        check_config(_cfg("train.distill.alpha=1.5"))

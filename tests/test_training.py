@@ -102,14 +102,12 @@ def test_l1_bias_shrinks_the_pruned_layers_biases(ds):
 def test_cv_repeats_trains_folds_times_repeats_folds_each_repeat_covering_the_split(ds):
     from dtp_search.training import FoldHooks, cross_validate
 
-    started, sizes = [], []
+    started = []
     hooks = FoldHooks(on_fold_start=started.append)
     model_cfg = OmegaConf.create({"arch": "mlp", "hidden": [8]})
 
     def make_pruner(m):
-        pruner = DynamicPruner(m, ConstantThreshold(0.0, start_epoch=100), min_keep=0)
-        sizes.append(None)
-        return pruner
+        return DynamicPruner(m, ConstantThreshold(0.0, start_epoch=100), min_keep=0)
 
     result = cross_validate(
         ds,
@@ -122,7 +120,7 @@ def test_cv_repeats_trains_folds_times_repeats_folds_each_repeat_covering_the_sp
         front=FrontSettings(points=0),
         hooks=hooks,
     )
-    assert started == list(range(6)) and len(result.folds) == 6 == len(sizes)
+    assert started == list(range(6)) and len(result.folds) == 6
     # repeats=1 is StratifiedKFold(shuffle=True) itself: the studies made before keep their folds
     from sklearn.model_selection import RepeatedStratifiedKFold, StratifiedKFold
 
