@@ -48,12 +48,13 @@ class OneShotGlobal(ThresholdPolicy):
     name = "oneshot_global"
     granularities = ("weight",)
 
-    def __init__(self, amount: float, *, allocation: str = "global", **kwargs: Any) -> None:
+    def __init__(self, amount: float, *, allocation: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         _validate.fraction("amount", amount)
-        _validate.one_of("allocation", allocation, ALLOCATIONS)
+        if allocation is not None:  # None: global, as before the setting existed
+            _validate.one_of("allocation", allocation, ALLOCATIONS)
         self.amount = float(amount)
-        self.allocation = allocation
+        self.allocation = allocation or "global"
 
     def should_update(self, step: int, epoch: float) -> bool:
         return False
