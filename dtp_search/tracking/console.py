@@ -28,11 +28,13 @@ class Console:
 
     def header(self, settings: Settings, study: Any, done: int, target: int, device: Any) -> None:
         verb = "resuming" if done or study.trials else "starting"
+        n = settings.cv.repeats
+        repeats = f"x{n} repeats" if n > 1 else ""
         self.out.print(
             f"[bold]dtp_search[/] {verb} study [cyan]{settings.study.name}[/] "
             f"({done}/{target} complete) · policy={settings.policy['name']} "
             f"model={settings.model.name} dataset={settings.dataset.name} "
-            f"folds={settings.cv.folds} device={device}"
+            f"folds={settings.cv.folds}{repeats} device={device}"
         )
         self.out.print(f"  optuna storage: {mask_url(settings.study.storage)}", soft_wrap=True)
         self.out.print(f"  mlflow store:   {mask_url(settings.tracking.uri)}", soft_wrap=True)
