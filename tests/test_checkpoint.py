@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from dtp_search.data import load_dataset
 from dtp_search.models import build_model
 from dtp_search.search.config import build_pruner
-from dtp_search.settings import FrontSettings, TrainSettings
+from dtp_search.settings import DistillSettings, FrontSettings, TrainSettings
 from dtp_search.training import FoldHooks, cross_validate
 from dtp_search.training.checkpoint import TrialCheckpoint
 
@@ -48,6 +48,7 @@ POLICIES = {
         "scope": "layer",
         "criterion": "activation",
     },
+    "agp_distill": {"name": "agp", "final_sparsity": 0.8, "start_epoch": 1, "end_epoch": 2},
     # Recovery, under one OneCycle schedule that runs on through fine-tuning.
     "agp_recover_onecycle": {
         "name": "agp",
@@ -58,7 +59,9 @@ POLICIES = {
     },
 }
 SCHEDULES = {
-    "agp_recover_onecycle": {"lr_schedule": "onecycle", "finetune_lr_schedule": "continue"}
+    "agp_recover_onecycle": {"lr_schedule": "onecycle", "finetune_lr_schedule": "continue"},
+    # the teacher (taken after the dense epoch) travels in the checkpoint
+    "agp_distill": {"distill": DistillSettings(alpha=0.5, temperature=2.0)},
 }
 
 
@@ -156,6 +159,8 @@ def test_lr_schedules_span_their_phase_or_both(schedule):
     # "continue": the pruning phase's schedule spans both phases, one optimizer throughout.
     both = lrs(finetune_lr_schedule="continue")
     separate = lrs(finetune_lr_schedule="constant", finetune_lr_scale=0.5)
+    # "rewind": fine-tuning replays the pruning phase's schedule from its start
+    assert lrs(finetune_lr_schedule="rewind")[4:] == pytest.approx(prune[:2], rel=1e-12)
     assert separate[4:] == pytest.approx([0.05, 0.05])
     if schedule == "constant":
         assert both == [0.1] * 6

@@ -95,6 +95,13 @@ def test_a_setting_added_since_the_study_was_stored_changes_nothing_at_its_defau
     assert changes(stored, current) == {}
     moved = {**current, "train.l1_start_epoch": 3}
     assert changes(stored, moved) == {"train.l1_start_epoch": ("(absent)", 3)}
+    # issue 28's keys at their defaults: distillation off, one k-fold draw, allocation
+    # null (follows scope)
+    added = {"train.distill.alpha": 0.0, "cv.repeats": 1, "policy.allocation": None}
+    assert changes(stored, {**current, **added}) == {}
+    assert changes(stored, {**current, "policy.allocation": "erk"}) == {
+        "policy.allocation": ("(absent)", "erk")
+    }
 
 
 @pytest.mark.parametrize(

@@ -58,7 +58,14 @@ SMOKE = {
     ),
     "bench_full_recipe.py": (
         ["--work", "{tmp}/work"],
-        ["| dense | — |", "| agp | 90% |", "| searched | 90% |", "searched_at_95: "],
+        [
+            "| dense | — |",
+            "| agp | 90% |",
+            "| agp_distill | 90% |",
+            "| searched3 | 90% |",
+            "searched_at_95: ",
+            "searched3 - agp_distill at 95: ",
+        ],
     ),
     "bench_torch_pruning.py": (
         [],

@@ -97,3 +97,37 @@ def test_l1_bias_shrinks_the_pruned_layers_biases(ds):
     # The weights' penalty is the same either way; the dense classifier is not penalised.
     assert torch.allclose(with_bias[1]["w1"], without[1]["w1"], atol=1e-7)
     assert with_bias[1]["b3"].equal(without[1]["b3"]) and with_bias[1]["w3"].equal(without[1]["w3"])
+
+
+def test_cv_repeats_trains_folds_times_repeats_folds_each_repeat_covering_the_split(ds):
+    from dtp_search.training import FoldHooks, cross_validate
+
+    started = []
+    hooks = FoldHooks(on_fold_start=started.append)
+    model_cfg = OmegaConf.create({"arch": "mlp", "hidden": [8]})
+
+    def make_pruner(m):
+        return DynamicPruner(m, ConstantThreshold(0.0, start_epoch=100), min_keep=0)
+
+    result = cross_validate(
+        ds,
+        folds=2,
+        repeats=3,
+        seed=0,
+        make_model=lambda: build_model(model_cfg, ds.input_shape, 10),
+        make_pruner=make_pruner,
+        settings=TrainSettings(epochs=1, finetune_epochs=0, batch_size=256),
+        front=FrontSettings(points=0),
+        hooks=hooks,
+    )
+    assert started == list(range(6)) and len(result.folds) == 6
+    # repeats=1 is StratifiedKFold(shuffle=True) itself: the studies made before keep their folds
+    from sklearn.model_selection import RepeatedStratifiedKFold, StratifiedKFold
+
+    y = ds.train.labels.numpy()
+    x = np.zeros(len(y))
+    old = [v.tolist() for _, v in StratifiedKFold(2, shuffle=True, random_state=0).split(x, y)]
+    new = RepeatedStratifiedKFold(n_splits=2, n_repeats=3, random_state=0).split(x, y)
+    new = [v.tolist() for _, v in new]
+    assert new[:2] == old and new[2:4] != old
+    assert all(sorted(new[r] + new[r + 1]) == list(range(len(y))) for r in (0, 2, 4))

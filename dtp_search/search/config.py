@@ -40,7 +40,7 @@ from dtp_search.settings import (
     register_schema,
 )
 from dtp_search.tracking import check_tracking_uri
-from dtp_search.training import CostProbe, WarmStart
+from dtp_search.training import CostProbe, WarmStart, check_teacher
 from dtp_search.training.warmstart import WarmStartCache
 
 __all__ = ["ConfigError", "check_config", "make_early_stop", "make_sampler", "make_storage"]
@@ -122,10 +122,11 @@ def criterion_args(pruner: PrunerSettings) -> dict[str, Any]:
     return args
 
 
-def check_policy(policy_cfg: DictConfig) -> None:
+def check_policy(policy_cfg: DictConfig, settings: Settings | None = None) -> None:
     """Build what a policy node describes short of the model: raise ``ValueError`` (or
-    ``TypeError``) for bad arguments, and for a criterion that cannot score the chosen
-    granularity (``activation_gradient`` scores units, not weights)."""
+    ``TypeError``) for bad arguments, for a criterion that cannot score the chosen
+    granularity (``activation_gradient`` scores units, not weights), and, with
+    ``settings``, for distillation without a dense teacher (:func:`check_teacher`)."""
     pruner, params = PrunerSettings.split(policy_cfg)
     policy = build_policy(pruner.name, params)
     criterion = build_criterion(pruner.criterion, criterion_args(pruner))
@@ -140,6 +141,8 @@ def check_policy(policy_cfg: DictConfig) -> None:
     check_floor(pruner.min_keep, pruner.on_collapse)
     check(pruner)  # round_to
     _selection(pruner)
+    if settings is not None:
+        check_teacher(settings.train, policy, settings.model.checkpoint)
 
 
 def build_pruner(model: Any, policy_cfg: DictConfig, example_input: Any) -> DynamicPruner:
@@ -178,7 +181,7 @@ def run_params(cfg: DictConfig) -> dict[str, Any]:
     (console, paths, stores, sampler, engine switches), so that the runs table compares
     what differs between trials. The whole config goes to the run as ``config.yaml``."""
     flat = flatten(loggable(cfg))
-    keep = {"seed", "cv.folds", "dataset.name"}
+    keep = {"seed", "cv.folds", "dataset.name"}  # (cv.repeats: the cv_folds metric has it)
     out = {
         k: v
         for k, v in flat.items()
@@ -192,7 +195,19 @@ def run_params(cfg: DictConfig) -> dict[str, Any]:
     out = {k: v for k, v in out.items() if not (k.startswith("model.") and v is None)}
     if out.get("model.arch") == out.get("model.name"):
         out.pop("model.arch", None)  # says nothing more than the name
+    # Nor do a switched-off feature's settings, nor the scope an allocation supersedes.
+    for switch, off, implied in _IMPLIED:
+        if out.get(switch, off) == off:
+            out = {k: v for k, v in out.items() if k not in implied}
+    out.pop("policy.scope" if out.get("policy.allocation") else "policy.allocation", None)
     return out
+
+
+_IMPLIED = (
+    ("train.distill.alpha", 0.0, ("train.distill.temperature", "train.distill.teacher")),
+    ("train.distill.teacher", None, ("train.distill.teacher",)),
+    ("train.l1", 0.0, ("train.l1_start_epoch", "train.l1_bias")),
+)
 
 
 def config_yaml(cfg: DictConfig) -> str:
@@ -231,7 +246,9 @@ def check_config(cfg: DictConfig) -> tuple[Settings, search_space.SearchSpace]:
     space = search_space.parse_space(cfg)
     for name, node in search_space.policy_nodes(cfg).items():
         try:
-            check_policy(node)
+            check_policy(node, settings)
+        except ConfigError:
+            raise  # names its own key (train.distill)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{policy_key(cfg, name)}: {exc}") from exc
     # Servers last: each probe may wait a few seconds for an answer.

@@ -116,7 +116,7 @@ def space_needed(s: Settings, parameters: int, element_bytes: int = 4) -> dict[s
     if s.search.checkpoint:
         need["paths.checkpoints"] = 2 * state * s.study.workers
     if s.search.warm_start:
-        need["paths.warm_start"] = state * s.cv.folds
+        need["paths.warm_start"] = state * s.cv.folds * s.cv.repeats
     return need
 
 

@@ -122,6 +122,10 @@ def _added_at_default(
     # policy.exclude_classifier) changes nothing while it holds its default.
     if key in stored:
         return False
+    # A policy's own keys have no schema default; one added at null (policy.allocation:
+    # null follows scope, as before it existed) is unset.
+    if key.startswith("policy.") and key not in defaults and current.get(key) is None:
+        return True
     return key in defaults and current.get(key) == defaults[key]
 
 

@@ -56,7 +56,7 @@ from dtp_search.settings import (
 )
 from dtp_search.tracking import StudyTracker, plot_layer_sparsity, records
 from dtp_search.tracking.logged_models import MODEL_URI_TAG, log_model, register
-from dtp_search.tracking.results import pareto_rows
+from dtp_search.tracking.results import chosen_trials
 from dtp_search.training import (
     CostProbe,
     WarmStart,
@@ -89,19 +89,6 @@ class RefitResult:
     measures: dict[str, float]
     layer_sparsity: dict[str, float]
     reused: bool = False  # an earlier run's result
-
-
-def chosen_trials(
-    study: optuna.Study, top_k: int | None, trials: str = "pareto"
-) -> list[optuna.trial.FrozenTrial]:
-    """Pareto-optimal complete trials (``trials="all"``: every complete one, as a
-    comparison study wants each of its cells tested), most accurate first, at most
-    ``top_k`` of them."""
-    rows = sorted(pareto_rows(study, front_only=trials == "pareto"), key=lambda r: -r["accuracy"])
-    if top_k:
-        rows = rows[: int(top_k)]
-    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
-    return [by_number[r["trial"]] for r in rows]
 
 
 def trial_config(
@@ -244,7 +231,8 @@ def refit_study(
     batch_size = s.export.batch_size
     if baseline is not None and axis in COST_OBJECTIVES:
         baseline = dataclasses.replace(baseline, costs={axis: 1.0})  # the dense network
-    for trial in chosen_trials(study, s.refit.top_k, s.refit.trials):
+    folds = s.cv.folds * s.cv.repeats
+    for trial in chosen_trials(study, s.refit.top_k, s.refit.trials, s.refit.select, folds):
         existing = tracker.find_refit(trial.number)
         if existing is not None:
             results.append(_from_run(trial.number, existing))

@@ -97,7 +97,7 @@ def objective(trial: optuna.Trial, ctx: SearchContext) -> tuple[float, ...]:
         except ConfigError as exc:
             raise _pruned(trial, t.run, f"invalid sampled config: {exc}") from exc
         try:
-            check_policy(typed.policy)  # sampled combinations can still be invalid
+            check_policy(typed.policy, typed)  # sampled combinations can still be invalid
         except (ValueError, TypeError) as exc:
             raise _pruned(trial, t.run, f"invalid sampled policy: {exc}") from exc
         result, fronts = _cross_validate(t, ctx, typed)
@@ -217,7 +217,7 @@ def _cross_validate(
     example = torch.zeros(1, *ctx.dataset.input_shape, device=ctx.device)
     objectives = list(typed.search.objectives)
     axis = front_axis(objectives)
-    folds = typed.cv.folds
+    folds = typed.cv.folds * typed.cv.repeats  # fold results of a trial (k · repeats)
     fronts: dict[int, list] = {}
     done: list[FoldResult] = []  # in fold order (replayed folds of a resume too)
     pareto = ctx.study.pruner if isinstance(ctx.study.pruner, ParetoFoldStop) else None
@@ -283,7 +283,8 @@ def _cross_validate(
         try:
             result = cross_validate(
                 ctx.dataset,
-                folds=folds,
+                folds=typed.cv.folds,
+                repeats=typed.cv.repeats,
                 seed=typed.seed,
                 make_model=lambda: start_model(
                     typed.model, ctx.dataset.input_shape, ctx.dataset.num_classes

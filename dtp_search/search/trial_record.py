@@ -39,6 +39,7 @@ def record(
         records.CV_ACCURACY_STD: result.accuracy_std,
         records.CV_SPARSITY: result.sparsity,
         records.CV_SPARSITY_STD: result.sparsity_std,
+        records.CV_FOLDS: len(result.folds),  # n of the standard error σ/√n
         # FLOPs, parameters, latency of the compacted networks, fractions of the dense ones
         **{
             k: v

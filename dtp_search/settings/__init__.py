@@ -45,7 +45,14 @@ from dtp_search.settings.schema import (
     register_schema,
     text_fields,
 )
-from dtp_search.settings.train import CONTINUE, LR_SCHEDULES, FrontSettings, TrainSettings
+from dtp_search.settings.train import (
+    CONTINUE,
+    LR_SCHEDULES,
+    REWIND,
+    DistillSettings,
+    FrontSettings,
+    TrainSettings,
+)
 
 __all__ = [
     "CONTINUE",
@@ -55,7 +62,9 @@ __all__ = [
     "MODEL_ARCHS",
     "OBJECTIVES",
     "OBJECTIVE_DIRECTIONS",
+    "REWIND",
     "DatasetSettings",
+    "DistillSettings",
     "FrontSettings",
     "ModelSettings",
     "PrunerSettings",

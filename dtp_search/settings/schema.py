@@ -125,13 +125,19 @@ def from_mapping(cls: type[_S], value: _S | Mapping[str, Any], key: str) -> _S:
     if cls in OPEN_NODES.values():
         mine, args = split_args(cls, value, key)
         return cls(**mine, args=args)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(value) - known)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - set(known))
     if unknown:
         raise ValueError(
             f"{key}.{unknown[0]} is not a setting; allowed keys of {key}: {sorted(known)}"
         )
-    return cls(**value)
+    nested = {  # a nested settings node (train.distill) given as a mapping
+        name: from_mapping(f.default_factory, value[name], f"{key}.{name}")
+        for name, f in known.items()
+        if name in value and isinstance(f.default_factory, type)
+        if dataclasses.is_dataclass(f.default_factory) and isinstance(value[name], Mapping)
+    }
+    return cls(**{**value, **nested})
 
 
 def field_owner(key: str) -> tuple[type, str] | None:

@@ -3,17 +3,38 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dtp_search.settings.rules import rule
 
 LR_SCHEDULES = ("cosine", "onecycle", "step", "constant")
 CONTINUE = "continue"  # train.finetune_lr_schedule: the pruning phase's schedule runs on
+REWIND = "rewind"  # train.finetune_lr_schedule: the pruning phase's schedule again from its start
 
 
 @dataclass
 class CVSettings:
     folds: int = rule(3, low=2)  # StratifiedKFold over the training split
+    repeats: int = rule(1, low=1)  # RepeatedStratifiedKFold: folds · repeats fold results
+
+
+@dataclass
+class DistillSettings:
+    """Knowledge distillation from the dense network (``train.distill``; Hinton et al. 2015):
+    the loss is (1 − α)·CE(y) + α·T²·KL(softmax(t/T) ‖ softmax(s/T)), t the teacher's and
+    s the student's logits. α = 0 (the default) is plain CE."""
+
+    alpha: float = rule(0.0, low=0, words="a number in [0, 1]; 0 = off")
+    temperature: float = rule(4.0, above=0)
+    # A state_dict of this very network to distil from (e.g. the dense network trained
+    # once, by hand); null: the fold's own dense network when pruning begins.
+    teacher: str | None = None
+
+    def _check(self, prefix: str) -> None:
+        if self.alpha > 1:
+            raise ValueError(
+                f"{prefix}alpha={self.alpha!r} is not allowed; allowed: a number in [0, 1]; 0 = off"
+            )
 
 
 @dataclass
@@ -33,10 +54,14 @@ class TrainSettings:
     lr_schedule: str = rule("cosine", choices=LR_SCHEDULES)  # pruning phase
     # Post-pruning phase: one of LR_SCHEDULES, starting at lr · finetune_lr_scale, or
     # "continue": one optimizer and one schedule run over both phases (as a plain loop
-    # that prunes inside a single OneCycle schedule does).
-    finetune_lr_schedule: str = rule("cosine", choices=(*LR_SCHEDULES, CONTINUE))
+    # that prunes inside a single OneCycle schedule does); "rewind": learning-rate
+    # rewinding (Renda et al. 2020), a fresh optimizer replaying the pruning phase's
+    # schedule (lr, lr_schedule, its length) from its start.
+    finetune_lr_schedule: str = rule("cosine", choices=(*LR_SCHEDULES, CONTINUE, REWIND))
     finetune_lr_scale: float = rule(0.1, low=0)
     label_smoothing: float = rule(0.0, low=0, high=1)
+    # Distillation from the dense network of the fold (training/distill.py)
+    distill: DistillSettings = field(default_factory=DistillSettings)
     l1: float = rule(0.0, low=0)  # λ of the penalty λ·Σ|W ⊙ M| over the pruned layers' weights
     l1_start_epoch: int = rule(0, low=0)  # epochs (from the first) trained without the penalty
     l1_bias: bool = False  # the penalty covers the pruned layers' biases too
@@ -57,6 +82,9 @@ class RefitSettings:
     enabled: bool = True  # retrain the chosen trials on the whole training split, test once
     top_k: int | None = rule(None, low=1)  # null = every Pareto-optimal trial
     trials: str = rule("pareto", choices=("pareto", "all"))  # all: a comparison's every cell
+    # best: the chosen trials as they are; one_se: the sparsest within one standard error
+    # of the most accurate (tracking/selection.py), per bin of the front
+    select: str = rule("best", choices=("best", "one_se"))
     register: bool = False  # register the most accurate refit in the Model Registry
 
 

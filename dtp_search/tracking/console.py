@@ -28,11 +28,13 @@ class Console:
 
     def header(self, settings: Settings, study: Any, done: int, target: int, device: Any) -> None:
         verb = "resuming" if done or study.trials else "starting"
+        n = settings.cv.repeats
+        repeats = f"x{n} repeats" if n > 1 else ""
         self.out.print(
             f"[bold]dtp_search[/] {verb} study [cyan]{settings.study.name}[/] "
             f"({done}/{target} complete) · policy={settings.policy['name']} "
             f"model={settings.model.name} dataset={settings.dataset.name} "
-            f"folds={settings.cv.folds} device={device}"
+            f"folds={settings.cv.folds}{repeats} device={device}"
         )
         self.out.print(f"  optuna storage: {mask_url(settings.study.storage)}", soft_wrap=True)
         self.out.print(f"  mlflow store:   {mask_url(settings.tracking.uri)}", soft_wrap=True)
@@ -94,7 +96,8 @@ class Console:
         """Print the study's Pareto-optimal trials and how to browse them in MLflow.
 
         One line per trial (number, policy, CV accuracy ± std, sparsity ± std, each
-        measured cost, test accuracy where refit) with its sampled values beneath it,
+        measured cost, the margin over the next trial in standard errors, test accuracy
+        where refit) with its sampled values beneath it,
         wrapped at word boundaries: at 80 columns (a default terminal, CI logs) a table
         cell for the sampled values would be cut to ``final_sparsi…``, which is what the
         user came for. No cell is ever cut with an ellipsis: where the numbers do not fit
@@ -103,7 +106,9 @@ class Console:
         # The costs the trials measured (search.objectives, search.max_flops): the
         # fractions of the dense network's FLOPs, parameters, latency.
         costs = [c for c in COST_OBJECTIVES if any(records.cv(c) in r for r in rows)]
-        headers = ["trial", "policy", "CV accuracy", "sparsity", *costs, "test accuracy"]
+        # Δ/SE: the accuracy over the next less accurate trial in units of this one's
+        # standard error (tracking/selection.py); under 1 the difference is noise.
+        headers = ["trial", "policy", "CV accuracy", "sparsity", *costs, "Δ/SE", "test accuracy"]
 
         def cells(pm: str) -> list[list[str]]:
             return [
@@ -116,6 +121,7 @@ class Console:
                         f"{r.get(records.cv(c), float('nan')):.4f}{pm}{r.get(records.cv_std(c), 0.0):.4f}"
                         for c in costs
                     ),
+                    _margin(r.get("margin_se", float("nan"))),
                     _or_dash(r.get("test_accuracy", float("nan"))),
                 ]
                 for r in rows
@@ -151,6 +157,10 @@ class Console:
                 parts.append(Text(" " * indent) + line)
         if not rows:
             parts.append(Text("(no complete trial)", style="dim"))
+        else:
+            for line in Text(_MARGIN_NOTE, style="dim").wrap(self.out, self.out.width):
+                line.rstrip()
+                parts.append(line)
         self.out.print(Group(*parts))
         self.out.print("Browse the study in MLflow:")
         # An http tracking URI may carry user:password@ (MLflow's basic auth).
@@ -181,6 +191,10 @@ class Console:
         return lines
 
 
+_MARGIN_NOTE = (
+    "Δ/SE: CV accuracy over the next less accurate trial, in this trial's standard errors "
+    "(cv std / √(folds·repeats)); under 1 the difference is noise."
+)
 # Spaces between the Pareto table's columns.
 _GAP = 2
 
@@ -194,6 +208,11 @@ def _longest_word(text: str) -> int:
     """The width of ``text``'s longest word: the narrowest column that wraps a header at
     its spaces without cutting a word."""
     return max((cell_len(w) for w in text.split()), default=0)
+
+
+def _margin(value: float) -> str:
+    """A Pareto trial's margin over the next one in standard errors, "—" where none."""
+    return "—" if value != value else "∞" if value == float("inf") else f"{value:.1f}"
 
 
 def _or_dash(value: float) -> str:

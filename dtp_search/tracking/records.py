@@ -29,6 +29,7 @@ CV_ACCURACY = cv("accuracy")
 CV_ACCURACY_STD = cv_std("accuracy")
 CV_SPARSITY = cv("sparsity")
 CV_SPARSITY_STD = cv_std("sparsity")
+CV_FOLDS = "cv_folds"  # the fold results behind the CV means: cv.folds · cv.repeats
 
 # Optuna user attributes of a trial.
 POLICY = "policy"  # the policy's name

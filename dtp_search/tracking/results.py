@@ -19,6 +19,7 @@ from dtp_search.pruning import pareto_mask
 from dtp_search.settings import COST_OBJECTIVES, front_axis
 from dtp_search.tracking import records
 from dtp_search.tracking.front_axis import row_key
+from dtp_search.tracking.selection import add_margins, one_se
 from dtp_search.tracking.study_run import StudyTracker
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,9 @@ def pareto_rows(study: optuna.Study, front_only: bool = True) -> list[dict[str, 
     that is its second objective); with ``front_only=False``, every candidate trial.
     A row has the CV ``accuracy`` and ``sparsity`` with their ``_std``, and each cost the
     trial measured under its metric's name (``cv_flops``, ``cv_flops_std``, ...: ``params``
-    is the row's sampled values)."""
+    is the row's sampled values), ``folds`` (the fold results behind the means) and
+    ``margin_se`` (:func:`~dtp_search.tracking.selection.add_margins`: the accuracy over
+    the next less accurate row, in units of this one's standard error)."""
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     # A trial penalised for ending at the min_keep floor (policy.on_collapse=penalize)
     # never counts. Under search.min_sparsity or search.max_flops only feasible trials are
@@ -89,6 +92,7 @@ def pareto_rows(study: optuna.Study, front_only: bool = True) -> list[dict[str, 
                 "accuracy_std": ua.get(records.CV_ACCURACY_STD, 0.0),
                 "sparsity": ua.get(records.CV_SPARSITY, values.get("sparsity", math.nan)),
                 "sparsity_std": ua.get(records.CV_SPARSITY_STD, 0.0),
+                "folds": ua.get(records.CV_FOLDS),
                 **{
                     key: v
                     for c in COST_OBJECTIVES
@@ -103,7 +107,35 @@ def pareto_rows(study: optuna.Study, front_only: bool = True) -> list[dict[str, 
                 "refit_run_id": refit.get("run_id", ""),
             }
         )
+    add_margins(rows)
     return sorted(rows, key=lambda r: (r.get(row_key(axis), math.nan), r["accuracy"]))
+
+
+def chosen_trials(
+    study: optuna.Study,
+    top_k: int | None,
+    trials: str = "pareto",
+    select: str = "best",
+    folds: int | None = None,
+) -> list[optuna.trial.FrozenTrial]:
+    """Pareto-optimal complete trials (``trials="all"``: every complete one, as a
+    comparison study wants each of its cells tested), most accurate first, at most
+    ``top_k`` of them. ``select="one_se"`` (with ``trials="pareto"``): the
+    one-standard-error picks instead (:func:`~dtp_search.tracking.selection.one_se`):
+    one among every feasible trial of a single-objective study, one per bin of the
+    front otherwise; ``folds``: n of σ/√n for trials that did not record it."""
+    if select == "one_se" and trials == "pareto":
+        single = len(study.directions) == 1
+        rows = one_se(
+            pareto_rows(study, front_only=not single), study_axis(study), single=single, folds=folds
+        )
+    else:
+        rows = pareto_rows(study, front_only=trials == "pareto")
+    rows = sorted(rows, key=lambda r: -r["accuracy"])
+    if top_k:
+        rows = rows[: int(top_k)]
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    return [by_number[r["trial"]] for r in rows]
 
 
 def hypervolume_2d(

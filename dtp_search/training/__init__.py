@@ -8,13 +8,14 @@ Modules, lowest first: ``history`` (what a fold returns), ``device``, ``optim``
 (optimizer and schedules), ``warmstart`` (the dense warm-start cache and its keys),
 ``checkpoint`` (per-trial checkpoints for resumed retries), ``evaluation`` (accuracy,
 costs, the one-shot sweep), ``batching`` (a fold's batches and feedback hold-out),
-``trainer`` (the loop, :class:`FoldTrainer`), ``fold`` (:func:`prune_and_train`), ``cv``
+``distill`` (the teacher and its loss), ``trainer`` (the loop, :class:`FoldTrainer`), ``fold`` (:func:`prune_and_train`), ``cv``
 (:func:`cross_validate`).
 """
 
 from dtp_search.training.batching import attach_feedback, eval_batches, train_batches
 from dtp_search.training.cv import CVResult, FoldHooks, cross_validate, fold_value
 from dtp_search.training.device import resolve_device
+from dtp_search.training.distill import check_teacher
 from dtp_search.training.evaluation import CostProbe, evaluate, measured_sweep
 from dtp_search.training.fold import prune_and_train
 from dtp_search.training.history import DivergedError, EpochRecord, FoldResult
@@ -31,6 +32,7 @@ __all__ = [
     "FoldTrainer",
     "WarmStart",
     "attach_feedback",
+    "check_teacher",
     "cross_validate",
     "eval_batches",
     "evaluate",

@@ -117,15 +117,20 @@ def cross_validate(
     resume: dict[str, Any] | None = None,
     warm_start: WarmStart | None = None,
     cost: CostProbe | None = None,
+    repeats: int = 1,
 ) -> CVResult:
     """k-fold cross-validation of one pruning configuration on the *training* split.
 
-    Folds come from ``sklearn.model_selection.StratifiedKFold(folds, shuffle=True,
-    random_state=seed)``; each fold trains a fresh model (seeded with ``seed + fold``)
-    on k−1 parts and validates on the held-out part. The test split is not read.
+    Folds come from ``sklearn.model_selection.RepeatedStratifiedKFold(n_splits=folds,
+    n_repeats=repeats, random_state=seed)`` (with ``repeats=1`` the very splits of
+    ``StratifiedKFold(folds, shuffle=True, random_state=seed)``): k · repeats fold results,
+    numbered 0 … k·repeats − 1, repetition r holding folds r·k … r·k + k − 1. Each fold
+    trains a fresh model (seeded with ``seed + fold``) on k−1 parts and validates on the
+    held-out part. The test split is not read.
 
     * ``dataset``: its training split is cross-validated; ``folds``: k (≥ 2);
-      ``seed``: the folds' split, and ``seed + k`` seeds fold k's model and batch order.
+      ``seed``: the folds' split, and ``seed + k`` seeds fold k's model and batch order;
+      ``repeats``: how many times the k-fold split is drawn (each with its own shuffle).
     * ``make_model()``: a fresh model (on the CPU; it is moved to ``device``);
       ``make_pruner(model)``: the pruner of that model (policy, criterion, layers).
     * ``settings``: the optimisation of every fold (:func:`prune_and_train`);
@@ -146,12 +151,12 @@ def cross_validate(
     skips the finished folds (their results and epochs are replayed to the hooks)
     and continues fold k after its last finished epoch.
     """
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import RepeatedStratifiedKFold
 
     front = front or FrontSettings()
     hooks = hooks or FoldHooks()
     labels = dataset.train.labels.numpy()
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    splitter = RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats, random_state=seed)
     done = [fold_from_dict(d) for d in resume["folds"]] if resume else []
     results: list[FoldResult] = []
     for k, (tr_idx, va_idx) in enumerate(splitter.split(np.zeros(len(labels)), labels)):

@@ -44,7 +44,10 @@ def prune_and_train(
        threshold is applied once, then the masks are frozen while the surviving
        weights are fine-tuned: a fresh optimizer at ``lr · finetune_lr_scale`` under
        ``settings.finetune_lr_schedule``, or, with ``"continue"``, the pruning phase's
-       optimizer and schedule, which then span both phases.
+       optimizer and schedule, which then span both phases, or, with ``"rewind"``
+       (learning-rate rewinding, Renda et al. 2020), a fresh optimizer under the pruning
+       phase's own schedule replayed from its start: fine-tuning epoch i has the
+       learning rates of pruning epoch i.
     3. *Front* (``front``, default :class:`FrontSettings()`): (sparsity, validation
        accuracy) after mask updates (at most four per epoch: policies such as splicing
        update at almost every step), for the final model, and for a one-shot sweep of
@@ -59,6 +62,12 @@ def prune_and_train(
     pruner masks (plus λ·Σ_l ‖b_l‖₁ with ``settings.l1_bias``), from the epoch with
     0-based index ``settings.l1_start_epoch`` on (``EpochRecord.epoch − 1``: counted from
     the pruning phase's first epoch, on through fine-tuning); before it, plain CE.
+
+    With ``settings.distill.alpha = α > 0`` the CE term (with the penalty, if any) becomes
+    (1 − α)·CE + α·T²·KL(softmax(t/T) ‖ softmax(s/T)) (:mod:`dtp_search.training.distill`)
+    from the first epoch after the policy's dense ones on; the teacher t is a frozen copy
+    of the network taken then (the dense warm start, or the starting weights of a policy
+    that prunes from the first step), run in eval mode on the same augmented batch.
 
     Conv nets run on channels-last tensors (``settings.channels_last``: the batches come
     so from :func:`train_batches`/:func:`eval_batches`); on CUDA the forward passes run

@@ -17,7 +17,13 @@ from torch.nn.utils import parametrize
 from dtp_search.data import TensorBatches
 from dtp_search.interrupts import stop_now, stop_requested
 from dtp_search.pruning import DynamicPruner, FrontPoint, layer_sparsity
-from dtp_search.settings import CONTINUE, FrontSettings, TrainSettings
+from dtp_search.settings import CONTINUE, REWIND, FrontSettings, TrainSettings
+from dtp_search.training.distill import (
+    distillation_loss,
+    load_teacher,
+    make_teacher,
+    teacher_logits,
+)
 from dtp_search.training.evaluation import CostProbe, evaluate, measured_sweep
 from dtp_search.training.history import DivergedError, EpochRecord, FoldResult
 from dtp_search.training.optim import make_lr_scheduler, make_optimizer
@@ -61,6 +67,11 @@ class FoldTrainer:
         # The penalty reaches the tensors the policy prunes (policy.layers), not those kept
         # dense: Linear/Conv weights and attention in-projections (PrunableTensor).
         self.l1_layers = list(pruner.tensors.values()) if settings.l1 > 0 else []
+        # Distillation: the teacher is the network as it stands when pruning begins, taken
+        # before the first epoch after the policy's dense ones (training/distill.py).
+        self.distill = settings.distill if settings.distill.alpha > 0 else None
+        self.teacher: nn.Module | None = None
+        self.teacher_epoch = pruner.policy.dense_epochs(settings.epochs) + 1
         self.history: list[EpochRecord] = []
         self.front: list[FrontPoint] = []
         self.front_gap = max(1, self.steps_per_epoch // 4)
@@ -124,6 +135,9 @@ class FoldTrainer:
         _set_rng_state(state["rng"])
         self.history = [EpochRecord(**r) for r in state["history"]]
         self.front = [FrontPoint(**p) for p in state["front"]]
+        if self.distill is not None and "teacher" in state:
+            self.teacher = make_teacher(self.model)
+            self.teacher.load_state_dict(state["teacher"])
         self.last_front_step = int(state["last_front_step"])
         self.done_epochs = int(state["epoch"])
 
@@ -146,11 +160,20 @@ class FoldTrainer:
     def _loss(self, x: torch.Tensor, y: torch.Tensor, penalized: bool) -> torch.Tensor:
         with self._amp():
             if not penalized:
-                return self.loss_fn(self.forward(x), y)
+                return self._data_loss(x, y)
             # cached(): each masked weight W ⊙ M is computed once per step, not twice.
             with parametrize.cached():
-                loss = self.loss_fn(self.forward(x), y)
+                loss = self._data_loss(x, y)
                 return loss + self.settings.l1 * sum(p.abs().sum() for p in self._l1_terms())
+
+    def _data_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """CE on the labels, mixed with the teacher's soft targets once there is one."""
+        out = self.forward(x)
+        loss = self.loss_fn(out, y)
+        if self.teacher is None:
+            return loss
+        d = self.distill
+        return distillation_loss(out, teacher_logits(self.teacher, x), loss, d.alpha, d.temperature)
 
     def _l1_terms(self) -> list[torch.Tensor]:
         """The (masked) weights W_l ⊙ M_l the L1 penalty covers, each followed by its bias
@@ -170,7 +193,8 @@ class FoldTrainer:
             return self.opt, self.sched
         if continued:  # one optimizer and one schedule over both phases
             lr, schedule, epochs = s.lr, s.lr_schedule, s.epochs + s.finetune_epochs
-        elif phase == "prune":
+        elif phase == "prune" or s.finetune_lr_schedule == REWIND:
+            # (rewind: fine-tuning replays the pruning phase's schedule from its start)
             lr, schedule, epochs = s.lr, s.lr_schedule, s.epochs
         else:
             lr, schedule = s.lr * s.finetune_lr_scale, s.finetune_lr_schedule
@@ -191,6 +215,11 @@ class FoldTrainer:
         self.opt, self.sched = self._optimizer_for(phase)
         self.step = (begin - 1) * self.steps_per_epoch
         for e in range(begin, first_epoch + epochs):
+            if self.distill is not None and self.teacher is None and e >= self.teacher_epoch:
+                given = self.distill.teacher
+                self.teacher = (
+                    load_teacher(self.model, given) if given else make_teacher(self.model)
+                )
             record = self._train_epoch(phase, e, update_masks)
             self.history.append(record)
             if self.on_epoch is not None:
@@ -273,6 +302,8 @@ class FoldTrainer:
             "front": [p.as_dict() for p in self.front],
             "last_front_step": self.last_front_step,
         }
+        if self.teacher is not None:
+            state["teacher"] = self.teacher.state_dict()
         if store_warm:
             self.warm_start.cache.save(
                 self.warm_key, {**state, "criterion": self.pruner.criterion.state_dict()}

@@ -122,6 +122,15 @@ def warm_start_key(
 _KEY_OPTIONAL = ("l1_start_epoch", "l1_bias")
 
 
+# Keys the dense epochs never read: distillation starts once they are over (its teacher is
+# their result), so distilled and plain trials share the same cached dense epochs.
+_KEY_UNUSED = ("distill",)
+
+
 def _key_settings(settings: TrainSettings) -> dict[str, Any]:
     defaults = {f.name: f.default for f in fields(TrainSettings) if f.name in _KEY_OPTIONAL}
-    return {k: v for k, v in asdict(settings).items() if k not in defaults or v != defaults[k]}
+    return {
+        k: v
+        for k, v in asdict(settings).items()
+        if k not in _KEY_UNUSED and (k not in defaults or v != defaults[k])
+    }

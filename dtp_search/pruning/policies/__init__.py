@@ -22,8 +22,10 @@ from dtp_search.pruning.policies.splicing import SplicingThreshold
 from dtp_search.pruning.policies.learned import SoftThreshold
 from dtp_search.pruning.policies.quantile import global_threshold, quantile_threshold
 from dtp_search.pruning.policies.registry import POLICIES, build_policy
+from dtp_search.pruning.policies.allocation import ALLOCATIONS, allocate
 
 __all__ = [
+    "ALLOCATIONS",
     "POLICIES",
     "AGPThreshold",
     "ConstantThreshold",
@@ -37,6 +39,7 @@ __all__ = [
     "SplicingThreshold",
     "StdScaledThreshold",
     "ThresholdPolicy",
+    "allocate",
     "build_policy",
     "global_threshold",
     "quantile_threshold",

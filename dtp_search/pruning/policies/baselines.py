@@ -12,8 +12,8 @@ from torch import nn
 from torch.nn.utils import prune
 
 from dtp_search.pruning.policies import _validate
+from dtp_search.pruning.policies.allocation import ALLOCATIONS, allocate
 from dtp_search.pruning.policies.base import Keeps, LayerView, ThresholdPolicy, Thresholds
-from dtp_search.pruning.policies.quantile import global_threshold
 
 
 class DenseBaseline(ThresholdPolicy):
@@ -40,16 +40,21 @@ class OneShotGlobal(ThresholdPolicy):
     At the end of the pruning phase (which here trains dense) the masks come from
     ``torch.nn.utils.prune.global_unstructured(..., L1Unstructured, amount=amount)`` on
     the layers' scores — the fraction ``amount`` of smallest scores across all layers —
-    and the post-pruning phase fine-tunes the survivors.
+    and the post-pruning phase fine-tunes the survivors. With ``allocation`` other than
+    ``global`` the fraction ``amount`` is shared among the layers as
+    :mod:`~dtp_search.pruning.policies.allocation` says (``uniform``, ``erk``, ``lamp``).
     """
 
     name = "oneshot_global"
     granularities = ("weight",)
 
-    def __init__(self, amount: float, **kwargs: Any) -> None:
+    def __init__(self, amount: float, *, allocation: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         _validate.fraction("amount", amount)
+        if allocation is not None:  # None: global, as before the setting existed
+            _validate.one_of("allocation", allocation, ALLOCATIONS)
         self.amount = float(amount)
+        self.allocation = allocation or "global"
 
     def should_update(self, step: int, epoch: float) -> bool:
         return False
@@ -58,10 +63,11 @@ class OneShotGlobal(ThresholdPolicy):
         return int(epochs)  # the whole pruning phase trains dense
 
     def thresholds(self, layers: Sequence[LayerView], epoch: float) -> Thresholds:
-        theta = global_threshold(layers, self.amount)
-        return {layer.name: theta for layer in layers}
+        return allocate(layers, self.amount, self.allocation)
 
     def masks(self, layers: Sequence[LayerView], epoch: float) -> tuple[Keeps, Thresholds]:
+        if self.allocation != "global":
+            return super().masks(layers, epoch)
         holders = [_ScoreHolder(layer.score) for layer in layers]
         prune.global_unstructured(
             [(h, "weight") for h in holders],

@@ -8,8 +8,8 @@ from typing import Any, ClassVar
 
 from dtp_search.pruning.policies import _validate
 from dtp_search.pruning.policies._schedule import ramp, window_end
+from dtp_search.pruning.policies.allocation import ALLOCATIONS, allocate
 from dtp_search.pruning.policies.base import LayerView, ThresholdPolicy
-from dtp_search.pruning.policies.quantile import global_threshold, quantile_threshold
 
 
 class AGPThreshold(ThresholdPolicy):
@@ -18,9 +18,11 @@ class AGPThreshold(ThresholdPolicy):
         s(t) = s_f + (s_i − s_f) · (1 − (t − t₀)/(t₁ − t₀))³   for t₀ ≤ t ≤ t₁,
         s(t) = s_f                                             for t > t₁.
 
-    At each update θ is the magnitude quantile that prunes a fraction s(t): one θ over
-    the scores of all layers together (``scope="global"``) or one θ_l per layer
-    (``scope="layer"``, every layer at sparsity s(t)).
+    At each update the thresholds θ_l prune a fraction s(t) of the weights, shared among
+    the layers as ``allocation`` says (:mod:`~dtp_search.pruning.policies.allocation`):
+    ``global`` (one θ over all scores), ``uniform`` (every layer at s(t)), ``erk`` or
+    ``lamp``. ``allocation=None`` follows the older ``scope``: ``global`` → ``global``,
+    ``layer`` → ``uniform``; any other value supersedes ``scope``.
     """
 
     name = "agp"
@@ -34,6 +36,7 @@ class AGPThreshold(ThresholdPolicy):
         end_epoch: float,
         initial_sparsity: float = 0.0,
         scope: str = "global",
+        allocation: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -45,21 +48,20 @@ class AGPThreshold(ThresholdPolicy):
                 f"final_sparsity ({final_sparsity})"
             )
         _validate.one_of("scope", scope, self.SCOPES)
+        if allocation is not None:
+            _validate.one_of("allocation", allocation, ALLOCATIONS)
         self.final_sparsity = float(final_sparsity)
         self.initial_sparsity = float(initial_sparsity)
         self.end_epoch = window_end(end_epoch, self.start_epoch)
         self.scope = scope
+        self.allocation = allocation or ("uniform" if scope == "layer" else "global")
 
     def target_sparsity(self, epoch: float) -> float:
         r = ramp(epoch, self.start_epoch, self.end_epoch)
         return self.final_sparsity + (self.initial_sparsity - self.final_sparsity) * (1.0 - r) ** 3
 
     def thresholds(self, layers: Sequence[LayerView], epoch: float) -> dict[str, float]:
-        s = self.target_sparsity(epoch)
-        if self.scope == "layer":
-            return {layer.name: quantile_threshold(layer.score, s) for layer in layers}
-        theta = global_threshold(layers, s)
-        return {layer.name: theta for layer in layers}
+        return allocate(layers, self.target_sparsity(epoch), self.allocation)
 
     def final_epoch(self) -> float:
         return self.end_epoch
