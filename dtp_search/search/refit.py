@@ -44,9 +44,9 @@ from dtp_search.search.config import (
     config_yaml,
     make_cost_meter,
     make_warm_start,
-    run_params,
     settings_of,
 )
+from dtp_search.search.params import run_params
 from dtp_search.settings import (
     COST_OBJECTIVES,
     FrontSettings,
@@ -252,7 +252,9 @@ def refit_study(
         tcfg = trial_config(cfg, space, trial)
         ts = settings_of(tcfg)
         policy = str(ts.policy["name"])
-        run = tracker.start_refit(trial.number, run_params(tcfg), policy, config_yaml(tcfg))
+        run = tracker.start_refit(
+            trial.number, run_params(tcfg, trial.params), policy, config_yaml(tcfg)
+        )
         try:
             if console is not None:
                 console.out.print(
