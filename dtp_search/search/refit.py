@@ -55,7 +55,7 @@ from dtp_search.settings import (
     front_axis,
 )
 from dtp_search.tracking import StudyTracker, plot_layer_sparsity, records
-from dtp_search.tracking.logged_models import MODEL_URI_TAG, log_model, register
+from dtp_search.tracking.logged_models import log_refit_model, register
 from dtp_search.tracking.results import pareto_rows
 from dtp_search.training import (
     CostProbe,
@@ -299,25 +299,17 @@ def refit_study(
                         save_pruned(model, config, Path(tmp) / "compact.pt", compact_input=example),
                         "model",
                     )
-            model_uri = log_model(
-                tracker.tracking_uri, run.run_id, model, f"{s.study.name}-trial-{trial.number}"
-            )
-            if model_uri:
-                run.set_tags({MODEL_URI_TAG: model_uri})
-            # The trial's own CV figures under the names the trial runs use, then the test ones.
+            # The trial's own CV figures under the names the trial runs use; the test
+            # ones are the logged model's figures too (log_refit_model).
             cv = {k: trial.user_attrs[k] for k in CV_METRICS if k in trial.user_attrs}
-            metrics = {
-                **cv,
-                "test_accuracy": test_acc,
-                "sparsity": pruner.sparsity(),
-                **measures,
-                # dense epochs taken from the warm-start cache (another refit's)
-                "warm_start_epochs": result.warm_start_epochs,
-            }
+            # dense epochs taken from the warm-start cache (another refit's)
+            metrics = {**cv, "warm_start_epochs": result.warm_start_epochs}
             if baseline is not None:
                 metrics[BASELINE_METRIC] = baseline.accuracy
                 front = [*front, baseline]
             run.log_metrics(metrics)
+            figures = {"test_accuracy": test_acc, "sparsity": pruner.sparsity(), **measures}
+            log_refit_model(tracker, run, model, trial.number, figures)
             run.log_front(
                 {0: front},
                 f"{s.study.name} · refit of trial {trial.number} · {policy}",

@@ -13,7 +13,7 @@ runs table rather than its GenAI traces view):
   ``n_complete``, ``pareto_size``, ``pareto_hypervolume`` (step = complete trials).
 * child run ``trial-<n>`` — tags ``mlflow.parentRunId``, ``dtp_search.role=trial``,
   ``optuna.trial_number``, ``optuna.trial_state``, ``dtp_search.sampled`` (the sampled
-  keys); params = the trial's own configuration (:func:`dtp_search.search.config.run_params`),
+  keys); params = the trial's own configuration (:func:`dtp_search.search.params.run_params`),
   the whole resolved config as ``config.yaml``; the dataset as a run input; per-epoch
   metrics ``fold_<k>/{loss,val_accuracy,sparsity,threshold,lr,recovered}`` and fold means
   (step = epoch); the accuracy-versus-sparsity front as ``front.json`` (a table),
@@ -24,7 +24,10 @@ runs table rather than its GenAI traces view):
   drawn against it instead (:func:`front_x`): step = 1000 × that fraction.
 * child run ``refit-<n>`` — tag ``dtp_search.role=refit`` (its MLflow status says how it
   ended), the trial's ``cv_*`` metrics, ``test_accuracy``, the test front as
-  ``front/test_accuracy`` and the model, named ``<study>-trial-<n>``.
+  ``front/test_accuracy`` and the model, named ``<study>-refit-<n>``, whose figures
+  (``test_accuracy``, ``sparsity``, the measures) are logged linked to it; its description
+  (``mlflow.note.content``) holds the two lines that load it. The study run's description
+  lists the refits (:mod:`dtp_search.tracking.notes`).
 """
 
 from dtp_search.tracking.dataset import DatasetInfo, describe_dataset

@@ -75,9 +75,13 @@ class TrialRun:
         for chunk in _chunks(items, 100):
             self.client.log_batch(self.run_id, params=list(chunk))
 
-    def log_metrics(self, values: dict[str, float], step: int = 0) -> None:
+    def log_metrics(
+        self, values: dict[str, float], step: int = 0, model_id: str | None = None
+    ) -> None:
+        """Log ``values`` at ``step``; with ``model_id`` they are also the figures of that
+        logged model (MLflow 3 links a run's metric to one of its models)."""
         ts = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), ts, int(step)) for k, v in values.items()]
+        metrics = [Metric(k, float(v), ts, int(step), model_id=model_id) for k, v in values.items()]
         for chunk in _chunks(metrics, 1000):
             op = self.client.log_batch(
                 self.run_id, metrics=list(chunk), synchronous=self._synchronous
