@@ -5,8 +5,9 @@ stack, so that the parent run can be re-opened on resume, and so that several wo
 processes can log to the same study without sharing any global "active run".
 
 Layout in MLflow (experiment = ``tracking.experiment``, tagged as a model-training
-experiment, ``mlflow.experimentKind=custom_model_development``, so that the UI opens on its
-runs table rather than its GenAI traces view):
+experiment, ``mlflow.experimentKind=custom_model_development``; MLflow 3.17's UI reads that
+only where its GenAI | Model training switch is hidden, so the links dtp_search writes
+carry ``workflowType=machine_learning``):
 
 * parent run ``<study name>`` — tags ``dtp_search.role=study``, ``dtp_search.study``;
   artifacts ``pareto_front.json`` (a table), ``pareto_front.png``; metrics
