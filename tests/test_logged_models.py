@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from dtp_search.models import build_model
 from dtp_search.models.export import save_pruned
 from dtp_search.pruning import AGPThreshold, DynamicPruner, sparsity
-from dtp_search.tracking import StudyTracker
+from dtp_search.tracking import DatasetInfo, StudyTracker
 from dtp_search.tracking.logged_models import MODEL_URI_TAG, log_refit_model
 from dtp_search.tracking.notes import NOTE_TAG, study_note
 
@@ -40,6 +40,7 @@ def _refit(tracker: StudyTracker, trial: int, target: float, test_accuracy: floa
     figures = {"test_accuracy": test_accuracy, "sparsity": s, "nonzero_params": 123.0}
     with isolated():  # log_model sets the global tracking URI
         log_refit_model(tracker, run, model, trial, figures)
+    run.log_metrics({"cv_accuracy": 0.9})  # the trial's figure, after: the run's alone
     run.finish("COMPLETE")
     return run.run_id, s
 
@@ -49,6 +50,7 @@ def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     uri = f"sqlite:///{root}/mlflow.db"
     tracker = StudyTracker(uri, "exp", "s")
+    tracker.set_dataset(DatasetInfo("digits", "d1g35t", "builtin:digits", {"test": 360}))
     refits = {
         3: _refit(tracker, 3, 0.9, 0.91),
         5: _refit(tracker, 5, 0.5, 0.95),
@@ -65,6 +67,8 @@ def test_the_models_tab_lists_refit_models_with_their_figures_most_accurate_firs
     assert [m.name for m in models] == ["s-refit-5", "s-refit-3"]
     for m, trial in zip(models, (5, 3), strict=True):
         figures = {x.key: x.value for x in m.metrics}
+        assert set(figures) == {"test_accuracy", "sparsity", "nonzero_params"}
+        assert {(x.dataset_name, x.dataset_digest) for x in m.metrics} == {("digits", "d1g35t")}
         assert figures["test_accuracy"] == (0.95 if trial == 5 else 0.91)
         assert figures["sparsity"] == pytest.approx(refits[trial][1])
         assert figures["nonzero_params"] == 123.0

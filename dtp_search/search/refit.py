@@ -299,8 +299,11 @@ def refit_study(
                         save_pruned(model, config, Path(tmp) / "compact.pt", compact_input=example),
                         "model",
                     )
-            # The trial's own CV figures under the names the trial runs use; the test
-            # ones are the logged model's figures too (log_refit_model).
+            # The test figures are the logged model's too (log_refit_model); the rest
+            # after it (MLflow links a run's earlier metrics to a model logged later).
+            figures = {"test_accuracy": test_acc, "sparsity": pruner.sparsity(), **measures}
+            log_refit_model(tracker, run, model, trial.number, figures)
+            # The trial's own CV figures under the names the trial runs use.
             cv = {k: trial.user_attrs[k] for k in CV_METRICS if k in trial.user_attrs}
             # dense epochs taken from the warm-start cache (another refit's)
             metrics = {**cv, "warm_start_epochs": result.warm_start_epochs}
@@ -308,8 +311,6 @@ def refit_study(
                 metrics[BASELINE_METRIC] = baseline.accuracy
                 front = [*front, baseline]
             run.log_metrics(metrics)
-            figures = {"test_accuracy": test_acc, "sparsity": pruner.sparsity(), **measures}
-            log_refit_model(tracker, run, model, trial.number, figures)
             run.log_front(
                 {0: front},
                 f"{s.study.name} · refit of trial {trial.number} · {policy}",

@@ -72,7 +72,10 @@ def log_refit_model(
     it). Returns the model's URI, ``None`` where MLflow could not log the model (the
     figures are then the run's alone)."""
     info = log_model(tracker.tracking_uri, run.run_id, model, model_name(tracker.study_name, trial))
-    run.log_metrics(figures, model_id=None if info is None else info.model_id)
+    if info is None:
+        run.log_metrics(figures)
+    else:
+        run.log_metrics(figures, model_id=info.model_id, dataset=tracker.dataset)
     uri = None if info is None else info.model_uri
     if uri:
         run.set_tags({MODEL_URI_TAG: uri})

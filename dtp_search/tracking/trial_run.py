@@ -76,12 +76,24 @@ class TrialRun:
             self.client.log_batch(self.run_id, params=list(chunk))
 
     def log_metrics(
-        self, values: dict[str, float], step: int = 0, model_id: str | None = None
+        self,
+        values: dict[str, float],
+        step: int = 0,
+        model_id: str | None = None,
+        dataset: DatasetInfo | None = None,
     ) -> None:
         """Log ``values`` at ``step``; with ``model_id`` they are also the figures of that
-        logged model (MLflow 3 links a run's metric to one of its models)."""
+        logged model (MLflow 3 links a run's metric to one of its models), measured on
+        ``dataset`` (the Models tab groups a model's metrics by it)."""
         ts = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), ts, int(step), model_id=model_id) for k, v in values.items()]
+        on = (
+            {}
+            if dataset is None
+            else {"dataset_name": dataset.name, "dataset_digest": dataset.digest}
+        )
+        metrics = [
+            Metric(k, float(v), ts, int(step), model_id=model_id, **on) for k, v in values.items()
+        ]
         for chunk in _chunks(metrics, 1000):
             op = self.client.log_batch(
                 self.run_id, metrics=list(chunk), synchronous=self._synchronous
