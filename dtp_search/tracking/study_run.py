@@ -34,7 +34,7 @@ from dtp_search.tracking.tags import (
     TRIAL_TAG,
 )
 from dtp_search.tracking.trial_run import TrialRun
-from dtp_search.tracking.view import front_range, runs_url, share_view
+from dtp_search.tracking.view import TRAINING_VIEW_HINT, front_range, runs_url, share_view
 
 # The runs table's Source column (MLflow's fluent API sets these from the script it runs in).
 SOURCE_TAGS = {"mlflow.source.name": "python -m dtp_search", "mlflow.source.type": "LOCAL"}
@@ -260,7 +260,8 @@ class StudyTracker:
         return (
             f"mlflow ui --backend-store-uri {mask_url(self.tracking_uri)} "
             f"--host 127.0.0.1 --port 5000\n  then open {self.runs_url()}\n"
-            f"  fronts of every trial: {self.runs_url(charts=True)}"
+            f"  fronts of every trial: {self.runs_url(charts=True)}\n"
+            f"  {TRAINING_VIEW_HINT}"
         )
 
 

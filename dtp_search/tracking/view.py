@@ -15,6 +15,11 @@ from dtp_search.tracking.front_axis import x_key
 from dtp_search.tracking.tags import ROLE_TAG, STUDY_TAG
 
 SHARED_VIEW_TAG, VIEW_KEY = "mlflow.sharedViewState.", "dtp_search"
+# The links dtp_search writes open the training pages (workflowType in the URL); MLflow's own
+# (a run's name, the breadcrumb) follow the browser's remembered switch, GenAI until clicked.
+TRAINING_VIEW_HINT = (
+    "once per browser: click 'Model training' in the sidebar's GenAI | Model training switch"
+)
 
 
 def share_view(
@@ -172,7 +177,8 @@ def _view_state(
 
 def print_runs_urls(tracking_uri: str, base: str = "http://127.0.0.1:5000") -> None:
     """One line per study of a store: its name and runs URL, and its fronts' URL (``make
-    ui`` prints these); experiments that hold no study, one line each."""
+    ui`` prints these); experiments that hold no study, one line each; then the one click
+    that keeps MLflow's own links in the training pages (:data:`TRAINING_VIEW_HINT`)."""
     client = MlflowClient(tracking_uri=tracking_uri)
     for exp in client.search_experiments():
         studies = [
@@ -191,3 +197,4 @@ def print_runs_urls(tracking_uri: str, base: str = "http://127.0.0.1:5000") -> N
             exp.name != "Default" or client.search_runs([exp.experiment_id], max_results=1)
         ):
             print(f"{exp.name}: {runs_url(base, exp.experiment_id)}")
+    print(TRAINING_VIEW_HINT)
