@@ -104,8 +104,8 @@ def test_study_runs_then_resumes_to_the_requested_total(tmp_path):
                 ]
             )
         )
-        # (41 with train.l1_start_epoch and train.l1_bias; a little room, no more)
-        assert len(params) <= 42 and not any(
+        # at most 40 (tests/test_run_params.py holds every built-in model x policy to it)
+        assert len(params) <= 40 and not any(
             k.startswith(("sampled.", "console.", "paths.", "tracking.", "study.")) for k in params
         )
         assert (
@@ -117,6 +117,10 @@ def test_study_runs_then_resumes_to_the_requested_total(tmp_path):
         # The front as a metric history at step = 1000 * sparsity (MLflow overlays these).
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "front/accuracy")]
         assert steps == sorted(steps) and steps[-1] == 995 and len(steps) >= 8
+        # ... beside its x, the sparsity itself at the same steps (the charts' x axis)
+        xs = client.get_metric_history(child.info.run_id, "front/sparsity")
+        assert [m.step for m in xs] == steps
+        assert all(abs(1000 * m.value - m.step) <= 0.5 for m in xs)
         assert child.data.tags["mlflow.loggedImages"] == "True"  # the image grid's "front"
         history = client.get_metric_history(child.info.run_id, "fold_0/val_accuracy")
         assert [m.step for m in history] == [1, 2, 3]

@@ -2,10 +2,13 @@
 finished digits study leaves, opened at the URL the run prints.
 
 It checks what a user sees: the runs table opens on the trials with their metrics (no
-GenAI/training toggle, no run to expand), and the chart tab shows dtp_search's fronts
-section with the CV scatter, the overlay of every trial's front and the grid of front
-images. Screenshots go to the test's folder, or with ``DTP_SEARCH_UI_SHOTS=docs/img`` to
-the docs (docs/mlflow-ui.md uses them).
+run to expand); following docs/mlflow-ui.md's first step (one click on *Model training*),
+a trial and the breadcrumb back stay in the training pages; a refit's Overview shows the
+lines that load its model, and the Models tab its model with its test accuracy; the chart
+tab shows dtp_search's fronts section: the trials' and the refits' fronts against their
+sparsity, the CV and the test scatters and the grid of front images. Screenshots go to
+the test's folder, or with ``DTP_SEARCH_UI_SHOTS=docs/img`` to the docs
+(docs/mlflow-ui.md uses them).
 
 Both views are checked by one test, on one study built in this process the way the
 command line builds it (``inprocess.run_here``): under pytest-xdist two tests could each
@@ -163,6 +166,16 @@ def _shot(page, tmp_path: Path, name: str) -> None:
         page.screenshot(path=str(Path(target) / name))
 
 
+def _copy_shot(tmp_path: Path, name: str) -> None:
+    target = os.environ.get("DTP_SEARCH_UI_SHOTS")
+    if target:
+        shutil.copy(tmp_path / name, Path(target) / name)
+
+
+def _experiment_id(url: str) -> str:
+    return url.split("#/experiments/", 1)[1].split("/", 1)[0].split("?", 1)[0]
+
+
 def _printed_url(stdout: str, base: str, marker: str) -> str:
     """The URL the run printed after ``marker``, pointed at this test's server."""
     line = next(ln for ln in stdout.splitlines() if marker in ln)
@@ -197,6 +210,45 @@ def test_the_printed_urls_open_the_runs_table_and_the_fronts_side_by_side(ui, pa
     assert "other-study" not in body and "policy.theta" not in body
     _shot(page, tmp_path, "mlflow-runs.png")
 
+    # docs/mlflow-ui.md's first step, once per browser: MLflow 3.17 keeps the view a
+    # printed link opens only while the URL says so (a run name's link and the breadcrumb
+    # do not), else the one remembered from its GenAI | Model training switch.
+    page.get_by_text("trial-0", exact=True).first.click()
+    page.get_by_text("Overview", exact=True).first.wait_for(timeout=30_000)
+    assert "Evaluation runs" in page.inner_text("body")  # MLflow's GenAI pages, untold
+    page.get_by_text("Model training", exact=True).first.click()  # the one click
+    page.get_by_text("matching runs").first.wait_for(timeout=30_000)
+    # From the printed link again: a trial, then the breadcrumb back: the training runs.
+    page.goto(_printed_url(stdout, base, "then open"))
+    page.get_by_text("trial-0", exact=True).first.wait_for(timeout=90_000)
+    _close_assistant(page)
+    page.get_by_text("Override saved view").click()  # (the docs' optional second click)
+    page.get_by_text("trial-0", exact=True).first.click()
+    page.get_by_text("Overview", exact=True).first.wait_for(timeout=30_000)
+    assert "Evaluation runs" not in page.inner_text("body")
+    page.locator(f"a[href='#/experiments/{_experiment_id(page.url)}/runs']").last.click()
+    page.get_by_text("trial-0", exact=True).first.wait_for(timeout=60_000)
+    body = page.inner_text("body")
+    assert "matching runs" in body and "Evaluation runs" not in body
+    assert "refit-" in body and "other-study" not in body  # dtp_search's view, saved
+
+    # A refit's Overview: its description holds the two lines that load its model.
+    page.get_by_text("refit-0", exact=True).first.click()
+    page.get_by_text("Show more").first.wait_for(timeout=30_000)
+    run_id = page.url.rsplit("/runs/", 1)[1].split("?")[0].split("/")[0]
+    page.get_by_text("Show more").first.click()
+    body = page.inner_text("body")
+    assert f"load_pruned('{run_id}', tracking_uri=" in body, body[:2000]
+    _shot(page, tmp_path, "mlflow-refit.png")
+    # The Models tab: the refits' models, with their test accuracy.
+    page.goto(f"{base}/#/experiments/{_experiment_id(page.url)}/models")
+    page.get_by_text("digits-lenet300-agp-refit-0").first.wait_for(timeout=60_000)
+    # its first metric column: the figures linked to it (wide: the table scrolls sideways)
+    page.set_viewport_size({"width": 2100, "height": 600})
+    page.get_by_text("test_accuracy", exact=True).first.wait_for(timeout=30_000)
+    page.wait_for_timeout(500)
+    _shot(page, tmp_path, "mlflow-models.png")
+
     # The fronts of every trial, side by side, on the chart tab: the second printed link,
     # in a fresh browser context (nothing kept from the first page's visit).
     page = page.context.browser.new_page(viewport={"width": 1500, "height": 1000})
@@ -205,12 +257,29 @@ def test_the_printed_urls_open_the_runs_table_and_the_fronts_side_by_side(ui, pa
     section.wait_for(timeout=90_000)
     _close_assistant(page)
     page.wait_for_timeout(3000)
-    # The line chart of front/accuracy (one line per run) and the scatter are drawn ...
-    assert page.get_by_text("front/accuracy").count() > 0
-    assert page.get_by_text("cv_sparsity").count() > 0
-    assert page.locator(".js-plotly-plot").count() >= 2
-    # ... and the image card shows a logged front image that loaded.
+    # The trials' fronts and the refits' each in a chart of its own, x: the front's
+    # sparsity; the CV scatter and the test one beside them ...
+    charts = page.locator(".js-plotly-plot")
+    charts.nth(3).wait_for(timeout=30_000)
+    section = page.inner_text("body")
+    for title in (
+        "front/accuracy",
+        "front/test_accuracy",
+        "front/test_sparsity",
+        "cv_sparsity vs. cv_accuracy",
+        "sparsity vs. test_accuracy",
+    ):
+        assert title in section, title
+    fronts = charts.nth(0).inner_text() + charts.nth(1).inner_text()
+    assert "front/sparsity" in fronts and "Step" not in fronts  # the x axis' title
+    assert "front/accuracy vs" not in section
+    # ... and the image card shows a logged front image that loaded, without params.
     imgs = page.locator("img[src*='get-artifact'], img[src*='images']")
     imgs.first.wait_for(timeout=30_000)
     assert imgs.first.evaluate("img => img.complete && img.naturalWidth > 100")
+    card = imgs.first.locator("xpath=ancestor::div[5]")
+    assert card.bounding_box()["width"] > 200 and "policy.name" not in card.inner_text()
     _shot(page, tmp_path, "mlflow-fronts.png")
+    imgs.first.scroll_into_view_if_needed()
+    card.screenshot(path=str(tmp_path / "mlflow-front-images.png"))
+    _copy_shot(tmp_path, "mlflow-front-images.png")

@@ -273,6 +273,9 @@ def test_a_study_of_accuracy_against_flops_with_channel_pruning(tmp_path):
     assert m["cv_flops"] == pytest.approx(flops) and "cv_flops_std" in m
     steps = [p.step for p in client.get_metric_history(child.info.run_id, "front/accuracy")]
     assert round(1000 * flops) in steps or any(abs(s - 1000 * flops) <= 1 for s in steps)
+    # the charts' x: the FLOPs fraction itself, at the same steps
+    xs = client.get_metric_history(child.info.run_id, "front/flops")
+    assert [p.step for p in xs] == steps and all(0 < p.value <= 1 for p in xs)
     front = client.download_artifacts(child.info.run_id, "front.json", str(tmp_path))
     assert "flops" in json.loads(Path(front).read_text())["columns"]
     refit = client.search_runs(

@@ -107,6 +107,9 @@ def test_refit_runs_once_per_chosen_trial_and_its_export_reproduces_test_accurac
     ).read_text()
     for n in chosen:
         assert f"<tr><td>{n}</td>" in report
+    for run in runs:  # each refit's run id, and how to load one
+        assert run.info.run_id in report
+    assert "load_pruned(" in report
     assert report.count("<img") >= 2 and "test accuracy" in report
 
     # Each refit also logged an MLflow model, linked to its run.
@@ -119,7 +122,7 @@ def test_refit_runs_once_per_chosen_trial_and_its_export_reproduces_test_accurac
         )
     assert {m.source_run_id for m in models} == {r.info.run_id for r in runs}
     assert {m.name for m in models} == {
-        f"r-trial-{r.data.tags['dtp_search.refit_of']}" for r in runs
+        f"r-refit-{r.data.tags['dtp_search.refit_of']}" for r in runs
     }
 
     # refit.register=true: the most accurate refit's model becomes version 1 of "r", once.

@@ -32,7 +32,8 @@ def test_urls_in_any_text_have_their_password_masked():
 def test_no_url_in_a_run_config_keeps_its_password_in_mlflow():
     from omegaconf import OmegaConf
 
-    from dtp_search.search.config import config_yaml, run_params
+    from dtp_search.search.config import config_yaml
+    from dtp_search.search.params import run_params
 
     cfg = OmegaConf.create(
         {

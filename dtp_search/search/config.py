@@ -175,41 +175,6 @@ def _selection(pruner: PrunerSettings) -> LayerSelection:
 ENGINE_KEYS = ("train.eval_batch_size", "train.amp", "train.channels_last", "train.compile")
 
 
-def run_params(cfg: DictConfig) -> dict[str, Any]:
-    """The MLflow params of a trial or refit run: the trial's own configuration (seed, folds,
-    dataset name, model, policy, training recipe) and nothing about where or how it runs
-    (console, paths, stores, sampler, engine switches), so that the runs table compares
-    what differs between trials. The whole config goes to the run as ``config.yaml``."""
-    flat = flatten(loggable(cfg))
-    keep = {"seed", "cv.folds", "dataset.name"}  # (cv.repeats: the cv_folds metric has it)
-    out = {
-        k: v
-        for k, v in flat.items()
-        if (k in keep or k.split(".", 1)[0] in ("model", "policy", "train"))
-        and k not in ENGINE_KEYS
-    }
-    # Empty lists (policy.layers.include=[]: all layers) say nothing in the runs table.
-    out = {k: v for k, v in out.items() if v != []}
-    # Unset model keys (a built-in network's _target_ and checkpoint, or an architecture's
-    # keys another architecture has) say nothing either.
-    out = {k: v for k, v in out.items() if not (k.startswith("model.") and v is None)}
-    if out.get("model.arch") == out.get("model.name"):
-        out.pop("model.arch", None)  # says nothing more than the name
-    # Nor do a switched-off feature's settings, nor the scope an allocation supersedes.
-    for switch, off, implied in _IMPLIED:
-        if out.get(switch, off) == off:
-            out = {k: v for k, v in out.items() if k not in implied}
-    out.pop("policy.scope" if out.get("policy.allocation") else "policy.allocation", None)
-    return out
-
-
-_IMPLIED = (
-    ("train.distill.alpha", 0.0, ("train.distill.temperature", "train.distill.teacher")),
-    ("train.distill.teacher", None, ("train.distill.teacher",)),
-    ("train.l1", 0.0, ("train.l1_start_epoch", "train.l1_bias")),
-)
-
-
 def config_yaml(cfg: DictConfig) -> str:
     """The resolved trial config as YAML, passwords masked (the run's ``config.yaml``)."""
     return OmegaConf.to_yaml(OmegaConf.create(loggable(cfg)))

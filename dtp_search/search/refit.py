@@ -44,9 +44,9 @@ from dtp_search.search.config import (
     config_yaml,
     make_cost_meter,
     make_warm_start,
-    run_params,
     settings_of,
 )
+from dtp_search.search.params import run_params
 from dtp_search.settings import (
     COST_OBJECTIVES,
     FrontSettings,
@@ -55,7 +55,7 @@ from dtp_search.settings import (
     front_axis,
 )
 from dtp_search.tracking import StudyTracker, plot_layer_sparsity, records
-from dtp_search.tracking.logged_models import MODEL_URI_TAG, log_model, register
+from dtp_search.tracking.logged_models import log_refit_model, register
 from dtp_search.tracking.results import chosen_trials
 from dtp_search.training import (
     CostProbe,
@@ -240,7 +240,9 @@ def refit_study(
         tcfg = trial_config(cfg, space, trial)
         ts = settings_of(tcfg)
         policy = str(ts.policy["name"])
-        run = tracker.start_refit(trial.number, run_params(tcfg), policy, config_yaml(tcfg))
+        run = tracker.start_refit(
+            trial.number, run_params(tcfg, trial.params), policy, config_yaml(tcfg)
+        )
         try:
             if console is not None:
                 console.out.print(
@@ -285,21 +287,14 @@ def refit_study(
                         save_pruned(model, config, Path(tmp) / "compact.pt", compact_input=example),
                         "model",
                     )
-            model_uri = log_model(
-                tracker.tracking_uri, run.run_id, model, f"{s.study.name}-trial-{trial.number}"
-            )
-            if model_uri:
-                run.set_tags({MODEL_URI_TAG: model_uri})
-            # The trial's own CV figures under the names the trial runs use, then the test ones.
+            # The test figures are the logged model's too (log_refit_model); the rest
+            # after it (MLflow links a run's earlier metrics to a model logged later).
+            figures = {"test_accuracy": test_acc, "sparsity": pruner.sparsity(), **measures}
+            log_refit_model(tracker, run, model, trial.number, figures)
+            # The trial's own CV figures under the names the trial runs use.
             cv = {k: trial.user_attrs[k] for k in CV_METRICS if k in trial.user_attrs}
-            metrics = {
-                **cv,
-                "test_accuracy": test_acc,
-                "sparsity": pruner.sparsity(),
-                **measures,
-                # dense epochs taken from the warm-start cache (another refit's)
-                "warm_start_epochs": result.warm_start_epochs,
-            }
+            # dense epochs taken from the warm-start cache (another refit's)
+            metrics = {**cv, "warm_start_epochs": result.warm_start_epochs}
             if baseline is not None:
                 metrics[BASELINE_METRIC] = baseline.accuracy
                 front = [*front, baseline]

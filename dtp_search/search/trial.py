@@ -29,11 +29,11 @@ from dtp_search.search.config import (
     make_fidelity,
     make_sampler,
     make_warm_start,
-    run_params,
     settings_of,
 )
 from dtp_search.search.early_stop import ParetoFoldStop
 from dtp_search.search.fidelity import POINT_ATTR, RUNG_ATTR, FidelityRung
+from dtp_search.search.params import run_params
 from dtp_search.search.trial_record import record
 from dtp_search.settings import COST_OBJECTIVES, Settings, front_axis
 from dtp_search.tracking import StudyTracker, TrialRun, records
@@ -175,7 +175,9 @@ def _start(trial: optuna.Trial, ctx: SearchContext) -> _Trial:
     )
     resume = checkpoint.load(ctx.device) if checkpoint is not None else None
 
-    run = ctx.tracker.start_trial(trial.number, run_params(tcfg), sampled, config_yaml(tcfg))
+    run = ctx.tracker.start_trial(
+        trial.number, run_params(tcfg, sampled), sampled, config_yaml(tcfg)
+    )
     try:
         _describe(trial, run, policy_name, lineage, inherited, resume)
     except StorageUnavailable as exc:

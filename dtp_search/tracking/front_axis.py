@@ -15,6 +15,14 @@ AXIS_LABELS = {
 }
 
 
+def x_key(axis: str, split: str = "validation") -> str:
+    """The metric history that holds a front's x at each of its steps, the x axis of the
+    UI's front charts (titled with this key): ``front/<axis>`` on a trial's (validation)
+    front, ``front/test_<axis>`` on a refit's test front (a key of their own: the UI's
+    legend lists every run that has either key of a chart)."""
+    return f"front/{axis}" if split != "test" else f"front/test_{axis}"
+
+
 def row_key(axis: str) -> str:
     """The key of a Pareto row (:func:`dtp_search.tracking.results.pareto_rows`) that holds the CV
     value of ``axis``: ``sparsity``, or the cost's metric name (``cv_flops``, ...)."""

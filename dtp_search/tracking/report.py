@@ -27,7 +27,7 @@ import optuna
 from optuna.trial import TrialState
 
 from dtp_search.settings import COST_OBJECTIVES
-from dtp_search.tracking import records
+from dtp_search.tracking import notes, records
 from dtp_search.tracking.front_axis import AXIS_LABELS, row_key
 from dtp_search.tracking.plots import plot_layer_sparsity, plot_pareto
 from dtp_search.tracking.results import pareto_rows, study_axis, trial_points
@@ -118,9 +118,14 @@ def _count(v: float) -> str:
 
 
 def build_report(
-    study: optuna.Study, rows: list[dict[str, Any]], refits: dict[str, dict[str, Any]]
+    study: optuna.Study,
+    rows: list[dict[str, Any]],
+    refits: dict[str, dict[str, Any]],
+    tracking_uri: str | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """The HTML report and the figures in it (``name → matplotlib figure``, not yet closed)."""
+    """The HTML report and the figures in it (``name → matplotlib figure``, not yet closed).
+    Each refit's MLflow run id is in the table; with ``tracking_uri`` the report also shows
+    how to load the most accurate refit's model."""
     figures = {"pareto": pareto_figure(study, rows)}
     layers = {int(n): r["layer_sparsity"] for n, r in refits.items() if r.get("layer_sparsity")}
     if layers:
@@ -143,6 +148,7 @@ def build_report(
         "CV accuracy",
         "CV sparsity",
         *(f"CV {c} (compact / dense)" for c in costs),
+        "refit run",
         "test accuracy",
         "test sparsity",
         "non-zero / params",
@@ -177,6 +183,7 @@ def build_report(
                 else "—"
                 for c in costs
             ),
+            ref.get("run_id", "—"),
             f"{ref['test_accuracy']:.4f}" if "test_accuracy" in ref else "—",
             f"{ref['sparsity']:.4f}" if "sparsity" in ref else "—",
             ratio("nonzero_params", "params"),
@@ -199,6 +206,17 @@ def build_report(
         f"<img alt='{html.escape(k)}' src='data:image/png;base64,{v}'/>"
         for k, v in images.items()
     )
+    ran = [r for r in refits.values() if "run_id" in r and "test_accuracy" in r]
+    loading = (
+        ""
+        if not (ran and tracking_uri)
+        else "<p>Load a refit model (here the most accurate; any refit run id of the table "
+        "works):</p><pre>"
+        + html.escape(
+            notes.load_snippet(max(ran, key=lambda r: r["test_accuracy"])["run_id"], tracking_uri)
+        )
+        + "</pre>"
+    )
     n_complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     base = study.user_attrs.get(records.CHECKPOINT_BASELINE)
     baseline = (
@@ -216,15 +234,19 @@ img{{max-width:100%}}</style></head><body>
 <p>{n_complete} complete trials; {len(rows)} Pareto-optimal (cross-validated on the training
 split). Test accuracy comes from one evaluation of each refit model, trained on the whole
 training split.</p>{baseline}
-<h2>Pareto-optimal trials</h2>{table}{imgs}</body></html>"""
+<h2>Pareto-optimal trials</h2>{table}{loading}{imgs}</body></html>"""
     return doc, figures
 
 
 def log_report(study: optuna.Study, tracker: StudyTracker) -> str:
     """Build the report and log it (with its figures) on the study's parent run."""
     rows = pareto_rows(study)
-    doc, figures = build_report(study, rows, study.user_attrs.get(records.REFIT, {}))
+    refits = study.user_attrs.get(records.REFIT, {})
+    doc, figures = build_report(study, rows, refits, tracker.tracking_uri)
     tracker.client.log_text(tracker.parent_run_id, doc, "report.html")
+    # The study run's Overview: its refits, each a link to its run, and how to load one.
+    note = notes.study_note(tracker.experiment_id, refits, tracker.tracking_uri)
+    tracker.client.set_tag(tracker.parent_run_id, notes.NOTE_TAG, note)
     for name, fig in figures.items():
         if name != "pareto":  # pareto_front.png is logged by refresh_pareto
             tracker.client.log_figure(tracker.parent_run_id, fig, f"{name}.png")

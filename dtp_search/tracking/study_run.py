@@ -20,6 +20,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 
 from dtp_search.storage import DEFAULT_PATIENCE, mask_url
 from dtp_search.tracking.dataset import DatasetInfo, log_dataset
+from dtp_search.tracking.front_axis import row_key
 from dtp_search.tracking.patience import patient_client
 from dtp_search.tracking.plots import plot_pareto
 from dtp_search.tracking.tags import (
@@ -33,7 +34,7 @@ from dtp_search.tracking.tags import (
     TRIAL_TAG,
 )
 from dtp_search.tracking.trial_run import TrialRun
-from dtp_search.tracking.view import runs_url, share_view
+from dtp_search.tracking.view import TRAINING_VIEW_HINT, front_range, runs_url, share_view
 
 # The runs table's Source column (MLflow's fluent API sets these from the script it runs in).
 SOURCE_TAGS = {"mlflow.source.name": "python -m dtp_search", "mlflow.source.type": "LOCAL"}
@@ -59,6 +60,7 @@ class StudyTracker:
         self.experiment_id = self._experiment(experiment, artifact_location)
         self.parent_run_id = self._parent_run()
         self.dataset: DatasetInfo | None = None
+        self._view: tuple[list[str], str] | None = None  # (param keys, axis) once shared
 
     def _experiment(self, name: str, artifact_location: str | None) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -209,6 +211,10 @@ class StudyTracker:
         self.client.log_figure(self.parent_run_id, fig, "pareto_front.png")
         plt.close(fig)
         ts = int(time.time() * 1000)
+        if self._view is not None:  # the process that shared the view: zoom its fronts
+            keys, view_axis = self._view
+            xs = [r[row_key(axis)] for r in rows if row_key(axis) in r]
+            self.share_view(keys, view_axis, front_range(xs, axis))
         self.client.log_batch(
             self.parent_run_id,
             metrics=[
@@ -227,10 +233,18 @@ class StudyTracker:
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.parent_run_id, status)
 
-    def share_view(self, param_keys: Iterable[str] = (), axis: str = "sparsity") -> None:
+    def share_view(
+        self,
+        param_keys: Iterable[str] = (),
+        axis: str = "sparsity",
+        x_range: tuple[float, float] | None = None,
+    ) -> None:
         """Store dtp_search's view of the experiment, filtered to this study's runs, as an
-        MLflow *shared view* (:func:`dtp_search.tracking.view.share_view`)."""
-        share_view(self.client, self.experiment_id, self.study_name, param_keys, axis)
+        MLflow *shared view* (:func:`dtp_search.tracking.view.share_view`); each Pareto
+        refresh (:meth:`log_pareto`) stores it again, its front charts' x range the
+        front's (:func:`dtp_search.tracking.view.front_range`)."""
+        self._view = (list(param_keys), axis)
+        share_view(self.client, self.experiment_id, self.study_name, param_keys, axis, x_range)
 
     def runs_url(self, base: str = "http://127.0.0.1:5000", charts: bool = False) -> str:
         """The study's runs table (or with ``charts`` its chart tab) in the MLflow UI, in
@@ -246,7 +260,8 @@ class StudyTracker:
         return (
             f"mlflow ui --backend-store-uri {mask_url(self.tracking_uri)} "
             f"--host 127.0.0.1 --port 5000\n  then open {self.runs_url()}\n"
-            f"  fronts of every trial: {self.runs_url(charts=True)}"
+            f"  fronts of every trial: {self.runs_url(charts=True)}\n"
+            f"  {TRAINING_VIEW_HINT}"
         )
 
 

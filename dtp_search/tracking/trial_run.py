@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from dtp_search.pruning.front import FrontPoint
 from dtp_search.tracking.dataset import DatasetInfo, log_dataset
-from dtp_search.tracking.front_axis import FRONT_STEPS, front_x
+from dtp_search.tracking.front_axis import FRONT_STEPS, front_x, x_key
 from dtp_search.tracking.plots import plot_trial_front
 from dtp_search.tracking.tags import STATE_TAG
 
@@ -75,9 +75,25 @@ class TrialRun:
         for chunk in _chunks(items, 100):
             self.client.log_batch(self.run_id, params=list(chunk))
 
-    def log_metrics(self, values: dict[str, float], step: int = 0) -> None:
+    def log_metrics(
+        self,
+        values: dict[str, float],
+        step: int = 0,
+        model_id: str | None = None,
+        dataset: DatasetInfo | None = None,
+    ) -> None:
+        """Log ``values`` at ``step``; with ``model_id`` they are also the figures of that
+        logged model (MLflow 3 links a run's metric to one of its models), measured on
+        ``dataset`` (the Models tab groups a model's metrics by it)."""
         ts = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), ts, int(step)) for k, v in values.items()]
+        on = (
+            {}
+            if dataset is None
+            else {"dataset_name": dataset.name, "dataset_digest": dataset.digest}
+        )
+        metrics = [
+            Metric(k, float(v), ts, int(step), model_id=model_id, **on) for k, v in values.items()
+        ]
         for chunk in _chunks(metrics, 1000):
             op = self.client.log_batch(
                 self.run_id, metrics=list(chunk), synchronous=self._synchronous
@@ -108,11 +124,12 @@ class TrialRun:
         row per point, its costs as columns), ``front.png``, the image ``front`` (so that
         the chart view's image grid puts every run's front side by side) and the metric
         history ``front/accuracy`` (``front/test_accuracy`` when ``split="test"``) at
-        step = round(1000 · x), so that one MLflow line chart overlays the fronts of every
-        run.
+        step = round(1000 · x), beside ``front/<axis>`` (``front/test_<axis>``,
+        :func:`x_key`) holding x itself at the same steps, so that one MLflow line chart,
+        its x axis that metric, overlays the fronts of every run.
 
-        The metric holds the final model and its one-shot sweep; where folds share a step,
-        it is their mean accuracy.
+        The metrics hold the final model and its one-shot sweep; where folds share a step,
+        they are the folds' mean accuracy and mean x.
         """
         rows = [
             {"fold": k, **{n: v for n, v in p.as_dict().items() if n != "costs"}, **p.costs}
@@ -120,15 +137,19 @@ class TrialRun:
             for p in pts
         ]
         self.client.log_table(self.run_id, data=pd.DataFrame(rows), artifact_file="front.json")
-        by_step: dict[int, list[float]] = {}
+        by_step: dict[int, list[tuple[float, float]]] = {}
         for pts in fronts.values():
             for p in pts:
                 x = front_x(p, axis)
                 if p.source in ("final", "sweep") and x is not None:
-                    by_step.setdefault(round(FRONT_STEPS * x), []).append(p.accuracy)
+                    by_step.setdefault(round(FRONT_STEPS * x), []).append((x, p.accuracy))
         key = "front/test_accuracy" if split == "test" else "front/accuracy"
         ts = int(time.time() * 1000)
-        metrics = [Metric(key, sum(a) / len(a), ts, step) for step, a in sorted(by_step.items())]
+        metrics = [
+            Metric(name, sum(v) / len(v), ts, step)
+            for step, xa in sorted(by_step.items())
+            for name, v in ((key, [a for _, a in xa]), (x_key(axis, split), [x for x, _ in xa]))
+        ]
         for chunk in _chunks(metrics, 1000):
             self.client.log_batch(self.run_id, metrics=list(chunk))
         fig = plot_trial_front(fronts, title, split=split, axis=axis)
