@@ -5,6 +5,7 @@ run is in tests/test_scripts.py."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,8 @@ SCRIPT = REPO / "scripts" / "bench_torch_pruning.py"
 
 
 def _bench():
+    if str(SCRIPT.parent) not in sys.path:  # (where the script finds its _cli, as when run)
+        sys.path.insert(0, str(SCRIPT.parent))
     spec = importlib.util.spec_from_file_location("bench_torch_pruning", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -152,7 +152,7 @@ def test_a_teacher_file_is_loaded_into_the_masked_copy_and_a_misfit_names_the_ke
 def test_run_params_leave_out_what_a_switched_off_feature_or_superseded_key_says():
     from omegaconf import OmegaConf
 
-    from dtp_search.search.config import run_params
+    from dtp_search.search.params import run_params
 
     cfg = OmegaConf.create(
         {
