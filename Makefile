@@ -23,16 +23,17 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) -m dtp_search $(ARGS)
 
-## Lint and format check, then the whole test suite, one pytest-xdist worker per core (tests spread one by one;
-## a module-scoped study is built once per worker that needs it). `make test-fast` leaves
+## Lint and format check, then the whole test suite, one pytest-xdist worker per core (a worker
+## that runs out of tests takes some of the other's queue, so that the long end-to-end runs do not
+## leave a core idle at the end; a module-scoped study is built once per worker that needs it). `make test-fast` leaves
 ## out the end-to-end CLI runs marked slow.
 test: $(STAMP)
 	$(VENV)/bin/ruff check dtp_search tests scripts
 	$(VENV)/bin/ruff format --check dtp_search tests scripts
-	$(PY) -m pytest -q -n auto --dist load
+	$(PY) -m pytest -q -n auto --dist worksteal
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n auto --dist load -m "not slow"
+	$(PY) -m pytest -q -n auto --dist worksteal -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check dtp_search tests scripts

@@ -26,6 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 import optuna
+from _cli import dtp_search
 from mlflow.tracking import MlflowClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -57,7 +58,19 @@ def launch(root: Path, args: list[str], log: Path) -> subprocess.Popen:
         )
 
 
+def run_alone(root: Path, name: str, args: list[str]) -> float:
+    """Wall seconds of one ``python -m dtp_search`` that runs the study by itself."""
+    start = time.perf_counter()
+    done = dtp_search([f"paths.root={root}", *args], cwd=root, log=root / f"{name}-0.log")
+    if done.returncode != 0:
+        sys.exit(f"{name}: the process failed:\n{done.output[-3000:]}")
+    return time.perf_counter() - start
+
+
 def run(root: Path, name: str, processes: int, args: list[str]) -> float:
+    """Wall seconds of ``processes`` concurrent ``python -m dtp_search`` processes (one
+    with ``study.workers=N`` starts its workers from its own command line, as Hydra
+    parsed it: a process of its own, always)."""
     logs = [root / f"{name}-{i}.log" for i in range(processes)]
     start = time.perf_counter()
     procs = [launch(root, args, log) for log in logs]
@@ -116,7 +129,7 @@ def main() -> None:
         tmp = Path(tmp)
         root = tmp / "sqlite"
         root.mkdir()
-        t = run(root, "sqlite", 1, ["study.name=bench", *common])
+        t = run_alone(root, "sqlite", ["study.name=bench", *common])
         results.append(
             (
                 "sqlite, 1 process",
