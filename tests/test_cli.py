@@ -175,7 +175,9 @@ POLICIES = [
 @pytest.mark.parametrize("policy", POLICIES)
 def test_every_policy_runs_from_the_cli(tmp_path, policy):
     root = tmp_path / "runs"
-    res = run_here(root, f"policy={policy}", "search.n_trials=1", *TINIEST)
+    # (no refit: the policy is what differs here; test_refit and the choice study below
+    # refit trained networks)
+    res = run_here(root, f"policy={policy}", "search.n_trials=1", "refit.enabled=false", *TINIEST)
     assert res.returncode == 0, res.stderr[-3000:]
     study = optuna.load_study(
         study_name=f"digits-lenet300-{policy}", storage=f"sqlite:///{root}/optuna.db"
