@@ -28,20 +28,20 @@ run: $(STAMP)
 ## leave a core idle at the end; a module-scoped study is built once per worker that needs it). `make test-fast` leaves
 ## out the end-to-end CLI runs marked slow.
 test: $(STAMP)
-	$(VENV)/bin/ruff check dtp_search tests scripts
-	$(VENV)/bin/ruff format --check dtp_search tests scripts
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q -n auto --dist worksteal
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n auto --dist worksteal -m "not slow"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check dtp_search tests scripts
-	$(VENV)/bin/ruff format --check dtp_search tests scripts
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format dtp_search tests scripts
-	$(VENV)/bin/ruff check --fix dtp_search tests scripts
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 ## The MLflow UI on this folder's default store, on 127.0.0.1 only (prints each study's runs URL first).
 ui: $(STAMP)
