@@ -8,6 +8,7 @@ the logged model is MLflow's view of the same network, so that the UI's Models t
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,6 +16,9 @@ from dtp_search.pruning import strip_masks
 from dtp_search.tracking import notes, records
 from dtp_search.tracking.study_run import StudyTracker
 from dtp_search.tracking.trial_run import TrialRun
+
+if TYPE_CHECKING:
+    from mlflow.models.model import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +30,9 @@ def model_name(study_name: str, trial: int) -> str:
     return f"{study_name}-refit-{trial}"
 
 
-def log_model(tracking_uri: str, run_id: str, model: torch.nn.Module, name: str):
+def log_model(
+    tracking_uri: str, run_id: str, model: torch.nn.Module, name: str
+) -> ModelInfo | None:
     """Also log the (mask-free) model with ``mlflow.pytorch.log_model``, where that works.
 
     MLflow's default ``pt2`` format fixes the batch size of the traced example, so the

@@ -8,8 +8,8 @@ Modules, lowest first: ``history`` (what a fold returns), ``device``, ``optim``
 (optimizer and schedules), ``warmstart`` (the dense warm-start cache and its keys),
 ``checkpoint`` (per-trial checkpoints for resumed retries), ``evaluation`` (accuracy,
 costs, the one-shot sweep), ``batching`` (a fold's batches and feedback hold-out),
-``distill`` (the teacher and its loss), ``trainer`` (the loop, :class:`FoldTrainer`), ``fold`` (:func:`prune_and_train`), ``cv``
-(:func:`cross_validate`).
+``distill`` (the teacher and its loss), ``trainer`` (the loop, :class:`FoldTrainer`),
+``fold`` (:func:`prune_and_train`), ``cv`` (:func:`cross_validate`).
 """
 
 from dtp_search.training.batching import attach_feedback, eval_batches, train_batches
