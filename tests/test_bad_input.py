@@ -3,7 +3,9 @@ status 2, no traceback — before any training, and with the study's stores unto
 
 The table runs in this process, the way the command line does (``check_overrides``,
 then ``run_study`` until it raises), which keeps it fast; :data:`END_TO_END` runs a case
-of each kind through ``python -m dtp_search`` itself (exit status, stderr, no traceback)."""
+of each kind through the command line's own steps (``__main__.run``: exit status, stderr,
+no traceback), and :data:`IN_A_PROCESS` two of them through ``python -m dtp_search`` itself:
+one refused before Hydra's app starts, one inside it."""
 
 from __future__ import annotations
 
@@ -225,10 +227,13 @@ END_TO_END = [
     "study.storage=postgresql://u:p@127.0.0.1:1/db",
     "tracking.uri=http://127.0.0.1:1",
 ]
+# Run as a real process too (each start costs about 9 CPU-seconds of imports): a typo caught
+# by the override check before Hydra's app starts, and a rule broken inside Hydra's app.
+IN_A_PROCESS = ["model=foo", "cv.folds=1"]
 # Cases that wait on the network: seconds each may take, start-up included (the probes
 # give up after 5 s; MLflow's own retries took over two minutes).
 # Unreachable servers must be refused quickly, not after a long retry loop. The bound
-# includes the interpreter's start and imports, which on 2 busy cores take ~20 s alone.
+# included the interpreter's start when these ran as processes; in this process it is the probes' own.
 WITHIN = {
     "study.storage=postgresql://u:p@127.0.0.1:1/db": 60,
     "tracking.uri=http://127.0.0.1:1": 60,
@@ -321,7 +326,14 @@ def test_bad_input_is_one_line_before_any_work_and_touches_nothing(study_root, o
 @pytest.mark.parametrize("case", END_TO_END)
 def test_bad_input_exits_2_with_one_line_and_no_traceback(study_root, case):
     ((overrides, fragment),) = [c for c in CASES if " ".join(c[0]) == case]
-    _assert_refused(study_root, overrides, fragment, within=WITHIN.get(case, 600))
+    _assert_refused(study_root, overrides, fragment, within=WITHIN.get(case, 600), in_process=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", IN_A_PROCESS)
+def test_bad_input_exits_2_from_a_real_process(study_root, case):
+    ((overrides, fragment),) = [c for c in CASES if " ".join(c[0]) == case]
+    _assert_refused(study_root, overrides, fragment)
 
 
 @pytest.mark.slow

@@ -68,7 +68,8 @@ def run_study(cfg: DictConfig, overrides: Sequence[str] | None = None) -> optuna
     if typed.mode == "compare":
         return compare(typed)
     fixed = search_space.fix_set_keys(cfg, _command_line(overrides))
-    s, space = check_config(cfg)
+    # (the typed settings hold the search spaces: taken again when keys were fixed)
+    s, space = check_config(cfg, None if fixed else typed)
     preflight.check_machine(s)  # stores readable, folders writable: before either opens
     console = Console(enabled=s.console.progress)
     is_worker = os.environ.get(WORKER_ENV) is not None
