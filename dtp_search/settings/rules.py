@@ -18,10 +18,12 @@ SEED_HIGH = 2**32
 @dataclass(frozen=True)
 class Rule:
     """What a field allows beyond its type: ``low <= value < high`` (``above``: strictly
-    greater), one of ``choices``, or ``each`` of a list's items among ``choices``."""
+    greater; ``at_most``: ``value <= at_most``), one of ``choices``, or ``each`` of a
+    list's items among ``choices``."""
 
     low: float | None = None
     high: float | None = None
+    at_most: float | None = None
     above: float | None = None
     choices: tuple[Any, ...] | None = None
     each: bool = False
@@ -39,13 +41,14 @@ class Rule:
             math.isfinite(value)
             and (self.low is None or value >= self.low)
             and (self.high is None or value < self.high)
+            and (self.at_most is None or value <= self.at_most)
             and (self.above is None or value > self.above)
         )
 
 
 def rule(default: Any = MISSING, **limits: Any) -> Any:
     """A dataclass field with ``default`` and a :class:`Rule` (``low``, ``high``,
-    ``above``, ``choices``, ``each``, ``words``)."""
+    ``above``, ``at_most``, ``choices``, ``each``, ``words``)."""
     if "choices" in limits:
         limits["choices"] = tuple(limits["choices"])
     meta = {"rule": Rule(**limits)}
@@ -79,7 +82,9 @@ def allowed(owner: type, name: str) -> str:
         noun = "a number"
     else:
         noun = "a text"
-    if r.above is not None and r.high is not None:
+    if r.low is not None and r.at_most is not None:
+        span = f" in [{r.low}, {r.at_most}]"
+    elif r.above is not None and r.high is not None:
         span = f" in ({r.above}, {r.high})"
     elif r.low is not None and r.high is not None:
         span = (

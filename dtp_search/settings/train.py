@@ -24,17 +24,11 @@ class DistillSettings:
     the loss is (1 − α)·CE(y) + α·T²·KL(softmax(t/T) ‖ softmax(s/T)), t the teacher's and
     s the student's logits. α = 0 (the default) is plain CE."""
 
-    alpha: float = rule(0.0, low=0, words="a number in [0, 1]; 0 = off")
+    alpha: float = rule(0.0, low=0, at_most=1, words="a number in [0, 1]; 0 = off")
     temperature: float = rule(4.0, above=0)
     # A state_dict of this very network to distil from (e.g. the dense network trained
     # once, by hand); null: the fold's own dense network when pruning begins.
     teacher: str | None = None
-
-    def _check(self, prefix: str) -> None:
-        if self.alpha > 1:
-            raise ValueError(
-                f"{prefix}alpha={self.alpha!r} is not allowed; allowed: a number in [0, 1]; 0 = off"
-            )
 
 
 @dataclass
