@@ -39,3 +39,11 @@ def test_small_inputs_get_a_clear_error_or_padding():
         build_model(cfg, (1, 8, 8), 10)
     cfg.padding = [2, 2]
     assert build_model(cfg, (1, 8, 8), 10)(torch.randn(1, 1, 8, 8)).shape == (1, 10)
+
+
+def test_the_built_in_networks_are_the_settings_archs_but_custom():
+    # models.MODELS names the classes here; settings.MODEL_ARCHS is what model.arch allows.
+    from dtp_search.models import MODELS
+    from dtp_search.settings import MODEL_ARCHS
+
+    assert (*MODELS, "custom") == MODEL_ARCHS

@@ -56,9 +56,9 @@ from dtp_search.data.scan import _Plan, _scan
 from dtp_search.data.splits import Split, channel_stats, tensor_digest
 from dtp_search.data.streaming import Source, StreamedSplit, decode_into_memory, default_workers
 from dtp_search.errors import DatasetError
-from dtp_search.settings import DatasetSettings, from_mapping
+from dtp_search.settings import DATASET_KINDS, DatasetSettings, from_mapping
 
-KINDS = ("digits", "cifar10", "mnist", "imagefolder", "torchvision", "custom")
+KINDS = DATASET_KINDS  # (the settings' list: one place for the allowed kinds)
 
 
 @dataclass

@@ -11,8 +11,8 @@ from torch import nn
 
 from dtp_search.models.user import build_custom
 from dtp_search.models.weights import apply_checkpoint, load_checkpoint
-from dtp_search.models.zoo import MLP, MODELS, VGG, LeNetStyle, ResNetCifar
-from dtp_search.settings import ModelSettings, from_mapping
+from dtp_search.models.zoo import MLP, VGG, LeNetStyle, ResNetCifar
+from dtp_search.settings import MODEL_ARCHS, ModelSettings, from_mapping
 
 
 def build_model(
@@ -45,7 +45,7 @@ def build_model(
         return ResNetCifar(
             c, num_classes, n=int(_or(cfg.depth_n, 3)), widths=list(_or(cfg.widths, (16, 32, 64)))
         )
-    raise ValueError(f"model.arch={arch!r} is not supported; allowed: {[*MODELS, 'custom']}")
+    raise ValueError(f"model.arch={arch!r} is not supported; allowed: {list(MODEL_ARCHS)}")
 
 
 def start_model(
