@@ -92,7 +92,7 @@ def test_imagefolder_decodes_caches_and_invalidates(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("decoded again despite the cache")
 
-    monkeypatch.setattr(imagefolder_mod, "_decode_all", boom)
+    monkeypatch.setattr(imagefolder_mod, "decode_all", boom)
     again, _ = load_imagefolder(tmp_path / "tree" / "train", cache_dir=cache)
     assert torch.equal(again.images, split.images)
     monkeypatch.undo()

@@ -111,9 +111,9 @@ def test_an_image_overwritten_in_place_is_decoded_again(tmp_path, monkeypatch):
     first, _ = load_imagefolder(tree / "train", cache_dir=cache)
     _overwrite_in_place(target, seed=99)
     decoded = []
-    real = imagefolder_mod._decode_all
+    real = imagefolder_mod.decode_all
     monkeypatch.setattr(
-        imagefolder_mod, "_decode_all", lambda *a, **k: decoded.append(1) or real(*a, **k)
+        imagefolder_mod, "decode_all", lambda *a, **k: decoded.append(1) or real(*a, **k)
     )
     again, _ = load_imagefolder(tree / "train", cache_dir=cache)
     assert decoded == [1]

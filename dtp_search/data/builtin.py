@@ -14,7 +14,7 @@ from dtp_search.errors import DatasetError, reason
 from dtp_search.settings import DatasetSettings
 
 
-def _load_digits(cfg: DatasetSettings) -> tuple[Split, Split, list[str]]:
+def load_digits_splits(cfg: DatasetSettings) -> tuple[Split, Split, list[str]]:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -39,7 +39,7 @@ def _load_digits(cfg: DatasetSettings) -> tuple[Split, Split, list[str]]:
     )
 
 
-def _load_torchvision_cifar10(
+def load_torchvision_cifar10(
     cfg: DatasetSettings, cache_dir: Any
 ) -> tuple[Split, Split, list[str]]:
     """torchvision's CIFAR-10 (downloaded into ``dataset.root`` when ``dataset.download``)."""
@@ -58,7 +58,7 @@ def _load_torchvision_cifar10(
                 "ImageFolder copy with train/ and test/ folders."
             ) from exc
         except OSError as exc:  # the download: urllib's URLError, a timeout, a reset
-            raise _download_failed(
+            raise download_failed(
                 "cifar10",
                 "CIFAR-10",
                 root,
@@ -74,7 +74,7 @@ def _load_torchvision_cifar10(
     return splits[0], splits[1], classes
 
 
-def _download_failed(kind: str, title: str, root: Path, why: str, local_copy: str) -> DatasetError:
+def download_failed(kind: str, title: str, root: Path, why: str, local_copy: str) -> DatasetError:
     """The one-line error of a failed torchvision download: why, and the offline alternative."""
     return DatasetError(
         f"dataset={kind}: downloading {title} into dataset.root={str(root)!r} failed ({why}); "

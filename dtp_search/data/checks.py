@@ -17,7 +17,7 @@ from dtp_search.settings import DatasetSettings
 _KNOWN_DATA = ("digits", "cifar10", "mnist", "torchvision")
 
 
-def _check_name(cfg: DatasetSettings) -> None:
+def check_name(cfg: DatasetSettings) -> None:
     """Refuse a ``dataset.name`` that names another dataset than a known kind loads
     (``dataset=digits dataset.name=fashionmnist``); imagefolder/custom: any name."""
     if cfg.kind not in _KNOWN_DATA:
@@ -38,7 +38,7 @@ def _check_name(cfg: DatasetSettings) -> None:
         )
 
 
-def _where(cfg: DatasetSettings) -> str:
+def source_key(cfg: DatasetSettings) -> str:
     """The key that says where the data comes from, for the cross-split errors."""
     if cfg.kind in ("torchvision", "custom"):
         return f"dataset._target_={cfg._target_}"
@@ -53,7 +53,7 @@ def _shape_of(split: Split | Source | StreamedSplit) -> tuple[int, ...]:
     return tuple(split.shape)
 
 
-def _check_same_shape(train: Any, test: Any, where: str) -> None:
+def check_same_shape(train: Any, test: Any, where: str) -> None:
     """Refuse train and test images of different shapes (C×H×W) when the data is loaded:
     a network is built for the training shape, and the test split is read only by the
     refit, after the whole search."""
@@ -72,7 +72,7 @@ def _check_same_shape(train: Any, test: Any, where: str) -> None:
     )
 
 
-def _check_same_classes(train: Sequence[str], test: Sequence[str], where: str) -> None:
+def check_same_classes(train: Sequence[str], test: Sequence[str], where: str) -> None:
     """Refuse train and test splits with different class lists: label ``i`` would name
     another class in each, and the test accuracy would be measured against wrong labels."""
     if list(train) == list(test):

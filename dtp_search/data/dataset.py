@@ -48,11 +48,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dtp_search.data.builtin import _load_digits, _load_torchvision_cifar10
-from dtp_search.data.checks import _check_name, _check_same_shape, _where
-from dtp_search.data.imagefolder import _load_imagefolder_splits
-from dtp_search.data.mnist import _load_mnist_path, _load_torchvision_mnist
-from dtp_search.data.scan import _Plan, _scan
+from dtp_search.data.builtin import load_digits_splits, load_torchvision_cifar10
+from dtp_search.data.checks import check_name, check_same_shape, source_key
+from dtp_search.data.imagefolder import load_imagefolder_splits
+from dtp_search.data.mnist import load_mnist_path, load_torchvision_mnist
+from dtp_search.data.scan import ScanPlan, scan_splits
 from dtp_search.data.splits import Split, channel_stats, tensor_digest
 from dtp_search.data.streaming import Source, StreamedSplit, decode_into_memory, default_workers
 from dtp_search.errors import DatasetError
@@ -140,31 +140,31 @@ def load_dataset(
             f"dataset._target_ is required for dataset={kind}; allowed: a dotted "
             "path, e.g. dataset._target_=torchvision.datasets.FakeData"
         )
-    _check_name(cfg)
-    plan = _Plan(cfg)
+    check_name(cfg)
+    plan = ScanPlan(cfg)
     num_workers = default_workers(cfg.num_workers)
     path = cfg.path
     if kind == "digits":
-        train, test, classes = _load_digits(cfg)
+        train, test, classes = load_digits_splits(cfg)
     elif kind in ("torchvision", "custom"):
         train, test, classes = _load_user_data(cfg, plan, num_workers)
     elif path and kind == "mnist":
-        train, test, classes = _load_mnist_path(cfg, Path(path), cache_dir, plan)
+        train, test, classes = load_mnist_path(cfg, Path(path), cache_dir, plan)
     elif path:
-        train, test, classes = _load_imagefolder_splits(cfg, Path(path), cache_dir, plan)
+        train, test, classes = load_imagefolder_splits(cfg, Path(path), cache_dir, plan)
     elif kind == "cifar10":
-        train, test, classes = _load_torchvision_cifar10(cfg, cache_dir)
+        train, test, classes = load_torchvision_cifar10(cfg, cache_dir)
     elif kind == "mnist":
-        train, test, classes = _load_torchvision_mnist(cfg)
+        train, test, classes = load_torchvision_mnist(cfg)
     else:
         raise DatasetError(
             "dataset.path is required for dataset=imagefolder "
             "(a folder with train/<class>/* and test/<class>/*)"
         )
-    _check_same_shape(train, test, _where(cfg))
+    check_same_shape(train, test, source_key(cfg))
     digest, sums = None, None
     if isinstance(train, Source) or isinstance(test, Source):
-        train, test, digest, sums = _scan(
+        train, test, digest, sums = scan_splits(
             train, test, num_workers, plan.scan_key, cache_dir, classes
         )
     mean, std = cfg.mean, cfg.std
@@ -184,14 +184,14 @@ def load_dataset(
 
 
 def _load_user_data(
-    cfg: DatasetSettings, plan: _Plan, num_workers: int
+    cfg: DatasetSettings, plan: ScanPlan, num_workers: int
 ) -> tuple[Split | Source, Split | Source, list[str]]:
     """``dataset=torchvision``/``custom`` (:mod:`dtp_search.data.user_data`), each split decoded
     into memory when the plan keeps it there (else a source, streamed after the scan)."""
     from dtp_search.data.user_data import load_user_sources
 
     train, test, classes = load_user_sources(cfg)
-    _check_same_shape(train, test, _where(cfg))  # before decoding anything
+    check_same_shape(train, test, source_key(cfg))  # before decoding anything
     out = []
     for source in (train, test):
         out.append(decode_into_memory(source, num_workers) if plan.keep(source.nbytes) else source)

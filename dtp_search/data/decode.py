@@ -17,21 +17,21 @@ from dtp_search.errors import DatasetError
 log = logging.getLogger(__name__)
 
 
-def _bad_file_error(bad: BadFile) -> DatasetError:
+def bad_file_error(bad: BadFile) -> DatasetError:
     return DatasetError(
         f"cannot decode the image {bad.path} ({bad.reason}); fix or remove it, "
         "or set dataset.skip_bad_files=true to leave unreadable files out"
     )
 
 
-def _nothing_decoded(paths: list[str]) -> DatasetError:
+def nothing_decoded(paths: list[str]) -> DatasetError:
     return DatasetError(
         f"none of the {len(paths)} files under {os.path.commonpath(paths)} "
         "can be decoded as an image"
     )
 
 
-def _warn_skipped(root: Path, skipped: list[str], kept: int) -> None:
+def warn_skipped(root: Path, skipped: list[str], kept: int) -> None:
     if skipped:
         log.warning(
             "skipped %d unreadable file(s) under %s, kept %d (first: %s); "
@@ -43,7 +43,7 @@ def _warn_skipped(root: Path, skipped: list[str], kept: int) -> None:
         )
 
 
-def _file_channels(paths: list[str], channels: int | None, skip_bad_files: bool) -> int:
+def file_channels(paths: list[str], channels: int | None, skip_bad_files: bool) -> int:
     """``channels``, or (None) those of the first readable image: 1-2 channels = grayscale."""
     from torchvision.io import ImageReadMode
 
@@ -54,31 +54,31 @@ def _file_channels(paths: list[str], channels: int | None, skip_bad_files: bool)
                 channels = 1 if first.shape[0] < 3 else 3
                 break
             if not skip_bad_files:
-                raise _bad_file_error(first)
+                raise bad_file_error(first)
         else:
-            raise _nothing_decoded(paths)
+            raise nothing_decoded(paths)
     if channels not in (1, 3):
         raise DatasetError(f"dataset.channels={channels} is not supported; allowed: 1, 3, null")
     return channels
 
 
-def _decode_all(
+def decode_all(
     paths: list[str], channels: int | None, image_size: Any, skip_bad_files: bool = False
 ) -> tuple[torch.Tensor, list[int], list[str]]:
     """``(images, indices of the decoded paths, skipped paths)``; a bad file raises
     :class:`DatasetError` unless ``skip_bad_files``. Decodes exactly as
     :class:`~dtp_search.data.decoders.FileDecoder` does (the streamed path), on threads."""
     decoder = FileDecoder(
-        paths, _file_channels(paths, channels, skip_bad_files), size_pair(image_size)
+        paths, file_channels(paths, channels, skip_bad_files), size_pair(image_size)
     )
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
         results = list(pool.map(decoder.__getitem__, range(len(paths))))
     bad = [r for r in results if isinstance(r, BadFile)]
     if bad and not skip_bad_files:
-        raise _bad_file_error(bad[0])  # the first in file order, whichever thread met it
+        raise bad_file_error(bad[0])  # the first in file order, whichever thread met it
     good = [i for i, r in enumerate(results) if isinstance(r, torch.Tensor)]
     if not good:
-        raise _nothing_decoded(paths)
+        raise nothing_decoded(paths)
     decoded = [results[i] for i in good]
     shapes = {tuple(t.shape) for t in decoded}
     if len(shapes) > 1:

@@ -14,16 +14,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from dtp_search.data.checks import _check_same_classes, _where
+from dtp_search.data.checks import check_same_classes, source_key
 from dtp_search.data.decode import (
-    _bad_file_error,
-    _decode_all,
-    _file_channels,
-    _nothing_decoded,
-    _warn_skipped,
+    bad_file_error,
+    decode_all,
+    file_channels,
+    nothing_decoded,
+    warn_skipped,
 )
 from dtp_search.data.decoders import FileDecoder, size_pair
-from dtp_search.data.scan import _SCAN_VERSION, _Plan
+from dtp_search.data.scan import SCAN_VERSION, ScanPlan
 from dtp_search.data.splits import Split, stratified_subset
 from dtp_search.data.streaming import Source
 from dtp_search.errors import DatasetError
@@ -90,8 +90,8 @@ def _imagefolder_key(
     return key
 
 
-def _load_imagefolder_splits(
-    cfg: DatasetSettings, root: Path, cache_dir: Any, plan: _Plan | None = None
+def load_imagefolder_splits(
+    cfg: DatasetSettings, root: Path, cache_dir: Any, plan: ScanPlan | None = None
 ) -> tuple[Split | Source, Split | Source, list[str]]:
     """Both splits of an ImageFolder tree: decoded into memory (through the tensor cache)
     or, where the plan says so, as sources to stream (their scan cached by ``plan.scan_key``)."""
@@ -143,11 +143,11 @@ def _load_imagefolder_splits(
         else:
             s = source
         if classes is not None:
-            _check_same_classes(classes, split_classes, _where(cfg))
+            check_same_classes(classes, split_classes, source_key(cfg))
         classes = split_classes
         out.append(s)
     if plan is not None:
-        plan.scan_key = {"v": _SCAN_VERSION, **keys}
+        plan.scan_key = {"v": SCAN_VERSION, **keys}
     return out[0], out[1], classes or []
 
 
@@ -179,7 +179,7 @@ def imagefolder_source(
     labels = np.asarray(folder.targets, dtype=np.int64)
     keep = stratified_subset(labels, limit)
     paths = [folder.samples[i][0] for i in keep]
-    channels = _file_channels(paths, channels, skip_bad_files)
+    channels = file_channels(paths, channels, skip_bad_files)
     decoder = FileDecoder(paths, channels, size_pair(image_size))
     for i in range(len(paths)):
         img = decoder[i]
@@ -187,9 +187,9 @@ def imagefolder_source(
             shape = tuple(img.shape)
             break
         if not skip_bad_files:
-            raise _bad_file_error(img)
+            raise bad_file_error(img)
     else:
-        raise _nothing_decoded(paths)
+        raise nothing_decoded(paths)
     return Source(decoder, labels[keep], shape, skip_bad=skip_bad_files), list(folder.classes)
 
 
@@ -232,16 +232,16 @@ def _decode_imagefolder(
         cache_file = Path(cache_dir) / f"imagefolder-{root.parent.name}-{root.name}-{digest}.pt"
         if cache_file.exists():
             blob = torch.load(cache_file, weights_only=True)
-            _warn_skipped(root, blob.get("skipped", []), len(blob["labels"]))
+            warn_skipped(root, blob.get("skipped", []), len(blob["labels"]))
             return Split(blob["images"], blob["labels"]), list(blob["classes"])
 
     folder = _list_imagefolder(root)
     labels = np.asarray(folder.targets, dtype=np.int64)
     keep = stratified_subset(labels, limit)
     paths = [folder.samples[i][0] for i in keep]
-    images, good, skipped = _decode_all(paths, channels, image_size, skip_bad_files)
+    images, good, skipped = decode_all(paths, channels, image_size, skip_bad_files)
     split = Split(images, torch.from_numpy(labels[keep][good]))
-    _warn_skipped(root, skipped, len(split))
+    warn_skipped(root, skipped, len(split))
     empty = sorted(set(range(len(folder.classes))) - set(split.labels.tolist()))
     if empty:
         raise DatasetError(

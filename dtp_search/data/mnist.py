@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from dtp_search.data.builtin import _download_failed
-from dtp_search.data.imagefolder import _load_imagefolder_splits
-from dtp_search.data.scan import _Plan
+from dtp_search.data.builtin import download_failed
+from dtp_search.data.imagefolder import load_imagefolder_splits
+from dtp_search.data.scan import ScanPlan
 from dtp_search.data.splits import Split, stratified_subset
 from dtp_search.data.streaming import Source
 from dtp_search.errors import DatasetError, reason
@@ -91,8 +91,8 @@ def _idx_file(folder: Path, name: str) -> Path:
     )
 
 
-def _load_mnist_path(
-    cfg: DatasetSettings, root: Path, cache_dir: Any, plan: _Plan | None = None
+def load_mnist_path(
+    cfg: DatasetSettings, root: Path, cache_dir: Any, plan: ScanPlan | None = None
 ) -> tuple[Split | Source, Split | Source, list[str]]:
     """MNIST from ``dataset.path``: the IDX files, else an ImageFolder tree."""
     root = root.expanduser().resolve()
@@ -104,7 +104,7 @@ def _load_mnist_path(
         )
     folder = _idx_folder(root)
     if folder is None and (root / "train").is_dir():
-        return _load_imagefolder_splits(cfg, root, cache_dir, plan)
+        return load_imagefolder_splits(cfg, root, cache_dir, plan)
     if folder is None:
         raise DatasetError(
             f"dataset.path={str(root)!r} holds neither MNIST's IDX files ({_MNIST_NAMES}, "
@@ -156,7 +156,7 @@ def _mnist_split(
     return Split(x.contiguous(), labels[keep].contiguous())
 
 
-def _load_torchvision_mnist(cfg: DatasetSettings) -> tuple[Split, Split, list[str]]:
+def load_torchvision_mnist(cfg: DatasetSettings) -> tuple[Split, Split, list[str]]:
     """torchvision's MNIST (downloaded into ``dataset.root`` when ``dataset.download``).
 
     Its ``.data`` and ``.targets`` tensors are used directly: no PIL image per sample.
@@ -177,11 +177,11 @@ def _load_torchvision_mnist(cfg: DatasetSettings) -> tuple[Split, Split, list[st
                     f"{str(download).lower()}). Either allow the download (dataset.download=true, "
                     f"needs network) or point dataset.path at a local {_MNIST_LOCAL}"
                 ) from exc
-            raise _download_failed(
+            raise download_failed(
                 "mnist", "MNIST", root, _mirror_reasons(text), _MNIST_LOCAL
             ) from exc
         except OSError as exc:  # a timeout or reset that torchvision's mirror loop lets through
-            raise _download_failed("mnist", "MNIST", root, reason(exc), _MNIST_LOCAL) from exc
+            raise download_failed("mnist", "MNIST", root, reason(exc), _MNIST_LOCAL) from exc
         splits.append(_mnist_split(cfg, ds.data, ds.targets.long(), split, str(ds.raw_folder)))
     return splits[0], splits[1], _mnist_classes()
 

@@ -13,16 +13,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from dtp_search.data.decode import _bad_file_error, _warn_skipped
+from dtp_search.data.decode import bad_file_error, warn_skipped
 from dtp_search.data.splits import PixelSums, Split
 from dtp_search.data.streaming import Source, StreamedSplit, memory_budget, scan
 from dtp_search.errors import DatasetError, writing
 from dtp_search.settings import DatasetSettings
 
-_SCAN_VERSION = 2
+SCAN_VERSION = 2
 
 
-class _Plan:
+class ScanPlan:
     """Which splits go into memory (``dataset.in_memory``, ``dataset.memory_limit``), and
     the scan-cache key of an ImageFolder load."""
 
@@ -41,7 +41,7 @@ class _Plan:
         return False
 
 
-def _scan(
+def scan_splits(
     train: Split | Source,
     test: Split | Source,
     num_workers: int,
@@ -64,7 +64,7 @@ def _scan(
             sums = PixelSums(tuple(blob["sums"][0]), tuple(blob["sums"][1]), int(blob["sums"][2]))
             _after_scan(splits, blob["skipped"], classes)
             return splits[0], splits[1], blob["digest"], sums
-    result = scan(train, test, num_workers, _bad_file_error)
+    result = scan(train, test, num_workers, bad_file_error)
     _after_scan([result.train, result.test], result.skipped, classes)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +106,7 @@ def _after_scan(
         if not bad or not isinstance(split, StreamedSplit):
             continue
         root = Path(os.path.commonpath([*bad, *split.decoder.paths[:1]]))
-        _warn_skipped(root, bad, len(split))
+        warn_skipped(root, bad, len(split))
         empty = sorted(set(range(len(classes))) - set(split.labels.tolist()))
         if empty:
             raise DatasetError(
