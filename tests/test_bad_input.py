@@ -230,10 +230,10 @@ END_TO_END = [
 # Run as a real process too (each start costs about 9 CPU-seconds of imports): a typo caught
 # by the override check before Hydra's app starts, and a rule broken inside Hydra's app.
 IN_A_PROCESS = ["model=foo", "cv.folds=1"]
-# Cases that wait on the network: seconds each may take, start-up included (the probes
-# give up after 5 s; MLflow's own retries took over two minutes).
-# Unreachable servers must be refused quickly, not after a long retry loop. The bound
-# included the interpreter's start when these ran as processes; in this process it is the probes' own.
+# Cases that wait on the network: seconds each may take (the probes give up after 5 s;
+# MLflow's own retries took over two minutes). Unreachable servers must be refused
+# quickly, not after a long retry loop; these run in this process, so the bound is the
+# probes' own, without an interpreter's start.
 WITHIN = {
     "study.storage=postgresql://u:p@127.0.0.1:1/db": 60,
     "tracking.uri=http://127.0.0.1:1": 60,
