@@ -5,9 +5,10 @@ as a user runs it (its start-up, its exit status and its output included).
 (tests/test_scripts.py) set it to one that runs the same command line inside the test's
 own process (``tests/inprocess.py``): a smoke run checks every step of a script, not the
 seconds each new interpreter spends importing torch, MLflow and Optuna, which on the
-2-core machine cost more than the tiny studies themselves. Benchmarks that measure
-processes (several workers, a worker's peak memory, a study stopped at a wall-time budget)
-start theirs with :mod:`subprocess` directly.
+2-core machine cost more than the tiny studies themselves. Benchmarks that measure or
+signal processes (several workers, a study stopped at a wall-time budget) start theirs
+with :data:`start`; the one that measures a process's memory starts its own with
+:mod:`subprocess`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,23 @@ def _in_a_subprocess(args: list[str], cwd: Path) -> Finished:
 
 
 runner: Callable[[list[str], Path], Finished] = _in_a_subprocess
+
+
+def _new_process(args: list[str], cwd: Path, stdout: IO[Any]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "dtp_search", *args],
+        cwd=cwd,
+        stdout=stdout,
+        stderr=subprocess.STDOUT,
+    )
+
+
+# What starts ``python -m dtp_search <args>`` in a process of its own, its output (stdout
+# and stderr) to ``stdout``, for a benchmark that measures or signals the process; it
+# returns a handle with Popen's poll, wait and send_signal. The suite's smoke runs set it
+# to a fork of a process that has already imported what the command imports
+# (tests/forkserver.py): still a process of its own, without the seconds of imports.
+start: Callable[[list[str], Path, IO[Any]], subprocess.Popen] = _new_process
 
 
 def dtp_search(args: Sequence[str], cwd: Path, log: Path | None = None) -> Finished:

@@ -33,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _cli
 import optuna
 
 from dtp_search.tracking.results import hypervolume_2d
@@ -80,9 +81,6 @@ def run_study(
 ) -> list[tuple[float, float]]:
     """Run one study for ``budget`` seconds; return (seconds, hypervolume) per complete trial."""
     argv = [
-        sys.executable,
-        "-m",
-        "dtp_search",
         f"paths.root={root}",
         "study.name=bench",
         f"seed={seed}",
@@ -92,7 +90,7 @@ def run_study(
         *extra,
     ]
     with open(root.parent / f"{root.name}.log", "w") as log:
-        proc = subprocess.Popen(argv, cwd=root.parent, stdout=log, stderr=subprocess.STDOUT)
+        proc = _cli.start(argv, root.parent, log)
         try:
             proc.wait(timeout=budget)
         except subprocess.TimeoutExpired:

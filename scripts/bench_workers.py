@@ -25,6 +25,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import _cli
 import optuna
 from _cli import dtp_search
 from mlflow.tracking import MlflowClient
@@ -50,12 +51,7 @@ SMOKE = [
 
 def launch(root: Path, args: list[str], log: Path) -> subprocess.Popen:
     with open(log, "ab") as f:
-        return subprocess.Popen(
-            [sys.executable, "-m", "dtp_search", f"paths.root={root}", *args],
-            cwd=root,
-            stdout=f,
-            stderr=subprocess.STDOUT,
-        )
+        return _cli.start([f"paths.root={root}", *args], root, f)
 
 
 def run_alone(root: Path, name: str, args: list[str]) -> float:

@@ -4,10 +4,12 @@ line, the override check; then Hydra's compose and ``__main__.execute``, with th
 messages and exit statuses), without the seconds each new process spends importing
 torch, MLflow and Optuna.
 
-What only a real process shows (signals, SIGKILL, several workers, the exit status and
-stderr of the interpreter itself, a fresh import, a store created from nothing) stays
-with subprocess runs: test_cli's resume and killed runs, test_interrupt, test_distributed,
-test_bad_input's END_TO_END cases and test_reproducible's first study.
+What only a process of its own shows (signals, SIGKILL, several workers on one study, a
+store created from nothing, a second run resuming the first) runs in one, forked from
+tests/forkserver.py: test_cli's resume and killed runs, test_interrupt, test_distributed,
+test_outage, test_exit_status's double Ctrl-C and test_reproducible's first study. What
+only a new interpreter shows (the exit status and stderr of ``python`` itself, a fresh
+import) starts ``sys.executable``: test_bad_input's real-process cases.
 
 A run into a folder without an MLflow store starts, by default, from a copy of an empty
 store made once per process (``premade_store``): MLflow's schema migrations take over two

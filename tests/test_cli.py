@@ -6,9 +6,9 @@ each the start-up of a new interpreter."""
 
 import contextlib
 import subprocess
-import sys
 from pathlib import Path
 
+import forkserver
 import optuna
 import pandas as pd
 import pytest
@@ -37,8 +37,8 @@ TINIEST = [
 
 
 def run_cli(root: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "dtp_search", f"paths.root={root}", *overrides],
+    return forkserver.run(
+        [f"paths.root={root}", *overrides],
         cwd=root.parent,
         capture_output=True,
         text=True,
@@ -288,8 +288,8 @@ def test_a_killed_run_is_resumed_and_its_trial_retried(tmp_path):
         "search.grace_period=2",
         "console.progress=false",
     ]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dtp_search", f"paths.root={root}", *args],
+    proc = forkserver.popen(
+        [f"paths.root={root}", *args],
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

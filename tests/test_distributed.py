@@ -6,11 +6,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
+import forkserver
 import optuna
 import pytest
 from inprocess import run_here
@@ -56,17 +56,17 @@ def servers(tmp_path_factory):
             yield f"{pg}/optuna", mlflow_url
 
 
-def start_worker(root: Path, log: Path, *overrides: str) -> subprocess.Popen:
+def start_worker(root: Path, log: Path, *overrides: str) -> forkserver.Process:
     with open(log, "ab") as f:
-        return subprocess.Popen(
-            [sys.executable, "-m", "dtp_search", f"paths.root={root}", *overrides],
+        return forkserver.popen(
+            [f"paths.root={root}", *overrides],
             cwd=root.parent,
             stdout=f,
             stderr=subprocess.STDOUT,
         )
 
 
-def wait_all(procs: list[subprocess.Popen], logs: list[Path], timeout: float = 600) -> None:
+def wait_all(procs: list[forkserver.Process], logs: list[Path], timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     for p, log in zip(procs, logs, strict=True):
         rc = p.wait(timeout=max(1.0, deadline - time.monotonic()))

@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import forkserver
 import hydra.utils
 import optuna
 import pytest
@@ -334,9 +335,6 @@ def test_two_workers_on_postgres_stop_trials_against_the_shared_front(tmp_path):
     """study.workers=2 on one PostgreSQL study with early_stop=pareto: both workers run
     trials, and a stopped trial names a COMPLETE trial of the shared storage (whichever
     worker ran it) as the one that dominates it."""
-    import subprocess
-    import sys
-
     from servers import postgres_cluster
 
     with postgres_cluster() as pg:
@@ -360,8 +358,8 @@ def test_two_workers_on_postgres_stop_trials_against_the_shared_front(tmp_path):
             "threads=1",
             "seed=1",
         ]
-        proc = subprocess.run(
-            [sys.executable, "-m", "dtp_search", *argv],
+        proc = forkserver.run(
+            argv,
             cwd=tmp_path,
             capture_output=True,
             text=True,

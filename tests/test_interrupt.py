@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+import forkserver
 import optuna
 import pytest
 import torch
@@ -30,9 +30,9 @@ ARGS = [
 ]
 
 
-def _start(root: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "dtp_search", f"paths.root={root}", *ARGS],
+def _start(root: Path) -> forkserver.Process:
+    return forkserver.popen(
+        [f"paths.root={root}", *ARGS],
         cwd=root.parent,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

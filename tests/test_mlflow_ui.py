@@ -105,9 +105,10 @@ def ui(tmp_path_factory):
     port = _free_port()
     mlflow = Path(sys.executable).with_name("mlflow")
     # The printed command, on this test's port, with one uvicorn worker instead of four
-    # (the pages are the same; four start-ups cost tens of seconds). In a session of its
-    # own: the server's job runner starts huey consumers that a plain terminate() of
-    # `mlflow ui` leaves behind, and the group is stopped whole.
+    # and no job runner (the pages are the same; four start-ups and the runner's seven
+    # huey consumers, each importing MLflow, cost tens of CPU-seconds: the runner serves
+    # GenAI evaluation jobs, which these pages never submit). In a session of its own,
+    # stopped as a group, so that nothing it started outlives the test.
     server = subprocess.Popen(
         [
             str(mlflow),
@@ -123,6 +124,11 @@ def ui(tmp_path_factory):
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env=dict(
+            os.environ,
+            MLFLOW_DISABLE_TELEMETRY="true",
+            MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+        ),
         start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"

@@ -8,12 +8,12 @@ from __future__ import annotations
 import itertools
 import os
 import subprocess
-import sys
 import threading
 import time
 import uuid
 from pathlib import Path
 
+import forkserver
 import optuna
 import psycopg
 import pytest
@@ -232,12 +232,9 @@ def pg():
         yield server
 
 
-def _start_run(root: Path, storage: str, *overrides: str) -> subprocess.Popen:
-    return subprocess.Popen(
+def _start_run(root: Path, storage: str, *overrides: str) -> forkserver.Process:
+    return forkserver.popen(
         [
-            sys.executable,
-            "-m",
-            "dtp_search",
             f"paths.root={root}",
             f"study.storage={storage}",
             "study.name=outage",

@@ -5,9 +5,7 @@ The two studies run in two processes: a fresh ``python -m dtp_search`` and this 
 has run other tests before (another hash seed, other state in torch's and NumPy's
 generators), through the command line's path (``inprocess.run_here``)."""
 
-import subprocess
-import sys
-
+import forkserver
 import optuna
 import pytest
 from inprocess import run_here
@@ -31,8 +29,8 @@ def test_same_seed_same_trials(tmp_path):
     for name in ("a", "b"):
         root = tmp_path / name
         if name == "a":
-            proc = subprocess.run(
-                [sys.executable, "-m", "dtp_search", f"paths.root={root}", *ARGS],
+            proc = forkserver.run(
+                [f"paths.root={root}", *ARGS],
                 cwd=tmp_path,
                 capture_output=True,
                 text=True,

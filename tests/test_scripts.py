@@ -2,12 +2,14 @@
 digits or a tiny generated ImageFolder) finishes and prints its table and headline line.
 
 The scripts run inside the test's process (``runpy``, as ``python scripts/<x>.py`` would
-run them), and so do the ``python -m dtp_search`` studies they start through
-``scripts/_cli.py`` (tests/inprocess.py): a smoke run checks each step of a script, and a
-new interpreter for the script and for each of its studies would spend more time
-importing torch, MLflow and Optuna than the tiny studies take. What a benchmark measures
-in processes of its own (bench_workers' workers, bench_stream_memory's peak memory,
-bench_search_time's studies stopped at a wall-time budget) still runs in subprocesses.
+run them), and so do the ``python -m dtp_search`` studies they run through
+``scripts/_cli.py``'s runner (tests/inprocess.py): a smoke run checks each step of a
+script, and a new interpreter for the script and for each of its studies would spend
+more time importing torch, MLflow and Optuna than the tiny studies take. The processes a
+benchmark measures or signals (bench_workers' workers, bench_search_time's studies
+stopped at a wall-time budget), started through ``_cli.start``, are forked from
+tests/forkserver.py; bench_stream_memory's, whose memory it measures, are new
+interpreters.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from __future__ import annotations
 import contextlib
 import io
 import runpy
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import forkserver
 import inprocess
 import pytest
 
@@ -89,6 +93,11 @@ def _dtp_search_here(args: list[str], cwd: Path):
     return _cli.Finished(done.returncode, done.stdout + done.stderr)
 
 
+def _dtp_search_forked(args: list[str], cwd: Path, stdout) -> forkserver.Process:
+    """scripts/_cli.py's start: a process of its own, forked from tests/forkserver.py."""
+    return forkserver.popen(args, cwd=cwd, stdout=stdout, stderr=subprocess.STDOUT)
+
+
 def run_script(script: str, args: list[str], folder: Path, monkeypatch) -> str:
     """``python scripts/<script> <args>`` from ``folder``, every temporary folder in it
     (nothing is written into the repository), inside this process; returns its stdout."""
@@ -100,6 +109,7 @@ def run_script(script: str, args: list[str], folder: Path, monkeypatch) -> str:
     import _cli
 
     monkeypatch.setattr(_cli, "runner", _dtp_search_here)
+    monkeypatch.setattr(_cli, "start", _dtp_search_forked)
     out = io.StringIO()
     try:
         with inprocess.isolated(), contextlib.redirect_stdout(out):

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
+import forkserver
 import optuna
 import pytest
 from inprocess import TINY, run_here
@@ -132,8 +132,8 @@ def test_a_password_on_the_command_line_is_nowhere_in_the_run_folder_or_its_outp
     env.pop("PGPASSWORD", None)
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "dtp_search", f"paths.root={root}", *args],
+        return forkserver.run(
+            [f"paths.root={root}", *args],
             cwd=tmp_path,
             env=env,
             capture_output=True,
