@@ -249,7 +249,11 @@ def _start_run(root: Path, storage: str, *overrides: str) -> forkserver.Process:
 
 
 def _trials(url: str) -> list[optuna.trial.FrozenTrial]:
-    storage = optuna.storages.RDBStorage(url)
+    # RDBStorage creates Optuna's tables where they are missing: polled while the run
+    # starts, it would race the run's own creation (a unique violation that ends the
+    # run), so it waits on the lock the run's workers take for that (make_storage).
+    with StudyLock(url, "", "schema"):
+        storage = optuna.storages.RDBStorage(url)
     try:
         return optuna.load_study(study_name="outage", storage=storage).get_trials()
     except KeyError:  # not created yet
@@ -258,7 +262,7 @@ def _trials(url: str) -> list[optuna.trial.FrozenTrial]:
         storage.engine.dispose()  # (polled: no idle connections piling up on the server)
 
 
-def _when_trials_complete(storage: str, n: int, proc: subprocess.Popen) -> None:
+def _when_trials_complete(storage: str, n: int, proc: forkserver.Process) -> None:
     deadline = time.monotonic() + 180
     while sum(t.state == TrialState.COMPLETE for t in _trials(storage)) < n:
         assert proc.poll() is None, proc.communicate()

@@ -16,6 +16,15 @@ from dtp_search.pruning.front import FrontPoint
 from dtp_search.tracking.front_axis import AXIS_LABELS, front_x, row_key
 
 
+def legend(ax: Any, **kwargs: Any) -> None:
+    """``ax.legend(**kwargs)`` where something on ``ax`` has a label. A figure drawn before
+    anything is there to show (a study interrupted before its first trial completes)
+    would otherwise print matplotlib's "No artists with labels found" warning on the
+    user's console."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
+
+
 def plot_trial_front(
     fronts: dict[int, list[FrontPoint]],
     title: str,
@@ -81,7 +90,7 @@ def plot_trial_front(
     ax.set_title(title, fontsize=10)
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    legend(ax, fontsize=7, loc="lower left")
     fig.tight_layout()
     return fig
 
@@ -165,7 +174,7 @@ def plot_pareto(
     ax.set_ylabel("CV accuracy")
     ax.set_title(f"Pareto front — {title}", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    legend(ax, fontsize=7, loc="lower left")
     fig.tight_layout()
     return fig
 

@@ -29,7 +29,7 @@ from optuna.trial import TrialState
 from dtp_search.settings import COST_OBJECTIVES
 from dtp_search.tracking import notes, records
 from dtp_search.tracking.front_axis import AXIS_LABELS, row_key
-from dtp_search.tracking.plots import plot_layer_sparsity, plot_pareto
+from dtp_search.tracking.plots import legend, plot_layer_sparsity, plot_pareto
 from dtp_search.tracking.results import pareto_rows, study_axis, trial_points
 from dtp_search.tracking.study_run import StudyTracker
 
@@ -84,7 +84,7 @@ def pareto_figure(study: optuna.Study, rows: list[dict[str, Any]]):
                 zorder=6,
                 label=f"baseline: {name}",
             )
-    ax.legend(fontsize=7, loc="lower left")
+    legend(ax, fontsize=7, loc="lower left")
     return fig
 
 
@@ -278,7 +278,7 @@ def plot_comparison(fronts: dict[str, list[dict[str, Any]]], axis: str = "sparsi
     ax.set_ylabel("CV accuracy")
     ax.set_title("Pareto fronts compared", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    legend(ax, fontsize=7, loc="lower left")
     fig.tight_layout()
     return fig
 
