@@ -26,6 +26,12 @@ test split, for 2 seeds:
   the ``dense`` arm's trained network of the same seed (its file ``WORK/dense-<seed>.pt``;
   retrained if missing): loss (1 − α)·CE + α·T²·KL(teacher ‖ student at T), α = 0.5,
   T = 4, over all 18 epochs. It says how much of a searched gain distillation alone gives;
+* ``agp_erk``, ``agp_lamp`` — the ``agp`` loop with the sparsity shared among the layers
+  as ``policy.allocation`` does (dtp_search's own :mod:`~dtp_search.pruning.policies.allocation`):
+  ``erk``, every layer on the cubic schedule towards its own Erdős–Rényi-Kernel sparsity
+  (Evci et al. 2020), each pruning step L1 within the layer; ``lamp``, one global
+  threshold on the LAMP scores (Lee et al. 2021) of the surviving weights. They say what
+  the allocation alone gives, as ``agp_distill`` does for distillation;
 * ``searched3`` — a round on the cifar experiment's current space (issue 28: distillation
   α and T, ``policy.allocation`` global/uniform/ERK/LAMP, ``rewind`` among the fine-tuning
   schedules, next to round 1's recipe keys) at 95 % and 98 %, the plain AGP recipe queued
@@ -63,6 +69,8 @@ from _cli import dtp_search
 from torch import nn
 from torch.nn.utils import prune
 
+from dtp_search.pruning.policies.allocation import erk_densities, lamp_scores
+
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = (0.90, 0.95, 0.98)
 EPOCHS, PRUNE_EPOCHS = 18, 15  # total; pruning phase (dense phase for oneshot)
@@ -73,6 +81,8 @@ LR, BATCH = 0.05, 128
 SEARCH_LIMIT = 25000
 # agp_distill: the distillation loss's weight and temperature (common CIFAR choices).
 DISTILL_ALPHA, DISTILL_T = 0.5, 4.0
+# The plain loops that prune, in the table's order.
+PLAIN_PRUNED = ("oneshot", "agp", "agp_distill", "agp_erk", "agp_lamp")
 # searched3: the issue's targets
 SEARCH3_TARGETS = (0.95, 0.98)
 # The plain AGP loop as a point of the searched space (one OneCycle schedule over both
@@ -148,11 +158,14 @@ def _sparsity(layers: list[tuple[nn.Module, str]]) -> float:
     return zeros / sum(getattr(m, n).numel() for m, n in layers)
 
 
-def _prune_global(layers: list[tuple[nn.Module, str]], amount: float | int) -> None:
+def _prune_global(
+    layers: list[tuple[nn.Module, str]], amount: float | int, lamp: bool = False
+) -> None:
     """``torch.nn.utils.prune.global_unstructured(L1Unstructured, amount)`` on a channels-last
-    model. The function flattens scores and masks with ``view(-1)``, which channels-last
-    conv weights refuse: it gets contiguous (NCHW) copies, and the masks it returns apply
-    to either layout."""
+    model; with ``lamp``, on the layers' LAMP scores of |w| instead of |w| itself. The
+    function flattens scores and masks with ``view(-1)``, which channels-last conv weights
+    refuse: it gets contiguous (NCHW) copies, and the masks it returns apply to either
+    layout."""
     for m, n in layers:
         if not prune.is_pruned(m):
             prune.identity(m, n)
@@ -161,7 +174,11 @@ def _prune_global(layers: list[tuple[nn.Module, str]], amount: float | int) -> N
         layers,
         pruning_method=prune.L1Unstructured,
         amount=amount,
-        importance_scores={(m, n): getattr(m, n).detach().contiguous() for m, n in layers},
+        importance_scores={
+            (m, n): (lamp_scores(w.abs()) if lamp else w).contiguous()
+            for m, n in layers
+            for w in [getattr(m, n).detach()]
+        },
     )
     for m, n in layers:  # back to the weights' own layout, so the masked conv stays fast
         orig = getattr(m, n + "_orig")
@@ -177,8 +194,9 @@ _DENSE: dict[int, dict] = {}  # seed -> state after oneshot's dense phase
 
 
 def plain(ds, arm: str, seed: int, target: float, teacher: Path | None = None) -> dict[str, float]:
-    """One plain-PyTorch run: dense, oneshot, agp or agp_distill (module docstring). The
-    dense arm saves its network to ``teacher``; agp_distill distils from the one there."""
+    """One plain-PyTorch run: dense, oneshot, agp, agp_distill, agp_erk or agp_lamp
+    (module docstring). The dense arm saves its network to ``teacher``; agp_distill
+    distils from the one there."""
     from dtp_search.data import TensorBatches
 
     torch.manual_seed(seed)
@@ -190,6 +208,8 @@ def plain(ds, arm: str, seed: int, target: float, teacher: Path | None = None) -
         kd.eval().requires_grad_(False)
     layers = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     total = sum(m.weight.numel() for m, _ in layers)
+    # agp_erk: each layer's own final sparsity (ERK densities at the network's target)
+    erk = erk_densities([tuple(m.weight.shape) for m, _ in layers], target)
     train = TensorBatches(
         ds.train,
         None,
@@ -233,17 +253,26 @@ def plain(ds, arm: str, seed: int, target: float, teacher: Path | None = None) -
             t = step / steps
             if agp and step % AGP_EVERY == 0 and t > AGP_START:
                 r = min((t - AGP_START) / (AGP_END - AGP_START), 1.0)
-                want = round(target * (1 - (1 - r) ** 3) * total)
-                have = round(_sparsity(layers) * total)
-                if want > have:  # prune the smallest |w| among the survivors
-                    _prune_global(layers, want - have)
+                cubic = 1 - (1 - r) ** 3
+                if arm == "agp_erk":  # every layer on the schedule to its own sparsity
+                    for (m, n), d in zip(layers, erk, strict=True):
+                        size = getattr(m, n).numel()
+                        want = round((1 - d) * cubic * size)
+                        have = round(_sparsity([(m, n)]) * size)
+                        if want > have:
+                            _prune_global([(m, n)], want - have)
+                else:
+                    want = round(target * cubic * total)
+                    have = round(_sparsity(layers) * total)
+                    if want > have:  # prune the smallest score among the survivors
+                        _prune_global(layers, want - have, lamp=arm == "agp_lamp")
 
     if arm == "oneshot" and seed in _DENSE:  # the dense phase is the same for every target
         model.load_state_dict(_DENSE[seed]["model"])
         train.generator.set_state(_DENSE[seed]["batches"])
     else:
         for _ in range(main_epochs):
-            epoch(opt, sched, agp=arm in ("agp", "agp_distill"))
+            epoch(opt, sched, agp=arm.startswith("agp"))
     if arm == "dense" and teacher is not None:
         torch.save(model.state_dict(), teacher)
     if arm == "oneshot":
@@ -467,7 +496,7 @@ def smoke(a: argparse.Namespace, tmp: Path) -> None:
     a.work = a.work or tmp / "work"
     SEARCH3_TARGETS = (0.9,)
     a.arms, a.targets, a.seeds, a.trials, a.search_limit = (
-        "dense,oneshot,agp,agp_distill,searched3",  # (searched: the same code, another space)
+        "dense,oneshot,agp,agp_distill,agp_erk,agp_lamp,searched3",  # (searched: another space)
         "0.9",
         1,
         1,
@@ -543,7 +572,7 @@ def bench(a: argparse.Namespace) -> None:
             record(f"dense/{seed}", timed(plain, ds, "dense", seed, 0.0, teacher))
             print(f"dense seed {seed}: {results[f'dense/{seed}']}", flush=True)
         for t in targets:
-            for arm in ("oneshot", "agp", "agp_distill"):
+            for arm in PLAIN_PRUNED:
                 key = f"{arm}/{t}/{seed}"
                 if arm in arms and key not in results:
                     kd = _teacher(a, ds, seed) if arm == "agp_distill" else None
@@ -593,7 +622,7 @@ def report(results: dict, targets: list[float], a: argparse.Namespace) -> None:
     acc, sd, sp, n = stat("dense")
     print(f"| dense | — | {acc:.4f} ± {sd:.4f} | {sp:.4f} | {n} |")
     for t in targets:
-        for arm in ("oneshot", "agp", "agp_distill", "searched", "searched2", "searched3"):
+        for arm in (*PLAIN_PRUNED, "searched", "searched2", "searched3"):
             acc, sd, sp, n = stat(f"{arm}/{t}")
             if n:
                 print(f"| {arm} | {t:.0%} | {acc:.4f} ± {sd:.4f} | {sp:.4f} | {n} |")
@@ -633,6 +662,15 @@ def report(results: dict, targets: list[float], a: argparse.Namespace) -> None:
                 for name, d, want in verdict
             )
         )
+    # What each ingredient alone gives on top of plain AGP (means over the seeds run).
+    gains = [
+        f"{arm} - agp at {t:.0%}: {100 * (mean(f'{arm}/{t}') - mean(f'agp/{t}')):+.1f} points"
+        for arm in ("agp_distill", "agp_erk", "agp_lamp")
+        for t in targets
+        if stat(f"{arm}/{t}")[3] and stat(f"agp/{t}")[3]
+    ]
+    if gains:
+        print("ingredients: " + "; ".join(gains))
 
 
 if __name__ == "__main__":

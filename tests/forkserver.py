@@ -18,7 +18,10 @@ handlers included. What differs from a new interpreter:
   child sets torch's thread count, as it would at import;
 * numpy's global random state is reseeded in each child (Python's ``random`` reseeds
   itself after a fork; torch's default generator starts from its fixed default seed in
-  both cases).
+  both cases), but the hash seed (``PYTHONHASHSEED``) is the server's in every child;
+* ``PYTHONWARNINGS`` is applied in the child; the other variables Python reads only at
+  start-up (``PYTHONUNBUFFERED``, ``PYTHONHASHSEED``, ...) have the server's values, and a
+  warning a module gave while it was imported was given in the server.
 
 This is the design of :mod:`multiprocessing`'s ``forkserver`` start method (a clean
 process forks on request; the file descriptors travel over a Unix socket), which cannot
@@ -49,6 +52,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 
 _INT = struct.Struct("!i")
 _LEN = struct.Struct("!Q")
@@ -104,6 +108,10 @@ class Process:
 
     def wait(self, timeout: float | None = None) -> int:
         if self.returncode is None:
+            if timeout is not None and timeout <= 0:  # (a socket timeout of 0 never waits)
+                if self.poll() is None:
+                    raise subprocess.TimeoutExpired(self.args, timeout)
+                return self.returncode
             self._conn.settimeout(timeout)
             try:
                 self._read_status()
@@ -113,7 +121,9 @@ class Process:
 
     def _read_status(self) -> None:
         """The 4 bytes the waiter sends when the process has ended (a timeout, if one is
-        set, before they arrive raises ``TimeoutError``)."""
+        set, before they arrive raises ``TimeoutError``). Closing the connection tells the
+        waiter to reap the process: until then it stays a zombie, as a Popen child does
+        until it is waited for, so that a signal sent meanwhile never reaches a reused pid."""
         self.returncode = _INT.unpack(_recv_exact(self._conn, _INT.size))[0]
         self._conn.close()
 
@@ -144,7 +154,9 @@ class Process:
                 results.append(None)
                 continue
             data = b"".join(outputs[name])
-            results.append(data.decode() if isinstance(stream, io.TextIOBase) else data)
+            if isinstance(stream, io.TextIOBase):  # universal newlines, as Popen(text=True)
+                data = data.decode().replace("\r\n", "\n").replace("\r", "\n")
+            results.append(data)
             stream.close()
         self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return tuple(results)
@@ -183,6 +195,8 @@ def popen(
     """``subprocess.Popen([sys.executable, "-m", "dtp_search", *args], ...)``, forked from
     the server: ``stdout``/``stderr`` take ``None`` (this process's), ``subprocess.PIPE``,
     ``subprocess.DEVNULL``, ``subprocess.STDOUT`` (stderr only), a file or a descriptor."""
+    if not os.path.isdir(cwd):  # what Popen raises, rather than a child that exits 1
+        raise FileNotFoundError(f"No such file or directory: {str(cwd)!r}")
     server = _server()
     to_close: list[int] = []
     ours: dict[str, object] = {}
@@ -251,19 +265,27 @@ def run(
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
         raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 _BASE_PATH: list[str] = []  # (in the server: sys.path without its own folder)
+_SERVER_WARNOPTIONS: list[str] = []  # (in the server: its own PYTHONWARNINGS)
 _lock = threading.Lock()
 _address: str | None = None
+_server_process: subprocess.Popen | None = None
 
 
 def _server() -> str:
-    """The socket address of this process's server, started on first use."""
-    global _address
+    """The socket address of this process's server, started on first use (and again
+    should it have died)."""
+    global _address, _server_process
     with _lock:
+        if _server_process is not None and _server_process.poll() is not None:
+            _address = None
         if _address is None:
             folder = tempfile.mkdtemp(prefix="dtp-forkserver-")
             address = os.path.join(folder, "socket")
@@ -288,7 +310,7 @@ def _server() -> str:
                     os.rmdir(folder)
 
             atexit.register(stop)
-            _address = address
+            _address, _server_process = address, proc
         return _address
 
 
@@ -316,6 +338,13 @@ def _serve(address: str) -> None:
     # Objects that exist now are never collected in a child: a collection would write to
     # (and so copy) every page of them.
     gc.freeze()
+    # A fork copies only the thread that calls it: a lock another Python thread held
+    # would stay held in every child. No preloaded module starts one; should one ever,
+    # say so. (Native pools do start at import, torch's, OpenBLAS's, jemalloc's: like
+    # DataLoader workers, which are forked the same way, a child gets them again through
+    # the libraries' own at-fork handlers.)
+    if threading.active_count() != 1:
+        raise RuntimeError(f"the fork server runs {threading.enumerate()} after its imports")
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the waiters are reaped by the kernel
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(address)
@@ -330,15 +359,20 @@ def _serve(address: str) -> None:
                 if key.fileobj is sys.stdin:
                     return  # the test process closed our stdin: it is done
                 conn, _ = listener.accept()
-                with conn:
-                    _, fds, _, _ = socket.recv_fds(conn, 1, 3)
-                    size = _LEN.unpack(_recv_exact(conn, _LEN.size))[0]
-                    request = pickle.loads(_recv_exact(conn, size))
-                    if os.fork() == 0:
-                        listener.close()
-                        _wait_for_child(conn, fds, request)  # never returns
-                for fd in fds:
-                    os.close(fd)
+                fds: list[int] = []
+                try:
+                    with conn:
+                        _, fds, _, _ = socket.recv_fds(conn, 1, 3)
+                        size = _LEN.unpack(_recv_exact(conn, _LEN.size))[0]
+                        request = pickle.loads(_recv_exact(conn, size))
+                        if os.fork() == 0:
+                            listener.close()
+                            _wait_for_child(conn, fds, request)  # never returns
+                except Exception as exc:  # one client's broken request: the next is served
+                    print(f"fork server: request failed: {exc!r}", file=sys.stderr)
+                finally:
+                    for fd in fds:
+                        os.close(fd)
 
 
 def _wait_for_child(conn: socket.socket, fds: list[int], request: dict) -> None:
@@ -354,8 +388,14 @@ def _wait_for_child(conn: socket.socket, fds: list[int], request: dict) -> None:
         for fd in fds:
             os.close(fd)
         conn.sendall(_INT.pack(pid))
-        _, status = os.waitpid(pid, 0)
-        conn.sendall(_INT.pack(os.waitstatus_to_exitcode(status)))
+        # Ended, but not reaped until the client has the status and closes (or dies): a
+        # zombie keeps its pid, so the client's signals never reach a process that reused it.
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+        exited = info.si_code == os.CLD_EXITED
+        conn.sendall(_INT.pack(info.si_status if exited else -info.si_status))
+        with contextlib.suppress(OSError):
+            conn.recv(1)
+        os.waitpid(pid, 0)
         code = 0
     finally:
         os._exit(code)
@@ -366,7 +406,6 @@ def _child(fds: list[int], request: dict) -> None:
     signal handlers, then ``dtp_search/__main__.py`` as ``__main__``; exit with its
     status, as the interpreter would."""
     import runpy
-    import traceback
 
     code = 1
     try:
@@ -387,6 +426,10 @@ def _child(fds: list[int], request: dict) -> None:
         import torch
 
         np.random.seed()  # a new interpreter's numpy draws its own seed
+        # -W options from the child's environment (the server's were applied at its start)
+        options = [o for o in os.environ.get("PYTHONWARNINGS", "").split(",") if o]
+        if options != _SERVER_WARNOPTIONS:
+            warnings._processoptions(options)
         threads = os.environ.get("OMP_NUM_THREADS", "")
         if threads.isdigit() and int(threads) > 0:
             torch.set_num_threads(int(threads))
@@ -407,12 +450,12 @@ def _child(fds: list[int], request: dict) -> None:
                 code = 1
         except KeyboardInterrupt:
             # As the interpreter does: the traceback, then death by SIGINT itself.
-            traceback.print_exc()
+            sys.excepthook(*sys.exc_info())
             _finish()
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGINT)
         except BaseException:
-            traceback.print_exc()
+            sys.excepthook(*sys.exc_info())
             code = 1
         _finish()
     finally:
@@ -420,7 +463,9 @@ def _child(fds: list[int], request: dict) -> None:
 
 
 def _finish() -> None:
-    """What the interpreter does at exit: the atexit handlers, then flushed streams."""
+    """What the interpreter does at exit (Py_FinalizeEx): wait for the threads that are
+    not daemons, run the atexit handlers, flush the standard streams."""
+    threading._shutdown()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
@@ -433,4 +478,5 @@ if __name__ == "__main__":
     # each child takes from its own environment).
     _pythonpath = os.environ.get("PYTHONPATH", "").split(os.pathsep)
     _BASE_PATH[:] = [p for p in sys.path[1:] if p not in _pythonpath]
+    _SERVER_WARNOPTIONS[:] = [o for o in os.environ.get("PYTHONWARNINGS", "").split(",") if o]
     _serve(sys.argv[1])

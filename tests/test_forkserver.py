@@ -66,9 +66,15 @@ def test_a_killed_child_reports_the_signal_as_popen_does(tmp_path):
         stderr=subprocess.DEVNULL,
     )
     assert proc.poll() is None
-    with pytest.raises(subprocess.TimeoutExpired):
-        proc.wait(timeout=0.2)
+    for timeout in (0, 0.2):
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=timeout)
     time.sleep(0.5)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
     assert proc.poll() == -signal.SIGKILL
+
+
+def test_a_missing_working_folder_raises_in_the_caller_as_popen_does(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        forkserver.popen(["console.progress=false"], cwd=tmp_path / "nowhere")
