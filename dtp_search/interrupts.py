@@ -1,7 +1,9 @@
 """The stop flag: a signal asks the running work to stop at its next safe point.
 
 Set by a signal handler (see :mod:`dtp_search.__main__` and :mod:`dtp_search.search.workers`);
-the training loop checks it after every optimizer step, and the study between trials.
+the training loop checks it after every optimizer step, the study between trials, and
+the refit after each refit's training and before the report (a signal after the last
+training step would otherwise go unanswered).
 """
 
 from __future__ import annotations

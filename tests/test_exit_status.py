@@ -220,3 +220,42 @@ def test_a_signal_during_the_stop_is_ignored(monkeypatch):
     finally:
         signal.signal(signal.SIGINT, before[0])
         signal.signal(signal.SIGTERM, before[1])
+
+
+def test_a_ctrl_c_after_the_refits_last_training_step_still_stops_the_run(tmp_path, monkeypatch):
+    """Training acts on a stop request at its next step. A signal that comes after the
+    refit's last one (the export and the report still to do) must still end the run with
+    130 and the refit KILLED, not with 0 as if nothing had been pressed."""
+    from dtp_search import interrupts
+    from dtp_search.search import refit as refit_module
+
+    monkeypatch.setattr(interrupts, "_stop_reason", None)
+    monkeypatch.setattr(interrupts, "_stopping", False)
+    trained = refit_module.refit_trial
+
+    def then_ctrl_c(*args, **kwargs):
+        out = trained(*args, **kwargs)
+        interrupts.request_stop("SIGINT")  # as the signal handler does
+        return out
+
+    monkeypatch.setattr(refit_module, "refit_trial", then_ctrl_c)
+    root = tmp_path / "runs"
+    args = [*TINY, "study.name=late", "search.n_trials=1", "refit.enabled=true", "threads=1"]
+    stopped = run_here(root, *args)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert "interrupted during the refit:" in stopped.stderr
+    assert _parent_status(root, "late") == "KILLED"
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    experiment = client.get_experiment_by_name("late").experiment_id
+    refit_runs = lambda: client.search_runs(  # noqa: E731
+        [experiment], filter_string="tags.`dtp_search.role` = 'refit'"
+    )
+    assert [r.info.status for r in refit_runs()] == ["KILLED"]
+
+    monkeypatch.setattr(refit_module, "refit_trial", trained)
+    monkeypatch.setattr(interrupts, "_stop_reason", None)
+    monkeypatch.setattr(interrupts, "_stopping", False)
+    rerun = run_here(root, *args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert _parent_status(root, "late") == "FINISHED"
+    assert sorted(r.info.status for r in refit_runs()) == ["FINISHED", "KILLED"]

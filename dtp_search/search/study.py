@@ -356,6 +356,8 @@ def _finish(ctx: SearchContext, refit_only: bool) -> None:
                 ctx.device,
                 ctx.console,
             )
+        if stop_requested() is not None:  # a signal during the refits' last steps
+            stop_now()
         log_report(study, tracker)
     finally:
         lock.release()
