@@ -26,6 +26,10 @@ test split, for 2 seeds:
   the ``dense`` arm's trained network of the same seed (its file ``WORK/dense-<seed>.pt``;
   retrained if missing): loss (1 − α)·CE + α·T²·KL(teacher ‖ student at T), α = 0.5,
   T = 4, over all 18 epochs. It says how much of a searched gain distillation alone gives;
+* ``agp_distill_warm`` — the same, with the teacher dtp_search gives a study that has no
+  checkpoint: the network as it stands when pruning begins (here after AGP_START = 2 dense
+  epochs), distilled from then on. It says what that teacher is worth against the
+  trained one;
 * ``agp_erk``, ``agp_lamp`` — the ``agp`` loop with the sparsity shared among the layers
   as ``policy.allocation`` does (dtp_search's own :mod:`~dtp_search.pruning.policies.allocation`):
   ``erk``, every layer on the cubic schedule towards its own Erdős–Rényi-Kernel sparsity
@@ -54,6 +58,7 @@ table. ``--arms`` picks arms (``baselines`` = dense, oneshot, agp).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -82,7 +87,7 @@ SEARCH_LIMIT = 25000
 # agp_distill: the distillation loss's weight and temperature (common CIFAR choices).
 DISTILL_ALPHA, DISTILL_T = 0.5, 4.0
 # The plain loops that prune, in the table's order.
-PLAIN_PRUNED = ("oneshot", "agp", "agp_distill", "agp_erk", "agp_lamp")
+PLAIN_PRUNED = ("oneshot", "agp", "agp_distill", "agp_distill_warm", "agp_erk", "agp_lamp")
 # searched3: the issue's targets
 SEARCH3_TARGETS = (0.95, 0.98)
 # The plain AGP loop as a point of the searched space (one OneCycle schedule over both
@@ -194,8 +199,8 @@ _DENSE: dict[int, dict] = {}  # seed -> state after oneshot's dense phase
 
 
 def plain(ds, arm: str, seed: int, target: float, teacher: Path | None = None) -> dict[str, float]:
-    """One plain-PyTorch run: dense, oneshot, agp, agp_distill, agp_erk or agp_lamp
-    (module docstring). The dense arm saves its network to ``teacher``; agp_distill
+    """One plain-PyTorch run: dense, oneshot, agp, agp_distill, agp_distill_warm, agp_erk
+    or agp_lamp (module docstring). The dense arm saves its network to ``teacher``; agp_distill
     distils from the one there."""
     from dtp_search.data import TensorBatches
 
@@ -230,9 +235,12 @@ def plain(ds, arm: str, seed: int, target: float, teacher: Path | None = None) -
     step = 0
 
     def epoch(opt, sched, agp: bool) -> None:
-        nonlocal step
+        nonlocal step, kd
         model.train()
         for x, y in train:
+            if arm == "agp_distill_warm" and kd is None and step >= AGP_START * steps:
+                # dtp_search's own teacher: the network as it stands when pruning begins
+                kd = copy.deepcopy(model).eval().requires_grad_(False)
             out = model(x)
             loss = loss_fn(out, y)
             if kd is not None:  # Hinton et al. 2015, the teacher on the same augmented batch
@@ -496,7 +504,7 @@ def smoke(a: argparse.Namespace, tmp: Path) -> None:
     a.work = a.work or tmp / "work"
     SEARCH3_TARGETS = (0.9,)
     a.arms, a.targets, a.seeds, a.trials, a.search_limit = (
-        "dense,oneshot,agp,agp_distill,agp_erk,agp_lamp,searched3",  # (searched: another space)
+        "dense,oneshot,agp,agp_distill,agp_distill_warm,agp_erk,agp_lamp,searched3",
         "0.9",
         1,
         1,
@@ -665,7 +673,7 @@ def report(results: dict, targets: list[float], a: argparse.Namespace) -> None:
     # What each ingredient alone gives on top of plain AGP (means over the seeds run).
     gains = [
         f"{arm} - agp at {t:.0%}: {100 * (mean(f'{arm}/{t}') - mean(f'agp/{t}')):+.1f} points"
-        for arm in ("agp_distill", "agp_erk", "agp_lamp")
+        for arm in ("agp_distill", "agp_distill_warm", "agp_erk", "agp_lamp")
         for t in targets
         if stat(f"{arm}/{t}")[3] and stat(f"agp/{t}")[3]
     ]

@@ -66,6 +66,7 @@ SMOKE = {
             "| dense | — |",
             "| agp | 90% |",
             "| agp_distill | 90% |",
+            "| agp_distill_warm | 90% |",
             "| agp_erk | 90% |",
             "| agp_lamp | 90% |",
             "ingredients: agp_distill - agp at 90%: ",
