@@ -287,7 +287,11 @@ def _server() -> str:
         if _server_process is not None and _server_process.poll() is not None:
             _address = None
         if _address is None:
-            folder = tempfile.mkdtemp(prefix="dtp-forkserver-")
+            # In the system's temporary folder, whatever a test has set tempfile.tempdir
+            # to (test_scripts sets it to its own folder): a Unix socket's path must stay
+            # under about 100 bytes, and the server outlives the test that started it.
+            system_tmp = "/tmp" if os.path.isdir("/tmp") else None
+            folder = tempfile.mkdtemp(prefix="dtp-forkserver-", dir=system_tmp)
             address = os.path.join(folder, "socket")
             proc = subprocess.Popen(
                 [sys.executable, __file__, address],
@@ -479,4 +483,9 @@ if __name__ == "__main__":
     _pythonpath = os.environ.get("PYTHONPATH", "").split(os.pathsep)
     _BASE_PATH[:] = [p for p in sys.path[1:] if p not in _pythonpath]
     _SERVER_WARNOPTIONS[:] = [o for o in os.environ.get("PYTHONWARNINGS", "").split(",") if o]
-    _serve(sys.argv[1])
+    try:
+        _serve(sys.argv[1])
+    finally:  # (an xdist worker ends without its atexit handlers: the server tidies up)
+        with contextlib.suppress(OSError):
+            os.unlink(sys.argv[1])
+            os.rmdir(os.path.dirname(sys.argv[1]))
