@@ -1,9 +1,7 @@
 """The stop flag: a signal asks the running work to stop at its next safe point.
 
 Set by a signal handler (see :mod:`dtp_search.__main__` and :mod:`dtp_search.search.workers`);
-the training loop checks it after every optimizer step, the study between trials, and
-the refit after each refit's training and before the report (a signal after the last
-training step would otherwise go unanswered).
+the running work acts on it at its safe points (:func:`stop_if_requested`).
 """
 
 from __future__ import annotations
@@ -34,6 +32,17 @@ def stop_now() -> NoReturn:
     global _stopping
     _stopping = True
     raise KeyboardInterrupt(_stop_reason)
+
+
+def stop_if_requested() -> None:
+    """A safe point: raise :func:`stop_now`'s ``KeyboardInterrupt`` if a stop was requested.
+    Called after every optimizer step, between trials, while workers run, after each
+    refit's training and before the report: a request that came after the last training
+    step would otherwise go unanswered, and the run would exit 0 although the user pressed
+    Ctrl-C (a second Ctrl-C is no safety net: Python drops a ``KeyboardInterrupt`` raised
+    inside a garbage-collection callback)."""
+    if _stop_reason is not None:
+        stop_now()
 
 
 def stopping() -> bool:

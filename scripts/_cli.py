@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+COMMAND = [sys.executable, "-m", "dtp_search"]
+
 
 @dataclass(frozen=True)
 class Finished:
@@ -32,7 +34,7 @@ class Finished:
 
 def _in_a_subprocess(args: list[str], cwd: Path) -> Finished:
     proc = subprocess.run(
-        [sys.executable, "-m", "dtp_search", *args],
+        [*COMMAND, *args],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -46,7 +48,7 @@ runner: Callable[[list[str], Path], Finished] = _in_a_subprocess
 
 def _new_process(args: list[str], cwd: Path, stdout: IO[Any]) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "dtp_search", *args],
+        [*COMMAND, *args],
         cwd=cwd,
         stdout=stdout,
         stderr=subprocess.STDOUT,

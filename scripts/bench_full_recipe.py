@@ -214,7 +214,8 @@ def plain(ds, arm: str, seed: int, target: float, teacher: Path | None = None) -
     layers = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     total = sum(m.weight.numel() for m, _ in layers)
     # agp_erk: each layer's own final sparsity (ERK densities at the network's target)
-    erk = erk_densities([tuple(m.weight.shape) for m, _ in layers], target)
+    if arm == "agp_erk":
+        erk = erk_densities([tuple(m.weight.shape) for m, _ in layers], target)
     train = TensorBatches(
         ds.train,
         None,

@@ -88,7 +88,7 @@ _PRELOAD = (
 class Process:
     """The part of :class:`subprocess.Popen` the tests use, for a process the server
     forked: ``pid``, ``returncode``, ``stdout``/``stderr`` (with ``PIPE``), ``poll``,
-    ``wait``, ``communicate``, ``send_signal``, ``terminate``, ``kill``."""
+    ``wait``, ``communicate``, ``send_signal``, ``kill``."""
 
     def __init__(self, args: list[str], pid: int, conn: socket.socket, stdout, stderr) -> None:
         self.args = args
@@ -166,20 +166,8 @@ class Process:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, sig)
 
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
-
-    def __enter__(self) -> Process:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for stream in (self.stdout, self.stderr):
-            if stream is not None:
-                stream.close()
-        self.wait()
 
 
 def popen(
@@ -304,14 +292,11 @@ def _server() -> str:
                 raise RuntimeError(f"the fork server did not start (it said {ready!r})")
 
             def stop() -> None:
-                proc.stdin.close()  # (the server's signal to end)
+                proc.stdin.close()  # (the server's signal to end; it removes its socket)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=10)
                 if proc.poll() is None:
                     proc.kill()
-                with contextlib.suppress(OSError):
-                    os.unlink(address)
-                    os.rmdir(folder)
 
             atexit.register(stop)
             _address, _server_process = address, proc

@@ -34,7 +34,7 @@ import torch
 from omegaconf import DictConfig
 
 from dtp_search.data import ImageDataset, stratified_subset
-from dtp_search.interrupts import stop_now, stop_requested
+from dtp_search.interrupts import stop_if_requested
 from dtp_search.models import start_model
 from dtp_search.models.export import MEASURE_KEYS, measure, save_pruned
 from dtp_search.pruning import FrontPoint, LayerCollapse, sparsity
@@ -212,16 +212,6 @@ def checkpoint_baseline(
     )
 
 
-def _stop_if_requested() -> None:
-    """Stop here if a signal asked for it. Training acts on a stop request at its next
-    step; one that comes after the last step would otherwise go unanswered, and the run
-    would export, report and exit 0 although the user pressed Ctrl-C (a second Ctrl-C is
-    no safety net: Python drops a KeyboardInterrupt raised inside a garbage-collection
-    callback, as a test saw)."""
-    if stop_requested() is not None:
-        stop_now()
-
-
 def refit_study(
     cfg: DictConfig,
     s: Settings,
@@ -244,7 +234,7 @@ def refit_study(
         baseline = dataclasses.replace(baseline, costs={axis: 1.0})  # the dense network
     folds = s.cv.folds * s.cv.repeats
     for trial in chosen_trials(study, s.refit.top_k, s.refit.trials, s.refit.select, folds):
-        _stop_if_requested()  # a signal that came after the last refit's training
+        stop_if_requested()  # a signal that came after the last refit's training
         existing = tracker.find_refit(trial.number)
         if existing is not None:
             results.append(_from_run(trial.number, existing))
@@ -285,7 +275,7 @@ def refit_study(
                     step=r.epoch,
                 ),
             )
-            _stop_if_requested()  # one that came after this refit's last training step
+            stop_if_requested()  # one that came after this refit's last training step
             structured = PrunerSettings.split(ts.policy)[0].granularity != "weight"
             example = torch.zeros(1, *dataset.input_shape, device=device)
             with tempfile.TemporaryDirectory() as tmp:

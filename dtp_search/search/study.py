@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from dtp_search import storage as storages
 from dtp_search.data import load_dataset
 from dtp_search.errors import RefitInterrupted, StorageUnavailable, StudyIncomplete
-from dtp_search.interrupts import stop_now, stop_requested
+from dtp_search.interrupts import stop_if_requested
 from dtp_search.search import preflight, provenance
 from dtp_search.search import space as search_space
 from dtp_search.search.config import (
@@ -279,8 +279,7 @@ def _search(ctx: SearchContext, target: int) -> None:
             tracker.close_orphans({ft.number: ft.state.name for ft in trials})
 
         while failures < s.search.max_failures:
-            if stop_requested() is not None:  # a signal arrived between trials
-                stop_now()
+            stop_if_requested()  # a signal arrived between trials
             _fail_dead(study, s)
             ctx.admission.acquire()
             try:
@@ -356,8 +355,7 @@ def _finish(ctx: SearchContext, refit_only: bool) -> None:
                 ctx.device,
                 ctx.console,
             )
-        if stop_requested() is not None:  # a signal during the refits' last steps
-            stop_now()
+        stop_if_requested()  # a signal during the refits' last steps
         log_report(study, tracker)
     finally:
         lock.release()

@@ -22,7 +22,7 @@ import optuna
 import torch
 
 from dtp_search.errors import StorageUnavailable
-from dtp_search.interrupts import request_stop, stop_now, stop_requested
+from dtp_search.interrupts import request_stop, stop_if_requested, stop_now
 from dtp_search.settings import Settings
 from dtp_search.tracking.console import Console
 from dtp_search.tracking.results import FINISHED
@@ -114,8 +114,7 @@ def run_workers(settings: Settings, study: optuna.Study, target: int, console: C
         with console.trials(target, finished()) as advance:
             while any(p.poll() is None for p, _ in procs):
                 time.sleep(1.0)
-                if stop_requested() is not None:  # Ctrl-C here (see dtp_search.__main__)
-                    stop_now()
+                stop_if_requested()  # Ctrl-C here (see dtp_search.__main__)
                 try:
                     trials = study.get_trials(deepcopy=False)
                 except StorageUnavailable:

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from dtp_search.data import TensorBatches
-from dtp_search.interrupts import stop_now, stop_requested
+from dtp_search.interrupts import stop_if_requested
 from dtp_search.pruning import DynamicPruner, FrontPoint, layer_sparsity
 from dtp_search.settings import CONTINUE, REWIND, FrontSettings, TrainSettings
 from dtp_search.training.distill import (
@@ -239,8 +239,7 @@ class FoldTrainer:
             sched.step()
             loss_sum += loss.detach()
             self.step += 1
-            if stop_requested() is not None:
-                stop_now()
+            stop_if_requested()
             if update_masks:
                 self._update_masks()
         mean_loss = float(loss_sum) / self.steps_per_epoch
