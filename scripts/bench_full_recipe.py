@@ -44,7 +44,13 @@ test split, for 2 seeds:
   validation fold; ``--refit-teacher dense`` refits the pick with the ``dense`` arm's
   network as the teacher instead (``train.distill.teacher``; the ``agp_distill`` teacher).
   The pick is ``refit.select=one_se``: the sparsest feasible trial whose CV accuracy is
-  within one standard error of the best's.
+  within one standard error of the best's;
+* ``searched4`` — round 3 with a trained teacher (``train.distill.teacher_epochs``): each
+  fold's teacher is its starting network trained dense for the whole 18-epoch budget at
+  the ``dense`` arm's recipe (lr 0.05, one OneCycle schedule) on the fold's training part,
+  once per fold for the whole study; the refit trains its own on the whole split. Round 3
+  showed that the warm-start teacher can only hurt, so there the search turned
+  distillation off.
 
 Results go to ``--out`` (JSON) as they finish; a rerun skips what is there and prints the
 table. ``--arms`` picks arms (``baselines`` = dense, oneshot, agp).
@@ -369,17 +375,27 @@ NARROW_QUEUE = [
 ]
 
 
+# searched4: the teacher is trained per fold, at the dense arm's recipe over the budget.
+TEACHER_SPACE = [
+    f"train.distill.teacher_epochs={EPOCHS}",
+    f"train.distill.teacher_lr={LR}",
+    "train.distill.teacher_lr_schedule=onecycle",
+]
+
+
 ROUNDS = {  # round -> (results tag, study name suffix, space overrides)
     1: ("search", "", ROUND1_SPACE),
     2: ("search2", "-narrow", NARROW_SPACE),
     3: ("search3", "-issue28", []),
+    4: ("search4", "-teacher", TEACHER_SPACE),
 }
 
 
 def search(a: argparse.Namespace, target: float, rnd: int = 1) -> dict[str, object]:
     """The pick of a fresh single-objective study at ``target``: its sampled values.
     ``rnd``: the round (``ROUNDS``): 1, 2 (``NARROW_SPACE``), 3 (the current cifar space,
-    picked with ``refit.select=one_se``; 1 and 2 take the best trial)."""
+    picked with ``refit.select=one_se``; 1 and 2 take the best trial), 4 (round 3 with a
+    trained teacher per fold)."""
     tag, suffix, space = ROUNDS[rnd]
     root = a.work / f"{tag}-{target}"
     study_name = f"full-recipe{suffix}-{target}"
@@ -410,7 +426,7 @@ def search(a: argparse.Namespace, target: float, rnd: int = 1) -> dict[str, obje
         study_name=study_name, storage=storage, direction="maximize", load_if_exists=True
     )
     if not study.trials:
-        queue = {1: [PLAIN_AGP_RECIPE], 2: NARROW_QUEUE, 3: [round3_recipe()]}[rnd]
+        queue = {1: [PLAIN_AGP_RECIPE], 2: NARROW_QUEUE}.get(rnd, [round3_recipe()])
         for params in queue:
             study.enqueue_trial(params)
     t0 = time.time()
@@ -419,7 +435,7 @@ def search(a: argparse.Namespace, target: float, rnd: int = 1) -> dict[str, obje
         sys.exit(f"search at {target} failed:\n{proc.output[-3000:]}")
     study = optuna.load_study(study_name=study_name, storage=storage)
     best = study.best_trial
-    if rnd == 3:  # dtp_search's own one-SE pick among the feasible trials
+    if rnd >= 3:  # dtp_search's own one-SE pick among the feasible trials
         from dtp_search.tracking.results import chosen_trials
 
         best = chosen_trials(study, None, "pareto", "one_se", folds=2)[0]
@@ -492,8 +508,8 @@ def _teacher(a: argparse.Namespace, ds, seed: int) -> Path:
 
 def smoke(a: argparse.Namespace, tmp: Path) -> None:
     """--smoke: every step at a tiny size: a generated ImageFolder, 2 epochs (1 pruning +
-    1 fine-tuning) at batch 16, target 90 % only, 1 seed, a 1-trial search (round 3, whose
-    code rounds 1 and 2 share); the rounds 1 and 2 left out. Results under ``tmp`` unless --work says where."""
+    1 fine-tuning) at batch 16, target 90 % only, 1 seed, a 1-trial search (round 4, whose
+    code the rounds 1 to 3 share); the rounds 1 to 3 left out. Results under ``tmp`` unless --work says where."""
     global EPOCHS, PRUNE_EPOCHS, AGP_START, AGP_END, BATCH, SPARSITY_SLACK, SEARCH3_TARGETS
     from _smoke import tiny_cifar
 
@@ -504,8 +520,9 @@ def smoke(a: argparse.Namespace, tmp: Path) -> None:
     a.data = tiny_cifar(tmp / "cifar")
     a.work = a.work or tmp / "work"
     SEARCH3_TARGETS = (0.9,)
+    TEACHER_SPACE[0] = f"train.distill.teacher_epochs={EPOCHS}"
     a.arms, a.targets, a.seeds, a.trials, a.search_limit = (
-        "dense,oneshot,agp,agp_distill,agp_distill_warm,agp_erk,agp_lamp,searched3",
+        "dense,oneshot,agp,agp_distill,agp_distill_warm,agp_erk,agp_lamp,searched4",
         "0.9",
         1,
         1,
@@ -587,7 +604,7 @@ def bench(a: argparse.Namespace) -> None:
                     kd = _teacher(a, ds, seed) if arm == "agp_distill" else None
                     record(key, timed(plain, ds, arm, seed, t, kd))
                     print(f"{key}: {results[key]}", flush=True)
-    for arm, rnd in (("searched", 1), ("searched2", 2), ("searched3", 3)):
+    for arm, rnd in (("searched", 1), ("searched2", 2), ("searched3", 3), ("searched4", 4)):
         if arm not in arms:
             continue
         tag = ROUNDS[rnd][0]
@@ -631,11 +648,11 @@ def report(results: dict, targets: list[float], a: argparse.Namespace) -> None:
     acc, sd, sp, n = stat("dense")
     print(f"| dense | — | {acc:.4f} ± {sd:.4f} | {sp:.4f} | {n} |")
     for t in targets:
-        for arm in (*PLAIN_PRUNED, "searched", "searched2", "searched3"):
+        for arm in (*PLAIN_PRUNED, "searched", "searched2", "searched3", "searched4"):
             acc, sd, sp, n = stat(f"{arm}/{t}")
             if n:
                 print(f"| {arm} | {t:.0%} | {acc:.4f} ± {sd:.4f} | {sp:.4f} | {n} |")
-    for tag in ("search", "search2", "search3"):
+    for tag in ("search", "search2", "search3", "search4"):
         for t in targets:
             found = results.get(f"{tag}/{t}")
             if found:
@@ -657,7 +674,7 @@ def report(results: dict, targets: list[float], a: argparse.Namespace) -> None:
         )
     # issue 28's targets: the searched pick against plain AGP and plain AGP + distillation
     agp98, kd95 = mean("agp/0.98"), mean("agp_distill/0.95")
-    for arm in ("searched", "searched2", "searched3"):
+    for arm in ("searched", "searched2", "searched3", "searched4"):
         s95, s98 = mean(f"{arm}/0.95"), mean(f"{arm}/0.98")
         verdict = [
             (f"{arm} - agp at 95", s95 - agp95, 0.015),

@@ -14,8 +14,10 @@ from dtp_search.errors import ConfigError
 from dtp_search.models import build_model
 from dtp_search.pruning import AGPThreshold, DynamicPruner
 from dtp_search.settings import DistillSettings, FrontSettings, TrainSettings, check
-from dtp_search.training import FoldTrainer, check_teacher
+from dtp_search.training import FoldTrainer, WarmStart, check_teacher, evaluate
 from dtp_search.training.distill import distillation_loss, load_teacher, make_teacher
+from dtp_search.training.teacher import teacher_recipe
+from dtp_search.training.warmstart import WarmStartCache
 
 
 def _kl(p: list[float], q: list[float]) -> float:
@@ -81,9 +83,11 @@ def test_check_teacher_needs_dense_epochs_or_a_checkpoint():
     check_teacher(train, at_once, "/trained.pt")  # the user's weights are the teacher
     check_teacher(train, AGPThreshold(0.9, end_epoch=4, start_epoch=1), None)
     check_teacher(TrainSettings(epochs=4), at_once, None)  # off
+    trained = TrainSettings(epochs=4, distill=DistillSettings(alpha=0.5, teacher_epochs=4))
+    check_teacher(trained, at_once, None)  # a teacher trained first
 
 
-def _fold(ds, distill: DistillSettings):
+def _fold(ds, distill: DistillSettings, warm_start=None):
     torch.manual_seed(0)
     model = build_model(OmegaConf.create({"arch": "mlp", "hidden": [32]}), ds.input_shape, 10)
     pruner = DynamicPruner(model, AGPThreshold(0.8, end_epoch=2, start_epoch=1, update_every=2))
@@ -102,6 +106,7 @@ def _fold(ds, distill: DistillSettings):
         s,
         FrontSettings(points=0),
         on_epoch=lambda r: snapshots.append({k: v.clone() for k, v in model.state_dict().items()}),
+        warm_start=warm_start,
     )
     return trainer, trainer.run(), snapshots
 
@@ -125,6 +130,44 @@ def test_a_distilled_fold_trains_from_the_network_at_the_end_of_its_dense_epochs
         assert torch.equal(w, after_dense[key]), name
     assert kd_result.sparsity == pytest.approx(0.8, abs=0.01)
     assert kd_result.accuracy > 0.6  # ten classes: it learned, pruned at 80 %
+
+
+def test_a_trained_teacher_is_the_starting_network_trained_dense_once_per_fold(tmp_path):
+    """teacher_epochs=E: the teacher is trained E dense epochs on the fold before the
+    student, leaves the student's batches and random states alone, and is cached."""
+    ds = load_dataset(OmegaConf.create({"kind": "digits", "name": "digits"}))
+    _, plain_result, _ = _fold(ds, DistillSettings())
+    warm = WarmStart(WarmStartCache(tmp_path), context="digits")
+    distill = DistillSettings(alpha=0.7, temperature=3.0, teacher_epochs=3, teacher_lr=0.05)
+    kd, kd_result, _ = _fold(ds, distill, warm)
+    # the student's dense epoch is the plain fold's: the teacher's training took nothing
+    # from the batch order or torch's random state
+    assert kd_result.history[0].loss == plain_result.history[0].loss
+    assert kd.teacher is kd.dense_teacher and not kd.teacher.training
+    assert evaluate(kd.teacher, kd.val) > 0.8  # trained: chance is 0.1
+    assert warm.cache.stores == 2  # the dense warm start and the teacher
+    again, again_result, _ = _fold(ds, distill, warm)
+    assert warm.cache.hits == 2 and warm.cache.stores == 2  # both from the cache
+    for name, w in kd.teacher.state_dict().items():
+        assert torch.equal(w, again.teacher.state_dict()[name]), name
+    assert again_result.accuracy == kd_result.accuracy
+    # another teacher recipe is another teacher
+    _fold(ds, DistillSettings(alpha=0.7, teacher_epochs=3, teacher_lr=0.02), warm)
+    assert warm.cache.stores == 3
+
+
+def test_the_teacher_recipe_is_the_folds_with_its_own_epochs_lr_and_schedule():
+    s = TrainSettings(
+        epochs=10, finetune_epochs=2, lr=0.2, lr_schedule="cosine", l1=1e-4,
+        distill=DistillSettings(alpha=0.5, teacher_epochs=7),
+    )  # fmt: skip
+    r = teacher_recipe(s)
+    assert (r.epochs, r.finetune_epochs, r.lr, r.lr_schedule, r.l1) == (7, 0, 0.2, "cosine", 0)
+    assert r.distill == DistillSettings() and r.weight_decay == s.weight_decay
+    s.distill.teacher_lr, s.distill.teacher_lr_schedule = 0.05, "onecycle"
+    assert (teacher_recipe(s).lr, teacher_recipe(s).lr_schedule) == (0.05, "onecycle")
+    with pytest.raises(ValueError, match=r"train\.distill\.teacher_lr_schedule"):
+        check(TrainSettings(distill=DistillSettings(teacher_lr_schedule="linear")), "train.")
 
 
 def test_a_teacher_file_is_loaded_into_the_masked_copy_and_a_misfit_names_the_key(tmp_path):

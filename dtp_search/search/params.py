@@ -46,6 +46,10 @@ INERT: dict[str, tuple[str, Callable[[Any], bool]]] = {
     # distillation's temperature and teacher file, without distillation; no teacher file
     "train.distill.temperature": ("train.distill.alpha", _off),
     "train.distill.teacher": ("train.distill.alpha", _off),
+    "train.distill.teacher_epochs": ("train.distill.alpha", _off),
+    # the trained teacher's own learning rate and schedule, without one
+    "train.distill.teacher_lr": ("train.distill.teacher_epochs", _off),
+    "train.distill.teacher_lr_schedule": ("train.distill.teacher_epochs", _off),
     # the scope an allocation supersedes; an allocation left to follow the scope
     "policy.scope": ("policy.allocation", lambda a: a is not None),
     "policy.allocation": ("policy.allocation", lambda a: a is None),

@@ -27,8 +27,15 @@ class DistillSettings:
     alpha: float = rule(0.0, low=0, at_most=1, words="a number in [0, 1]; 0 = off")
     temperature: float = rule(4.0, above=0)
     # A state_dict of this very network to distil from (e.g. the dense network trained
-    # once, by hand); null: the fold's own dense network when pruning begins.
+    # once, by hand); null: the fold's own dense network (below).
     teacher: str | None = None
+    # > 0: the teacher is the fold's starting network trained dense for this many epochs
+    # on the fold (training/teacher.py), once per fold and recipe (cached with the warm
+    # starts); 0: the network as it stands when pruning begins.
+    teacher_epochs: int = rule(0, low=0)
+    teacher_lr: float | None = rule(None, above=0)  # the teacher's; null: train.lr
+    # the teacher's schedule; null: train.lr_schedule
+    teacher_lr_schedule: str | None = rule(None, choices=LR_SCHEDULES)
 
 
 @dataclass

@@ -8,7 +8,8 @@ Modules, lowest first: ``history`` (what a fold returns), ``device``, ``optim``
 (optimizer and schedules), ``warmstart`` (the dense warm-start cache and its keys),
 ``checkpoint`` (per-trial checkpoints for resumed retries), ``evaluation`` (accuracy,
 costs, the one-shot sweep), ``batching`` (a fold's batches and feedback hold-out),
-``distill`` (the teacher and its loss), ``trainer`` (the loop, :class:`FoldTrainer`),
+``distill`` (the teacher and its loss), ``teacher`` (a dense teacher
+trained first), ``trainer`` (the loop, :class:`FoldTrainer`),
 ``fold`` (:func:`prune_and_train`), ``cv`` (:func:`cross_validate`).
 """
 

@@ -11,7 +11,9 @@ of the hard term's as T changes (the soft gradients scale as 1/T²). CE is the f
 cross-entropy (with ``train.label_smoothing``).
 
 The teacher is ``train.distill.teacher`` where one is given (a ``state_dict`` of the same
-network, e.g. the dense network trained once by hand: :func:`load_teacher`), else the
+network, e.g. the dense network trained once by hand: :func:`load_teacher`), else, with
+``train.distill.teacher_epochs`` ≥ 1, the fold's starting network trained dense for that
+many epochs before the student (:mod:`dtp_search.training.teacher`), else the
 fold's dense network as it stands when pruning begins: the end of the policy's dense
 epochs (the dense warm start, shared between trials through its cache), or, when the
 policy prunes from the first step, the network it starts from — ``model.checkpoint``,
@@ -117,11 +119,18 @@ def check_teacher(train: TrainSettings, policy: ThresholdPolicy, checkpoint: str
             f"train.distill.teacher={given!r} does not exist; allowed: null (the fold's "
             "dense network) or a file written by torch.save(model.state_dict(), path)"
         )
-    if alpha <= 0 or given or checkpoint is not None or policy.dense_epochs(train.epochs) >= 1:
+    if (
+        alpha <= 0
+        or given
+        or train.distill.teacher_epochs > 0
+        or checkpoint is not None
+        or policy.dense_epochs(train.epochs) >= 1
+    ):
         return
     raise ConfigError(
         f"train.distill.alpha={alpha!r} needs a trained dense teacher, but policy "
         f"{policy.name} prunes from the first epoch and model.checkpoint is null; allowed: "
         "train.distill.alpha=0, a policy.start_epoch >= 1 (its dense epochs train the "
-        "teacher), model.checkpoint (trained weights, the teacher) or train.distill.teacher"
+        "teacher), train.distill.teacher_epochs >= 1 (a dense teacher trained first), "
+        "model.checkpoint (trained weights, the teacher) or train.distill.teacher"
     )

@@ -27,6 +27,7 @@ from dtp_search.training.distill import (
 from dtp_search.training.evaluation import CostProbe, evaluate, measured_sweep
 from dtp_search.training.history import DivergedError, EpochRecord, FoldResult
 from dtp_search.training.optim import make_lr_scheduler, make_optimizer
+from dtp_search.training.teacher import trained_teacher
 from dtp_search.training.warmstart import WarmStart, warm_start_key
 
 
@@ -68,9 +69,11 @@ class FoldTrainer:
         # dense: Linear/Conv weights and attention in-projections (PrunableTensor).
         self.l1_layers = list(pruner.tensors.values()) if settings.l1 > 0 else []
         # Distillation: the teacher is the network as it stands when pruning begins, taken
-        # before the first epoch after the policy's dense ones (training/distill.py).
+        # before the first epoch after the policy's dense ones (training/distill.py), or a
+        # dense copy trained first (training/teacher.py) that takes over then.
         self.distill = settings.distill if settings.distill.alpha > 0 else None
         self.teacher: nn.Module | None = None
+        self.dense_teacher: nn.Module | None = None
         self.teacher_epoch = pruner.policy.dense_epochs(settings.epochs) + 1
         self.history: list[EpochRecord] = []
         self.front: list[FrontPoint] = []
@@ -87,6 +90,13 @@ class FoldTrainer:
 
     def run(self, resume: dict[str, Any] | None = None) -> FoldResult:
         """Train both phases (after ``resume``'s epochs, or the warm start's); measure the front."""
+        d = self.distill
+        # A teacher trained first (unless a resumed state holds it), from the starting
+        # weights: before the warm start or ``resume`` replace them.
+        if d and d.teacher_epochs > 0 and not d.teacher and "teacher" not in (resume or {}):
+            self.dense_teacher = trained_teacher(
+                self.model, self.train, self.val, self.settings, self.warm_start
+            )
         resume = self._warm_start(resume)
         if resume is not None:
             self._restore(resume)
@@ -217,7 +227,7 @@ class FoldTrainer:
         for e in range(begin, first_epoch + epochs):
             if self.distill is not None and self.teacher is None and e >= self.teacher_epoch:
                 given = self.distill.teacher
-                self.teacher = (
+                self.teacher = self.dense_teacher or (
                     load_teacher(self.model, given) if given else make_teacher(self.model)
                 )
             record = self._train_epoch(phase, e, update_masks)
