@@ -49,6 +49,7 @@ POLICIES = {
         "criterion": "activation",
     },
     "agp_distill": {"name": "agp", "final_sparsity": 0.8, "start_epoch": 1, "end_epoch": 2},
+    "agp_distill_trained": {"name": "agp", "final_sparsity": 0.8, "start_epoch": 1, "end_epoch": 2},
     # Recovery, under one OneCycle schedule that runs on through fine-tuning.
     "agp_recover_onecycle": {
         "name": "agp",
@@ -62,6 +63,9 @@ SCHEDULES = {
     "agp_recover_onecycle": {"lr_schedule": "onecycle", "finetune_lr_schedule": "continue"},
     # the teacher (taken after the dense epoch) travels in the checkpoint
     "agp_distill": {"distill": DistillSettings(alpha=0.5, temperature=2.0)},
+    # a teacher trained first: trained again (alike) when a state from before it took
+    # over is resumed, carried in the checkpoint after
+    "agp_distill_trained": {"distill": DistillSettings(alpha=0.5, teacher_epochs=2)},
 }
 
 

@@ -2,6 +2,7 @@
 teacher exists, and one tiny distilled fold on digits."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,13 +145,15 @@ def test_a_trained_teacher_is_the_starting_network_trained_dense_once_per_fold(t
     # from the batch order or torch's random state
     assert kd_result.history[0].loss == plain_result.history[0].loss
     assert kd.teacher is kd.dense_teacher and not kd.teacher.training
-    assert evaluate(kd.teacher, kd.val) > 0.8  # trained: chance is 0.1
+    assert evaluate(kd.teacher, kd.val) == kd_result.teacher_accuracy > 0.8  # chance: 0.1
+    assert plain_result.teacher_accuracy is None
     assert warm.cache.stores == 2  # the dense warm start and the teacher
     again, again_result, _ = _fold(ds, distill, warm)
     assert warm.cache.hits == 2 and warm.cache.stores == 2  # both from the cache
     for name, w in kd.teacher.state_dict().items():
         assert torch.equal(w, again.teacher.state_dict()[name]), name
     assert again_result.accuracy == kd_result.accuracy
+    assert again_result.teacher_accuracy == kd_result.teacher_accuracy
     # another teacher recipe is another teacher
     _fold(ds, DistillSettings(alpha=0.7, teacher_epochs=3, teacher_lr=0.02), warm)
     assert warm.cache.stores == 3
@@ -225,3 +228,44 @@ def test_the_config_check_refuses_distillation_without_a_teacher_before_any_trai
     check_config(_cfg("train.distill.alpha=0.5", "policy.start_epoch=1"))
     with pytest.raises(ConfigError, match=r"train.distill.alpha=1.5 is not allowed"):
         check_config(_cfg("train.distill.alpha=1.5"))
+
+
+def test_a_study_trains_one_teacher_per_fold_and_logs_its_accuracy(tmp_path):
+    """Two distilled trials with different learning rates share the fold's trained
+    teacher (one per fold, from the warm-start cache) and log its mean accuracy."""
+    from hydra import compose, initialize_config_dir
+    from inprocess import isolated, premake_store
+
+    from dtp_search.__main__ import CONFIG_DIR
+    from dtp_search.search.study import run_study
+
+    argv = [
+        f"paths.root={tmp_path}",
+        "policy=agp",
+        "policy.start_epoch=0",  # no dense epoch: the trained teacher makes it allowed
+        "search.n_trials=2",
+        "~policy.space",  # the policy fixed: only the student's learning rate varies
+        "+search.space={train.lr: {type: float, low: 0.03, high: 0.1}}",
+        "refit.enabled=false",
+        "cv.folds=2",
+        "train.epochs=2",
+        "train.finetune_epochs=1",
+        "train.distill.alpha=0.5",
+        "train.distill.teacher_epochs=2",
+        "train.distill.teacher_lr=0.05",
+        "front.points=0",
+        "early_stop=none",
+        "console.progress=false",
+        "threads=1",
+    ]
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=argv)
+    premake_store(tmp_path)
+    with isolated():
+        study = run_study(cfg)
+    trials = study.trials
+    assert len(trials) == 2 and len({t.params["train.lr"] for t in trials}) == 2
+    teacher = [t.user_attrs["cv_teacher_accuracy"] for t in trials]
+    assert teacher[0] == teacher[1] > 0.5  # the same two teachers, trained (chance: 0.1)
+    files = list(Path(cfg.paths.warm_start).glob("*.pt"))
+    assert len(files) == 2  # one teacher per fold, no dense epochs to cache

@@ -50,6 +50,9 @@ def record(
         # dense epochs this trial took from the warm-start cache, over all folds
         "warm_start_epochs": sum(f.warm_start_epochs for f in result.folds),
     }
+    teachers = [f.teacher_accuracy for f in result.folds if f.teacher_accuracy is not None]
+    if teachers:  # the trained distillation teachers' mean validation accuracy
+        summary["cv_teacher_accuracy"] = sum(teachers) / len(teachers)
     run.log_metrics(summary)
     restored = dict(sum((Counter(f.min_keep_restored) for f in result.folds), Counter()))
     if restored:

@@ -33,6 +33,8 @@ class FoldResult:
     min_keep_restored: dict[str, int] = field(default_factory=dict)  # see DynamicPruner.restored
     floored_layers: list[str] = field(default_factory=list)  # see DynamicPruner.floored
     costs: dict[str, float] = field(default_factory=dict)  # the final model's (CostProbe)
+    # validation accuracy of the trained distillation teacher (train.distill.teacher_epochs)
+    teacher_accuracy: float | None = None
 
 
 class DivergedError(FloatingPointError):
@@ -55,4 +57,5 @@ def fold_from_dict(data: dict[str, Any]) -> FoldResult:
         dict(data.get("min_keep_restored", {})),
         list(data.get("floored_layers", [])),
         dict(data.get("costs", {})),
+        data.get("teacher_accuracy"),
     )

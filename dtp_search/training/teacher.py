@@ -64,10 +64,11 @@ def trained_teacher(
     val: TensorBatches,
     settings: TrainSettings,
     warm_start: WarmStart | None = None,
-) -> nn.Module:
+) -> tuple[nn.Module, float]:
     """A frozen (:func:`make_teacher`) copy of ``model``, trained dense as the module's
     docstring says, from the cache of ``warm_start`` where a run with the same key
-    stored it. ``model`` must not have been pruned yet (its masks are all ones)."""
+    stored it, and its accuracy on ``val``. ``model`` must not have been pruned yet (its
+    masks are all ones)."""
     recipe = teacher_recipe(settings)
     teacher = make_teacher(model)
     key = None
@@ -93,7 +94,7 @@ def trained_teacher(
                 recipe.epochs,
                 state["val_accuracy"],
             )
-            return teacher
+            return teacher, float(state["val_accuracy"])
     _train_dense(teacher, train, recipe)
     accuracy = evaluate(teacher, val) if val.num_samples else float("nan")
     log.info(
@@ -103,7 +104,7 @@ def trained_teacher(
     )
     if key is not None:
         warm_start.cache.save(key, {"teacher": teacher.state_dict(), "val_accuracy": accuracy})
-    return teacher
+    return teacher, accuracy
 
 
 def _train_dense(teacher: nn.Module, train: TensorBatches, recipe: TrainSettings) -> None:

@@ -74,6 +74,7 @@ class FoldTrainer:
         self.distill = settings.distill if settings.distill.alpha > 0 else None
         self.teacher: nn.Module | None = None
         self.dense_teacher: nn.Module | None = None
+        self.teacher_accuracy: float | None = None  # the dense teacher's, on the fold
         self.teacher_epoch = pruner.policy.dense_epochs(settings.epochs) + 1
         self.history: list[EpochRecord] = []
         self.front: list[FrontPoint] = []
@@ -94,7 +95,7 @@ class FoldTrainer:
         # A teacher trained first (unless a resumed state holds it), from the starting
         # weights: before the warm start or ``resume`` replace them.
         if d and d.teacher_epochs > 0 and not d.teacher and "teacher" not in (resume or {}):
-            self.dense_teacher = trained_teacher(
+            self.dense_teacher, self.teacher_accuracy = trained_teacher(
                 self.model, self.train, self.val, self.settings, self.warm_start
             )
         resume = self._warm_start(resume)
@@ -360,6 +361,7 @@ class FoldTrainer:
             dict(pruner.restored),
             sorted(pruner.floored),
             costs,
+            self.teacher_accuracy,
         )
 
 
