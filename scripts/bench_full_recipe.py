@@ -50,7 +50,11 @@ test split, for 2 seeds:
   the ``dense`` arm's recipe (lr 0.05, one OneCycle schedule) on the fold's training part,
   once per fold for the whole study; the refit trains its own on the whole split. Round 3
   showed that the warm-start teacher can only hurt, so there the search turned
-  distillation off.
+  distillation off;
+* ``searched5`` — round 4 searched twice as long (2 × ``--trials``), with the
+  ``agp_distill`` recipe in dtp_search's terms (α = 0.5, T = 4) queued second after the
+  plain one: it says whether a longer search, started from both hand-made recipes, finds
+  more than distillation alone.
 
 Results go to ``--out`` (JSON) as they finish; a rerun skips what is there and prints the
 table. ``--arms`` picks arms (``baselines`` = dense, oneshot, agp).
@@ -388,14 +392,30 @@ ROUNDS = {  # round -> (results tag, study name suffix, space overrides)
     2: ("search2", "-narrow", NARROW_SPACE),
     3: ("search3", "-issue28", []),
     4: ("search4", "-teacher", TEACHER_SPACE),
+    5: ("search5", "-teacher-long", TEACHER_SPACE),
 }
+ROUND_ARMS = [
+    ("searched", 1),
+    ("searched2", 2),
+    ("searched3", 3),
+    ("searched4", 4),
+    ("searched5", 5),
+]
+# Rounds that search longer than --trials: round -> factor
+LONGER = {5: 2}
+
+
+def round5_queue() -> list[dict[str, object]]:
+    """searched5's queued trials: the plain recipe, then agp_distill's (α, T)."""
+    distilled = {"train.distill.alpha": DISTILL_ALPHA, "train.distill.temperature": DISTILL_T}
+    return [round3_recipe(), {**round3_recipe(), **distilled}]
 
 
 def search(a: argparse.Namespace, target: float, rnd: int = 1) -> dict[str, object]:
     """The pick of a fresh single-objective study at ``target``: its sampled values.
     ``rnd``: the round (``ROUNDS``): 1, 2 (``NARROW_SPACE``), 3 (the current cifar space,
     picked with ``refit.select=one_se``; 1 and 2 take the best trial), 4 (round 3 with a
-    trained teacher per fold)."""
+    trained teacher per fold), 5 (round 4, longer, both hand-made recipes queued)."""
     tag, suffix, space = ROUNDS[rnd]
     root = a.work / f"{tag}-{target}"
     study_name = f"full-recipe{suffix}-{target}"
@@ -409,7 +429,7 @@ def search(a: argparse.Namespace, target: float, rnd: int = 1) -> dict[str, obje
         "search.directions=[maximize]",
         f"search.min_sparsity={target - SPARSITY_SLACK}",
         "early_stop=none",
-        f"search.n_trials={a.trials}",
+        f"search.n_trials={a.trials * LONGER.get(rnd, 1)}",
         "search.sampler.n_startup_trials=3",
         "refit.enabled=false",
         "front.points=2",
@@ -426,7 +446,9 @@ def search(a: argparse.Namespace, target: float, rnd: int = 1) -> dict[str, obje
         study_name=study_name, storage=storage, direction="maximize", load_if_exists=True
     )
     if not study.trials:
-        queue = {1: [PLAIN_AGP_RECIPE], 2: NARROW_QUEUE}.get(rnd, [round3_recipe()])
+        queue = {1: [PLAIN_AGP_RECIPE], 2: NARROW_QUEUE, 5: round5_queue()}.get(
+            rnd, [round3_recipe()]
+        )
         for params in queue:
             study.enqueue_trial(params)
     t0 = time.time()
@@ -508,8 +530,9 @@ def _teacher(a: argparse.Namespace, ds, seed: int) -> Path:
 
 def smoke(a: argparse.Namespace, tmp: Path) -> None:
     """--smoke: every step at a tiny size: a generated ImageFolder, 2 epochs (1 pruning +
-    1 fine-tuning) at batch 16, target 90 % only, 1 seed, a 1-trial search (round 4, whose
-    code the rounds 1 to 3 share); the rounds 1 to 3 left out. Results under ``tmp`` unless --work says where."""
+    1 fine-tuning) at batch 16, target 90 % only, 1 seed, a 2-trial search (round 5: its
+    two queued trials, the second distilled from a trained teacher; the rounds 1 to 4
+    share its code) and the rounds 1 to 4 left out. Results under ``tmp`` unless --work says where."""
     global EPOCHS, PRUNE_EPOCHS, AGP_START, AGP_END, BATCH, SPARSITY_SLACK, SEARCH3_TARGETS
     from _smoke import tiny_cifar
 
@@ -522,7 +545,7 @@ def smoke(a: argparse.Namespace, tmp: Path) -> None:
     SEARCH3_TARGETS = (0.9,)
     TEACHER_SPACE[0] = f"train.distill.teacher_epochs={EPOCHS}"
     a.arms, a.targets, a.seeds, a.trials, a.search_limit = (
-        "dense,oneshot,agp,agp_distill,agp_distill_warm,agp_erk,agp_lamp,searched4",
+        "dense,oneshot,agp,agp_distill,agp_distill_warm,agp_erk,agp_lamp,searched5",
         "0.9",
         1,
         1,
@@ -604,7 +627,7 @@ def bench(a: argparse.Namespace) -> None:
                     kd = _teacher(a, ds, seed) if arm == "agp_distill" else None
                     record(key, timed(plain, ds, arm, seed, t, kd))
                     print(f"{key}: {results[key]}", flush=True)
-    for arm, rnd in (("searched", 1), ("searched2", 2), ("searched3", 3), ("searched4", 4)):
+    for arm, rnd in ROUND_ARMS:
         if arm not in arms:
             continue
         tag = ROUNDS[rnd][0]
@@ -648,11 +671,11 @@ def report(results: dict, targets: list[float], a: argparse.Namespace) -> None:
     acc, sd, sp, n = stat("dense")
     print(f"| dense | — | {acc:.4f} ± {sd:.4f} | {sp:.4f} | {n} |")
     for t in targets:
-        for arm in (*PLAIN_PRUNED, "searched", "searched2", "searched3", "searched4"):
+        for arm in (*PLAIN_PRUNED, *(arm for arm, _ in ROUND_ARMS)):
             acc, sd, sp, n = stat(f"{arm}/{t}")
             if n:
                 print(f"| {arm} | {t:.0%} | {acc:.4f} ± {sd:.4f} | {sp:.4f} | {n} |")
-    for tag in ("search", "search2", "search3", "search4"):
+    for tag, _, _ in ROUNDS.values():
         for t in targets:
             found = results.get(f"{tag}/{t}")
             if found:
@@ -674,7 +697,7 @@ def report(results: dict, targets: list[float], a: argparse.Namespace) -> None:
         )
     # issue 28's targets: the searched pick against plain AGP and plain AGP + distillation
     agp98, kd95 = mean("agp/0.98"), mean("agp_distill/0.95")
-    for arm in ("searched", "searched2", "searched3", "searched4"):
+    for arm, _ in ROUND_ARMS:
         s95, s98 = mean(f"{arm}/0.95"), mean(f"{arm}/0.98")
         verdict = [
             (f"{arm} - agp at 95", s95 - agp95, 0.015),

@@ -70,9 +70,9 @@ SMOKE = {
             "| agp_erk | 90% |",
             "| agp_lamp | 90% |",
             "ingredients: agp_distill - agp at 90%: ",
-            "| searched4 | 90% |",
+            "| searched5 | 90% |",
             "searched_at_95: ",
-            "searched4 - agp_distill at 95: ",
+            "searched5 - agp_distill at 95: ",
         ],
     ),
     "bench_torch_pruning.py": (
