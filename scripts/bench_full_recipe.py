@@ -2,8 +2,10 @@
 get from plain one-shot and plain AGP pruning, at 90 / 95 / 98 % sparsity.
 
 Takes about 75 minutes on 2 CPU cores (the search is about half of it) for the arms before
-issue 28; ``agp_distill`` and ``searched3`` add an estimated 1.5-2.5 hours (not yet
-measured: 6 distilled AGP runs, 2 studies of 12 trials, 4 refits). Every arm trains
+issue 28. On free cores (docs/benchmarks.md §6) a plain arm takes 1–2 minutes, a search
+trial 1–1.5 minutes, a refit 2–4 minutes (with its teacher): ``searched3`` and
+``searched4`` about an hour each (two 12-trial studies, four refits), ``searched5`` about
+40 minutes (one 24-trial study, two refits). Every arm trains
 ``simple_cnn`` on the whole 50,000-image training split of ``../shared/data/cifar10`` for
 18 epochs at batch 128 (random crop + flip) and is scored once on the full 10,000-image
 test split, for 2 seeds:
