@@ -33,6 +33,7 @@ from pathlib import Path
 
 import optuna
 import torch
+from omegaconf import DictConfig
 
 # The smallest study that runs every step (two 1-epoch trials on digits, two folds, no
 # refit), for tests of what surrounds the training rather than of the training.
@@ -111,6 +112,22 @@ def premake_store(root: Path) -> None:
     if not store.exists():
         store.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(_empty_store(), store)
+
+
+def study_here(argv: list[str]) -> tuple[DictConfig, optuna.Study]:
+    """conf/config.yaml composed with ``argv`` and its study run in this process (an empty
+    MLflow store premade at ``paths.root``, the process's state set back after, as
+    :func:`isolated` says): the config and the study."""
+    from hydra import compose, initialize_config_dir
+
+    from dtp_search.__main__ import CONFIG_DIR
+    from dtp_search.search.study import run_study
+
+    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=argv)
+    premake_store(Path(cfg.paths.root))
+    with isolated():
+        return cfg, run_study(cfg)
 
 
 def run_here(

@@ -233,11 +233,7 @@ def test_the_config_check_refuses_distillation_without_a_teacher_before_any_trai
 def test_a_study_trains_one_teacher_per_fold_and_logs_its_accuracy(tmp_path):
     """Two distilled trials with different learning rates share the fold's trained
     teacher (one per fold, from the warm-start cache) and log its mean accuracy."""
-    from hydra import compose, initialize_config_dir
-    from inprocess import isolated, premake_store
-
-    from dtp_search.__main__ import CONFIG_DIR
-    from dtp_search.search.study import run_study
+    from inprocess import study_here
 
     argv = [
         f"paths.root={tmp_path}",
@@ -258,11 +254,7 @@ def test_a_study_trains_one_teacher_per_fold_and_logs_its_accuracy(tmp_path):
         "console.progress=false",
         "threads=1",
     ]
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=argv)
-    premake_store(tmp_path)
-    with isolated():
-        study = run_study(cfg)
+    cfg, study = study_here(argv)
     trials = study.trials
     assert len(trials) == 2 and len({t.params["train.lr"] for t in trials}) == 2
     teacher = [t.user_attrs["cv_teacher_accuracy"] for t in trials]

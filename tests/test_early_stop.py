@@ -296,10 +296,7 @@ def test_a_digits_study_stops_a_dominated_trial_early(tmp_path):
     sparsities gives points that earlier trials dominate; a stopped trial is PRUNED with
     the dominating trial in its reason, in Optuna and on its MLflow run."""
     import mlflow
-    from hydra import compose, initialize_config_dir
-
-    from dtp_search.__main__ import CONFIG_DIR
-    from dtp_search.search.study import run_study
+    from inprocess import study_here
 
     argv = [
         f"paths.root={tmp_path}",
@@ -317,9 +314,7 @@ def test_a_digits_study_stops_a_dominated_trial_early(tmp_path):
         "threads=1",
         "seed=1",
     ]
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=argv)
-    study = run_study(cfg)
+    cfg, study = study_here(argv)
     stopped = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
     assert stopped, [(t.number, t.values) for t in study.trials]
     t = stopped[0]

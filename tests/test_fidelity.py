@@ -186,10 +186,7 @@ def test_a_digits_study_stops_trials_at_the_rung(tmp_path) -> None:
     ends PRUNED at the rung (fold 0, epoch 1 of 3), with the rung it reached recorded in
     Optuna and on its MLflow run; the promoted ones run all their folds."""
     import mlflow
-    from hydra import compose, initialize_config_dir
-
-    from dtp_search.__main__ import CONFIG_DIR
-    from dtp_search.search.study import run_study
+    from inprocess import study_here
 
     argv = [
         f"paths.root={tmp_path}",
@@ -209,9 +206,7 @@ def test_a_digits_study_stops_trials_at_the_rung(tmp_path) -> None:
         "threads=1",
         "seed=3",
     ]
-    with initialize_config_dir(CONFIG_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=argv)
-    study = run_study(cfg)
+    cfg, study = study_here(argv)
     trials = study.get_trials(deepcopy=False)
     assert all(
         POINT_ATTR in t.user_attrs and t.user_attrs[POINT_ATTR]["epoch"] == 1 for t in trials
