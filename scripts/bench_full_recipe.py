@@ -396,13 +396,8 @@ ROUNDS = {  # round -> (results tag, study name suffix, space overrides)
     4: ("search4", "-teacher", TEACHER_SPACE),
     5: ("search5", "-teacher-long", TEACHER_SPACE),
 }
-ROUND_ARMS = [
-    ("searched", 1),
-    ("searched2", 2),
-    ("searched3", 3),
-    ("searched4", 4),
-    ("searched5", 5),
-]
+# The searched arms: searched (round 1), searched2, ... and their rounds
+ROUND_ARMS = [(f"searched{n if n > 1 else ''}", n) for n in ROUNDS]
 # Rounds that search longer than --trials: round -> factor
 LONGER = {5: 2}
 
@@ -716,7 +711,8 @@ def report(results: dict, targets: list[float], a: argparse.Namespace) -> None:
     # What each ingredient alone gives on top of plain AGP (means over the seeds run).
     gains = [
         f"{arm} - agp at {t:.0%}: {100 * (mean(f'{arm}/{t}') - mean(f'agp/{t}')):+.1f} points"
-        for arm in ("agp_distill", "agp_distill_warm", "agp_erk", "agp_lamp")
+        for arm in PLAIN_PRUNED
+        if arm.startswith("agp_")
         for t in targets
         if stat(f"{arm}/{t}")[3] and stat(f"agp/{t}")[3]
     ]

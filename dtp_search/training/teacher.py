@@ -23,21 +23,20 @@ this module.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import asdict
-from typing import Any
 
 import torch
 from torch import nn
 
-from dtp_search.data import TensorBatches, tensor_digest
+from dtp_search.data import TensorBatches
 from dtp_search.interrupts import stop_if_requested
 from dtp_search.settings import TrainSettings
+from dtp_search.training.device import autocast
 from dtp_search.training.distill import make_teacher
 from dtp_search.training.evaluation import evaluate
 from dtp_search.training.optim import make_lr_scheduler, make_optimizer
-from dtp_search.training.warmstart import WarmStart, cache_key
+from dtp_search.training.warmstart import WarmStart, cache_key, start_key_parts
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +73,9 @@ def trained_teacher(
     key = None
     if warm_start is not None:
         key = cache_key(
+            **start_key_parts(model, train, warm_start.context),
             kind="teacher",
-            context=warm_start.context,
             recipe={k: v for k, v in asdict(recipe).items() if k != "distill"},
-            weights=tensor_digest(*model.state_dict().values()),
-            train=tensor_digest(train.indices),
-            batch_size=train.batch_size,
-            augment=[train.augment, train.crop_padding],
-            batches=tensor_digest(train.generator.get_state()),
-            rng=tensor_digest(torch.get_rng_state()),
-            device=str(train.device),
-            torch=torch.__version__,
         )
         state = warm_start.cache.load(key, train.device)
         if state is not None:
@@ -115,17 +106,12 @@ def _train_dense(teacher: nn.Module, train: TensorBatches, recipe: TrainSettings
     opt = make_optimizer(teacher, recipe, recipe.lr)
     sched = make_lr_scheduler(opt, recipe.lr_schedule, recipe.epochs * len(train))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
-    autocast: Any = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if train.device.type == "cuda" and recipe.amp
-        else contextlib.nullcontext()
-    )
     batches = train.generator.get_state()
     devices = [train.device] if train.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         for _ in range(recipe.epochs):
             for x, y in train:
-                with autocast:
+                with autocast(train.device, recipe.amp):
                     loss = loss_fn(teacher(x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -18,6 +18,7 @@ from dtp_search.data import TensorBatches
 from dtp_search.interrupts import stop_if_requested
 from dtp_search.pruning import DynamicPruner, FrontPoint, layer_sparsity
 from dtp_search.settings import CONTINUE, REWIND, FrontSettings, TrainSettings
+from dtp_search.training.device import autocast
 from dtp_search.training.distill import (
     distillation_loss,
     load_teacher,
@@ -58,7 +59,6 @@ class FoldTrainer:
         self.settings, self.front_settings = settings, front
         self.on_epoch, self.on_checkpoint, self.warm_start = on_epoch, on_checkpoint, warm_start
         self.cost, self.cost_epochs = cost, frozenset(cost_epochs if cost is not None else ())
-        self.autocast = train.device.type == "cuda" and settings.amp
         if settings.channels_last:
             model.to(memory_format=torch.channels_last)  # 4-d parameters only
         self.forward = torch.compile(model) if settings.compile else model
@@ -153,11 +153,7 @@ class FoldTrainer:
         self.done_epochs = int(state["epoch"])
 
     def _amp(self) -> contextlib.AbstractContextManager:
-        return (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if self.autocast
-            else contextlib.nullcontext()
-        )
+        return autocast(self.train.device, self.settings.amp)
 
     def _score(self, m: nn.Module, batches: TensorBatches | None = None) -> float:
         """Accuracy of ``m`` on ``batches`` (default: the whole validation fold)."""

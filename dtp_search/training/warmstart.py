@@ -96,25 +96,35 @@ def warm_start_key(
     dense_epochs: int,
     context: Any,
 ) -> str:
-    """Everything the dense epochs (and their epoch records) depend on. The initial
-    weights, the fold's indices and the random states are hashed themselves, so the key
-    holds whatever produced them (model config, seeds, feedback hold-out)."""
+    """Everything the dense epochs (and their epoch records) depend on: the run's start
+    (:func:`start_key_parts`), the settings, the validation fold and the criterion."""
     return cache_key(
-        context=context,
+        **start_key_parts(model, train, context),
         dense_epochs=dense_epochs,
         settings=_key_settings(settings),
-        weights=tensor_digest(*model.state_dict().values()),
-        train=tensor_digest(train.indices),
         val=tensor_digest(val.indices),
-        batch_size=train.batch_size,
-        augment=[train.augment, train.crop_padding],
-        batches=tensor_digest(train.generator.get_state()),
-        rng=tensor_digest(torch.get_rng_state()),
         criterion=[type(pruner.criterion).__name__, getattr(pruner.criterion, "beta", None)],
         layers=sorted(pruner.masks),
-        device=str(train.device),
-        torch=torch.__version__,
     )
+
+
+def start_key_parts(model: nn.Module, train: TensorBatches, context: Any) -> dict[str, Any]:
+    """Where a run on a fold starts, as cache-key parts: the dataset (``context``), the
+    initial weights, the fold's training indices, batches and augmentation, the random
+    states, the device and torch's version. Weights, indices and random states are hashed
+    themselves, so a key holds whatever produced them (model config, seeds, feedback
+    hold-out)."""
+    return {
+        "context": context,
+        "weights": tensor_digest(*model.state_dict().values()),
+        "train": tensor_digest(train.indices),
+        "batch_size": train.batch_size,
+        "augment": [train.augment, train.crop_padding],
+        "batches": tensor_digest(train.generator.get_state()),
+        "rng": tensor_digest(torch.get_rng_state()),
+        "device": str(train.device),
+        "torch": torch.__version__,
+    }
 
 
 # TrainSettings fields younger than the cache: left out of the key at their defaults (which
